@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="higgs-ddp",
+    version="0.1.0",
+    description="Correct, fast distributed fine-tuning for Higgs Audio v2",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    python_requires=">=3.11",
+    install_requires=[
+        # torch and torchaudio must be the same release (torchaudio wheels are built against one torch).
+        "torch==2.11.0",
+        "torchaudio==2.11.0",
+        "torchvision==0.26.0",  # boson-multimodal imports it; pinned to the matching release
+        "boson-multimodal==0.1.1",
+        "transformers>=4.45.1,<4.47",  # what boson-multimodal 0.1.1 supports
+        "peft>=0.13,<0.22",
+        "safetensors>=0.4",
+        "tqdm",
+        "pyyaml",
+        "numpy",
+        "soundfile",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+)

@@ -1,0 +1,221 @@
+"""Typed run configuration: YAML file + dotted ``key=value`` overrides, checked against dataclasses.
+
+An unknown key or a value of the wrong type is a ``ConfigError`` that names the key and lists the
+valid ones; nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+OFFICIAL_REPO = "bosonai/higgs-audio-v2-generation-3B-base"
+# The hub repo was rewritten for transformers>=5.3; this revision is the format boson_multimodal loads.
+OFFICIAL_REVISION = "10840182ca4ad5d9d9113b60b9bb3c1ef1ba3f84"
+
+DEFAULT_LORA_TARGETS = [
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",  # attention
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",  # text FFN
+    "audio_mlp.gate_proj", "audio_mlp.up_proj", "audio_mlp.down_proj",  # audio FFN (DualFFN)
+]
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None  # hub id or local folder of a boson_multimodal-format checkpoint
+    revision: Optional[str] = None  # defaults to OFFICIAL_REVISION for the official repo
+    init: str = "pretrained"  # "pretrained" | "random" (random weights from `config`)
+    config: Optional[dict] = None  # inline HiggsAudioConfig kwargs, for init=random
+    tokenizer: Optional[str] = None  # path/hub id; "tiny" builds the offline byte tokenizer
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class DataConfig:
+    manifest: str = ""  # JSONL, one sample per line; paths relative to the manifest
+    shuffle: bool = True
+    num_workers: int = 2
+    prefetch_factor: int = 4
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "lora"  # "lora" | "audio_ffn" | "full"
+    max_steps: int = 1000
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 1
+    lr: float = 2e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    max_grad_norm: float = 1.0
+    seed: int = 1234
+    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
+    text_weight: float = 1.0
+    audio_weight: float = 1.0
+    loss_alignment: str = "auto"  # "auto" | "shifted" | "aligned" (see dual_loss.py)
+    max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
+    find_unused_parameters: bool = False
+    log_every: int = 1
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "model.init": ("pretrained", "random"),
+    "train.mode": ("lora", "audio_ffn", "full"),
+    "train.precision": ("auto", "bf16", "fp32"),
+    "train.loss_alignment": ("auto", "shifted", "aligned"),
+}
+FREE_FORM = {"model.config"}  # nested dicts checked by the model builder, not here
+
+
+def valid_keys(cls=Config, prefix="") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        sub = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(sub):
+            keys += valid_keys(sub, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _coerce(key: str, value: Any, hint) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        list: isinstance(value, list),
+        dict: isinstance(value, dict),
+    }.get(origin or hint, True)
+    if not ok:
+        name = getattr(origin or hint, "__name__", str(hint))
+        raise ConfigError(f"config key {key!r} must be {name}, got {type(value).__name__} {value!r}")
+    if hint is float:
+        value = float(value)
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"config key {key!r} must be one of {list(CHOICES[key])}, got {value!r}")
+    return value
+
+
+def _apply(obj, data: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section {key!r} must be a mapping, got {value!r}")
+            _apply(getattr(obj, name), value, key + ".")
+        else:
+            setattr(obj, name, _coerce(key, value, hint))
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    tree: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        root = ".".join(key.split(".")[:2])
+        if root not in FREE_FORM and key not in valid_keys() and not any(
+            key.startswith(f + ".") for f in FREE_FORM
+        ):
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        base = p.parent
+        manifest = data.get("data", {}).get("manifest") if isinstance(data.get("data"), dict) else None
+        if isinstance(manifest, str) and manifest and not Path(manifest).is_absolute() and not Path(manifest).exists():
+            # A manifest path in a config file is taken relative to the file when it isn't relative to cwd.
+            if (base / manifest).exists():
+                data["data"]["manifest"] = str(base / manifest)
+    data = _merge(data, parse_overrides(list(overrides)))
+    cfg = Config()
+    _apply(cfg, data)
+    if cfg.model.init == "random" and not cfg.model.config:
+        raise ConfigError("model.init=random needs an inline model.config (HiggsAudioConfig fields)")
+    if cfg.model.init == "pretrained" and not cfg.model.path:
+        raise ConfigError("model.path is required for model.init=pretrained")
+    for key in ("train.micro_batch_size", "train.grad_accum_steps", "train.max_steps"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise ConfigError(f"config key {key!r} must be >= 1")
+    if cfg.model.revision is None and cfg.model.path == OFFICIAL_REPO:
+        cfg.model.revision = OFFICIAL_REVISION
+    return cfg

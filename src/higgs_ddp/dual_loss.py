@@ -1,0 +1,246 @@
+"""Next-token loss for HiggsAudioModel's two output streams (text logits and audio-codebook logits).
+
+Standalone: depends only on torch, so it can be dropped into any trainer.
+
+HiggsAudioModel returns labels that are *not* shifted: ``expanded_labels[t] == expanded_input_ids[t]``
+at every supervised position, and ``label_audio_ids`` equals ``audio_out_ids`` column for column.
+Computing cross-entropy between ``logits[t]`` and ``labels[t]`` therefore teaches the model to copy
+its input (near-zero loss, silent audio). The correct ("shifted") loss predicts position t+1 from t.
+The "aligned" path exists for labels that were shifted already, and is refused for labels that equal
+the inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+ALIGNMENTS = ("auto", "shifted", "aligned")
+
+
+class AlignmentError(ValueError):
+    """The labels do not fit the requested (or any) alignment convention."""
+
+
+@dataclass
+class DualLoss:
+    loss: torch.Tensor  # text_weight * text_loss + audio_weight * audio_loss (differentiable)
+    text_loss: torch.Tensor  # mean over supervised text targets (differentiable)
+    audio_loss: torch.Tensor  # mean over supervised audio targets, all codebooks (differentiable)
+    text_loss_sum: torch.Tensor  # differentiable sums: what a trainer normalises globally
+    audio_loss_sum: torch.Tensor
+    text_tokens: torch.Tensor  # 0-dim int64 counts of supervised targets
+    audio_tokens: torch.Tensor
+    per_codebook_loss: torch.Tensor  # (C,) mean loss per codebook, detached
+    per_codebook_loss_sum: torch.Tensor  # (C,) detached sums, for token-weighted reductions
+    per_codebook_tokens: torch.Tensor  # (C,)
+    path: str  # "shifted" or "aligned"
+    text_weight: float = 1.0
+    audio_weight: float = 1.0
+
+    def normalized(self, text_norm, audio_norm, scale: float = 1.0) -> torch.Tensor:
+        """Loss normalised by externally supplied token counts, e.g. the global number of supervised
+        targets over all ranks and micro-steps; ``scale`` undoes DDP's gradient averaging."""
+        text = self.text_loss_sum / torch.clamp(torch.as_tensor(text_norm), min=1)
+        audio = self.audio_loss_sum / torch.clamp(torch.as_tensor(audio_norm), min=1)
+        return (self.text_weight * text + self.audio_weight * audio) * scale
+
+
+def _segment_last_columns(n: int, starts: Optional[torch.Tensor], device) -> torch.Tensor:
+    """Mask over audio positions marking the last column of every segment followed by another one.
+
+    Audio segments of all samples are concatenated along one axis; the logits there must never be
+    trained to predict the first column of the *next* segment.
+    """
+    mask = torch.zeros(n, dtype=torch.bool, device=device)
+    if starts is not None and starts.numel() > 0:
+        starts = starts.to(device)
+        inner = starts[(starts > 0) & (starts <= n)]
+        mask[inner - 1] = True
+    return mask
+
+
+def _fits(labels, inputs, ignore_index, shift: bool, boundary: Optional[torch.Tensor] = None) -> Optional[bool]:
+    """Whether supervised labels equal the inputs at the same (shift=False) or next (shift=True)
+    position along the last axis. None when nothing is supervised (no evidence either way)."""
+    sup = labels != ignore_index
+    if not bool(sup.any()):
+        return None
+    if not shift:
+        return bool((labels[sup] == inputs[sup]).all())
+    if bool(sup[..., -1].any()):
+        return False  # a label at the last position cannot be the next input
+    lab, nxt, s = labels[..., :-1], inputs[..., 1:], sup[..., :-1]
+    if boundary is not None:
+        s = s & ~boundary[:-1]
+        if bool((sup[..., :-1] & boundary[:-1]).any()):
+            return False
+    return bool((lab[s] == nxt[s]).all())
+
+
+def _decide(name, labels, inputs, ignore_index, boundary=None) -> Optional[str]:
+    same = _fits(labels, inputs, ignore_index, shift=False)
+    if same is None:
+        return None
+    nxt = _fits(labels, inputs, ignore_index, shift=True, boundary=boundary)
+    if same:
+        return "shifted"  # the model's own convention; also wins the degenerate case where both fit
+    if nxt:
+        return "aligned"
+    raise AlignmentError(
+        f"{name}: labels match neither convention - not equal to the inputs at the same position "
+        f"(unshifted, use alignment='shifted') nor at the next position (pre-shifted, 'aligned')"
+    )
+
+
+def _check(name, what, labels, ignore_index):
+    if labels is None:
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= what))
+    if bool(bad.any()):
+        value = labels[bad][0].item()
+        raise ValueError(f"{name}: label {value} outside [0, {what}) (and not ignore_index={ignore_index})")
+
+
+def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # Only supervised rows reach here, so the float32 upcast costs (targets, V), not (B*T, V).
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def compute_dual_loss(
+    logits: torch.Tensor,
+    expanded_labels: torch.Tensor,
+    audio_logits: Optional[torch.Tensor],
+    label_audio_ids: Optional[torch.Tensor],
+    *,
+    expanded_input_ids: Optional[torch.Tensor] = None,
+    audio_out_ids: Optional[torch.Tensor] = None,
+    alignment: str = "auto",
+    text_weight: float = 1.0,
+    audio_weight: float = 1.0,
+    ignore_index: int = -100,
+    audio_out_ids_start: Optional[torch.Tensor] = None,
+    validate: bool = True,
+) -> DualLoss:
+    """Text + audio next-token loss.
+
+    logits (B, T, V), expanded_labels (B, T), audio_logits (N, C, K), label_audio_ids (C, N), as
+    HiggsAudioModel returns / takes them. ``audio_out_ids_start`` (segment starts in the audio
+    concatenation) is optional: without it, segment starts are found in ``audio_out_ids`` (codebook 0
+    holds the stream BOS, id K-2, only in a segment's first column) or, failing that, rely on every
+    segment's first label column being ignore_index, as the official collator builds it.
+    """
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
+    device = logits.device
+    has_audio = audio_logits is not None and label_audio_ids is not None and label_audio_ids.numel() > 0
+    n_audio = label_audio_ids.shape[-1] if has_audio else 0
+    if has_audio and audio_logits.shape[0] != n_audio:
+        raise ValueError(f"audio_logits has {audio_logits.shape[0]} positions, label_audio_ids {n_audio}")
+    if audio_out_ids_start is None and audio_out_ids is not None and has_audio:
+        audio_out_ids_start = torch.nonzero(audio_out_ids[0] == audio_logits.shape[-1] - 2).flatten()
+    boundary = _segment_last_columns(n_audio, audio_out_ids_start, device) if has_audio else None
+
+    if validate:
+        _check("expanded_labels", logits.shape[-1], expanded_labels, ignore_index)
+        if has_audio:
+            _check("label_audio_ids", audio_logits.shape[-1], label_audio_ids, ignore_index)
+
+    # Decide (auto) or verify (explicit) the convention wherever the inputs are available.
+    text_path = audio_path = None
+    if expanded_input_ids is not None:
+        text_path = _decide("text", expanded_labels, expanded_input_ids, ignore_index)
+    if has_audio and audio_out_ids is not None:
+        audio_path = _decide("audio", label_audio_ids, audio_out_ids.to(device), ignore_index, boundary)
+    evidence = {p for p in (text_path, audio_path) if p is not None}
+    if len(evidence) > 1:
+        raise AlignmentError(f"text labels look {text_path} but audio labels look {audio_path}")
+    found = evidence.pop() if evidence else None
+    if alignment == "auto":
+        if expanded_input_ids is None and audio_out_ids is None:
+            raise AlignmentError("alignment='auto' needs expanded_input_ids and/or audio_out_ids to decide")
+        path = found or "shifted"
+    else:
+        path = alignment
+        if path == "aligned" and found == "shifted":
+            raise AlignmentError(
+                "alignment='aligned' but the labels equal the inputs at the same positions: that trains "
+                "the model to copy its input (the classic Higgs fine-tuning bug). Use 'shifted' or 'auto'."
+            )
+        if path == "shifted" and found == "aligned":
+            raise AlignmentError(
+                "alignment='shifted' but the labels are already shifted (label t equals input t+1): "
+                "shifting again trains position t to predict t+2. Use 'aligned' or 'auto'."
+            )
+
+    # Text stream.
+    if path == "shifted":
+        t_logits, t_labels = logits[:, :-1], expanded_labels[:, 1:]
+    else:
+        t_logits, t_labels = logits, expanded_labels
+    t_sup = t_labels != ignore_index
+    text_sum = _ce_sum(t_logits[t_sup], t_labels[t_sup])
+    text_tokens = t_sup.sum()
+
+    # Audio stream: every codebook is its own classification over K = codebook_size + 2 (BOS, EOS).
+    # The stream EOS (K - 1) is an ordinary target: without it the model never learns to stop.
+    num_cb = label_audio_ids.shape[0] if label_audio_ids is not None and label_audio_ids.dim() == 2 else 0
+    if has_audio:
+        keep = ~boundary  # positions whose prediction stays inside their own segment
+        if path == "shifted":
+            a_logits, a_labels, keep = audio_logits[:-1], label_audio_ids[:, 1:], keep[:-1]
+        else:
+            a_logits, a_labels = audio_logits, label_audio_ids
+        a_sup = (a_labels != ignore_index) & keep.unsqueeze(0)  # (C, N')
+        per_cb_sum = torch.stack(
+            [_ce_sum(a_logits[a_sup[k], k], a_labels[k][a_sup[k]]) for k in range(num_cb)]
+        )
+        per_cb_tokens = a_sup.sum(dim=1)
+        audio_sum = per_cb_sum.sum()
+    else:
+        # Keep the graph connected so every rank's backward touches the audio head (DDP needs it).
+        audio_sum = audio_logits.sum() * 0.0 if audio_logits is not None else logits.new_zeros(())
+        per_cb_sum = torch.zeros(num_cb, device=device)
+        per_cb_tokens = torch.zeros(num_cb, dtype=torch.long, device=device)
+    audio_tokens = per_cb_tokens.sum()
+
+    text_loss = text_sum / text_tokens.clamp(min=1)
+    audio_loss = audio_sum / audio_tokens.clamp(min=1)
+    per_cb_sum = per_cb_sum.detach()
+    return DualLoss(
+        loss=text_weight * text_loss + audio_weight * audio_loss,
+        text_loss=text_loss,
+        audio_loss=audio_loss,
+        text_loss_sum=text_sum,
+        audio_loss_sum=audio_sum,
+        text_tokens=text_tokens,
+        audio_tokens=audio_tokens,
+        per_codebook_loss=per_cb_sum / per_cb_tokens.clamp(min=1),
+        per_codebook_loss_sum=per_cb_sum,
+        per_codebook_tokens=per_cb_tokens,
+        path=path,
+        text_weight=text_weight,
+        audio_weight=audio_weight,
+    )
+
+
+def count_targets(label_ids: torch.Tensor, label_audio_ids: Optional[torch.Tensor], audio_out_ids_start,
+                  ignore_index: int = -100, path: str = "shifted") -> tuple[int, int]:
+    """Supervised (text, audio) targets a batch will contribute, computed from the collated batch
+    before the forward: the trainer needs the global counts to normalise before the first backward."""
+    if path == "shifted":
+        text = int((label_ids[:, 1:] != ignore_index).sum())
+    else:
+        text = int((label_ids != ignore_index).sum())
+    if label_audio_ids is None or label_audio_ids.numel() == 0:
+        return text, 0
+    n = label_audio_ids.shape[-1]
+    keep = ~_segment_last_columns(n, audio_out_ids_start, label_audio_ids.device)
+    if path == "shifted":
+        sup = (label_audio_ids[:, 1:] != ignore_index) & keep[:-1]
+    else:
+        sup = (label_audio_ids != ignore_index) & keep
+    return text, int(sup.sum())

@@ -1,0 +1,165 @@
+"""Building the model (pretrained or random-initialised HiggsAudioModel), choosing what trains, and the
+module DDP wraps.
+
+DDP only all-reduces gradients when its own ``forward`` runs, so calling ``ddp.module(...)`` silently
+trains each rank on its own data. ``HiggsForward`` is the module DDP wraps: its forward unwraps peft
+(``base_model.model``) and calls the raw HiggsAudioModel with a whitelisted set of inputs, so the call
+goes ``ddp(...) -> HiggsForward.forward -> HiggsAudioModel.forward`` and DDP's hooks stay in place.
+"""
+
+from __future__ import annotations
+
+import inspect
+import torch
+from torch import nn
+
+from .config import Config, ConfigError
+
+SPECIAL_IDS = {  # HiggsAudioConfig field -> token it must name in the tokenizer
+    "audio_in_token_idx": "<|AUDIO|>",
+    "audio_out_token_idx": "<|AUDIO_OUT|>",
+    "audio_out_bos_token_id": "<|audio_out_bos|>",
+    "audio_eos_token_id": "<|audio_eos|>",
+    "pad_token_id": "<|end_of_text|>",
+}
+
+
+def _import_higgs():
+    # peft 0.21 touches torch.distributed.tensor, which torch only imports lazily.
+    import torch.distributed.tensor  # noqa: F401
+    from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
+    return HiggsAudioConfig, HiggsAudioModel
+
+
+def load_tokenizer(cfg: Config):
+    from transformers import AutoTokenizer
+    from .tiny_tokenizer import build_tiny_tokenizer
+
+    name = cfg.model.tokenizer or cfg.model.path
+    if name == "tiny":
+        return build_tiny_tokenizer()
+    if not name:
+        raise ConfigError("model.tokenizer is required when model.path is not set")
+    rev = cfg.model.revision if name == cfg.model.path else None
+    return AutoTokenizer.from_pretrained(name, revision=rev)
+
+
+def _random_config(cfg: Config, tokenizer):
+    HiggsAudioConfig, _ = _import_higgs()
+    from transformers import LlamaConfig
+
+    raw = dict(cfg.model.config)
+    # init_std is not a named argument but HiggsAudioPreTrainedModel._init_weights reads it.
+    allowed = set(inspect.signature(HiggsAudioConfig.__init__).parameters) - {"self", "kwargs"} | {"init_std"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown model.config key(s) {unknown}; valid: {sorted(allowed)}")
+    text = dict(raw.get("text_config") or {})
+    text_allowed = set(LlamaConfig().to_dict()) | set(inspect.signature(LlamaConfig.__init__).parameters)
+    bad = sorted(set(text) - text_allowed)
+    if bad:
+        raise ConfigError(f"unknown model.config.text_config key(s) {bad}")
+    text.setdefault("vocab_size", len(tokenizer))
+    raw["text_config"] = text
+    raw.setdefault("skip_audio_tower", True)
+    for field, token in SPECIAL_IDS.items():
+        raw.setdefault(field, tokenizer.convert_tokens_to_ids(token))
+    return HiggsAudioConfig(**raw)
+
+
+def check_tokenizer(model_config, tokenizer) -> None:
+    """The special-token ids baked into the model config must be the tokenizer's."""
+    vocab = model_config.text_config.vocab_size
+    if len(tokenizer) > vocab:
+        raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}")
+    for field, token in SPECIAL_IDS.items():
+        want, got = getattr(model_config, field), tokenizer.convert_tokens_to_ids(token)
+        if field != "pad_token_id" and want != got:
+            raise ConfigError(f"model config {field}={want} but the tokenizer maps {token} to {got}")
+
+
+def build_model(cfg: Config, tokenizer, dtype: torch.dtype = torch.float32):
+    HiggsAudioConfig, HiggsAudioModel = _import_higgs()
+    if cfg.model.init == "random":
+        config = _random_config(cfg, tokenizer)
+        config._attn_implementation = cfg.model.attn_implementation
+        # The same seed on every rank; DDP also broadcasts rank 0's weights when it wraps the model.
+        torch.manual_seed(cfg.train.seed)
+        model = HiggsAudioModel(config).to(dtype)
+    else:
+        model = HiggsAudioModel.from_pretrained(cfg.model.path, revision=cfg.model.revision, torch_dtype=dtype,
+                                                attn_implementation=cfg.model.attn_implementation)
+    check_tokenizer(model.config, tokenizer)
+    if model.audio_tower is not None:  # audio understanding only; TTS fine-tuning never runs it
+        model.audio_tower.requires_grad_(False)
+    return model
+
+
+def apply_training_mode(model, cfg: Config):
+    """Freeze / wrap according to train.mode; returns the model to train (a PeftModel for lora)."""
+    mode = cfg.train.mode
+    if mode == "full":
+        model.requires_grad_(True)
+        if model.audio_tower is not None:
+            model.audio_tower.requires_grad_(False)
+        return model
+    model.requires_grad_(False)
+    if mode == "audio_ffn":
+        n = 0
+        for name, p in model.named_parameters():
+            # The DualFFN audio path of each layer: audio_mlp, audio layer norms (and audio_attn if any).
+            if name.startswith("layers.") and ".audio_" in name:
+                p.requires_grad_(True)
+                n += 1
+        if n == 0:
+            raise ConfigError("train.mode=audio_ffn but the model has no DualFFN audio layers")
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    names = [n for n, _ in model.named_modules()]
+    for target in cfg.lora.target_modules:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            raise ConfigError(f"lora.target_modules entry {target!r} matches no module of the model")
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=list(cfg.lora.target_modules), bias="none")
+    return get_peft_model(model, lora)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """DDP -> HiggsForward -> PeftModel -> raw HiggsAudioModel."""
+    from peft import PeftModel
+
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    if isinstance(model, HiggsForward):
+        model = model.model
+    if isinstance(model, PeftModel):
+        model = model.base_model.model
+    return model
+
+
+class HiggsForward(nn.Module):
+    """The module DDP wraps. Its forward is where peft is unwrapped, so DDP's forward still runs."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model  # HiggsAudioModel or a PeftModel around it
+        _, HiggsAudioModel = _import_higgs()
+        accepted = set(inspect.signature(HiggsAudioModel.forward).parameters)
+        from .collator import Batch
+        missing = set(Batch.MODEL_INPUTS) - accepted
+        assert not missing, f"HiggsAudioModel.forward does not take {missing}"
+
+    def forward(self, **inputs) -> dict:
+        from .collator import Batch
+        extra = set(inputs) - set(Batch.MODEL_INPUTS)
+        if extra:
+            raise TypeError(f"not a HiggsAudioModel input: {sorted(extra)}")
+        out = unwrap(self.model)(**inputs, use_cache=False, return_dict=True)
+        # A plain dict of tensors: DDP walks the output to find what backward will reach.
+        return {"logits": out.logits, "audio_logits": out.audio_logits,
+                "expanded_labels": out.expanded_labels, "expanded_input_ids": out.expanded_input_ids}
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

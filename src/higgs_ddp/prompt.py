@@ -1,0 +1,68 @@
+"""Training prompts built exactly as boson_multimodal builds them for inference.
+
+The official voice-clone / TTS prompt is a ChatML conversation: a system message ("Generate audio
+following instruction." plus an optional scene description), optionally a reference turn (user: the
+reference transcript, assistant: the reference audio), then user: the text to speak, assistant: the
+audio. Training runs the same conversation through boson_multimodal's own `prepare_chatml_sample`;
+only the final assistant turn is supervised (``start_index``), so the reference stays context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from boson_multimodal.data_types import AudioContent, ChatMLSample, Message
+from boson_multimodal.dataset.chatml_dataset import prepare_chatml_sample
+
+SYSTEM_PROMPT = "Generate audio following instruction."
+
+
+def system_message(scene: Optional[str]) -> str:
+    if not scene:
+        return SYSTEM_PROMPT
+    return f"{SYSTEM_PROMPT}\n\n<|scene_desc_start|>\n{scene}\n<|scene_desc_end|>"
+
+
+def build_chatml(text: str, scene: Optional[str] = None, ref_text: Optional[str] = None,
+                 with_reference: bool = False, with_target: bool = True) -> ChatMLSample:
+    """The conversation for one TTS sample; without the target it is the inference prompt."""
+    messages = [Message(role="system", content=system_message(scene))]
+    if with_reference:
+        messages += [
+            Message(role="user", content=ref_text or ""),
+            Message(role="assistant", content=AudioContent(audio_url="reference")),
+        ]
+    messages.append(Message(role="user", content=text))
+    if with_target:
+        messages.append(Message(role="assistant", content=AudioContent(audio_url="target")))
+    return ChatMLSample(messages=messages, start_index=len(messages) - 1)
+
+
+@dataclass
+class Sample:
+    """One tokenised training sample, in the form our collator (and the official one) consumes."""
+
+    input_ids: torch.Tensor  # (L,) int64
+    label_ids: torch.Tensor  # (L,) int64, -100 where not supervised
+    audio_codes: list = field(default_factory=list)  # (C, T) int64 per <|AUDIO|>/<|AUDIO_OUT|>, in order
+    sample_id: str = ""
+
+
+def tokenize_sample(tokenizer, text: str, target_codes: torch.Tensor, scene: Optional[str] = None,
+                    ref_text: Optional[str] = None, ref_codes: Optional[torch.Tensor] = None,
+                    sample_id: str = "") -> Sample:
+    chatml = build_chatml(text, scene, ref_text, with_reference=ref_codes is not None)
+    input_tokens, label_tokens, audio_contents, _ = prepare_chatml_sample(chatml, tokenizer)
+    if input_tokens is None:  # prepare_chatml_sample prints and returns None on failure
+        raise ValueError(f"sample {sample_id}: boson_multimodal could not build the ChatML prompt")
+    codes = ([ref_codes] if ref_codes is not None else []) + [target_codes]
+    assert len(codes) == len(audio_contents)
+    return Sample(
+        input_ids=torch.tensor(input_tokens, dtype=torch.long),
+        label_ids=torch.tensor(label_tokens, dtype=torch.long),
+        audio_codes=[c.long() for c in codes],
+        sample_id=sample_id,
+    )
+

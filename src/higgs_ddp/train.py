@@ -1,0 +1,95 @@
+"""Fine-tune Higgs Audio v2 with a hand-written DDP loop.
+
+    torchrun --nproc_per_node N src/higgs_ddp/train.py --config FILE [dotted.key=value ...]
+
+setup -> train -> save. The loop below is the whole training procedure; the pieces live in trainer.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+if __name__ == "__main__" and not __package__:
+    # Run as a file (torchrun src/higgs_ddp/train.py): import the package, not its modules as top-level names.
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    sys.path.insert(0, os.path.dirname(here))
+
+from higgs_ddp.config import Config, ConfigError, load_config  # noqa: E402
+from higgs_ddp.data import DataError  # noqa: E402
+from higgs_ddp.distributed import cleanup, setup_distributed  # noqa: E402
+from higgs_ddp.dual_loss import AlignmentError  # noqa: E402
+
+
+def train(cfg: Config) -> dict:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from higgs_ddp.trainer import MetricsLog, Trainer, write_run_files
+
+    env = setup_distributed()
+    try:
+        trainer = Trainer(cfg, env)  # setup
+        t = cfg.train
+        if env.is_main:
+            write_run_files(cfg)
+            print(f"higgs-ddp | mode {t.mode} | {trainer.num_trainable:,} trainable parameters | "
+                  f"{len(trainer.dataset)} samples | global batch {env.world_size}x{t.grad_accum_steps}x"
+                  f"{t.micro_batch_size} | {t.max_steps} steps | {trainer.precision} | {env.world_size} x {env.device.type}",
+                  flush=True)
+        log = MetricsLog(Path(cfg.output_dir) / "metrics.jsonl") if env.is_main else None
+        bar = tqdm(total=t.max_steps, disable=not env.is_main, dynamic_ncols=True, desc="train")
+        batches = iter(trainer.loader)
+        last = {}
+        for step in range(1, t.max_steps + 1):  # train
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(t.grad_accum_steps)]
+            lr = trainer.optimizer.param_groups[0]["lr"]
+            r = trainer.train_step(micro)
+            dt = time.perf_counter() - t0
+            last = {"step": step, "loss": r.loss, "text_loss": r.text_loss, "audio_loss": r.audio_loss,
+                    "per_codebook_loss": r.per_codebook_loss, "lr": lr, "grad_norm": r.grad_norm,
+                    "tokens": r.tokens, "text_targets": r.text_targets, "audio_targets": r.audio_targets,
+                    "tokens_per_s": r.tokens / dt, "step_time_s": dt, "skipped": r.skipped,
+                    "skipped_steps": trainer.skipped_steps}
+            if env.is_main:
+                if step % t.log_every == 0 or step == t.max_steps:
+                    log.write(last)
+                if r.skipped:
+                    tqdm.write(f"step {step}: non-finite loss or gradient, step skipped "
+                               f"({trainer.skipped_steps} so far)")
+                bar.set_postfix(loss=f"{r.loss:.3f}", text=f"{r.text_loss:.3f}", audio=f"{r.audio_loss:.3f}",
+                                lr=f"{lr:.2e}", tok_s=f"{r.tokens / dt:,.0f}")
+                bar.update(1)
+        bar.close()
+        final = trainer.save_final()  # save
+        if env.is_main:
+            log.close()
+            print(f"done: final loss {last.get('loss', float('nan')):.4f}; weights in {final}", flush=True)
+        return last
+    finally:
+        cleanup()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-4")
+    args = parser.parse_args(argv)
+    from higgs_ddp.trainer import TrainingError
+
+    try:
+        train(load_config(args.config, args.overrides))
+    except (ConfigError, DataError, AlignmentError, TrainingError) as e:
+        if int(os.environ.get("RANK", 0)) == 0 or isinstance(e, TrainingError):
+            print(f"higgs-ddp: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

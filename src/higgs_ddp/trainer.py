@@ -1,0 +1,187 @@
+"""The pieces of a run: setup (model, data, DDP, optimizer), one optimizer step, and saving."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .collator import Batch, HiggsCollator
+from .config import Config
+from .data import ManifestDataset, StepBatchSampler, read_manifest
+from .distributed import DistEnv, all_reduce_sum
+from .dual_loss import compute_dual_loss
+from .model import HiggsForward, apply_training_mode, build_model, load_tokenizer, unwrap
+from .optim import build_optimizer, build_scheduler
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class StepResult:
+    loss: float
+    text_loss: float
+    audio_loss: float
+    per_codebook_loss: list
+    grad_norm: float
+    text_targets: int
+    audio_targets: int
+    tokens: int
+    skipped: bool
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        t = cfg.train
+        use_bf16 = t.precision == "bf16" or (t.precision == "auto" and env.device.type == "cuda")
+        if use_bf16 and env.device.type != "cuda":
+            raise TrainingError("train.precision=bf16 needs a GPU; use auto or fp32 on CPU")
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
+        self.precision = "bf16" if use_bf16 else "fp32"
+
+        self.tokenizer = load_tokenizer(cfg)
+        base = build_model(cfg, self.tokenizer, dtype=torch.bfloat16 if use_bf16 else torch.float32)
+        self.model = apply_training_mode(base, cfg)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in self.params:  # trainable weights (LoRA or not) and their optimizer state stay fp32
+            p.data = p.data.float()
+        self.model.to(env.device)
+        self.model.train()
+        self.raw = unwrap(self.model)
+
+        mc = self.raw.config
+        records = read_manifest(cfg.data.manifest, mc.audio_num_codebooks, mc.audio_codebook_size)
+        self.dataset = ManifestDataset(records, self.tokenizer)
+        self.sampler = StepBatchSampler(len(records), t.micro_batch_size, t.grad_accum_steps, env.rank,
+                                        env.world_size, t.seed, cfg.data.shuffle)
+        self.collator = HiggsCollator.for_model(mc)  # workers build CPU batches; pinned, then copied
+        workers = cfg.data.num_workers
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=self.sampler, collate_fn=self.collator, num_workers=workers,
+            pin_memory=env.device.type == "cuda", prefetch_factor=cfg.data.prefetch_factor if workers else None,
+            persistent_workers=workers > 0)
+
+        forward = HiggsForward(self.model)
+        if env.world_size > 1:
+            ids = [env.local_rank] if env.device.type == "cuda" else None
+            self.ddp = DDP(forward, device_ids=ids, find_unused_parameters=t.find_unused_parameters)
+        else:
+            self.ddp = forward
+        self.optimizer = build_optimizer(self.params, t.lr, t.betas, t.weight_decay, env.device)
+        self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        self.alignment = t.loss_alignment
+        self.verified = False  # the first step checks label convention and target counts
+        self.bad_in_row = 0
+        self.skipped_steps = 0
+
+    @property
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def _sync_context(self, last: bool):
+        # Skip the gradient all-reduce on all but the last micro-step (nanoGPT-style flag on DDP).
+        if isinstance(self.ddp, DDP):
+            self.ddp.require_backward_grad_sync = last
+        return contextlib.nullcontext()
+
+    def train_step(self, micro: list[Batch]) -> StepResult:
+        env, t = self.env, self.cfg.train
+        micro = [b.to(env.device, non_blocking=True) for b in micro]
+        # Global supervised-token counts over all micro-steps and ranks, known before any backward:
+        # every token weighs the same however the global batch is split.
+        counts = torch.tensor([[b.text_targets, b.audio_targets, b.num_positions] for b in micro],
+                              dtype=torch.float64).sum(0)
+        counts = all_reduce_sum(counts.to(env.device))
+        g_text, g_audio, g_tokens = counts.tolist()
+        C = self.raw.config.audio_num_codebooks
+        sums = torch.zeros(2 + 2 * C, dtype=torch.float64, device=env.device)
+        for i, b in enumerate(micro):
+            self._sync_context(i == len(micro) - 1)
+            with self.autocast:
+                out = self.ddp(**b.model_inputs())
+            check = not self.verified
+            dl = compute_dual_loss(
+                out["logits"], out["expanded_labels"], out["audio_logits"], b.label_audio_ids,
+                expanded_input_ids=out["expanded_input_ids"] if check else None,
+                audio_out_ids=b.audio_out_ids if check else None,
+                audio_out_ids_start=b.audio_out_ids_start, alignment=self.alignment,
+                text_weight=t.text_weight, audio_weight=t.audio_weight, validate=check)
+            if check:
+                if (int(dl.text_tokens), int(dl.audio_tokens)) != (b.text_targets, b.audio_targets):
+                    raise TrainingError(
+                        f"loss counted {int(dl.text_tokens)}/{int(dl.audio_tokens)} text/audio targets, "
+                        f"the collator {b.text_targets}/{b.audio_targets}: normalisation would be wrong")
+                self.alignment = dl.path
+            dl.normalized(g_text, g_audio, scale=env.world_size).backward()
+            sums += torch.cat([torch.stack([dl.text_loss_sum.detach(), dl.audio_loss_sum.detach()]),
+                               dl.per_codebook_loss_sum, dl.per_codebook_tokens]).double()
+        self.verified = True
+        max_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        sums = all_reduce_sum(sums)
+        text_loss = (sums[0] / max(g_text, 1)).item()
+        audio_loss = (sums[1] / max(g_audio, 1)).item()
+        per_cb = (sums[2:2 + C] / sums[2 + C:].clamp(min=1)).tolist()
+        loss = t.text_weight * text_loss + t.audio_weight * audio_loss
+        grad_norm = float(grad_norm)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)  # identical on every rank
+        if finite:
+            self.optimizer.step()
+            self.bad_in_row = 0
+        else:
+            self.bad_in_row += 1
+            self.skipped_steps += 1
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.bad_in_row >= t.max_bad_steps:
+            raise TrainingError(
+                f"{self.bad_in_row} optimizer steps in a row had a non-finite loss or gradient "
+                f"(last: loss={loss}, grad_norm={grad_norm}); stopping. Lower train.lr or check the data.")
+        return StepResult(loss, text_loss, audio_loss, per_cb, grad_norm, int(g_text), int(g_audio),
+                          int(g_tokens), not finite)
+
+    def save_final(self) -> Path:
+        out = Path(self.cfg.output_dir) / "final"
+        if not self.env.is_main:
+            return out
+        out.mkdir(parents=True, exist_ok=True)
+        if self.cfg.train.mode == "lora":
+            self.model.save_pretrained(str(out), safe_serialization=True)
+        else:
+            from safetensors.torch import save_file
+            state = {n: p.detach().cpu().contiguous() for n, p in self.raw.named_parameters() if p.requires_grad}
+            save_file(state, str(out / "trainable.safetensors"), metadata={"mode": self.cfg.train.mode})
+            self.raw.config.save_pretrained(str(out))
+        self.tokenizer.save_pretrained(str(out / "tokenizer"))
+        return out
+
+
+def write_run_files(cfg: Config) -> None:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+class MetricsLog:
+    """Rank 0's ``metrics.jsonl``: one JSON object per optimizer step."""
+
+    def __init__(self, path: Path):
+        self.f = open(path, "a", encoding="utf-8")
+        self.t_last = time.perf_counter()
+
+    def write(self, record: dict) -> None:
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
