@@ -176,7 +176,7 @@ class MetricsLog:
     """Rank 0's ``metrics.jsonl``: one JSON object per optimizer step."""
 
     def __init__(self, path: Path):
-        self.f = open(path, "a", encoding="utf-8")
+        self.f = open(path, "w", encoding="utf-8")
         self.t_last = time.perf_counter()
 
     def write(self, record: dict) -> None:

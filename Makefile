@@ -1,0 +1,34 @@
+# Every target sets itself up: a fresh clone needs only python3 (3.11 or 3.12).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
+GPUS   ?= 1
+CONFIG ?= configs/tiny.yaml
+ARGS   ?=
+
+.PHONY: install demo train test test-fast clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: install  ## tiny random HiggsAudioModel, 2 CPU processes, synthetic data
+	$(PY) -m higgs_ddp.demo_data runs/tiny/data
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 src/higgs_ddp/train.py --config configs/tiny.yaml $(ARGS)
+
+train: install  ## make train GPUS=8 CONFIG=configs/higgs_v2_3b_lora.yaml ARGS="train.lr=1e-4"
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(GPUS) src/higgs_ddp/train.py --config $(CONFIG) $(ARGS)
+
+test: install
+	$(PY) -m pytest tests
+
+test-fast: install  ## everything but the tests marked slow
+	$(PY) -m pytest tests -m "not slow"
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,41 @@
+"""Shared helpers: the tiny config (the same file the demo uses), its tokenizer, a synthetic corpus,
+and a torchrun launcher for multi-process tests."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def tiny_config(tmp_path, *overrides, samples=16):
+    from higgs_ddp.config import load_config
+    from higgs_ddp.demo_data import write_demo_corpus
+
+    manifest = write_demo_corpus(tmp_path / "data", samples=samples)
+    return load_config(str(TINY), [f"output_dir={tmp_path / 'run'}", f"data.manifest={manifest}",
+                                   "data.num_workers=0", *overrides])
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from higgs_ddp.tiny_tokenizer import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
+def torchrun(nproc, *args, timeout=300):
+    """Run train.py under torchrun on CPU; returns the CompletedProcess (output captured)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "src" / "higgs_ddp" / "train.py"), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
