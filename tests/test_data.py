@@ -184,15 +184,12 @@ def test_missing_manifest(tmp_path):
     assert "not found" in str(ei.value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug in data.read_manifest: invalid UTF-8 raises UnicodeDecodeError from the file iterator, "
-    "outside the per-line try; remove this marker once fixed"))
 def test_invalid_utf8_is_a_data_error(tmp_path, files):
     path = tmp_path / "m.jsonl"
     path.write_bytes(json.dumps(_good(files)).encode() + b"\n" + b'{"text": "\xff\xfe", "audio_codes": "x"}\n')
     with pytest.raises(DataError) as ei:
         read_manifest(str(path), C, K)
-    assert f"{path}:2:" in str(ei.value)
+    assert f"{path}:2: not valid UTF-8" in str(ei.value)
 
 
 # ------------------------------------------------------------------------------------------- sampler

@@ -99,12 +99,15 @@ def read_manifest(path: str, num_codebooks: int, codebook_size: int) -> list[Rec
     if not manifest.is_file():
         raise DataError(f"{path}: manifest not found")
     records, errors = [], []
-    with manifest.open(encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
+    with manifest.open("rb") as f:
+        for lineno, raw_bytes in enumerate(f, start=1):
             try:
+                raw = raw_bytes.decode("utf-8")
+                if not raw.strip():
+                    continue
                 records.append(_parse_line(manifest.parent, raw, num_codebooks, codebook_size, lineno))
+            except UnicodeDecodeError as e:
+                errors.append(f"{path}:{lineno}: not valid UTF-8 text (byte {e.start})")
             except ValueError as e:
                 errors.append(f"{path}:{lineno}: {e}")
     if errors:

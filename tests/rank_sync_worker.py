@@ -1,0 +1,41 @@
+"""Run under torchrun by test_ddp.py: one optimizer step of the real Trainer on 2 gloo ranks that see
+different data, then report a checksum of every rank's trainable parameters.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/rank_sync_worker.py CONFIG OUT.json [bypass]
+"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from higgs_ddp.config import load_config
+from higgs_ddp.distributed import cleanup, setup_distributed
+from higgs_ddp.trainer import Trainer
+
+
+def main():
+    config, out, *flags = sys.argv[1:]
+    cfg = load_config(config)
+    env = setup_distributed()
+    trainer = Trainer(cfg, env)
+    if "bypass" in flags:
+        # What public Higgs trainers did: call the wrapped module directly, skipping DDP's forward.
+        trainer.ddp = trainer.ddp.module
+    micro = [next(iter(trainer.loader)) for _ in range(cfg.train.grad_accum_steps)]
+    seen = [s for b in micro for s in b.input_ids.flatten().tolist()]
+    trainer.train_step(micro)
+    vec = torch.cat([p.detach().flatten() for p in trainer.params]).double()
+    gathered = [torch.zeros_like(vec) for _ in range(env.world_size)]
+    dist.all_gather(gathered, vec)
+    data = [None] * env.world_size
+    dist.all_gather_object(data, seen)
+    if env.is_main:
+        diff = max(float((g - gathered[0]).abs().max()) for g in gathered)
+        json.dump({"max_param_diff": diff, "same_data": data[0] == data[1]}, open(out, "w"))
+    cleanup()
+
+
+if __name__ == "__main__":
+    main()
