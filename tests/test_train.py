@@ -1,0 +1,130 @@
+"""The training entry point end to end: outputs, the saved adapter, modes, bad input, non-finite steps."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import read_metrics, tiny_config, torchrun
+from higgs_ddp.distributed import DistEnv
+from higgs_ddp.model import HiggsForward, apply_training_mode, build_model, load_tokenizer
+from higgs_ddp.train import main, train
+from higgs_ddp.trainer import Trainer, TrainingError
+
+
+def test_lora_run_writes_metrics_and_a_peft_adapter_that_loads(tmp_path):
+    from peft import PeftModel
+
+    cfg = tiny_config(tmp_path, "train.max_steps=4", "train.lr=1e-2", "train.warmup_steps=1")
+    train(cfg)
+    run = tmp_path / "run"
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("loss", "text_loss", "audio_loss", "lr", "grad_norm", "tokens", "tokens_per_s"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    assert (run / "final" / "adapter_model.safetensors").is_file()
+    assert (run / "final" / "adapter_config.json").is_file()
+
+    # Base + adapter loaded by peft gives the trained model's logits.
+    trainer_model = _trained_logits(cfg, run)
+    tok = load_tokenizer(cfg)
+    base = build_model(cfg, tok)  # same seed: the same random base weights
+    loaded = PeftModel.from_pretrained(base, str(run / "final"))
+    batch = _one_batch(cfg, tok, base.config)
+    with torch.no_grad():
+        got = HiggsForward(loaded).eval()(**batch.model_inputs())["logits"]
+    torch.testing.assert_close(got, trainer_model(batch))
+    plain = HiggsForward(build_model(cfg, tok)).eval()(**batch.model_inputs())["logits"]
+    assert not torch.allclose(got, plain), "the adapter changed nothing"
+
+
+def _one_batch(cfg, tok, model_config):
+    from higgs_ddp.collator import HiggsCollator
+    from higgs_ddp.data import ManifestDataset, read_manifest
+
+    records = read_manifest(cfg.data.manifest, model_config.audio_num_codebooks, model_config.audio_codebook_size)
+    ds = ManifestDataset(records, tok)
+    return HiggsCollator.for_model(model_config)([ds[0], ds[1]])
+
+
+def _trained_logits(cfg, run):
+    """The trained weights, reassembled independently: base + the LoRA delta applied by hand."""
+    from safetensors.torch import load_file
+
+    tok = load_tokenizer(cfg)
+    model = apply_training_mode(build_model(cfg, tok), cfg)
+    state = load_file(str(run / "final" / "adapter_model.safetensors"))
+    named = dict(model.named_parameters())
+    for k, v in state.items():
+        named[k.replace(".weight", ".default.weight")].data.copy_(v)
+    fwd = HiggsForward(model).eval()
+    return lambda batch: fwd(**batch.model_inputs())["logits"].detach()
+
+
+@pytest.mark.parametrize("mode", ["audio_ffn", "full"])
+def test_other_modes_save_trained_weights(tmp_path, mode):
+    from safetensors.torch import load_file
+
+    cfg = tiny_config(tmp_path, f"train.mode={mode}", "train.max_steps=2")
+    train(cfg)
+    state = load_file(str(tmp_path / "run" / "final" / "trainable.safetensors"))
+    if mode == "audio_ffn":
+        assert state and all(".audio_" in k for k in state)
+    else:
+        assert "embed_tokens.weight" in state and "audio_decoder_proj.text_lm_head.weight" in state
+
+
+def test_bad_config_key_is_one_clear_line(tmp_path, capsys):
+    cfg = tiny_config(tmp_path)
+    assert main(["--config", "configs/tiny.yaml", f"data.manifest={cfg.data.manifest}", "train.lrr=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("higgs-ddp: error: unknown config key 'train.lrr'") and "train.lr" in err
+    assert "Traceback" not in err
+
+
+def test_bad_manifest_line_is_named_before_training(tmp_path, capsys):
+    cfg = tiny_config(tmp_path)
+    lines = open(cfg.data.manifest).read().splitlines()
+    lines[2] = lines[2][:-1]  # truncated JSON on line 3
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    for rel in ("codes",):
+        (tmp_path / rel).symlink_to(tmp_path / "data" / rel)
+    assert main(["--config", "configs/tiny.yaml", f"data.manifest={bad}", f"output_dir={tmp_path/'o'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:3: invalid JSON" in err and "Traceback" not in err
+
+
+def test_non_finite_steps_are_skipped_counted_then_stop(tmp_path):
+    cfg = tiny_config(tmp_path, "train.max_bad_steps=2", "train.max_steps=10")
+    trainer = Trainer(cfg, DistEnv())
+    batches = iter(trainer.loader)
+    lora_a = next(p for n, p in trainer.model.named_parameters() if "lora_A" in n)
+    good = lora_a.detach().clone()
+    lora_a.data.fill_(float("nan"))
+    before = [p.detach().clone() for p in trainer.params]
+    r = trainer.train_step([next(batches)])
+    assert r.skipped and trainer.skipped_steps == 1
+    lora_a.data.copy_(good)  # recovered: the next step trains again and resets the streak
+    assert all(torch.equal(a, b) or torch.isnan(a).all() for a, b in zip(before, trainer.params))
+    r = trainer.train_step([next(batches)])
+    assert not r.skipped and trainer.bad_in_row == 0
+    lora_a.data.fill_(float("inf"))
+    trainer.train_step([next(batches)])
+    with pytest.raises(TrainingError, match="2 optimizer steps in a row"):
+        trainer.train_step([next(batches)])
+    assert trainer.skipped_steps == 3
+
+
+@pytest.mark.slow
+def test_demo_config_two_processes_loss_falls(tmp_path):
+    cfg = tiny_config(tmp_path, samples=48)
+    proc = torchrun(2, "--config", "configs/tiny.yaml", f"data.manifest={cfg.data.manifest}",
+                    f"output_dir={tmp_path / 'run'}", "train.max_steps=80", "data.num_workers=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(tmp_path / "run")
+    first = sum(r["loss"] for r in rows[:5]) / 5
+    last = sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < 0.6 * first, (first, last)
+    assert "done: final loss" in proc.stdout
