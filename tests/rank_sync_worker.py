@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from higgs_ddp.config import load_config
-from higgs_ddp.distributed import cleanup, setup_distributed
+from higgs_ddp.distributed import barrier, cleanup, setup_distributed
 from higgs_ddp.trainer import Trainer
 
 
@@ -34,6 +34,7 @@ def main():
     if env.is_main:
         diff = max(float((g - gathered[0]).abs().max()) for g in gathered)
         json.dump({"max_param_diff": diff, "same_data": data[0] == data[1]}, open(out, "w"))
+    barrier()
     cleanup()
 
 

@@ -20,7 +20,7 @@ if __name__ == "__main__" and not __package__:
 
 from higgs_ddp.config import Config, ConfigError, load_config  # noqa: E402
 from higgs_ddp.data import DataError  # noqa: E402
-from higgs_ddp.distributed import cleanup, setup_distributed  # noqa: E402
+from higgs_ddp.distributed import barrier, cleanup, setup_distributed  # noqa: E402
 from higgs_ddp.dual_loss import AlignmentError  # noqa: E402
 
 
@@ -70,6 +70,7 @@ def train(cfg: Config) -> dict:
         if env.is_main:
             log.close()
             print(f"done: final loss {last.get('loss', float('nan')):.4f}; weights in {final}", flush=True)
+        barrier()  # tearing down gloo while a peer is still saving aborts that peer
         return last
     finally:
         cleanup()
