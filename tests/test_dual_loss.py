@@ -83,6 +83,16 @@ def test_aligned_on_unshifted_labels_is_the_copy_bug_and_refused():
                           alignment="aligned")
 
 
+def test_aligned_without_evidence_is_refused():
+    logits, ids, labels, alog, aids, alab, _ = model_like_batch()
+    pre = torch.full_like(labels, -100)
+    pre[:, :-1] = labels[:, 1:]
+    with pytest.raises(AlignmentError, match="verify"):
+        compute_dual_loss(logits, pre, alog, None, alignment="aligned")
+    out = compute_dual_loss(logits, pre, alog, None, expanded_input_ids=ids, alignment="aligned")
+    assert out.path == "aligned"
+
+
 def test_shifting_preshifted_labels_again_is_refused():
     logits, ids, labels, alog, aids, alab, _ = model_like_batch()
     pre = torch.full_like(labels, -100)

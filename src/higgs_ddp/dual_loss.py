@@ -170,6 +170,10 @@ def compute_dual_loss(
                 "alignment='aligned' but the labels equal the inputs at the same positions: that trains "
                 "the model to copy its input (the classic Higgs fine-tuning bug). Use 'shifted' or 'auto'."
             )
+        if path == "aligned" and found is None:
+            raise AlignmentError(
+                "alignment='aligned' needs expanded_input_ids and/or audio_out_ids (with supervised "
+                "labels) to verify the labels really are pre-shifted; without them use 'shifted'")
         if path == "shifted" and found == "aligned":
             raise AlignmentError(
                 "alignment='shifted' but the labels are already shifted (label t equals input t+1): "

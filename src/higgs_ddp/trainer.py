@@ -109,7 +109,8 @@ class Trainer:
             self._sync_context(i == len(micro) - 1)
             with self.autocast:
                 out = self.ddp(**b.model_inputs())
-            check = not self.verified
+            # Verify the label convention on the first step; the aligned path is verified on every step.
+            check = not self.verified or self.alignment == "aligned"
             dl = compute_dual_loss(
                 out["logits"], out["expanded_labels"], out["audio_logits"], b.label_audio_ids,
                 expanded_input_ids=out["expanded_input_ids"] if check else None,
