@@ -1,18 +1,33 @@
-"""Tests for higgs_ddp.data: manifest validation (every bad line reported as file:line) and the
-step-aligned distributed batch sampler."""
+"""Manifests of codes (.npy) through higgs_ddp.data: every bad line reported as file:line, the error /
+skip policy and its report, several manifests, the validation split, and ChatML lines."""
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from higgs_ddp.data import DataError, Record, StepBatchSampler, read_manifest
+from higgs_ddp.config import load_config
+from higgs_ddp.data import DataError, Record, load_data
+from higgs_ddp.distributed import DistEnv
+from higgs_ddp.model import model_config
 
-C, K = 4, 64  # codebooks, codebook size
+from conftest import TINY
+
+C, K = 4, 64  # codebooks, codebook size (configs/tiny.yaml)
+
+
+def load(tmp_path, tokenizer, manifests, *overrides):
+    paths = [str(m) for m in (manifests if isinstance(manifests, list) else [manifests])]
+    cfg = load_config(str(TINY), [f"output_dir={tmp_path / 'run'}", f"data.manifest={json.dumps(paths)}",
+                                  "data.num_workers=0", *overrides])
+    return load_data(cfg, DistEnv(), tokenizer, model_config(cfg, tokenizer), quiet=True)
+
+
+def read_manifest(path, tokenizer, tmp_path, *overrides):
+    return load(tmp_path, tokenizer, path, *overrides).train
 
 
 def _save(base: Path, rel: str, arr) -> str:
@@ -66,7 +81,8 @@ BAD_CASES = [
     ("invalid_json", lambda f: '{"text": "hi", "audio_codes": ', "invalid JSON"),
     ("not_object", lambda f: "[1, 2]", "must be a JSON object"),
     ("missing_text", lambda f: {"audio_codes": f["good"]}, "missing field 'text'"),
-    ("missing_codes", lambda f: {"text": "hello"}, "missing field 'audio_codes'"),
+    ("missing_codes", lambda f: {"text": "hello"}, "missing field 'audio' (or 'audio_codes')"),
+    ("both_audio_and_codes", lambda f: {"text": "hi", "audio": "a.wav", "audio_codes": f["good"]}, "not both"),
     ("text_number", lambda f: {"text": 5, "audio_codes": f["good"]}, "field 'text' must be a str"),
     ("scene_number", lambda f: {"text": "hi", "audio_codes": f["good"], "scene": 3}, "field 'scene' must be a str"),
     ("empty_text", lambda f: {"text": "   ", "audio_codes": f["good"]}, "field 'text' is empty"),
@@ -79,8 +95,11 @@ BAD_CASES = [
     ("zero_frames", lambda f: {"text": "hi", "audio_codes": f["zero"]}, "zero frames"),
     ("code_too_high", lambda f: {"text": "hi", "audio_codes": f["high"]}, f"code {K}, outside the codebook range"),
     ("code_negative", lambda f: {"text": "hi", "audio_codes": f["neg"]}, "code -1, outside the codebook range"),
-    ("ref_without_text", lambda f: {"text": "hi", "audio_codes": f["good"], "ref_audio_codes": f["ref"]}, "go together"),
-    ("ref_text_without_ref", lambda f: {"text": "hi", "audio_codes": f["good"], "ref_text": "x"}, "go together"),
+    ("ref_without_text", lambda f: {"text": "hi", "audio_codes": f["good"], "ref_audio_codes": f["ref"]}, "needs both its audio"),
+    ("ref_text_without_ref", lambda f: {"text": "hi", "audio_codes": f["good"], "ref_text": "x"}, "needs both its audio"),
+    ("empty_ref_text", lambda f: {"text": "hi", "audio_codes": f["good"], "ref_audio_codes": f["ref"],
+                                  "ref_text": " "}, "field 'ref_text' is empty"),
+    ("codes_directory", lambda f: {"text": "hi", "audio_codes": "codes"}, "codes file codes is a directory"),
     ("bad_ref_codes", lambda f: {"text": "hi", "audio_codes": f["good"], "ref_audio_codes": f["high"],
                                  "ref_text": "x"}, "outside the codebook range"),
 ]
@@ -91,18 +110,18 @@ def _good(files, text="hello there"):
 
 
 @pytest.mark.parametrize("build, fragment", [c[1:] for c in BAD_CASES], ids=[c[0] for c in BAD_CASES])
-def test_single_bad_line_reported_with_file_and_line(tmp_path, files, build, fragment):
+def test_single_bad_line_reported_with_file_and_line(tmp_path, tokenizer, files, build, fragment):
     path = _write(tmp_path, [_good(files), build(files)])
     with pytest.raises(DataError) as ei:
-        read_manifest(str(path), C, K)
+        read_manifest(path, tokenizer, tmp_path)
     msg = str(ei.value)
-    assert msg.startswith("1 bad line(s)")
+    assert msg.startswith("1 problem(s) in the data")
     assert f"{path}:2:" in msg
     assert fragment in msg
     assert f"{path}:1:" not in msg  # the good line is not reported
 
 
-def test_all_bad_lines_listed_in_one_error(tmp_path, files):
+def test_all_bad_lines_listed_in_one_error(tmp_path, tokenizer, files):
     lines, expected = [], []
     for _, build, fragment in BAD_CASES:
         lines.append(_good(files))
@@ -112,9 +131,9 @@ def test_all_bad_lines_listed_in_one_error(tmp_path, files):
     expected = [(n + 1, frag) for n, frag in expected]
     path = _write(tmp_path, lines)
     with pytest.raises(DataError) as ei:
-        read_manifest(str(path), C, K)
+        read_manifest(path, tokenizer, tmp_path)
     msg = str(ei.value)
-    assert msg.startswith(f"{len(BAD_CASES)} bad line(s)")
+    assert msg.startswith(f"{len(BAD_CASES)} problem(s) in the data")
     body = msg.splitlines()[1:]
     assert len(body) == len(BAD_CASES)
     for (lineno, fragment), row in zip(expected, body):
@@ -122,17 +141,17 @@ def test_all_bad_lines_listed_in_one_error(tmp_path, files):
         assert fragment in row, (fragment, row)
 
 
-def test_many_bad_lines_are_capped(tmp_path):
+def test_many_bad_lines_are_capped(tmp_path, tokenizer):
     path = _write(tmp_path, ["nope"] * 60)
     with pytest.raises(DataError) as ei:
-        read_manifest(str(path), C, K)
+        read_manifest(path, tokenizer, tmp_path)
     msg = str(ei.value)
-    assert msg.startswith("60 bad line(s)")
+    assert msg.startswith("60 problem(s)")
     assert f"{path}:50:" in msg and f"{path}:51:" not in msg
     assert "... and 10 more" in msg
 
 
-def test_good_lines_parse_and_blank_lines_ignored(tmp_path, files):
+def test_good_lines_parse_and_blank_lines_ignored(tmp_path, tokenizer, files):
     path = tmp_path / "m.jsonl"
     path.write_text(
         "\n"
@@ -143,187 +162,49 @@ def test_good_lines_parse_and_blank_lines_ignored(tmp_path, files):
                       "ref_text": "the reference", "scene": "a quiet room", "id": "utt-2"}) + "\n"
         + "\n"
     )
-    records = read_manifest(str(path), C, K)
+    records = read_manifest(path, tokenizer, tmp_path)
     assert len(records) == 2
     a, b = records
     assert all(isinstance(r, Record) for r in records)
-    assert (a.text, a.line, a.codes.shape) == ("first", 2, (C, 5))
-    assert a.ref_codes is None and a.ref_text is None and a.scene is None
-    assert a.id == "line2"
-    assert np.array_equal(a.codes, np.load(tmp_path / files["good"]))
-    assert np.issubdtype(a.codes.dtype, np.integer)
-    assert a.num_frames == 5
-    assert (b.text, b.line, b.codes.shape) == ("second", 5, (C, 3))
-    assert b.ref_codes.shape == (C, 7) and b.ref_text == "the reference"
-    assert b.scene == "a quiet room" and b.id == "utt-2"
-    assert b.num_frames == 3 + 7
+    assert (a.where, a.id, len(a.codes)) == (f"{path}:2", "m:2", 1)
+    assert np.array_equal(a.codes[0], np.load(tmp_path / files["good"]))
+    assert a.codes[0].dtype == np.int16
+    assert (b.where, b.id, [c.shape for c in b.codes]) == (f"{path}:5", "utt-2", [(C, 7), (C, 3)])
+    assert "the reference" in tokenizer.decode(b.input_ids) and "a quiet room" in tokenizer.decode(b.input_ids)
+    # positions = text tokens + each audio segment with stream BOS/EOS and the C-1 delay columns
+    text = len(b.input_ids) - 2
+    assert b.positions == text + (7 + 2 + C - 1) + (3 + 2 + C - 1)
 
 
-def test_paths_relative_to_manifest_not_cwd(tmp_path, files, monkeypatch):
+def test_paths_relative_to_manifest_not_cwd(tmp_path, tokenizer, files, monkeypatch):
     path = _write(tmp_path, [_good(files)])
     other = tmp_path / "elsewhere"
     other.mkdir()
     monkeypatch.chdir(other)
-    assert read_manifest(str(path), C, K)[0].codes.shape == (C, 5)
+    assert read_manifest(path, tokenizer, tmp_path)[0].codes[0].shape == (C, 5)
 
 
-def test_empty_manifest(tmp_path):
+def test_empty_manifest(tmp_path, tokenizer):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n\n  \n")
     with pytest.raises(DataError) as ei:
-        read_manifest(str(path), C, K)
+        read_manifest(path, tokenizer, tmp_path)
     assert str(path) in str(ei.value)
-    assert "no samples" in str(ei.value)
+    assert "no usable training samples" in str(ei.value)
 
 
-def test_missing_manifest(tmp_path):
+def test_missing_manifest(tmp_path, tokenizer):
     path = tmp_path / "absent" / "manifest.jsonl"
     with pytest.raises(DataError) as ei:
-        read_manifest(str(path), C, K)
-    assert str(path) in str(ei.value)
-    assert "not found" in str(ei.value)
+        read_manifest(path, tokenizer, tmp_path, "data.on_error=skip")  # even skip cannot skip a whole file
+    assert f"{path}: manifest not found" in str(ei.value)
 
 
-def test_invalid_utf8_is_a_data_error(tmp_path, files):
+def test_invalid_utf8_is_a_data_error(tmp_path, tokenizer, files):
     path = tmp_path / "m.jsonl"
     path.write_bytes(json.dumps(_good(files)).encode() + b"\n" + b'{"text": "\xff\xfe", "audio_codes": "x"}\n')
     with pytest.raises(DataError) as ei:
-        read_manifest(str(path), C, K)
+        read_manifest(path, tokenizer, tmp_path)
     assert f"{path}:2: not valid UTF-8" in str(ei.value)
 
 
-# ------------------------------------------------------------------------------------------- sampler
-
-
-def _rank_batches(n, mbs, accum, rank, world, seed=0, shuffle=True, start_step=0, steps=4):
-    s = StepBatchSampler(n, mbs, accum, rank, world, seed, shuffle, start_step=start_step)
-    return list(itertools.islice(iter(s), accum * steps))
-
-
-def _step_sets(n, mbs, accum, world, seed=0, shuffle=True, start_step=0, steps=4):
-    """For each optimizer step: the sorted samples seen over all ranks and micro-steps, and the count."""
-    per_rank = [_rank_batches(n, mbs, accum, r, world, seed, shuffle, start_step, steps) for r in range(world)]
-    out = []
-    for k in range(steps):
-        seen = [i for r in range(world) for mb in per_rank[r][k * accum:(k + 1) * accum] for i in mb]
-        out.append(seen)
-    return out
-
-
-def test_micro_batches_have_micro_batch_size():
-    for mb in _rank_batches(25, 3, 2, 1, 2, steps=6):
-        assert len(mb) == 3
-        assert all(isinstance(i, int) for i in mb)
-
-
-@pytest.mark.parametrize("shuffle", [True, False])
-def test_same_samples_per_optimizer_step_across_layouts(shuffle):
-    n, steps = 11, 8  # 5 steps per epoch with a block of 2: crosses an epoch boundary
-    layouts = [(2, 1, 1), (1, 2, 1), (1, 1, 2)]  # (micro_batch_size, grad_accum_steps, world_size)
-    results = [_step_sets(n, mbs, accum, world, seed=7, shuffle=shuffle, steps=steps)
-               for mbs, accum, world in layouts]
-    for k in range(steps):
-        sets = [sorted(r[k]) for r in results]
-        assert all(len(r[k]) == 2 for r in results)
-        assert sets[0] == sets[1] == sets[2], (k, sets)
-    # and the steps are not all the same block
-    assert len({tuple(sorted(s)) for s in results[0]}) > 1
-
-
-def test_bigger_layouts_agree():
-    # 2 ranks x accum 2 x batch 2 == 1 rank x accum 1 x batch 8 == 4 ranks x accum 1 x batch 2
-    a = _step_sets(37, 2, 2, 2, seed=3, steps=6)
-    b = _step_sets(37, 8, 1, 1, seed=3, steps=6)
-    c = _step_sets(37, 2, 1, 4, seed=3, steps=6)
-    for k in range(6):
-        assert sorted(a[k]) == sorted(b[k]) == sorted(c[k])
-
-
-def test_ranks_get_disjoint_slices():
-    world = 3
-    per_rank = [_rank_batches(30, 2, 2, r, world, steps=5) for r in range(world)]
-    for j in range(len(per_rank[0])):
-        flat = [i for r in range(world) for i in per_rank[r][j]]
-        assert len(flat) == len(set(flat)) == world * 2
-
-
-def test_deterministic_given_seed():
-    a = _rank_batches(20, 2, 2, 0, 2, seed=5, steps=10)
-    b = _rank_batches(20, 2, 2, 0, 2, seed=5, steps=10)
-    c = _rank_batches(20, 2, 2, 0, 2, seed=6, steps=10)
-    assert a == b
-    assert a != c
-
-
-def test_unshuffled_is_arange_order():
-    n = 10
-    batches = _rank_batches(n, 2, 1, 0, 1, shuffle=False, steps=8)  # 5 steps per epoch
-    flat = [i for mb in batches for i in mb]
-    assert flat == list(range(n)) + list(range(6))
-    # with 2 ranks each rank takes its slice of consecutive samples
-    r0 = _rank_batches(n, 1, 1, 0, 2, shuffle=False, steps=3)
-    r1 = _rank_batches(n, 1, 1, 1, 2, shuffle=False, steps=3)
-    assert r0 == [[0], [2], [4]] and r1 == [[1], [3], [5]]
-    # seed has no effect without shuffling
-    assert _rank_batches(n, 2, 1, 0, 1, seed=1, shuffle=False) == _rank_batches(n, 2, 1, 0, 1, seed=2, shuffle=False)
-
-
-def test_shuffled_is_not_arange_order():
-    flat = [i for mb in _rank_batches(50, 5, 1, 0, 1, seed=0, steps=10) for i in mb]
-    assert sorted(flat) == list(range(50))
-    assert flat != list(range(50))
-
-
-@pytest.mark.parametrize("n, mbs, accum, world", [(10, 2, 1, 1), (11, 1, 2, 2), (23, 2, 2, 2), (7, 3, 1, 1)])
-def test_each_epoch_is_a_permutation_with_partial_block_dropped(n, mbs, accum, world):
-    block = mbs * accum * world
-    per_epoch = n // block
-    epochs = 3
-    s = StepBatchSampler(n, mbs, accum, 0, world, seed=11, shuffle=True)
-    assert len(s) == per_epoch * accum
-    steps = _step_sets(n, mbs, accum, world, seed=11, steps=per_epoch * epochs)
-    epoch_sets = []
-    for e in range(epochs):
-        seen = [i for st in steps[e * per_epoch:(e + 1) * per_epoch] for i in st]
-        assert len(seen) == len(set(seen)) == per_epoch * block  # nothing repeated, trailing part dropped
-        assert set(seen) <= set(range(n))
-        epoch_sets.append(seen)
-    # epochs are reshuffled: the order differs from one epoch to the next
-    assert epoch_sets[0] != epoch_sets[1]
-
-
-@pytest.mark.parametrize("start", [0, 1, 3, 5, 7, 12])
-def test_start_step_resumes_uninterrupted_stream(start):
-    n, mbs, accum, world = 13, 2, 2, 2  # block 8, one step per epoch: resuming crosses epochs
-    for rank in range(world):
-        full = _rank_batches(n, mbs, accum, rank, world, seed=4, steps=start + 6)
-        resumed = _rank_batches(n, mbs, accum, rank, world, seed=4, start_step=start, steps=6)
-        assert resumed == full[start * accum:]
-
-
-def test_start_step_resumes_mid_epoch():
-    n, mbs, accum, world = 40, 2, 1, 1  # 20 steps per epoch
-    full = _rank_batches(n, mbs, accum, 0, world, seed=9, steps=30)
-    resumed = _rank_batches(n, mbs, accum, 0, world, seed=9, start_step=17, steps=13)
-    assert resumed == full[17:]
-
-
-def test_iteration_restarts_at_start_step():
-    s = StepBatchSampler(10, 2, 1, 0, 1, seed=0, shuffle=True, start_step=2)
-    assert list(itertools.islice(iter(s), 4)) == list(itertools.islice(iter(s), 4))
-
-
-@pytest.mark.parametrize("n, mbs, accum, world, block", [(3, 2, 1, 2, 4), (7, 2, 2, 2, 8), (0, 1, 1, 1, 1)])
-def test_too_few_samples_for_one_step(n, mbs, accum, world, block):
-    with pytest.raises(DataError) as ei:
-        StepBatchSampler(n, mbs, accum, 0, world, seed=0, shuffle=True)
-    msg = str(ei.value)
-    assert f"has {n} samples" in msg
-    assert f"needs {block}" in msg
-    assert f"ranks {world}" in msg and f"grad_accum_steps {accum}" in msg and f"micro_batch_size {mbs}" in msg
-
-
-def test_exactly_one_block_is_enough():
-    s = StepBatchSampler(8, 2, 2, 1, 2, seed=0, shuffle=True)
-    assert len(s) == 2
-    assert len(list(itertools.islice(iter(s), 6))) == 6

@@ -33,6 +33,7 @@ class Batch:
     text_targets: int = 0  # supervised next-token targets, known before the forward
     audio_targets: int = 0
     num_positions: int = 0  # sequence positions after audio expansion (text + audio), for tokens/s
+    padded_positions: int = 0  # batch size x the longest sample's positions: what the model computes
     num_samples: int = 0
 
     # Exactly what HiggsAudioModel.forward receives; `label_ids` only so that it returns
@@ -96,7 +97,7 @@ class HiggsCollator:
         input_ids = torch.full((B, length), self.pad, dtype=torch.long, device=dev)
         label_ids = torch.full((B, length), IGNORE, dtype=torch.long, device=dev)
         attention_mask = torch.zeros((B, length), dtype=torch.long, device=dev)
-        ins, outs, out_labels, out_group = [], [], [], []
+        ins, outs, out_labels, out_group, sample_positions = [], [], [], [], []
         for i, s in enumerate(samples):
             ids, labels = s.input_ids.to(dev), s.label_ids.to(dev).clone()
             n = len(ids)
@@ -107,14 +108,16 @@ class HiggsCollator:
             out_mask = ids == self.audio_out
             train_flags = (labels[out_mask] >= 0).tolist()  # read before the placeholder labels are masked
             labels[out_mask] = IGNORE
-            out_k = 0
+            out_k, pos = 0, n - len(audio_slots)
             for slot, codes in zip(audio_slots, s.audio_codes):
                 codes = codes[:C].to(dev, dtype=torch.long)
                 if slot == self.audio_in:
                     if self.encode_audio_in:
                         ins.append(self._stream(codes, self.bos, self.eos, self.bos, self.eos))
+                        pos += ins[-1].shape[1]
                     continue
                 outs.append(self._stream(codes, self.bos, self.eos, self.bos, self.eos))
+                pos += outs[-1].shape[1]
                 lab = self._stream(codes, IGNORE, self.eos, IGNORE, IGNORE)
                 if not train_flags[out_k]:
                     lab = torch.full_like(lab, IGNORE)  # context audio (e.g. a voice reference)
@@ -122,6 +125,7 @@ class HiggsCollator:
                 out_group.append(i)
                 out_k += 1
             input_ids[i, :n], label_ids[i, :n], attention_mask[i, :n] = ids, labels, 1
+            sample_positions.append(pos)
 
         def concat(segments):
             if not segments:
@@ -134,14 +138,11 @@ class HiggsCollator:
         label_audio_ids, _ = concat(out_labels)
         audio_in_ids, audio_in_start = concat(ins) if self.encode_audio_in else (None, None)
         text_targets, audio_targets = count_targets(label_ids, label_audio_ids, audio_out_start)
-        placeholders = int(((input_ids == self.audio_in) | (input_ids == self.audio_out)).sum())
-        positions = int(attention_mask.sum()) - placeholders + audio_out_ids.shape[1] + (
-            audio_in_ids.shape[1] if audio_in_ids is not None else 0)
         return Batch(
             input_ids=input_ids, attention_mask=attention_mask, label_ids=label_ids,
             audio_in_ids=audio_in_ids, audio_in_ids_start=audio_in_start,
             audio_out_ids=audio_out_ids, audio_out_ids_start=audio_out_start,
             audio_out_ids_start_group_loc=torch.tensor(out_group, dtype=torch.long, device=dev),
             label_audio_ids=label_audio_ids, text_targets=text_targets, audio_targets=audio_targets,
-            num_positions=positions, num_samples=B,
+            num_positions=sum(sample_positions), padded_positions=B * max(sample_positions), num_samples=B,
         )

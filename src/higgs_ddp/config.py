@@ -26,6 +26,9 @@ DEFAULT_LORA_TARGETS = [
 ]
 
 
+OFFICIAL_CODEC = "bosonai/higgs-audio-v2-tokenizer"
+
+
 class ConfigError(ValueError):
     pass
 
@@ -42,7 +45,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    manifest: str = ""  # JSONL, one sample per line; paths relative to the manifest
+    manifest: list = field(default_factory=list)  # JSONL file(s), one sample per line; a string is one file
+    val_manifest: list = field(default_factory=list)  # validation manifest(s)
+    val_fraction: float = 0.0  # or: this fraction of the training samples (chosen by a hash of the id)
+    on_error: str = "error"  # "error": stop with the full list | "skip": count, report, train on the rest
+    max_audio_seconds: float = 30.0
+    max_tokens_per_batch: int = 0  # > 0: length-aware micro-batches by padded token budget
+    root: Optional[str] = None  # dataset root for allow_outside_root (default: each manifest's folder)
+    allow_outside_root: bool = True
+    codec: str = OFFICIAL_CODEC  # audio tokenizer: hub id, local folder, or "tiny" (random, for demos)
+    codec_revision: Optional[str] = None
+    cache_dir: Optional[str] = None  # code cache (default: .higgs_codes next to the first manifest)
     shuffle: bool = True
     num_workers: int = 2
     prefetch_factor: int = 4
@@ -95,7 +108,9 @@ CHOICES = {
     "train.mode": ("lora", "audio_ffn", "full"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.loss_alignment": ("auto", "shifted", "aligned"),
+    "data.on_error": ("error", "skip"),
 }
+PATH_LISTS = {"data.manifest", "data.val_manifest"}  # a string is a one-item list
 FREE_FORM = {"model.config"}  # nested dicts checked by the model builder, not here
 
 
@@ -118,6 +133,12 @@ def _coerce(key: str, value: Any, hint) -> Any:
             return None
         hint = next(a for a in args if a is not type(None))
         origin = typing.get_origin(hint)
+    if key in PATH_LISTS:
+        if isinstance(value, str):
+            value = [value] if value else []
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"config key {key!r} must be a path or a list of paths, got {value!r}")
+        return value
     if hint is float and isinstance(value, str):
         try:  # YAML 1.1 reads "1e-4" (no dot) as a string
             value = float(value)
@@ -192,6 +213,16 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _relative_to(base: Path, value):
+    """A path in a config file is taken relative to the file when it isn't relative to the cwd."""
+    if isinstance(value, list):
+        return [_relative_to(base, v) for v in value]
+    if isinstance(value, str) and value and not Path(value).is_absolute() and not Path(value).exists() \
+            and (base / value).exists():
+        return str(base / value)
+    return value
+
+
 def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
     data: dict = {}
     if path:
@@ -205,11 +236,10 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         base = p.parent
-        manifest = data.get("data", {}).get("manifest") if isinstance(data.get("data"), dict) else None
-        if isinstance(manifest, str) and manifest and not Path(manifest).is_absolute() and not Path(manifest).exists():
-            # A manifest path in a config file is taken relative to the file when it isn't relative to cwd.
-            if (base / manifest).exists():
-                data["data"]["manifest"] = str(base / manifest)
+        section = data.get("data") if isinstance(data.get("data"), dict) else {}
+        for key in ("manifest", "val_manifest", "cache_dir", "codec", "root"):
+            if isinstance(section.get(key), (str, list)):
+                section[key] = _relative_to(base, section[key])
     data = _merge(data, parse_overrides(list(overrides)))
     cfg = Config()
     _apply(cfg, data)
@@ -221,6 +251,12 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"config key {key!r} must be >= 1")
+    if cfg.data.val_manifest and cfg.data.val_fraction:
+        raise ConfigError("give data.val_manifest or data.val_fraction, not both")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ConfigError("config key 'data.val_fraction' must be in [0, 1)")
+    if cfg.data.max_tokens_per_batch < 0 or cfg.data.max_audio_seconds < 0:
+        raise ConfigError("data.max_tokens_per_batch and data.max_audio_seconds must be >= 0 (0: no limit)")
     if cfg.model.revision is None and cfg.model.path == OFFICIAL_REPO:
         cfg.model.revision = OFFICIAL_REVISION
     return cfg

@@ -1,28 +1,29 @@
-"""Manifest reading and validation, the dataset, and the step-aligned distributed batch sampler.
+"""From manifests to training samples: parse, get codes (cache / prepare / .npy), tokenize, apply the
+bad-input policy, split off validation.
 
-A manifest is JSONL, one sample per line::
-
-    {"text": "...", "audio_codes": "codes/x.npy", "ref_audio_codes": "...", "ref_text": "...",
-     "scene": "...", "id": "..."}
-
-Paths are relative to the manifest; codes are integer arrays (num_codebooks, frames). Every problem is
-reported as ``file:line: what is wrong`` and all of them are listed before anything trains.
+``data.on_error: error`` stops before training with every problem listed (``file:line: what``);
+``skip`` drops the bad samples, counts them by reason and trains on the rest. Either way the full list
+goes to ``{output_dir}/data_report.json``.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from .prompt import Sample, tokenize_sample
+from .audio import AudioProblem
+from .code_cache import write_json_atomic
+from .config import Config, ConfigError
+from .distributed import DistEnv
+from .manifest import Problem, read_manifest
+from .prompt import Sample, tokenize_chatml
 
-REQUIRED = {"text": str, "audio_codes": str}
-OPTIONAL = {"ref_audio_codes": str, "ref_text": str, "scene": str, "id": str}
 MAX_LISTED = 50
 
 
@@ -32,144 +33,201 @@ class DataError(ValueError):
 
 @dataclass
 class Record:
-    line: int
-    text: str
-    codes: np.ndarray  # (C, T)
-    ref_codes: Optional[np.ndarray] = None
-    ref_text: Optional[str] = None
-    scene: Optional[str] = None
-    id: str = ""
+    """One usable sample, tokenized once, stored compactly (int32 ids, int16 codes)."""
 
-    @property
-    def num_frames(self) -> int:
-        return self.codes.shape[1] + (self.ref_codes.shape[1] if self.ref_codes is not None else 0)
+    where: str
+    id: str
+    input_ids: np.ndarray
+    label_ids: np.ndarray
+    codes: list
+    positions: int  # sequence positions the model sees (text + expanded audio): the batching cost
+    seconds: float  # audio duration, 0 for .npy codes of unknown rate
+    speaker: Optional[str] = None
 
-
-def _load_codes(base: Path, rel: str, num_codebooks: int, codebook_size: int) -> np.ndarray:
-    path = base / rel
-    if not path.is_file():
-        raise ValueError(f"codes file {rel} not found")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except Exception as e:  # numpy raises several types for corrupt files; report, don't crash
-        raise ValueError(f"codes file {rel} is not a readable .npy array ({type(e).__name__})") from None
-    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"codes file {rel} must be a 2-D integer array (codebooks, frames), got {arr.dtype} {arr.shape}")
-    if arr.shape[0] != num_codebooks:
-        raise ValueError(f"codes file {rel} has {arr.shape[0]} codebooks, the model uses {num_codebooks}")
-    if arr.shape[1] == 0:
-        raise ValueError(f"codes file {rel} has zero frames")
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi >= codebook_size:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"codes file {rel} holds code {bad}, outside the codebook range [0, {codebook_size})")
-    return arr.astype(np.int16 if codebook_size <= 32767 else np.int32)
-
-
-def _parse_line(base: Path, raw: str, num_codebooks: int, codebook_size: int, lineno: int) -> Record:
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise ValueError("each line must be a JSON object")
-    unknown = sorted(set(obj) - set(REQUIRED) - set(OPTIONAL))
-    if unknown:
-        raise ValueError(f"unknown field(s) {unknown}; allowed: {sorted(REQUIRED) + sorted(OPTIONAL)}")
-    for name, typ in REQUIRED.items():
-        if name not in obj:
-            raise ValueError(f"missing field {name!r}")
-    for name, typ in {**REQUIRED, **OPTIONAL}.items():
-        if name in obj and not isinstance(obj[name], typ):
-            raise ValueError(f"field {name!r} must be a {typ.__name__}, got {type(obj[name]).__name__}")
-    if not obj["text"].strip():
-        raise ValueError("field 'text' is empty")
-    if ("ref_audio_codes" in obj) != ("ref_text" in obj):
-        raise ValueError("'ref_audio_codes' and 'ref_text' go together (a reference needs its transcript)")
-    codes = _load_codes(base, obj["audio_codes"], num_codebooks, codebook_size)
-    ref = None
-    if "ref_audio_codes" in obj:
-        ref = _load_codes(base, obj["ref_audio_codes"], num_codebooks, codebook_size)
-    return Record(line=lineno, text=obj["text"], codes=codes, ref_codes=ref, ref_text=obj.get("ref_text"),
-                  scene=obj.get("scene"), id=obj.get("id", f"line{lineno}"))
-
-
-def read_manifest(path: str, num_codebooks: int, codebook_size: int) -> list[Record]:
-    manifest = Path(path)
-    if not manifest.is_file():
-        raise DataError(f"{path}: manifest not found")
-    records, errors = [], []
-    with manifest.open("rb") as f:
-        for lineno, raw_bytes in enumerate(f, start=1):
-            try:
-                raw = raw_bytes.decode("utf-8")
-                if not raw.strip():
-                    continue
-                records.append(_parse_line(manifest.parent, raw, num_codebooks, codebook_size, lineno))
-            except UnicodeDecodeError as e:
-                errors.append(f"{path}:{lineno}: not valid UTF-8 text (byte {e.start})")
-            except ValueError as e:
-                errors.append(f"{path}:{lineno}: {e}")
-    if errors:
-        shown = errors[:MAX_LISTED] + ([f"... and {len(errors) - MAX_LISTED} more"] if len(errors) > MAX_LISTED else [])
-        raise DataError(f"{len(errors)} bad line(s) in the manifest:\n" + "\n".join(shown))
-    if not records:
-        raise DataError(f"{path}: manifest holds no samples")
-    return records
+    def sample(self) -> Sample:
+        return Sample(torch.from_numpy(self.input_ids.astype(np.int64)),
+                      torch.from_numpy(self.label_ids.astype(np.int64)),
+                      [torch.from_numpy(c.astype(np.int64)) for c in self.codes], self.id)
 
 
 class ManifestDataset(torch.utils.data.Dataset):
-    def __init__(self, records: list[Record], tokenizer):
+    def __init__(self, records: list):
         self.records = records
-        self.tokenizer = tokenizer
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, idx: int) -> Sample:
-        r = self.records[idx]
-        ref = torch.from_numpy(r.ref_codes.astype(np.int64)) if r.ref_codes is not None else None
-        return tokenize_sample(self.tokenizer, r.text, torch.from_numpy(r.codes.astype(np.int64)),
-                               scene=r.scene, ref_text=r.ref_text, ref_codes=ref, sample_id=r.id)
+        return self.records[idx].sample()
+
+    @property
+    def lengths(self) -> list:
+        return [r.positions for r in self.records]
 
 
-class StepBatchSampler(torch.utils.data.Sampler):
-    """Yields this rank's micro-batches, step after step, forever.
+def load_codes_file(path: Path, shown: str, num_codebooks: int, codebook_size: int) -> np.ndarray:
+    if not path.exists():
+        raise AudioProblem("codes_missing", f"codes file {shown} not found")
+    if path.is_dir():
+        raise AudioProblem("codes_is_directory", f"codes file {shown} is a directory, not a file")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as e:  # numpy raises several types for corrupt files; report, don't crash
+        raise AudioProblem("codes_unreadable",
+                           f"codes file {shown} is not a readable .npy array ({type(e).__name__})") from None
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise AudioProblem("codes_bad_shape", f"codes file {shown} must be a 2-D integer array "
+                           f"(codebooks, frames), got {arr.dtype} {arr.shape}")
+    return check_codes(arr, f"codes file {shown}", num_codebooks, codebook_size)
 
-    Every optimizer step consumes one global block of ``world * grad_accum * micro_batch`` samples of a
-    seeded per-epoch permutation (the same on every rank); the block is cut into micro-steps and each
-    micro-step into per-rank slices. So 1 rank x accumulation 2, 2 ranks and batch 2 see the same
-    samples in each optimizer step. A trailing partial block of an epoch is dropped.
-    """
 
-    def __init__(self, num_samples: int, micro_batch_size: int, grad_accum_steps: int, rank: int,
-                 world_size: int, seed: int, shuffle: bool, start_step: int = 0):
-        self.n, self.mbs, self.accum = num_samples, micro_batch_size, grad_accum_steps
-        self.rank, self.world, self.seed, self.shuffle = rank, world_size, seed, shuffle
-        self.block = world_size * grad_accum_steps * micro_batch_size
-        if num_samples < self.block:
-            raise DataError(
-                f"the manifest has {num_samples} samples but one optimizer step needs {self.block} "
-                f"(ranks {world_size} x grad_accum_steps {grad_accum_steps} x micro_batch_size {micro_batch_size})"
-            )
-        self.steps_per_epoch = num_samples // self.block
-        self.start_step = start_step
+def check_codes(arr: np.ndarray, what: str, num_codebooks: int, codebook_size: int) -> np.ndarray:
+    if arr.shape[0] != num_codebooks:
+        raise AudioProblem("codes_bad_shape", f"{what} has {arr.shape[0]} codebooks, the model uses {num_codebooks}")
+    if arr.shape[1] == 0:
+        raise AudioProblem("codes_bad_shape", f"{what} has zero frames")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= codebook_size:
+        bad = lo if lo < 0 else hi
+        raise AudioProblem("codes_out_of_range", f"{what} holds code {bad}, outside the codebook range "
+                           f"[0, {codebook_size})")
+    return arr.astype(np.int16)
 
-    def order(self, epoch: int) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(self.n)
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.n, generator=g)
 
-    def __iter__(self) -> Iterator[list[int]]:
-        step = self.start_step
-        while True:
-            epoch, k = divmod(step, self.steps_per_epoch)
-            block = self.order(epoch)[k * self.block:(k + 1) * self.block]
-            for i in range(self.accum):
-                micro = block[i * self.world * self.mbs:(i + 1) * self.world * self.mbs]
-                yield micro[self.rank * self.mbs:(self.rank + 1) * self.mbs].tolist()
-            step += 1
+def positions(sample: Sample, audio_in_id: int, audio_out_id: int, num_codebooks: int, use_delay: bool,
+              encode_audio_in: bool) -> int:
+    """Sequence positions after the model expands audio (stream BOS + EOS, plus the delay pattern)."""
+    ids = sample.input_ids
+    extra = 2 + (num_codebooks - 1 if use_delay else 0)
+    n = len(ids)
+    slots = ids[(ids == audio_in_id) | (ids == audio_out_id)].tolist()
+    for slot, codes in zip(slots, sample.audio_codes):
+        n -= 1
+        if slot == audio_out_id or encode_audio_in:
+            n += codes.shape[1] + extra
+    return n
 
-    def __len__(self) -> int:  # one epoch's worth; iteration itself is endless
-        return self.steps_per_epoch * self.accum
+
+def _audio_codes(entries: list, cfg: Config, env: DistEnv, C: int, K: int, quiet: bool):
+    """path -> codes or (reason, message), for every audio and codes file the entries name."""
+    from .prepare import prepare_audio, summary_line
+
+    d = cfg.data
+    audio_refs = [r for e in entries for r in e.audio if not r.is_codes]
+    found, failed, seconds = {}, {}, {}
+    if audio_refs:
+        cache_dir = d.cache_dir or str(Path(d.manifest[0]).parent / ".higgs_codes")
+        prep = prepare_audio(audio_refs, cache_dir, d.codec, d.codec_revision, d.max_audio_seconds, env,
+                             d.num_workers, quiet)
+        if env.is_main and not quiet:
+            print(summary_line(prep.stats), flush=True)
+        for path, arr in prep.codes.items():
+            if arr.shape[0] != C:  # the codec, not the data, is wrong: one config error, not a list
+                raise ConfigError(f"data.codec={d.codec} produces {arr.shape[0]} codebooks, the model uses {C}")
+            try:
+                found[path] = check_codes(arr, f"audio {path.name} (encoded)", C, K)
+            except AudioProblem as e:
+                failed[path] = (e.reason, str(e))
+        failed.update(prep.problems)
+        seconds = prep.seconds
+    for r in {r.path: r for e in entries for r in e.audio if r.is_codes}.values():
+        try:
+            found[r.path] = load_codes_file(r.path, r.shown, C, K)
+        except AudioProblem as e:
+            failed[r.path] = (e.reason, str(e))
+    return found, failed, seconds
+
+
+def _records(entries: list, found: dict, failed: dict, seconds: dict, tokenizer, mc, budget: int):
+    ids = tokenizer.convert_tokens_to_ids
+    in_id, out_id = ids("<|AUDIO|>"), ids("<|AUDIO_OUT|>")
+    records, problems = [], []
+    for e in entries:
+        bad = [failed[r.path] for r in e.audio if r.path in failed]
+        if bad:
+            problems += [Problem(e.where, reason, message) for reason, message in bad]
+            continue
+        codes = [found[r.path] for r in e.audio]
+        try:
+            s = tokenize_chatml(tokenizer, e.chatml, codes, e.id)
+        except ValueError as err:
+            problems.append(Problem(e.where, "bad_prompt", str(err)))
+            continue
+        n = positions(s, in_id, out_id, mc.audio_num_codebooks, mc.use_delay_pattern, mc.encode_audio_in_tokens)
+        if budget and n > budget:
+            problems.append(Problem(e.where, "too_long_for_batch", f"sample needs {n} positions, more than "
+                                    f"data.max_tokens_per_batch={budget}"))
+            continue
+        records.append(Record(e.where, e.id, s.input_ids.numpy().astype(np.int32),
+                              s.label_ids.numpy().astype(np.int32), codes, n,
+                              sum(seconds.get(r.path, 0.0) for r in e.audio), e.speaker))
+    return records, problems
+
+
+def _in_val(sample_id: str, fraction: float) -> bool:
+    # By a hash of the id, so adding data never moves a sample between the splits.
+    h = int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+
+@dataclass
+class Data:
+    train: list
+    val: list
+    report: dict
+
+
+def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = False) -> Data:
+    d = cfg.data
+    if not d.manifest:
+        raise ConfigError("data.manifest is required (one path or a list)")
+    C, K = model_config.audio_num_codebooks, model_config.audio_codebook_size
+    problems, train_e, val_e = [], [], []
+    for paths, into in ((d.manifest, train_e), (d.val_manifest, val_e)):
+        for path in paths:
+            entries, bad = read_manifest(path, d.root, d.allow_outside_root)
+            into += entries
+            problems += bad
+    found, failed, seconds = _audio_codes(train_e + val_e, cfg, env, C, K, quiet)
+    train, bad = _records(train_e, found, failed, seconds, tokenizer, model_config, d.max_tokens_per_batch)
+    problems += bad
+    val, bad = _records(val_e, found, failed, seconds, tokenizer, model_config, d.max_tokens_per_batch)
+    problems += bad
+    order = {m: i for i, m in enumerate(list(d.manifest) + list(d.val_manifest))}
+
+    def by_place(p: Problem):  # manifest order, then line number
+        path, _, line = p.where.rpartition(":")
+        return (order.get(path, -1), int(line)) if line.isdigit() else (order.get(p.where, -1), 0)
+
+    problems.sort(key=by_place)
+    if d.val_fraction > 0:
+        val += [r for r in train if _in_val(r.id, d.val_fraction)]
+        train = [r for r in train if not _in_val(r.id, d.val_fraction)]
+    report = {
+        "policy": d.on_error, "manifests": list(d.manifest), "val_manifests": list(d.val_manifest),
+        "entries": len(train_e) + len(val_e),
+        "train_samples": len(train), "val_samples": len(val),
+        "skipped": len(problems), "skipped_by_reason": dict(sorted(Counter(p.reason for p in problems).items())),
+        "train_audio_hours": sum(r.seconds for r in train) / 3600,
+        "problems": [{"where": p.where, "reason": p.reason, "message": p.message} for p in problems],
+    }
+    out = Path(cfg.output_dir)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "data_report.json", report)
+    fatal = [p for p in problems if p.reason == "manifest_missing"]
+    if fatal or (problems and d.on_error == "error"):
+        shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"]
+                                         if len(problems) > MAX_LISTED else [])
+        raise DataError(f"{len(problems)} problem(s) in the data (full list: {out / 'data_report.json'}; "
+                        f"data.on_error=skip trains on the rest):\n" + "\n".join(map(str, shown)))
+    if problems and env.is_main and not quiet:
+        counts = ", ".join(f"{n} {r}" for r, n in report["skipped_by_reason"].items())
+        print(f"data: skipped {len(problems)} bad sample(s) ({counts}); list in {out / 'data_report.json'}",
+              flush=True)
+    if not train:
+        raise DataError(f"no usable training samples in {', '.join(d.manifest)}")
+    if d.val_fraction > 0 and not val:
+        raise DataError(f"data.val_fraction={d.val_fraction:g} selected none of the {len(train)} samples; "
+                        f"raise it or give data.val_manifest")
+    return Data(train, val, report)

@@ -1,7 +1,10 @@
-"""A small synthetic TTS corpus for the demo and the tests: texts, and code arrays that depend on the text
-in a learnable way (so the loss visibly falls), written as a JSONL manifest of .npy files.
+"""A small synthetic TTS corpus for the demo and the tests: texts, and audio (or code arrays) that
+depend on the text in a learnable way, so the loss visibly falls; written as a JSONL manifest.
 
-    python -m higgs_ddp.demo_data OUT_DIR [--samples N] [--codebooks C] [--codebook-size K]
+    python -m higgs_ddp.demo_data OUT_DIR [--samples N] [--codes]
+
+By default each line names a WAV file (one tone per character, 8 kHz), which `prepare` encodes; with
+``--codes`` it names .npy code arrays directly.
 """
 
 from __future__ import annotations
@@ -24,22 +27,42 @@ def text_to_codes(text: str, num_codebooks: int, codebook_size: int) -> np.ndarr
     return np.stack(rows).astype(np.int64)
 
 
+def text_to_wave(text: str, sample_rate: int = 8000, seconds_per_char: float = 0.04) -> np.ndarray:
+    """One short tone per character, its pitch set by the character: speech-like enough for a codec."""
+    n = int(sample_rate * seconds_per_char)
+    t = np.arange(n) / sample_rate
+    envelope = np.hanning(n)
+    tones = [0.3 * envelope * np.sin(2 * np.pi * (150 + 12 * (ord(c) % 64)) * t) for c in text]
+    return np.concatenate(tones).astype(np.float32)
+
+
+def _write(out: Path, rel: str, text: str, audio: bool, num_codebooks: int, codebook_size: int) -> str:
+    if audio:
+        import soundfile as sf
+
+        sf.write(out / rel, text_to_wave(text), 8000, subtype="PCM_16")
+    else:
+        np.save(out / rel, text_to_codes(text, num_codebooks, codebook_size))
+    return rel
+
+
 def write_demo_corpus(out_dir, samples: int = 48, num_codebooks: int = 4, codebook_size: int = 64,
-                      seed: int = 0, with_reference_every: int = 4) -> Path:
+                      seed: int = 0, with_reference_every: int = 4, audio: bool = False) -> Path:
     out = Path(out_dir)
-    (out / "codes").mkdir(parents=True, exist_ok=True)
+    sub, ext, key = ("clips", "wav", "audio") if audio else ("codes", "npy", "audio_codes")
+    (out / sub).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     lines = []
     for i in range(samples):
         text = " ".join(rng.choice(WORDS, size=int(rng.integers(2, 5))))
-        rel = f"codes/{i:04d}.npy"
-        np.save(out / rel, text_to_codes(text, num_codebooks, codebook_size))
-        rec = {"id": f"demo{i:04d}", "text": text, "audio_codes": rel}
+        rec = {"id": f"demo{i:04d}", "text": text,
+               key: _write(out, f"{sub}/{i:04d}.{ext}", text, audio, num_codebooks, codebook_size)}
+        if audio:
+            rec["speaker"] = "tones"
         if with_reference_every and i % with_reference_every == 0:
             ref_text = " ".join(rng.choice(WORDS, size=2))
-            ref_rel = f"codes/{i:04d}_ref.npy"
-            np.save(out / ref_rel, text_to_codes(ref_text, num_codebooks, codebook_size))
-            rec.update(ref_text=ref_text, ref_audio_codes=ref_rel)
+            rec.update(ref_text=ref_text, **{
+                f"ref_{key}": _write(out, f"{sub}/{i:04d}_ref.{ext}", ref_text, audio, num_codebooks, codebook_size)})
         lines.append(json.dumps(rec))
     manifest = out / "manifest.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
@@ -50,10 +73,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir")
     p.add_argument("--samples", type=int, default=48)
+    p.add_argument("--codes", action="store_true", help="write .npy codes instead of WAV files")
     p.add_argument("--codebooks", type=int, default=4)
     p.add_argument("--codebook-size", type=int, default=64)
     a = p.parse_args()
-    print(write_demo_corpus(a.out_dir, a.samples, a.codebooks, a.codebook_size))
+    print(write_demo_corpus(a.out_dir, a.samples, a.codebooks, a.codebook_size, audio=not a.codes))
 
 
 if __name__ == "__main__":

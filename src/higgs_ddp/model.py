@@ -67,6 +67,14 @@ def _random_config(cfg: Config, tokenizer):
     return HiggsAudioConfig(**raw)
 
 
+def model_config(cfg: Config, tokenizer):
+    """The HiggsAudioConfig a run will use, without building or loading any weights."""
+    HiggsAudioConfig, _ = _import_higgs()
+    if cfg.model.init == "random":
+        return _random_config(cfg, tokenizer)
+    return HiggsAudioConfig.from_pretrained(cfg.model.path, revision=cfg.model.revision)
+
+
 def check_tokenizer(model_config, tokenizer) -> None:
     """The special-token ids baked into the model config must be the tokenizer's."""
     vocab = model_config.text_config.vocab_size

@@ -50,19 +50,24 @@ class Sample:
     sample_id: str = ""
 
 
+def tokenize_chatml(tokenizer, chatml: ChatMLSample, codes: list, sample_id: str = "") -> Sample:
+    """Any ChatML conversation; ``codes`` holds one (C, T) array per audio content, in order."""
+    input_tokens, label_tokens, audio_contents, _ = prepare_chatml_sample(chatml, tokenizer)
+    if input_tokens is None:  # prepare_chatml_sample prints and returns None on failure
+        raise ValueError(f"sample {sample_id}: boson_multimodal could not build the ChatML prompt")
+    if len(codes) != len(audio_contents):
+        raise ValueError(f"sample {sample_id}: {len(audio_contents)} audio contents, {len(codes)} code arrays")
+    return Sample(
+        input_ids=torch.tensor(input_tokens, dtype=torch.long),
+        label_ids=torch.tensor(label_tokens, dtype=torch.long),
+        audio_codes=[torch.as_tensor(c).long() for c in codes],
+        sample_id=sample_id,
+    )
+
+
 def tokenize_sample(tokenizer, text: str, target_codes: torch.Tensor, scene: Optional[str] = None,
                     ref_text: Optional[str] = None, ref_codes: Optional[torch.Tensor] = None,
                     sample_id: str = "") -> Sample:
     chatml = build_chatml(text, scene, ref_text, with_reference=ref_codes is not None)
-    input_tokens, label_tokens, audio_contents, _ = prepare_chatml_sample(chatml, tokenizer)
-    if input_tokens is None:  # prepare_chatml_sample prints and returns None on failure
-        raise ValueError(f"sample {sample_id}: boson_multimodal could not build the ChatML prompt")
     codes = ([ref_codes] if ref_codes is not None else []) + [target_codes]
-    assert len(codes) == len(audio_contents)
-    return Sample(
-        input_ids=torch.tensor(input_tokens, dtype=torch.long),
-        label_ids=torch.tensor(label_tokens, dtype=torch.long),
-        audio_codes=[c.long() for c in codes],
-        sample_id=sample_id,
-    )
-
+    return tokenize_chatml(tokenizer, chatml, codes, sample_id)

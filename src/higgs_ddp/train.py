@@ -37,10 +37,7 @@ def train(cfg: Config) -> dict:
         t = cfg.train
         if env.is_main:
             write_run_files(cfg)
-            print(f"higgs-ddp | mode {t.mode} | {trainer.num_trainable:,} trainable parameters | "
-                  f"{len(trainer.dataset)} samples | global batch {env.world_size}x{t.grad_accum_steps}x"
-                  f"{t.micro_batch_size} | {t.max_steps} steps | {trainer.precision} | {env.world_size} x {env.device.type}",
-                  flush=True)
+            print(trainer.run_card(), flush=True)
         log = MetricsLog(Path(cfg.output_dir) / "metrics.jsonl") if env.is_main else None
         bar = tqdm(total=t.max_steps, disable=not env.is_main, dynamic_ncols=True, desc="train")
         batches = iter(trainer.loader)
@@ -53,7 +50,8 @@ def train(cfg: Config) -> dict:
             dt = time.perf_counter() - t0
             last = {"step": step, "loss": r.loss, "text_loss": r.text_loss, "audio_loss": r.audio_loss,
                     "per_codebook_loss": r.per_codebook_loss, "lr": lr, "grad_norm": r.grad_norm,
-                    "tokens": r.tokens, "text_targets": r.text_targets, "audio_targets": r.audio_targets,
+                    "tokens": r.tokens, "samples": r.samples, "padding_fraction": r.padding_fraction,
+                    "text_targets": r.text_targets, "audio_targets": r.audio_targets,
                     "tokens_per_s": r.tokens / dt, "step_time_s": dt, "skipped": r.skipped,
                     "skipped_steps": trainer.skipped_steps}
             if env.is_main:

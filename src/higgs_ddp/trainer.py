@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .collator import Batch, HiggsCollator
 from .config import Config
-from .data import ManifestDataset, StepBatchSampler, read_manifest
+from .batching import StepBatchSampler, TokenBudgetBatchSampler
+from .data import ManifestDataset, load_data
 from .distributed import DistEnv, all_reduce_sum
 from .dual_loss import compute_dual_loss
 from .model import HiggsForward, apply_training_mode, build_model, load_tokenizer, unwrap
@@ -36,6 +38,8 @@ class StepResult:
     text_targets: int
     audio_targets: int
     tokens: int
+    samples: int
+    padding_fraction: float  # of the positions the model computed, the share that was padding
     skipped: bool
 
 
@@ -55,17 +59,25 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         for p in self.params:  # trainable weights (LoRA or not) and their optimizer state stay fp32
             p.data = p.data.float()
-        self.model.to(env.device)
-        self.model.train()
         self.raw = unwrap(self.model)
 
         mc = self.raw.config
-        records = read_manifest(cfg.data.manifest, mc.audio_num_codebooks, mc.audio_codebook_size)
-        self.dataset = ManifestDataset(records, self.tokenizer)
-        self.sampler = StepBatchSampler(len(records), t.micro_batch_size, t.grad_accum_steps, env.rank,
-                                        env.world_size, t.seed, cfg.data.shuffle)
+        # Before the model moves to the GPU: preparing new audio loads the codec there for a while.
+        self.data = load_data(cfg, env, self.tokenizer, mc)
+        self.dataset = ManifestDataset(self.data.train)
+        self.val_dataset = ManifestDataset(self.data.val)
+        if cfg.data.max_tokens_per_batch:
+            self.sampler = TokenBudgetBatchSampler(self.dataset.lengths, cfg.data.max_tokens_per_batch,
+                                                   t.grad_accum_steps, env.rank, env.world_size, t.seed,
+                                                   cfg.data.shuffle)
+        else:
+            self.sampler = StepBatchSampler(len(self.dataset), t.micro_batch_size, t.grad_accum_steps, env.rank,
+                                            env.world_size, t.seed, cfg.data.shuffle)
+        self.model.to(env.device)
+        self.model.train()
         self.collator = HiggsCollator.for_model(mc)  # workers build CPU batches; pinned, then copied
         workers = cfg.data.num_workers
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenized before the workers fork
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self.sampler, collate_fn=self.collator, num_workers=workers,
             pin_memory=env.device.type == "cuda", prefetch_factor=cfg.data.prefetch_factor if workers else None,
@@ -84,6 +96,15 @@ class Trainer:
         self.bad_in_row = 0
         self.skipped_steps = 0
 
+    def run_card(self) -> str:
+        t, env, d = self.cfg.train, self.env, self.cfg.data
+        per_micro = (f"<={d.max_tokens_per_batch} tokens" if d.max_tokens_per_batch else f"{t.micro_batch_size}")
+        val = f" + {len(self.val_dataset)} val" if len(self.val_dataset) else ""
+        return (f"higgs-ddp | mode {t.mode} | {self.num_trainable:,} trainable parameters | "
+                f"{len(self.dataset)} samples ({self.data.report['train_audio_hours']:.2f} h){val} | "
+                f"global batch {env.world_size}x{t.grad_accum_steps}x{per_micro} | {t.max_steps} steps | "
+                f"{self.precision} | {env.world_size} x {env.device.type}")
+
     @property
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.params)
@@ -99,10 +120,10 @@ class Trainer:
         micro = [b.to(env.device, non_blocking=True) for b in micro]
         # Global supervised-token counts over all micro-steps and ranks, known before any backward:
         # every token weighs the same however the global batch is split.
-        counts = torch.tensor([[b.text_targets, b.audio_targets, b.num_positions] for b in micro],
-                              dtype=torch.float64).sum(0)
+        counts = torch.tensor([[b.text_targets, b.audio_targets, b.num_positions, b.padded_positions,
+                                b.num_samples] for b in micro], dtype=torch.float64).sum(0)
         counts = all_reduce_sum(counts.to(env.device))
-        g_text, g_audio, g_tokens = counts.tolist()
+        g_text, g_audio, g_tokens, g_padded, g_samples = counts.tolist()
         C = self.raw.config.audio_num_codebooks
         sums = torch.zeros(2 + 2 * C, dtype=torch.float64, device=env.device)
         for i, b in enumerate(micro):
@@ -149,7 +170,7 @@ class Trainer:
                 f"{self.bad_in_row} optimizer steps in a row had a non-finite loss or gradient "
                 f"(last: loss={loss}, grad_norm={grad_norm}); stopping. Lower train.lr or check the data.")
         return StepResult(loss, text_loss, audio_loss, per_cb, grad_norm, int(g_text), int(g_audio),
-                          int(g_tokens), not finite)
+                          int(g_tokens), int(g_samples), 1.0 - g_tokens / max(g_padded, 1), not finite)
 
     def save_final(self) -> Path:
         out = Path(self.cfg.output_dir) / "final"

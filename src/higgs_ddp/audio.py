@@ -1,0 +1,79 @@
+"""Reading one audio file for the codec: checks first, then decode (libsndfile), mono down-mix.
+
+Every way a file can be unusable raises ``AudioProblem`` with a stable ``reason`` (counted in the data
+report) and a message that names the file; nothing here prints a traceback for bad data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+MIN_SAMPLE_RATE = 4_000  # below this nothing intelligible survives
+MAX_SAMPLE_RATE = 384_000  # the highest rate real recorders write
+
+
+class AudioProblem(ValueError):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def check_path(path: Path, shown: str) -> None:
+    if not path.exists():
+        raise AudioProblem("audio_missing", f"audio {shown} not found")
+    if path.is_dir():
+        raise AudioProblem("audio_is_directory", f"audio {shown} is a directory, not a file")
+
+
+def read_audio(path: Path, shown: str, max_seconds: float) -> tuple[np.ndarray, int]:
+    """-> (mono float32 samples, sample rate). ``shown`` is the path as the manifest wrote it."""
+    check_path(path, shown)
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise AudioProblem("audio_unreadable", f"audio {shown} cannot be read ({e.strerror or type(e).__name__})")
+    try:
+        info = sf.info(str(path))
+    except Exception as e:  # libsndfile does not recognise the bytes as audio at all
+        raise AudioProblem("audio_unreadable",
+                           f"audio {shown} is not a readable audio file ({_first_line(e)})") from None
+    sr = int(info.samplerate)
+    if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
+        raise AudioProblem("audio_bad_sample_rate", f"audio {shown} claims a sample rate of {sr} Hz "
+                           f"(accepted: {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz)")
+    if info.frames == 0:
+        raise AudioProblem("audio_empty", f"audio {shown} has no samples")
+    if max_seconds and info.frames / sr > max_seconds:
+        raise AudioProblem("audio_too_long", f"audio {shown} lasts {info.frames / sr:.1f} s, more than "
+                           f"data.max_audio_seconds={max_seconds:g}")
+    try:
+        wave, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # a valid header over truncated or garbled data
+        raise AudioProblem("audio_corrupt", f"audio {shown} is corrupt ({_first_line(e)})") from None
+    if wave.shape[0] == 0:
+        raise AudioProblem("audio_empty", f"audio {shown} has no samples")
+    if wave.shape[0] < info.frames:
+        raise AudioProblem("audio_corrupt", f"audio {shown} is truncated: header says {info.frames} "
+                           f"samples, {wave.shape[0]} could be decoded")
+    if not np.isfinite(wave).all():
+        bad = int((~np.isfinite(wave)).sum())
+        raise AudioProblem("audio_non_finite", f"audio {shown} holds {bad} non-finite (NaN/inf) samples")
+    return wave.mean(axis=1, dtype=np.float32), sr  # mono down-mix, as librosa.load(mono=True) does
+
+
+def resample(wave: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
+    if orig_sr == new_sr:
+        return wave
+    import torchaudio.functional as AF
+
+    return AF.resample(wave, orig_sr, new_sr)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,156 @@
+"""The code cache: audio encoded once, kept in safetensors shards, found again by content.
+
+    {cache_dir}/hashes.json                      path -> (size, mtime, sha256): files aren't re-read
+    {cache_dir}/{codec key}/codec.json           the codec identity this folder belongs to
+    {cache_dir}/{codec key}/index.json           content hash -> [shard, seconds, frames]
+    {cache_dir}/{codec key}/part-*.safetensors   tensors named by content hash, int16 (codebooks, frames)
+
+An entry's key is the sha256 of the audio file's bytes inside a folder keyed by the codec identity, so
+a renamed file is still cached, an edited one is encoded again, and another codec never sees these
+codes. Shards are written whole (temporary name, then rename) every few hundred entries; the index is
+rebuilt from any shard it does not list. So an interrupted prepare loses at most one unwritten shard
+and the next run picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SHARD_ENTRIES = 256
+SHARD_SECONDS = 60.0  # also flush this often, so a slow GPU loses little on interruption
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class FileHashes:
+    """Content hashes remembered by (path, size, mtime): a second run reads no audio to find its codes."""
+
+    def __init__(self, cache_dir: Path):
+        self.path = Path(cache_dir) / "hashes.json"
+        try:
+            self.known = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.known = {}
+        self.new: dict = {}
+
+    def get(self, path: Path) -> str:
+        st = path.stat()
+        key = str(path.resolve())
+        hit = self.known.get(key)
+        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            return hit[2]
+        digest = sha256_file(path)
+        self.new[key] = [st.st_size, st.st_mtime_ns, digest]
+        return digest
+
+    def save(self, updates: dict) -> None:
+        if updates:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, {**self.known, **updates})
+
+
+class CodeCache:
+    def __init__(self, cache_dir, identity: str):
+        self.root = Path(cache_dir)
+        self.identity = identity
+        self.dir = self.root / hashlib.sha256(identity.encode()).hexdigest()[:16]
+        self.entries: dict[str, list] = {}  # key -> [shard, seconds, frames]
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the index, then add whatever complete shards it does not list yet."""
+        entries: dict = {}
+        try:
+            data = json.loads((self.dir / "index.json").read_text())
+            if data.get("codec") == self.identity:
+                entries = data["entries"]
+        except (OSError, ValueError, KeyError):
+            pass
+        shards = {p.name for p in self.dir.glob("part-*.safetensors")} if self.dir.is_dir() else set()
+        entries = {k: v for k, v in entries.items() if v[0] in shards}
+        listed = {v[0] for v in entries.values()}
+        for name in sorted(shards - listed):
+            with safe_open(str(self.dir / name), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("codec") != self.identity:
+                    continue
+                seconds = json.loads(meta.get("seconds", "{}"))
+                for key in f.keys():
+                    entries.setdefault(key, [name, seconds.get(key, 0.0), f.get_slice(key).get_shape()[1]])
+        self.entries = entries
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def seconds(self, key: str) -> float:
+        return float(self.entries[key][1])
+
+    def write_index(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.dir / "codec.json", {"identity": self.identity})
+        write_json_atomic(self.dir / "index.json", {"codec": self.identity, "entries": self.entries})
+
+    def load(self, keys) -> dict[str, np.ndarray]:
+        by_shard: dict[str, list] = {}
+        for k in set(keys):
+            by_shard.setdefault(self.entries[k][0], []).append(k)
+        out = {}
+        for name, ks in sorted(by_shard.items()):
+            with safe_open(str(self.dir / name), framework="np") as f:
+                for k in ks:
+                    out[k] = f.get_tensor(k)
+        return out
+
+    def writer(self) -> "ShardWriter":
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return ShardWriter(self)
+
+
+class ShardWriter:
+    def __init__(self, cache: CodeCache):
+        self.cache = cache
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.seconds: dict[str, float] = {}
+        self.t_flush = time.monotonic()
+        self.written = 0
+
+    def add(self, key: str, codes: torch.Tensor, seconds: float) -> None:
+        self.buffer[key] = codes.to(torch.int16).contiguous()
+        self.seconds[key] = seconds
+        if len(self.buffer) >= SHARD_ENTRIES or time.monotonic() - self.t_flush > SHARD_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        self.t_flush = time.monotonic()
+        if not self.buffer:
+            return
+        name = f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.safetensors"
+        tmp = self.cache.dir / f".{name}.tmp"
+        save_file(self.buffer, str(tmp), metadata={"codec": self.cache.identity, "seconds": json.dumps(self.seconds)})
+        os.replace(tmp, self.cache.dir / name)  # a shard exists whole or not at all
+        for k, t in self.buffer.items():
+            self.cache.entries[k] = [name, self.seconds[k], t.shape[1]]
+        self.written += len(self.buffer)
+        self.buffer, self.seconds = {}, {}
