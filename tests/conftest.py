@@ -13,13 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
-def tiny_config(tmp_path, *overrides, samples=16):
+def tiny_config(tmp_path, *overrides, samples=16, audio=False):
+    """configs/tiny.yaml on a fresh synthetic corpus: .npy codes, or WAV files (audio=True) for the codec."""
     from higgs_ddp.config import load_config
     from higgs_ddp.demo_data import write_demo_corpus
 
-    manifest = write_demo_corpus(tmp_path / "data", samples=samples)
+    manifest = write_demo_corpus(tmp_path / "data", samples=samples, audio=audio)
     return load_config(str(TINY), [f"output_dir={tmp_path / 'run'}", f"data.manifest={manifest}",
-                                   "data.num_workers=0", *overrides])
+                                   f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0", *overrides])
 
 
 @pytest.fixture(scope="session")

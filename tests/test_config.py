@@ -295,7 +295,20 @@ def test_manifest_resolved_relative_to_config_file(tmp_path, monkeypatch):
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     cfg = load_config(str(p))
-    assert Path(cfg.data.manifest) == cfg_dir / "data" / "m.jsonl"
+    assert cfg.data.manifest == [str(cfg_dir / "data" / "m.jsonl")]  # a string is a one-item list
+
+
+def test_manifest_lists_and_val_options(tmp_path):
+    cfg = load_config(None, ["model.path=x", "data.manifest=[a.jsonl, b.jsonl]", "data.val_manifest=v.jsonl"])
+    assert cfg.data.manifest == ["a.jsonl", "b.jsonl"] and cfg.data.val_manifest == ["v.jsonl"]
+    with pytest.raises(ConfigError, match="path or a list of paths"):
+        load_config(None, ["model.path=x", "data.manifest=[a.jsonl, 3]"])
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(None, ["model.path=x", "data.val_manifest=v.jsonl", "data.val_fraction=0.1"])
+    with pytest.raises(ConfigError, match=r"in \[0, 1\)"):
+        load_config(None, ["model.path=x", "data.val_fraction=1.5"])
+    with pytest.raises(ConfigError, match="must be one of"):
+        load_config(None, ["model.path=x", "data.on_error=ignore"])
 
 
 def test_to_dict_round_trip():

@@ -41,10 +41,9 @@ def test_lora_run_writes_metrics_and_a_peft_adapter_that_loads(tmp_path):
 
 def _one_batch(cfg, tok, model_config):
     from higgs_ddp.collator import HiggsCollator
-    from higgs_ddp.data import ManifestDataset, read_manifest
+    from higgs_ddp.data import ManifestDataset, load_data
 
-    records = read_manifest(cfg.data.manifest, model_config.audio_num_codebooks, model_config.audio_codebook_size)
-    ds = ManifestDataset(records, tok)
+    ds = ManifestDataset(load_data(cfg, DistEnv(), tok, model_config, quiet=True).train)
     return HiggsCollator.for_model(model_config)([ds[0], ds[1]])
 
 
@@ -77,7 +76,7 @@ def test_other_modes_save_trained_weights(tmp_path, mode):
 
 def test_bad_config_key_is_one_clear_line(tmp_path, capsys):
     cfg = tiny_config(tmp_path)
-    assert main(["--config", "configs/tiny.yaml", f"data.manifest={cfg.data.manifest}", "train.lrr=1"]) == 2
+    assert main(["--config", "configs/tiny.yaml", f"data.manifest={cfg.data.manifest[0]}", "train.lrr=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("higgs-ddp: error: unknown config key 'train.lrr'") and "train.lr" in err
     assert "Traceback" not in err
@@ -85,7 +84,7 @@ def test_bad_config_key_is_one_clear_line(tmp_path, capsys):
 
 def test_bad_manifest_line_is_named_before_training(tmp_path, capsys):
     cfg = tiny_config(tmp_path)
-    lines = open(cfg.data.manifest).read().splitlines()
+    lines = open(cfg.data.manifest[0]).read().splitlines()
     lines[2] = lines[2][:-1]  # truncated JSON on line 3
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines) + "\n")
@@ -118,11 +117,14 @@ def test_non_finite_steps_are_skipped_counted_then_stop(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_config_two_processes_loss_falls(tmp_path):
-    cfg = tiny_config(tmp_path, samples=48)
-    proc = torchrun(2, "--config", "configs/tiny.yaml", f"data.manifest={cfg.data.manifest}",
-                    f"output_dir={tmp_path / 'run'}", "train.max_steps=80", "data.num_workers=1")
+def test_demo_config_two_processes_from_wav_loss_falls(tmp_path):
+    """What `make demo` does: WAV files, prepared by 2 ranks with the tiny codec, then trained."""
+    cfg = tiny_config(tmp_path, samples=48, audio=True)
+    proc = torchrun(2, "--config", "configs/tiny.yaml", f"data.manifest={cfg.data.manifest[0]}",
+                    f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
+                    "train.max_steps=80", "data.num_workers=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "encoded, 0 with problems" in proc.stdout
     rows = read_metrics(tmp_path / "run")
     first = sum(r["loss"] for r in rows[:5]) / 5
     last = sum(r["loss"] for r in rows[-5:]) / 5

@@ -6,6 +6,7 @@ report) and a message that names the file; nothing here prints a traceback for b
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,10 @@ def read_audio(path: Path, shown: str, max_seconds: float) -> tuple[np.ndarray, 
     if max_seconds and info.frames / sr > max_seconds:
         raise AudioProblem("audio_too_long", f"audio {shown} lasts {info.frames / sr:.1f} s, more than "
                            f"data.max_audio_seconds={max_seconds:g}")
+    short = _wav_shortfall(path)
+    if short:
+        raise AudioProblem("audio_corrupt", f"audio {shown} is truncated: its header declares {short[0]} bytes "
+                           f"of audio, the file holds {short[1]}")
     try:
         wave, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:  # a valid header over truncated or garbled data
@@ -64,6 +69,26 @@ def read_audio(path: Path, shown: str, max_seconds: float) -> tuple[np.ndarray, 
         bad = int((~np.isfinite(wave)).sum())
         raise AudioProblem("audio_non_finite", f"audio {shown} holds {bad} non-finite (NaN/inf) samples")
     return wave.mean(axis=1, dtype=np.float32), sr  # mono down-mix, as librosa.load(mono=True) does
+
+
+def _wav_shortfall(path: Path):
+    """(declared, present) data bytes of a WAV cut short; None otherwise. libsndfile quietly reads what
+    is there, so a half-copied file would train as a shorter clip that no longer matches its text."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        size = os.fstat(f.fileno()).st_size
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            chunk = f.read(8)
+            n = int.from_bytes(chunk[4:8], "little")
+            if chunk[:4] == b"data":
+                present = size - pos - 8
+                return (n, present) if n != 0xFFFFFFFF and n > present else None
+            pos += 8 + n + (n & 1)
+    return None
 
 
 def resample(wave: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:

@@ -1,0 +1,363 @@
+"""Audio manifests end to end with the tiny real codec (boson's HiggsAudioTokenizer at toy size): every bad
+input named by file and line, the skip policy and its report, the code cache (incremental, resumable,
+content-addressed), voice-clone reference placement against the inference engine, ChatML lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import TINY
+from higgs_ddp import code_cache, prepare
+from higgs_ddp.codec import build_tiny_tokenizer_model, codec_identity, load_codec
+from higgs_ddp.collator import HiggsCollator
+from higgs_ddp.config import load_config
+from higgs_ddp.data import DataError, ManifestDataset, load_data
+from higgs_ddp.demo_data import text_to_wave
+from higgs_ddp.distributed import DistEnv
+from higgs_ddp.model import model_config
+
+SR = 8000  # the tiny codec's rate
+
+
+def wav(base: Path, rel: str, seconds=0.4, sr=SR, text="hello", **kw) -> str:
+    p = base / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    w = text_to_wave(text * 20)[: int(seconds * SR)]
+    if sr != SR:
+        w = np.interp(np.arange(int(seconds * sr)) * SR / sr, np.arange(len(w)), w).astype(np.float32)
+    sf.write(p, w, sr, **kw)
+    return rel
+
+
+def write_manifest(base: Path, lines, name="manifest.jsonl") -> Path:
+    p = base / name
+    p.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return p
+
+
+def config(tmp_path, manifests, *overrides):
+    paths = [str(m) for m in (manifests if isinstance(manifests, list) else [manifests])]
+    return load_config(str(TINY), [f"output_dir={tmp_path / 'run'}", f"data.manifest={json.dumps(paths)}",
+                                   f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0", *overrides])
+
+
+def load(tmp_path, tokenizer, manifests, *overrides):
+    cfg = config(tmp_path, manifests, *overrides)
+    return load_data(cfg, DistEnv(), tokenizer, model_config(cfg, tokenizer), quiet=True)
+
+
+@pytest.fixture(scope="module")
+def codec():
+    return load_codec("tiny")
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def _bad_files(base: Path) -> dict:
+    """Audio files broken in every way a corpus goes wrong."""
+    (base / "clips").mkdir(parents=True, exist_ok=True)
+    (base / "clips" / "text.wav").write_text("this is a transcript saved with the wrong name\n")
+    wav(base, "clips/good.flac")
+    data = bytearray((base / "clips" / "good.flac").read_bytes())
+    data[200:2000] = bytes(1800)
+    (base / "clips" / "corrupt.flac").write_bytes(bytes(data))
+    wav(base, "clips/whole.wav", subtype="PCM_16")
+    (base / "clips" / "truncated.wav").write_bytes((base / "clips" / "whole.wav").read_bytes()[:3000])
+    sf.write(base / "clips" / "empty.wav", np.zeros(0, np.float32), SR)
+    wav(base, "clips/long.wav", seconds=3.0)
+    sf.write(base / "clips" / "rate.wav", np.zeros(50, np.float32), 100)
+    nan = text_to_wave("nan" * 10)
+    nan[7] = np.nan
+    sf.write(base / "clips" / "nan.wav", nan, SR, subtype="FLOAT")
+    wav(base / "..", "outside.wav")
+    wav(base, "clips/ref.wav")
+    return {}
+
+
+AUDIO_CASES = [  # (id, line, fragment of the message, reason in the report)
+    ("missing", {"text": "a", "audio": "clips/absent.wav"}, "audio clips/absent.wav not found", "audio_missing"),
+    ("directory", {"text": "a", "audio": "clips"}, "audio clips is a directory, not a file", "audio_is_directory"),
+    ("not_audio", {"text": "a", "audio": "clips/text.wav"}, "audio clips/text.wav is not a readable audio file",
+     "audio_unreadable"),
+    ("corrupt", {"text": "a", "audio": "clips/corrupt.flac"}, "audio clips/corrupt.flac is corrupt", "audio_corrupt"),
+    ("truncated", {"text": "a", "audio": "clips/truncated.wav"}, "audio clips/truncated.wav is truncated",
+     "audio_corrupt"),
+    ("zero_length", {"text": "a", "audio": "clips/empty.wav"}, "audio clips/empty.wav has no samples", "audio_empty"),
+    ("too_long", {"text": "a", "audio": "clips/long.wav"}, "lasts 3.0 s, more than data.max_audio_seconds=2",
+     "audio_too_long"),
+    ("sample_rate", {"text": "a", "audio": "clips/rate.wav"}, "claims a sample rate of 100 Hz", "audio_bad_sample_rate"),
+    ("non_finite", {"text": "a", "audio": "clips/nan.wav"}, "holds 1 non-finite (NaN/inf) samples", "audio_non_finite"),
+    ("bad_reference", {"text": "a", "audio": "clips/good.flac", "ref_audio": "clips/empty.wav", "ref_text": "r"},
+     "audio clips/empty.wav has no samples", "audio_empty"),
+    ("ref_without_text", {"text": "a", "audio": "clips/good.flac", "ref_audio": "clips/ref.wav"},
+     "a reference needs both its audio", "ref_without_text"),
+    ("outside_root", {"text": "a", "audio": "../outside.wav"}, "audio ../outside.wav is outside the dataset root",
+     "path_outside_root"),
+    ("empty_text", {"text": "", "audio": "clips/good.flac"}, "field 'text' is empty", "empty_text"),
+    ("text_type", {"text": ["a"], "audio": "clips/good.flac"}, "field 'text' must be a str, got list", "wrong_type"),
+    ("no_audio", {"text": "a"}, "missing field 'audio'", "missing_field"),
+    ("invalid_json", '{"text": "a", "audio": ', "invalid JSON", "invalid_json"),
+]
+STRICT = ["data.max_audio_seconds=2", "data.allow_outside_root=false"]
+
+
+@pytest.mark.parametrize("line, fragment, reason", [c[1:] for c in AUDIO_CASES], ids=[c[0] for c in AUDIO_CASES])
+def test_each_bad_audio_line_is_one_clear_line(tmp_path, tokenizer, line, fragment, reason):
+    base = tmp_path / "ds"
+    _bad_files(base)
+    m = write_manifest(base, [{"text": "fine", "audio": "clips/good.flac"}, line])
+    with pytest.raises(DataError) as ei:
+        load(tmp_path, tokenizer, m, *STRICT)
+    msg = str(ei.value)
+    assert msg.startswith("1 problem(s) in the data")
+    body = msg.splitlines()[1:]
+    assert body == [body[0]] and body[0].startswith(f"{m}:2: ") and fragment in body[0], body
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["skipped_by_reason"] == {reason: 1}
+
+
+def test_skip_policy_counts_reports_and_trains_on_the_rest(tmp_path, tokenizer):
+    base = tmp_path / "ds"
+    _bad_files(base)
+    good = [{"text": f"fine {i}", "audio": "clips/good.flac"} for i in range(3)]
+    m = write_manifest(base, good + [c[1] for c in AUDIO_CASES])
+    with pytest.raises(DataError) as ei:  # the default stops, with every problem listed
+        load(tmp_path, tokenizer, m, *STRICT)
+    rows = str(ei.value).splitlines()[1:]
+    assert [r.split(": ")[0] for r in rows] == [f"{m}:{n}" for n in range(4, 4 + len(AUDIO_CASES))]
+
+    data = load(tmp_path, tokenizer, m, *STRICT, "data.on_error=skip")
+    assert len(data.train) == 3
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["train_samples"] == 3 and report["skipped"] == len(AUDIO_CASES)
+    want = {}
+    for c in AUDIO_CASES:
+        want[c[3]] = want.get(c[3], 0) + 1
+    assert report["skipped_by_reason"] == want
+    assert [p["where"] for p in report["problems"]] == [f"{m}:{n}" for n in range(4, 4 + len(AUDIO_CASES))]
+
+
+def test_encoded_codes_outside_the_model_codebook_are_a_config_error(tmp_path, tokenizer):
+    from higgs_ddp.config import ConfigError
+
+    base = tmp_path / "ds"
+    m = write_manifest(base.mkdir() or base, [{"text": "a", "audio": wav(base, "a.wav")}])
+    cfg = config(tmp_path, m)
+    mc = model_config(cfg, tokenizer)
+    mc.audio_num_codebooks = 8  # a model that expects the real codec's 8 codebooks
+    with pytest.raises(ConfigError, match="data.codec=tiny produces 4 codebooks, the model uses 8"):
+        load_data(cfg, DistEnv(), tokenizer, mc, quiet=True)
+
+
+# ------------------------------------------------------------------------------------------ the cache
+
+
+def _corpus(base: Path, n=6) -> Path:
+    lines = [{"text": f"line {i}", "audio": wav(base, f"clips/{i}.wav", text=f"sample {i}")} for i in range(n)]
+    return write_manifest(base, lines)
+
+
+def test_codes_are_the_codecs_and_the_cache_is_incremental(tmp_path, tokenizer, codec):
+    base = tmp_path / "ds"
+    m = _corpus(base)
+    first = load(tmp_path, tokenizer, m)
+    for i, r in enumerate(first.train):
+        wave, _ = sf.read(base / f"clips/{i}.wav", dtype="float32")
+        assert np.array_equal(r.codes[0], codec.encode(torch.from_numpy(wave)).numpy())
+
+    refs = _refs(tmp_path, m)
+    again = prepare.prepare_audio(refs, str(tmp_path / "cache"), "tiny", None, 30, DistEnv(), 0, quiet=True)
+    assert (again.stats["cached"], again.stats["encoded"]) == (6, 0)
+
+    wav(base, "clips/2.wav", text="changed content")  # edited: encoded again
+    wav(base, "clips/6.wav", text="a new file")  # new
+    (base / "clips/1.wav").rename(base / "clips/renamed.wav")  # renamed: same content, still cached
+    lines = [json.loads(x) for x in m.read_text().splitlines()]
+    lines[1]["audio"] = "clips/renamed.wav"
+    m = write_manifest(base, lines + [{"text": "new", "audio": "clips/6.wav"}])
+    third = prepare.prepare_audio(_refs(tmp_path, m), str(tmp_path / "cache"), "tiny", None, 30, DistEnv(), 0,
+                                  quiet=True)
+    assert (third.stats["cached"], third.stats["encoded"]) == (5, 2)
+    # Another codec never sees these codes.
+    other = code_cache.CodeCache(tmp_path / "cache", codec_identity("tiny") + ":other")
+    assert not other.entries
+
+
+def _refs(tmp_path, m):
+    from higgs_ddp.manifest import read_manifest
+
+    entries, problems = read_manifest(str(m))
+    assert not problems
+    return [r for e in entries for r in e.audio]
+
+
+def test_interrupted_prepare_resumes_where_it_stopped(tmp_path, monkeypatch):
+    base = tmp_path / "ds"
+    m = _corpus(base, n=7)
+    refs = _refs(tmp_path, m)
+    monkeypatch.setattr(code_cache, "SHARD_ENTRIES", 2)
+    real, calls = prepare.read_audio, []
+
+    def dies_on_the_sixth(*args):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # Ctrl-C, preemption, a crash
+        return real(*args)
+
+    monkeypatch.setattr(prepare, "read_audio", dies_on_the_sixth)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_audio(refs, str(tmp_path / "cache"), "tiny", None, 30, DistEnv(), 0, quiet=True)
+    monkeypatch.setattr(prepare, "read_audio", real)
+    cache_dir = next(p for p in (tmp_path / "cache").iterdir() if p.is_dir())
+    assert not (cache_dir / "index.json").exists()  # interrupted before the index was written
+    (cache_dir / ".part-torn.safetensors.tmp").write_bytes(b"half a shard")  # a write cut short: ignored
+    resumed = prepare.prepare_audio(refs, str(tmp_path / "cache"), "tiny", None, 30, DistEnv(), 0, quiet=True)
+    assert (resumed.stats["cached"], resumed.stats["encoded"]) == (5, 2)
+    fresh = prepare.prepare_audio(refs, str(tmp_path / "fresh"), "tiny", None, 30, DistEnv(), 0, quiet=True)
+    for path, codes in fresh.codes.items():
+        assert np.array_equal(resumed.codes[path], codes)
+    assert json.loads((cache_dir / "index.json").read_text())["codec"] == codec_identity("tiny")
+
+
+def test_stereo_and_other_rates_are_downmixed_and_resampled(tmp_path, tokenizer, codec):
+    import torchaudio.functional as AF
+
+    base = tmp_path / "ds"
+    mono = text_to_wave("stereo test " * 4)
+    sf.write(base.mkdir() or base / "stereo.wav", np.stack([1.5 * mono, 0.5 * mono], 1), SR, subtype="FLOAT")
+    sf.write(base / "mono.wav", mono, SR, subtype="FLOAT")
+    hi = AF.resample(torch.from_numpy(mono), SR, 16000)
+    sf.write(base / "hi.wav", hi.numpy(), 16000, subtype="FLOAT")
+    m = write_manifest(base, [{"text": "s", "audio": "stereo.wav"}, {"text": "m", "audio": "mono.wav"},
+                              {"text": "h", "audio": "hi.wav"}])
+    s, mo, h = load(tmp_path, tokenizer, m).train
+    assert np.array_equal(s.codes[0], mo.codes[0])
+    want = codec.encode(AF.resample(hi, 16000, SR)).numpy()
+    assert np.array_equal(h.codes[0], want)
+
+
+# ------------------------------------------------------------------------- reference, ChatML, splits
+
+
+def test_reference_audio_is_placed_as_the_inference_engine_places_it(tmp_path, tokenizer):
+    """boson's HiggsAudioServeEngine._prepare_inputs, with the same (tiny, real) codec, against our data path."""
+    from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
+    from types import SimpleNamespace
+    from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
+    from higgs_ddp.prompt import build_chatml
+
+    base = tmp_path / "ds"
+    base.mkdir()
+    wav(base, "ref.wav", seconds=0.6, text="the reference voice")
+    m = write_manifest(base, [{"text": "Say this.", "audio": wav(base, "target.wav"), "ref_audio": "ref.wav",
+                               "ref_text": "reference words", "scene": "a quiet room"}])
+    cfg = config(tmp_path, m)
+    mc = model_config(cfg, tokenizer)
+    record = load_data(cfg, DistEnv(), tokenizer, mc, quiet=True).train[0]
+
+    ids = tokenizer.convert_tokens_to_ids
+    C, CB = mc.audio_num_codebooks, mc.audio_codebook_size
+    engine = SimpleNamespace(
+        tokenizer=tokenizer, audio_tokenizer=build_tiny_tokenizer_model(), device="cpu",
+        model=SimpleNamespace(device="cpu"),
+        collator=HiggsAudioSampleCollator(
+            whisper_processor=None, encode_whisper_embed=False, audio_in_token_id=ids("<|AUDIO|>"),
+            audio_out_token_id=ids("<|AUDIO_OUT|>"), audio_stream_bos_id=CB, audio_stream_eos_id=CB + 1,
+            pad_token_id=ids("<|end_of_text|>"), return_audio_in_tokens=False, use_delay_pattern=True,
+            audio_num_codebooks=C, round_to=1))
+    chatml = build_chatml("Say this.", "a quiet room", "reference words", with_reference=True, with_target=False)
+    chatml.messages[2].content.audio_url = str(base / "ref.wav")
+    want = HiggsAudioServeEngine._prepare_inputs(engine, chatml)
+
+    batch = HiggsCollator.for_model(mc)([ManifestDataset([record])[0]])
+    n, ref_cols = want["input_ids"].shape[1], want["audio_out_ids"].shape[1]
+    assert torch.equal(batch.input_ids[0, :n], want["input_ids"][0])
+    assert torch.equal(batch.audio_out_ids[:, :ref_cols], want["audio_out_ids"])  # same codes, same place
+    assert (batch.label_audio_ids[:, :ref_cols] == -100).all(), "the reference must never be a target"
+    assert (batch.label_audio_ids[:, ref_cols:] != -100).any()
+
+
+def test_chatml_lines_multi_turn_with_context_audio(tmp_path, tokenizer):
+    base = tmp_path / "ds"
+    base.mkdir()
+    line = {"messages": [
+        {"role": "system", "content": "Generate audio following instruction."},
+        {"role": "user", "content": [{"type": "text", "text": "Listen:"}, {"type": "audio", "audio_url": wav(base, "in.wav")}]},
+        {"role": "assistant", "content": {"type": "audio", "audio_url": wav(base, "a1.wav", text="first")}},
+        {"role": "user", "content": "SPEAKER1: and now you"},
+        {"role": "assistant", "content": {"type": "audio", "audio_url": wav(base, "a2.wav", text="second")}},
+    ], "start_index": 4, "speaker": "SPEAKER1", "id": "dialog-1"}
+    m = write_manifest(base, [line])
+    cfg = config(tmp_path, m)
+    mc = model_config(cfg, tokenizer)
+    (record,) = load_data(cfg, DistEnv(), tokenizer, mc, quiet=True).train
+    assert record.id == "dialog-1" and len(record.codes) == 3
+    batch = HiggsCollator.for_model(mc)([ManifestDataset([record])[0]])
+    assert batch.audio_in_ids.shape[1] == record.codes[0].shape[1] + 2 + mc.audio_num_codebooks - 1
+    first = record.codes[1].shape[1] + 2 + mc.audio_num_codebooks - 1
+    assert (batch.label_audio_ids[:, :first] == -100).all()  # before start_index: context
+    assert (batch.label_audio_ids[:, first:] != -100).any()  # the last turn is learned
+    assert batch.padded_positions == batch.num_positions == record.positions
+
+    bad = [
+        ({"messages": [{"role": "narrator", "content": "x"}]}, "role 'narrator' is not one of"),
+        ({"messages": [{"role": "assistant", "content": {"type": "audio", "raw_audio": "AAAA"}}]}, "base64 raw_audio"),
+        ({"messages": [{"role": "assistant", "content": {"type": "video"}}]}, "\"type\": \"text\" or \"audio\""),
+        ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn to learn from"),
+        ({"messages": line["messages"], "start_index": 9}, "start_index 9 is outside the 5 messages"),
+        ({"messages": []}, "'messages' is empty"),
+        ({"messages": line["messages"], "extra": 1}, "unknown field(s) ['extra']"),
+    ]
+    m = write_manifest(base, [line] + [b for b, _ in bad], name="bad.jsonl")
+    with pytest.raises(DataError) as ei:
+        load(tmp_path, tokenizer, m)
+    rows = str(ei.value).splitlines()[1:]
+    assert len(rows) == len(bad)
+    for i, ((_, fragment), row) in enumerate(zip(bad, rows)):
+        assert row.startswith(f"{m}:{i + 2}: ") and fragment in row, row
+
+
+def test_several_manifests_and_validation_sets(tmp_path, tokenizer):
+    base = tmp_path / "ds"
+    base.mkdir()
+    a = write_manifest(base, [{"text": f"a{i}", "audio": wav(base, f"a{i}.wav", text=f"a{i}")} for i in range(4)], "a.jsonl")
+    b = write_manifest(base, [{"text": f"b{i}", "audio": wav(base, f"b{i}.wav", text=f"b{i}"), "id": f"b{i}"}
+                              for i in range(40)], "b.jsonl")
+    v = write_manifest(base, [{"text": "v", "audio": "a0.wav"}], "v.jsonl")
+    both = load(tmp_path, tokenizer, [a, b], f"data.val_manifest={v}")
+    assert (len(both.train), len(both.val)) == (44, 1)
+    split = load(tmp_path, tokenizer, [a, b], "data.val_fraction=0.25")
+    assert len(split.train) + len(split.val) == 44 and 0 < len(split.val) < 22
+    ids = {r.id for r in split.val}
+    # by id hash: adding data never moves a sample between the splits
+    more = write_manifest(base, [{"text": "c", "audio": "a1.wav", "id": "c"}], "c.jsonl")
+    assert ids <= {r.id for r in load(tmp_path, tokenizer, [a, b, more], "data.val_fraction=0.25").val}
+
+
+def test_the_real_codec_loader_offline(tmp_path, monkeypatch, codec):
+    """boson's load_higgs_audio_tokenizer reads our codec folder (HuBERT teacher supplied offline) and
+    encodes exactly as the in-memory codec; without the teacher or the hub, a one-line CodecError."""
+    import huggingface_hub.constants
+    from boson_multimodal.audio_processing.higgs_audio_tokenizer import load_higgs_audio_tokenizer
+
+    from higgs_ddp.codec import Codec, CodecError, _tiny_semantic_teacher, save_tiny_codec_folder
+
+    folder = save_tiny_codec_folder(tmp_path / "codec")
+    with _tiny_semantic_teacher():
+        loaded = Codec(load_higgs_audio_tokenizer(str(folder), device="cpu"), "x")
+    wave = torch.from_numpy(text_to_wave("loader check"))
+    assert torch.equal(loaded.encode(wave), codec.encode(wave))
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("bosonai/higgs-audio-v2-tokenizer", str(folder)):
+        with pytest.raises(CodecError) as ei:
+            load_codec(name)
+        assert "\n" not in str(ei.value) and "codec" in str(ei.value)
