@@ -7,7 +7,7 @@ GPUS   ?= 1
 CONFIG ?= configs/tiny.yaml
 ARGS   ?=
 
-.PHONY: install demo train test test-fast clean
+.PHONY: install demo prepare train test test-fast clean
 
 install: $(STAMP)
 
@@ -17,9 +17,12 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-demo: install  ## tiny random HiggsAudioModel, 2 CPU processes, synthetic data
+demo: install  ## tiny random HiggsAudioModel, 2 CPU processes: synthetic WAVs -> tiny codec -> training
 	$(PY) -m higgs_ddp.demo_data runs/tiny/data
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 src/higgs_ddp/train.py --config configs/tiny.yaml $(ARGS)
+
+prepare: install  ## make prepare GPUS=8 CONFIG=...: encode the audio into the code cache (training does it too)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(GPUS) -m higgs_ddp.prepare --config $(CONFIG) $(ARGS)
 
 train: install  ## make train GPUS=8 CONFIG=configs/higgs_v2_3b_lora.yaml ARGS="train.lr=1e-4"
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(GPUS) src/higgs_ddp/train.py --config $(CONFIG) $(ARGS)

@@ -361,3 +361,38 @@ def test_the_real_codec_loader_offline(tmp_path, monkeypatch, codec):
         with pytest.raises(CodecError) as ei:
             load_codec(name)
         assert "\n" not in str(ei.value) and "codec" in str(ei.value)
+
+
+@pytest.mark.slow
+def test_two_ranks_share_the_encoding_and_agree_with_one(tmp_path):
+    """torchrun -m higgs_ddp.prepare: each rank encodes a share, into its own shards; same codes as 1 process."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    base = tmp_path / "ds"
+    m = _corpus(base, n=8)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    args = ["-m", "higgs_ddp.prepare", "--config", str(TINY), f"data.manifest={m}", f"output_dir={tmp_path / 'run'}",
+            f"data.cache_dir={tmp_path / 'two'}", "data.num_workers=1"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           *args], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "8 audio files (8 distinct): 0 cached, 8 encoded, 0 with problems" in proc.stdout
+    shards = list((tmp_path / "two").glob("*/part-*.safetensors"))
+    assert len(shards) == 2  # one per rank
+
+    one = prepare.prepare_audio(_refs(tmp_path, m), str(tmp_path / "one"), "tiny", None, 30, DistEnv(), 0, quiet=True)
+    two = prepare.prepare_audio(_refs(tmp_path, m), str(tmp_path / "two"), "tiny", None, 30, DistEnv(), 0, quiet=True)
+    assert two.stats["encoded"] == 0
+    for path, codes in one.codes.items():
+        assert np.array_equal(two.codes[path], codes)
+
+    bad = write_manifest(base, [{"text": "x", "audio": "missing.wav"}], "bad.jsonl")
+    proc = subprocess.run([sys.executable, "-m", "higgs_ddp.prepare", "--config", str(TINY), f"data.manifest={bad}",
+                           f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'two'}"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 2 and f"{bad}:1: audio missing.wav not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
