@@ -396,3 +396,18 @@ def test_two_ranks_share_the_encoding_and_agree_with_one(tmp_path):
                           capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 2 and f"{bad}:1: audio missing.wav not found" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_unreachable_codec_is_one_line_from_the_cli(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    from conftest import tiny_config
+    from higgs_ddp.prepare import main
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cfg = tiny_config(tmp_path, samples=4, audio=True)
+    assert main(["--config", str(TINY), f"data.manifest={cfg.data.manifest[0]}", f"output_dir={tmp_path / 'o'}",
+                 f"data.cache_dir={tmp_path / 'c'}", "data.codec=bosonai/no-such-codec"]) == 2
+    err = capsys.readouterr().err
+    assert "higgs-ddp: error: cannot fetch the audio codec bosonai/no-such-codec@main" in err
+    assert "Traceback" not in err

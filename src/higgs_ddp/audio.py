@@ -40,7 +40,7 @@ def read_audio(path: Path, shown: str, max_seconds: float) -> tuple[np.ndarray, 
         raise AudioProblem("audio_unreadable", f"audio {shown} cannot be read ({e.strerror or type(e).__name__})")
     try:
         info = sf.info(str(path))
-    except Exception as e:  # libsndfile does not recognise the bytes as audio at all
+    except (RuntimeError, ValueError, OSError) as e:  # libsndfile does not recognise the bytes as audio
         raise AudioProblem("audio_unreadable",
                            f"audio {shown} is not a readable audio file ({_first_line(e)})") from None
     sr = int(info.samplerate)
@@ -58,7 +58,7 @@ def read_audio(path: Path, shown: str, max_seconds: float) -> tuple[np.ndarray, 
                            f"of audio, the file holds {short[1]}")
     try:
         wave, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:  # a valid header over truncated or garbled data
+    except (RuntimeError, ValueError, OSError) as e:  # a valid header over garbled data
         raise AudioProblem("audio_corrupt", f"audio {shown} is corrupt ({_first_line(e)})") from None
     if wave.shape[0] == 0:
         raise AudioProblem("audio_empty", f"audio {shown} has no samples")

@@ -65,10 +65,10 @@ class FileHashes:
         self.new[key] = [st.st_size, st.st_mtime_ns, digest]
         return digest
 
-    def save(self, updates: dict) -> None:
-        if updates:
+    def save(self) -> None:
+        if self.new:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.path, {**self.known, **updates})
+            write_json_atomic(self.path, {**self.known, **self.new})
 
 
 class CodeCache:

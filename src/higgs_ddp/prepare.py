@@ -80,7 +80,7 @@ def prepare_audio(refs: list, cache_dir: str, codec_name: str, codec_revision, m
         problems.update(p)
         hashes.new.update(new)
     if env.is_main:
-        hashes.save(hashes.new)
+        hashes.save()
 
     cache = CodeCache(cache_dir, codec_identity(codec_name, codec_revision))
     rep = {key: path for path, key in sorted(keys.items()) if key not in cache}  # one file per new content
@@ -163,6 +163,7 @@ def summary_line(stats: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from .codec import CodecError
     from .config import ConfigError, load_config
     from .data import DataError, load_data
     from .distributed import cleanup, setup_distributed
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
         tokenizer = load_tokenizer(cfg)
         load_data(cfg, env, tokenizer, model_config(cfg, tokenizer))  # prints the summary and the report
         barrier()
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CodecError) as e:
         if env is None or env.is_main:
             print(f"higgs-ddp: error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -18,6 +18,7 @@ if __name__ == "__main__" and not __package__:
     sys.path = [p for p in sys.path if os.path.abspath(p or ".") != here]
     sys.path.insert(0, os.path.dirname(here))
 
+from higgs_ddp.codec import CodecError  # noqa: E402
 from higgs_ddp.config import Config, ConfigError, load_config  # noqa: E402
 from higgs_ddp.data import DataError  # noqa: E402
 from higgs_ddp.distributed import barrier, cleanup, setup_distributed  # noqa: E402
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
 
     try:
         train(load_config(args.config, args.overrides))
-    except (ConfigError, DataError, AlignmentError, TrainingError) as e:
+    except (ConfigError, DataError, AlignmentError, TrainingError, CodecError) as e:
         if int(os.environ.get("RANK", 0)) == 0 or isinstance(e, TrainingError):
             print(f"higgs-ddp: error: {e}", file=sys.stderr, flush=True)
         return 2
