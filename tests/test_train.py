@@ -1,6 +1,5 @@
 """The training entry point end to end: outputs, the saved adapter, modes, bad input, non-finite steps."""
 
-import json
 import math
 
 import pytest

@@ -201,8 +201,9 @@ def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = 
 
     problems.sort(key=by_place)
     if d.val_fraction > 0:
-        val += [r for r in train if _in_val(r.id, d.val_fraction)]
-        train = [r for r in train if not _in_val(r.id, d.val_fraction)]
+        picked = [_in_val(r.id, d.val_fraction) for r in train]
+        val += [r for r, v in zip(train, picked) if v]
+        train = [r for r, v in zip(train, picked) if not v]
     report = {
         "policy": d.on_error, "manifests": list(d.manifest), "val_manifests": list(d.val_manifest),
         "entries": len(train_e) + len(val_e),

@@ -25,7 +25,7 @@ Every problem is a ``Problem`` naming ``file:line``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 

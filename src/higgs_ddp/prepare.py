@@ -13,9 +13,7 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
