@@ -38,11 +38,16 @@ class _StepSampler(torch.utils.data.Sampler):
     def steps_in(self, epoch: int) -> int:
         return len(self.plan(epoch)) // self.per_step
 
-    def __iter__(self) -> Iterator[list]:
-        epoch, k = 0, self.start_step
-        while k >= self.steps_in(epoch):  # plans can differ in length between epochs
-            k -= self.steps_in(epoch)
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, optimizer steps into it) after ``step`` optimizer steps."""
+        epoch = 0
+        while step >= self.steps_in(epoch):  # plans can differ in length between epochs
+            step -= self.steps_in(epoch)
             epoch += 1
+        return epoch, step
+
+    def __iter__(self) -> Iterator[list]:
+        epoch, k = self.position(self.start_step)
         while True:
             plan = self.plan(epoch)
             for step in range(k, len(plan) // self.per_step):

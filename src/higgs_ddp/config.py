@@ -81,6 +81,10 @@ class TrainConfig:
     max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
     find_unused_parameters: bool = False
     log_every: int = 1
+    save_every: int = 500  # optimizer steps between checkpoints (0: only at the end and when stopped)
+    keep_last: int = 3  # complete checkpoints kept (0: all)
+    resume: str = "auto"  # "auto": from the latest checkpoint in output_dir, if any | "never" | a checkpoint path
+    resume_accept: list = field(default_factory=list)  # differences from the checkpoint to accept, e.g. [train.lr]
 
 
 @dataclass
@@ -251,6 +255,10 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"config key {key!r} must be >= 1")
+    if cfg.train.save_every < 0 or cfg.train.keep_last < 0:
+        raise ConfigError("train.save_every and train.keep_last must be >= 0 (0: at the end only / keep all)")
+    if not cfg.train.resume:
+        raise ConfigError("train.resume must be auto, never or a checkpoint folder")
     if cfg.data.val_manifest and cfg.data.val_fraction:
         raise ConfigError("give data.val_manifest or data.val_fraction, not both")
     if not 0 <= cfg.data.val_fraction < 1:

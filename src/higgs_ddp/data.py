@@ -170,6 +170,19 @@ def _in_val(sample_id: str, fraction: float) -> bool:
     return h / 2**64 < fraction
 
 
+def fingerprint(records: list) -> dict:
+    """What a checkpoint remembers of its training data: the order of samples and every token and code
+    matters to the result, the file paths do not."""
+    ids, content = hashlib.sha256(), hashlib.sha256()
+    for r in records:
+        ids.update(r.id.encode() + b"\0")
+        content.update(r.id.encode() + b"\0")
+        for arr in (r.input_ids, r.label_ids, *r.codes):
+            content.update(np.ascontiguousarray(arr).tobytes())
+            content.update(str(arr.shape).encode())
+    return {"samples": len(records), "ids": ids.hexdigest()[:16], "content": content.hexdigest()[:16]}
+
+
 @dataclass
 class Data:
     train: list

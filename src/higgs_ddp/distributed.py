@@ -49,6 +49,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def all_gather_objects(obj) -> list:
     """Every rank's ``obj`` (small, picklable, our own data), in rank order."""
     if dist.is_available() and dist.is_initialized():

@@ -18,6 +18,7 @@ if __name__ == "__main__" and not __package__:
     sys.path = [p for p in sys.path if os.path.abspath(p or ".") != here]
     sys.path.insert(0, os.path.dirname(here))
 
+from higgs_ddp.checkpoint import CheckpointError  # noqa: E402
 from higgs_ddp.codec import CodecError  # noqa: E402
 from higgs_ddp.config import Config, ConfigError, load_config  # noqa: E402
 from higgs_ddp.data import DataError  # noqa: E402
@@ -30,47 +31,72 @@ def train(cfg: Config) -> dict:
 
     from tqdm import tqdm
 
+    from higgs_ddp.checkpoint import remove_stale_temporaries, resume_point
+    from higgs_ddp.preemption import StopRequest, signal_name, write_status
     from higgs_ddp.trainer import MetricsLog, Trainer, write_run_files
 
     env = setup_distributed()
     try:
-        trainer = Trainer(cfg, env)  # setup
-        t = cfg.train
-        if env.is_main:
-            write_run_files(cfg)
-            print(trainer.run_card(), flush=True)
-        log = MetricsLog(Path(cfg.output_dir) / "metrics.jsonl") if env.is_main else None
-        bar = tqdm(total=t.max_steps, disable=not env.is_main, dynamic_ncols=True, desc="train")
-        batches = iter(trainer.loader)
-        last = {}
-        for step in range(1, t.max_steps + 1):  # train
-            t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(t.grad_accum_steps)]
-            lr = trainer.optimizer.param_groups[0]["lr"]
-            r = trainer.train_step(micro)
-            dt = time.perf_counter() - t0
-            last = {"step": step, "loss": r.loss, "text_loss": r.text_loss, "audio_loss": r.audio_loss,
-                    "per_codebook_loss": r.per_codebook_loss, "lr": lr, "grad_norm": r.grad_norm,
-                    "tokens": r.tokens, "samples": r.samples, "padding_fraction": r.padding_fraction,
-                    "text_targets": r.text_targets, "audio_targets": r.audio_targets,
-                    "tokens_per_s": r.tokens / dt, "step_time_s": dt, "skipped": r.skipped,
-                    "skipped_steps": trainer.skipped_steps}
+        with StopRequest() as stop:  # from here on SIGTERM / SIGUSR1 mean: finish the step, save, exit
+            trainer = Trainer(cfg, env)  # setup
+            t = cfg.train
+            ckpt = resume_point(cfg.output_dir, t.resume)
+            start = trainer.resume(ckpt) if ckpt else 0
             if env.is_main:
-                if step % t.log_every == 0 or step == t.max_steps:
-                    log.write(last)
-                if r.skipped:
-                    tqdm.write(f"step {step}: non-finite loss or gradient, step skipped "
-                               f"({trainer.skipped_steps} so far)")
-                bar.set_postfix(loss=f"{r.loss:.3f}", text=f"{r.text_loss:.3f}", audio=f"{r.audio_loss:.3f}",
-                                lr=f"{lr:.2e}", tok_s=f"{r.tokens / dt:,.0f}")
-                bar.update(1)
-        bar.close()
-        final = trainer.save_final()  # save
-        if env.is_main:
-            log.close()
-            print(f"done: final loss {last.get('loss', float('nan')):.4f}; weights in {final}", flush=True)
-        barrier()  # tearing down gloo while a peer is still saving aborts that peer
-        return last
+                remove_stale_temporaries(cfg.output_dir)
+                write_run_files(cfg)
+                write_status(cfg.output_dir, "running", start)
+                print(trainer.run_card(), flush=True)
+                if ckpt:
+                    epoch, offset = trainer.sampler.position(start)
+                    print(f"resuming from {ckpt} (step {start}; epoch {epoch}, {offset} steps into it)", flush=True)
+            log = MetricsLog(Path(cfg.output_dir) / "metrics.jsonl", start) if env.is_main else None
+            bar = tqdm(total=t.max_steps, initial=start, disable=not env.is_main, dynamic_ncols=True, desc="train")
+            batches = iter(trainer.loader)
+            last, signum, step = {}, 0, start
+            for step in range(start + 1, t.max_steps + 1):  # train
+                t0 = time.perf_counter()
+                micro = [next(batches) for _ in range(t.grad_accum_steps)]
+                lr = trainer.optimizer.param_groups[0]["lr"]
+                r = trainer.train_step(micro)
+                dt = time.perf_counter() - t0
+                last = {"step": step, "loss": r.loss, "text_loss": r.text_loss, "audio_loss": r.audio_loss,
+                        "per_codebook_loss": r.per_codebook_loss, "lr": lr, "grad_norm": r.grad_norm,
+                        "tokens": r.tokens, "samples": r.samples, "padding_fraction": r.padding_fraction,
+                        "text_targets": r.text_targets, "audio_targets": r.audio_targets,
+                        "tokens_per_s": r.tokens / dt, "step_time_s": dt, "skipped": r.skipped,
+                        "skipped_steps": trainer.skipped_steps}
+                if env.is_main:
+                    if step % t.log_every == 0 or step == t.max_steps:
+                        log.write(last)
+                    if r.skipped:
+                        tqdm.write(f"step {step}: non-finite loss or gradient, step skipped "
+                                   f"({trainer.skipped_steps} so far)")
+                    bar.set_postfix(loss=f"{r.loss:.3f}", text=f"{r.text_loss:.3f}", audio=f"{r.audio_loss:.3f}",
+                                    lr=f"{lr:.2e}", tok_s=f"{r.tokens / dt:,.0f}")
+                    bar.update(1)
+                signum = stop.agreed(env.device)  # every rank, every step: they stop after the same one
+                if signum or step == t.max_steps or (t.save_every and step % t.save_every == 0):
+                    saved = trainer.save_checkpoint(step)
+                    if env.is_main:
+                        tqdm.write(f"step {step}: checkpoint {saved}")
+                if signum:
+                    break
+            bar.close()
+            if signum:  # save
+                if env.is_main:
+                    write_status(cfg.output_dir, "stopped", step, signal=signal_name(signum))
+                    print(f"stopped by {signal_name(signum)} after step {step}; the checkpoint is saved. "
+                          f"Run the same command again to resume.", flush=True)
+            else:
+                final = trainer.save_final()
+                if env.is_main:
+                    write_status(cfg.output_dir, "finished", t.max_steps)
+                    print(f"done: final loss {last.get('loss', float('nan')):.4f}; weights in {final}", flush=True)
+            if env.is_main:
+                log.close()
+            barrier()  # tearing down gloo while a peer is still saving aborts that peer
+            return last
     finally:
         cleanup()
 
@@ -84,7 +110,7 @@ def main(argv=None) -> int:
 
     try:
         train(load_config(args.config, args.overrides))
-    except (ConfigError, DataError, AlignmentError, TrainingError, CodecError) as e:
+    except (ConfigError, DataError, AlignmentError, TrainingError, CodecError, CheckpointError) as e:
         if int(os.environ.get("RANK", 0)) == 0 or isinstance(e, TrainingError):
             print(f"higgs-ddp: error: {e}", file=sys.stderr, flush=True)
         return 2

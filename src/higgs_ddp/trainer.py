@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -15,9 +16,10 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .collator import Batch, HiggsCollator
-from .config import Config
+from .checkpoint import check_resumable, load_checkpoint, save_checkpoint
+from .config import Config, ConfigError
 from .batching import StepBatchSampler, TokenBudgetBatchSampler
-from .data import ManifestDataset, load_data
+from .data import ManifestDataset, fingerprint, load_data
 from .distributed import DistEnv, all_reduce_sum
 from .dual_loss import compute_dual_loss
 from .model import HiggsForward, apply_training_mode, build_model, load_tokenizer, unwrap
@@ -56,7 +58,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg)
         base = build_model(cfg, self.tokenizer, dtype=torch.bfloat16 if use_bf16 else torch.float32)
         self.model = apply_training_mode(base, cfg)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named_params]
         for p in self.params:  # trainable weights (LoRA or not) and their optimizer state stay fp32
             p.data = p.data.float()
         self.raw = unwrap(self.model)
@@ -81,7 +84,10 @@ class Trainer:
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self.sampler, collate_fn=self.collator, num_workers=workers,
             pin_memory=env.device.type == "cuda", prefetch_factor=cfg.data.prefetch_factor if workers else None,
-            persistent_workers=workers > 0)
+            persistent_workers=workers > 0,
+            # Its own generator: starting an iterator draws a seed, and from the global generator that draw
+            # would shift dropout after a resume.
+            generator=torch.Generator().manual_seed(t.seed))
 
         forward = HiggsForward(self.model)
         if env.world_size > 1:
@@ -95,6 +101,34 @@ class Trainer:
         self.verified = False  # the first step checks label convention and target counts
         self.bad_in_row = 0
         self.skipped_steps = 0
+
+    @functools.cached_property
+    def data_fingerprint(self) -> dict:
+        return fingerprint(self.data.train)
+
+    def save_checkpoint(self, step: int) -> Path:
+        epoch, offset = self.sampler.position(step)
+        state = {"data": {**self.data_fingerprint, "epoch": epoch, "steps_into_epoch": offset},
+                 "counters": {"bad_in_row": self.bad_in_row, "skipped_steps": self.skipped_steps,
+                              "alignment": self.alignment, "verified": self.verified}}
+        return save_checkpoint(self.cfg.output_dir, step, model=self.model, named_params=self.named_params,
+                               optimizer=self.optimizer, scheduler=self.scheduler, state=state,
+                               config=self.cfg.to_dict(), env=self.env, keep_last=self.cfg.train.keep_last)
+
+    def resume(self, path: Path) -> int:
+        """Continue from a checkpoint: weights, optimizer, schedule, data position, RNG. Returns its step."""
+        t = self.cfg.train
+        check_resumable(path, self.cfg.to_dict(), self.data_fingerprint, self.env.world_size, t.resume_accept)
+        state = load_checkpoint(path, model=self.model, named_params=self.named_params, optimizer=self.optimizer,
+                                scheduler=self.scheduler, env=self.env)
+        step = state["step"]
+        if step > t.max_steps:
+            raise ConfigError(f"{path} is at step {step}, past train.max_steps={t.max_steps}")
+        c = state["counters"]
+        self.bad_in_row, self.skipped_steps = c["bad_in_row"], c["skipped_steps"]
+        self.alignment, self.verified = c["alignment"], c["verified"]
+        self.sampler.start_step = step
+        return step
 
     def run_card(self) -> str:
         t, env, d = self.cfg.train, self.env, self.cfg.data
@@ -195,10 +229,16 @@ def write_run_files(cfg: Config) -> None:
 
 
 class MetricsLog:
-    """Rank 0's ``metrics.jsonl``: one JSON object per optimizer step."""
+    """Rank 0's ``metrics.jsonl``: one JSON object per optimizer step. A resumed run drops the rows of
+    steps after its checkpoint (they are about to be redone) and appends."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resume_step: int = 0):
+        kept = []
+        if resume_step and path.is_file():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
         self.f = open(path, "w", encoding="utf-8")
+        self.f.writelines(line + "\n" for line in kept)
         self.t_last = time.perf_counter()
 
     def write(self, record: dict) -> None:

@@ -1,0 +1,337 @@
+"""Checkpoints: everything a run needs to continue exactly as if it had never stopped.
+
+    {output_dir}/checkpoints/step_000120/
+        adapter/                 LoRA: the PEFT adapter (adapter_model.safetensors + adapter_config.json)
+        trainable.safetensors    audio_ffn / full: the trainable tensors by parameter name
+        optimizer.safetensors    AdamW moments and step counts, by parameter name
+        rng.safetensors          every rank's torch CPU (and CUDA) generator state
+        config.yaml              the resolved config of the run that wrote it
+        state.json               step, data position, scheduler, counters, python/numpy RNG per rank,
+                                 data fingerprint, weight checksums: written last
+
+Only tensors (safetensors) and JSON/YAML are read back: loading a checkpoint unpickles nothing. A
+checkpoint is assembled in a hidden ``.tmp-*`` folder and renamed into place, so a crash while saving
+leaves the previous one intact, and a folder named ``step_N`` is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from .distributed import all_gather_objects, all_reduce_sum, DistEnv
+from .config import ConfigError
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+STATE = "state.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def checkpoint_root(output_dir) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def step_of(path: Path) -> Optional[int]:
+    m = STEP_DIR.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def complete_checkpoints(output_dir) -> list[Path]:
+    """Complete checkpoints, oldest first (a ``step_N`` folder is complete by construction)."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if step_of(p) is not None and (p / STATE).is_file()]
+    return sorted(found, key=step_of)
+
+
+def latest_checkpoint(output_dir) -> Optional[Path]:
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def _remove(path: Path) -> None:
+    """Rename away first, so an interrupted delete never leaves a half-empty ``step_N``."""
+    trash = path.with_name(f".tmp-trash-{path.name}-{os.getpid()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_stale_temporaries(output_dir) -> None:
+    """Leftovers of a save or delete that was killed half-way."""
+    root = checkpoint_root(output_dir)
+    if root.is_dir():
+        for p in root.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    # Data on disk before the rename makes the checkpoint visible: a power cut can't expose empty files.
+    for p in sorted(path.rglob("*")) + [path]:
+        _fsync(p)
+
+
+# --- the pieces -------------------------------------------------------------------------------------
+
+def weight_checksums(named_params: list) -> torch.Tensor:
+    """Per trainable tensor: sum and sum of squares in float64. Cheap, and any divergence between
+    ranks (or a bad load) changes them."""
+    rows = [torch.stack([p.detach().double().sum(), p.detach().double().pow(2).sum()]) for _, p in named_params]
+    return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)
+
+
+def verify_ranks_agree(named_params: list, step: int, device: torch.device) -> None:
+    """Every rank must hold bit-identical trainable weights; DDP guarantees it unless something
+    bypassed it (or a rank's memory went bad). Two tiny all-reduces."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    sums = weight_checksums(named_params).to(device)
+    lo, hi = sums.clone(), sums.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    bad = [named_params[i][0] for i in torch.nonzero((lo != hi).any(1)).flatten().tolist()]
+    if bad:
+        raise CheckpointError(
+            f"ranks hold different trainable weights at step {step} ({len(bad)} of {len(named_params)} tensors "
+            f"differ, first: {bad[0]}): gradients were not synchronised; stopping without saving")
+
+
+def _optimizer_tensors(optimizer, names_by_param: dict) -> tuple[dict, dict]:
+    sd = optimizer.state_dict()
+    order = [names_by_param[p] for g in optimizer.param_groups for p in g["params"]]
+    tensors = {f"{order[i]}::{key}": v.detach().cpu().contiguous()
+               for i, st in sd["state"].items() for key, v in st.items()}
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_names": order, "param_groups": groups}
+
+
+def _load_optimizer(optimizer, names_by_param: dict, tensors: dict, meta: dict) -> None:
+    order = [names_by_param[p] for g in optimizer.param_groups for p in g["params"]]
+    if order != meta["param_names"]:
+        raise CheckpointError("the checkpoint's optimizer was built for other trainable parameters")
+    index = {n: i for i, n in enumerate(order)}
+    state: dict = {}
+    for key, v in tensors.items():
+        name, field = key.rsplit("::", 1)
+        state.setdefault(index[name], {})[field] = v
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _rng_state() -> tuple[dict, dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    py = random.getstate()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    plain = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]}
+    return tensors, plain
+
+
+def _set_rng_state(tensors: dict, plain: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"])
+    v, keys, gauss = plain["python"]
+    random.setstate((v, tuple(keys), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# --- save / load ------------------------------------------------------------------------------------
+
+def save_checkpoint(output_dir, step: int, *, model, named_params: list, optimizer, scheduler, state: dict,
+                    config: dict, env: DistEnv, keep_last: int) -> Path:
+    """Collective: every rank calls it. Rank 0 writes; all ranks learn whether that worked."""
+    verify_ranks_agree(named_params, step, env.device)
+    rng = all_gather_objects(_rng_state())  # small; every rank's generators
+    root = checkpoint_root(output_dir)
+    final = root / f"step_{step:06d}"
+    error = ""
+    if env.is_main:
+        try:
+            _write(final, step, model, named_params, optimizer, scheduler, state, config, rng)
+            for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
+                _remove(old)
+        except OSError as e:
+            error = f"could not write checkpoint {final}: {e}"
+    failed = all_reduce_sum(torch.tensor([1.0 if error else 0.0], device=env.device)).item()
+    if failed:
+        raise CheckpointError(error or f"rank 0 could not write checkpoint {final}")
+    return final
+
+
+def _write(final: Path, step, model, named_params, optimizer, scheduler, state, config, rng) -> None:
+    from peft import PeftModel
+
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if isinstance(model, PeftModel):
+        model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+    else:
+        save_file({n: p.detach().cpu().contiguous() for n, p in named_params}, str(tmp / "trainable.safetensors"))
+    names_by_param = {p: n for n, p in named_params}
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer, names_by_param)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    save_file({f"rank{r}.{k}": v.contiguous() for r, (t, _) in enumerate(rng) for k, v in t.items()},
+              str(tmp / "rng.safetensors"))
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    sums = weight_checksums(named_params).tolist()
+    full = {**state, "step": step, "world_size": len(rng), "optimizer": opt_meta,
+            "scheduler": scheduler.state_dict(), "rng": [plain for _, plain in rng],
+            "weight_checksums": {n: s for (n, _), s in zip(named_params, sums)}}
+    (tmp / STATE).write_text(json.dumps(full, indent=1))
+    _fsync_tree(tmp)
+    if final.exists():  # the same step saved again (e.g. a rerun that had nothing left to do)
+        _remove(final)
+    os.rename(tmp, final)
+    _fsync(final.parent)  # the rename itself
+
+
+def read_state(path: Path) -> dict:
+    try:
+        return json.loads((Path(path) / STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({STATE}: {e})") from None
+
+
+def load_checkpoint(path: Path, *, model, named_params: list, optimizer, scheduler, env: DistEnv) -> dict:
+    """Restore weights, optimizer, scheduler and this rank's RNG; returns the saved state dict."""
+    from peft import PeftModel, set_peft_model_state_dict
+
+    path = Path(path)
+    state = read_state(path)
+    try:
+        if isinstance(model, PeftModel):
+            weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+            result = set_peft_model_state_dict(model, weights)
+            if getattr(result, "unexpected_keys", None):
+                raise CheckpointError(f"{path}: adapter tensors the model does not have: {result.unexpected_keys[:3]}")
+        else:
+            weights = load_file(str(path / "trainable.safetensors"))
+            params = dict(named_params)
+            if set(weights) != set(params):
+                raise CheckpointError(f"{path}: trainable tensors differ from this model's "
+                                      f"({len(weights)} saved, {len(params)} here)")
+            with torch.no_grad():
+                for n, p in named_params:
+                    p.copy_(weights[n])
+        saved = state["weight_checksums"]
+        now = dict(zip([n for n, _ in named_params], weight_checksums(named_params).tolist()))
+        wrong = [n for n in now if saved.get(n) != now[n]]
+        if wrong or set(saved) != set(now):
+            raise CheckpointError(f"{path}: loaded weights do not match the checksums saved with them "
+                                  f"(first: {(wrong or sorted(set(saved) ^ set(now)))[0]}); the checkpoint is damaged")
+        _load_optimizer(optimizer, {p: n for n, p in named_params}, load_file(str(path / "optimizer.safetensors")),
+                        state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state["world_size"] == env.world_size:
+            rng = load_file(str(path / "rng.safetensors"))
+            prefix = f"rank{env.rank}."
+            _set_rng_state({k[len(prefix):]: v for k, v in rng.items() if k.startswith(prefix)},
+                           state["rng"][env.rank])
+    except (OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot load checkpoint: {e}") from None
+    return state
+
+
+# --- what must match to resume --------------------------------------------------------------------
+
+# Keys that cannot change what a step computes: where things live, how often to log or save.
+NO_EFFECT = {
+    "output_dir", "train.resume", "train.resume_accept", "train.save_every", "train.keep_last",
+    "train.log_every", "train.max_bad_steps", "train.find_unused_parameters",
+    "data.num_workers", "data.prefetch_factor", "data.cache_dir",
+    # The data itself is judged by its fingerprint, not by where it lives or how it got there.
+    "data.manifest", "data.root", "data.allow_outside_root", "data.on_error", "data.codec_revision",
+}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and prefix + k != "model.config":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def resume_differences(saved_config: dict, config: dict, saved_state: dict, fingerprint: dict,
+                       world_size: int) -> dict:
+    """What differs between a checkpoint and this run in ways that would change the result:
+    {key: "then -> now"}; keys are config keys, ``data`` and ``world_size``."""
+    then, now = _flat(saved_config), _flat(config)
+    diffs = {k: f"{then.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(then) | set(now))
+             if k not in NO_EFFECT and then.get(k) != now.get(k)}
+    old = saved_state.get("data", {})
+    if old.get("content") != fingerprint["content"]:
+        if old.get("ids") == fingerprint["ids"]:
+            diffs["data"] = ("the same sample ids but different tokens or audio codes (edited text or audio, "
+                             "another tokenizer or codec?)")
+        else:
+            diffs["data"] = f"{old.get('samples')} training samples -> {fingerprint['samples']}, not the same set"
+    if saved_state.get("world_size") != world_size:
+        diffs["world_size"] = f"{saved_state.get('world_size')} -> {world_size} ranks (data order and RNG differ)"
+    return diffs
+
+
+def check_resumable(path: Path, config: dict, fingerprint: dict, world_size: int, accept: list) -> None:
+    state = read_state(path)
+    try:
+        saved_config = yaml.safe_load((Path(path) / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{path}: cannot read config.yaml: {e}") from None
+    diffs = resume_differences(saved_config, config, state, fingerprint, world_size)
+    if "all" in accept:
+        return
+    blocking = {k: v for k, v in diffs.items() if k not in accept}
+    if blocking:
+        lines = "; ".join(f"{k}: {v}" for k, v in blocking.items())
+        keys = ",".join(blocking)
+        raise ConfigError(f"cannot resume from {path}: this run differs from it in ways that change the "
+                          f"result: {lines}. Resume anyway with train.resume_accept=[{keys}], or start a new "
+                          f"run in another output_dir")
+
+
+def resume_point(output_dir, resume: str) -> Optional[Path]:
+    """The checkpoint ``train.resume`` names: auto -> the latest in output_dir (None on a fresh start)."""
+    if resume == "auto":
+        return latest_checkpoint(output_dir)
+    if resume == "never":
+        existing = latest_checkpoint(output_dir)
+        if existing:
+            raise ConfigError(f"train.resume=never but {output_dir} already holds checkpoints (latest {existing.name}); "
+                              f"their steps would mix with this run's: use another output_dir or delete "
+                              f"{checkpoint_root(output_dir)}")
+        return None
+    path = Path(resume)
+    if not (path / STATE).is_file():
+        raise ConfigError(f"train.resume={resume}: not a complete checkpoint folder (no {STATE}); "
+                          f"use auto, never or a checkpoints/step_N folder")
+    return path
