@@ -30,12 +30,18 @@ def tokenizer():
     return build_tiny_tokenizer()
 
 
+TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def torchrun_cmd(nproc, *args, launcher=()):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            *launcher, str(ROOT / "src" / "higgs_ddp" / "train.py"), *map(str, args)]
+
+
 def torchrun(nproc, *args, timeout=300):
     """Run train.py under torchrun on CPU; returns the CompletedProcess (output captured)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "src" / "higgs_ddp" / "train.py"), *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run(torchrun_cmd(nproc, *args), capture_output=True, text=True, timeout=timeout,
+                          env=TORCHRUN_ENV, cwd=ROOT)
 
 
 def read_metrics(run_dir):

@@ -1,7 +1,9 @@
 """Run under torchrun by test_ddp.py: one optimizer step of the real Trainer on 2 gloo ranks that see
 different data, then report a checksum of every rank's trainable parameters.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/rank_sync_worker.py CONFIG OUT.json [bypass]
+    python -m torch.distributed.run --nproc_per_node 2 tests/rank_sync_worker.py CONFIG OUT.json [bypass] [checkpoint]
+
+``checkpoint`` then tries to save a checkpoint and reports the error it raised, if any.
 """
 
 import json
@@ -31,9 +33,17 @@ def main():
     dist.all_gather(gathered, vec)
     data = [None] * env.world_size
     dist.all_gather_object(data, seen)
+    error = ""
+    if "checkpoint" in flags:
+        from higgs_ddp.checkpoint import CheckpointError
+        try:
+            trainer.save_checkpoint(1)
+        except CheckpointError as e:
+            error = str(e)
     if env.is_main:
         diff = max(float((g - gathered[0]).abs().max()) for g in gathered)
-        json.dump({"max_param_diff": diff, "same_data": data[0] == data[1]}, open(out, "w"))
+        json.dump({"max_param_diff": diff, "same_data": data[0] == data[1], "checkpoint_error": error},
+                  open(out, "w"))
     barrier()
     cleanup()
 

@@ -39,8 +39,21 @@ def setup_distributed(timeout_minutes: int = 30) -> DistEnv:
     env = DistEnv(rank, world, local, device, backend)
     if world > 1 and not dist.is_initialized():
         kwargs = {"device_id": device} if backend == "nccl" else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group(backend, timeout=timeout, **_restart_safe_store(rank, world), **kwargs)
     return env
+
+
+def _restart_safe_store(rank: int, world: int) -> dict:
+    """torchrun keeps one TCPStore for all restarts (``--max-restarts``) and workers reuse its keys without
+    a per-attempt prefix, so restarted gloo ranks read their dead predecessors' addresses and fail with
+    "connectFullMesh failed ... Connection refused" (measured, torch 2.11). A prefix per restart fixes it."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}  # plain env:// (no torchrun, or a fresh store per attempt)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=datetime.timedelta(minutes=5))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"higgs_ddp/attempt_{attempt}", store), "rank": rank, "world_size": world}
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,8 @@ def train(cfg: Config) -> dict:
                 final = trainer.save_final()
                 if env.is_main:
                     write_status(cfg.output_dir, "finished", t.max_steps)
-                    print(f"done: final loss {last.get('loss', float('nan')):.4f}; weights in {final}", flush=True)
+                    done = f"final loss {last['loss']:.4f}" if last else f"already finished at step {start}"
+                    print(f"done: {done}; weights in {final}", flush=True)
             if env.is_main:
                 log.close()
             barrier()  # tearing down gloo while a peer is still saving aborts that peer

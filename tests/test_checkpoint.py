@@ -1,0 +1,206 @@
+"""Checkpoints and exact resume, in one process (the multi-process faults are in test_faults.py).
+
+Exactness: N steps straight == N/2, then a fresh process resuming from the N/2 checkpoint, then N/2.
+LoRA dropout is on, so the RNG state has to come back too, not just weights and optimizer.
+"""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import read_metrics, tiny_config
+from higgs_ddp import checkpoint as ckpt
+from higgs_ddp.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
+from higgs_ddp.config import ConfigError
+from higgs_ddp.train import train
+
+COMMON = ("train.max_steps=6", "train.save_every=3", "train.keep_last=0", "train.lr=5e-3",
+          "train.warmup_steps=1", "train.seed=11", "lora.dropout=0.1")
+SAME = ("loss", "text_loss", "audio_loss", "per_codebook_loss", "grad_norm", "lr", "tokens", "audio_targets")
+
+
+def final_weights(run: Path) -> dict:
+    folder = run / "final"
+    name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").exists() else "trainable.safetensors"
+    return load_file(str(folder / name))
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def rows(run: Path) -> list:
+    return [{k: m[k] for k in ("step", *SAME)} for m in read_metrics(run)]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """6 steps straight (lora), checkpoints at 3 and 6."""
+    tmp = tmp_path_factory.mktemp("straight")
+    train(tiny_config(tmp, *COMMON))
+    return tmp / "run"
+
+
+def test_checkpoint_contents_unpickle_nothing(straight):
+    assert [p.name for p in complete_checkpoints(straight)] == ["step_000003", "step_000006"]
+    step3 = straight / "checkpoints" / "step_000003"
+    files = sorted(str(p.relative_to(step3)) for p in step3.rglob("*") if p.is_file())
+    assert files == ["adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                     "config.yaml", "optimizer.safetensors", "rng.safetensors", "state.json"]
+    state = json.loads((step3 / "state.json").read_text())
+    assert state["step"] == 3 and state["world_size"] == 1
+    assert state["data"]["samples"] == 16 and state["data"]["epoch"] == 0 and state["data"]["steps_into_epoch"] == 3
+    assert state["scheduler"]["last_epoch"] == 3
+    # The optimizer's moments are there for every trainable tensor (A and B of every LoRA pair).
+    opt = load_file(str(step3 / "optimizer.safetensors"))
+    names = state["optimizer"]["param_names"]
+    assert len(names) == len(state["weight_checksums"]) > 0
+    assert {f"{n}::exp_avg_sq" for n in names} <= set(opt)
+    assert yaml.safe_load((step3 / "config.yaml").read_text())["train"]["max_steps"] == 6
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_resume_from_half_way_equals_straight(tmp_path, straight, mode):
+    if mode == "lora":
+        ref = straight
+    else:
+        train(tiny_config(tmp_path / "straight", *COMMON, "train.mode=full"))
+        ref = tmp_path / "straight" / "run"
+    half = ref / "checkpoints" / "step_000003"
+    train(tiny_config(tmp_path / "resumed", *COMMON, f"train.mode={mode}", f"train.resume={half}"))
+    resumed = tmp_path / "resumed" / "run"
+    assert_same_weights(final_weights(resumed), final_weights(ref))
+    assert rows(resumed) == rows(ref)[3:]  # the logged losses after resume are the uninterrupted ones
+    # Saving itself changes nothing: a run that never saved mid-way ends at the same weights.
+    train(tiny_config(tmp_path / "nosave", *COMMON, f"train.mode={mode}", "train.save_every=0"))
+    assert_same_weights(final_weights(tmp_path / "nosave" / "run"), final_weights(ref))
+
+
+def test_stop_signal_then_same_command_resumes_exactly(tmp_path, straight):
+    """SIGUSR1 mid-run: the step finishes, a checkpoint is saved, status says stopped; running the same
+    command again resumes by itself and ends where the uninterrupted run ended."""
+    cfg = tiny_config(tmp_path, *COMMON, "train.max_steps=30", "train.save_every=0")
+    run = tmp_path / "run"
+
+    def send_when_training():
+        deadline = time.time() + 60
+        while time.time() < deadline and not ((run / "metrics.jsonl").exists()
+                                              and (run / "metrics.jsonl").read_text().count("\n") >= 2):
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    sender = threading.Thread(target=send_when_training)
+    sender.start()
+    train(cfg)
+    sender.join()
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "stopped" and status["signal"] == "SIGUSR1", status
+    stopped_at = status["step"]
+    assert 2 <= stopped_at < 30
+    assert [p.name for p in complete_checkpoints(run)] == [f"step_{stopped_at:06d}"]
+    assert not (run / "final").exists()
+
+    train(cfg)  # the same command
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    train(tiny_config(tmp_path / "ref", *COMMON, "train.max_steps=30", "train.save_every=0"))
+    ref = tmp_path / "ref" / "run"
+    assert_same_weights(final_weights(run), final_weights(ref))
+    assert rows(run) == rows(ref)  # rows after the stop were dropped and redone, none twice
+
+
+def test_keep_last_and_leftovers_of_a_killed_save(tmp_path):
+    cfg = tiny_config(tmp_path, *COMMON, "train.save_every=1", "train.keep_last=2")
+    run = tmp_path / "run"
+    train(cfg)
+    assert [p.name for p in complete_checkpoints(run)] == ["step_000005", "step_000006"]
+    # What a save killed half-way leaves behind is never taken for a checkpoint, and is cleaned up.
+    torn = run / "checkpoints" / ".tmp-step_000007-999"
+    torn.mkdir()
+    (torn / "adapter").mkdir()
+    assert latest_checkpoint(run).name == "step_000006"
+    train(cfg)  # already finished: resumes at 6, nothing to do
+    assert not torn.exists()
+    assert latest_checkpoint(run).name == "step_000006"
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, *COMMON)
+    run = tmp_path / "run"
+    real = ckpt.save_file
+
+    def disk_full(tensors, filename, metadata=None):
+        if filename.endswith("optimizer.safetensors") and "step_000006" in filename:
+            raise OSError(28, "No space left on device")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(ckpt, "save_file", disk_full)
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*step_000006.*No space left"):
+        train(cfg)
+    assert latest_checkpoint(run).name == "step_000003"
+    monkeypatch.setattr(ckpt, "save_file", real)
+    train(cfg)  # resumes from 3 and finishes
+    assert latest_checkpoint(run).name == "step_000006"
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_resume_refuses_what_would_change_the_result(tmp_path, straight):
+    half = straight / "checkpoints" / "step_000003"
+    resume = f"train.resume={half}"
+    with pytest.raises(ConfigError) as e:
+        train(tiny_config(tmp_path / "lr", *COMMON, resume, "train.lr=1e-3", "lora.r=4"))
+    msg = str(e.value)
+    assert "lora.r: 8 -> 4" in msg and "train.lr: 0.005 -> 0.001" in msg
+    assert "train.resume_accept=[lora.r,train.lr]" in msg and "\n" not in msg
+    with pytest.raises(ConfigError, match=r"data: 16 training samples -> 18, not the same set"):
+        train(tiny_config(tmp_path / "more", *COMMON, resume, samples=18))
+    # Where things live and how often to save change nothing.
+    train(tiny_config(tmp_path / "moved", *COMMON, resume, "train.save_every=2", "data.num_workers=1"))
+    # Accepting a difference by name resumes (a longer schedule, here).
+    train(tiny_config(tmp_path / "longer", *COMMON, resume, "train.max_steps=8",
+                      "train.resume_accept=[train.max_steps]"))
+    assert latest_checkpoint(tmp_path / "longer" / "run").name == "step_000008"
+
+
+def test_changed_data_content_is_named(tmp_path, straight):
+    half = straight / "checkpoints" / "step_000003"
+    cfg = tiny_config(tmp_path, *COMMON, f"train.resume={half}")
+    manifest = Path(cfg.data.manifest[0])
+    lines = manifest.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["text"] += " (edited)"
+    manifest.write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
+    with pytest.raises(ConfigError, match="the same sample ids but different tokens or audio codes"):
+        train(cfg)
+
+
+def test_resume_modes_and_damaged_checkpoints(tmp_path, straight):
+    with pytest.raises(ConfigError, match="not a complete checkpoint folder"):
+        train(tiny_config(tmp_path / "a", *COMMON, f"train.resume={tmp_path / 'nowhere'}"))
+    # never: refuses to mix a fresh run's steps with an earlier run's checkpoints.
+    cfg = tiny_config(tmp_path / "b", *COMMON, "train.max_steps=3")
+    train(cfg)
+    cfg.train.resume = "never"
+    with pytest.raises(ConfigError, match="train.resume=never but .* already holds checkpoints"):
+        train(cfg)
+    # A checkpoint whose tensors were altered after saving is caught by the saved checksums.
+    damaged = tmp_path / "damaged"
+    import shutil
+    shutil.copytree(straight / "checkpoints" / "step_000003", damaged)
+    path = damaged / "adapter" / "adapter_model.safetensors"
+    w = load_file(str(path))
+    k = next(iter(w))
+    w[k] = w[k] + 1e-3
+    from safetensors.torch import save_file
+    save_file(w, str(path))
+    with pytest.raises(CheckpointError, match="do not match the checksums saved with them"):
+        train(tiny_config(tmp_path / "c", *COMMON, f"train.resume={damaged}"))
