@@ -1,0 +1,217 @@
+"""higgs_ddp.export: a merged folder computes exactly what base + trained weights compute, loads with
+HiggsAudioModel.from_pretrained and the inference engine, and every bad input is one line and exit code 2."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT, tiny_config
+from higgs_ddp.collator import HiggsCollator
+from higgs_ddp.export import main
+from higgs_ddp.model import HiggsForward, apply_training_mode, build_model, load_tokenizer
+from higgs_ddp.prompt import tokenize_sample
+
+
+def make_checkpoint(tmp_path, mode="lora", *overrides):
+    """A checkpoint folder as training writes it, with trained weights stood in for by seeded noise."""
+    cfg = tiny_config(tmp_path, f"train.mode={mode}", *overrides, samples=2)
+    tok = load_tokenizer(cfg)
+    model = apply_training_mode(build_model(cfg, tok), cfg)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000120"
+    ckpt.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if mode == "lora" and "lora_B" in name:  # B starts at zero: the adapter would be a no-op
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+            elif mode != "lora" and p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    if mode == "lora":
+        model.save_pretrained(str(ckpt / "adapter"), safe_serialization=True)
+    else:
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  str(ckpt / "trainable.safetensors"))
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    shutil.rmtree(tmp_path / "data")  # export must not need the training data
+    return cfg, tok, model, ckpt
+
+
+def batch(tok, config):
+    g = torch.Generator().manual_seed(1)
+    C, CB = config.audio_num_codebooks, config.audio_codebook_size
+    samples = [tokenize_sample(tok, "hello there", torch.randint(0, CB, (C, 9), generator=g)),
+               tokenize_sample(tok, "a b c", torch.randint(0, CB, (C, 5), generator=g), scene="a room",
+                               ref_text="ref", ref_codes=torch.randint(0, CB, (C, 7), generator=g))]
+    return HiggsCollator.for_model(config)(samples)
+
+
+@torch.no_grad()
+def logits(model, b):
+    out = HiggsForward(model).eval()(**b.model_inputs())
+    return out["logits"], out["audio_logits"]
+
+
+def higgs_from_pretrained(path, **kw):
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+    return HiggsAudioModel.from_pretrained(str(path), **kw)
+
+
+def test_merged_lora_computes_base_plus_adapter(tmp_path):
+    from transformers import AutoTokenizer
+
+    cfg, tok, peft_model, ckpt = make_checkpoint(tmp_path)
+    out = tmp_path / "merged"
+    assert main(["--checkpoint", str(ckpt), "--out", str(out), "--merge"]) == 0
+    merged = higgs_from_pretrained(out)
+    assert merged.dtype == torch.float32  # auto, random init
+    b = batch(tok, merged.config)
+    want_text, want_audio = logits(peft_model, b)
+    got_text, got_audio = logits(merged, b)
+    torch.testing.assert_close(got_text, want_text, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_audio, want_audio, rtol=1e-5, atol=1e-5)
+    base_text, base_audio = logits(build_model(cfg, tok), b)  # same seed, same random base
+    assert (got_text - base_text).abs().max() > 1e-2 and (got_audio - base_audio).abs().max() > 1e-2, \
+        "the adapter changed nothing: the comparison above would be vacuous"
+    assert not any("lora" in k for k in merged.state_dict())
+
+    loaded = AutoTokenizer.from_pretrained(str(out))  # the inference engine's way
+    text = "<|audio_out_bos|>hi there<|AUDIO_OUT|>"
+    assert loaded(text)["input_ids"] == tok(text)["input_ids"]
+    info = json.loads((out / "export.json").read_text())
+    assert info["step"] == 120 and info["mode"] == "lora" and info["merged"] and info["dtype"] == "float32"
+    assert info["base_model"] == "random init"
+
+
+@pytest.mark.parametrize("mode", ["full", "audio_ffn"])
+def test_merged_trainable_tensors_round_trip_exactly(tmp_path, mode):
+    cfg, tok, trained, ckpt = make_checkpoint(tmp_path, mode)
+    out = tmp_path / "merged"
+    assert main(["--checkpoint", str(ckpt), "--out", str(out), "--merge"]) == 0
+    merged = higgs_from_pretrained(out)
+    want = trained.state_dict()
+    got = merged.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    b = batch(tok, merged.config)
+    torch.testing.assert_close(logits(merged, b), logits(trained, b), rtol=0, atol=0)
+    base = build_model(cfg, tok).state_dict()
+    assert any(not torch.equal(base[k], want[k]) for k in want)
+
+
+def test_auto_dtype_follows_the_pretrained_base(tmp_path):
+    cfg = tiny_config(tmp_path / "a", samples=2)
+    tok = load_tokenizer(cfg)
+    base = tmp_path / "base"
+    build_model(cfg, tok).to(torch.bfloat16).save_pretrained(str(base))
+    tok.save_pretrained(str(base))
+    _, _, trained, ckpt = make_checkpoint(tmp_path / "b", "audio_ffn", "model.init=pretrained",
+                                          f"model.path={base}", "model.tokenizer=null")
+    for dtype, want in (("auto", torch.bfloat16), ("fp32", torch.float32)):
+        out = tmp_path / dtype
+        assert main(["--checkpoint", str(ckpt), "--out", str(out), "--merge", "--dtype", dtype]) == 0
+        merged = higgs_from_pretrained(out, torch_dtype="auto")
+        assert merged.dtype == want
+        name = "layers.0.audio_mlp.up_proj.weight"
+        torch.testing.assert_close(merged.state_dict()[name], trained.state_dict()[name].to(want), rtol=0, atol=0)
+        assert json.loads((out / "export.json").read_text())["base_model"] == {"path": str(base), "revision": None}
+
+
+def test_unmerged_exports_copy_the_weights(tmp_path):
+    from peft import PeftModel
+
+    cfg, tok, peft_model, ckpt = make_checkpoint(tmp_path)
+    out = tmp_path / "adapter"
+    assert main(["--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (out / name).read_bytes() == (ckpt / "adapter" / name).read_bytes()
+    assert (out / "tokenizer" / "tokenizer.json").is_file() and (out / "config.yaml").is_file()
+    assert json.loads((out / "export.json").read_text())["merged"] is False
+    loaded = PeftModel.from_pretrained(build_model(cfg, tok), str(out))
+    b = batch(tok, loaded.base_model.model.config)
+    torch.testing.assert_close(logits(loaded, b), logits(peft_model, b), rtol=0, atol=0)
+
+
+def test_merged_folder_serves_with_the_inference_engine(tmp_path):
+    """boson_multimodal's HiggsAudioServeEngine on CPU: model + tokenizer from OUT, the tiny codec folder."""
+    from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
+
+    from higgs_ddp.codec import _tiny_semantic_teacher, save_tiny_codec_folder
+    from higgs_ddp.prompt import build_chatml
+
+    _, _, _, ckpt = make_checkpoint(tmp_path)
+    out = tmp_path / "merged"
+    assert main(["--checkpoint", str(ckpt), "--out", str(out), "--merge"]) == 0
+    codec = save_tiny_codec_folder(tmp_path / "codec")
+    with _tiny_semantic_teacher():  # the codec's constructor would fetch its HuBERT teacher from the hub
+        engine = HiggsAudioServeEngine(str(out), str(codec), device="cpu", kv_cache_lengths=[256])
+    r = engine.generate(build_chatml("Say this.", with_target=False), max_new_tokens=12, temperature=0.0,
+                        force_audio_gen=True, seed=0)
+    C = engine.model.config.audio_num_codebooks
+    assert r.generated_audio_tokens.shape[0] == C and r.generated_audio_tokens.shape[1] > C
+    assert r.audio is not None and r.audio.size > 0 and r.sampling_rate == 8000
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "higgs_ddp.export", *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+
+
+def test_cli_errors_are_one_line_and_exit_code_2(tmp_path):
+    _, _, _, ckpt = make_checkpoint(tmp_path)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    for args, words in [((tmp_path / "nope", tmp_path / "o1"), "not found"),
+                        ((ckpt, busy), "not an empty folder")]:
+        proc = run_cli("--checkpoint", args[0], "--out", args[1], "--merge")
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("higgs-ddp export: error: "), proc.stderr
+        assert words in proc.stderr and proc.stdout == ""
+    assert not (tmp_path / "o1").exists()
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
+    _, _, _, ckpt = make_checkpoint(tmp_path)
+    state = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+    key = next(k for k in state if "q_proj.lora_A" in k)
+    state[key.replace("q_proj", "q_pr0j")] = state.pop(key)  # a tensor no module takes, one left unloaded
+    save_file(state, str(ckpt / "adapter" / "adapter_model.safetensors"))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    noweights = tmp_path / "noweights"
+    noweights.mkdir()
+    shutil.copy(ckpt / "config.yaml", noweights / "config.yaml")
+    for folder, words in [(ckpt, "1 missing"), (bare, "no config.yaml"), (noweights, "no adapter/")]:
+        assert main(["--checkpoint", str(folder), "--out", str(tmp_path / "out"), "--merge"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("higgs-ddp export: error: ") and words in err, err
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_export_of_a_trained_run_is_the_trained_model(tmp_path):
+    """End to end: train, then export the run folder (its latest checkpoint) merged; the merged model
+    computes what the trained base + adapter computes."""
+    from peft import PeftModel
+
+    from higgs_ddp.train import train
+
+    cfg = tiny_config(tmp_path, "train.max_steps=2", "train.lr=1e-2", "train.warmup_steps=1")
+    train(cfg)
+    run = tmp_path / "run"
+    out = tmp_path / "merged"
+    assert main(["--checkpoint", str(run), "--out", str(out), "--merge"]) == 0
+    assert json.loads((out / "export.json").read_text())["step"] == 2
+    tok = load_tokenizer(cfg)
+    trained = PeftModel.from_pretrained(build_model(cfg, tok), str(run / "checkpoints" / "step_000002" / "adapter"))
+    merged = higgs_from_pretrained(out)
+    b = batch(tok, merged.config)
+    for got, want in zip(logits(merged, b), logits(trained, b)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
