@@ -6,6 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 GPUS   ?= 1
 CONFIG ?= configs/tiny.yaml
 ARGS   ?=
+RESTARTS ?= 0
 
 .PHONY: install demo prepare train test test-fast clean
 
@@ -19,13 +20,14 @@ $(STAMP): setup.py
 
 demo: install  ## tiny random HiggsAudioModel, 2 CPU processes: synthetic WAVs -> tiny codec -> training
 	$(PY) -m higgs_ddp.demo_data runs/tiny/data
+	rm -rf runs/tiny/checkpoints  # a demo starts over; a real run resumes from its checkpoints
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 src/higgs_ddp/train.py --config configs/tiny.yaml $(ARGS)
 
 prepare: install  ## make prepare GPUS=8 CONFIG=...: encode the audio into the code cache (training does it too)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(GPUS) -m higgs_ddp.prepare --config $(CONFIG) $(ARGS)
 
-train: install  ## make train GPUS=8 CONFIG=configs/higgs_v2_3b_lora.yaml ARGS="train.lr=1e-4"
-	$(VENV)/bin/torchrun --standalone --nproc_per_node $(GPUS) src/higgs_ddp/train.py --config $(CONFIG) $(ARGS)
+train: install  ## make train GPUS=8 CONFIG=configs/higgs_v2_3b_lora.yaml ARGS="train.lr=1e-4" [RESTARTS=3]
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(GPUS) --max-restarts $(RESTARTS) src/higgs_ddp/train.py --config $(CONFIG) $(ARGS)
 
 test: install
 	$(PY) -m pytest tests

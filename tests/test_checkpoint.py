@@ -69,20 +69,21 @@ def test_checkpoint_contents_unpickle_nothing(straight):
     assert yaml.safe_load((step3 / "config.yaml").read_text())["train"]["max_steps"] == 6
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
-def test_resume_from_half_way_equals_straight(tmp_path, straight, mode):
-    if mode == "lora":
+@pytest.mark.parametrize("mode,extra", [("lora", ()), ("full", ()), ("lora", ("data.max_tokens_per_batch=400",))],
+                         ids=["lora", "full", "lora-token-budget"])
+def test_resume_from_half_way_equals_straight(tmp_path, straight, mode, extra):
+    if mode == "lora" and not extra:
         ref = straight
     else:
-        train(tiny_config(tmp_path / "straight", *COMMON, "train.mode=full"))
+        train(tiny_config(tmp_path / "straight", *COMMON, f"train.mode={mode}", *extra))
         ref = tmp_path / "straight" / "run"
     half = ref / "checkpoints" / "step_000003"
-    train(tiny_config(tmp_path / "resumed", *COMMON, f"train.mode={mode}", f"train.resume={half}"))
+    train(tiny_config(tmp_path / "resumed", *COMMON, f"train.mode={mode}", *extra, f"train.resume={half}"))
     resumed = tmp_path / "resumed" / "run"
     assert_same_weights(final_weights(resumed), final_weights(ref))
     assert rows(resumed) == rows(ref)[3:]  # the logged losses after resume are the uninterrupted ones
     # Saving itself changes nothing: a run that never saved mid-way ends at the same weights.
-    train(tiny_config(tmp_path / "nosave", *COMMON, f"train.mode={mode}", "train.save_every=0"))
+    train(tiny_config(tmp_path / "nosave", *COMMON, f"train.mode={mode}", *extra, "train.save_every=0"))
     assert_same_weights(final_weights(tmp_path / "nosave" / "run"), final_weights(ref))
 
 
