@@ -65,19 +65,20 @@ def uninterrupted(tmp_path_factory):
     return tmp / "ref" / "run"
 
 
-def test_stop_signal_to_one_rank_stops_all_then_resumes_exactly(tmp_path, uninterrupted):
+@pytest.mark.parametrize("sig,rank", [(signal.SIGUSR1, 1), (signal.SIGTERM, 0)], ids=["usr1-rank1", "term-rank0"])
+def test_stop_signal_to_one_rank_stops_all_then_resumes_exactly(tmp_path, uninterrupted, sig, rank):
     config = write_config(tmp_path, "run")
     run = tmp_path / "run" / "run"
     proc = subprocess.Popen(torchrun_cmd(2, "--config", config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=TORCHRUN_ENV, cwd=ROOT)
     wait_for(lambda: logged_steps(run) >= 5, "training to start")
-    os.kill(workers(proc.pid)[1], signal.SIGUSR1)  # rank 1 only: rank 0 learns it through the all-reduce
+    os.kill(workers(proc.pid)[rank], sig)  # one rank only: the other learns it through the all-reduce
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
     status = json.loads((run / "status.json").read_text())
-    assert status["state"] == "stopped" and status["signal"] == "SIGUSR1"
+    assert status["state"] == "stopped" and status["signal"] == sig.name
     stopped_at = status["step"]
-    assert stopped_at < 40 and f"stopped by SIGUSR1 after step {stopped_at}" in out
+    assert stopped_at < 40 and f"stopped by {sig.name} after step {stopped_at}" in out
     assert (run / "checkpoints" / f"step_{stopped_at:06d}").is_dir()
 
     again = torchrun(2, "--config", config)  # the same command

@@ -122,6 +122,9 @@ class Trainer:
         state = load_checkpoint(path, model=self.model, named_params=self.named_params, optimizer=self.optimizer,
                                 scheduler=self.scheduler, env=self.env)
         step = state["step"]
+        if state["world_size"] != self.env.world_size and self.env.is_main:
+            print(f"resume: {state['world_size']} ranks saved this checkpoint, {self.env.world_size} run now; "
+                  f"their RNG states are not restored (accepted by train.resume_accept)", flush=True)
         if step > t.max_steps:
             raise ConfigError(f"{path} is at step {step}, past train.max_steps={t.max_steps}")
         c = state["counters"]
