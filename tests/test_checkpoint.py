@@ -78,10 +78,17 @@ def test_resume_from_half_way_equals_straight(tmp_path, straight, mode, extra):
         train(tiny_config(tmp_path / "straight", *COMMON, f"train.mode={mode}", *extra))
         ref = tmp_path / "straight" / "run"
     half = ref / "checkpoints" / "step_000003"
-    train(tiny_config(tmp_path / "resumed", *COMMON, f"train.mode={mode}", *extra, f"train.resume={half}"))
+    cfg = tiny_config(tmp_path / "resumed", *COMMON, f"train.mode={mode}", *extra, f"train.resume={half}")
+    train(cfg)
     resumed = tmp_path / "resumed" / "run"
     assert_same_weights(final_weights(resumed), final_weights(ref))
     assert rows(resumed) == rows(ref)[3:]  # the logged losses after resume are the uninterrupted ones
+    if mode == "lora" and not extra:
+        # The same command again (a requeued job): it continues from its own latest checkpoint, it does
+        # not start over from the seed checkpoint.
+        train(cfg)
+        assert rows(resumed) == rows(ref)[3:]
+        assert_same_weights(final_weights(resumed), final_weights(ref))
     # Saving itself changes nothing: a run that never saved mid-way ends at the same weights.
     train(tiny_config(tmp_path / "nosave", *COMMON, f"train.mode={mode}", *extra, "train.save_every=0"))
     assert_same_weights(final_weights(tmp_path / "nosave" / "run"), final_weights(ref))

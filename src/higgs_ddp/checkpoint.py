@@ -177,7 +177,7 @@ def save_checkpoint(output_dir, step: int, *, model, named_params: list, optimiz
             _write(final, step, model, named_params, optimizer, scheduler, state, config, rng)
             for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
                 _remove(old)
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 -- any failure must reach the other ranks, not leave them waiting
             error = f"could not write checkpoint {final}: {e}"
     failed = all_reduce_sum(torch.tensor([1.0 if error else 0.0], device=env.device)).item()
     if failed:
@@ -319,19 +319,27 @@ def check_resumable(path: Path, config: dict, fingerprint: dict, world_size: int
                           f"run in another output_dir")
 
 
-def resume_point(output_dir, resume: str) -> Optional[Path]:
-    """The checkpoint ``train.resume`` names: auto -> the latest in output_dir (None on a fresh start)."""
+def resume_point(output_dir, resume: str) -> tuple[Optional[Path], str]:
+    """The checkpoint to continue from (None: a fresh start) and a note for the user, if any.
+
+    A checkpoint path only seeds a run: once output_dir has checkpoints of its own, the latest of those
+    wins, so a restarted or requeued job running the same command continues instead of starting over.
+    """
+    own = latest_checkpoint(output_dir)
     if resume == "auto":
-        return latest_checkpoint(output_dir)
+        return own, ""
     if resume == "never":
-        existing = latest_checkpoint(output_dir)
-        if existing:
-            raise ConfigError(f"train.resume=never but {output_dir} already holds checkpoints (latest {existing.name}); "
+        if own:
+            raise ConfigError(f"train.resume=never but {output_dir} already holds checkpoints (latest {own.name}); "
                               f"their steps would mix with this run's: use another output_dir or delete "
                               f"{checkpoint_root(output_dir)}")
-        return None
+        return None, ""
     path = Path(resume)
     if not (path / STATE).is_file():
         raise ConfigError(f"train.resume={resume}: not a complete checkpoint folder (no {STATE}); "
                           f"use auto, never or a checkpoints/step_N folder")
-    return path
+    if own and own.resolve() != path.resolve():
+        return own, (f"train.resume={resume} only seeds a run without checkpoints; this output_dir has its own, "
+                     f"so it continues from the latest ({own.name}). To go back, delete the later checkpoints "
+                     f"or resume into a new output_dir")
+    return path, ""

@@ -40,13 +40,15 @@ def train(cfg: Config) -> dict:
         with StopRequest() as stop:  # from here on SIGTERM / SIGUSR1 mean: finish the step, save, exit
             trainer = Trainer(cfg, env)  # setup
             t = cfg.train
-            ckpt = resume_point(cfg.output_dir, t.resume)
+            ckpt, note = resume_point(cfg.output_dir, t.resume)
             start = trainer.resume(ckpt) if ckpt else 0
             if env.is_main:
                 remove_stale_temporaries(cfg.output_dir)
                 write_run_files(cfg)
                 write_status(cfg.output_dir, "running", start)
                 print(trainer.run_card(), flush=True)
+                if note:
+                    print(note, flush=True)
                 if ckpt:
                     epoch, offset = trainer.sampler.position(start)
                     print(f"resuming from {ckpt} (step {start}; epoch {epoch}, {offset} steps into it)", flush=True)
