@@ -18,7 +18,8 @@ from test_checkpoint import assert_same_weights, final_weights, rows
 
 pytestmark = pytest.mark.slow
 
-COMMON = ("train.max_steps=40", "train.save_every=4", "train.keep_last=2", "train.lr=5e-3",
+MAX_STEPS = 160  # about 5 s at ~30 steps/s: long enough that a fault surely lands mid-run
+COMMON = (f"train.max_steps={MAX_STEPS}", "train.save_every=4", "train.keep_last=2", "train.lr=5e-3",
           "train.warmup_steps=1", "train.seed=5", "lora.dropout=0.1", "train.micro_batch_size=1")
 
 
@@ -78,7 +79,7 @@ def test_stop_signal_to_one_rank_stops_all_then_resumes_exactly(tmp_path, uninte
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "stopped" and status["signal"] == sig.name
     stopped_at = status["step"]
-    assert stopped_at < 40 and f"stopped by {sig.name} after step {stopped_at}" in out
+    assert stopped_at < MAX_STEPS and f"stopped by {sig.name} after step {stopped_at}" in out
     assert (run / "checkpoints" / f"step_{stopped_at:06d}").is_dir()
 
     again = torchrun(2, "--config", config)  # the same command

@@ -1,0 +1,200 @@
+"""The launch scripts under a real Slurm (slurmctld, slurmd and munge on this machine, brought up by
+tests/slurm/local_slurm.sh): launch/single_node_cpu.sbatch is stopped, requeued by Slurm, restarted,
+resumes from its checkpoint and ends with exactly the weights and losses of an uninterrupted run.
+
+- The preemption warning (`#SBATCH --signal=B:USR1@N`, forced with `scancel --signal=USR1 --batch`):
+  the launcher passes USR1 to the workers, they save and exit 0, the launcher requeues the job.
+- A real preemption: a job in the high partition needs the node that a low-partition job holds
+  (PreemptType=preempt/partition_prio, PreemptMode=REQUEUE, GraceTime): the workers get SIGTERM and
+  save, the job is requeued, waits for the high job, and restarts.
+
+Needs root (slurmd and munged); installs the Slurm packages with apt if they are missing.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, torchrun
+from higgs_ddp.checkpoint import complete_checkpoints
+from test_checkpoint import assert_same_weights, final_weights, rows
+from test_faults import write_config
+
+pytestmark = pytest.mark.slow
+
+LOCAL_SLURM = ROOT / "tests" / "slurm" / "local_slurm.sh"
+SBATCH = "launch/single_node_cpu.sbatch"
+# write_config's run (tiny model, 24 samples, a checkpoint every 4 steps), but long enough (about
+# 5 s at 30 steps/s) that the stop signal surely arrives before the run is over.
+MAX_STEPS = 160
+OVERRIDES = (f"train.max_steps={MAX_STEPS}",)
+FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+@dataclass
+class Cluster:
+    state_dir: Path
+    env: dict
+
+    def run(self, *cmd, timeout=60) -> str:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self.env, cwd=ROOT)
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
+        return proc.stdout
+
+    def sbatch(self, *args) -> str:
+        return self.run("sbatch", "--parsable", *map(str, args)).strip().split(";")[0]
+
+    def job(self, job_id) -> dict:
+        """`scontrol show job` as a dict (finished jobs stay for MinJobAge; there is no sacct)."""
+        text = self.run("scontrol", "--oneliner", "show", "job", job_id)
+        return dict(re.findall(r"(?:^|\s)([A-Za-z/:]+)=(\S*)", text))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("needs root: tests/slurm/local_slurm.sh runs slurmd and munged (and may apt-get install them)")
+    state = Path(tempfile.mkdtemp(prefix="higgs-ddp-slurm-", dir="/tmp"))
+    # Nothing from an enclosing Slurm job or the launcher's knobs (TORCHRUN, NPROC) leaks into the jobs.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("TORCHRUN", "NPROC")}
+    env.update(SLURM_CONF=str(state / "slurm.conf"), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    try:
+        start = subprocess.run(["bash", str(LOCAL_SLURM), "start", str(state)], capture_output=True, text=True,
+                               timeout=600, env=env)
+        if start.returncode != 0:  # as root the cluster must come up: fail loudly, never skip
+            pytest.fail(f"local_slurm.sh start failed ({start.returncode}):\n{start.stdout}{start.stderr}"
+                        f"{_log_tails(state)}")
+        yield Cluster(state, env)
+    finally:
+        logs = tmp_path_factory.mktemp("slurm-logs")
+        for name in ("slurmctld.log", "slurmd.log", "slurm.conf", "munge/munged.log", "apt.log"):
+            if (state / name).is_file():
+                shutil.copy(state / name, logs / name.replace("/", "-"))
+        stop = subprocess.run(["bash", str(LOCAL_SLURM), "stop", str(state)], capture_output=True, text=True,
+                              timeout=300, env=env)
+        assert stop.returncode == 0, f"local_slurm.sh stop failed:\n{stop.stdout}{stop.stderr}"
+
+
+def _log_tails(state: Path, lines=30) -> str:
+    out = ""
+    for name in ("slurmctld.log", "slurmd.log"):
+        if (state / name).is_file():
+            out += f"\n--- {name} ---\n" + "\n".join((state / name).read_text(errors="replace").splitlines()[-lines:])
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    proc = torchrun(2, "--config", write_config(tmp, "ref", *OVERRIDES))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "ref" / "run"
+
+
+def job_output(path: Path) -> str:
+    """The job's output (both runs: --open-mode=append), tqdm's redrawn progress bars on lines of their own."""
+    return path.read_text(errors="replace").replace("\r", "\n") if path.exists() else ""
+
+
+def diagnosis(cluster: Cluster, out: Path, *jobs) -> str:
+    lines = [line for line in job_output(out).splitlines() if line.strip() and "it/s" not in line]
+    text = f"\n--- job output {out} (tail, without progress bars) ---\n" + "\n".join(lines[-60:])
+    for job in jobs:
+        shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=cluster.env)
+        text += f"\n--- scontrol show job {job} ---\n{shown.stdout}{shown.stderr}"
+    return text + _log_tails(cluster.state_dir, 15)
+
+
+def wait_job(cluster, job, until, what, out, timeout=240):
+    """Poll `scontrol show job` until until(fields); fail at once (with the job's story) if it ended otherwise."""
+    deadline = time.time() + timeout
+    while True:
+        fields = cluster.job(job)
+        if until(fields):
+            return fields
+        state = fields.get("JobState")
+        if state in FAILED_STATES or (state == "COMPLETED" and fields.get("Restarts") == "0"):
+            raise AssertionError(f"job {job} is {state} (Restarts={fields.get('Restarts')}) while waiting for "
+                                 f"{what}" + diagnosis(cluster, out, job))
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}" + diagnosis(cluster, out, job))
+        time.sleep(0.5)
+
+
+def wait_for_checkpoint(cluster, job, run: Path, out: Path, step=8):
+    """Until a checkpoint of step >= `step` exists: the workers are training and have their signal handlers."""
+    def progressed(fields):
+        done = complete_checkpoints(run)
+        return bool(done) and int(done[-1].name.split("_")[1]) >= step
+    wait_job(cluster, job, progressed, f"a checkpoint of step >= {step}", out, timeout=180)
+
+
+def requeued_and_finished(fields) -> bool:
+    return fields.get("JobState") == "COMPLETED" and fields.get("Restarts") == "1"
+
+
+def check_resumed_exactly(cluster, job, run: Path, out: Path, signal: str, uninterrupted: Path, before, after):
+    """The job stopped on `signal` (the launcher saying `before` first and `after` then), the rerun (restart
+    1) resumed from the checkpoint it saved and finished with the uninterrupted run's weights and losses."""
+    text = job_output(out)
+    why = diagnosis(cluster, out, job)
+    stopped = re.search(rf"stopped by {signal} after step (\d+)", text)
+    assert stopped, f"no 'stopped by {signal}' in the job output" + why
+    step = int(stopped.group(1))
+    assert step < MAX_STEPS, "the run was over before the signal arrived; raise MAX_STEPS" + why
+    resumed = f"resuming from {run / 'checkpoints' / f'step_{step:06d}'} (step {step};"
+    expected = [f"higgs-ddp launch: job {job}, restart 0", before, stopped.group(0), after,
+                f"higgs-ddp launch: job {job}, restart 1", resumed, "done: final loss"]
+    position = 0
+    for line in expected:
+        found = text.find(line, position)
+        assert found >= 0, f"missing (in this order): {line!r}" + why
+        position = found + len(line)
+    assert text.count("resuming from") == 1, why
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "finished" and status["step"] == MAX_STEPS, f"{status}" + why
+    assert_same_weights(final_weights(run), final_weights(uninterrupted))
+    assert rows(run) == rows(uninterrupted)
+
+
+def test_preemption_warning_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_path):
+    """USR1 to the batch shell (what `#SBATCH --signal=B:USR1@120` sends before the time limit)."""
+    config = write_config(tmp_path, "run", *OVERRIDES)
+    run, out = tmp_path / "run" / "run", tmp_path / "job.out"
+    job = cluster.sbatch("--output", out, SBATCH, config)  # the default partition, as submitted by hand
+    wait_for_checkpoint(cluster, job, run, out)
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    fields = wait_job(cluster, job, requeued_and_finished, "the requeued job to finish (COMPLETED, Restarts=1)", out)
+    assert fields["ExitCode"] == "0:0", diagnosis(cluster, out, job)
+    check_resumed_exactly(cluster, job, run, out, "SIGUSR1", uninterrupted, before="higgs-ddp launch: USR1 at",
+                          after=f"higgs-ddp launch: requeueing job {job}")
+
+
+def test_real_preemption_by_a_higher_priority_job_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_path):
+    """A job in the high partition takes the node from the low-partition training job (local_slurm.sh:
+    preempt/partition_prio, PreemptMode=REQUEUE, GraceTime=30 on low). Slurm sends SIGTERM to the job's
+    tasks; the workers save and exit; the launcher sees the preemption and requeues the job (a job that
+    ends within its grace time is otherwise just FAILED); it restarts once the high job is done."""
+    config = write_config(tmp_path, "run", *OVERRIDES)
+    run, out, high_out = tmp_path / "run" / "run", tmp_path / "job.out", tmp_path / "high.out"
+    job = cluster.sbatch("--partition=low", "--exclusive", "--output", out, SBATCH, config)
+    wait_for_checkpoint(cluster, job, run, out)
+    high = cluster.sbatch("--partition=high", "--exclusive", "--output", high_out, "--job-name=higgs-ddp-high",
+                          "--wrap", "echo high-priority job ran on $(hostname); sleep 5")
+    wait_job(cluster, job, requeued_and_finished, "the preempted job to be requeued and finish", out)
+    check_resumed_exactly(cluster, job, run, out, "SIGTERM", uninterrupted, before="",
+                          after=f"higgs-ddp launch: job {job} was preempted")
+    low, hi = cluster.job(job), cluster.job(high)
+    why = diagnosis(cluster, out, job, high)
+    assert hi["JobState"] == "COMPLETED" and hi["Partition"] == "high", why
+    assert "high-priority job ran" in high_out.read_text(), why
+    # The high job ran while the low one was requeued: it ended before the low job's second start.
+    assert hi["StartTime"] <= hi["EndTime"] <= low["StartTime"], why
