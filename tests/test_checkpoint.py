@@ -187,7 +187,10 @@ def test_changed_data_content_is_named(tmp_path, straight):
     first = json.loads(lines[0])
     first["text"] += " (edited)"
     manifest.write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
-    with pytest.raises(ConfigError, match="the same sample ids but different tokens or audio codes"):
+    with pytest.raises(ConfigError, match="the same sample ids, but in another order or with different tokens"):
+        train(cfg)
+    manifest.write_text("\n".join(reversed(lines)) + "\n")  # same samples, another order: another result
+    with pytest.raises(ConfigError, match="the same sample ids, but in another order"):
         train(cfg)
 
 

@@ -292,8 +292,8 @@ def resume_differences(saved_config: dict, config: dict, saved_state: dict, fing
     old = saved_state.get("data", {})
     if old.get("content") != fingerprint["content"]:
         if old.get("ids") == fingerprint["ids"]:
-            diffs["data"] = ("the same sample ids but different tokens or audio codes (edited text or audio, "
-                             "another tokenizer or codec?)")
+            diffs["data"] = ("the same sample ids, but in another order or with different tokens or audio codes "
+                             "(reordered manifest, edited text or audio, another tokenizer or codec?)")
         else:
             diffs["data"] = f"{old.get('samples')} training samples -> {fingerprint['samples']}, not the same set"
     if saved_state.get("world_size") != world_size:

@@ -174,8 +174,9 @@ def fingerprint(records: list) -> dict:
     """What a checkpoint remembers of its training data: the order of samples and every token and code
     matters to the result, the file paths do not."""
     ids, content = hashlib.sha256(), hashlib.sha256()
+    for sample_id in sorted(r.id for r in records):  # the set of samples, whatever their order
+        ids.update(sample_id.encode() + b"\0")
     for r in records:
-        ids.update(r.id.encode() + b"\0")
         content.update(r.id.encode() + b"\0")
         for arr in (r.input_ids, r.label_ids, *r.codes):
             content.update(np.ascontiguousarray(arr).tobytes())
