@@ -8,6 +8,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,7 +201,11 @@ class Trainer:
         else:
             self.bad_in_row += 1
             self.skipped_steps += 1
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # A skipped step still advances the schedule (it is indexed by optimizer steps taken or
+            # skipped); torch warns about scheduler.step() without optimizer.step(), which is intended here.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.bad_in_row >= t.max_bad_steps:
             raise TrainingError(
