@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -62,11 +61,12 @@ def read_checkpoint(ckpt: Path) -> Config:
 
 
 def _step(ckpt: Path):
+    from .checkpoint import CheckpointError, read_state, step_of
+
     try:  # state.json is written last into every checkpoint; the folder name is only a fallback
-        return json.loads((ckpt / "state.json").read_text())["step"]
-    except (OSError, ValueError, KeyError):
-        m = re.fullmatch(r"step_(\d+)", ckpt.resolve().name)
-        return int(m.group(1)) if m else None
+        return read_state(ckpt)["step"]
+    except (CheckpointError, KeyError):
+        return step_of(ckpt.resolve())
 
 
 def _load_safetensors(path: Path) -> dict:

@@ -85,13 +85,13 @@ def train(cfg: Config) -> dict:
                 if signum:
                     break
             bar.close()
-            if signum:  # save
+            if signum:  # saved above, at the step it stopped after
                 if env.is_main:
                     write_status(cfg.output_dir, "stopped", step, signal=signal_name(signum))
                     print(f"stopped by {signal_name(signum)} after step {step}; the checkpoint is saved. "
                           f"Run the same command again to resume.", flush=True)
             else:
-                final = trainer.save_final()
+                final = trainer.save_final()  # save
                 if env.is_main:
                     write_status(cfg.output_dir, "finished", t.max_steps)
                     done = f"final loss {last['loss']:.4f}" if last else f"already finished at step {start}"
