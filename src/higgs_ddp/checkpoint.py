@@ -266,6 +266,8 @@ def load_checkpoint(path: Path, *, model, named_params: list, optimizer, schedul
 NO_EFFECT = {
     "output_dir", "train.resume", "train.resume_accept", "train.save_every", "train.keep_last",
     "train.log_every", "train.max_bad_steps", "train.find_unused_parameters",
+    # Same loss and gradients, other memory / speed: switching them on to fit a GPU is a normal resume.
+    "train.activation_checkpointing", "train.text_logits", "train.text_logits_chunk", "train.compile",
     "data.num_workers", "data.prefetch_factor", "data.cache_dir",
     # The data itself is judged by its fingerprint, not by where it lives or how it got there.
     "data.manifest", "data.root", "data.allow_outside_root", "data.on_error", "data.codec_revision",

@@ -85,6 +85,11 @@ class TrainConfig:
     keep_last: int = 3  # complete checkpoints kept (0: all)
     resume: str = "auto"  # "auto": from the latest checkpoint in output_dir, if any | "never" | a checkpoint path
     resume_accept: list = field(default_factory=list)  # differences from the checkpoint to accept, e.g. [train.lr]
+    # Speed and memory (see perf.py and BENCHMARKS.md); none of them changes the loss or the gradients.
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward: less memory, ~1/3 more compute
+    text_logits: str = "supervised"  # "supervised": text head only where a text target is supervised | "all"
+    text_logits_chunk: int = 4096  # rows of text logits computed (and kept for backward) at a time; 0: all
+    compile: bool = False  # torch.compile each decoder layer
 
 
 @dataclass
@@ -112,6 +117,7 @@ CHOICES = {
     "train.mode": ("lora", "audio_ffn", "full"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.loss_alignment": ("auto", "shifted", "aligned"),
+    "train.text_logits": ("supervised", "all"),
     "data.on_error": ("error", "skip"),
 }
 PATH_LISTS = {"data.manifest", "data.val_manifest"}  # a string is a one-item list
@@ -255,6 +261,8 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"config key {key!r} must be >= 1")
+    if cfg.train.text_logits_chunk < 0:
+        raise ConfigError("train.text_logits_chunk must be >= 0 (0: all rows at once)")
     if cfg.train.save_every < 0 or cfg.train.keep_last < 0:
         raise ConfigError("train.save_every and train.keep_last must be >= 0 (0: at the end only / keep all)")
     if not cfg.train.resume:

@@ -13,10 +13,11 @@ the inputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 ALIGNMENTS = ("auto", "shifted", "aligned")
 
@@ -110,8 +111,31 @@ def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
+def _head_ce_sum(head: Callable, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return _ce_sum(head(hidden), targets)
+
+
+def head_cross_entropy_sum(head: Callable, hidden: torch.Tensor, targets: torch.Tensor,
+                           chunk_rows: int = 0) -> torch.Tensor:
+    """sum CE(head(hidden), targets) over rows, ``chunk_rows`` rows at a time (0: all at once).
+
+    With several chunks each one is checkpointed: its (rows, V) logits and softmax are recomputed in
+    backward instead of kept, so at most one chunk's logits is alive at any time."""
+    n = hidden.shape[0]
+    if not chunk_rows or n <= chunk_rows:  # (n == 0 gives 0, still connected to the head's weights)
+        return _head_ce_sum(head, hidden, targets)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, n, chunk_rows):
+        h, y = hidden[i:i + chunk_rows], targets[i:i + chunk_rows]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_head_ce_sum, head, h, y, use_reentrant=False)
+        else:
+            total = total + _head_ce_sum(head, h, y)
+    return total
+
+
 def compute_dual_loss(
-    logits: torch.Tensor,
+    logits: Optional[torch.Tensor],
     expanded_labels: torch.Tensor,
     audio_logits: Optional[torch.Tensor],
     label_audio_ids: Optional[torch.Tensor],
@@ -124,6 +148,10 @@ def compute_dual_loss(
     ignore_index: int = -100,
     audio_out_ids_start: Optional[torch.Tensor] = None,
     validate: bool = True,
+    text_hidden: Optional[torch.Tensor] = None,
+    text_head: Optional[Callable] = None,
+    text_vocab_size: Optional[int] = None,
+    chunk_rows: int = 0,
 ) -> DualLoss:
     """Text + audio next-token loss.
 
@@ -132,10 +160,26 @@ def compute_dual_loss(
     concatenation) is optional: without it, segment starts are found in ``audio_out_ids`` (codebook 0
     holds the stream BOS, id K-2, only in a segment's first column) or, failing that, rely on every
     segment's first label column being ignore_index, as the official collator builds it.
+
+    Instead of ``logits`` a caller may pass the final hidden states ``text_hidden`` (B, T, H) and the
+    ``text_head`` (hidden -> vocabulary logits, e.g. the model's ``text_lm_head``): the head is then
+    applied only to the rows that have a supervised target, ``chunk_rows`` at a time. The loss is the
+    same; the (B, T, V) logits are never built.
     """
     if alignment not in ALIGNMENTS:
         raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
-    device = logits.device
+    if (logits is None) == (text_head is None):
+        raise ValueError("pass either logits, or text_hidden with text_head")
+    if text_head is not None:
+        if text_hidden is None:
+            raise ValueError("text_head needs text_hidden (the final hidden states)")
+        text_vocab_size = text_vocab_size or getattr(text_head, "out_features", None)
+        if text_vocab_size is None:
+            raise ValueError("text_vocab_size is required when text_head has no out_features")
+    else:
+        text_vocab_size = logits.shape[-1]
+    scored = logits if logits is not None else text_hidden  # (B, T, V) logits or (B, T, H) states
+    device = scored.device
     has_audio = audio_logits is not None and label_audio_ids is not None and label_audio_ids.numel() > 0
     n_audio = label_audio_ids.shape[-1] if has_audio else 0
     if has_audio and audio_logits.shape[0] != n_audio:
@@ -145,7 +189,7 @@ def compute_dual_loss(
     boundary = _segment_last_columns(n_audio, audio_out_ids_start, device) if has_audio else None
 
     if validate:
-        _check("expanded_labels", logits.shape[-1], expanded_labels, ignore_index)
+        _check("expanded_labels", text_vocab_size, expanded_labels, ignore_index)
         if has_audio:
             _check("label_audio_ids", audio_logits.shape[-1], label_audio_ids, ignore_index)
 
@@ -182,11 +226,14 @@ def compute_dual_loss(
 
     # Text stream.
     if path == "shifted":
-        t_logits, t_labels = logits[:, :-1], expanded_labels[:, 1:]
+        t_scored, t_labels = scored[:, :-1], expanded_labels[:, 1:]
     else:
-        t_logits, t_labels = logits, expanded_labels
+        t_scored, t_labels = scored, expanded_labels
     t_sup = t_labels != ignore_index
-    text_sum = _ce_sum(t_logits[t_sup], t_labels[t_sup])
+    if text_head is None:
+        text_sum = _ce_sum(t_scored[t_sup], t_labels[t_sup])
+    else:
+        text_sum = head_cross_entropy_sum(text_head, t_scored[t_sup], t_labels[t_sup], chunk_rows)
     text_tokens = t_sup.sum()
 
     # Audio stream: every codebook is its own classification over K = codebook_size + 2 (BOS, EOS).
@@ -206,7 +253,7 @@ def compute_dual_loss(
         audio_sum = per_cb_sum.sum()
     else:
         # Keep the graph connected so every rank's backward touches the audio head (DDP needs it).
-        audio_sum = audio_logits.sum() * 0.0 if audio_logits is not None else logits.new_zeros(())
+        audio_sum = audio_logits.sum() * 0.0 if audio_logits is not None else scored.new_zeros(())
         per_cb_sum = torch.zeros(num_cb, device=device)
         per_cb_tokens = torch.zeros(num_cb, dtype=torch.long, device=device)
     audio_tokens = per_cb_tokens.sum()

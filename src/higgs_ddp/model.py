@@ -9,7 +9,9 @@ goes ``ddp(...) -> HiggsForward.forward -> HiggsAudioModel.forward`` and DDP's h
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+
 import torch
 from torch import nn
 
@@ -147,11 +149,16 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class HiggsForward(nn.Module):
-    """The module DDP wraps. Its forward is where peft is unwrapped, so DDP's forward still runs."""
+    """The module DDP wraps. Its forward is where peft is unwrapped, so DDP's forward still runs.
 
-    def __init__(self, model: nn.Module):
+    With ``defer_text_head`` the model's text head is bypassed (perf.deferred_text_head) and the output
+    holds ``text_hidden`` (B, T, H) instead of ``logits`` (B, T, V): the loss applies the head only to
+    the rows it scores."""
+
+    def __init__(self, model: nn.Module, defer_text_head: bool = False):
         super().__init__()
         self.model = model  # HiggsAudioModel or a PeftModel around it
+        self.defer_text_head = defer_text_head
         _, HiggsAudioModel = _import_higgs()
         accepted = set(inspect.signature(HiggsAudioModel.forward).parameters)
         from .collator import Batch
@@ -160,12 +167,16 @@ class HiggsForward(nn.Module):
 
     def forward(self, **inputs) -> dict:
         from .collator import Batch
+        from .perf import deferred_text_head
         extra = set(inputs) - set(Batch.MODEL_INPUTS)
         if extra:
             raise TypeError(f"not a HiggsAudioModel input: {sorted(extra)}")
-        out = unwrap(self.model)(**inputs, use_cache=False, return_dict=True)
+        raw = unwrap(self.model)
+        with deferred_text_head(raw) if self.defer_text_head else contextlib.nullcontext():
+            out = raw(**inputs, use_cache=False, return_dict=True)
         # A plain dict of tensors: DDP walks the output to find what backward will reach.
-        return {"logits": out.logits, "audio_logits": out.audio_logits,
+        text = {"text_hidden": out.logits} if self.defer_text_head else {"logits": out.logits}
+        return {**text, "audio_logits": out.audio_logits,
                 "expanded_labels": out.expanded_labels, "expanded_input_ids": out.expanded_input_ids}
 
 

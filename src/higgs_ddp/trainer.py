@@ -25,6 +25,7 @@ from .distributed import DistEnv, all_reduce_sum
 from .dual_loss import compute_dual_loss
 from .model import HiggsForward, apply_training_mode, build_model, load_tokenizer, unwrap
 from .optim import build_optimizer, build_scheduler
+from .perf import compile_decoder_layers, enable_activation_checkpointing, enable_tf32, text_head
 
 
 class TrainingError(RuntimeError):
@@ -90,7 +91,16 @@ class Trainer:
             # would shift dropout after a resume.
             generator=torch.Generator().manual_seed(t.seed))
 
-        forward = HiggsForward(self.model)
+        perf = []  # what rank 0 reports in the run card
+        if env.device.type == "cuda":
+            enable_tf32()
+        if t.activation_checkpointing:
+            perf.append(f"activation checkpointing ({enable_activation_checkpointing(self.raw)} layers)")
+        if t.compile:
+            perf.append(f"torch.compile ({compile_decoder_layers(self.raw)} layers)")
+        self.perf = perf
+        self.text_head = text_head(self.raw) if t.text_logits == "supervised" else None
+        forward = HiggsForward(self.model, defer_text_head=self.text_head is not None)
         if env.world_size > 1:
             ids = [env.local_rank] if env.device.type == "cuda" else None
             self.ddp = DDP(forward, device_ids=ids, find_unused_parameters=t.find_unused_parameters)
@@ -141,7 +151,8 @@ class Trainer:
         return (f"higgs-ddp | mode {t.mode} | {self.num_trainable:,} trainable parameters | "
                 f"{len(self.dataset)} samples ({self.data.report['train_audio_hours']:.2f} h){val} | "
                 f"global batch {env.world_size}x{t.grad_accum_steps}x{per_micro} | {t.max_steps} steps | "
-                f"{self.precision} | {env.world_size} x {env.device.type}")
+                f"{self.precision} | {env.world_size} x {env.device.type}"
+                + "".join(f" | {p}" for p in self.perf))
 
     @property
     def num_trainable(self) -> int:
@@ -152,6 +163,16 @@ class Trainer:
         if isinstance(self.ddp, DDP):
             self.ddp.require_backward_grad_sync = last
         return contextlib.nullcontext()
+
+    def loss(self, out: dict, b: Batch, check: bool):
+        t = self.cfg.train
+        return compute_dual_loss(
+            out.get("logits"), out["expanded_labels"], out["audio_logits"], b.label_audio_ids,
+            expanded_input_ids=out["expanded_input_ids"] if check else None,
+            audio_out_ids=b.audio_out_ids if check else None,
+            audio_out_ids_start=b.audio_out_ids_start, alignment=self.alignment,
+            text_weight=t.text_weight, audio_weight=t.audio_weight, validate=check,
+            text_hidden=out.get("text_hidden"), text_head=self.text_head, chunk_rows=t.text_logits_chunk)
 
     def train_step(self, micro: list[Batch]) -> StepResult:
         env, t = self.env, self.cfg.train
@@ -166,16 +187,11 @@ class Trainer:
         sums = torch.zeros(2 + 2 * C, dtype=torch.float64, device=env.device)
         for i, b in enumerate(micro):
             self._sync_context(i == len(micro) - 1)
-            with self.autocast:
-                out = self.ddp(**b.model_inputs())
             # Verify the label convention on the first step; the aligned path is verified on every step.
             check = not self.verified or self.alignment == "aligned"
-            dl = compute_dual_loss(
-                out["logits"], out["expanded_labels"], out["audio_logits"], b.label_audio_ids,
-                expanded_input_ids=out["expanded_input_ids"] if check else None,
-                audio_out_ids=b.audio_out_ids if check else None,
-                audio_out_ids_start=b.audio_out_ids_start, alignment=self.alignment,
-                text_weight=t.text_weight, audio_weight=t.audio_weight, validate=check)
+            with self.autocast:  # the deferred text head runs inside the loss, so the loss is under it too
+                out = self.ddp(**b.model_inputs())
+                dl = self.loss(out, b, check)
             if check:
                 if (int(dl.text_tokens), int(dl.audio_tokens)) != (b.text_targets, b.audio_targets):
                     raise TrainingError(

@@ -1,0 +1,129 @@
+"""The speed and memory switches change nothing but speed and memory: activation checkpointing, the
+text head applied only to supervised rows (chunked or not) and torch.compile give the same loss and
+the same gradients as the plain model, through the real Trainer on the tiny HiggsAudioModel."""
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from higgs_ddp.distributed import DistEnv
+from higgs_ddp.dual_loss import compute_dual_loss, head_cross_entropy_sum
+from higgs_ddp.trainer import Trainer
+
+PLAIN = ("train.text_logits=all", "train.activation_checkpointing=false")
+
+
+def first_step(tmp_path, name, *overrides, mode="lora"):
+    """Loss parts and gradients of the first micro-batch, with LoRA dropout on (so the RNG matters)."""
+    cfg = tiny_config(tmp_path / name, f"train.mode={mode}", "lora.dropout=0.2", "train.micro_batch_size=2",
+                      *overrides)
+    trainer = Trainer(cfg, DistEnv())
+    batch = next(iter(trainer.loader))
+    calls = []
+    head = trainer.raw.audio_decoder_proj.text_lm_head
+    # Output shapes of the text head (while deferred inside the model it passes hidden states through).
+    handle = head.register_forward_hook(lambda m, args, out: calls.append(tuple(out.shape)))
+    torch.manual_seed(0)
+    out = trainer.ddp(**batch.model_inputs())
+    dl = trainer.loss(out, batch, check=True)
+    dl.loss.backward()
+    handle.remove()
+    grads = {n: p.grad.clone() for n, p in trainer.named_params}
+    return dl, grads, calls, trainer
+
+
+def assert_same(a, b, exact=True):
+    (dl_a, g_a), (dl_b, g_b) = a, b
+    # Not exact: a matmul over a subset of rows sums in another order than over all of them (~1e-7 relative).
+    check = torch.equal if exact else (lambda x, y: torch.allclose(x, y, rtol=1e-5, atol=1e-6))
+    for part in ("loss", "text_loss", "audio_loss", "per_codebook_loss"):
+        assert check(getattr(dl_a, part).detach(), getattr(dl_b, part).detach()), part
+    assert (int(dl_a.text_tokens), int(dl_a.audio_tokens)) == (int(dl_b.text_tokens), int(dl_b.audio_tokens))
+    assert g_a.keys() == g_b.keys()
+    for k in g_a:
+        assert check(g_a[k], g_b[k]), k
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_activation_checkpointing_same_loss_and_gradients_and_recomputes(tmp_path, mode):
+    plain = first_step(tmp_path, "plain", *PLAIN, mode=mode)
+    ckpt = first_step(tmp_path, "ckpt", "train.text_logits=all", "train.activation_checkpointing=true", mode=mode)
+    assert_same(plain[:2], ckpt[:2], exact=True)
+    # It really is on: each decoder layer's MLP runs again during backward.
+    runs = {"plain": 0, "ckpt": 0}
+    for name, res in (("plain", plain), ("ckpt", ckpt)):
+        trainer = res[3]
+        mlp = trainer.raw.layers[0].mlp
+        h = mlp.register_forward_hook(lambda *a, n=name: runs.__setitem__(n, runs[n] + 1))
+        batch = next(iter(trainer.loader))
+        trainer.loss(trainer.ddp(**batch.model_inputs()), batch, check=True).loss.backward()
+        h.remove()
+    assert runs == {"plain": 1, "ckpt": 2}
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])  # full: the text head itself gets gradients
+def test_supervised_text_logits_same_loss_and_gradients_without_full_logits(tmp_path, mode):
+    full = first_step(tmp_path, "all", *PLAIN, mode=mode)
+    sup = first_step(tmp_path, "sup", "train.text_logits=supervised", "train.text_logits_chunk=0", mode=mode)
+    chunked = first_step(tmp_path, "chunk", "train.text_logits=supervised", "train.text_logits_chunk=3", mode=mode)
+    assert_same(full[:2], sup[:2], exact=False)
+    assert_same(sup[:2], chunked[:2], exact=False)
+    (b, t, vocab), = full[2]  # the model's own head: logits for every position
+    rows, hidden = int(full[0].text_tokens), 64
+    assert sup[2] == [(b, t, hidden), (rows, vocab)]  # passed through, then applied to supervised rows
+    logits = chunked[2][1:]
+    assert len(logits) >= 2 and logits[:-1] == [(3, vocab)] * (len(logits) - 1)
+    assert sum(n for n, _ in logits) == 2 * rows  # each chunk again in backward: its logits weren't kept
+    assert rows < b * t / 4, "the tiny batch should have few supervised text positions"
+
+
+def test_both_switches_together_match_the_plain_model(tmp_path):
+    plain = first_step(tmp_path, "plain", *PLAIN)
+    both = first_step(tmp_path, "both", "train.text_logits=supervised", "train.text_logits_chunk=2",
+                      "train.activation_checkpointing=true")
+    assert_same(plain[:2], both[:2], exact=False)
+
+
+def test_chunked_head_cross_entropy_keeps_one_chunk_of_logits():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 1000, bias=False)
+    hidden = torch.randn(64, 16, requires_grad=True)
+    targets = torch.randint(0, 1000, (64,))
+    ref = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+    ref.backward()
+    g_ref = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad = head.weight.grad = None
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        got = head_cross_entropy_sum(head, hidden, targets, chunk_rows=8)
+    got.backward()
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, g_ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head.weight.grad, g_ref[1], rtol=1e-5, atol=1e-6)
+    # Nothing the size of a chunk's logits (8 x 1000) is kept for backward, let alone all 64 rows'.
+    assert max(saved) < 8 * 1000
+
+
+def test_loss_takes_logits_or_hidden_and_head_not_both():
+    logits = torch.randn(1, 4, 10)
+    labels = torch.tensor([[-100, 1, 2, 3]])
+    with pytest.raises(ValueError, match="either logits"):
+        compute_dual_loss(logits, labels, None, None, alignment="shifted", text_head=torch.nn.Linear(4, 10),
+                          text_hidden=torch.randn(1, 4, 4))
+    with pytest.raises(ValueError, match="either logits"):
+        compute_dual_loss(None, labels, None, None, alignment="shifted")
+
+
+@pytest.mark.slow
+def test_compiled_layers_same_loss_and_gradients(tmp_path):
+    # Without dropout: compiled code draws dropout masks from inductor's own generator, not eager's,
+    # so with dropout the two runs are equally valid but not equal.
+    plain = first_step(tmp_path, "plain", *PLAIN, "lora.dropout=0.0")
+    compiled = first_step(tmp_path, "compiled", *PLAIN, "train.compile=true", "lora.dropout=0.0")
+    # Inductor fuses and reorders float operations: equal to float tolerance, not bit for bit.
+    dl_a, g_a = plain[:2]
+    dl_b, g_b = compiled[:2]
+    torch.testing.assert_close(dl_b.loss, dl_a.loss, rtol=1e-5, atol=1e-6)
+    for k in g_a:
+        torch.testing.assert_close(g_b[k], g_a[k], rtol=1e-4, atol=1e-6, msg=k)
