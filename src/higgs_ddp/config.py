@@ -101,12 +101,24 @@ class LoraSettings:
 
 
 @dataclass
+class BenchConfig:  # python -m higgs_ddp.bench: random samples of one length, no data needed
+    seq_len: int = 2048  # positions per sample (text + expanded audio)
+    audio_fraction: float = 0.85  # share of them that is audio (speech: ~25 frames/s, a few text tokens/s)
+    samples: int = 256
+    warmup_steps: int = 3
+    steps: int = 10
+    peer: bool = True  # also time the transformers.Trainer loop of the public Higgs trainers, side by side
+    peak_tflops: float = 0.0  # the device's dense bf16 peak for MFU; 0: look the GPU up in a table
+
+
+@dataclass
 class Config:
     output_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

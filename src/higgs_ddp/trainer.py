@@ -20,7 +20,7 @@ from .collator import Batch, HiggsCollator
 from .checkpoint import check_resumable, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError
 from .batching import StepBatchSampler, TokenBudgetBatchSampler
-from .data import ManifestDataset, fingerprint, load_data
+from .data import Data, ManifestDataset, fingerprint, load_data
 from .distributed import DistEnv, all_reduce_sum
 from .dual_loss import compute_dual_loss
 from .model import HiggsForward, apply_training_mode, build_model, load_tokenizer, unwrap
@@ -48,7 +48,7 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: DistEnv):
+    def __init__(self, cfg: Config, env: DistEnv, data: Data | None = None):
         self.cfg, self.env = cfg, env
         t = cfg.train
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and env.device.type == "cuda")
@@ -68,7 +68,7 @@ class Trainer:
 
         mc = self.raw.config
         # Before the model moves to the GPU: preparing new audio loads the codec there for a while.
-        self.data = load_data(cfg, env, self.tokenizer, mc)
+        self.data = data or load_data(cfg, env, self.tokenizer, mc)  # (the benchmark brings its own)
         self.dataset = ManifestDataset(self.data.train)
         self.val_dataset = ManifestDataset(self.data.val)
         if cfg.data.max_tokens_per_batch:
