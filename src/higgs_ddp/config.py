@@ -109,6 +109,7 @@ class BenchConfig:  # python -m higgs_ddp.bench: random samples of one length, n
     steps: int = 10
     peer: bool = True  # also time the transformers.Trainer loop of the public Higgs trainers, side by side
     peak_tflops: float = 0.0  # the device's dense bf16 peak for MFU; 0: look the GPU up in a table
+    find_largest_micro_batch: bool = False  # GPU: double the micro-batch until out of memory
 
 
 @dataclass

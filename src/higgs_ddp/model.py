@@ -88,14 +88,16 @@ def check_tokenizer(model_config, tokenizer) -> None:
             raise ConfigError(f"model config {field}={want} but the tokenizer maps {token} to {got}")
 
 
-def build_model(cfg: Config, tokenizer, dtype: torch.dtype = torch.float32):
+def build_model(cfg: Config, tokenizer, dtype: torch.dtype = torch.float32, device=None):
     HiggsAudioConfig, HiggsAudioModel = _import_higgs()
     if cfg.model.init == "random":
         config = _random_config(cfg, tokenizer)
         config._attn_implementation = cfg.model.attn_implementation
         # The same seed on every rank; DDP also broadcasts rank 0's weights when it wraps the model.
         torch.manual_seed(cfg.train.seed)
-        model = HiggsAudioModel(config).to(dtype)
+        # Initialised where it will run: 5.8B random weights are minutes of CPU time, seconds on a GPU.
+        with torch.device(device or "cpu"):
+            model = HiggsAudioModel(config).to(dtype)
     else:
         model = HiggsAudioModel.from_pretrained(cfg.model.path, revision=cfg.model.revision, torch_dtype=dtype,
                                                 attn_implementation=cfg.model.attn_implementation)

@@ -58,7 +58,8 @@ class Trainer:
         self.precision = "bf16" if use_bf16 else "fp32"
 
         self.tokenizer = load_tokenizer(cfg)
-        base = build_model(cfg, self.tokenizer, dtype=torch.bfloat16 if use_bf16 else torch.float32)
+        base = build_model(cfg, self.tokenizer, dtype=torch.bfloat16 if use_bf16 else torch.float32,
+                           device=env.device)
         self.model = apply_training_mode(base, cfg)
         self.named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named_params]
