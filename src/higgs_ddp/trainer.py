@@ -101,6 +101,11 @@ class Trainer:
             perf.append(f"torch.compile ({compile_decoder_layers(self.raw)} layers)")
         self.perf = perf
         self.text_head = text_head(self.raw) if t.text_logits == "supervised" else None
+        if self.text_head is not None and t.find_unused_parameters and any(
+                p.requires_grad for p in self.text_head.parameters()):
+            # The deferred head runs after DDP's forward: DDP's search for unused weights would miss it.
+            raise ConfigError("train.find_unused_parameters=true with a trained text head needs "
+                              "train.text_logits=all")
         forward = HiggsForward(self.model, defer_text_head=self.text_head is not None)
         if env.world_size > 1:
             ids = [env.local_rank] if env.device.type == "cuda" else None
