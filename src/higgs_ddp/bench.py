@@ -178,11 +178,37 @@ def run(cfg: Config, env, source: str = "") -> dict:
     return result
 
 
+def _gb(n) -> str:
+    return "—" if n is None else f"{n / 1e9:.2f} GB"
+
+
+def table_rows(lines: list) -> str:
+    """BENCHMARKS.md rows from the benchmark's JSON lines."""
+    rows = []
+    for line in lines:
+        r = json.loads(line)
+        setup = (f"{r['mode']} {r['precision']}, {r['micro_batch_size']}×{r['seq_len']}"
+                 f"{', act. ckpt' if r['activation_checkpointing'] else ''}, text logits {r['text_logits']}"
+                 f"{', compiled' if r['compile'] else ''}")
+        mfu = "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
+        peer = "—" if r.get("peer_ratio") is None else f"{r['peer_ratio']:.2f}×"
+        rows.append(f"| {setup} | {r['device']} ×{r['world_size']} | {r['date']} | `{r['config']}` | "
+                    f"{r['tokens_per_s']:,.0f} | {mfu} | {_gb(r['peak_memory_bytes'])} | {r['overhead']:.3f} | "
+                    f"{peer} | {r['data_rate_ratio']:.0f}× |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config file (e.g. configs/bench_3b.yaml)")
+    parser.add_argument("--config", help="YAML config file (e.g. configs/bench_3b.yaml)")
+    parser.add_argument("--table", metavar="JSONL", help="print BENCHMARKS.md rows for saved result lines")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. bench.seq_len=4096")
     args = parser.parse_args(argv)
+    if args.table:
+        print(table_rows([line for line in open(args.table, encoding="utf-8") if line.strip()]))
+        return 0
+    if not args.config:
+        parser.error("--config is required")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
