@@ -7,8 +7,13 @@ GPUS   ?= 1
 CONFIG ?= configs/tiny.yaml
 ARGS   ?=
 RESTARTS ?= 0
+WHEELS ?= wheels
+PYVER  ?= 3.12
 
-.PHONY: install demo prepare train test test-fast clean
+# make bench: the full 3B architecture where a GPU is visible, the tiny model otherwise
+BENCH_CONFIG ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo configs/bench_3b.yaml || echo configs/bench_tiny.yaml)
+
+.PHONY: install wheels install-offline demo prepare train bench test test-fast clean
 
 install: $(STAMP)
 
@@ -17,6 +22,12 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+wheels: install  ## make wheels [PYVER=3.12]: where PyPI is reachable, fetch into wheels/ what a GPU machine without a registry lacks
+	launch/fetch_wheels.sh $(WHEELS) $(PYVER)
+
+install-offline:  ## on such a GPU machine: .venv from wheels/ over its own torch/torchaudio [PYTHON=python3]
+	PYTHON=$(PYTHON) launch/install_offline.sh $(WHEELS)
 
 demo: install  ## tiny random HiggsAudioModel, 2 CPU processes: synthetic WAVs -> tiny codec -> training
 	$(PY) -m higgs_ddp.demo_data runs/tiny/data
@@ -28,6 +39,9 @@ prepare: install  ## make prepare GPUS=8 CONFIG=...: encode the audio into the c
 
 train: install  ## make train GPUS=8 CONFIG=configs/higgs_v2_3b_lora.yaml ARGS="train.lr=1e-4" [RESTARTS=3]
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(GPUS) --max-restarts $(RESTARTS) src/higgs_ddp/train.py --config $(CONFIG) $(ARGS)
+
+bench: install  ## make bench [BENCH_CONFIG=configs/bench_3b.yaml] [ARGS="bench.seq_len=4096"]: last line is JSON
+	$(PY) -m higgs_ddp.bench --config $(BENCH_CONFIG) $(ARGS)
 
 test: install
 	$(PY) -m pytest tests
