@@ -188,7 +188,9 @@ def table_rows(lines: list) -> str:
     rows = []
     for line in lines:
         r = json.loads(line)
-        setup = (f"{r['mode']} {r['precision']}, {r['micro_batch_size']}×{r['seq_len']}"
+        n = r["parameters"]
+        size = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+        setup = (f"{size} params, {r['mode']} {r['precision']}, {r['micro_batch_size']}×{r['seq_len']}"
                  f"{', act. ckpt' if r['activation_checkpointing'] else ''}, text logits {r['text_logits']}"
                  f"{', compiled' if r['compile'] else ''}")
         mfu = "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
