@@ -27,7 +27,10 @@ class Prefetcher:
         self._thread.start()
 
     def _run(self) -> None:
-        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        stream = None
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # a new thread starts on device 0, not this rank's
+            stream = torch.cuda.Stream(self.device)
         try:
             for batch in self._it:
                 event = None
