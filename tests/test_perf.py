@@ -127,3 +127,26 @@ def test_compiled_layers_same_loss_and_gradients(tmp_path):
     torch.testing.assert_close(dl_b.loss, dl_a.loss, rtol=1e-5, atol=1e-6)
     for k in g_a:
         torch.testing.assert_close(g_b[k], g_a[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_prefetcher_keeps_order_raises_the_loaders_error_and_closes_promptly():
+    import itertools
+    import time
+
+    from higgs_ddp.prefetch import Prefetcher
+
+    def failing():
+        yield from range(5)
+        raise ValueError("sample 7: bad codes")
+
+    p = Prefetcher(failing(), torch.device("cpu"))
+    assert [next(p) for _ in range(5)] == list(range(5))
+    with pytest.raises(ValueError, match="sample 7"):
+        next(p)
+    p.close()
+
+    endless = Prefetcher(itertools.count(), torch.device("cpu"))  # the samplers never end
+    assert next(endless) == 0 and next(endless) == 1
+    t0 = time.perf_counter()
+    endless.close()  # its thread is blocked on a full queue: it must notice and stop
+    assert time.perf_counter() - t0 < 2 and not endless._thread.is_alive()
