@@ -24,13 +24,14 @@ gpu)
     ;;
 cpu)
     big_vocab=model.config.text_config.vocab_size=128256
+    short="bench.warmup_steps=2 bench.steps=10"  # the slow rows: memory and throughput ratios, not overhead
     wider="model.config.text_config.hidden_size=256 model.config.text_config.intermediate_size=1024 model.config.text_config.num_hidden_layers=8"
     run configs/bench_tiny.yaml                                             # loop overhead, data rate
     run configs/bench_tiny.yaml train.micro_batch_size=1 bench.seq_len=512  # fixed per-step costs, small step
-    run configs/bench_tiny.yaml $big_vocab train.micro_batch_size=2        # Llama-3's vocabulary: the peer's full logits
-    run configs/bench_tiny.yaml $big_vocab train.micro_batch_size=2 train.text_logits=all bench.peer=false
-    run configs/bench_tiny.yaml $wider bench.peer=false                     # activations: without / with checkpointing
-    run configs/bench_tiny.yaml $wider bench.peer=false train.activation_checkpointing=true
+    run configs/bench_tiny.yaml $big_vocab train.micro_batch_size=2 $short # Llama-3's vocabulary: the peer's full logits
+    run configs/bench_tiny.yaml $big_vocab train.micro_batch_size=2 train.text_logits=all bench.peer=false $short
+    run configs/bench_tiny.yaml $wider bench.peer=false $short              # activations: without / with checkpointing
+    run configs/bench_tiny.yaml $wider bench.peer=false train.activation_checkpointing=true $short
     ;;
 *) echo "bench_suite: unknown suite $suite (gpu or cpu)" >&2; exit 2 ;;
 esac

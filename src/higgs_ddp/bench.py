@@ -44,24 +44,19 @@ def data_rate(trainer, n: int) -> float:
 
 
 def timed_steps(trainer, b, env) -> dict:
-    """warmup + steps full optimizer steps as train.py runs them, each followed by a bare forward + loss +
-    backward of the same micro-batches on the model alone (no DDP, data loading, token counting, clipping
-    or optimizer). Interleaved, so that drift in the machine's speed hits both alike."""
+    """warmup + steps full optimizer steps as train.py runs them, each paired with a bare forward + loss +
+    backward of the same micro-batches on the model alone (no DDP, counting, clipping or optimizer).
+
+    The pair's order alternates: whichever of the two sees a batch first runs measurably slower on a
+    CPU (~5 % here), so a fixed order would bias the ratio. The full step's time always includes
+    taking its batches from the loader."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     module = trainer.ddp.module if isinstance(trainer.ddp, DDP) else trainer.ddp
     batches = trainer.batches()
     out = {"full": [], "bare": [], "tokens": [], "batches": []}
-    for i in range(b.warmup_steps + b.steps):
-        if i == b.warmup_steps and env.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(env.device)
-        _sync(env.device)
-        t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(trainer.cfg.train.grad_accum_steps)]
-        r = trainer.train_step(micro)
-        _sync(env.device)
-        full = time.perf_counter() - t0
 
+    def bare(micro) -> float:
         micro = [m.to(env.device) for m in micro]
         _sync(env.device)
         t0 = time.perf_counter()
@@ -69,11 +64,29 @@ def timed_steps(trainer, b, env) -> dict:
             with trainer.autocast:
                 trainer.loss(module(**m.model_inputs()), m, check=False).loss.backward()
         _sync(env.device)
-        bare = time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
         for p in trainer.params:
             p.grad = None
+        return elapsed
+
+    for i in range(b.warmup_steps + b.steps):
+        if i == b.warmup_steps and env.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(env.device)
+        _sync(env.device)
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(trainer.cfg.train.grad_accum_steps)]
+        fetch = time.perf_counter() - t0
+        bare_first = i % 2 == 1 and trainer.verified  # the first step verifies labels: full step first
+        t_bare = bare(micro) if bare_first else None
+        _sync(env.device)
+        t0 = time.perf_counter()
+        r = trainer.train_step(micro)
+        _sync(env.device)
+        full = fetch + time.perf_counter() - t0
+        if not bare_first:
+            t_bare = bare(micro)
         if i >= b.warmup_steps:
-            for key, value in (("full", full), ("bare", bare), ("tokens", r.tokens), ("batches", micro)):
+            for key, value in (("full", full), ("bare", t_bare), ("tokens", r.tokens), ("batches", micro)):
                 out[key].append(value)
     batches.close()
     return out
