@@ -20,6 +20,8 @@ setup(
         "pyyaml",
         "numpy",
         "soundfile",
+        "matplotlib",  # python -m higgs_ddp.plot
+        "tensorboard",  # logging.tensorboard
     ],
     extras_require={"test": ["pytest>=8"]},
 )

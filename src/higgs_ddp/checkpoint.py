@@ -31,7 +31,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from .distributed import all_gather_objects, all_reduce_sum, DistEnv
-from .config import BenchConfig, ConfigError
+from .config import BenchConfig, ConfigError, EvalConfig, LoggingConfig
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE = "state.json"
@@ -272,7 +272,8 @@ NO_EFFECT = {
     "data.num_workers", "data.prefetch_factor", "data.cache_dir",
     # The data itself is judged by its fingerprint, not by where it lives or how it got there.
     "data.manifest", "data.root", "data.allow_outside_root", "data.on_error", "data.codec_revision",
-} | {f"bench.{f.name}" for f in dataclasses.fields(BenchConfig)}
+} | {f"{section}.{f.name}" for section, cls in (("bench", BenchConfig), ("eval", EvalConfig), ("logging", LoggingConfig))
+     for f in dataclasses.fields(cls)}
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -101,6 +101,22 @@ class LoraSettings:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0  # optimizer steps between validations (0: only at the end); needs a validation set
+    max_batches: int = 0  # micro-batches per rank per validation (0: the whole validation set)
+    samples_every: int = 0  # optimizer steps between listening samples (0: with every validation)
+    prompts: list = field(default_factory=list)  # [{text, reference_audio?, reference_text?}] spoken at each sample
+    max_audio_seconds: float = 10.0  # a sample that reaches this without the stream EOS is reported
+    temperature: float = 0.7
+    seed: int = 0  # generation seed: the same prompt gives comparable samples from step to step
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = False  # also write every metric (and the listening samples) to {output_dir}/tensorboard
+
+
+@dataclass
 class BenchConfig:  # python -m higgs_ddp.bench: random samples of one length, no data needed
     seq_len: int = 2048  # positions per sample (text + expanded audio)
     audio_fraction: float = 0.85  # share of them that is audio (speech: ~25 frames/s, a few text tokens/s)
@@ -119,6 +135,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
 
     def to_dict(self) -> dict:
@@ -274,6 +292,13 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"config key {key!r} must be >= 1")
+    if cfg.eval.every < 0 or cfg.eval.max_batches < 0 or cfg.eval.samples_every < 0:
+        raise ConfigError("eval.every, eval.max_batches and eval.samples_every must be >= 0")
+    for i, prompt in enumerate(cfg.eval.prompts):
+        if not isinstance(prompt, dict) or not isinstance(prompt.get("text"), str) or not prompt["text"].strip() \
+                or set(prompt) - {"text", "reference_audio", "reference_text"}:
+            raise ConfigError(f"eval.prompts[{i}] must be a mapping with a non-empty text and optionally "
+                              f"reference_audio and reference_text, got {prompt!r}")
     if cfg.train.text_logits_chunk < 0:
         raise ConfigError("train.text_logits_chunk must be >= 0 (0: all rows at once)")
     if cfg.train.save_every < 0 or cfg.train.keep_last < 0:
