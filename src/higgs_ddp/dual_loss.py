@@ -39,6 +39,7 @@ class DualLoss:
     per_codebook_loss_sum: torch.Tensor  # (C,) detached sums, for token-weighted reductions
     per_codebook_tokens: torch.Tensor  # (C,)
     path: str  # "shifted" or "aligned"
+    per_codebook_correct: Optional[torch.Tensor] = None  # (C,) top-1 hits, when asked for (accuracy=True)
     text_weight: float = 1.0
     audio_weight: float = 1.0
 
@@ -152,6 +153,7 @@ def compute_dual_loss(
     text_head: Optional[Callable] = None,
     text_vocab_size: Optional[int] = None,
     chunk_rows: int = 0,
+    accuracy: bool = False,
 ) -> DualLoss:
     """Text + audio next-token loss.
 
@@ -251,11 +253,15 @@ def compute_dual_loss(
         )
         per_cb_tokens = a_sup.sum(dim=1)
         audio_sum = per_cb_sum.sum()
+        if accuracy:  # top-1 hits where a target is supervised, per codebook
+            hits = (a_logits.detach().argmax(-1).transpose(0, 1) == a_labels) & a_sup  # (C, N')
+            per_cb_correct = hits.sum(dim=1)
     else:
         # Keep the graph connected so every rank's backward touches the audio head (DDP needs it).
         audio_sum = audio_logits.sum() * 0.0 if audio_logits is not None else scored.new_zeros(())
         per_cb_sum = torch.zeros(num_cb, device=device)
         per_cb_tokens = torch.zeros(num_cb, dtype=torch.long, device=device)
+        per_cb_correct = torch.zeros(num_cb, dtype=torch.long, device=device)
     audio_tokens = per_cb_tokens.sum()
 
     text_loss = text_sum / text_tokens.clamp(min=1)
@@ -273,6 +279,7 @@ def compute_dual_loss(
         per_codebook_loss_sum=per_cb_sum,
         per_codebook_tokens=per_cb_tokens,
         path=path,
+        per_codebook_correct=per_cb_correct if accuracy else None,
         text_weight=text_weight,
         audio_weight=audio_weight,
     )

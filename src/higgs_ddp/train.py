@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 if __name__ == "__main__" and not __package__:
     # Run as a file (torchrun src/higgs_ddp/train.py): import the package, not its modules as top-level names.
@@ -27,13 +28,12 @@ from higgs_ddp.dual_loss import AlignmentError  # noqa: E402
 
 
 def train(cfg: Config) -> dict:
-    from pathlib import Path
-
     from tqdm import tqdm
 
     from higgs_ddp.checkpoint import remove_stale_temporaries, resume_point
     from higgs_ddp.preemption import StopRequest, signal_name, write_status
-    from higgs_ddp.trainer import MetricsLog, Trainer, write_run_files
+    from higgs_ddp.runlog import RunLog
+    from higgs_ddp.trainer import Trainer, write_run_files
 
     env = setup_distributed()
     try:
@@ -52,10 +52,10 @@ def train(cfg: Config) -> dict:
                 if ckpt:
                     epoch, offset = trainer.sampler.position(start)
                     print(f"resuming from {ckpt} (step {start}; epoch {epoch}, {offset} steps into it)", flush=True)
-            log = MetricsLog(Path(cfg.output_dir) / "metrics.jsonl", start) if env.is_main else None
+            log = RunLog(cfg.output_dir, start, cfg.logging.tensorboard) if env.is_main else None
             bar = tqdm(total=t.max_steps, initial=start, disable=not env.is_main, dynamic_ncols=True, desc="train")
             batches = trainer.batches()
-            last, signum, step = {}, 0, start
+            last, val, signum, step, t_start = {}, {}, 0, start, time.perf_counter()
             for step in range(start + 1, t.max_steps + 1):  # train
                 t0 = time.perf_counter()
                 micro = [next(batches) for _ in range(t.grad_accum_steps)]
@@ -67,14 +67,15 @@ def train(cfg: Config) -> dict:
                         "tokens": r.tokens, "samples": r.samples, "padding_fraction": r.padding_fraction,
                         "text_targets": r.text_targets, "audio_targets": r.audio_targets,
                         "tokens_per_s": r.tokens / dt, "step_time_s": dt, "skipped": r.skipped,
-                        "skipped_steps": trainer.skipped_steps}
+                        "skipped_steps": trainer.skipped_steps, **trainer.memory()}
+                val = between_steps(trainer, log, step) or val  # validation, listening samples
                 if env.is_main:
-                    if step % t.log_every == 0 or step == t.max_steps:
-                        log.write(last)
+                    log.train(last, write=step % t.log_every == 0 or step == t.max_steps)
                     if r.skipped:
                         tqdm.write(f"step {step}: non-finite loss or gradient, step skipped "
                                    f"({trainer.skipped_steps} so far)")
                     bar.set_postfix(loss=f"{r.loss:.3f}", text=f"{r.text_loss:.3f}", audio=f"{r.audio_loss:.3f}",
+                                    **({"val": f"{val['loss']:.3f}"} if val else {}),
                                     lr=f"{lr:.2e}", tok_s=f"{r.tokens / dt:,.0f}")
                     bar.update(1)
                 signum = stop.agreed(env.device)  # every rank, every step: they stop after the same one
@@ -98,11 +99,43 @@ def train(cfg: Config) -> dict:
                     done = f"final loss {last['loss']:.4f}" if last else f"already finished at step {start}"
                     print(f"done: {done}; weights in {final}", flush=True)
             if env.is_main:
+                print(log.summary(step - start, time.perf_counter() - t_start, None if signum else final), flush=True)
                 log.close()
             barrier()  # tearing down gloo while a peer is still saving aborts that peer
             return last
     finally:
         cleanup()
+
+
+def between_steps(trainer, log, step: int) -> dict:
+    """Validation every ``eval.every`` steps and at the end (all ranks); listening samples on rank 0.
+    Neither touches the training RNG, so a run with them ends with the same weights as one without."""
+    from tqdm import tqdm
+
+    from higgs_ddp.evaluate import evaluate
+
+    cfg, env = trainer.cfg, trainer.env
+    e, last_step = cfg.eval, step == cfg.train.max_steps
+    val = {}
+    if len(trainer.val_dataset) and (last_step or (e.every and step % e.every == 0)):
+        val = {"step": step, **evaluate(trainer)}
+        if env.is_main:
+            log.val(val)
+            acc = ", ".join(f"{a:.2f}" for a in val["per_codebook_acc"])
+            tqdm.write(f"step {step}: validation loss {val['loss']:.4f} (text {val['text_loss']:.4f}, "
+                       f"audio {val['audio_loss']:.4f}; codebook accuracy {acc})")
+    every = e.samples_every or e.every
+    if e.prompts and env.is_main and (last_step or (every and step % every == 0)):
+        from higgs_ddp.samples import write_samples
+
+        results = write_samples(trainer.raw, trainer.tokenizer, trainer.codec, cfg, step,
+                                Path(cfg.output_dir) / "samples")
+        log.audio(step, results)
+        stuck = [r for r in results if r.hit_limit]
+        note = (f"; {len(stuck)} reached eval.max_audio_seconds without the stream EOS (a model that has not "
+                f"learned to stop)" if stuck else "")
+        tqdm.write(f"step {step}: {len(results)} listening samples in {Path(cfg.output_dir) / 'samples'}{note}")
+    return val
 
 
 def main(argv=None) -> int:

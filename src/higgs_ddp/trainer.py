@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import os
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +71,8 @@ class Trainer:
         self.data = data or load_data(cfg, env, self.tokenizer, mc)  # (the benchmark brings its own)
         self.dataset = ManifestDataset(self.data.train)
         self.val_dataset = ManifestDataset(self.data.val)
+        if cfg.eval.every and not len(self.val_dataset):
+            raise ConfigError("eval.every needs a validation set: data.val_manifest or data.val_fraction")
         if cfg.data.max_tokens_per_batch:
             self.sampler = TokenBudgetBatchSampler(self.dataset.lengths, cfg.data.max_tokens_per_batch,
                                                    t.grad_accum_steps, env.rank, env.world_size, t.seed,
@@ -125,6 +125,17 @@ class Trainer:
         return Prefetcher(iter(self.loader), self.env.device)
 
     @functools.cached_property
+    def codec(self):
+        """The audio codec, loaded on first use (listening samples, rank 0 only)."""
+        from .codec import load_codec
+        return load_codec(self.cfg.data.codec, self.cfg.data.codec_revision, device=self.env.device)
+
+    def memory(self) -> dict:
+        if self.env.device.type != "cuda":
+            return {}
+        return {"gpu_memory_gb": torch.cuda.max_memory_allocated(self.env.device) / 1e9}
+
+    @functools.cached_property
     def data_fingerprint(self) -> dict:
         return fingerprint(self.data.train)
 
@@ -156,14 +167,31 @@ class Trainer:
         return step
 
     def run_card(self) -> str:
-        t, env, d = self.cfg.train, self.env, self.cfg.data
-        per_micro = (f"<={d.max_tokens_per_batch} tokens" if d.max_tokens_per_batch else f"{t.micro_batch_size}")
-        val = f" + {len(self.val_dataset)} val" if len(self.val_dataset) else ""
-        return (f"higgs-ddp | mode {t.mode} | {self.num_trainable:,} trainable parameters | "
-                f"{len(self.dataset)} samples ({self.data.report['train_audio_hours']:.2f} h){val} | "
-                f"global batch {env.world_size}x{t.grad_accum_steps}x{per_micro} | {t.max_steps} steps | "
-                f"{self.precision} | {env.world_size} x {env.device.type}"
-                + "".join(f" | {p}" for p in self.perf))
+        """What rank 0 prints before the first step."""
+        t, env, d, m = self.cfg.train, self.env, self.cfg.data, self.cfg.model
+        total = sum(p.numel() for p in self.model.parameters())
+        model = (f"random HiggsAudioModel, {total / 1e6:,.1f}M parameters" if m.init == "random"
+                 else f"{m.path}" + (f" @ {m.revision[:10]}" if m.revision else "") + f", {total / 1e9:.2f}B parameters")
+        positions = sum(self.dataset.lengths)
+        val = f"; validation {len(self.val_dataset)} samples" if len(self.val_dataset) else "; no validation set"
+        per_micro = (f"up to {d.max_tokens_per_batch} positions" if d.max_tokens_per_batch
+                     else f"{t.micro_batch_size} samples")
+        per_step = t.micro_batch_size * t.grad_accum_steps * env.world_size
+        epochs = t.max_steps * per_step / max(len(self.dataset), 1)
+        batch = (f"{env.world_size} ranks x {t.grad_accum_steps} micro-steps x {per_micro}"
+                 + ("" if d.max_tokens_per_batch else f" = {per_step} samples per step"))
+        rows = [
+            ("model", model),
+            ("training", f"{t.mode}, {self.num_trainable:,} trainable parameters ({100 * self.num_trainable / total:.2f} %)"),
+            ("data", f"{len(self.dataset)} samples, {self.data.report['train_audio_hours']:.2f} h of audio, "
+                     f"{positions:,} positions{val}"),
+            ("batch", batch),
+            ("schedule", f"{t.max_steps} steps" + ("" if d.max_tokens_per_batch else f" (~{epochs:.1f} epochs)")
+                         + f", lr {t.lr:g}, warmup {t.warmup_steps}"),
+            ("runs on", f"{env.world_size} x {env.device.type}, {self.precision}" + "".join(f", {p}" for p in self.perf)),
+            ("output", self.cfg.output_dir),
+        ]
+        return "higgs-ddp run card\n" + "\n".join(f"  {k:<9} {v}" for k, v in rows)
 
     @property
     def num_trainable(self) -> int:
@@ -175,7 +203,7 @@ class Trainer:
             self.ddp.require_backward_grad_sync = last
         return contextlib.nullcontext()
 
-    def loss(self, out: dict, b: Batch, check: bool):
+    def loss(self, out: dict, b: Batch, check: bool, accuracy: bool = False):
         t = self.cfg.train
         return compute_dual_loss(
             out.get("logits"), out["expanded_labels"], out["audio_logits"], b.label_audio_ids,
@@ -183,7 +211,8 @@ class Trainer:
             audio_out_ids=b.audio_out_ids if check else None,
             audio_out_ids_start=b.audio_out_ids_start, alignment=self.alignment,
             text_weight=t.text_weight, audio_weight=t.audio_weight, validate=check,
-            text_hidden=out.get("text_hidden"), text_head=self.text_head, chunk_rows=t.text_logits_chunk)
+            text_hidden=out.get("text_hidden"), text_head=self.text_head, chunk_rows=t.text_logits_chunk,
+            accuracy=accuracy)
 
     def train_step(self, micro: list[Batch]) -> StepResult:
         env, t = self.env, self.cfg.train
@@ -261,24 +290,3 @@ def write_run_files(cfg: Config) -> None:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-class MetricsLog:
-    """Rank 0's ``metrics.jsonl``: one JSON object per optimizer step. A resumed run drops the rows of
-    steps after its checkpoint (they are about to be redone) and appends."""
-
-    def __init__(self, path: Path, resume_step: int = 0):
-        kept = []
-        if resume_step and path.is_file():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        self.f = open(path, "w", encoding="utf-8")
-        self.f.writelines(line + "\n" for line in kept)
-        self.t_last = time.perf_counter()
-
-    def write(self, record: dict) -> None:
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.close()
