@@ -31,8 +31,9 @@ install-offline:  ## on such a GPU machine: .venv from wheels/ over its own torc
 
 demo: install  ## tiny random HiggsAudioModel, 2 CPU processes: synthetic WAVs -> tiny codec -> training
 	$(PY) -m higgs_ddp.demo_data runs/tiny/data
-	rm -rf runs/tiny/checkpoints  # a demo starts over; a real run resumes from its checkpoints
+	rm -rf runs/tiny/checkpoints runs/tiny/tensorboard runs/tiny/samples  # a demo starts over; a real run resumes
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 src/higgs_ddp/train.py --config configs/tiny.yaml $(ARGS)
+	$(PY) -m higgs_ddp.plot runs/tiny
 
 prepare: install  ## make prepare GPUS=8 CONFIG=...: encode the audio into the code cache (training does it too)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(GPUS) -m higgs_ddp.prepare --config $(CONFIG) $(ARGS)

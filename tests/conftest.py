@@ -11,6 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
+# The demo's validation split, listening samples and TensorBoard: off unless a test asks for them.
+QUIET = ("data.val_fraction=0", "eval.every=0", "eval.prompts=[]", "logging.tensorboard=false")
 
 
 def tiny_config(tmp_path, *overrides, samples=16, audio=False):
@@ -20,7 +22,7 @@ def tiny_config(tmp_path, *overrides, samples=16, audio=False):
 
     manifest = write_demo_corpus(tmp_path / "data", samples=samples, audio=audio)
     return load_config(str(TINY), [f"output_dir={tmp_path / 'run'}", f"data.manifest={manifest}",
-                                   f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0", *overrides])
+                                   f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0", *QUIET, *overrides])
 
 
 @pytest.fixture(scope="session")

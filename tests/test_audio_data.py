@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import TINY
+from conftest import QUIET, TINY
 from higgs_ddp import code_cache, prepare
 from higgs_ddp.codec import build_tiny_tokenizer_model, codec_identity, load_codec
 from higgs_ddp.collator import HiggsCollator
@@ -43,7 +43,7 @@ def write_manifest(base: Path, lines, name="manifest.jsonl") -> Path:
 
 def config(tmp_path, manifests, *overrides):
     paths = [str(m) for m in (manifests if isinstance(manifests, list) else [manifests])]
-    return load_config(str(TINY), [f"output_dir={tmp_path / 'run'}", f"data.manifest={json.dumps(paths)}",
+    return load_config(str(TINY), [*QUIET, f"output_dir={tmp_path / 'run'}", f"data.manifest={json.dumps(paths)}",
                                    f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0", *overrides])
 
 

@@ -14,14 +14,14 @@ from higgs_ddp.data import DataError, Record, load_data
 from higgs_ddp.distributed import DistEnv
 from higgs_ddp.model import model_config
 
-from conftest import TINY
+from conftest import QUIET, TINY
 
 C, K = 4, 64  # codebooks, codebook size (configs/tiny.yaml)
 
 
 def load(tmp_path, tokenizer, manifests, *overrides):
     paths = [str(m) for m in (manifests if isinstance(manifests, list) else [manifests])]
-    cfg = load_config(str(TINY), [f"output_dir={tmp_path / 'run'}", f"data.manifest={json.dumps(paths)}",
+    cfg = load_config(str(TINY), [*QUIET, f"output_dir={tmp_path / 'run'}", f"data.manifest={json.dumps(paths)}",
                                   "data.num_workers=0", *overrides])
     return load_data(cfg, DistEnv(), tokenizer, model_config(cfg, tokenizer), quiet=True)
 
