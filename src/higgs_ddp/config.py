@@ -281,6 +281,10 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
         for key in ("manifest", "val_manifest", "cache_dir", "codec", "root"):
             if isinstance(section.get(key), (str, list)):
                 section[key] = _relative_to(base, section[key])
+        prompts = (data.get("eval") or {}).get("prompts") if isinstance(data.get("eval"), dict) else None
+        for prompt in prompts if isinstance(prompts, list) else []:
+            if isinstance(prompt, dict) and isinstance(prompt.get("reference_audio"), str):
+                prompt["reference_audio"] = _relative_to(base, prompt["reference_audio"])
     data = _merge(data, parse_overrides(list(overrides)))
     cfg = Config()
     _apply(cfg, data)

@@ -73,6 +73,11 @@ class Trainer:
         self.val_dataset = ManifestDataset(self.data.val)
         if cfg.eval.every and not len(self.val_dataset):
             raise ConfigError("eval.every needs a validation set: data.val_manifest or data.val_fraction")
+        if cfg.eval.prompts:  # every rank: they must all stop, or the others would wait at a collective
+            from .samples import check_prompts
+            problems = check_prompts(cfg)  # now, not hours later at the first sample
+            if problems:
+                raise ConfigError("; ".join(problems))
         if cfg.data.max_tokens_per_batch:
             self.sampler = TokenBudgetBatchSampler(self.dataset.lengths, cfg.data.max_tokens_per_batch,
                                                    t.grad_accum_steps, env.rank, env.world_size, t.seed,
