@@ -119,12 +119,20 @@ def test_non_finite_steps_are_skipped_counted_then_stop(tmp_path):
 def test_demo_config_two_processes_from_wav_loss_falls(tmp_path):
     """What `make demo` does: WAV files, prepared by 2 ranks with the tiny codec, then trained."""
     cfg = tiny_config(tmp_path, samples=48, audio=True)
+    ref = tmp_path / "data" / "clips" / "0000_ref.wav"  # the demo's second prompt clones this voice
     proc = torchrun(2, "--config", "configs/tiny.yaml", f"data.manifest={cfg.data.manifest[0]}",
                     f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
-                    "train.max_steps=80", "data.num_workers=1")
+                    "train.max_steps=80", "data.num_workers=1", "eval.every=40",
+                    f"eval.prompts=[{{text: hello}}, {{text: again, reference_audio: {ref}, reference_text: the quick}}]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "encoded, 0 with problems" in proc.stdout
-    rows = read_metrics(tmp_path / "run")
+    # The demo's validation, listening samples and TensorBoard, as configured in tiny.yaml.
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if r["split"] == "val"] == [40, 80]
+    assert sorted(p.name for p in (tmp_path / "run" / "samples" / "step_000080").iterdir()) == [
+        "sample_00.wav", "sample_01.wav", "samples.json"]
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+    assert "best validation loss" in proc.stdout
+    rows = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
     first = sum(r["loss"] for r in rows[:5]) / 5
     last = sum(r["loss"] for r in rows[-5:]) / 5
     assert last < 0.6 * first, (first, last)

@@ -80,6 +80,8 @@ class RunLog:
 
         for i, r in enumerate(results):
             wav, rate = soundfile.read(str(r.path), dtype="float32", always_2d=True)
+            if not len(wav):  # the stream EOS came first: nothing to listen to (samples.json says so)
+                continue
             self.tb.add_audio(f"samples/{i:02d}", torch.from_numpy(wav[:, 0]), step, sample_rate=rate)
 
     def summary(self, steps: int, seconds: float, final: Path | None) -> str:
