@@ -29,8 +29,8 @@ def test_peer_trains_counts_tokens_and_frees_its_model(tmp_path, monkeypatch):
     # audio tower) cannot take: the peer must run without it and say so.
     cfg, data = setup(tmp_path, "train.grad_accum_steps=2", "train.activation_checkpointing=true")
     models = []
-    build = peer.apply_training_mode
-    monkeypatch.setattr(peer, "apply_training_mode", lambda *a: models.append(build(*a)) or models[-1])
+    build = peer.build_for_training
+    monkeypatch.setattr(peer, "build_for_training", lambda *a, **k: models.append(build(*a, **k)) or models[-1])
     verbosity = transformers.logging.get_verbosity()
 
     steps, warmup = 4, 1

@@ -137,6 +137,16 @@ def apply_training_mode(model, cfg: Config):
     return get_peft_model(model, lora)
 
 
+def build_for_training(cfg: Config, tokenizer, dtype: torch.dtype, device=None) -> nn.Module:
+    """The model a run trains: built, wrapped for train.mode, with the trainable weights in fp32 (under bf16
+    autocast too) so that their updates and AdamW state keep full precision."""
+    model = apply_training_mode(build_model(cfg, tokenizer, dtype=dtype, device=device), cfg)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """DDP -> HiggsForward -> PeftModel -> raw HiggsAudioModel."""
     from peft import PeftModel

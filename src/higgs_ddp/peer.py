@@ -28,7 +28,7 @@ from .collator import IGNORE, HiggsCollator
 from .config import Config, ConfigError
 from .data import Data, ManifestDataset
 from .distributed import DistEnv, all_reduce_sum
-from .model import apply_training_mode, build_model, load_tokenizer, unwrap
+from .model import build_for_training, load_tokenizer, unwrap
 from .perf import enable_tf32
 
 
@@ -122,11 +122,7 @@ def run_peer(cfg: Config, env: DistEnv, data: Data, steps: int, warmup: int) -> 
     transformers.logging.set_verbosity_warning()
     tokenizer = load_tokenizer(cfg)
     dtype = torch.bfloat16 if use_bf16 else torch.float32
-    model = apply_training_mode(build_model(cfg, tokenizer, dtype=dtype), cfg)
-    for p in model.parameters():
-        if p.requires_grad:  # trainable weights stay fp32, as in our Trainer
-            p.data = p.data.float()
-    model.to(env.device)
+    model = build_for_training(cfg, tokenizer, dtype).to(env.device)  # exactly our Trainer's model
     raw = unwrap(model)
     if cuda:
         enable_tf32()  # ours turns it on too (process-wide flags)

@@ -21,7 +21,7 @@ from .batching import StepBatchSampler, TokenBudgetBatchSampler
 from .data import Data, ManifestDataset, fingerprint, load_data
 from .distributed import DistEnv, all_reduce_sum
 from .dual_loss import compute_dual_loss
-from .model import HiggsForward, apply_training_mode, build_model, load_tokenizer, unwrap
+from .model import HiggsForward, build_for_training, load_tokenizer, unwrap
 from .optim import build_optimizer, build_scheduler
 from .prefetch import Prefetcher
 from .perf import compile_decoder_layers, enable_activation_checkpointing, enable_tf32, text_head
@@ -57,13 +57,10 @@ class Trainer:
         self.precision = "bf16" if use_bf16 else "fp32"
 
         self.tokenizer = load_tokenizer(cfg)
-        base = build_model(cfg, self.tokenizer, dtype=torch.bfloat16 if use_bf16 else torch.float32,
-                           device=env.device)
-        self.model = apply_training_mode(base, cfg)
+        self.model = build_for_training(cfg, self.tokenizer, torch.bfloat16 if use_bf16 else torch.float32,
+                                        device=env.device)
         self.named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named_params]
-        for p in self.params:  # trainable weights (LoRA or not) and their optimizer state stay fp32
-            p.data = p.data.float()
         self.raw = unwrap(self.model)
 
         mc = self.raw.config
