@@ -27,7 +27,10 @@ def run_worker(tmp_path, *flags, mode="lora"):
          str(ROOT / "tests" / "rank_sync_worker.py"), str(path), str(out), *flags],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
         env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Known torch/gloo teardown abort at interpreter exit (pytorch/pytorch#179291), seen about once in 30
+    # worker runs here, after the result below was written: tolerated only in exactly that form.
+    teardown_abort = "terminate called without an active exception" in proc.stderr and out.is_file()
+    assert proc.returncode == 0 or teardown_abort, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
 
