@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from higgs_ddp.config import load_config
-from higgs_ddp.distributed import barrier, cleanup, setup_distributed
+from higgs_ddp.distributed import barrier, cleanup, exit_process, setup_distributed
 from higgs_ddp.trainer import Trainer
 
 
@@ -50,3 +50,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -41,7 +43,12 @@ def setup_distributed(timeout_minutes: int = 30) -> DistEnv:
         kwargs = {"device_id": device} if backend == "nccl" else {}
         timeout = datetime.timedelta(minutes=timeout_minutes)
         dist.init_process_group(backend, timeout=timeout, **_restart_safe_store(rank, world), **kwargs)
+        global _used_process_group
+        _used_process_group = True
     return env
+
+
+_used_process_group = False
 
 
 def _restart_safe_store(rank: int, world: int) -> dict:
@@ -85,3 +92,17 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """``sys.exit(code)``, minus Python's interpreter finalization in a process that used a process group.
+
+    Even after ``destroy_process_group``, gloo's C++ threads can still own work holding Python objects;
+    freeing them while the interpreter shuts down aborts a finished run with "terminate called without an
+    active exception" (exit -6: seen here in about 1 of 100 gloo workers; pytorch/pytorch#179291). Call
+    this last, with every file closed: only the standard streams are flushed here."""
+    if not _used_process_group:
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)

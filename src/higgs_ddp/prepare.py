@@ -188,4 +188,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from higgs_ddp.distributed import exit_process
+
+    exit_process(main())

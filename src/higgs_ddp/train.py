@@ -23,7 +23,7 @@ from higgs_ddp.checkpoint import CheckpointError  # noqa: E402
 from higgs_ddp.codec import CodecError  # noqa: E402
 from higgs_ddp.config import Config, ConfigError, load_config  # noqa: E402
 from higgs_ddp.data import DataError  # noqa: E402
-from higgs_ddp.distributed import barrier, cleanup, setup_distributed  # noqa: E402
+from higgs_ddp.distributed import barrier, cleanup, exit_process, setup_distributed  # noqa: E402
 from higgs_ddp.dual_loss import AlignmentError  # noqa: E402
 
 
@@ -36,6 +36,7 @@ def train(cfg: Config) -> dict:
     from higgs_ddp.trainer import Trainer, write_run_files
 
     env = setup_distributed()
+    log = batches = None
     try:
         with StopRequest() as stop:  # from here on SIGTERM / SIGUSR1 mean: finish the step, save, exit
             trainer = Trainer(cfg, env)  # setup
@@ -86,7 +87,6 @@ def train(cfg: Config) -> dict:
                 if signum:
                     break
             bar.close()
-            batches.close()
             if signum:  # saved above, at the step it stopped after
                 if env.is_main:
                     write_status(cfg.output_dir, "stopped", step, signal=signal_name(signum))
@@ -100,10 +100,13 @@ def train(cfg: Config) -> dict:
                     print(f"done: {done}; weights in {final}", flush=True)
             if env.is_main:
                 print(log.summary(step - start, time.perf_counter() - t_start, None if signum else final), flush=True)
-                log.close()
             barrier()  # tearing down gloo while a peer is still saving aborts that peer
             return last
-    finally:
+    finally:  # closed here on errors too: the process ends without interpreter finalization (exit_process)
+        if batches:
+            batches.close()
+        if log:
+            log.close()
         cleanup()
 
 
@@ -155,4 +158,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
