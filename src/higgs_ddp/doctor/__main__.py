@@ -1,0 +1,7 @@
+"""python -m higgs_ddp.doctor"""
+
+import sys
+
+from . import main
+
+sys.exit(main())
