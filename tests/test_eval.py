@@ -1,8 +1,12 @@
-"""Validation and TensorBoard: 2 ranks report exactly what 1 rank does (token-weighted reduction),
-evaluating does not change the training, the rows are in metrics.jsonl with a split, and TensorBoard
-holds the same numbers."""
+"""Validation, listening samples and TensorBoard: 2 ranks report exactly what 1 rank does (token-weighted
+reduction; prompts shared out by rank), evaluating does not change the training, the rows are in
+metrics.jsonl with a split, and TensorBoard holds the same numbers."""
 
+import json
+
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -18,12 +22,22 @@ def val_rows(run):
     return [r for r in read_metrics(run) if r.get("split") == "val"]
 
 
+def listening_prompts(tmp_path) -> list:
+    """Three prompts (2 ranks share them unevenly), one cloning a reference clip."""
+    ref = tmp_path / "ref.wav"
+    sf.write(str(ref), 0.1 * np.sin(np.arange(12_000) * 0.05).astype(np.float32), 24_000)
+    return [{"text": "hello there"}, {"text": "say this", "reference_audio": str(ref), "reference_text": "a tone"},
+            {"text": "and a third"}]
+
+
 @pytest.mark.slow
-def test_two_ranks_report_the_validation_of_one(tmp_path):
-    # lr 0: the weights stay the initial ones, so both runs validate the very same model.
+def test_two_ranks_report_the_validation_and_samples_of_one(tmp_path):
+    # lr 0: the weights stay the initial ones, so both runs validate (and speak with) the very same model.
     one = tiny_config(tmp_path / "one", *COMMON, "train.lr=0.0", "train.micro_batch_size=2", samples=20)
+    one.eval.prompts = listening_prompts(tmp_path)
     train(one)
     two = tiny_config(tmp_path / "two", *COMMON, "train.lr=0.0", "train.micro_batch_size=1", samples=20)
+    two.eval.prompts = listening_prompts(tmp_path)
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(two.to_dict()))
     proc = torchrun(2, "--config", path)
@@ -40,6 +54,19 @@ def test_two_ranks_report_the_validation_of_one(tmp_path):
         assert x["per_codebook_loss"] == pytest.approx(y["per_codebook_loss"], rel=1e-5)
         assert x["per_codebook_acc"] == pytest.approx(y["per_codebook_acc"], abs=1e-9)
         assert all(0 <= acc <= 1 for acc in x["per_codebook_acc"])
+
+    # Listening samples: rank 1 spoke prompt 1, rank 0 the others; rank 0 wrote them all, as 1 rank does.
+    for step in ("step_000001", "step_000002"):
+        da, db = tmp_path / "one" / "run" / "samples" / step, tmp_path / "two" / "run" / "samples" / step
+        assert sorted(p.name for p in db.iterdir()) == ["sample_00.wav", "sample_01.wav", "sample_02.wav",
+                                                        "samples.json"]
+        for i in range(3):  # same codes; the decoder's convolutions round differently with 1 or 2 threads
+            wa, wb = (sf.read(str(d / f"sample_{i:02d}.wav"), dtype="int16")[0] for d in (da, db))
+            assert len(wa) == len(wb) > 0 and np.abs(wa.astype(int) - wb).max() <= 2
+        sa, sb = (json.loads((d / "samples.json").read_text()) for d in (da, db))
+        for s in sa["samples"] + sb["samples"]:
+            s.pop("generate_seconds")
+        assert sa == sb
 
 
 def test_validation_changes_nothing_in_training_and_is_logged_with_a_split(tmp_path):

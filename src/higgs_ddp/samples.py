@@ -38,6 +38,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .audio import AudioProblem, read_audio, resample
 from .config import Config
@@ -272,42 +273,81 @@ def _generation_state(raw_model, seed: int):
             torch.cuda.empty_cache()
 
 
-def write_samples(raw_model, tokenizer, codec, cfg: Config, step: int, out_dir: Path) -> list[SampleResult]:
-    """Speak every ``cfg.eval.prompts`` entry; writes ``out_dir/step_{step:06d}/sample_{i:02d}.wav`` and
-    ``samples.json`` there. A reference audio that cannot be used is a one-line ValueError naming it."""
-    import soundfile as sf
+def _speak(raw_model, tokenizer, codec, cfg: Config, i: int, ref_codes) -> tuple:
+    """-> (wave, Generated, generation seconds) for ``eval.prompts[i]``."""
+    prompt = cfg.eval.prompts[i]
+    t0 = time.perf_counter()
+    gen = generate_codes(raw_model, tokenizer, codec, cfg, prompt["text"], prompt.get("reference_text"), ref_codes)
+    elapsed = time.perf_counter() - t0
+    if gen.codes.shape[1]:
+        wave = np.asarray(codec.decode(gen.codes), dtype=np.float32).reshape(-1)
+    else:  # the model ended the stream at once
+        wave = np.zeros(0, dtype=np.float32)
+    if not np.isfinite(wave).all():
+        raise RuntimeError(f"eval.prompts[{i}]: the codec decoded non-finite audio")
+    return wave, gen, elapsed
 
-    if not cfg.eval.prompts:
-        return []
+
+def _check_codec(raw_model, codec) -> None:
     mc = raw_model.config
     if codec.num_codebooks != mc.audio_num_codebooks or (
             codec.codebook_size is not None and codec.codebook_size != mc.audio_codebook_size):
         raise ValueError(f"the codec {codec.identity} has {codec.num_codebooks} codebooks of {codec.codebook_size}, "
                          f"the model {mc.audio_num_codebooks} of {mc.audio_codebook_size}")
+
+
+def write_samples(raw_model, tokenizer, codec, cfg: Config, step: int, out_dir: Path) -> list[SampleResult]:
+    """Speak every ``cfg.eval.prompts`` entry; rank 0 writes ``out_dir/step_{step:06d}/sample_{i:02d}.wav`` and
+    ``samples.json`` there and gets the results ([] elsewhere). A reference audio that cannot be used is a
+    one-line ValueError naming it.
+
+    Called on every rank: prompt i is spoken by rank ``i % world_size`` (so 8 GPUs take an eighth of the
+    time, and no rank idles at the next collective while rank 0 generates) and its audio sent to rank 0.
+    Each generation is seeded by ``eval.seed`` alone, so the files are the same for any number of ranks.
+    ``codec`` may be a zero-argument callable: only ranks with a prompt to speak load it."""
+    import soundfile as sf
+
+    from .distributed import all_gather_objects
+
+    prompts = cfg.eval.prompts
+    if not prompts:
+        return []
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    mine, caught, codec_info = {}, None, None
+    if rank < len(prompts):
+        codec = codec() if callable(codec) else codec
+        codec_info = codec.sample_rate, codec.frame_rate
+        try:  # an error goes to every rank through the gather below: all raise, none waits for this one
+            _check_codec(raw_model, codec)
+            with _generation_state(raw_model, cfg.eval.seed):
+                # Every reference first: an unusable one stops this before any audio is generated.
+                refs = {i: _encode_reference(cfg, i, prompts[i], codec) for i in range(rank, len(prompts), world)}
+                for i, ref_codes in refs.items():
+                    mine[i] = _speak(raw_model, tokenizer, codec, cfg, i, ref_codes)
+        except (ValueError, RuntimeError) as e:
+            caught = e
+    gathered = all_gather_objects((mine, caught and f"{type(caught).__name__}: {caught}", codec_info))
+    if caught is not None:
+        raise caught
+    for r, (_, error, _) in enumerate(gathered):
+        if error is not None:
+            raise RuntimeError(f"listening samples failed on rank {r}: {error}")
+    if rank != 0:
+        return []
+    spoken = {i: got for part, _, _ in gathered for i, got in part.items()}
+    sample_rate, frame_rate = gathered[0][2]
     folder = Path(out_dir) / f"step_{step:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
     results = []
-    with _generation_state(raw_model, cfg.eval.seed):
-        # Every reference first: an unusable one stops this before any file is written.
-        refs = [_encode_reference(cfg, i, prompt, codec) for i, prompt in enumerate(cfg.eval.prompts)]
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, (prompt, ref_codes) in enumerate(zip(cfg.eval.prompts, refs)):
-            t0 = time.perf_counter()
-            gen = generate_codes(raw_model, tokenizer, codec, cfg, prompt["text"], prompt.get("reference_text"),
-                                 ref_codes)
-            elapsed = time.perf_counter() - t0
-            if gen.codes.shape[1]:
-                wave = np.asarray(codec.decode(gen.codes), dtype=np.float32).reshape(-1)
-            else:  # the model ended the stream at once
-                wave = np.zeros(0, dtype=np.float32)
-            if not np.isfinite(wave).all():
-                raise RuntimeError(f"eval.prompts[{i}]: the codec decoded non-finite audio")
-            path = folder / f"sample_{i:02d}.wav"
-            sf.write(str(path), wave, codec.sample_rate, subtype="PCM_16")  # libsndfile clips to [-1, 1]
-            results.append(SampleResult(prompt["text"], path, len(wave) / codec.sample_rate, int(gen.codes.shape[1]),
-                                        gen.hit_limit, prompt.get("reference_audio"), gen.invalid_codes,
-                                        int((np.abs(wave) > 1.0).sum()), elapsed))
+    for i, prompt in enumerate(prompts):
+        wave, gen, elapsed = spoken[i]
+        path = folder / f"sample_{i:02d}.wav"
+        sf.write(str(path), wave, sample_rate, subtype="PCM_16")  # libsndfile clips to [-1, 1]
+        results.append(SampleResult(prompt["text"], path, len(wave) / sample_rate, int(gen.codes.shape[1]),
+                                    gen.hit_limit, prompt.get("reference_audio"), gen.invalid_codes,
+                                    int((np.abs(wave) > 1.0).sum()), elapsed))
     record = {
-        "step": step, "sample_rate": codec.sample_rate, "frame_rate": codec.frame_rate,
+        "step": step, "sample_rate": sample_rate, "frame_rate": frame_rate,
         "max_audio_seconds": cfg.eval.max_audio_seconds, "temperature": cfg.eval.temperature, "seed": cfg.eval.seed,
         "samples": [{"text": r.prompt, "reference_audio": r.reference_audio,
                      "reference_text": cfg.eval.prompts[i].get("reference_text"),

@@ -111,8 +111,9 @@ def train(cfg: Config) -> dict:
 
 
 def between_steps(trainer, log, step: int) -> dict:
-    """Validation every ``eval.every`` steps and at the end (all ranks); listening samples on rank 0.
-    Neither touches the training RNG, so a run with them ends with the same weights as one without."""
+    """Validation every ``eval.every`` steps and at the end, listening samples every ``eval.samples_every``
+    (both shared by all ranks). Neither touches the training RNG, so a run with them ends with the same
+    weights as one without."""
     from tqdm import tqdm
 
     from higgs_ddp.evaluate import evaluate
@@ -128,11 +129,13 @@ def between_steps(trainer, log, step: int) -> dict:
             tqdm.write(f"step {step}: validation loss {val['loss']:.4f} (text {val['text_loss']:.4f}, "
                        f"audio {val['audio_loss']:.4f}; codebook accuracy {acc})")
     every = e.samples_every or e.every
-    if e.prompts and env.is_main and (last_step or (every and step % every == 0)):
+    if e.prompts and (last_step or (every and step % every == 0)):
         from higgs_ddp.samples import write_samples
 
-        results = write_samples(trainer.raw, trainer.tokenizer, trainer.codec, cfg, step,
+        results = write_samples(trainer.raw, trainer.tokenizer, lambda: trainer.codec, cfg, step,
                                 Path(cfg.output_dir) / "samples")
+        if not env.is_main:
+            return val
         log.audio(step, results)
         stuck = [r for r in results if r.hit_limit]
         note = (f"; {len(stuck)} reached eval.max_audio_seconds without the stream EOS (a model that has not "

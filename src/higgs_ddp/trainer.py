@@ -128,7 +128,7 @@ class Trainer:
 
     @functools.cached_property
     def codec(self):
-        """The audio codec, loaded on first use (listening samples, rank 0 only)."""
+        """The audio codec, loaded on first use (listening samples: the ranks that speak a prompt)."""
         from .codec import load_codec
         return load_codec(self.cfg.data.codec, self.cfg.data.codec_revision, device=self.env.device)
 
