@@ -150,3 +150,21 @@ def test_prefetcher_keeps_order_raises_the_loaders_error_and_closes_promptly():
     t0 = time.perf_counter()
     endless.close()  # its thread is blocked on a full queue: it must notice and stop
     assert time.perf_counter() - t0 < 2 and not endless._thread.is_alive()
+
+
+def test_closing_the_prefetcher_shuts_the_loader_workers_down():
+    """Distributed runs end without interpreter finalization (distributed.exit_process), so the DataLoader's
+    worker processes must be gone once the batches are closed, not left for an exit handler."""
+    import multiprocessing
+
+    from torch.utils.data import DataLoader
+
+    from higgs_ddp.prefetch import Prefetcher
+
+    before = set(multiprocessing.active_children())
+    p = Prefetcher(iter(DataLoader(range(64), batch_size=2, num_workers=2)), torch.device("cpu"))
+    assert next(p).tolist() == [0, 1]
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 2
+    p.close()
+    assert not any(w.is_alive() for w in workers)

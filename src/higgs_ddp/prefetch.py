@@ -72,5 +72,9 @@ class Prefetcher:
         return batch
 
     def close(self) -> None:
+        """Stop the thread, then let go of the loader's iterator: freeing it shuts its worker processes
+        down now, not at interpreter exit (which a distributed run skips: distributed.exit_process)."""
         self._closing.set()
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._it = None

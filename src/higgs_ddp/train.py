@@ -87,6 +87,7 @@ def train(cfg: Config) -> dict:
                 if signum:
                     break
             bar.close()
+            batches.close()  # stop fetching before the final save
             if signum:  # saved above, at the step it stopped after
                 if env.is_main:
                     write_status(cfg.output_dir, "stopped", step, signal=signal_name(signum))
