@@ -90,7 +90,9 @@ class Trainer:
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self.sampler, collate_fn=self.collator, num_workers=workers,
             pin_memory=env.device.type == "cuda", prefetch_factor=cfg.data.prefetch_factor if workers else None,
-            persistent_workers=workers > 0,
+            # One iterator serves the whole run (the sampler never ends); persistent workers would only
+            # outlive it, past Prefetcher.close, to an exit handler that distributed.exit_process skips.
+            persistent_workers=False,
             # Its own generator: starting an iterator draws a seed, and from the global generator that draw
             # would shift dropout after a resume.
             generator=torch.Generator().manual_seed(t.seed))
