@@ -315,9 +315,9 @@ def write_samples(raw_model, tokenizer, codec, cfg: Config, step: int, out_dir: 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     mine, caught, codec_info = {}, None, None
     if rank < len(prompts):
-        codec = codec() if callable(codec) else codec
-        codec_info = codec.sample_rate, codec.frame_rate
-        try:  # an error goes to every rank through the gather below: all raise, none waits for this one
+        try:  # an error (CodecError included) goes to every rank through the gather below: all raise
+            codec = codec() if callable(codec) else codec
+            codec_info = codec.sample_rate, codec.frame_rate
             _check_codec(raw_model, codec)
             with _generation_state(raw_model, cfg.eval.seed):
                 # Every reference first: an unusable one stops this before any audio is generated.
