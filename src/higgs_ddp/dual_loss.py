@@ -240,7 +240,10 @@ def compute_dual_loss(
 
     # Audio stream: every codebook is its own classification over K = codebook_size + 2 (BOS, EOS).
     # The stream EOS (K - 1) is an ordinary target: without it the model never learns to stop.
-    num_cb = label_audio_ids.shape[0] if label_audio_ids is not None and label_audio_ids.dim() == 2 else 0
+    # The codebook count comes from the model's audio head, which has it whether or not this batch holds
+    # audio: a text-only batch reports C zeros, so per-codebook sums add up across batches.
+    num_cb = (audio_logits.shape[1] if audio_logits is not None and audio_logits.dim() == 3
+              else label_audio_ids.shape[0] if label_audio_ids is not None and label_audio_ids.dim() == 2 else 0)
     if has_audio:
         keep = ~boundary  # positions whose prediction stays inside their own segment
         if path == "shifted":

@@ -188,8 +188,22 @@ class HiggsForward(nn.Module):
             out = raw(**inputs, use_cache=False, return_dict=True)
         # A plain dict of tensors: DDP walks the output to find what backward will reach.
         text = {"text_hidden": out.logits} if self.defer_text_head else {"logits": out.logits}
-        return {**text, "audio_logits": out.audio_logits,
+        return {**text, "audio_logits": out.audio_logits + _unused_audio_embedding(raw, inputs),
                 "expanded_labels": out.expanded_labels, "expanded_input_ids": out.expanded_input_ids}
+
+
+def _unused_audio_embedding(raw: nn.Module, inputs: dict) -> torch.Tensor:
+    """0, connected to the audio codebook embeddings when this batch has no audio codes at all.
+
+    A batch whose turns are all text embeds no audio code, so ``audio_codebook_embeddings`` would get no
+    gradient while a rank with audio gets one: DDP (without find_unused_parameters) and FSDP2 need every
+    rank to produce the same set of gradients on every backward. An empty slice backpropagates an exact
+    zero gradient, so the update is the one the batch asks for. Every other trainable weight is reached
+    by a text-only batch already (measured: tests/test_mixed_turns.py checks all of them)."""
+    codes = [inputs.get("audio_in_ids"), inputs.get("audio_out_ids")]
+    if any(c is not None and c.numel() > 0 for c in codes):
+        return torch.zeros((), device=raw.audio_codebook_embeddings.weight.device)
+    return raw.audio_codebook_embeddings.weight[:0].sum()
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
