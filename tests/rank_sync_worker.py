@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from higgs_ddp.config import load_config
 from higgs_ddp.distributed import barrier, cleanup, exit_process, setup_distributed
+from higgs_ddp.shards import local_part
 from higgs_ddp.trainer import Trainer
 
 
@@ -24,11 +25,23 @@ def main():
     trainer = Trainer(cfg, env)
     if "bypass" in flags:
         # What public Higgs trainers did: call the wrapped module directly, skipping DDP's forward.
-        trainer.ddp = trainer.ddp.module
+        trainer.wrapped = trainer.wrapped.module
     micro = [next(iter(trainer.loader)) for _ in range(cfg.train.grad_accum_steps)]
     seen = [s for b in micro for s in b.input_ids.flatten().tolist()]
-    trainer.train_step(micro)
-    vec = torch.cat([p.detach().flatten() for p in trainer.params]).double()
+    extra = {}
+    if "unscaled" in flags:
+        # The same step twice at lr 0 (the weights stay put): once with the wrapper's mean over ranks
+        # left in place, once as the trainer does it.
+        trainer.scheduler.base_lrs = [0.0 for _ in trainer.scheduler.base_lrs]
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = 0.0
+        scale, trainer.strategy.grad_scale = trainer.strategy.grad_scale, 1.0
+        extra["grad_norm"] = trainer.train_step(micro).grad_norm
+        trainer.strategy.grad_scale = scale
+        extra["grad_norm_correct"] = trainer.train_step(micro).grad_norm
+    else:
+        trainer.train_step(micro)
+    vec = torch.cat([local_part(p).detach().flatten() for p in trainer.params]).double()
     gathered = [torch.zeros_like(vec) for _ in range(env.world_size)]
     dist.all_gather(gathered, vec)
     data = [None] * env.world_size
@@ -42,7 +55,7 @@ def main():
             error = str(e)
     if env.is_main:
         diff = max(float((g - gathered[0]).abs().max()) for g in gathered)
-        json.dump({"max_param_diff": diff, "same_data": data[0] == data[1], "checkpoint_error": error},
+        json.dump({"max_param_diff": diff, "same_data": data[0] == data[1], "checkpoint_error": error, **extra},
                   open(out, "w"))
     barrier()
     cleanup()

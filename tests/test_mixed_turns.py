@@ -57,7 +57,7 @@ def test_every_trainable_weight_gets_a_gradient_whatever_the_turns(tmp_path, mod
     trainer, kinds = trainer_on_mixed_data(tmp_path, mode, *lora_audio)
     C = trainer.raw.config.audio_num_codebooks
     for kind, batch in zip(kinds, trainer.loader):
-        out = trainer.ddp(**batch.model_inputs())
+        out = trainer.wrapped(**batch.model_inputs())
         dl = trainer.loss(out, batch, check=True, accuracy=True)
         dl.normalized(max(batch.text_targets, 1), max(batch.audio_targets, 1)).backward()
         missing = [n for n, p in trainer.named_params if p.grad is None]

@@ -50,9 +50,8 @@ def timed_steps(trainer, b, env) -> dict:
     The pair's order alternates: whichever of the two sees a batch first runs measurably slower on a
     CPU (~5 % here), so a fixed order would bias the ratio. The full step's time always includes
     taking its batches from the loader."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
-    module = trainer.ddp.module if isinstance(trainer.ddp, DDP) else trainer.ddp
+    module = trainer.strategy.eval_module(trainer.wrapped)
     batches = trainer.batches()
     out = {"full": [], "bare": [], "tokens": [], "batches": []}
 

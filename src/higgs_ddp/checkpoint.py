@@ -4,6 +4,8 @@
         adapter/                 LoRA: the PEFT adapter (adapter_model.safetensors + adapter_config.json)
         trainable.safetensors    audio_ffn / full: the trainable tensors by parameter name
         optimizer.safetensors    AdamW moments and step counts, by parameter name
+        shards/rank_00000.safetensors  instead of the three above under FSDP: each rank's rows of every
+                                 trainable and optimizer tensor, written by that rank (see shards.py)
         rng.safetensors          every rank's torch CPU (and CUDA) generator state
         config.yaml              the resolved config of the run that wrote it
         state.json               step, data position, scheduler, counters, python/numpy RNG per rank,
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -32,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from .distributed import all_gather_objects, all_reduce_sum, DistEnv
 from .config import BenchConfig, ConfigError, EvalConfig, LoggingConfig
+from .shards import SHARD_DIR, SavedTensors, adapter_key, is_sharded, like, local_part, rows_held, shard_file
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE = "state.json"
@@ -95,49 +99,66 @@ def _fsync_tree(path: Path) -> None:
 
 # --- the pieces -------------------------------------------------------------------------------------
 
-def weight_checksums(named_params: list) -> torch.Tensor:
-    """Per trainable tensor: sum and sum of squares in float64. Cheap, and any divergence between
-    ranks (or a bad load) changes them."""
-    rows = [torch.stack([p.detach().double().sum(), p.detach().double().pow(2).sum()]) for _, p in named_params]
-    return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)
+def weight_checksums(named_params: list, device=None) -> torch.Tensor:
+    """Per trainable tensor: sum and sum of squares in float64, over the full tensor (collective when the
+    tensors are sharded: each rank sums its rows). Cheap, and any divergence between ranks or a bad load
+    changes them."""
+    rows = [torch.stack([local_part(p).detach().double().sum(), local_part(p).detach().double().pow(2).sum()])
+            for _, p in named_params]
+    sums = torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)
+    if any(is_sharded(p) for _, p in named_params):
+        sums = all_reduce_sum(sums.to(device) if device is not None else sums).cpu()
+    return sums
 
 
 def verify_ranks_agree(named_params: list, step: int, device: torch.device) -> None:
-    """Every rank must hold bit-identical trainable weights; DDP guarantees it unless something
-    bypassed it (or a rank's memory went bad). Two tiny all-reduces."""
+    """Every rank must hold bit-identical replicated weights; DDP guarantees it unless something bypassed it
+    (or a rank's memory went bad). Sharded weights have no replicas to compare. Two tiny all-reduces."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    replicated = [(n, p) for n, p in named_params if not is_sharded(p)]
+    if not (dist.is_available() and dist.is_initialized()) or not replicated:
         return
-    sums = weight_checksums(named_params).to(device)
+    sums = weight_checksums(replicated).to(device)
     lo, hi = sums.clone(), sums.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    bad = [named_params[i][0] for i in torch.nonzero((lo != hi).any(1)).flatten().tolist()]
+    bad = [replicated[i][0] for i in torch.nonzero((lo != hi).any(1)).flatten().tolist()]
     if bad:
         raise CheckpointError(
-            f"ranks hold different trainable weights at step {step} ({len(bad)} of {len(named_params)} tensors "
+            f"ranks hold different trainable weights at step {step} ({len(bad)} of {len(replicated)} tensors "
             f"differ, first: {bad[0]}): gradients were not synchronised; stopping without saving")
 
 
 def _optimizer_tensors(optimizer, names_by_param: dict) -> tuple[dict, dict]:
+    """This rank's rows of every optimizer tensor, keyed ``name::field``, and the JSON-able rest."""
     sd = optimizer.state_dict()
     order = [names_by_param[p] for g in optimizer.param_groups for p in g["params"]]
-    tensors = {f"{order[i]}::{key}": v.detach().cpu().contiguous()
-               for i, st in sd["state"].items() for key, v in st.items()}
+    tensors = {f"{order[i]}::{key}": v for i, st in sd["state"].items() for key, v in st.items()}
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
     return tensors, {"param_names": order, "param_groups": groups}
 
 
-def _load_optimizer(optimizer, names_by_param: dict, tensors: dict, meta: dict) -> None:
-    order = [names_by_param[p] for g in optimizer.param_groups for p in g["params"]]
+def _local_cpu(tensors: dict) -> dict:
+    return {k: local_part(v).detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def _load_optimizer(optimizer, named_params: list, saved: SavedTensors, meta: dict) -> None:
+    params, names = dict(named_params), {id(p): n for n, p in named_params}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     if order != meta["param_names"]:
         raise CheckpointError("the checkpoint's optimizer was built for other trainable parameters")
     index = {n: i for i, n in enumerate(order)}
     state: dict = {}
-    for key, v in tensors.items():
+    for key in sorted(k for k in saved.keys() if "::" in k):
         name, field = key.rsplit("::", 1)
-        state.setdefault(index[name], {})[field] = v
+        p = params[name]
+        if list(saved.shape(key)) == list(p.shape):  # moments: this rank's rows, placed like the weight
+            start, end = rows_held(p)
+            value = like(p, saved.read(key, start, end).to(local_part(p).device))
+        else:  # AdamW's step count: a scalar, the same on every rank
+            value = saved.read(key, 0, 0)
+        state.setdefault(index[name], {})[field] = value
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
@@ -165,47 +186,77 @@ def _set_rng_state(tensors: dict, plain: dict) -> None:
 
 # --- save / load ------------------------------------------------------------------------------------
 
+def _agree(error: str, env: DistEnv, what: str) -> None:
+    """Collective: raise on every rank if any rank failed (the others must not wait at the next step)."""
+    failed = all_reduce_sum(torch.tensor([1.0 if error else 0.0], device=env.device)).item()
+    if failed:
+        raise CheckpointError(error or f"another rank could not write {what}")
+
+
 def save_checkpoint(output_dir, step: int, *, model, named_params: list, optimizer, scheduler, state: dict,
                     config: dict, env: DistEnv, keep_last: int) -> Path:
-    """Collective: every rank calls it. Rank 0 writes; all ranks learn whether that worked."""
+    """Collective: every rank calls it. Rank 0 writes the checkpoint; with sharded weights each rank also
+    writes its own rows. All ranks learn whether that worked."""
     verify_ranks_agree(named_params, step, env.device)
+    sums = weight_checksums(named_params, env.device)
     rng = all_gather_objects(_rng_state())  # small; every rank's generators
     root = checkpoint_root(output_dir)
     final = root / f"step_{step:06d}"
+    tmp = final.with_name(all_gather_objects(f".tmp-{final.name}-{os.getpid()}")[0])  # rank 0's name
+    sharded = any(is_sharded(p) for _, p in named_params)
+    names_by_param = {p: n for n, p in named_params}
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer, names_by_param)
     error = ""
     if env.is_main:
         try:
-            _write(final, step, model, named_params, optimizer, scheduler, state, config, rng)
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / SHARD_DIR if sharded else tmp).mkdir(parents=True)
+        except OSError as e:
+            error = f"could not write checkpoint {final}: {e}"
+    _agree(error, env, f"checkpoint {final}")
+    if sharded:  # each rank its rows: nothing is gathered
+        try:
+            f = tmp / shard_file(env.rank)
+            save_file(_local_cpu({**dict(named_params), **opt_tensors}), str(f))
+            _fsync(f)
+        except (OSError, RuntimeError) as e:
+            error = f"could not write {tmp / shard_file(env.rank)} (rank {env.rank}): {e}"
+        _agree(error, env, f"checkpoint {final}")
+    if env.is_main:
+        try:
+            if not sharded:
+                _write_replicated(tmp, model, named_params, opt_tensors)
+            sharding = ({"world_size": env.world_size,
+                         "shapes": {k: list(v.shape) for k, v in {**dict(named_params), **opt_tensors}.items()}}
+                        if sharded else None)
+            _write_rest(tmp, final, step, scheduler, state, config, rng, opt_meta, named_params, sums, sharding)
             for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
                 _remove(old)
         except Exception as e:  # noqa: BLE001 -- any failure must reach the other ranks, not leave them waiting
             error = f"could not write checkpoint {final}: {e}"
-    failed = all_reduce_sum(torch.tensor([1.0 if error else 0.0], device=env.device)).item()
-    if failed:
-        raise CheckpointError(error or f"rank 0 could not write checkpoint {final}")
+    _agree(error, env, f"checkpoint {final}")
     return final
 
 
-def _write(final: Path, step, model, named_params, optimizer, scheduler, state, config, rng) -> None:
+def _write_replicated(tmp: Path, model, named_params, opt_tensors) -> None:
     from peft import PeftModel
 
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     if isinstance(model, PeftModel):
         model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
     else:
-        save_file({n: p.detach().cpu().contiguous() for n, p in named_params}, str(tmp / "trainable.safetensors"))
-    names_by_param = {p: n for n, p in named_params}
-    opt_tensors, opt_meta = _optimizer_tensors(optimizer, names_by_param)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_file(_local_cpu(dict(named_params)), str(tmp / "trainable.safetensors"))
+    save_file(_local_cpu(opt_tensors), str(tmp / "optimizer.safetensors"))
+
+
+def _write_rest(tmp: Path, final: Path, step, scheduler, state, config, rng, opt_meta, named_params, sums,
+                sharding) -> None:
     save_file({f"rank{r}.{k}": v.contiguous() for r, (t, _) in enumerate(rng) for k, v in t.items()},
               str(tmp / "rng.safetensors"))
     (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    sums = weight_checksums(named_params).tolist()
     full = {**state, "step": step, "world_size": len(rng), "optimizer": opt_meta,
             "scheduler": scheduler.state_dict(), "rng": [plain for _, plain in rng],
-            "weight_checksums": {n: s for (n, _), s in zip(named_params, sums)}}
+            "weight_checksums": {n: s for (n, _), s in zip(named_params, sums.tolist())},
+            **({"sharding": sharding} if sharding else {})}
     (tmp / STATE).write_text(json.dumps(full, indent=1))
     _fsync_tree(tmp)
     if final.exists():  # the same step saved again (e.g. a rerun that had nothing left to do)
@@ -221,35 +272,35 @@ def read_state(path: Path) -> dict:
         raise CheckpointError(f"{path} is not a readable checkpoint ({STATE}: {e})") from None
 
 
-def load_checkpoint(path: Path, *, model, named_params: list, optimizer, scheduler, env: DistEnv) -> dict:
-    """Restore weights, optimizer, scheduler and this rank's RNG; returns the saved state dict."""
-    from peft import PeftModel, set_peft_model_state_dict
+def _same_sums(a: list, b: list) -> bool:
+    # Float64 sums of the same weights agree to the last bits whatever the sharding added them in.
+    return all(math.isclose(x, y, rel_tol=1e-12, abs_tol=1e-12) for x, y in zip(a, b))
 
+
+def load_checkpoint(path: Path, *, model, named_params: list, optimizer, scheduler, env: DistEnv) -> dict:
+    """Restore weights, optimizer, scheduler and this rank's RNG, whatever strategy and number of ranks
+    wrote the checkpoint (each rank reads only its rows); returns the saved state dict."""
     path = Path(path)
     state = read_state(path)
     try:
-        if isinstance(model, PeftModel):
-            weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
-            result = set_peft_model_state_dict(model, weights)
-            if getattr(result, "unexpected_keys", None):
-                raise CheckpointError(f"{path}: adapter tensors the model does not have: {result.unexpected_keys[:3]}")
-        else:
-            weights = load_file(str(path / "trainable.safetensors"))
-            params = dict(named_params)
-            if set(weights) != set(params):
-                raise CheckpointError(f"{path}: trainable tensors differ from this model's "
-                                      f"({len(weights)} saved, {len(params)} here)")
-            with torch.no_grad():
-                for n, p in named_params:
-                    p.copy_(weights[n])
-        saved = state["weight_checksums"]
-        now = dict(zip([n for n, _ in named_params], weight_checksums(named_params).tolist()))
-        wrong = [n for n in now if saved.get(n) != now[n]]
-        if wrong or set(saved) != set(now):
+        saved = SavedTensors(path, state)
+        weights = {k for k in saved.keys() if "::" not in k}
+        names = [n for n, _ in named_params]
+        missing = [n for n in names if (adapter_key(n) if getattr(saved, "adapter", False) else n) not in weights]
+        if missing or len(weights) != len(names):
+            raise CheckpointError(f"{path}: trainable tensors differ from this model's ({len(weights)} saved, "
+                                  f"{len(names)} here{f', first missing: {missing[0]}' if missing else ''})")
+        with torch.no_grad():
+            for n, p in named_params:
+                start, end = rows_held(p)
+                local_part(p).copy_(saved.read(n, start, end))
+        saved_sums = state["weight_checksums"]
+        now = dict(zip(names, weight_checksums(named_params, env.device).tolist()))
+        wrong = [n for n in now if n not in saved_sums or not _same_sums(saved_sums[n], now[n])]
+        if wrong or set(saved_sums) != set(now):
             raise CheckpointError(f"{path}: loaded weights do not match the checksums saved with them "
-                                  f"(first: {(wrong or sorted(set(saved) ^ set(now)))[0]}); the checkpoint is damaged")
-        _load_optimizer(optimizer, {p: n for n, p in named_params}, load_file(str(path / "optimizer.safetensors")),
-                        state["optimizer"])
+                                  f"(first: {(wrong or sorted(set(saved_sums) ^ set(now)))[0]}); the checkpoint is damaged")
+        _load_optimizer(optimizer, named_params, saved, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state["world_size"] == env.world_size:
             rng = load_file(str(path / "rng.safetensors"))
@@ -269,6 +320,7 @@ NO_EFFECT = {
     "train.log_every", "train.max_bad_steps", "train.find_unused_parameters",
     # Same loss and gradients, other memory / speed: switching them on to fit a GPU is a normal resume.
     "train.activation_checkpointing", "train.text_logits", "train.text_logits_chunk", "train.compile",
+    "train.parallel", "train.fsdp.cpu_offload",  # a DDP checkpoint resumes under FSDP and back (shards.py)
     "data.num_workers", "data.prefetch_factor", "data.cache_dir",
     # The data itself is judged by its fingerprint, not by where it lives or how it got there.
     "data.manifest", "data.root", "data.allow_outside_root", "data.on_error", "data.codec_revision",

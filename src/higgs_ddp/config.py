@@ -62,6 +62,13 @@ class DataConfig:
 
 
 @dataclass
+class FsdpSettings:  # train.parallel=fsdp (see parallel.py)
+    mixed_precision: str = "autocast"  # "autocast": fp32 weights gathered, bf16 autocast as under DDP (same
+    #   numerics) | "bf16": FSDP's MixedPrecisionPolicy, weights gathered in bf16, gradients reduced in fp32
+    cpu_offload: bool = False  # keep the sharded weights, gradients and AdamW state in host memory
+
+
+@dataclass
 class TrainConfig:
     mode: str = "lora"  # "lora" | "audio_ffn" | "full"
     max_steps: int = 1000
@@ -90,6 +97,8 @@ class TrainConfig:
     text_logits: str = "supervised"  # "supervised": text head only where a text target is supervised | "all"
     text_logits_chunk: int = 4096  # rows of text logits computed (and kept for backward) at a time; 0: all
     compile: bool = False  # torch.compile each decoder layer
+    parallel: str = "ddp"  # "ddp": a replica per rank | "fsdp": weights, gradients and optimizer sharded (FSDP2)
+    fsdp: FsdpSettings = field(default_factory=FsdpSettings)
 
 
 @dataclass
@@ -149,6 +158,8 @@ CHOICES = {
     "train.precision": ("auto", "bf16", "fp32"),
     "train.loss_alignment": ("auto", "shifted", "aligned"),
     "train.text_logits": ("supervised", "all"),
+    "train.parallel": ("ddp", "fsdp"),
+    "train.fsdp.mixed_precision": ("autocast", "bf16"),
     "data.on_error": ("error", "skip"),
 }
 PATH_LISTS = {"data.manifest", "data.val_manifest"}  # a string is a one-item list

@@ -5,17 +5,25 @@ would weigh a rank's tokens by how many samples it happened to get)."""
 from __future__ import annotations
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_max, all_reduce_sum
 
 
-def validation_batches(dataset, collator, rank: int, world: int, micro_batch_size: int, max_batches: int = 0):
-    """This rank's share, in a fixed order: samples rank, rank + world, ..., in micro-batches."""
-    mine = list(range(rank, len(dataset), world))
+def validation_chunks(size: int, rank: int, world: int, micro_batch_size: int, max_batches: int = 0) -> list:
+    """This rank's share, in a fixed order: samples rank, rank + world, ..., in micro-batches of indices."""
+    mine = list(range(rank, size, world))
     chunks = [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
-    for chunk in chunks[:max_batches or None]:
-        yield collator([dataset[i] for i in chunk])
+    return chunks[:max_batches or None]
+
+
+def lockstep(chunks: list, collective: bool, device) -> list:
+    """[(indices, counted)]. When a forward is a collective (FSDP gathers weights in it) every rank must run
+    as many as the busiest one: the others repeat a micro-batch whose result is not counted."""
+    runs = [(c, True) for c in chunks]
+    if collective:
+        most = int(all_reduce_max(torch.tensor([len(chunks)], device=device)).item())
+        runs += [(chunks[0] if chunks else [0], False)] * (most - len(chunks))
+    return runs
 
 
 @torch.no_grad()
@@ -23,17 +31,20 @@ def evaluate(trainer) -> dict:
     """One validation pass with the model as it is now; every rank returns the same global result."""
     env, cfg = trainer.env, trainer.cfg
     C = trainer.raw.config.audio_num_codebooks
-    module = trainer.ddp.module if isinstance(trainer.ddp, DDP) else trainer.ddp  # no gradients: no DDP
+    module = trainer.strategy.eval_module(trainer.wrapped)  # no gradients: no DDP bookkeeping
     # text sum, text targets, audio sum, audio targets, samples, then per codebook: sums, targets, hits
     sums = torch.zeros(5 + 3 * C, dtype=torch.float64, device=env.device)
     was_training = trainer.model.training
     trainer.model.eval()  # no dropout
     try:
-        for batch in validation_batches(trainer.val_dataset, trainer.collator, env.rank, env.world_size,
-                                        cfg.train.micro_batch_size, cfg.eval.max_batches):
-            b = batch.to(env.device, non_blocking=True)
+        chunks = validation_chunks(len(trainer.val_dataset), env.rank, env.world_size, cfg.train.micro_batch_size,
+                                   cfg.eval.max_batches)
+        for chunk, counted in lockstep(chunks, trainer.strategy.collective_forward, env.device):
+            b = trainer.collator([trainer.val_dataset[i] for i in chunk]).to(env.device, non_blocking=True)
             with trainer.autocast:
                 dl = trainer.loss(module(**b.model_inputs()), b, check=False, accuracy=True)
+            if not counted:
+                continue
             sums += torch.cat([
                 torch.stack([dl.text_loss_sum, dl.text_tokens.to(dl.text_loss_sum.dtype), dl.audio_loss_sum,
                              dl.audio_tokens.to(dl.audio_loss_sum.dtype),

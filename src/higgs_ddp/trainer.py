@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .collator import Batch, HiggsCollator
 from .checkpoint import check_resumable, load_checkpoint, save_checkpoint
@@ -23,7 +22,9 @@ from .distributed import DistEnv, all_reduce_sum
 from .dual_loss import compute_dual_loss
 from .model import HiggsForward, build_for_training, load_tokenizer, unwrap
 from .optim import build_optimizer, build_scheduler
+from .parallel import build_strategy, check_strategy
 from .prefetch import Prefetcher
+from .shards import gather_full
 from .perf import compile_decoder_layers, enable_activation_checkpointing, enable_tf32, text_head
 
 
@@ -50,6 +51,7 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, data: Data | None = None):
         self.cfg, self.env = cfg, env
         t = cfg.train
+        check_strategy(cfg)
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and env.device.type == "cuda")
         if use_bf16 and env.device.type != "cuda":
             raise TrainingError("train.precision=bf16 needs a GPU; use auto or fp32 on CPU")
@@ -59,8 +61,6 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg)
         self.model = build_for_training(cfg, self.tokenizer, torch.bfloat16 if use_bf16 else torch.float32,
                                         device=env.device)
-        self.named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        self.params = [p for _, p in self.named_params]
         self.raw = unwrap(self.model)
 
         mc = self.raw.config
@@ -111,12 +111,11 @@ class Trainer:
             # The deferred head runs after DDP's forward: DDP's search for unused weights would miss it.
             raise ConfigError("train.find_unused_parameters=true with a trained text head needs "
                               "train.text_logits=all")
-        forward = HiggsForward(self.model, defer_text_head=self.text_head is not None)
-        if env.world_size > 1:
-            ids = [env.local_rank] if env.device.type == "cuda" else None
-            self.ddp = DDP(forward, device_ids=ids, find_unused_parameters=t.find_unused_parameters)
-        else:
-            self.ddp = forward
+        self.strategy = build_strategy(cfg, env)  # last, after checkpointing and compile (torchtitan's order)
+        self.wrapped = self.strategy.wrap(HiggsForward(self.model, defer_text_head=self.text_head is not None))
+        # Collected after wrapping: FSDP2 replaces each parameter by its shard (same names).
+        self.named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named_params]
         self.optimizer = build_optimizer(self.params, t.lr, t.betas, t.weight_decay, env.device)
         self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
         self.alignment = t.loss_alignment
@@ -192,7 +191,7 @@ class Trainer:
             ("batch", batch),
             ("schedule", f"{t.max_steps} steps" + ("" if d.max_tokens_per_batch else f" (~{epochs:.1f} epochs)")
                          + f", lr {t.lr:g}, warmup {t.warmup_steps}"),
-            ("runs on", f"{env.world_size} x {env.device.type}, {self.precision}" + "".join(f", {p}" for p in self.perf)),
+            ("runs on", f"{env.world_size} x {env.device.type}, {self.strategy.describe()}, {self.precision}" + "".join(f", {p}" for p in self.perf)),
             ("output", self.cfg.output_dir),
         ]
         return "higgs-ddp run card\n" + "\n".join(f"  {k:<9} {v}" for k, v in rows)
@@ -200,12 +199,6 @@ class Trainer:
     @property
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.params)
-
-    def _sync_context(self, last: bool):
-        # Skip the gradient all-reduce on all but the last micro-step (nanoGPT-style flag on DDP).
-        if isinstance(self.ddp, DDP):
-            self.ddp.require_backward_grad_sync = last
-        return contextlib.nullcontext()
 
     def loss(self, out: dict, b: Batch, check: bool, accuracy: bool = False):
         t = self.cfg.train
@@ -230,11 +223,11 @@ class Trainer:
         C = self.raw.config.audio_num_codebooks
         sums = torch.zeros(2 + 2 * C, dtype=torch.float64, device=env.device)
         for i, b in enumerate(micro):
-            self._sync_context(i == len(micro) - 1)
+            self.strategy.set_sync(self.wrapped, last=i == len(micro) - 1)
             # Verify the label convention on the first step; the aligned path is verified on every step.
             check = not self.verified or self.alignment == "aligned"
             with self.autocast:  # the deferred text head runs inside the loss, so the loss is under it too
-                out = self.ddp(**b.model_inputs())
+                out = self.wrapped(**b.model_inputs())
                 dl = self.loss(out, b, check)
             if check:
                 if (int(dl.text_tokens), int(dl.audio_tokens)) != (b.text_targets, b.audio_targets):
@@ -242,18 +235,17 @@ class Trainer:
                         f"loss counted {int(dl.text_tokens)}/{int(dl.audio_tokens)} text/audio targets, "
                         f"the collator {b.text_targets}/{b.audio_targets}: normalisation would be wrong")
                 self.alignment = dl.path
-            dl.normalized(g_text, g_audio, scale=env.world_size).backward()
+            # Normalised by the global target counts; grad_scale undoes the wrapper's mean over ranks.
+            dl.normalized(g_text, g_audio, scale=self.strategy.grad_scale).backward()
             sums += torch.cat([torch.stack([dl.text_loss_sum.detach(), dl.audio_loss_sum.detach()]),
                                dl.per_codebook_loss_sum, dl.per_codebook_tokens]).double()
         self.verified = True
-        max_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = self.strategy.clip_grad_norm_(self.params, t.max_grad_norm)
         sums = all_reduce_sum(sums)
         text_loss = (sums[0] / max(g_text, 1)).item()
         audio_loss = (sums[1] / max(g_audio, 1)).item()
         per_cb = (sums[2:2 + C] / sums[2 + C:].clamp(min=1)).tolist()
         loss = t.text_weight * text_loss + t.audio_weight * audio_loss
-        grad_norm = float(grad_norm)
         finite = math.isfinite(loss) and math.isfinite(grad_norm)  # identical on every rank
         if finite:
             self.optimizer.step()
@@ -275,15 +267,17 @@ class Trainer:
                           int(g_tokens), int(g_samples), 1.0 - g_tokens / max(g_padded, 1), not finite)
 
     def save_final(self) -> Path:
+        """The trained tensors, whole, in the formats export and the inference engine read. Collective: with
+        sharded weights every rank takes part in gathering them to rank 0, one tensor at a time."""
         out = Path(self.cfg.output_dir) / "final"
+        state = gather_full(self.named_params, keep=self.env.is_main)
         if not self.env.is_main:
             return out
         out.mkdir(parents=True, exist_ok=True)
         if self.cfg.train.mode == "lora":
-            self.model.save_pretrained(str(out), safe_serialization=True)
+            self.model.save_pretrained(str(out), safe_serialization=True, state_dict=state)
         else:
             from safetensors.torch import save_file
-            state = {n: p.detach().cpu().contiguous() for n, p in self.raw.named_parameters() if p.requires_grad}
             save_file(state, str(out / "trainable.safetensors"), metadata={"mode": self.cfg.train.mode})
             self.raw.config.save_pretrained(str(out))
         self.tokenizer.save_pretrained(str(out / "tokenizer"))
