@@ -120,7 +120,8 @@ class DataConfig(Section):
     val_manifest: list = field(default_factory=list)  # validation manifest(s)
     # or: this fraction of the training samples (chosen by a hash of the id)
     val_fraction: float = ranged(0.0, 0, 1, high_open=True)
-    on_error: str = choice("error", "skip")  # "error": stop with the full list | "skip": count, report, train on the rest
+    # "error": stop with the full list | "skip": count, report, train on the rest
+    on_error: str = choice("error", "skip")
     max_audio_seconds: float = ranged(30.0, 0, note="0: no limit")
     max_tokens_per_batch: int = ranged(0, 0, note="0: fixed micro_batch_size")  # > 0: length-aware micro-batches
     root: Optional[str] = None  # dataset root for allow_outside_root (default: each manifest's folder)
