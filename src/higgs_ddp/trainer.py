@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .collator import Batch, HiggsCollator
 from .checkpoint import check_resumable, load_checkpoint, save_checkpoint
-from .config import Config, ConfigError
+from .config import Config, ConfigError, check_machine
 from .batching import StepBatchSampler, TokenBudgetBatchSampler
 from .data import Data, ManifestDataset, fingerprint, load_data
 from .distributed import DistEnv, all_reduce_sum
@@ -50,9 +50,8 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, data: Data | None = None):
         self.cfg, self.env = cfg, env
         t = cfg.train
+        check_machine(cfg, env.device.type)  # bf16 and flash-attn need a GPU
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and env.device.type == "cuda")
-        if use_bf16 and env.device.type != "cuda":
-            raise TrainingError("train.precision=bf16 needs a GPU; use auto or fp32 on CPU")
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
         self.precision = "bf16" if use_bf16 else "fp32"
 
