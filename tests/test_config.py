@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -233,6 +234,106 @@ def test_counts_must_be_positive(key):
         load_config(None, ["model.path=x", f"{key}=0"])
 
 
+# ------------------------------------------------------------------------------ ranges and rules
+# Each value below used to reach the run: a ZeroDivisionError (log_every), a traceback from torch / peft /
+# transformers, a run stopped for a finite loss (max_bad_steps=0), or a silently wrong run.
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.log_every=0", "train.log_every"),  # ZeroDivisionError at step 1
+    ("train.lr=-1", "train.lr"),  # torch: Invalid learning rate
+    ("lora.r=0", "lora.r"),  # peft
+    ("lora.dropout=2", "lora.dropout"),  # torch: dropout probability
+    ("lora.dropout=1", "lora.dropout"),  # drops everything
+    ("train.betas=[0.9]", "train.betas"),  # torch: not enough values to unpack
+    ("train.betas=[0.9, 1.5]", "train.betas"),
+    ("train.betas=[a, b]", "train.betas"),
+    ("data.num_workers=-1", "data.num_workers"),  # torch DataLoader
+    ("data.prefetch_factor=0", "data.prefetch_factor"),
+    ("model.attn_implementation=foo", "model.attn_implementation"),  # KeyError in boson's layers
+    ("train.max_bad_steps=0", "train.max_bad_steps"),  # stopped at step 1 "for a non-finite loss"
+    ("lora.alpha=0", "lora.alpha"),  # the adapter stays exactly zero
+    ("train.min_lr_ratio=5", "train.min_lr_ratio"),  # the LR climbs to 5x the peak
+    ("train.min_lr_ratio=-0.1", "train.min_lr_ratio"),
+    ("train.warmup_steps=-3", "train.warmup_steps"),
+    ("train.weight_decay=-1", "train.weight_decay"),
+    ("eval.temperature=-1", "eval.temperature"),
+    ("eval.max_audio_seconds=0", "eval.max_audio_seconds"),  # one frame, then "the model did not stop"
+    ("data.max_audio_seconds=-1", "data.max_audio_seconds"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm"),  # silently no clipping
+    ("train.text_weight=-1", "train.text_weight"),
+    ("eval.every=-1", "eval.every"),
+    ("train.keep_last=-1", "train.keep_last"),
+    ("train.text_logits_chunk=-1", "train.text_logits_chunk"),
+    ("lora.target_modules=[]", "lora.target_modules"),
+    ("bench.audio_fraction=2", "bench.audio_fraction"),
+])
+def test_out_of_range_value_is_one_line_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as ei:
+        load_config(None, ["model.path=x", override])
+    msg = str(ei.value)
+    assert f"config key {key!r} must be" in msg and ", got " in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("override", [
+    "data.max_audio_seconds=0",  # no limit
+    "eval.temperature=0", "train.lr=0", "train.warmup_steps=0", "train.min_lr_ratio=0", "train.min_lr_ratio=1",
+    "train.weight_decay=0", "data.num_workers=0", "lora.dropout=0", "train.betas=[0, 0.999]",
+    "train.max_grad_norm=0", "train.text_weight=0", "eval.max_audio_seconds=0.5",
+])
+def test_edge_values_that_mean_something_are_accepted(override):
+    load_config(None, ["model.path=x", override])
+
+
+def test_ranges_name_their_meaning():
+    with pytest.raises(ConfigError, match=r"'eval.max_audio_seconds' must be > 0 \(generation needs a length limit"):
+        load_config(None, ["model.path=x", "eval.max_audio_seconds=0"])
+    with pytest.raises(ConfigError, match=r"'data.val_fraction' must be in \[0, 1\), got 1.5"):
+        load_config(None, ["model.path=x", "data.val_fraction=1.5"])
+
+
+def test_rules_between_keys():
+    with pytest.raises(ConfigError, match="eval.every needs a validation set"):
+        load_config(None, ["model.path=x", "eval.every=5"])
+    load_config(None, ["model.path=x", "eval.every=5", "data.val_fraction=0.1"])
+    load_config(None, ["model.path=x", "eval.every=5", "data.val_manifest=v.jsonl"])
+    with pytest.raises(ConfigError, match="train.text_weight and train.audio_weight are both 0"):
+        load_config(None, ["model.path=x", "train.text_weight=0", "train.audio_weight=0"])
+
+
+def test_flash_attention_and_bf16_are_checked_against_the_machine():
+    from higgs_ddp.config import check_machine
+
+    cfg = load_config(None, ["model.path=x", "model.attn_implementation=flash_attention_2"])
+    with pytest.raises(ConfigError, match="model.attn_implementation=flash_attention_2 needs"):
+        check_machine(cfg, "cpu")
+    with pytest.raises(ConfigError, match="train.precision=bf16 needs a GPU"):
+        check_machine(load_config(None, ["model.path=x", "train.precision=bf16"]), "cpu")
+    check_machine(load_config(None, ["model.path=x"]), "cpu")  # auto: fp32 on CPU
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed")
+def test_flash_attention_without_the_package_names_it():
+    from higgs_ddp.config import check_machine
+
+    cfg = load_config(None, ["model.path=x", "model.attn_implementation=flash_attention_2"])
+    with pytest.raises(ConfigError, match="needs the flash-attn package, which is not installed"):
+        check_machine(cfg, "cuda")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.attn_implementation=flash_attention_2", "model.attn_implementation=flash_attention_2 needs"),
+    ("lora.target_modules=[nope]", "lora.target_modules entry 'nope' matches no module of the model"),
+])
+def test_the_run_stops_with_the_same_one_line_check(tmp_path, override, message):
+    """train() reaches check_machine / check_lora_targets before anything trains (here: the tiny model)."""
+    from conftest import tiny_config
+    from higgs_ddp.train import train
+
+    with pytest.raises(ConfigError, match=message):
+        train(tiny_config(tmp_path, override))
+
+
 # -------------------------------------------------------------------------------------- model checks
 
 
@@ -272,11 +373,17 @@ def test_missing_config_file(tmp_path):
         load_config(str(missing))
 
 
-def test_invalid_yaml(tmp_path):
+@pytest.mark.parametrize("text, where, problem", [
+    ("train:\n  lr: 1.0e-3\n   max_steps: 5\n", "3:13", "mapping values are not allowed here"),
+    ("model:\n  path: x\ntrain: [unclosed\n", "4:1", "expected ',' or ']', but got '<stream end>' "
+                                                     "(while parsing a flow sequence at line 3, column 8)"),
+])
+def test_invalid_yaml_names_file_line_and_column(tmp_path, text, where, problem):
     p = tmp_path / "bad.yaml"
-    p.write_text("train: [unclosed\n")
-    with pytest.raises(ConfigError, match="invalid YAML"):
+    p.write_text(text)
+    with pytest.raises(ConfigError) as ei:
         load_config(str(p))
+    assert str(ei.value) == f"{p}:{where}: invalid YAML: {problem}"
 
 
 def test_top_level_must_be_mapping(tmp_path):

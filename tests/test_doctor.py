@@ -116,6 +116,9 @@ def test_this_machine_with_the_tiny_config_passes(capsys, tiny_args):
     assert "3 samples" in one(lines, "OK   manifest ")
     assert one(lines, "OK   model: random init")
     assert one(lines, "OK   codec: tiny")
+    assert one(lines, "OK   lora.target_modules: each of the 10 entries names modules of the model")
+    assert one(lines, "OK   train.precision=auto, model.attn_implementation=sdpa: this machine")
+    assert "fill an optimizer step of 2 per rank" in one(lines, "OK   batch: ")
     disk = one(lines, "OK   disk: ")
     assert "3 checkpoints" in disk and "25,600 trainable parameters" in disk  # tiny LoRA, keep_last 2 + 1
 
@@ -233,6 +236,7 @@ def test_uncached_hub_model_offline(capsys, tiny_args, offline_hub):
     fail = one(lines, f"FAIL model {OFFICIAL_REPO}@{OFFICIAL_REVISION}: ")
     assert "not in the HF cache" in fail and "HF_HUB_OFFLINE is set" in fail
     assert f"`huggingface-cli download {OFFICIAL_REPO} --revision {OFFICIAL_REVISION}`" in fail
+    assert "the model's config.json is neither local nor in the HF cache" in one(lines, "WARN lora.target_modules")
     # the disk estimate falls back to the official model's size
     assert "sized as the official 3B model" in one(lines, "OK   disk: ")
 
@@ -246,7 +250,7 @@ def test_cached_hub_model_and_codec(capsys, tmp_path, offline_hub):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.wav").write_bytes(b"RIFF")
     manifest = tmp_path / "data" / "train.jsonl"
-    manifest.write_text(json.dumps({"text": "hi", "audio": "a.wav"}) + "\n")
+    manifest.write_text("".join(json.dumps({"text": f"hi {i}", "audio": "a.wav"}) + "\n" for i in range(6)))
     args = ["--config", TINY, f"data.manifest={manifest}", f"output_dir={tmp_path / 'run'}", "eval.prompts=[]",
             "model.init=pretrained", f"model.path={repo}", "model.tokenizer=null", f"data.codec={OFFICIAL_CODEC}"]
 
@@ -272,7 +276,8 @@ def test_cached_hub_model_and_codec(capsys, tmp_path, offline_hub):
     cache_repo(offline_hub, "bosonai/hubert_base", {"config.json": "{}"})
     rc, lines = run(capsys, *args)
     assert rc == 0, lines
-    # the disk estimate used the cached config.json: the tiny model's LoRA size, not the 3B fallback
+    # the cached config.json: the LoRA targets are checked against its modules, the disk sized by it
+    assert one(lines, "OK   lora.target_modules: each of the 10 entries")
     assert "25,600 trainable parameters" in one(lines, "OK   disk: ")
 
 
@@ -293,12 +298,73 @@ def test_eval_prompts(capsys, tmp_path, tiny_args):
     assert rc == 0 and one(lines, "OK   eval.prompts: 2 prompts, 1 reference audio file found")
 
 
-def test_resume_never_with_existing_checkpoints(capsys, tmp_path, tiny_args):
-    (tmp_path / "run" / "checkpoints" / "step_000050").mkdir(parents=True)
+@pytest.fixture(scope="module")
+def one_step_run(tmp_path_factory) -> list:
+    """A real run of one step that saved a checkpoint; returns the doctor's arguments for its config."""
+    from conftest import QUIET, tiny_config
+    from higgs_ddp.train import train
+
+    tmp = tmp_path_factory.mktemp("resume")
+    same = ("train.max_steps=1", "train.save_every=1")
+    cfg = tiny_config(tmp, *same)
+    train(cfg)
+    return ["--config", TINY, f"output_dir={cfg.output_dir}", f"data.manifest={cfg.data.manifest[0]}",
+            f"data.cache_dir={cfg.data.cache_dir}", "data.num_workers=0", *QUIET, *same]
+
+
+def test_resume_is_judged_by_the_runs_own_checks(capsys, tmp_path, one_step_run):
+    """checkpoint.resume_point and check_resumable decide, as in the run: a resume the run would refuse
+    (another train.lr) is a FAIL, not "resumes from step_N"."""
+    rc, lines = run(capsys, *one_step_run)
+    assert rc == 0 and "resumes from step_000001 (train.resume=auto" in one(lines, "OK   output_dir ")
+
+    rc, lines = run(capsys, *one_step_run, "train.lr=1e-3")
+    fail = one(lines, "FAIL output_dir ")
+    assert rc == 1 and "cannot resume from" in fail and "train.lr: 0.003 -> 0.001" in fail
+    assert "train.resume_accept=[train.lr]" in fail
+    rc, lines = run(capsys, *one_step_run, "train.lr=1e-3", "train.resume_accept=[train.lr]")
+    assert rc == 0 and one(lines, "OK   output_dir ")
+
+    rc, lines = run(capsys, *one_step_run, "train.resume=never")
+    assert rc == 1 and "train.resume=never but" in one(lines, "FAIL output_dir ")
+    rc, lines = run(capsys, *one_step_run, f"train.resume={tmp_path / 'nowhere'}")
+    assert rc == 1 and "not a complete checkpoint folder" in one(lines, "FAIL output_dir ")
+
+
+def test_an_unfinished_checkpoint_folder_is_not_resumed_from(capsys, tmp_path, tiny_args):
+    (tmp_path / "run" / "checkpoints" / "step_000050").mkdir(parents=True)  # no state.json: never completed
     rc, lines = run(capsys, *tiny_args, "train.resume=never")
-    assert rc == 1 and "train.resume=never refuses it" in one(lines, "FAIL output_dir ")
-    rc, lines = run(capsys, *tiny_args)
-    assert rc == 0 and one(lines, "OK   output_dir ").endswith("resumes from step_000050 (train.resume=auto)")
+    assert rc == 0 and not [line for line in lines if line[5:].startswith("output_dir ")]
+
+
+# -------------------------------------------------------------------- the run's start-up checks
+
+
+@pytest.mark.parametrize("overrides, prefix, message", [
+    (["data.val_fraction=0", "eval.every=5"], "FAIL config: ", "eval.every needs a validation set"),
+    (["lora.target_modules=[nope]"], "FAIL lora.target_modules ",
+     "lora.target_modules entry 'nope' matches no module of the model"),
+    (["train.micro_batch_size=4"], "FAIL batch: ",  # the 3 samples of tiny_args
+     "one optimizer step needs 4 (ranks 1 x train.grad_accum_steps 1 x train.micro_batch_size 4)"),
+    (["model.attn_implementation=flash_attention_2"], "FAIL model.attn_implementation=flash_attention_2 needs", ""),
+    pytest.param(["train.precision=bf16"], "FAIL train.precision=bf16 needs a GPU", "(this machine: cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="bf16 runs on this GPU")),
+])
+def test_what_the_run_refuses_at_start_up_fails_here(capsys, tiny_args, overrides, prefix, message):
+    rc, lines = run(capsys, *tiny_args, *overrides)
+    assert rc == 1 and message in one(lines, prefix)
+
+
+@pytest.mark.parametrize("name", ["bench_tiny.yaml", "bench_3b.yaml"])
+def test_benchmark_configs_need_no_manifest(capsys, name):
+    rc, lines = run(capsys, "--config", ROOT / "configs" / name)
+    assert rc == 0, lines
+    assert one(lines, "OK   data.manifest: none, and none needed: a benchmark config")
+    assert "bench.samples fill an optimizer step" in one(lines, "OK   batch: ")
+    assert one(lines, "OK   lora.target_modules: each of the 10 entries names modules of the model")
+    # a training config without a manifest still fails
+    rc, lines = run(capsys, "--config", TINY, "data.manifest=[]", "eval.prompts=[]")
+    assert rc == 1 and one(lines, "FAIL data.manifest is empty")
 
 
 def test_a_crashing_check_is_one_fail_line():

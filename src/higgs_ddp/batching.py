@@ -26,6 +26,17 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
 
 
+def check_step_fits(num_samples: int, micro_batch_size: int, grad_accum_steps: int, world_size: int) -> None:
+    """One optimizer step takes ranks x grad_accum_steps x micro_batch_size samples; fewer would never make
+    one. The run checks its loaded data here, the doctor the samples its manifests list."""
+    need = world_size * grad_accum_steps * micro_batch_size
+    if num_samples < need:
+        raise BatchingError(
+            f"the data has {num_samples} samples but one optimizer step needs {need} "
+            f"(ranks {world_size} x train.grad_accum_steps {grad_accum_steps} x train.micro_batch_size "
+            f"{micro_batch_size})")
+
+
 class _StepSampler(torch.utils.data.Sampler):
     def __init__(self, accum: int, rank: int, world: int, seed: int, shuffle: bool, start_step: int):
         self.accum, self.rank, self.world = accum, rank, world
@@ -67,11 +78,7 @@ class StepBatchSampler(_StepSampler):
                  world_size: int, seed: int, shuffle: bool, start_step: int = 0):
         super().__init__(grad_accum_steps, rank, world_size, seed, shuffle, start_step)
         self.n, self.mbs = num_samples, micro_batch_size
-        need = world_size * grad_accum_steps * micro_batch_size
-        if num_samples < need:
-            raise BatchingError(
-                f"the data has {num_samples} samples but one optimizer step needs {need} "
-                f"(ranks {world_size} x grad_accum_steps {grad_accum_steps} x micro_batch_size {micro_batch_size})")
+        check_step_fits(num_samples, micro_batch_size, grad_accum_steps, world_size)
 
     def plan(self, epoch: int) -> list:
         order = torch.randperm(self.n, generator=epoch_generator(self.seed, epoch)) if self.shuffle \

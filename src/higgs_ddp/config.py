@@ -1,12 +1,17 @@
 """Typed run configuration: YAML file + dotted ``key=value`` overrides, checked against dataclasses.
 
 An unknown key or a value of the wrong type is a ``ConfigError`` that names the key and lists the
-valid ones; nothing is silently ignored.
+valid ones; nothing is silently ignored. Each field carries its range or choices (``ranged``, ``choice``)
+and each section its rules between fields (``check_rules``): ``load_config`` checks them all before any
+model or data is loaded. What can only be checked against the machine, the model or the data is in
+``check_machine``, ``check_lora_targets`` and ``batching.check_step_fits``, which the run and the doctor
+both call.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,107 +38,222 @@ class ConfigError(ValueError):
     pass
 
 
+@dataclass(frozen=True)
+class Range:
+    """The numbers a config key takes; an open end is excluded. ``note`` says what its edge values mean."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def __contains__(self, value) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+def ranged(default, low=None, high=None, *, low_open=False, high_open=False, note=""):
+    """A field whose value must lie in a Range, checked by load_config before anything is loaded."""
+    return field(default=default, metadata={"range": Range(low, high, low_open, high_open, note)})
+
+
+def choice(default: str, *others: str):
+    """A field that takes one of a few words."""
+    return field(default=default, metadata={"choices": (default, *others)})
+
+
+def _check_field(key: str, value, metadata) -> None:
+    rng = metadata.get("range")
+    if rng is not None and value not in rng:
+        note = f" ({rng.note})" if rng.note else ""
+        raise ConfigError(f"config key {key!r} must be {rng}{note}, got {value!r}")
+    choices = metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"config key {key!r} must be one of {list(choices)}, got {value!r}")
+
+
+class Section:
+    """A config section: each field's range or choices (its metadata), then the rules between its fields."""
+
+    NAME = ""  # the section's key in the config
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Section):  # a nested section (train.fsdp)
+                value.validate()
+            else:
+                _check_field(f"{self.NAME}.{f.name}", value, f.metadata)
+        self.check_rules()
+
+    def check_rules(self) -> None:
+        """Rules between fields of this section; ConfigError names the keys."""
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
+    NAME = "model"
     path: Optional[str] = None  # hub id or local folder of a boson_multimodal-format checkpoint
     revision: Optional[str] = None  # defaults to OFFICIAL_REVISION for the official repo
-    init: str = "pretrained"  # "pretrained" | "random" (random weights from `config`)
+    init: str = choice("pretrained", "random")  # "random": random weights from `config`
     config: Optional[dict] = None  # inline HiggsAudioConfig kwargs, for init=random
     tokenizer: Optional[str] = None  # path/hub id; "tiny" builds the offline byte tokenizer
-    attn_implementation: str = "sdpa"
+    # boson_multimodal's decoder layers know these three (LLAMA_ATTENTION_CLASSES)
+    attn_implementation: str = choice("sdpa", "eager", "flash_attention_2")
+
+    def check_rules(self) -> None:
+        if self.init == "random" and not self.config:
+            raise ConfigError("model.init=random needs an inline model.config (HiggsAudioConfig fields)")
+        if self.init == "pretrained" and not self.path:
+            raise ConfigError("model.path is required for model.init=pretrained")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
+    NAME = "data"
     manifest: list = field(default_factory=list)  # JSONL file(s), one sample per line; a string is one file
     val_manifest: list = field(default_factory=list)  # validation manifest(s)
-    val_fraction: float = 0.0  # or: this fraction of the training samples (chosen by a hash of the id)
-    on_error: str = "error"  # "error": stop with the full list | "skip": count, report, train on the rest
-    max_audio_seconds: float = 30.0
-    max_tokens_per_batch: int = 0  # > 0: length-aware micro-batches by padded token budget
+    # or: this fraction of the training samples (chosen by a hash of the id)
+    val_fraction: float = ranged(0.0, 0, 1, high_open=True)
+    # "error": stop with the full list | "skip": count, report, train on the rest
+    on_error: str = choice("error", "skip")
+    max_audio_seconds: float = ranged(30.0, 0, note="0: no limit")
+    max_tokens_per_batch: int = ranged(0, 0, note="0: fixed micro_batch_size")  # > 0: length-aware micro-batches
     root: Optional[str] = None  # dataset root for allow_outside_root (default: each manifest's folder)
     allow_outside_root: bool = True
     codec: str = OFFICIAL_CODEC  # audio tokenizer: hub id, local folder, or "tiny" (random, for demos)
     codec_revision: Optional[str] = None
     cache_dir: Optional[str] = None  # code cache (default: .higgs_codes next to the first manifest)
     shuffle: bool = True
-    num_workers: int = 2
-    prefetch_factor: int = 4
+    num_workers: int = ranged(2, 0, note="0: batches are built in the training process")
+    prefetch_factor: int = ranged(4, 1)
+
+    def check_rules(self) -> None:
+        if self.val_manifest and self.val_fraction:
+            raise ConfigError("give data.val_manifest or data.val_fraction, not both")
 
 
 @dataclass
-class FsdpSettings:  # train.parallel=fsdp (see parallel.py)
-    mixed_precision: str = "autocast"  # "autocast": fp32 weights gathered, bf16 autocast as under DDP (same
-    #   numerics) | "bf16": FSDP's MixedPrecisionPolicy, weights gathered in bf16, gradients reduced in fp32
+class FsdpSettings(Section):  # train.parallel=fsdp (see parallel.py)
+    NAME = "train.fsdp"
+    # "autocast": fp32 weights gathered, bf16 autocast as under DDP (the same numerics) | "bf16": FSDP's
+    # MixedPrecisionPolicy, weights gathered in bf16 and gradients reduced in fp32 (faster; ~1e-2 relative)
+    mixed_precision: str = choice("autocast", "bf16")
     cpu_offload: bool = False  # keep the sharded weights, gradients and AdamW state in host memory
 
 
 @dataclass
-class TrainConfig:
-    mode: str = "lora"  # "lora" | "audio_ffn" | "full"
-    max_steps: int = 1000
-    micro_batch_size: int = 1
-    grad_accum_steps: int = 1
-    lr: float = 2e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    betas: list = field(default_factory=lambda: [0.9, 0.95])
-    max_grad_norm: float = 1.0
+class TrainConfig(Section):
+    NAME = "train"
+    mode: str = choice("lora", "audio_ffn", "full")
+    max_steps: int = ranged(1000, 1)
+    micro_batch_size: int = ranged(1, 1)
+    grad_accum_steps: int = ranged(1, 1)
+    lr: float = ranged(2e-4, 0)
+    min_lr_ratio: float = ranged(0.1, 0, 1, note="the final LR as a fraction of train.lr")
+    warmup_steps: int = ranged(50, 0)
+    weight_decay: float = ranged(0.0, 0)
+    betas: list = field(default_factory=lambda: [0.9, 0.95])  # AdamW's (beta1, beta2), each in [0, 1)
+    max_grad_norm: float = ranged(1.0, 0, note="0: no clipping")
     seed: int = 1234
-    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
-    text_weight: float = 1.0
-    audio_weight: float = 1.0
-    loss_alignment: str = "auto"  # "auto" | "shifted" | "aligned" (see dual_loss.py)
-    max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
+    precision: str = choice("auto", "bf16", "fp32")  # "auto": bf16 on GPU, fp32 on CPU
+    text_weight: float = ranged(1.0, 0)
+    audio_weight: float = ranged(1.0, 0)
+    loss_alignment: str = choice("auto", "shifted", "aligned")  # see dual_loss.py
+    max_bad_steps: int = ranged(3, 1)  # consecutive non-finite steps before the run stops
     find_unused_parameters: bool = False
-    log_every: int = 1
-    save_every: int = 500  # optimizer steps between checkpoints (0: only at the end and when stopped)
-    keep_last: int = 3  # complete checkpoints kept (0: all)
+    log_every: int = ranged(1, 1)  # a metrics.jsonl row every N steps (and at the last)
+    save_every: int = ranged(500, 0, note="0: only at the end and when stopped")  # optimizer steps between checkpoints
+    keep_last: int = ranged(3, 0, note="0: all")  # complete checkpoints kept
     resume: str = "auto"  # "auto": from the latest checkpoint in output_dir, if any | "never" | a checkpoint path
     resume_accept: list = field(default_factory=list)  # differences from the checkpoint to accept, e.g. [train.lr]
     # Speed and memory (see perf.py and BENCHMARKS.md); none of them changes the loss or the gradients.
     activation_checkpointing: bool = False  # recompute each decoder layer in backward: less memory, ~1/3 more compute
-    text_logits: str = "supervised"  # "supervised": text head only where a text target is supervised | "all"
-    text_logits_chunk: int = 4096  # rows of text logits computed (and kept for backward) at a time; 0: all
+    text_logits: str = choice("supervised", "all")  # "supervised": text head only where a text target is supervised
+    # rows of text logits computed (and kept for backward) at a time
+    text_logits_chunk: int = ranged(4096, 0, note="0: all rows at once")
     compile: bool = False  # torch.compile each decoder layer
-    parallel: str = "ddp"  # "ddp": a replica per rank | "fsdp": weights, gradients and optimizer sharded (FSDP2)
+    # "ddp": a replica per rank | "fsdp": weights, gradients and AdamW state sharded over the ranks (FSDP2)
+    parallel: str = choice("ddp", "fsdp")
     fsdp: FsdpSettings = field(default_factory=FsdpSettings)
 
+    def check_rules(self) -> None:
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                           for b in self.betas):
+            raise ConfigError(f"config key 'train.betas' must be two numbers in [0, 1) (AdamW's beta1, beta2), "
+                              f"got {self.betas!r}")
+        if self.parallel == "fsdp" and self.find_unused_parameters:
+            raise ConfigError("train.find_unused_parameters is a DDP setting; under train.parallel=fsdp every rank "
+                              "produces every gradient on every micro-step already")
+        if not self.text_weight and not self.audio_weight:
+            raise ConfigError("train.text_weight and train.audio_weight are both 0: nothing would be learned")
+        if not self.resume:
+            raise ConfigError("train.resume must be auto, never or a checkpoint folder")
+
 
 @dataclass
-class LoraSettings:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+class LoraSettings(Section):
+    NAME = "lora"
+    r: int = ranged(16, 1)
+    alpha: int = ranged(32, 1, note="the adapter's output is scaled by alpha / r: 0 would keep it at zero")
+    dropout: float = ranged(0.05, 0, 1, high_open=True)
     target_modules: list = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
 
+    def check_rules(self) -> None:
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ConfigError(f"config key 'lora.target_modules' must be a list of module names, "
+                              f"got {self.target_modules!r}")
+
 
 @dataclass
-class EvalConfig:
-    every: int = 0  # optimizer steps between validations (0: only at the end); needs a validation set
-    max_batches: int = 0  # micro-batches per rank per validation (0: the whole validation set)
-    samples_every: int = 0  # optimizer steps between listening samples (0: with every validation)
+class EvalConfig(Section):
+    NAME = "eval"
+    # optimizer steps between validations (0: only at the end); needs a validation set
+    every: int = ranged(0, 0, note="0: only at the end")
+    max_batches: int = ranged(0, 0, note="0: the whole validation set")  # micro-batches per rank per validation
+    samples_every: int = ranged(0, 0, note="0: with every validation")  # optimizer steps between listening samples
     prompts: list = field(default_factory=list)  # [{text, reference_audio?, reference_text?}] spoken at each sample
-    max_audio_seconds: float = 10.0  # a sample that reaches this without the stream EOS is reported
-    temperature: float = 0.7
+    # A sample that reaches this without the stream EOS is reported. Generation always needs a limit, so
+    # 0 is refused rather than read as "no limit" (as data.max_audio_seconds reads it).
+    max_audio_seconds: float = ranged(10.0, 0, low_open=True,
+                                      note="generation needs a length limit; 0 is not 'no limit' here")
+    temperature: float = ranged(0.7, 0, note="0: greedy")
     seed: int = 0  # generation seed: the same prompt gives comparable samples from step to step
 
+    def check_rules(self) -> None:
+        for i, prompt in enumerate(self.prompts):
+            if not isinstance(prompt, dict) or not isinstance(prompt.get("text"), str) or not prompt["text"].strip() \
+                    or set(prompt) - {"text", "reference_audio", "reference_text"}:
+                raise ConfigError(f"eval.prompts[{i}] must be a mapping with a non-empty text and optionally "
+                                  f"reference_audio and reference_text, got {prompt!r}")
+
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(Section):
+    NAME = "logging"
     tensorboard: bool = False  # also write every metric (and the listening samples) to {output_dir}/tensorboard
 
 
 @dataclass
-class BenchConfig:  # python -m higgs_ddp.bench: random samples of one length, no data needed
-    seq_len: int = 2048  # positions per sample (text + expanded audio)
-    audio_fraction: float = 0.85  # share of them that is audio (speech: ~25 frames/s, a few text tokens/s)
-    samples: int = 256
-    warmup_steps: int = 3
-    steps: int = 10
+class BenchConfig(Section):  # python -m higgs_ddp.bench: random samples of one length, no data needed
+    NAME = "bench"
+    seq_len: int = ranged(2048, 1)  # positions per sample (text + expanded audio)
+    # share of them that is audio (speech: ~25 frames/s, a few text tokens/s)
+    audio_fraction: float = ranged(0.85, 0, 1)
+    samples: int = ranged(256, 1)
+    warmup_steps: int = ranged(3, 0)
+    steps: int = ranged(10, 1)
     peer: bool = True  # also time the transformers.Trainer loop of the public Higgs trainers, side by side
-    peak_tflops: float = 0.0  # the device's dense bf16 peak for MFU; 0: look the GPU up in a table
+    peak_tflops: float = ranged(0.0, 0, note="0: look the GPU up in a table")  # the device's dense bf16 peak for MFU
     find_largest_micro_batch: bool = False  # GPU: double the micro-batch until out of memory
 
 
@@ -151,17 +271,18 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def sections(self) -> list:
+        return [getattr(self, f.name) for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), Section)]
 
-CHOICES = {
-    "model.init": ("pretrained", "random"),
-    "train.mode": ("lora", "audio_ffn", "full"),
-    "train.precision": ("auto", "bf16", "fp32"),
-    "train.loss_alignment": ("auto", "shifted", "aligned"),
-    "train.text_logits": ("supervised", "all"),
-    "train.parallel": ("ddp", "fsdp"),
-    "train.fsdp.mixed_precision": ("autocast", "bf16"),
-    "data.on_error": ("error", "skip"),
-}
+    def validate(self) -> None:
+        """Every range, choice and rule of the config, before any model or data is loaded."""
+        for section in self.sections():
+            section.validate()
+        if self.eval.every and not (self.data.val_manifest or self.data.val_fraction):
+            raise ConfigError(f"eval.every needs a validation set: data.val_manifest or data.val_fraction "
+                              f"(or eval.every=0), got eval.every={self.eval.every} without either")
+
+
 PATH_LISTS = {"data.manifest", "data.val_manifest"}  # a string is a one-item list
 FREE_FORM = {"model.config"}  # nested dicts checked by the model builder, not here
 
@@ -209,8 +330,6 @@ def _coerce(key: str, value: Any, hint) -> Any:
         raise ConfigError(f"config key {key!r} must be {name}, got {type(value).__name__} {value!r}")
     if hint is float:
         value = float(value)
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"config key {key!r} must be one of {list(CHOICES[key])}, got {value!r}")
     return value
 
 
@@ -275,6 +394,45 @@ def _relative_to(base: Path, value):
     return value
 
 
+def check_machine(cfg: Config, device: str) -> None:
+    """What the config asks of the machine (``device``: "cuda" or "cpu"). The run checks it before it builds
+    the model; the doctor checks it on the machine it runs on."""
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device == "cuda")
+    if bf16 and device != "cuda":
+        raise ConfigError("train.precision=bf16 needs a GPU; use auto or fp32 on CPU")
+    if cfg.model.attn_implementation == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package, which is "
+                              "not installed: pip install flash-attn, or use sdpa")
+        if device != "cuda":
+            raise ConfigError("model.attn_implementation=flash_attention_2 needs a GPU; use sdpa on CPU")
+        if not bf16:  # flash-attn computes in fp16/bf16 only; fp32 weights without autocast give it fp32
+            raise ConfigError("model.attn_implementation=flash_attention_2 needs bf16: train.precision=auto or "
+                              "bf16, not fp32")
+
+
+def check_lora_targets(cfg: Config, module_names) -> None:
+    """Each lora.target_modules entry names a module of the model (as peft matches it: the whole name or a
+    dotted suffix). The run checks the model it built; the doctor a copy built on the meta device."""
+    if cfg.train.mode != "lora":
+        return
+    names = list(module_names)
+    for target in cfg.lora.target_modules:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            raise ConfigError(f"lora.target_modules entry {target!r} matches no module of the model")
+
+
+def _yaml_error(path: str, e: yaml.YAMLError) -> str:
+    """One line with the file, line and column of a YAML syntax error (PyYAML spreads them over several)."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is None:
+        return f"{path}: invalid YAML: {str(e).splitlines()[0]}"
+    problem = getattr(e, "problem", None) or "syntax error"
+    context, where = getattr(e, "context", None), getattr(e, "context_mark", None)
+    started = f" ({context} at line {where.line + 1}, column {where.column + 1})" if context and where else ""
+    return f"{path}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {problem}{started}"
+
+
 def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
     data: dict = {}
     if path:
@@ -284,7 +442,7 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+            raise ConfigError(_yaml_error(path, e)) from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         base = p.parent
@@ -299,33 +457,7 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
     data = _merge(data, parse_overrides(list(overrides)))
     cfg = Config()
     _apply(cfg, data)
-    if cfg.model.init == "random" and not cfg.model.config:
-        raise ConfigError("model.init=random needs an inline model.config (HiggsAudioConfig fields)")
-    if cfg.model.init == "pretrained" and not cfg.model.path:
-        raise ConfigError("model.path is required for model.init=pretrained")
-    for key in ("train.micro_batch_size", "train.grad_accum_steps", "train.max_steps"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
-            raise ConfigError(f"config key {key!r} must be >= 1")
-    if cfg.eval.every < 0 or cfg.eval.max_batches < 0 or cfg.eval.samples_every < 0:
-        raise ConfigError("eval.every, eval.max_batches and eval.samples_every must be >= 0")
-    for i, prompt in enumerate(cfg.eval.prompts):
-        if not isinstance(prompt, dict) or not isinstance(prompt.get("text"), str) or not prompt["text"].strip() \
-                or set(prompt) - {"text", "reference_audio", "reference_text"}:
-            raise ConfigError(f"eval.prompts[{i}] must be a mapping with a non-empty text and optionally "
-                              f"reference_audio and reference_text, got {prompt!r}")
-    if cfg.train.text_logits_chunk < 0:
-        raise ConfigError("train.text_logits_chunk must be >= 0 (0: all rows at once)")
-    if cfg.train.save_every < 0 or cfg.train.keep_last < 0:
-        raise ConfigError("train.save_every and train.keep_last must be >= 0 (0: at the end only / keep all)")
-    if not cfg.train.resume:
-        raise ConfigError("train.resume must be auto, never or a checkpoint folder")
-    if cfg.data.val_manifest and cfg.data.val_fraction:
-        raise ConfigError("give data.val_manifest or data.val_fraction, not both")
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise ConfigError("config key 'data.val_fraction' must be in [0, 1)")
-    if cfg.data.max_tokens_per_batch < 0 or cfg.data.max_audio_seconds < 0:
-        raise ConfigError("data.max_tokens_per_batch and data.max_audio_seconds must be >= 0 (0: no limit)")
+    cfg.validate()
     if cfg.model.revision is None and cfg.model.path == OFFICIAL_REPO:
         cfg.model.revision = OFFICIAL_REVISION
     return cfg

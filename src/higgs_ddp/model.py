@@ -15,7 +15,7 @@ import inspect
 import torch
 from torch import nn
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, check_lora_targets
 
 SPECIAL_IDS = {  # HiggsAudioConfig field -> token it must name in the tokenizer
     "audio_in_token_idx": "<|AUDIO|>",
@@ -128,10 +128,7 @@ def apply_training_mode(model, cfg: Config):
         return model
     from peft import LoraConfig, get_peft_model
 
-    names = [n for n, _ in model.named_modules()]
-    for target in cfg.lora.target_modules:
-        if not any(n == target or n.endswith("." + target) for n in names):
-            raise ConfigError(f"lora.target_modules entry {target!r} matches no module of the model")
+    check_lora_targets(cfg, (n for n, _ in model.named_modules()))
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=list(cfg.lora.target_modules), bias="none")
     return get_peft_model(model, lora)

@@ -32,7 +32,7 @@ import math
 import torch
 from torch import nn
 
-from .config import Config, ConfigError
+from .config import Config
 from .distributed import DistEnv
 
 
@@ -127,9 +127,3 @@ def build_strategy(cfg: Config, env: DistEnv) -> Strategy:
         return Replicated(cfg, env)
     return Strategy(cfg, env)
 
-
-def check_strategy(cfg: Config) -> None:
-    """Combinations refused before anything is built."""
-    if cfg.train.parallel == "fsdp" and cfg.train.find_unused_parameters:
-        raise ConfigError("train.find_unused_parameters is a DDP setting; under train.parallel=fsdp every rank "
-                          "produces every gradient on every micro-step already")

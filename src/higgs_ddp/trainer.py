@@ -15,14 +15,14 @@ import yaml
 
 from .collator import Batch, HiggsCollator
 from .checkpoint import check_resumable, load_checkpoint, save_checkpoint
-from .config import Config, ConfigError
+from .config import Config, ConfigError, check_machine
 from .batching import StepBatchSampler, TokenBudgetBatchSampler
 from .data import Data, ManifestDataset, fingerprint, load_data
 from .distributed import DistEnv, all_reduce_sum
 from .dual_loss import compute_dual_loss
 from .model import HiggsForward, build_for_training, load_tokenizer, unwrap
 from .optim import build_optimizer, build_scheduler
-from .parallel import build_strategy, check_strategy
+from .parallel import build_strategy
 from .prefetch import Prefetcher
 from .shards import gather_full
 from .perf import compile_decoder_layers, enable_activation_checkpointing, enable_tf32, text_head
@@ -51,10 +51,8 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, data: Data | None = None):
         self.cfg, self.env = cfg, env
         t = cfg.train
-        check_strategy(cfg)
+        check_machine(cfg, env.device.type)  # bf16 and flash-attn need a GPU
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and env.device.type == "cuda")
-        if use_bf16 and env.device.type != "cuda":
-            raise TrainingError("train.precision=bf16 needs a GPU; use auto or fp32 on CPU")
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
         self.precision = "bf16" if use_bf16 else "fp32"
 

@@ -10,8 +10,10 @@ seconds, without loading a model or any audio. One line per check::
 
 The exit code is 1 when any line is FAIL, else 0. Without ``--config`` (or overrides) only the
 environment is checked (Python, package versions, CUDA/NCCL); with it, also the model and codec sources,
-the manifests and the disk space the checkpoints will need. A check that crashes is itself a FAIL line
-naming the exception, never a traceback.
+the manifests, the run's own start-up checks (startup.py: precision and attention on this machine, the
+LoRA targets against the model's modules, enough samples for one step, whether the resume is allowed)
+and the disk space the checkpoints will need. A check that crashes is itself a FAIL line naming the
+exception, never a traceback.
 """
 
 from __future__ import annotations
@@ -19,17 +21,19 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-from .disk import OFFICIAL_DIMS, Dims, _existing_parent, check_disk, check_output_dir, checkpoint_need
+from .disk import OFFICIAL_DIMS, Dims, _existing_parent, check_disk, checkpoint_need
 from .environment import check_cuda, check_python, check_transformers, check_versions
 from .inputs import _manifest_paths, check_manifests, check_prompts
 from .result import FAIL, OK, WARN, Result, _first_line
 from .sources import check_codec, check_model, hf_cache_dir, hf_offline
+from .startup import check_batch, check_device, check_lora, check_resume, is_benchmark
 
 __all__ = [
     "main", "environment_checks", "config_checks", "Result", "OK", "WARN", "FAIL",
     "check_python", "check_versions", "check_transformers", "check_cuda",
     "check_model", "check_codec", "hf_cache_dir", "hf_offline", "check_manifests", "check_prompts",
-    "Dims", "OFFICIAL_DIMS", "checkpoint_need", "check_disk", "check_output_dir",
+    "Dims", "OFFICIAL_DIMS", "checkpoint_need", "check_disk", "check_resume", "check_device", "check_lora",
+    "check_batch", "is_benchmark",
     "_existing_parent", "_guarded",  # used by tests/test_doctor.py
 ]
 
@@ -57,9 +61,13 @@ def config_checks(cfg) -> list:
         needed = bool(cfg.eval.prompts) or not parsed_all or any(not r.is_codes for r in refs)
         return check_codec(cfg, needed)
 
-    return [("model", lambda: check_model(cfg)), ("manifests", lambda: check_manifests(cfg, entries)),
-            ("eval prompts", lambda: check_prompts(cfg)), ("codec", codec),
-            ("output_dir", lambda: check_output_dir(cfg)), ("disk", lambda: check_disk(cfg))]
+    checks = [("model", lambda: check_model(cfg)), ("device", lambda: check_device(cfg)),
+              ("lora", lambda: check_lora(cfg)), ("manifests", lambda: check_manifests(cfg, entries)),
+              ("batch", lambda: check_batch(cfg, entries))]
+    if is_benchmark(cfg):  # it encodes no audio, speaks no prompts, neither resumes nor saves checkpoints
+        return checks
+    return checks + [("codec", codec), ("eval prompts", lambda: check_prompts(cfg)),
+                     ("output_dir", lambda: check_resume(cfg)), ("disk", lambda: check_disk(cfg))]
 
 
 def main(argv=None) -> int:

@@ -159,14 +159,3 @@ def check_disk(cfg, need_bytes: Optional[float] = None) -> Result:
     if free < 2 * need_bytes:
         return Result(WARN, f"disk: {shown}: little room for logs, samples and anything else on that disk")
     return Result(OK, f"disk: {shown}")
-
-
-def check_output_dir(cfg) -> list:
-    ckpts = Path(cfg.output_dir) / "checkpoints"
-    steps = sorted(p.name for p in ckpts.glob("step_*") if p.is_dir()) if ckpts.is_dir() else []
-    if steps and cfg.train.resume == "never":
-        return [Result(FAIL, f"output_dir {cfg.output_dir} already holds {len(steps)} checkpoints and "
-                             f"train.resume=never refuses it: use a new output_dir or train.resume=auto")]
-    if steps and cfg.train.resume == "auto":
-        return [Result(OK, f"output_dir {cfg.output_dir}: resumes from {steps[-1]} (train.resume=auto)")]
-    return []

@@ -14,10 +14,16 @@ def _manifest_paths(cfg) -> list:
 
 def check_manifests(cfg, seen: Optional[dict] = None) -> list:
     """Each manifest: exists, readable, every line parses (the training parser, so the same verdict), and
-    every audio / codes file it names exists. No audio is read. ``seen`` collects the entries."""
+    every audio / codes file it names exists. No audio is read. ``seen`` collects, per manifest, the entries
+    whose files all exist."""
     from ..manifest import Problem, read_manifest
 
+    from .startup import is_benchmark
+
     if not cfg.data.manifest:
+        if is_benchmark(cfg):
+            return [Result(OK, "data.manifest: none, and none needed: a benchmark config (bench.*), whose random "
+                               "samples python -m higgs_ddp.bench makes")]
         return [Result(FAIL, "data.manifest is empty: set data.manifest=path/to/train.jsonl")]
     skip = cfg.data.on_error == "skip"
     out, exists = [], {}
@@ -34,16 +40,21 @@ def check_manifests(cfg, seen: Optional[dict] = None) -> list:
             out.append(Result(FAIL, f"{what} {path}: not readable ({e.strerror}): fix its permissions"))
             continue
         entries, problems = read_manifest(path, cfg.data.root, cfg.data.allow_outside_root)
+        usable = []
         for entry in entries:
+            missing = []
             for ref in entry.audio:
                 if ref.path not in exists:  # a reference clip is often shared by many lines
                     exists[ref.path] = ref.path.is_file()
                 if not exists[ref.path]:
-                    problems.append(Problem(entry.where, "file_missing", f"{'codes file' if ref.is_codes else 'audio'} "
-                                                                         f"{ref.shown} not found"))
+                    missing.append(Problem(entry.where, "file_missing", f"{'codes file' if ref.is_codes else 'audio'} "
+                                                                        f"{ref.shown} not found"))
+            problems += missing
+            if not missing:
+                usable.append(entry)
         problems.sort(key=lambda pr: int(pr.where.rsplit(":", 1)[1]))  # in file order
         if seen is not None:
-            seen[path] = entries
+            seen[path] = usable
         if not problems and not entries:
             out.append(Result(FAIL, f"{what} {path}: no samples in it: write one JSON object per line"))
         elif problems:
