@@ -31,12 +31,16 @@ def listening_prompts(tmp_path) -> list:
 
 
 @pytest.mark.slow
-def test_two_ranks_report_the_validation_and_samples_of_one(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_report_the_validation_and_samples_of_one(tmp_path, parallel):
+    """Under fsdp a forward is a collective: the ranks validate in lockstep (the one with fewer batches
+    repeats one, uncounted) and speak every prompt together."""
     # lr 0: the weights stay the initial ones, so both runs validate (and speak with) the very same model.
     one = tiny_config(tmp_path / "one", *COMMON, "train.lr=0.0", "train.micro_batch_size=2", samples=20)
     one.eval.prompts = listening_prompts(tmp_path)
     train(one)
-    two = tiny_config(tmp_path / "two", *COMMON, "train.lr=0.0", "train.micro_batch_size=1", samples=20)
+    two = tiny_config(tmp_path / "two", *COMMON, "train.lr=0.0", "train.micro_batch_size=1",
+                      f"train.parallel={parallel}", samples=20)
     two.eval.prompts = listening_prompts(tmp_path)
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(two.to_dict()))

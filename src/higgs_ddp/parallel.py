@@ -27,6 +27,7 @@ and adapter files are the same as under DDP.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -57,6 +58,11 @@ class Strategy:
 
     def clip_grad_norm_(self, params: list, max_norm: float) -> float:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
+
+    def lockstep_generation(self, wrapped: nn.Module):
+        """None: each rank may generate on its own (listening samples are shared out over the ranks). A
+        context manager: generation is a collective, every rank must generate the same thing inside it."""
+        return None
 
     def describe(self) -> str:
         return self.name
@@ -111,6 +117,19 @@ class Sharded(Strategy):
     def clip_grad_norm_(self, params: list, max_norm: float) -> float:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    @contextlib.contextmanager
+    def _root_gathered(self, wrapped: nn.Module):
+        # generate() calls the raw model, not the root's forward, so the root's own weights (the audio
+        # codebook embeddings among them) are gathered here; each layer still gathers its own in its forward.
+        wrapped.unshard()
+        try:
+            yield
+        finally:
+            wrapped.reshard()
+
+    def lockstep_generation(self, wrapped: nn.Module):
+        return self._root_gathered(wrapped)
 
     def describe(self) -> str:
         s = self.cfg.train.fsdp

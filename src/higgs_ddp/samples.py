@@ -149,13 +149,18 @@ def max_new_tokens(mc, max_frames: int) -> int:
     return max_frames + 2 + (mc.audio_num_codebooks - 1 if mc.use_delay_pattern else 0)
 
 
-def _stop_at_audio_eos(audio_eos_token_id: int):
-    """A stopping criterion for the end of the first audio stream (the engine would go on with text)."""
+def _stop_at_audio_eos(audio_eos_token_id: int, agreed: bool = False):
+    """A stopping criterion for the end of the first audio stream (the engine would go on with text).
+    ``agreed``: every rank stops when any rank would (an all-reduce per token)."""
     from transformers.generation.stopping_criteria import StoppingCriteria
 
     class StopAtAudioEos(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            return input_ids[:, -1] == audio_eos_token_id
+            done = input_ids[:, -1] == audio_eos_token_id
+            if agreed:
+                from .distributed import all_reduce_max
+                done = all_reduce_max(done.to(torch.int32)).bool()
+            return done
 
     return StopAtAudioEos()
 
@@ -206,13 +211,17 @@ def autocast_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
 
 
 def generate_codes(raw_model, tokenizer, codec, cfg: Config, text: str, ref_text: Optional[str] = None,
-                   ref_codes: Optional[torch.Tensor] = None, static_cache: Optional[bool] = None) -> Generated:
+                   ref_codes: Optional[torch.Tensor] = None, static_cache: Optional[bool] = None,
+                   lockstep: bool = False) -> Generated:
     """One prompt through HiggsAudioModel.generate with the engine's arguments. The caller handles the
     model's mode, the RNG and gradients (write_samples does).
 
     ``static_cache`` (default: unless under autocast): the engine's static KV cache bucket. Under autocast
     the keys and values of different layers can come out in different dtypes (fp32 embeddings and weights
-    meet bf16 matmuls), which one static cache cannot hold; boson's DynamicCache path is used instead."""
+    meet bf16 matmuls), which one static cache cannot hold; boson's DynamicCache path is used instead.
+
+    ``lockstep``: every rank generates this prompt at the same time (sharded weights: each forward gathers
+    them), and all stop after the same token, so none waits at a gather the others never reach."""
     from transformers.generation.stopping_criteria import StoppingCriteriaList
 
     mc = raw_model.config
@@ -241,7 +250,7 @@ def generate_codes(raw_model, tokenizer, codec, cfg: Config, text: str, ref_text
             seed=cfg.eval.seed,
             audio_out_bos_token_id=tokenizer.convert_tokens_to_ids("<|audio_out_bos|>"),
             audio_eos_token_id=audio_eos_token_id,
-            stopping_criteria=StoppingCriteriaList([_stop_at_audio_eos(audio_eos_token_id)]))
+            stopping_criteria=StoppingCriteriaList([_stop_at_audio_eos(audio_eos_token_id, lockstep)]))
     sequences, audio = out[0], out[1]
     if not audio:
         raise RuntimeError("generation produced no audio stream")
@@ -252,15 +261,17 @@ def generate_codes(raw_model, tokenizer, codec, cfg: Config, text: str, ref_text
 
 
 @contextlib.contextmanager
-def _generation_state(raw_model, seed: int):
-    """Eval mode, inference mode, a forked RNG seeded with ``seed``; everything put back afterwards."""
+def _generation_state(raw_model, seed: int, lockstep: bool = False):
+    """Eval mode, inference mode, a forked RNG seeded with ``seed``; everything put back afterwards.
+    In lockstep (sharded weights) no_grad instead of inference mode: FSDP gathers weights into buffers
+    that training reuses, which must not become inference tensors."""
     device = next(raw_model.parameters()).device
     modes = [(m, m.training) for m in raw_model.modules()]
     attrs = set(vars(raw_model))
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices), torch.inference_mode():
+        with torch.random.fork_rng(devices=devices), (torch.no_grad() if lockstep else torch.inference_mode()):
             torch.manual_seed(seed)
             raw_model.eval()
             yield
@@ -273,12 +284,16 @@ def _generation_state(raw_model, seed: int):
             torch.cuda.empty_cache()
 
 
-def _speak(raw_model, tokenizer, codec, cfg: Config, i: int, ref_codes) -> tuple:
-    """-> (wave, Generated, generation seconds) for ``eval.prompts[i]``."""
+def _speak(raw_model, tokenizer, codec, cfg: Config, i: int, ref_codes, lockstep: bool = False,
+           decode: bool = True) -> tuple:
+    """-> (wave, Generated, generation seconds) for ``eval.prompts[i]`` (wave None unless ``decode``)."""
     prompt = cfg.eval.prompts[i]
     t0 = time.perf_counter()
-    gen = generate_codes(raw_model, tokenizer, codec, cfg, prompt["text"], prompt.get("reference_text"), ref_codes)
+    gen = generate_codes(raw_model, tokenizer, codec, cfg, prompt["text"], prompt.get("reference_text"), ref_codes,
+                         lockstep=lockstep)
     elapsed = time.perf_counter() - t0
+    if not decode:
+        return None, gen, elapsed
     if gen.codes.shape[1]:
         wave = np.asarray(codec.decode(gen.codes), dtype=np.float32).reshape(-1)
     else:  # the model ended the stream at once
@@ -296,7 +311,8 @@ def _check_codec(raw_model, codec) -> None:
                          f"the model {mc.audio_num_codebooks} of {mc.audio_codebook_size}")
 
 
-def write_samples(raw_model, tokenizer, codec, cfg: Config, step: int, out_dir: Path) -> list[SampleResult]:
+def write_samples(raw_model, tokenizer, codec, cfg: Config, step: int, out_dir: Path,
+                  lockstep: Optional[contextlib.AbstractContextManager] = None) -> list[SampleResult]:
     """Speak every ``cfg.eval.prompts`` entry; rank 0 writes ``out_dir/step_{step:06d}/sample_{i:02d}.wav`` and
     ``samples.json`` there and gets the results ([] elsewhere). A reference audio that cannot be used is a
     one-line ValueError naming it.
@@ -304,7 +320,10 @@ def write_samples(raw_model, tokenizer, codec, cfg: Config, step: int, out_dir: 
     Called on every rank: prompt i is spoken by rank ``i % world_size`` (so 8 GPUs take an eighth of the
     time, and no rank idles at the next collective while rank 0 generates) and its audio sent to rank 0.
     Each generation is seeded by ``eval.seed`` alone, so the files are the same for any number of ranks.
-    ``codec`` may be a zero-argument callable: only ranks with a prompt to speak load it."""
+    ``codec`` may be a zero-argument callable: only ranks with a prompt to speak load it.
+
+    ``lockstep`` (sharded weights, parallel.Strategy.generation): every rank speaks every prompt together,
+    inside that context; rank 0 alone decodes and writes."""
     import soundfile as sf
 
     from .distributed import all_gather_objects
@@ -314,19 +333,23 @@ def write_samples(raw_model, tokenizer, codec, cfg: Config, step: int, out_dir: 
         return []
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     mine, caught, codec_info = {}, None, None
-    if rank < len(prompts):
+    share = range(len(prompts)) if lockstep is not None else range(rank, len(prompts), world)
+    if share:
         try:  # an error (CodecError included) goes to every rank through the gather below: all raise
             codec = codec() if callable(codec) else codec
             codec_info = codec.sample_rate, codec.frame_rate
             _check_codec(raw_model, codec)
-            with _generation_state(raw_model, cfg.eval.seed):
+            with lockstep or contextlib.nullcontext(), \
+                    _generation_state(raw_model, cfg.eval.seed, lockstep is not None):
                 # Every reference first: an unusable one stops this before any audio is generated.
-                refs = {i: _encode_reference(cfg, i, prompts[i], codec) for i in range(rank, len(prompts), world)}
+                refs = {i: _encode_reference(cfg, i, prompts[i], codec) for i in share}
                 for i, ref_codes in refs.items():
-                    mine[i] = _speak(raw_model, tokenizer, codec, cfg, i, ref_codes)
+                    mine[i] = _speak(raw_model, tokenizer, codec, cfg, i, ref_codes, lockstep is not None,
+                                     decode=lockstep is None or rank == 0)
         except (ValueError, RuntimeError) as e:
             caught = e
-    gathered = all_gather_objects((mine, caught and f"{type(caught).__name__}: {caught}", codec_info))
+    sent = mine if lockstep is None or rank == 0 else {}  # in lockstep rank 0 holds every prompt already
+    gathered = all_gather_objects((sent, caught and f"{type(caught).__name__}: {caught}", codec_info))
     if caught is not None:
         raise caught
     for r, (_, error, _) in enumerate(gathered):

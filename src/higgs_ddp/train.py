@@ -134,7 +134,8 @@ def between_steps(trainer, log, step: int) -> dict:
         from higgs_ddp.samples import write_samples
 
         results = write_samples(trainer.raw, trainer.tokenizer, lambda: trainer.codec, cfg, step,
-                                Path(cfg.output_dir) / "samples")
+                                Path(cfg.output_dir) / "samples",
+                                lockstep=trainer.strategy.lockstep_generation(trainer.wrapped))
         if not env.is_main:
             return val
         log.audio(step, results)
