@@ -208,3 +208,22 @@ def test_invalid_utf8_is_a_data_error(tmp_path, tokenizer, files):
     assert f"{path}:2: not valid UTF-8" in str(ei.value)
 
 
+
+
+def test_a_manifest_starting_with_a_utf8_bom_reads_its_first_line(tmp_path, tokenizer, files):
+    # Windows editors (Notepad, Excel's "UTF-8" CSV export) write one; it is not part of line 1's JSON.
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(_good(files, "first")) + "\n"
+                                       + json.dumps(_good(files, "second")) + "\n").encode())
+    records = read_manifest(path, tokenizer, tmp_path)
+    assert [r.where for r in records] == [f"{path}:1", f"{path}:2"]
+    assert "first" in tokenizer.decode(records[0].input_ids)
+
+
+def test_a_bom_after_line_1_is_still_bad_json(tmp_path, tokenizer, files):
+    # Only the file's start may carry one; mid-file it is a stray character, reported where it is.
+    path = tmp_path / "m.jsonl"
+    path.write_bytes((json.dumps(_good(files)) + "\n").encode() + b"\xef\xbb\xbf" + json.dumps(_good(files)).encode())
+    with pytest.raises(DataError) as ei:
+        read_manifest(path, tokenizer, tmp_path)
+    assert f"{path}:2: invalid JSON" in str(ei.value)

@@ -180,7 +180,9 @@ def read_manifest(path: str, root: Optional[str] = None, allow_outside_root: boo
             where = f"{path}:{lineno}"
             try:
                 try:
-                    raw = raw_bytes.decode("utf-8")
+                    # "utf-8-sig" on line 1: a byte-order mark that Windows tools put at the file's start
+                    # is not part of the first line's JSON.
+                    raw = raw_bytes.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as e:
                     raise LineProblem("bad_utf8", f"not valid UTF-8 text (byte {e.start})") from None
                 if not raw.strip():
