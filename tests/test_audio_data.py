@@ -330,7 +330,7 @@ def test_several_manifests_and_validation_sets(tmp_path, tokenizer):
     a = write_manifest(base, [{"text": f"a{i}", "audio": wav(base, f"a{i}.wav", text=f"a{i}")} for i in range(4)], "a.jsonl")
     b = write_manifest(base, [{"text": f"b{i}", "audio": wav(base, f"b{i}.wav", text=f"b{i}"), "id": f"b{i}"}
                               for i in range(40)], "b.jsonl")
-    v = write_manifest(base, [{"text": "v", "audio": "a0.wav"}], "v.jsonl")
+    v = write_manifest(base, [{"text": "v", "audio": wav(base, "v.wav", text="v")}], "v.jsonl")  # not a training clip
     both = load(tmp_path, tokenizer, [a, b], f"data.val_manifest={v}")
     assert (len(both.train), len(both.val)) == (44, 1)
     split = load(tmp_path, tokenizer, [a, b], "data.val_fraction=0.25")
