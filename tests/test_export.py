@@ -215,3 +215,30 @@ def test_export_of_a_trained_run_is_the_trained_model(tmp_path):
     b = batch(tok, merged.config)
     for got, want in zip(logits(merged, b), logits(trained, b)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_random_base_is_drawn_on_the_cpu_whatever_device_it_trains_on(tmp_path):
+    """Export rebuilds a random-init base on the CPU from model.config and the seed. Drawn on a GPU (the CUDA
+    generator) it would be another base, and the trained weights would merge onto the wrong one. A machine
+    without a GPU still has another device to build for: meta, whose tensors hold no values at all."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RandomDraws(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.devices = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.normal_, torch.ops.aten.uniform_):
+                self.devices.add(args[0].device.type)
+            return func(*args, **(kwargs or {}))
+
+    cfg = tiny_config(tmp_path, samples=2)
+    tok = load_tokenizer(cfg)
+    with RandomDraws() as draws:
+        on_meta = build_model(cfg, tok, device="meta")
+    assert draws.devices == {"cpu"}
+    assert {p.device.type for p in on_meta.parameters()} == {"meta"}  # then moved where it runs
+    on_cpu = build_model(cfg, tok, device="cpu").state_dict()
+    rebuilt = build_model(cfg, tok).state_dict()  # what export does
+    assert all(torch.equal(on_cpu[k], rebuilt[k]) for k in rebuilt)

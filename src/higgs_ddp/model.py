@@ -95,9 +95,13 @@ def build_model(cfg: Config, tokenizer, dtype: torch.dtype = torch.float32, devi
         config._attn_implementation = cfg.model.attn_implementation
         # The same seed on every rank; DDP also broadcasts rank 0's weights when it wraps the model.
         torch.manual_seed(cfg.train.seed)
-        # Initialised where it will run: 5.8B random weights are minutes of CPU time, seconds on a GPU.
-        with torch.device(device or "cpu"):
+        # Drawn by the CPU generator whatever the device: export rebuilds this base on the CPU from the seed,
+        # and the CUDA generator would draw another one (the merge would land on it). The price is the
+        # CPU's time to draw them: noticeable only for a billions-of-weights random model (the benchmark).
+        with torch.device("cpu"):
             model = HiggsAudioModel(config).to(dtype)
+        if device is not None:
+            model = model.to(device)
     else:
         model = HiggsAudioModel.from_pretrained(cfg.model.path, revision=cfg.model.revision, torch_dtype=dtype,
                                                 attn_implementation=cfg.model.attn_implementation)
