@@ -194,8 +194,7 @@ def test_same_codes_as_the_inference_engine(tmp_path, codec):
     chatml = build_chatml(prompt["text"], None, prompt["reference_text"], with_reference=True, with_target=False)
     chatml.messages[2].content.audio_url = prompt["reference_audio"]
     budget = max_new_tokens(mc, round(cfg.eval.max_audio_seconds * codec.frame_rate))
-    # Left alone the engine goes on with text after the audio stream (where the tiny model's 272-way text
-    # head can pick an id past the 270-token tokenizer, which the engine rejects): stop it there too.
+    # Left alone the engine goes on with text after the audio stream: stop it there too, as we do.
     r = engine.generate(chatml, max_new_tokens=budget, temperature=cfg.eval.temperature, force_audio_gen=True,
                         seed=cfg.eval.seed, stop_strings=["<|end_of_text|>", "<|eot_id|>", "<|audio_eos|>"])
     theirs = torch.as_tensor(r.generated_audio_tokens)
