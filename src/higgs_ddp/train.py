@@ -150,11 +150,12 @@ def main(argv=None) -> int:
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-4")
     args = parser.parse_args(argv)
+    from higgs_ddp.runlog import RunLogError
     from higgs_ddp.trainer import TrainingError
 
     try:
         train(load_config(args.config, args.overrides))
-    except (ConfigError, DataError, AlignmentError, TrainingError, CodecError, CheckpointError) as e:
+    except (ConfigError, DataError, AlignmentError, TrainingError, CodecError, CheckpointError, RunLogError) as e:
         if int(os.environ.get("RANK", 0)) == 0 or isinstance(e, TrainingError):
             print(f"higgs-ddp: error: {e}", file=sys.stderr, flush=True)
         return 2
