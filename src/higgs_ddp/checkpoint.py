@@ -272,6 +272,8 @@ NO_EFFECT = {
     "data.num_workers", "data.prefetch_factor", "data.cache_dir",
     # The data itself is judged by its fingerprint, not by where it lives or how it got there.
     "data.manifest", "data.root", "data.allow_outside_root", "data.on_error", "data.codec_revision",
+    # Validation reads the weights and never changes them (nor the training RNG).
+    "data.val_manifest",
 } | {f"{section}.{f.name}" for section, cls in (("bench", BenchConfig), ("eval", EvalConfig), ("logging", LoggingConfig))
      for f in dataclasses.fields(cls)}
 
