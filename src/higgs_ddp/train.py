@@ -31,12 +31,12 @@ def train(cfg: Config) -> dict:
     from tqdm import tqdm
 
     from higgs_ddp.checkpoint import remove_stale_temporaries, resume_point
-    from higgs_ddp.preemption import StopRequest, signal_name, write_status
+    from higgs_ddp.preemption import StopRequest, signal_name, write_failure, write_status
     from higgs_ddp.runlog import RunLog
     from higgs_ddp.trainer import Trainer, write_run_files
 
     env = setup_distributed()
-    log = batches = None
+    log = batches = step = None  # step: the one a failure happened at (None: before the first)
     try:
         with StopRequest() as stop:  # from here on SIGTERM / SIGUSR1 mean: finish the step, save, exit
             trainer = Trainer(cfg, env)  # setup
@@ -103,6 +103,10 @@ def train(cfg: Config) -> dict:
                 print(log.summary(step - start, time.perf_counter() - t_start, None if signum else final), flush=True)
             barrier()  # tearing down gloo while a peer is still saving aborts that peer
             return last
+    except BaseException as e:  # a crash must not leave status.json saying "running"
+        if env.is_main:
+            write_failure(cfg.output_dir, step, failure_reason(e))
+        raise
     finally:  # closed here on errors too: the process ends without interpreter finalization (exit_process)
         if batches:
             batches.close()
@@ -145,17 +149,30 @@ def between_steps(trainer, log, step: int) -> dict:
     return val
 
 
+def user_errors() -> tuple:
+    """The errors that end a run with our one-line message; anything else is a bug (a traceback)."""
+    from higgs_ddp.runlog import RunLogError
+    from higgs_ddp.trainer import TrainingError
+
+    return ConfigError, DataError, AlignmentError, TrainingError, CodecError, CheckpointError, RunLogError
+
+
+def failure_reason(e: BaseException) -> str:
+    """One line: the message main prints for our errors, the exception's type and message for others."""
+    text = " ".join(str(e).split())
+    return text if isinstance(e, user_errors()) else ": ".join(filter(None, (type(e).__name__, text)))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-4")
     args = parser.parse_args(argv)
-    from higgs_ddp.runlog import RunLogError
     from higgs_ddp.trainer import TrainingError
 
     try:
         train(load_config(args.config, args.overrides))
-    except (ConfigError, DataError, AlignmentError, TrainingError, CodecError, CheckpointError, RunLogError) as e:
+    except user_errors() as e:
         if int(os.environ.get("RANK", 0)) == 0 or isinstance(e, TrainingError):
             print(f"higgs-ddp: error: {e}", file=sys.stderr, flush=True)
         return 2
