@@ -41,7 +41,7 @@ def train(cfg: Config) -> dict:
         with StopRequest() as stop:  # from here on SIGTERM / SIGUSR1 mean: finish the step, save, exit
             trainer = Trainer(cfg, env)  # setup
             t = cfg.train
-            ckpt, note = resume_point(cfg.output_dir, t.resume)
+            ckpt, note = resume_point(cfg.output_dir, t.resume, env)
             start = trainer.resume(ckpt) if ckpt else 0
             if env.is_main:
                 remove_stale_temporaries(cfg.output_dir)
