@@ -59,7 +59,7 @@ def test_checkpoint_contents_unpickle_nothing(straight):
                      "config.yaml", "optimizer.safetensors", "rng.safetensors", "state.json"]
     state = json.loads((step3 / "state.json").read_text())
     assert state["step"] == 3 and state["world_size"] == 1
-    assert state["data"]["samples"] == 16 and state["data"]["epoch"] == 0 and state["data"]["steps_into_epoch"] == 3
+    assert state["data"]["samples"] == 16 and state["data"]["epoch"] == 0 and state["data"]["micro_batches_into_epoch"] == 3
     assert state["scheduler"]["last_epoch"] == 3
     # The optimizer's moments are there for every trainable tensor (A and B of every LoRA pair).
     opt = load_file(str(step3 / "optimizer.safetensors"))

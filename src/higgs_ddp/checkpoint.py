@@ -304,7 +304,8 @@ def resume_differences(saved_config: dict, config: dict, saved_state: dict, fing
         else:
             diffs["data"] = f"{old.get('samples')} training samples -> {fingerprint['samples']}, not the same set"
     if saved_state.get("world_size") != world_size:
-        diffs["world_size"] = f"{saved_state.get('world_size')} -> {world_size} ranks (data order and RNG differ)"
+        diffs["world_size"] = (f"{saved_state.get('world_size')} -> {world_size} ranks (samples per step and the "
+                               f"ranks' RNG differ)")
     return diffs
 
 

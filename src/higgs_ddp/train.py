@@ -52,7 +52,8 @@ def train(cfg: Config) -> dict:
                     print(note, flush=True)
                 if ckpt:
                     epoch, offset = trainer.sampler.position(start)
-                    print(f"resuming from {ckpt} (step {start}; epoch {epoch}, {offset} steps into it)", flush=True)
+                    print(f"resuming from {ckpt} (step {start}; epoch {epoch}, {offset} micro-batches into it)",
+                          flush=True)
             log = RunLog(cfg.output_dir, start, cfg.logging.tensorboard) if env.is_main else None
             bar = tqdm(total=t.max_steps, initial=start, disable=not env.is_main, dynamic_ncols=True, desc="train")
             batches = trainer.batches()
