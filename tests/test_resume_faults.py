@@ -210,3 +210,20 @@ def test_resume_on_fewer_ranks_continues_at_the_same_micro_batch(tmp_path, capsy
     state = json.loads((run / "checkpoints" / "step_000006" / "state.json").read_text())
     assert (state["world_size"], state["data"]["epoch"], state["data"]["micro_batches_into_epoch"]) == (1, 1, 1)
     assert [r["samples"] for r in read_metrics(run)] == [4, 4, 4, 2, 2, 2]
+
+
+@pytest.mark.slow
+def test_two_ranks_fall_back_together(tmp_path):
+    """Both ranks pass over the damaged checkpoint and load the same one; only rank 0 renames it."""
+    cfg = tiny_config(tmp_path, *COMMON)
+    args = ("--config", "configs/tiny.yaml", *_overrides(cfg))
+    assert torchrun(2, *args).returncode == 0
+    run = tmp_path / "run"
+    straight = final_weights(run)
+    shutil.rmtree(run / "final")
+    truncate(run / "checkpoints" / "step_000006" / "rng.safetensors", 30)
+    proc = torchrun(2, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(" is damaged") == 1 and "resuming from step_000003" in proc.stdout, proc.stdout
+    assert_same_weights(final_weights(run), straight)
+    assert (run / "checkpoints" / "step_000006.damaged").is_dir()
