@@ -182,4 +182,5 @@ def test_a_single_row_is_drawn_in_every_panel(tmp_path):
     train, val = read_metrics(tmp_path / "run" / "metrics.jsonl")
     fig = figure(tmp_path / "run", train, val)
     panels = fig.axes
-    assert len(panels) == 4 and all(_visible(ax) for ax in panels), [ax.get_title() for ax in panels if not _visible(ax)]
+    empty = [ax.get_title() for ax in panels if not _visible(ax)]
+    assert len(panels) == 4 and not empty, empty
