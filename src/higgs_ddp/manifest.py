@@ -193,7 +193,7 @@ def read_manifest(path: str, root: Optional[str] = None, allow_outside_root: boo
                 if not raw.strip():
                     continue
                 try:
-                    obj = json.loads(raw)
+                    obj = json.loads(raw.rstrip())  # without the newline an unclosed object ends on this line
                 except json.JSONDecodeError as e:
                     raise LineProblem("invalid_json", f"invalid JSON ({e.msg} at column {e.colno})") from None
                 if not isinstance(obj, dict):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -46,6 +47,17 @@ def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
-def write_status(output_dir, state: str, step: int, **extra) -> None:
-    """``running`` | ``stopped`` (resume to continue) | ``finished``."""
+def write_status(output_dir, state: str, step: Optional[int], **extra) -> None:
+    """``running`` | ``stopped`` (resume to continue) | ``finished`` | ``failed`` (with ``error``)."""
     write_json_atomic(Path(output_dir) / "status.json", {"state": state, "step": step, **extra})
+
+
+def write_failure(output_dir, step: Optional[int], error: str) -> None:
+    """``failed`` and the one-line reason, so that a monitor can tell a crash from a live run. ``step`` is
+    the step the run was on (None: it failed before its first step)."""
+    if not Path(output_dir).is_dir():  # it failed before it made its output_dir: nothing to mark
+        return
+    try:
+        write_status(output_dir, "failed", step, error=error)
+    except OSError:  # (a full disk, say) the error being raised is the one to report, not this one
+        pass

@@ -31,17 +31,17 @@ def train(cfg: Config) -> dict:
     from tqdm import tqdm
 
     from higgs_ddp.checkpoint import remove_stale_temporaries, resume_point
-    from higgs_ddp.preemption import StopRequest, signal_name, write_status
+    from higgs_ddp.preemption import StopRequest, signal_name, write_failure, write_status
     from higgs_ddp.runlog import RunLog
     from higgs_ddp.trainer import Trainer, write_run_files
 
     env = setup_distributed()
-    log = batches = None
+    log = batches = step = None  # step: the one a failure happened at (None: before the first)
     try:
         with StopRequest() as stop:  # from here on SIGTERM / SIGUSR1 mean: finish the step, save, exit
             trainer = Trainer(cfg, env)  # setup
             t = cfg.train
-            ckpt, note = resume_point(cfg.output_dir, t.resume)
+            ckpt, note = resume_point(cfg.output_dir, t.resume, env)
             start = trainer.resume(ckpt) if ckpt else 0
             if env.is_main:
                 remove_stale_temporaries(cfg.output_dir)
@@ -52,7 +52,8 @@ def train(cfg: Config) -> dict:
                     print(note, flush=True)
                 if ckpt:
                     epoch, offset = trainer.sampler.position(start)
-                    print(f"resuming from {ckpt} (step {start}; epoch {epoch}, {offset} steps into it)", flush=True)
+                    print(f"resuming from {ckpt} (step {start}; epoch {epoch}, {offset} micro-batches into it)",
+                          flush=True)
             log = RunLog(cfg.output_dir, start, cfg.logging.tensorboard) if env.is_main else None
             bar = tqdm(total=t.max_steps, initial=start, disable=not env.is_main, dynamic_ncols=True, desc="train")
             batches = trainer.batches()
@@ -103,6 +104,10 @@ def train(cfg: Config) -> dict:
                 print(log.summary(step - start, time.perf_counter() - t_start, None if signum else final), flush=True)
             barrier()  # tearing down gloo while a peer is still saving aborts that peer
             return last
+    except BaseException as e:  # a crash must not leave status.json saying "running"
+        if env.is_main:
+            write_failure(cfg.output_dir, step, failure_reason(e))
+        raise
     finally:  # closed here on errors too: the process ends without interpreter finalization (exit_process)
         if batches:
             batches.close()
@@ -145,6 +150,20 @@ def between_steps(trainer, log, step: int) -> dict:
     return val
 
 
+def user_errors() -> tuple:
+    """The errors that end a run with our one-line message; anything else is a bug (a traceback)."""
+    from higgs_ddp.runlog import RunLogError
+    from higgs_ddp.trainer import TrainingError
+
+    return ConfigError, DataError, AlignmentError, TrainingError, CodecError, CheckpointError, RunLogError
+
+
+def failure_reason(e: BaseException) -> str:
+    """One line: the message main prints for our errors, the exception's type and message for others."""
+    text = " ".join(str(e).split())
+    return text if isinstance(e, user_errors()) else ": ".join(filter(None, (type(e).__name__, text)))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file")
@@ -154,7 +173,7 @@ def main(argv=None) -> int:
 
     try:
         train(load_config(args.config, args.overrides))
-    except (ConfigError, DataError, AlignmentError, TrainingError, CodecError, CheckpointError) as e:
+    except user_errors() as e:
         if int(os.environ.get("RANK", 0)) == 0 or isinstance(e, TrainingError):
             print(f"higgs-ddp: error: {e}", file=sys.stderr, flush=True)
         return 2
