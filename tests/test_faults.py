@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -310,21 +311,45 @@ def test_a_dataloader_worker_killed_while_stopping_loses_no_checkpoint(tmp_path,
     assert rows(run) == rows(uninterrupted)
 
 
-def test_sigkill_under_max_restarts_resumes_from_last_checkpoint(tmp_path, uninterrupted):
-    config = write_config(tmp_path, "run", "data.num_workers=1")
+def test_sigkill_under_max_restarts_resumes_from_last_checkpoint(tmp_path, uninterrupted_user_path):
+    """On the user's path: the restart drops the metrics, TensorBoard events and listening samples of the
+    steps after its checkpoint and redoes them."""
+    config = write_user_config(tmp_path, "run")
     run = tmp_path / "run" / "run"
     proc = start_step(config, launcher=("--max-restarts=1",))
     wait_for(lambda: (run / "checkpoints" / "step_000008").is_dir(), "the second checkpoint")
     killed = workers(proc.pid)[1]
-    assert len(children(killed)) == 1  # its DataLoader worker: orphaned, it notices and ends on its own
+    assert len(children(killed)) == 2  # its DataLoader workers: orphaned, they notice and end on their own
     os.kill(killed, signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-4000:]
     resumed = [line for line in out.splitlines() if line.startswith("resuming from")]
     assert len(resumed) == 1, out[-4000:]  # the restart continued from a checkpoint, not from scratch
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
-    assert_same_weights(final_weights(run), final_weights(uninterrupted))
-    assert rows(run) == rows(uninterrupted)
+    assert_same_weights(final_weights(run), final_weights(uninterrupted_user_path))
+    assert_same_user_path_outputs(run, uninterrupted_user_path)
+
+
+def test_a_batch_that_cannot_be_fetched_while_stopping_stops_the_run_before_its_step():
+    """train.py's fetch: while this rank is stopping anyway, a loader error (a dead worker) means "stop before
+    this step", agreed with the other ranks before any of the step's collectives; otherwise it is raised."""
+    from higgs_ddp.prefetch import Prefetcher
+    from higgs_ddp.train import next_micro_batches
+
+    def failing():
+        yield from range(2)
+        raise RuntimeError("DataLoader worker (pid 1) exited unexpectedly")
+
+    for stopping in (True, False):
+        batches = Prefetcher(failing(), torch.device("cpu"))
+        stop = types.SimpleNamespace(signum=signal.SIGTERM if stopping else 0)
+        assert next_micro_batches(batches, 2, stop) == [0, 1]
+        if stopping:
+            assert next_micro_batches(batches, 2, stop) is None
+        else:
+            with pytest.raises(RuntimeError, match="exited unexpectedly"):
+                next_micro_batches(batches, 2, stop)
+        batches.close()
 
 
 def test_ranks_with_different_weights_refuse_to_checkpoint(tmp_path):
