@@ -187,6 +187,12 @@ def main(argv=None) -> int:
         if int(os.environ.get("RANK", 0)) == 0 or isinstance(e, TrainingError):
             print(f"higgs-ddp: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # SIGINT (Ctrl-C) is a hard stop, unlike SIGTERM / SIGUSR1 (preemption.py)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("higgs-ddp: error: interrupted (SIGINT): stopped at once, nothing saved since the last "
+                  "checkpoint; run the same command to resume from it (SIGTERM or SIGUSR1 finish the step and "
+                  "save first)", file=sys.stderr, flush=True)
+        return 130
     return 0
 
 
