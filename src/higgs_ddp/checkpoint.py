@@ -327,8 +327,9 @@ def check_resumable(path: Path, config: dict, fingerprint: dict, world_size: int
                           f"run in another output_dir")
 
 
-def resume_point(output_dir, resume: str, env: DistEnv) -> tuple[Optional[Path], str]:
+def resume_point(output_dir, resume: str, env: Optional[DistEnv] = None) -> tuple[Optional[Path], str]:
     """Collective: the checkpoint to continue from (None: a fresh start) and a note for the user, if any.
+    Without ``env`` (the doctor) it only looks: a damaged checkpoint is not renamed.
 
     A checkpoint path only seeds a run: once output_dir has checkpoints of its own, the latest of those
     wins, so a restarted or requeued job running the same command continues instead of starting over.
@@ -362,7 +363,7 @@ def resume_point(output_dir, resume: str, env: DistEnv) -> tuple[Optional[Path],
     return chosen, "\n".join(filter(None, (seed_note, note)))
 
 
-def _newest_loadable(newest_first: list, output_dir, env: DistEnv) -> tuple[Path, str]:
+def _newest_loadable(newest_first: list, output_dir, env: Optional[DistEnv]) -> tuple[Path, str]:
     """The newest checkpoint whose files all read, and a note naming what was passed over.
 
     A later checkpoint that a full disk or a copy cut short is renamed ``step_N.damaged`` (kept for a
@@ -380,7 +381,7 @@ def _newest_loadable(newest_first: list, output_dir, env: DistEnv) -> tuple[Path
                               f"or move away the damaged ones (all of them to start over)")
     if not damaged:
         return path, ""
-    if env.is_main:
+    if env is not None and env.is_main:
         for bad, _ in damaged:
             os.rename(bad, bad.with_name(f"{bad.name}.damaged"))
     listed = "; ".join(problem for _, problem in damaged)

@@ -24,6 +24,7 @@ from .dual_loss import compute_dual_loss
 from .model import HiggsForward, build_for_training, load_tokenizer, unwrap
 from .optim import build_optimizer, build_scheduler
 from .prefetch import Prefetcher
+from .preemption import leave_stop_signals_to_parent
 from .perf import compile_decoder_layers, enable_activation_checkpointing, enable_tf32, text_head
 
 
@@ -92,6 +93,8 @@ class Trainer:
             # One iterator serves the whole run (the sampler never ends); persistent workers would only
             # outlive it, past Prefetcher.close, to an exit handler that distributed.exit_process skips.
             persistent_workers=False,
+            # Slurm's and torchrun's stop signals reach the workers too: the training process decides.
+            worker_init_fn=leave_stop_signals_to_parent,
             # Its own generator: starting an iterator draws a seed, and from the global generator that draw
             # would shift dropout after a resume.
             generator=torch.Generator().manual_seed(t.seed))
