@@ -11,7 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
-# The demo's validation split, listening samples and TensorBoard: off unless a test asks for them.
+# The demo's validation split, listening samples and TensorBoard: off unless a test asks for them. Like
+# data.num_workers=0 below, not what users run: test_faults.write_user_config turns them all back on for
+# one test of each fault kind (stop signals, a killed rank, Slurm).
 QUIET = ("data.val_fraction=0", "eval.every=0", "eval.prompts=[]", "logging.tensorboard=false")
 
 

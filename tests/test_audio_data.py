@@ -78,6 +78,7 @@ def _bad_files(base: Path) -> dict:
     sf.write(base / "clips" / "nan.wav", nan, SR, subtype="FLOAT")
     wav(base / "..", "outside.wav")
     wav(base, "clips/ref.wav")
+    sf.write(base / "clips" / "short.wav", text_to_wave("hi")[:80], SR)  # 10 ms: under one codec frame
     return {}
 
 
@@ -92,6 +93,8 @@ AUDIO_CASES = [  # (id, line, fragment of the message, reason in the report)
     ("zero_length", {"text": "a", "audio": "clips/empty.wav"}, "audio clips/empty.wav has no samples", "audio_empty"),
     ("too_long", {"text": "a", "audio": "clips/long.wav"}, "lasts 3.0 s, more than data.max_audio_seconds=2",
      "audio_too_long"),
+    ("too_short", {"text": "a", "audio": "clips/short.wav"}, "audio clips/short.wav is too short for the codec: "
+     "10.0 ms, its encoder needs 39.0 ms", "audio_too_short"),
     ("sample_rate", {"text": "a", "audio": "clips/rate.wav"}, "claims a sample rate of 100 Hz", "audio_bad_sample_rate"),
     ("non_finite", {"text": "a", "audio": "clips/nan.wav"}, "holds 1 non-finite (NaN/inf) samples", "audio_non_finite"),
     ("bad_reference", {"text": "a", "audio": "clips/good.flac", "ref_audio": "clips/empty.wav", "ref_text": "r"},
@@ -154,6 +157,40 @@ def test_encoded_codes_outside_the_model_codebook_are_a_config_error(tmp_path, t
     mc.audio_num_codebooks = 8  # a model that expects the real codec's 8 codebooks
     with pytest.raises(ConfigError, match="data.codec=tiny produces 4 codebooks, the model uses 8"):
         load_data(cfg, DistEnv(), tokenizer, mc, quiet=True)
+
+
+def test_the_shortest_clip_is_computed_from_the_codec_layers_and_exact(codec, tmp_path):
+    from higgs_ddp.codec import min_input_seconds, save_tiny_codec_folder
+
+    n = codec.min_samples  # from the loaded encoder's convolutions
+    assert n == 312  # hop 320: (8, 5, 4, 2) strided convolutions with kernels 16, 10, 8, 4
+    assert codec.encode(torch.zeros(n)).shape == (4, 1)
+    with pytest.raises(RuntimeError, match="Kernel size"):  # what prepare used to die of
+        codec.encode(torch.zeros(n - 1))
+    # Without loading weights (the start-up check of eval.prompts): the same number from the codec's config.
+    assert min_input_seconds("tiny") == n / SR
+    assert min_input_seconds(str(save_tiny_codec_folder(tmp_path / "codec"))) == n / SR
+
+
+def test_a_too_short_clip_at_another_rate_is_judged_after_resampling(tmp_path, tokenizer):
+    base = tmp_path / "ds"
+    base.mkdir()
+    # 624 samples at 16 kHz become the 312 the tiny codec needs at 8 kHz; 622 become 311.
+    sf.write(base / "ok.wav", text_to_wave("hi" * 9)[:624], 16000)
+    sf.write(base / "short.wav", text_to_wave("hi" * 9)[:622], 16000)
+    m = write_manifest(base, [{"text": "a", "audio": "ok.wav"}, {"text": "b", "audio": "short.wav"}])
+    data = load(tmp_path, tokenizer, m, "data.on_error=skip")
+    assert [r.where for r in data.train] == [f"{m}:1"]
+    assert data.report["skipped_by_reason"] == {"audio_too_short": 1}
+
+
+def test_the_encode_bar_says_it_counts_rank_0s_share(tmp_path, capsys):
+    # Two ranks, three new files: rank 0 encodes two of them and its bar must not read as the total.
+    paths = [tmp_path / wav(tmp_path, f"{i}.wav") for i in range(2)]
+    cache = code_cache.CodeCache(tmp_path / "cache", codec_identity("tiny"))
+    prepare._encode([(f"key{i}", p) for i, p in enumerate(paths)], {p: p.name for p in paths}, cache, "tiny", None,
+                    0, DistEnv(rank=0, world_size=2), 0, False, total=3)
+    assert "encode (rank 0's 2 of 3 new files, 2 ranks)" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ the cache
@@ -330,7 +367,7 @@ def test_several_manifests_and_validation_sets(tmp_path, tokenizer):
     a = write_manifest(base, [{"text": f"a{i}", "audio": wav(base, f"a{i}.wav", text=f"a{i}")} for i in range(4)], "a.jsonl")
     b = write_manifest(base, [{"text": f"b{i}", "audio": wav(base, f"b{i}.wav", text=f"b{i}"), "id": f"b{i}"}
                               for i in range(40)], "b.jsonl")
-    v = write_manifest(base, [{"text": "v", "audio": "a0.wav"}], "v.jsonl")
+    v = write_manifest(base, [{"text": "v", "audio": wav(base, "v.wav", text="v")}], "v.jsonl")  # not a training clip
     both = load(tmp_path, tokenizer, [a, b], f"data.val_manifest={v}")
     assert (len(both.train), len(both.val)) == (44, 1)
     split = load(tmp_path, tokenizer, [a, b], "data.val_fraction=0.25")

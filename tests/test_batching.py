@@ -243,3 +243,61 @@ def test_seed_and_epoch_do_not_alias():
     a = StepBatchSampler(30, 3, 1, 0, 1, seed=0, shuffle=True).plan(1)
     b = StepBatchSampler(30, 3, 1, 0, 1, seed=1, shuffle=True).plan(0)
     assert a != b
+
+
+# ------------------------------------------------------------------------ resuming on another layout
+
+
+def _global_stream(make, accum, world, steps, resume=None) -> list:
+    """The micro-batches of ``steps`` optimizer steps over all ranks, in the order of the global plan."""
+    per_rank = []
+    for rank in range(world):
+        s = make(accum, rank, world)
+        if resume:
+            s.resume_at(*resume)
+        per_rank.append(list(itertools.islice(iter(s), accum * steps)))
+    return [per_rank[r][k * accum + i] for k in range(steps) for i in range(accum) for r in range(world)]
+
+
+def _continued(plan, epoch: int, micro: int, per_step: int, count: int) -> list:
+    """What comes after micro-batch ``micro`` of ``epoch``: whole steps of each epoch's plan, in order."""
+    out = []
+    while len(out) < count:
+        p = plan(epoch)
+        out += p[micro:micro + (len(p) - micro) // per_step * per_step]
+        epoch, micro = epoch + 1, 0
+    return out[:count]
+
+
+@pytest.mark.parametrize("old,new", [((2, 1), (1, 1)), ((1, 1), (2, 1)), ((2, 2), (3, 1)), ((1, 2), (2, 3))],
+                         ids=["2to1", "1to2", "2x2to3", "1x2to2x3"])
+@pytest.mark.parametrize("kind", ["fixed", "budget"])
+def test_another_layout_resumes_at_the_same_micro_batch(old, new, kind):
+    """Ranks x accumulation changed (accepted by train.resume_accept): the new layout continues the same
+    micro-batch sequence where the old one stopped, so no sample is replayed or skipped."""
+    lengths = _lengths(90, seed=3)
+    if kind == "fixed":
+        def make(accum, rank, world):
+            return StepBatchSampler(45, 2, accum, rank, world, seed=5, shuffle=True)
+    else:
+        def make(accum, rank, world):
+            return TokenBudgetBatchSampler(lengths, 900, accum, rank, world, seed=5, shuffle=True)
+    (a0, w0), (a1, w1) = (old[1], old[0]), (new[1], new[0])
+    steps = 7
+    before = _global_stream(make, a0, w0, steps)
+    epoch, micro = make(a0, 0, w0).position(steps)
+    after = _global_stream(make, a1, w1, 25, resume=(steps, epoch, micro))
+    plan = make(1, 0, 1).plan
+    assert before == _continued(plan, 0, 0, a0 * w0, len(before))
+    assert after == _continued(plan, epoch, micro, a1 * w1, len(after))
+    # Positions keep counting from the resume point, and a second resume from them continues the stream.
+    s = make(a1, 0, w1)
+    s.resume_at(steps, epoch, micro)
+    later = s.position(steps + 10)
+    again = _global_stream(make, a1, w1, 15, resume=(steps + 10, *later))
+    assert again == after[10 * a1 * w1:]
+
+
+def test_position_is_epoch_and_micro_batches_into_it():
+    s = StepBatchSampler(40, 2, 2, 0, 2, seed=0, shuffle=True)  # 20 micro-batches, 5 steps of 4 per epoch
+    assert [s.position(k) for k in (0, 3, 5, 7)] == [(0, 0), (0, 12), (1, 0), (1, 8)]

@@ -59,7 +59,7 @@ def test_checkpoint_contents_unpickle_nothing(straight):
                      "config.yaml", "optimizer.safetensors", "rng.safetensors", "state.json"]
     state = json.loads((step3 / "state.json").read_text())
     assert state["step"] == 3 and state["world_size"] == 1
-    assert state["data"]["samples"] == 16 and state["data"]["epoch"] == 0 and state["data"]["steps_into_epoch"] == 3
+    assert state["data"]["samples"] == 16 and state["data"]["epoch"] == 0 and state["data"]["micro_batches_into_epoch"] == 3
     assert state["scheduler"]["last_epoch"] == 3
     # The optimizer's moments are there for every trainable tensor (A and B of every LoRA pair).
     opt = load_file(str(step3 / "optimizer.safetensors"))
@@ -155,8 +155,11 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"could not write checkpoint .*step_000006.*No space left"):
         train(cfg)
     assert latest_checkpoint(run).name == "step_000003"
+    status = json.loads((run / "status.json").read_text())  # not "running": a monitor sees the crash
+    assert status["state"] == "failed" and status["step"] == 6 and "No space left" in status["error"], status
     monkeypatch.setattr(ckpt, "save_file", real)
     train(cfg)  # resumes from 3 and finishes
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
     assert latest_checkpoint(run).name == "step_000006"
     assert not list((run / "checkpoints").glob(".tmp-*"))
 

@@ -208,3 +208,66 @@ def test_invalid_utf8_is_a_data_error(tmp_path, tokenizer, files):
     assert f"{path}:2: not valid UTF-8" in str(ei.value)
 
 
+
+
+def test_a_manifest_starting_with_a_utf8_bom_reads_its_first_line(tmp_path, tokenizer, files):
+    # Windows editors (Notepad, Excel's "UTF-8" CSV export) write one; it is not part of line 1's JSON.
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(_good(files, "first")) + "\n"
+                                       + json.dumps(_good(files, "second")) + "\n").encode())
+    records = read_manifest(path, tokenizer, tmp_path)
+    assert [r.where for r in records] == [f"{path}:1", f"{path}:2"]
+    assert "first" in tokenizer.decode(records[0].input_ids)
+
+
+def test_a_bom_after_line_1_is_still_bad_json(tmp_path, tokenizer, files):
+    # Only the file's start may carry one; mid-file it is a stray character, reported where it is.
+    path = tmp_path / "m.jsonl"
+    path.write_bytes((json.dumps(_good(files)) + "\n").encode() + b"\xef\xbb\xbf" + json.dumps(_good(files)).encode())
+    with pytest.raises(DataError) as ei:
+        read_manifest(path, tokenizer, tmp_path)
+    assert f"{path}:2: invalid JSON" in str(ei.value)
+
+
+def test_an_id_used_twice_is_named_by_both_lines(tmp_path, tokenizer, files):
+    path = _write(tmp_path, [{**_good(files, "one"), "id": "utt"}, {**_good(files, "two"), "id": "x"},
+                             {"text": "three", "audio_codes": files["good2"], "id": "utt"}])
+    with pytest.raises(DataError) as ei:
+        read_manifest(path, tokenizer, tmp_path)
+    assert f"{path}:3: id 'utt' is already the id of {path}:1" in str(ei.value)
+    data = load(tmp_path, tokenizer, path, "data.on_error=skip")  # skip keeps the first, counts the second
+    assert [r.where for r in data.train] == [f"{path}:1", f"{path}:2"]
+    assert data.report["skipped_by_reason"] == {"duplicate_id": 1} and data.report["entries"] == 3
+
+
+def test_two_manifests_of_one_file_name_need_ids(tmp_path, tokenizer, files):
+    # Without "id" a line's id is the manifest's file name and line: a/m.jsonl:1 and b/m.jsonl:1 would share
+    # one, and with it the validation split and the data fingerprint.
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    good = {"text": "hi", "audio_codes": f"../{files['good']}"}
+    a, b = _write(tmp_path / "a", [good], "m.jsonl"), _write(tmp_path / "b", [good], "m.jsonl")
+    with pytest.raises(DataError) as ei:
+        load(tmp_path, tokenizer, [a, b])
+    assert f"{b}:1: id 'm:1' is already the id of {a}:1 (a line without \"id\" gets its manifest's file name" \
+        in str(ei.value)
+    named = _write(tmp_path / "b", [{**good, "id": "b1"}], "m.jsonl")
+    assert len(load(tmp_path, tokenizer, [a, named]).train) == 2
+
+
+def test_a_validation_sample_that_is_a_training_sample_is_refused(tmp_path, tokenizer, files):
+    train = _write(tmp_path, [{**_good(files), "id": "t1"},
+                              {"text": "b", "audio_codes": files["good2"], "id": "t2", "ref_audio_codes": files["ref"],
+                               "ref_text": "r"}], "train.jsonl")
+    val = _write(tmp_path, [{"text": "same id", "audio_codes": files["ref"], "id": "t1"},
+                            {"text": "same clip", "audio_codes": files["good2"], "id": "v2"},
+                            # the training sample's reference as a validation target: it was never learned
+                            {"text": "fine", "audio_codes": files["ref"], "id": "v3"}], "val.jsonl")
+    with pytest.raises(DataError) as ei:
+        load(tmp_path, tokenizer, train, f"data.val_manifest={val}")
+    msg = str(ei.value)
+    assert f"{val}:1: validation sample id 't1' is also the training sample at {train}:1" in msg
+    assert f"{val}:2: validation sample learns {files['good2']}, which the training sample at {train}:2 learns" in msg
+    assert f"{val}:3" not in msg
+    data = load(tmp_path, tokenizer, train, f"data.val_manifest={val}", "data.on_error=skip")
+    assert ([r.id for r in data.train], [r.id for r in data.val]) == (["t1", "t2"], ["v3"])
+    assert data.report["skipped_by_reason"] == {"val_in_train": 2}

@@ -215,3 +215,84 @@ def test_export_of_a_trained_run_is_the_trained_model(tmp_path):
     b = batch(tok, merged.config)
     for got, want in zip(logits(merged, b), logits(trained, b)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_random_base_is_drawn_on_the_cpu_whatever_device_it_trains_on(tmp_path):
+    """Export rebuilds a random-init base on the CPU from model.config and the seed. Drawn on a GPU (the CUDA
+    generator) it would be another base, and the trained weights would merge onto the wrong one. A machine
+    without a GPU still has another device to build for: meta, whose tensors hold no values at all."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RandomDraws(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.devices = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.normal_, torch.ops.aten.uniform_):
+                self.devices.add(args[0].device.type)
+            return func(*args, **(kwargs or {}))
+
+    cfg = tiny_config(tmp_path, samples=2)
+    tok = load_tokenizer(cfg)
+    with RandomDraws() as draws:
+        on_meta = build_model(cfg, tok, device="meta")
+    assert draws.devices == {"cpu"}
+    assert {p.device.type for p in on_meta.parameters()} == {"meta"}  # then moved where it runs
+    on_cpu = build_model(cfg, tok, device="cpu").state_dict()
+    rebuilt = build_model(cfg, tok).state_dict()  # what export does
+    assert all(torch.equal(on_cpu[k], rebuilt[k]) for k in rebuilt)
+
+
+def test_every_text_token_the_exported_model_can_sample_is_in_its_tokenizer(tmp_path):
+    """The engine refuses a sampled text id >= len(tokenizer). The tiny model's text head is 272 wide
+    (configs/tiny.yaml); its tokenizer must have 272 tokens too, as the official model's head and Llama-3
+    tokenizer both have 128,256. Steered to the head's last id, generation at temperature 0.7 must go on."""
+    from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
+
+    from higgs_ddp.codec import _tiny_semantic_teacher, save_tiny_codec_folder
+    from higgs_ddp.prompt import build_chatml
+
+    _, _, _, ckpt = make_checkpoint(tmp_path)
+    out = tmp_path / "merged"
+    assert main(["--checkpoint", str(ckpt), "--out", str(out), "--merge"]) == 0
+    with _tiny_semantic_teacher():
+        engine = HiggsAudioServeEngine(str(out), str(save_tiny_codec_folder(tmp_path / "codec")), device="cpu",
+                                       kv_cache_lengths=[256])
+    head = engine.model.audio_decoder_proj.text_lm_head
+    vocab = engine.model.config.text_config.vocab_size
+    assert head.out_features == vocab == len(engine.tokenizer) == 272
+
+    # First the head's last id, then an audio stream that runs to max_new_tokens (the engine needs one).
+    mc, audio_bos, calls = engine.model.config, engine.tokenizer.convert_tokens_to_ids("<|audio_out_bos|>"), []
+
+    def text_steer(module, args, logits):
+        calls.append(1)
+        logits[..., vocab - 1 if len(calls) == 1 else audio_bos] += 100.0
+        return logits
+
+    def no_stream_eos(module, args, logits):
+        logits.view(-1, mc.audio_num_codebooks, mc.audio_codebook_size + 2)[..., mc.audio_stream_eos_id] -= 100.0
+        return logits
+
+    hooks = [head.register_forward_hook(text_steer),
+             engine.model.audio_decoder_proj.audio_lm_head.register_forward_hook(no_stream_eos)]
+    try:
+        r = engine.generate(build_chatml("Say this.", with_target=False), max_new_tokens=16, temperature=0.7,
+                            seed=0)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert r.generated_text.startswith("<|reserved_special_token_1|>")  # id 271: reserved, as in Llama-3
+
+
+def test_a_model_whose_text_vocabulary_is_not_the_tokenizers_is_refused(tmp_path):
+    from higgs_ddp.config import ConfigError
+    from higgs_ddp.tiny_tokenizer import build_tiny_tokenizer
+
+    cfg = tiny_config(tmp_path, samples=2)
+    with pytest.raises(ConfigError, match="text vocabulary of 272 tokens but the tokenizer has 270"):
+        build_model(cfg, build_tiny_tokenizer())  # a tokenizer other than the model's
+    cfg = tiny_config(tmp_path / "small", "model.config.text_config.vocab_size=100", samples=2)
+    with pytest.raises(ConfigError, match="text vocabulary of 100 tokens but the tokenizer has 270"):
+        build_model(cfg, load_tokenizer(cfg))  # too small to hold the tiny tokenizer: nothing to pad

@@ -1,5 +1,9 @@
-"""Faults under torchrun with 2 gloo ranks: a stop signal to one rank, a worker killed outright, ranks
-whose weights diverged. Each ends with the same weights as an uninterrupted run, or stops loudly."""
+"""Faults under torchrun with 2 gloo ranks: a stop signal to every process of the job step (as Slurm sends
+it), to torchrun's process group or to one rank; a worker killed outright; ranks whose weights diverged.
+Each ends with the same weights as an uninterrupted run, or stops loudly.
+
+The runs use DataLoader workers (what every real config does), and one of each kind takes the user's
+whole path: workers, validation, listening samples, TensorBoard, token-budget batches, WAV input."""
 
 import json
 import os
@@ -7,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -23,25 +28,67 @@ COMMON = (f"train.max_steps={MAX_STEPS}", "train.save_every=4", "train.keep_last
           "train.warmup_steps=1", "train.seed=5", "lora.dropout=0.1", "train.micro_batch_size=1")
 
 
-def write_config(tmp_path, name, *overrides) -> Path:
-    cfg = tiny_config(tmp_path / name, *COMMON, *overrides, samples=24)
+def write_config(tmp_path, name, *overrides, audio=False) -> Path:
+    cfg = tiny_config(tmp_path / name, *COMMON, *overrides, samples=24, audio=audio)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     return path
 
 
-def workers(launcher_pid: int) -> dict:
-    """rank -> pid of torchrun's worker processes."""
-    found = {}
+def write_user_config(tmp_path, name) -> Path:
+    """What a user runs, at tiny size: configs/tiny.yaml's validation, listening samples (one prompt with a
+    reference voice) and TensorBoard, which tests/conftest.py turns off, plus token-budget batches and WAV
+    clips encoded by the codec on the way in."""
+    ref = tmp_path / name / "data" / "clips" / "0000_ref.wav"  # write_demo_corpus's reference clip
+    return write_config(tmp_path, name, *USER_PATH, "eval.prompts=[{text: hello there}, {text: say this, "
+                        f"reference_audio: '{ref}', reference_text: the fox}}]", audio=True)
+
+
+USER_PATH = ("data.num_workers=2", "data.val_fraction=0.2", "eval.every=40", "eval.samples_every=80",
+             "eval.max_audio_seconds=0.2", "logging.tensorboard=true", "data.max_tokens_per_batch=400")
+
+
+def children(pid: int) -> list:
+    found = []
     for d in Path("/proc").iterdir():
         try:
-            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == launcher_pid:
-                env = dict(kv.split("=", 1) for kv in (d / "environ").read_text().split("\0") if "=" in kv)
-                if "RANK" in env:
-                    found[int(env["RANK"])] = int(d.name)
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(d.name))
         except (OSError, ValueError):
             continue
     return found
+
+
+def workers(launcher_pid: int) -> dict:
+    """rank -> pid of torchrun's worker processes."""
+    found = {}
+    for pid in children(launcher_pid):
+        try:
+            env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+        except OSError:
+            continue
+        if "RANK" in env:
+            found[int(env["RANK"])] = pid
+    return found
+
+
+def step_processes(launcher_pid: int) -> list:
+    """torchrun and everything under it (the training processes, their DataLoader workers): the processes
+    of a Slurm job step, which `scancel` and a preemption signal all of, whatever their process group."""
+    found, todo = [], [launcher_pid]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children(pid))
+    return found
+
+
+def start_step(config, launcher=()) -> subprocess.Popen:
+    """torchrun as launch/requeue.sh starts it under srun: USR1 ignored (torchrun would die of it); in a
+    session of its own, so that the test can signal its process group as a terminal or `kill -- -PGID` does."""
+    cmd = ["bash", "-c", 'trap "" USR1; exec "$@"', "torchrun-step", *torchrun_cmd(2, "--config", config, launcher=launcher)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=TORCHRUN_ENV,
+                            cwd=ROOT, start_new_session=True)
 
 
 def wait_for(predicate, what, timeout=120):
@@ -58,53 +105,251 @@ def logged_steps(run: Path) -> int:
     return path.read_text().count("\n") if path.exists() else 0
 
 
+def send_from_another_process(pid: int, sig: signal.Signals) -> None:
+    """As Slurm or torchrun do: a DataLoader worker tells its parent's signals from anyone else's."""
+    subprocess.run(["kill", f"-{sig.name[3:]}", str(pid)], check=True)
+
+
+def worker_survives_stop_signals(worker_init_fn) -> bool:
+    """A DataLoader worker (of this process) gets SIGTERM and SIGUSR1 from elsewhere: does it live on, serving
+    the next batches in order?"""
+    import multiprocessing
+
+    from torch.utils.data import DataLoader
+
+    before = set(multiprocessing.active_children())
+    it = iter(DataLoader(range(10_000), batch_size=2, num_workers=1, worker_init_fn=worker_init_fn))
+    try:
+        assert next(it).tolist() == [0, 1]  # the worker has run its worker_init_fn
+        (worker,) = set(multiprocessing.active_children()) - before
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            send_from_another_process(worker.pid, sig)
+        time.sleep(1)
+        alive = worker.is_alive()
+        if alive:
+            assert [next(it).tolist() for _ in range(3)] == [[2, 3], [4, 5], [6, 7]]
+            worker.terminate()  # the parent's own SIGTERM (DataLoader's last resort; multiprocessing at exit)
+            worker.join(timeout=10)
+            assert worker.exitcode == 0  # ended at once, and not reported as a failure
+        return alive
+    finally:
+        del it  # its shutdown unregisters the worker from the DataLoader's SIGCHLD check
+
+
+def test_dataloader_workers_leave_stop_signals_to_the_training_process():
+    from higgs_ddp.preemption import leave_stop_signals_to_parent
+
+    assert worker_survives_stop_signals(leave_stop_signals_to_parent)
+    # The negative control: torch's own worker dies of the same signals, and the SIGCHLD handler it sets
+    # in the training process raises wherever that process is at that moment (issue 19: in the save).
+    with pytest.raises(RuntimeError, match=r"DataLoader worker \(pid \d+\) is killed by signal: Terminated"):
+        worker_survives_stop_signals(None)
+
+
+def test_a_worker_that_dies_while_stopping_is_left_to_the_next_fetch():
+    """Once a stop signal came, a DataLoader worker's death raises nothing mid-step: the next fetch reports it
+    (train.py stops every rank before that step and saves). Without a stop it raises at once, as torch does."""
+    import multiprocessing
+
+    from torch.utils.data import DataLoader
+
+    from higgs_ddp.preemption import StopRequest
+
+    def kill_the_worker(stopping: bool) -> None:
+        before = set(multiprocessing.active_children())
+        with StopRequest() as stop:
+            it = iter(DataLoader(range(10_000), batch_size=2, num_workers=1))
+            try:
+                next(it)
+                (worker,) = set(multiprocessing.active_children()) - before
+                if stopping:
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                    assert stop.signum == signal.SIGUSR1
+                os.kill(worker.pid, signal.SIGKILL)
+                time.sleep(1)  # the SIGCHLD arrives meanwhile
+                with pytest.raises(RuntimeError, match="exited unexpectedly|killed by signal"):
+                    for _ in range(10_000):
+                        next(it)
+            finally:
+                del it
+
+    kill_the_worker(stopping=True)
+    with pytest.raises(RuntimeError, match=r"DataLoader worker \(pid \d+\) is killed by signal: Killed"):
+        kill_the_worker(stopping=False)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
+    """No DataLoader workers: their number changes nothing in the batches, so every run compares with it."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
     proc = torchrun(2, "--config", write_config(tmp, "ref"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "ref" / "run"
 
 
-@pytest.mark.parametrize("sig,rank", [(signal.SIGUSR1, 1), (signal.SIGTERM, 0)], ids=["usr1-rank1", "term-rank0"])
-def test_stop_signal_to_one_rank_stops_all_then_resumes_exactly(tmp_path, uninterrupted, sig, rank):
-    config = write_config(tmp_path, "run")
+@pytest.fixture(scope="module")
+def uninterrupted_user_path(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uninterrupted_user_path")
+    proc = torchrun(2, "--config", write_user_config(tmp, "ref"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "ref" / "run"
+
+
+def signal_the_step(proc, how: str, sig: signal.Signals, num_workers: int) -> None:
+    if how == "rank1":  # the other rank learns it through the all-reduce
+        os.kill(workers(proc.pid)[1], sig)
+        return
+    everyone = step_processes(proc.pid)
+    assert len(everyone) == 1 + 2 * (1 + num_workers), everyone  # the DataLoader workers are up: they get it too
+    if how == "step":  # Slurm: scancel, preemption
+        for pid in everyone:
+            os.kill(pid, sig)
+    else:  # torchrun's process group: torchrun passes SIGTERM on to each rank's whole process group
+        os.killpg(proc.pid, sig)
+
+
+def assert_only_torchrun_complained(out: str, returncode: int, torchrun_signalled: bool) -> None:
+    """The training processes exited 0 without a traceback (no "worker killed by signal"). torchrun itself,
+    given SIGTERM, passes it on, waits for them, then raises its SignalException and exits 1."""
+    assert "killed by signal" not in out and "ChildFailedError" not in out, out[-3000:]
+    if torchrun_signalled:
+        assert out.count("Traceback") == 1 and "SignalException" in out and returncode == 1, out[-3000:]
+    else:
+        assert "Traceback" not in out and returncode == 0, out[-3000:]
+
+
+def records(run: Path) -> list:
+    """metrics.jsonl without its timings: train and validation rows."""
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "step_time_s")} for r in read_metrics(run)]
+
+
+def assert_same_user_path_outputs(run: Path, ref: Path) -> None:
+    """Validation rows, listening samples and TensorBoard scalars as if the run had never stopped."""
+    assert records(run) == records(ref)
+    assert {r["split"] for r in records(run)} == {"train", "val"}
+    steps = sorted(p.name for p in (ref / "samples").iterdir())
+    assert steps and sorted(p.name for p in (run / "samples").iterdir()) == steps
+    for step in steps:
+        for wav in sorted((ref / "samples" / step).glob("*.wav")):
+            assert (run / "samples" / step / wav.name).read_bytes() == wav.read_bytes(), f"{step}/{wav.name}"
+        listed = [json.loads((r / "samples" / step / "samples.json").read_text())["samples"] for r in (run, ref)]
+        for s in listed[0] + listed[1]:
+            s.pop("generate_seconds"), s.pop("reference_audio")  # a timing; a path in each run's own folder
+        assert listed[0] == listed[1]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    scalars = []
+    for r in (run, ref):
+        events = EventAccumulator(str(r / "tensorboard"))
+        events.Reload()
+        scalars.append({tag: [(e.step, e.value) for e in events.Scalars(tag)]
+                        for tag in ("train/loss", "train/grad_norm", "val/loss")})
+    assert [s for s, _ in scalars[0]["train/loss"]] == list(range(1, MAX_STEPS + 1))  # none twice, none lost
+    assert scalars[0] == scalars[1]
+
+
+STOPS = [  # signal, sent to, DataLoader workers, the user's whole path
+    pytest.param(signal.SIGTERM, "step", 2, True, id="term-step-user-path"),
+    pytest.param(signal.SIGUSR1, "step", 1, False, id="usr1-step"),
+    pytest.param(signal.SIGTERM, "group", 1, False, id="term-torchrun-group"),
+    pytest.param(signal.SIGUSR1, "rank1", 0, False, id="usr1-rank1-no-workers"),
+]
+
+
+@pytest.mark.parametrize("sig,how,num_workers,user_path", STOPS)
+def test_stop_signal_saves_then_the_same_command_resumes_exactly(request, tmp_path, sig, how, num_workers,
+                                                                 user_path):
+    if user_path:
+        assert num_workers == 2  # USER_PATH's
+        config, ref = write_user_config(tmp_path, "run"), request.getfixturevalue("uninterrupted_user_path")
+    else:
+        config = write_config(tmp_path, "run", f"data.num_workers={num_workers}")
+        ref = request.getfixturevalue("uninterrupted")
     run = tmp_path / "run" / "run"
-    proc = subprocess.Popen(torchrun_cmd(2, "--config", config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=TORCHRUN_ENV, cwd=ROOT)
+    proc = start_step(config)
     wait_for(lambda: logged_steps(run) >= 5, "training to start")
-    os.kill(workers(proc.pid)[rank], sig)  # one rank only: the other learns it through the all-reduce
+    signal_the_step(proc, how, sig, num_workers)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-3000:]
     status = json.loads((run / "status.json").read_text())
-    assert status["state"] == "stopped" and status["signal"] == sig.name
+    assert status["state"] == "stopped" and status["signal"] == sig.name, out[-3000:]
     stopped_at = status["step"]
-    assert stopped_at < MAX_STEPS and f"stopped by {sig.name} after step {stopped_at}" in out
+    assert stopped_at < MAX_STEPS and f"stopped by {sig.name} after step {stopped_at}" in out, out[-3000:]
     assert (run / "checkpoints" / f"step_{stopped_at:06d}").is_dir()
+    assert_only_torchrun_complained(out, proc.returncode, torchrun_signalled=sig == signal.SIGTERM and how != "rank1")
 
     again = torchrun(2, "--config", config)  # the same command
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from {run / 'checkpoints' / f'step_{stopped_at:06d}'}" in again.stdout
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert_same_weights(final_weights(run), final_weights(ref))
+    if user_path:
+        assert_same_user_path_outputs(run, ref)
+    else:
+        assert rows(run) == rows(ref)
+
+
+def test_a_dataloader_worker_killed_while_stopping_loses_no_checkpoint(tmp_path, uninterrupted):
+    """SIGTERM to the step, then one rank's DataLoader worker dies of something else (SIGKILL) before the
+    ranks agree to stop: that rank must neither raise mid-step (its peers wait in a collective) nor lose
+    the save."""
+    config = write_config(tmp_path, "run", "data.num_workers=1")
+    run = tmp_path / "run" / "run"
+    proc = start_step(config)
+    wait_for(lambda: logged_steps(run) >= 5, "training to start")
+    (loader_worker,) = children(workers(proc.pid)[1])
+    signal_the_step(proc, "step", signal.SIGTERM, num_workers=1)
+    os.kill(loader_worker, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=120)
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "stopped" and status["signal"] == "SIGTERM", out[-3000:]
+    assert_only_torchrun_complained(out, proc.returncode, torchrun_signalled=True)
+    stopped_at = status["step"]
+    assert (run / "checkpoints" / f"step_{stopped_at:06d}").is_dir()
+    again = torchrun(2, "--config", config)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {run / 'checkpoints' / f'step_{stopped_at:06d}'}" in again.stdout
     assert_same_weights(final_weights(run), final_weights(uninterrupted))
     assert rows(run) == rows(uninterrupted)
 
 
-def test_sigkill_under_max_restarts_resumes_from_last_checkpoint(tmp_path, uninterrupted):
-    config = write_config(tmp_path, "run")
+def test_sigkill_under_max_restarts_resumes_from_last_checkpoint(tmp_path, uninterrupted_user_path):
+    """On the user's path: the restart drops the metrics, TensorBoard events and listening samples of the
+    steps after its checkpoint and redoes them."""
+    config = write_user_config(tmp_path, "run")
     run = tmp_path / "run" / "run"
-    proc = subprocess.Popen(torchrun_cmd(2, "--config", config, launcher=("--max-restarts=1",)),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=TORCHRUN_ENV, cwd=ROOT)
+    proc = start_step(config, launcher=("--max-restarts=1",))
     wait_for(lambda: (run / "checkpoints" / "step_000008").is_dir(), "the second checkpoint")
     killed = workers(proc.pid)[1]
+    assert len(children(killed)) == 2  # its DataLoader workers: orphaned, they notice and end on their own
     os.kill(killed, signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-4000:]
     resumed = [line for line in out.splitlines() if line.startswith("resuming from")]
     assert len(resumed) == 1, out[-4000:]  # the restart continued from a checkpoint, not from scratch
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
-    assert_same_weights(final_weights(run), final_weights(uninterrupted))
-    assert rows(run) == rows(uninterrupted)
+    assert_same_weights(final_weights(run), final_weights(uninterrupted_user_path))
+    assert_same_user_path_outputs(run, uninterrupted_user_path)
+
+
+def test_a_batch_that_cannot_be_fetched_while_stopping_stops_the_run_before_its_step():
+    """train.py's fetch: while this rank is stopping anyway, a loader error (a dead worker) means "stop before
+    this step", agreed with the other ranks before any of the step's collectives; otherwise it is raised."""
+    from higgs_ddp.prefetch import Prefetcher
+    from higgs_ddp.train import next_micro_batches
+
+    def failing():
+        yield from range(2)
+        raise RuntimeError("DataLoader worker (pid 1) exited unexpectedly")
+
+    for stopping in (True, False):
+        batches = Prefetcher(failing(), torch.device("cpu"))
+        stop = types.SimpleNamespace(signum=signal.SIGTERM if stopping else 0)
+        assert next_micro_batches(batches, 2, stop) == [0, 1]
+        if stopping:
+            assert next_micro_batches(batches, 2, stop) is None
+        else:
+            with pytest.raises(RuntimeError, match="exited unexpectedly"):
+                next_micro_batches(batches, 2, stop)
+        batches.close()
 
 
 def test_ranks_with_different_weights_refuse_to_checkpoint(tmp_path):

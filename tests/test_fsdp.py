@@ -170,3 +170,20 @@ def test_negative_control_fsdp_gradient_averaging_left_in_place_changes_the_upda
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["grad_norm"] == pytest.approx(result["grad_norm_correct"] / 2, rel=1e-4)
+
+
+def test_a_damaged_shard_falls_back_to_the_previous_checkpoint(tmp_path, straight):
+    """A rank file cut short (a full disk) makes its checkpoint unloadable: the resume takes the one before,
+    naming the file (the doctor's look, which renames nothing)."""
+    import shutil
+
+    from higgs_ddp.checkpoint import resume_point
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    shard = run / "checkpoints" / "step_000006" / "shards" / "rank_00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    chosen, note = resume_point(run, "auto")
+    assert chosen.name == "step_000003"
+    assert str(shard) in note and "\n" not in note
+    assert shard.exists()  # looking only

@@ -134,3 +134,53 @@ def test_ema_starts_at_first_value_and_steps_over_nan():
     out = ema([4.0, math.nan, 2.0], span=3)  # alpha 0.5
     assert out == [4.0, 4.0, 3.0]
     assert math.isnan(ema([math.nan, 1.0])[0])
+
+
+def test_out_may_be_a_folder_and_a_failed_write_leaves_no_temporary(tmp_path):
+    write_metrics(tmp_path / "run", [train_row(s) for s in range(1, 11)])
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    r = subprocess.run([sys.executable, "-m", "higgs_ddp.plot", str(tmp_path / "run"), "--out", str(figures)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(figures / "training.png")
+    assert_png(figures / "training.png")
+    assert sorted(p.name for p in figures.iterdir()) == ["training.png"]
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from higgs_ddp import plot
+
+    write_metrics(tmp_path / "run", [train_row(s) for s in range(1, 11)])
+
+    def disk_full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plot.os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        plot_run(tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl"]
+
+
+def _visible(ax) -> bool:
+    """Something is drawn: a marker on a finite point, or a line between two finite neighbours."""
+    for line in ax.lines:
+        ys = [float(y) for y in line.get_ydata()]
+        finite = [math.isfinite(y) for y in ys]
+        if line.get_marker() not in (None, "None", "none", "", " ") and any(finite):
+            return True
+        if line.get_linestyle() not in ("None", "none", "", " ") and any(a and b for a, b in zip(finite, finite[1:])):
+            return True
+    return False
+
+
+def test_a_single_row_is_drawn_in_every_panel(tmp_path):
+    from higgs_ddp.plot import figure
+
+    write_metrics(tmp_path / "run", [train_row(1)])
+    train, val = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    fig = figure(tmp_path / "run", train, val)
+    panels = fig.axes
+    empty = [ax.get_title() for ax in panels if not _visible(ax)]
+    assert len(panels) == 4 and not empty, empty

@@ -194,8 +194,7 @@ def test_same_codes_as_the_inference_engine(tmp_path, codec):
     chatml = build_chatml(prompt["text"], None, prompt["reference_text"], with_reference=True, with_target=False)
     chatml.messages[2].content.audio_url = prompt["reference_audio"]
     budget = max_new_tokens(mc, round(cfg.eval.max_audio_seconds * codec.frame_rate))
-    # Left alone the engine goes on with text after the audio stream (where the tiny model's 272-way text
-    # head can pick an id past the 270-token tokenizer, which the engine rejects): stop it there too.
+    # Left alone the engine goes on with text after the audio stream: stop it there too, as we do.
     r = engine.generate(chatml, max_new_tokens=budget, temperature=cfg.eval.temperature, force_audio_gen=True,
                         seed=cfg.eval.seed, stop_strings=["<|end_of_text|>", "<|eot_id|>", "<|audio_eos|>"])
     theirs = torch.as_tensor(r.generated_audio_tokens)
@@ -244,3 +243,23 @@ def test_unusable_reference_audio_is_a_one_line_error(tmp_path, codec):
     assert str(missing) in str(e.value) and "\n" not in str(e.value)
     assert raw.training
     assert not (tmp_path / "samples").exists(), "checked before anything is generated or written"
+
+
+def test_a_reference_too_short_for_the_codec_is_refused_at_start_up(tmp_path, codec):
+    cfg, tok, _, raw = setup(tmp_path, with_reference=False)
+    short = tmp_path / "short.wav"
+    sf.write(short, np.zeros(80, np.float32), codec.sample_rate)  # 10 ms: the codec's encoder needs 39 ms
+    cfg.eval.prompts = [{"text": "hi", "reference_audio": str(short), "reference_text": "hi"}]
+    problems = check_prompts(cfg)  # from the config alone: no codec is loaded at start-up
+    assert problems == [f"eval.prompts[0].reference_audio: audio {short} is too short for the codec: 10.0 ms, "
+                        f"its encoder needs 39.0 ms"]
+    with pytest.raises(ValueError, match="too short for the codec"):  # and the samples check it the same way
+        write_samples(raw, tok, codec, cfg, 1, tmp_path / "samples")
+
+
+def test_the_start_up_check_names_a_codec_whose_config_cannot_be_read(tmp_path, codec):
+    cfg, *_ = setup(tmp_path)  # the demo's reference
+    cfg.data.codec = str(tmp_path / "not_a_codec")
+    (tmp_path / "not_a_codec").mkdir()
+    problems = check_prompts(cfg)
+    assert len(problems) == 1 and f"codec folder {tmp_path / 'not_a_codec'} has no config.json" in problems[0]

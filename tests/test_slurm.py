@@ -8,6 +8,9 @@ resumes from its checkpoint and ends with exactly the weights and losses of an u
   (PreemptType=preempt/partition_prio, PreemptMode=REQUEUE, GraceTime): the workers get SIGTERM and
   save, the job is requeued, waits for the high job, and restarts.
 
+Both signals reach every process of the job step, DataLoader workers included: the runs have them (the
+preemption runs the user's whole path: test_faults.write_user_config).
+
 Needs root (slurmd and munged); installs the Slurm packages with apt if they are missing.
 """
 
@@ -26,7 +29,7 @@ import pytest
 from conftest import ROOT, torchrun
 from higgs_ddp.checkpoint import complete_checkpoints
 from test_checkpoint import assert_same_weights, final_weights, rows
-from test_faults import write_config
+from test_faults import assert_same_user_path_outputs, write_config, write_user_config
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +38,7 @@ SBATCH = "launch/single_node_cpu.sbatch"
 # write_config's run (tiny model, 24 samples, a checkpoint every 4 steps), but long enough (about
 # 5 s at 30 steps/s) that the stop signal surely arrives before the run is over.
 MAX_STEPS = 160
-OVERRIDES = (f"train.max_steps={MAX_STEPS}",)
+OVERRIDES = (f"train.max_steps={MAX_STEPS}", "data.num_workers=1")  # the step's signal reaches the workers too
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
@@ -95,6 +98,14 @@ def _log_tails(state: Path, lines=30) -> str:
 def uninterrupted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("uninterrupted")
     proc = torchrun(2, "--config", write_config(tmp, "ref", *OVERRIDES))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "ref" / "run"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_user_path(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uninterrupted_user_path")
+    proc = torchrun(2, "--config", write_user_config(tmp, "ref"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "ref" / "run"
 
@@ -162,7 +173,10 @@ def check_resumed_exactly(cluster, job, run: Path, out: Path, signal: str, unint
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "finished" and status["step"] == MAX_STEPS, f"{status}" + why
     assert_same_weights(final_weights(run), final_weights(uninterrupted))
-    assert rows(run) == rows(uninterrupted)
+    if (uninterrupted / "samples").is_dir():  # the user's path
+        assert_same_user_path_outputs(run, uninterrupted)
+    else:
+        assert rows(run) == rows(uninterrupted)
 
 
 def test_preemption_warning_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_path):
@@ -178,19 +192,20 @@ def test_preemption_warning_requeues_and_resumes_exactly(cluster, uninterrupted,
                           after=f"higgs-ddp launch: requeueing job {job}")
 
 
-def test_real_preemption_by_a_higher_priority_job_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_path):
+def test_real_preemption_by_a_higher_priority_job_requeues_and_resumes_exactly(cluster, uninterrupted_user_path,
+                                                                                tmp_path):
     """A job in the high partition takes the node from the low-partition training job (local_slurm.sh:
     preempt/partition_prio, PreemptMode=REQUEUE, GraceTime=30 on low). Slurm sends SIGTERM to the job's
     tasks; the workers save and exit; the launcher sees the preemption and requeues the job (a job that
     ends within its grace time is otherwise just FAILED); it restarts once the high job is done."""
-    config = write_config(tmp_path, "run", *OVERRIDES)
+    config = write_user_config(tmp_path, "run")
     run, out, high_out = tmp_path / "run" / "run", tmp_path / "job.out", tmp_path / "high.out"
     job = cluster.sbatch("--partition=low", "--exclusive", "--output", out, SBATCH, config)
     wait_for_checkpoint(cluster, job, run, out)
     high = cluster.sbatch("--partition=high", "--exclusive", "--output", high_out, "--job-name=higgs-ddp-high",
                           "--wrap", "echo high-priority job ran on $(hostname); sleep 5")
     wait_job(cluster, job, requeued_and_finished, "the preempted job to be requeued and finish", out)
-    check_resumed_exactly(cluster, job, run, out, "SIGTERM", uninterrupted, before="",
+    check_resumed_exactly(cluster, job, run, out, "SIGTERM", uninterrupted_user_path, before="",
                           after=f"higgs-ddp launch: job {job} was preempted")
     low, hi = cluster.job(job), cluster.job(high)
     why = diagnosis(cluster, out, job, high)

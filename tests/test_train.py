@@ -92,6 +92,7 @@ def test_bad_manifest_line_is_named_before_training(tmp_path, capsys):
     assert main(["--config", "configs/tiny.yaml", f"data.manifest={bad}", f"output_dir={tmp_path/'o'}"]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:3: invalid JSON" in err and "Traceback" not in err
+    assert f"at column {len(lines[2]) + 1})" in err  # where the line ends, not "column 1" of a next line
 
 
 def test_non_finite_steps_are_skipped_counted_then_stop(tmp_path):

@@ -30,8 +30,9 @@ def check_path(path: Path, shown: str) -> None:
         raise AudioProblem("audio_is_directory", f"audio {shown} is a directory, not a file")
 
 
-def read_audio(path: Path, shown: str, max_seconds: float) -> tuple[np.ndarray, int]:
-    """-> (mono float32 samples, sample rate). ``shown`` is the path as the manifest wrote it."""
+def read_audio(path: Path, shown: str, max_seconds: float, min_seconds: float = 0.0) -> tuple[np.ndarray, int]:
+    """-> (mono float32 samples, sample rate). ``shown`` is the path as the manifest wrote it; ``min_seconds``
+    is the codec's shortest input (``Codec.min_seconds``, ``codec.min_input_seconds``)."""
     check_path(path, shown)
     try:
         with open(path, "rb") as f:
@@ -49,6 +50,9 @@ def read_audio(path: Path, shown: str, max_seconds: float) -> tuple[np.ndarray, 
                            f"(accepted: {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz)")
     if info.frames == 0:
         raise AudioProblem("audio_empty", f"audio {shown} has no samples")
+    if info.frames / sr < min_seconds:  # resampled, it would still be too short for the codec's encoder
+        raise AudioProblem("audio_too_short", f"audio {shown} is too short for the codec: "
+                           f"{info.frames / sr * 1000:.1f} ms, its encoder needs {min_seconds * 1000:.1f} ms")
     if max_seconds and info.frames / sr > max_seconds:
         raise AudioProblem("audio_too_long", f"audio {shown} lasts {info.frames / sr:.1f} s, more than "
                            f"data.max_audio_seconds={max_seconds:g}")

@@ -3,7 +3,8 @@
 Both compute the same plan on every rank from (seed, epoch) alone, and give each optimizer step one
 global block of ``world * grad_accum`` micro-batches, cut into micro-steps and then per-rank slices. So
 1 rank x accumulation 2 and 2 ranks see the same micro-batches in every optimizer step. What does not
-fill a whole step at the end of an epoch waits for the next epoch's shuffle.
+fill a whole step at the end of an epoch waits for the next epoch's shuffle. A run resumed on another
+layout continues at the same micro-batch of the same epoch (``resume_at``).
 """
 
 from __future__ import annotations
@@ -38,34 +39,52 @@ def check_step_fits(num_samples: int, micro_batch_size: int, grad_accum_steps: i
 
 
 class _StepSampler(torch.utils.data.Sampler):
+    """A position is (epoch, micro-batches of its plan used). The plan does not depend on the number of
+    ranks or on accumulation, so a run resumed with another layout (accepted by train.resume_accept)
+    continues at the same micro-batch: nothing is replayed or skipped."""
+
     def __init__(self, accum: int, rank: int, world: int, seed: int, shuffle: bool, start_step: int):
         self.accum, self.rank, self.world = accum, rank, world
         self.seed, self.shuffle, self.start_step = seed, shuffle, start_step
         self.per_step = world * accum
+        self.anchor = (0, 0, 0)  # (step, epoch, micro-batches into it): where positions are counted from
 
     def plan(self, epoch: int) -> list:
         raise NotImplementedError
 
+    def plan_length(self, epoch: int) -> int:
+        return len(self.plan(epoch))
+
     def steps_in(self, epoch: int) -> int:
-        return len(self.plan(epoch)) // self.per_step
+        return self.plan_length(epoch) // self.per_step
+
+    def resume_at(self, step: int, epoch: int, micro: int) -> None:
+        """Continue after ``step`` optimizer steps from micro-batch ``micro`` of ``epoch``: the position a
+        checkpoint saved, perhaps with another number of ranks or accumulation steps."""
+        self.anchor = (step, epoch, micro)
+        self.start_step = step
 
     def position(self, step: int) -> tuple[int, int]:
-        """(epoch, optimizer steps into it) after ``step`` optimizer steps."""
-        epoch = 0
-        while step >= self.steps_in(epoch):  # plans can differ in length between epochs
-            step -= self.steps_in(epoch)
-            epoch += 1
-        return epoch, step
+        """(epoch, micro-batches into it) after ``step`` optimizer steps. Each step takes ``per_step``
+        micro-batches; what is left at the end of an epoch, too few for a step, is not used."""
+        at, epoch, micro = self.anchor
+        if step < at:
+            raise ValueError(f"step {step} is before the step this sampler resumed at ({at})")
+        step -= at
+        while step >= (left := max(self.plan_length(epoch) - micro, 0) // self.per_step):
+            step -= left  # plans can differ in length between epochs
+            epoch, micro = epoch + 1, 0
+        return epoch, micro + step * self.per_step
 
     def __iter__(self) -> Iterator[list]:
-        epoch, k = self.position(self.start_step)
+        epoch, micro = self.position(self.start_step)
         while True:
             plan = self.plan(epoch)
-            for step in range(k, len(plan) // self.per_step):
-                block = plan[step * self.per_step:(step + 1) * self.per_step]
+            for start in range(micro, len(plan) - self.per_step + 1, self.per_step):
+                block = plan[start:start + self.per_step]
                 for i in range(self.accum):
                     yield block[i * self.world + self.rank]
-            epoch, k = epoch + 1, 0
+            epoch, micro = epoch + 1, 0
 
     def __len__(self) -> int:  # one epoch's worth (epoch 0); iteration itself is endless
         return self.steps_in(0) * self.accum
@@ -81,13 +100,13 @@ class StepBatchSampler(_StepSampler):
         check_step_fits(num_samples, micro_batch_size, grad_accum_steps, world_size)
 
     def plan(self, epoch: int) -> list:
+        """Every whole micro-batch of the epoch's order, whatever the layout (steps use whole blocks)."""
         order = torch.randperm(self.n, generator=epoch_generator(self.seed, epoch)) if self.shuffle \
             else torch.arange(self.n)
-        usable = self.n // (self.per_step * self.mbs) * self.per_step * self.mbs
-        return [order[i:i + self.mbs].tolist() for i in range(0, usable, self.mbs)]
+        return [order[i:i + self.mbs].tolist() for i in range(0, self.plan_length(epoch) * self.mbs, self.mbs)]
 
-    def steps_in(self, epoch: int) -> int:
-        return self.n // (self.per_step * self.mbs)
+    def plan_length(self, epoch: int) -> int:
+        return self.n // self.mbs
 
 
 class TokenBudgetBatchSampler(_StepSampler):

@@ -31,6 +31,7 @@ from typing import Optional
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .distributed import all_gather_objects, all_reduce_sum, DistEnv
@@ -307,8 +308,8 @@ def load_checkpoint(path: Path, *, model, named_params: list, optimizer, schedul
             prefix = f"rank{env.rank}."
             _set_rng_state({k[len(prefix):]: v for k, v in rng.items() if k.startswith(prefix)},
                            state["rng"][env.rank])
-    except (OSError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot load checkpoint: {e}") from None
+    except (OSError, KeyError, ValueError, SafetensorError) as e:
+        raise CheckpointError(f"{path}: cannot load checkpoint: {' '.join(str(e).split())}") from None
     return state
 
 
@@ -324,6 +325,8 @@ NO_EFFECT = {
     "data.num_workers", "data.prefetch_factor", "data.cache_dir",
     # The data itself is judged by its fingerprint, not by where it lives or how it got there.
     "data.manifest", "data.root", "data.allow_outside_root", "data.on_error", "data.codec_revision",
+    # Validation reads the weights and never changes them (nor the training RNG).
+    "data.val_manifest",
 } | {f"{section}.{f.name}" for section, cls in (("bench", BenchConfig), ("eval", EvalConfig), ("logging", LoggingConfig))
      for f in dataclasses.fields(cls)}
 
@@ -353,7 +356,8 @@ def resume_differences(saved_config: dict, config: dict, saved_state: dict, fing
         else:
             diffs["data"] = f"{old.get('samples')} training samples -> {fingerprint['samples']}, not the same set"
     if saved_state.get("world_size") != world_size:
-        diffs["world_size"] = f"{saved_state.get('world_size')} -> {world_size} ranks (data order and RNG differ)"
+        diffs["world_size"] = (f"{saved_state.get('world_size')} -> {world_size} ranks (samples per step and the "
+                               f"ranks' RNG differ)")
     return diffs
 
 
@@ -375,27 +379,100 @@ def check_resumable(path: Path, config: dict, fingerprint: dict, world_size: int
                           f"run in another output_dir")
 
 
-def resume_point(output_dir, resume: str) -> tuple[Optional[Path], str]:
-    """The checkpoint to continue from (None: a fresh start) and a note for the user, if any.
+def resume_point(output_dir, resume: str, env: Optional[DistEnv] = None) -> tuple[Optional[Path], str]:
+    """Collective: the checkpoint to continue from (None: a fresh start) and a note for the user, if any.
+    Without ``env`` (the doctor) it only looks: a damaged checkpoint is not renamed.
 
     A checkpoint path only seeds a run: once output_dir has checkpoints of its own, the latest of those
     wins, so a restarted or requeued job running the same command continues instead of starting over.
+    Of its own checkpoints, the newest whose files all read wins (see ``_newest_loadable``).
     """
-    own = latest_checkpoint(output_dir)
-    if resume == "auto":
-        return own, ""
+    own = list(reversed(complete_checkpoints(output_dir)))  # newest first
     if resume == "never":
         if own:
-            raise ConfigError(f"train.resume=never but {output_dir} already holds checkpoints (latest {own.name}); "
+            raise ConfigError(f"train.resume=never but {output_dir} already holds checkpoints (latest {own[0].name}); "
                               f"their steps would mix with this run's: use another output_dir or delete "
                               f"{checkpoint_root(output_dir)}")
         return None, ""
-    path = Path(resume)
-    if not (path / STATE).is_file():
-        raise ConfigError(f"train.resume={resume}: not a complete checkpoint folder (no {STATE}); "
-                          f"use auto, never or a checkpoints/step_N folder")
-    if own and own.resolve() != path.resolve():
-        return own, (f"train.resume={resume} only seeds a run without checkpoints; this output_dir has its own, "
-                     f"so it continues from the latest ({own.name}). To go back, delete the later checkpoints "
-                     f"or resume into a new output_dir")
-    return path, ""
+    seed_note = ""
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / STATE).is_file():
+            raise ConfigError(f"train.resume={resume}: not a complete checkpoint folder (no {STATE}); "
+                              f"use auto, never or a checkpoints/step_N folder")
+        if not own:
+            problem = _agreed_damage(path)
+            if problem:
+                raise CheckpointError(f"cannot resume from {path}: {problem}")
+            return path, ""
+        if own[0].resolve() != path.resolve():
+            seed_note = (f"train.resume={resume} only seeds a run without checkpoints; this output_dir has its own, "
+                         f"so it continues from the latest ({own[0].name}). To go back, delete the later checkpoints "
+                         f"or resume into a new output_dir")
+    if not own:
+        return None, ""
+    chosen, note = _newest_loadable(own, output_dir, env)
+    return chosen, "\n".join(filter(None, (seed_note, note)))
+
+
+def _newest_loadable(newest_first: list, output_dir, env: Optional[DistEnv]) -> tuple[Path, str]:
+    """The newest checkpoint whose files all read, and a note naming what was passed over.
+
+    A later checkpoint that a full disk or a copy cut short is renamed ``step_N.damaged`` (kept for a
+    look, no longer a checkpoint: it would hold a ``keep_last`` place and be looked at on every start).
+    Every rank reads the files and they agree on the result, so all of them load the same checkpoint."""
+    damaged = []
+    for path in newest_first:
+        problem = _agreed_damage(path)
+        if not problem:
+            break
+        damaged.append((path, problem))
+    else:
+        listed = "; ".join(problem for _, problem in damaged)
+        raise CheckpointError(f"no checkpoint in {checkpoint_root(output_dir)} can be loaded: {listed}. Delete "
+                              f"or move away the damaged ones (all of them to start over)")
+    if not damaged:
+        return path, ""
+    if env is not None and env.is_main:
+        for bad, _ in damaged:
+            os.rename(bad, bad.with_name(f"{bad.name}.damaged"))
+    listed = "; ".join(problem for _, problem in damaged)
+    return path, (f"{listed}; resuming from {path.name}, the newest checkpoint that loads (the damaged one is "
+                  f"kept as {damaged[0][0].name}.damaged{' and older' if len(damaged) > 1 else ''})")
+
+
+def _agreed_damage(path: Path) -> str:
+    """Collective: what any rank found wrong with ``path`` ('' if nothing), the same on every rank."""
+    return next((p for p in all_gather_objects(damage(path)) if p), "")
+
+
+def _tensor_files(path: Path) -> list:
+    """The files holding a checkpoint's trainable and optimizer tensors, in either layout (shards.py)."""
+    try:
+        sharding = json.loads((path / STATE).read_text()).get("sharding")
+    except (OSError, ValueError):
+        sharding = None  # damage() names state.json itself first
+    if sharding:
+        return [path / shard_file(r) for r in range(sharding["world_size"])]
+    weights = (path / "adapter" / "adapter_model.safetensors" if (path / "adapter").is_dir()
+               else path / "trainable.safetensors")
+    return [weights, path / "optimizer.safetensors"]
+
+
+def damage(path: Path) -> str:
+    """'' when every file a resume reads can be read; else one line naming the first that cannot."""
+    path = Path(path)
+    for f in (path / STATE, path / "config.yaml", *_tensor_files(path), path / "rng.safetensors"):
+        try:
+            if f.suffix == ".safetensors":
+                with safe_open(str(f), framework="pt"):  # the header, checked against the file's length
+                    pass
+            elif f.suffix == ".json":
+                json.loads(f.read_text())
+            else:
+                yaml.safe_load(f.read_text())
+        except FileNotFoundError:
+            return f"{f} is missing"
+        except (OSError, ValueError, yaml.YAMLError, SafetensorError) as e:
+            return f"{f} is damaged ({' '.join(str(e).split())})"
+    return ""

@@ -9,7 +9,8 @@ An entry's key is the sha256 of the audio file's bytes inside a folder keyed by 
 a renamed file is still cached, an edited one is encoded again, and another codec never sees these
 codes. Shards are written whole (temporary name, then rename) every few hundred entries; the index is
 rebuilt from any shard it does not list. So an interrupted prepare loses at most one unwritten shard
-and the next run picks up where it stopped.
+and the next run picks up where it stopped. A shard that cannot be read (cut short by a copy, a damaged
+disk) is left out: its clips are encoded again, and the shard is deleted with a note.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 SHARD_ENTRIES = 256
@@ -80,7 +82,10 @@ class CodeCache:
         self.refresh()
 
     def refresh(self) -> None:
-        """Read the index, then add whatever complete shards it does not list yet."""
+        """Read the index, then add whatever complete shards it does not list yet.
+
+        A shard that cannot be read (a copy cut short, a damaged disk) contributes nothing, so its clips
+        are encoded again; ``write_index`` deletes it."""
         entries: dict = {}
         try:
             data = json.loads((self.dir / "index.json").read_text())
@@ -88,18 +93,28 @@ class CodeCache:
                 entries = data["entries"]
         except (OSError, ValueError, KeyError):
             pass
-        shards = {p.name for p in self.dir.glob("part-*.safetensors")} if self.dir.is_dir() else set()
-        entries = {k: v for k, v in entries.items() if v[0] in shards}
         listed = {v[0] for v in entries.values()}
-        for name in sorted(shards - listed):
-            with safe_open(str(self.dir / name), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("codec") != self.identity:
-                    continue
-                seconds = json.loads(meta.get("seconds", "{}"))
-                for key in f.keys():
-                    entries.setdefault(key, [name, seconds.get(key, 0.0), f.get_slice(key).get_shape()[1]])
+        readable, unlisted, self.damaged = set(), {}, {}
+        for path in sorted(self.dir.glob("part-*.safetensors")) if self.dir.is_dir() else []:
+            try:
+                with safe_open(str(path), framework="pt") as f:  # reads and checks the header only
+                    if path.name not in listed:
+                        unlisted.update(self._entries_of(path.name, f))
+            except (SafetensorError, OSError) as e:  # OSError: also a shard another rank just deleted
+                self.damaged[path.name] = str(e)
+                continue
+            readable.add(path.name)
+        entries = {k: v for k, v in entries.items() if v[0] in readable}
+        for key, entry in unlisted.items():
+            entries.setdefault(key, entry)
         self.entries = entries
+
+    def _entries_of(self, name: str, shard) -> dict:
+        meta = shard.metadata() or {}
+        if meta.get("codec") != self.identity:
+            return {}
+        seconds = json.loads(meta.get("seconds", "{}"))
+        return {key: [name, seconds.get(key, 0.0), shard.get_slice(key).get_shape()[1]] for key in shard.keys()}
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries
@@ -108,7 +123,13 @@ class CodeCache:
         return float(self.entries[key][1])
 
     def write_index(self) -> None:
+        """One process only (rank 0), after every rank's shards are written."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        for name, problem in sorted(self.damaged.items()):
+            (self.dir / name).unlink(missing_ok=True)
+            print(f"code cache: {self.dir / name} is damaged ({problem}); deleted it, its clips are encoded "
+                  f"again where used", file=sys.stderr, flush=True)
+        self.damaged = {}
         write_json_atomic(self.dir / "codec.json", {"identity": self.identity})
         write_json_atomic(self.dir / "index.json", {"codec": self.identity, "entries": self.entries})
 

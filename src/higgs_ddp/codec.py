@@ -129,6 +129,68 @@ def save_tiny_codec_folder(out_dir, spec: TinyCodecSpec = TinyCodecSpec()) -> Pa
     return out
 
 
+def shortest_input(encoder: torch.nn.Module) -> int:
+    """The fewest samples the acoustic encoder's convolutions take: each needs its padded input at least as
+    long as its (dilated) kernel, and each strided one shortens what the next receives. Shorter clips crash
+    inside the codec. The semantic teacher's input is padded by 160 samples on each side
+    (HiggsAudioTokenizer.get_regress_target), more than its own convolutions need, so it sets no limit."""
+    convs = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv1d)]  # in the order they run
+
+    def accepts(n: int) -> bool:
+        for conv in convs:
+            span = conv.dilation[0] * (conv.kernel_size[0] - 1) + 1
+            n += 2 * conv.padding[0]
+            if n < span:
+                return False
+            n = (n - span) // conv.stride[0] + 1
+        return True
+
+    n = 1
+    while not accepts(n):
+        n += 1
+    return n
+
+
+def _codec_config(name: str, revision: Optional[str]) -> dict:
+    """The codec's config.json, without its weights."""
+    import json
+
+    if name == TINY:
+        return tiny_codec_config()
+    if Path(name).is_dir():
+        path = Path(name) / "config.json"
+        if not path.is_file():
+            raise CodecError(f"codec folder {name} has no config.json")
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise CodecError(f"cannot read {path}: {e}") from None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(name, "config.json", revision=revision)).read_text())
+    except Exception as e:  # offline, unknown repo, no permission: one line, with the fix
+        raise CodecError(f"cannot fetch the audio codec's config {name}@{revision or 'main'} "
+                         f"({type(e).__name__}); download it once with network access or set "
+                         f"data.codec to a local folder") from None
+
+
+def min_input_seconds(name: str, revision: Optional[str] = None) -> float:
+    """The shortest clip the codec encodes, from its config alone (the encoder is built on the meta device:
+    no weights, no download beyond config.json); ``Codec.min_seconds`` for a loaded one."""
+    import inspect
+    import warnings
+
+    from boson_multimodal.audio_processing.higgs_audio_tokenizer import HiggsAudioTokenizer, dac2
+
+    defaults = {k: p.default for k, p in inspect.signature(HiggsAudioTokenizer.__init__).parameters.items()}
+    config = {**defaults, **_codec_config(name, revision)}
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # weight_norm deprecation inside dac
+        encoder = dac2.Encoder(64, config["ratios"], config["D"])  # as HiggsAudioTokenizer builds it
+    return shortest_input(encoder) / config["sample_rate"]
+
+
 class Codec:
     """Wraps a HiggsAudioTokenizer: ``encode(wave)`` takes a mono float waveform at ``sample_rate``."""
 
@@ -141,6 +203,8 @@ class Codec:
         self.frame_rate = float(model.frame_rate)
         self.num_codebooks = int(model.n_q)
         self.codebook_size = int(model.quantizer.bins) if hasattr(model.quantizer, "bins") else None
+        self.min_samples = shortest_input(model.encoder)
+        self.min_seconds = self.min_samples / self.sample_rate  # what audio.read_audio checks
 
     @property
     def device(self) -> torch.device:

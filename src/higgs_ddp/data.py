@@ -21,7 +21,7 @@ from .audio import AudioProblem
 from .code_cache import write_json_atomic
 from .config import Config, ConfigError
 from .distributed import DistEnv
-from .manifest import Problem, read_manifest
+from .manifest import Entry, Problem, read_manifest
 from .prompt import Sample, tokenize_chatml
 
 MAX_LISTED = 50
@@ -164,6 +164,42 @@ def _records(entries: list, found: dict, failed: dict, seconds: dict, tokenizer,
     return records, problems
 
 
+def _overlaps(train_e: list, val_e: list) -> tuple[list, list, list]:
+    """-> (train, val, problems): a sample whose id an earlier one has is dropped, and so is a validation
+    sample that is also a training sample (the same id, or the same clip learned): it would score memorised
+    data. Ids key the validation split, the checkpoint's data fingerprint and the report, so they must be
+    unique; a sample meant twice needs two ids. Shared context (a reference clip) is no overlap."""
+    by_id, train_clips, problems = {}, {}, []  # id -> (entry, is_val); learned clip -> training entry
+
+    def problem(e: Entry, is_val: bool) -> Optional[Problem]:
+        other, other_is_val = by_id.get(e.id, (None, False))
+        if other is not None and is_val and not other_is_val:
+            return Problem(e.where, "val_in_train", f"validation sample id {e.id!r} is also the training "
+                           f"sample at {other.where}")
+        if other is not None:
+            hint = ("" if e.id_given else " (a line without \"id\" gets its manifest's file name and line "
+                    "as its id: give the lines ids, or name the manifests differently)")
+            return Problem(e.where, "duplicate_id", f"id {e.id!r} is already the id of {other.where}{hint}")
+        shared = [r for r in e.learned if r.path in train_clips] if is_val else []
+        if shared:
+            return Problem(e.where, "val_in_train", f"validation sample learns {shared[0].shown}, which the "
+                           f"training sample at {train_clips[shared[0].path].where} learns too")
+        return None
+
+    kept = ([], [])
+    for is_val, entries in ((False, train_e), (True, val_e)):
+        for e in entries:
+            bad = problem(e, is_val)
+            if bad is not None:
+                problems.append(bad)
+                continue
+            kept[is_val].append(e)
+            by_id[e.id] = (e, is_val)
+            if not is_val:
+                train_clips.update({r.path: e for r in e.learned if r.path not in train_clips})
+    return kept[0], kept[1], problems
+
+
 def _in_val(sample_id: str, fraction: float) -> bool:
     # By a hash of the id, so adding data never moves a sample between the splits.
     h = int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "big")
@@ -202,6 +238,9 @@ def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = 
             entries, bad = read_manifest(path, d.root, d.allow_outside_root)
             into += entries
             problems += bad
+    parsed = len(train_e) + len(val_e)
+    train_e, val_e, bad = _overlaps(train_e, val_e)
+    problems += bad
     found, failed, seconds = _audio_codes(train_e + val_e, cfg, env, C, K, quiet)
     train, bad = _records(train_e, found, failed, seconds, tokenizer, model_config, d.max_tokens_per_batch)
     problems += bad
@@ -220,7 +259,7 @@ def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = 
         train = [r for r, v in zip(train, picked) if not v]
     report = {
         "policy": d.on_error, "manifests": list(d.manifest), "val_manifests": list(d.val_manifest),
-        "entries": len(train_e) + len(val_e),
+        "entries": parsed,
         "train_samples": len(train), "val_samples": len(val),
         "skipped": len(problems), "skipped_by_reason": dict(sorted(Counter(p.reason for p in problems).items())),
         "train_audio_hours": sum(r.seconds for r in train) / 3600,

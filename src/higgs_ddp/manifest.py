@@ -69,6 +69,8 @@ class Entry:
     audio: list  # AudioRef per audio content, in prompt order
     id: str
     speaker: Optional[str] = None
+    learned: tuple = ()  # the AudioRefs of ``audio`` the sample learns to speak (not its context)
+    id_given: bool = True  # False: ``id`` is the default, the manifest's file name and line
 
 
 def _typed(obj: dict, fields: dict) -> None:
@@ -120,7 +122,7 @@ def _parse_simple(obj: dict, resolve: _Resolver, default_id: str) -> tuple:
     audio.append(resolve(obj["audio_codes" if is_codes else "audio"], "codes file" if is_codes else "audio",
                          is_codes))
     chatml = build_chatml(obj["text"], obj.get("scene"), obj.get("ref_text"), with_reference=has_ref)
-    return chatml, audio, obj.get("id", default_id), obj.get("speaker")
+    return chatml, audio, audio[-1:], obj.get("id", default_id), obj.get("speaker")
 
 
 def _content(item, where: str, resolve: _Resolver, audio: list):
@@ -143,7 +145,8 @@ def _content(item, where: str, resolve: _Resolver, audio: list):
 
 def _parse_chatml(obj: dict, resolve: _Resolver, default_id: str) -> tuple:
     _typed(obj, CHATML_FIELDS)
-    messages, audio = [], []
+    messages, audio, learned = [], [], []
+    start = obj.get("start_index")
     if not obj["messages"]:
         raise LineProblem("bad_messages", "'messages' is empty")
     for i, m in enumerate(obj["messages"]):
@@ -155,16 +158,18 @@ def _parse_chatml(obj: dict, resolve: _Resolver, default_id: str) -> tuple:
         items = m["content"] if isinstance(m["content"], list) else [m["content"]]
         if not items:
             raise LineProblem("bad_messages", f"{where}: content is empty")
+        before = len(audio)
         content = [_content(c, where, resolve, audio) for c in items]
+        if m["role"] == "assistant" and i >= (start or 0):
+            learned += audio[before:]
         messages.append(Message(role=m["role"], content=content if isinstance(m["content"], list) else content[0]))
-    start = obj.get("start_index")
     if start is not None and not 0 <= start < len(messages):
         raise LineProblem("bad_messages", f"start_index {start} is outside the {len(messages)} messages")
     if not any(m.role == "assistant" for m in messages[start or 0:]):
         raise LineProblem("bad_messages", "no assistant turn to learn from"
                           + (f" at or after start_index {start}" if start is not None else ""))
     chatml = ChatMLSample(messages=messages, start_index=start, speaker=obj.get("speaker"), misc=obj.get("misc"))
-    return chatml, audio, obj.get("id", default_id), obj.get("speaker")
+    return chatml, audio, learned, obj.get("id", default_id), obj.get("speaker")
 
 
 def read_manifest(path: str, root: Optional[str] = None, allow_outside_root: bool = True):
@@ -180,20 +185,22 @@ def read_manifest(path: str, root: Optional[str] = None, allow_outside_root: boo
             where = f"{path}:{lineno}"
             try:
                 try:
-                    raw = raw_bytes.decode("utf-8")
+                    # "utf-8-sig" on line 1: a byte-order mark that Windows tools put at the file's start
+                    # is not part of the first line's JSON.
+                    raw = raw_bytes.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as e:
                     raise LineProblem("bad_utf8", f"not valid UTF-8 text (byte {e.start})") from None
                 if not raw.strip():
                     continue
                 try:
-                    obj = json.loads(raw)
+                    obj = json.loads(raw.rstrip())  # without the newline an unclosed object ends on this line
                 except json.JSONDecodeError as e:
                     raise LineProblem("invalid_json", f"invalid JSON ({e.msg} at column {e.colno})") from None
                 if not isinstance(obj, dict):
                     raise LineProblem("not_an_object", "each line must be a JSON object")
                 parse = _parse_chatml if "messages" in obj else _parse_simple
-                chatml, audio, sid, speaker = parse(obj, resolve, f"{manifest.stem}:{lineno}")
-                entries.append(Entry(where, chatml, audio, sid, speaker))
+                chatml, audio, learned, sid, speaker = parse(obj, resolve, f"{manifest.stem}:{lineno}")
+                entries.append(Entry(where, chatml, audio, sid, speaker, tuple(learned), "id" in obj))
             except LineProblem as e:
                 problems.append(Problem(where, e.reason, str(e)))
     return entries, problems

@@ -38,8 +38,8 @@ def load_tokenizer(cfg: Config):
     from .tiny_tokenizer import build_tiny_tokenizer
 
     name = cfg.model.tokenizer or cfg.model.path
-    if name == "tiny":
-        return build_tiny_tokenizer()
+    if name == "tiny":  # as wide as the model's text head: padded with reserved tokens
+        return build_tiny_tokenizer(vocab_size=(cfg.model.config.get("text_config") or {}).get("vocab_size"))
     if not name:
         raise ConfigError("model.tokenizer is required when model.path is not set")
     rev = cfg.model.revision if name == cfg.model.path else None
@@ -78,10 +78,14 @@ def model_config(cfg: Config, tokenizer):
 
 
 def check_tokenizer(model_config, tokenizer) -> None:
-    """The special-token ids baked into the model config must be the tokenizer's."""
+    """The model's text vocabulary is the tokenizer's, and so are the special-token ids baked into its config.
+    A smaller head cannot embed every token; a larger one samples ids the tokenizer lacks, which the
+    inference engine refuses mid-generation. (The official model: 128,256 and Llama-3's 128,256 tokens.)"""
     vocab = model_config.text_config.vocab_size
-    if len(tokenizer) > vocab:
-        raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}")
+    if vocab != len(tokenizer):
+        raise ConfigError(f"the model has a text vocabulary of {vocab} tokens but the tokenizer has "
+                          f"{len(tokenizer)}; model.config.text_config.vocab_size (random init) or "
+                          f"model.tokenizer must change")
     for field, token in SPECIAL_IDS.items():
         want, got = getattr(model_config, field), tokenizer.convert_tokens_to_ids(token)
         if field != "pad_token_id" and want != got:
@@ -90,18 +94,22 @@ def check_tokenizer(model_config, tokenizer) -> None:
 
 def build_model(cfg: Config, tokenizer, dtype: torch.dtype = torch.float32, device=None):
     HiggsAudioConfig, HiggsAudioModel = _import_higgs()
+    config = model_config(cfg, tokenizer)
+    check_tokenizer(config, tokenizer)  # before loading or drawing billions of weights
     if cfg.model.init == "random":
-        config = _random_config(cfg, tokenizer)
         config._attn_implementation = cfg.model.attn_implementation
         # The same seed on every rank; DDP also broadcasts rank 0's weights when it wraps the model.
         torch.manual_seed(cfg.train.seed)
-        # Initialised where it will run: 5.8B random weights are minutes of CPU time, seconds on a GPU.
-        with torch.device(device or "cpu"):
+        # Drawn by the CPU generator whatever the device: export rebuilds this base on the CPU from the seed,
+        # and the CUDA generator would draw another one (the merge would land on it). The price is the
+        # CPU's time to draw them: noticeable only for a billions-of-weights random model (the benchmark).
+        with torch.device("cpu"):
             model = HiggsAudioModel(config).to(dtype)
+        if device is not None:
+            model = model.to(device)
     else:
         model = HiggsAudioModel.from_pretrained(cfg.model.path, revision=cfg.model.revision, torch_dtype=dtype,
                                                 attn_implementation=cfg.model.attn_implementation)
-    check_tokenizer(model.config, tokenizer)
     if model.audio_tower is not None:  # audio understanding only; TTS fine-tuning never runs it
         model.audio_tower.requires_grad_(False)
     return model

@@ -113,6 +113,22 @@ COLORS = {"loss": "C0", "text_loss": "C1", "audio_loss": "C2"}
 NAMES = {"loss": "total", "text_loss": "text", "audio_loss": "audio"}
 
 
+def _isolated(ys: list) -> list:
+    """The finite values without a finite neighbour (NaN elsewhere): a line alone would not show them
+    (a run's first row, a step between two skipped ones)."""
+    ok = [math.isfinite(v) for v in ys]
+    return [v if ok[i] and not (i > 0 and ok[i - 1]) and not (i + 1 < len(ys) and ok[i + 1]) else math.nan
+            for i, v in enumerate(ys)]
+
+
+def _line(ax, x: list, ys: list, **style) -> None:
+    """A line, with a dot on each point it cannot draw."""
+    (line,) = ax.plot(x, ys, **style)
+    lone = _isolated(ys)
+    if any(math.isfinite(v) for v in lone):
+        ax.plot(x, lone, ls="none", marker="o", ms=3, color=line.get_color(), alpha=style.get("alpha"))
+
+
 def _no_data(ax, what: str) -> None:
     ax.text(0.5, 0.5, f"no {what} in metrics.jsonl", ha="center", va="center", transform=ax.transAxes,
             color="0.5")
@@ -122,9 +138,9 @@ def _loss_panel(ax, train: Series, val: Series) -> None:
     x = train.steps()
     for key, color in COLORS.items():
         if train.has(key):
-            ax.plot(x, train.col(key), color=color, lw=0.8, alpha=0.35, label=f"train {NAMES[key]}")
+            _line(ax, x, train.col(key), color=color, lw=0.8, alpha=0.35, label=f"train {NAMES[key]}")
     if train.has("loss"):
-        ax.plot(x, ema(train.col("loss")), color=COLORS["loss"], lw=2.0, label="train total (EMA)")
+        _line(ax, x, ema(train.col("loss")), color=COLORS["loss"], lw=2.0, label="train total (EMA)")
     for key, color in COLORS.items():
         if val.has(key):
             ax.plot(val.steps(), val.col(key), color=color, lw=1.4, ls="--", marker="o", ms=4,
@@ -150,7 +166,7 @@ def _codebook_panel(ax, train: Series, val: Series) -> None:
     else:
         losses = train.lists("per_codebook_loss")
         for k, ys in enumerate(losses):
-            ax.plot(train.steps(), ema(ys), lw=1.2, label=f"codebook {k}")
+            _line(ax, train.steps(), ema(ys), lw=1.2, label=f"codebook {k}")
         ax.set_title("(b) train loss per codebook (EMA)" + ("" if val.rows else "; no validation rows"))
         ax.set_ylabel("cross-entropy")
         if not losses:
@@ -164,9 +180,9 @@ def _line_panel(ax, series: Series, key: str, title: str, ylabel: str, smooth: b
         _no_data(ax, key)
     else:
         ys = series.col(key)
-        ax.plot(series.steps(), ys, color="C4", lw=0.8 if smooth else 1.4, alpha=0.4 if smooth else 1.0)
+        _line(ax, series.steps(), ys, color="C4", lw=0.8 if smooth else 1.4, alpha=0.4 if smooth else 1.0)
         if smooth:
-            ax.plot(series.steps(), ema(ys), color="C4", lw=2.0, label="EMA")
+            _line(ax, series.steps(), ema(ys), color="C4", lw=2.0, label="EMA")
             ax.legend(fontsize=7)
     ax.set_title(title)
     ax.set_ylabel(ylabel)
@@ -183,16 +199,11 @@ def _title(run_dir: Path, train: Series, val: Series) -> str:
     return "  |  ".join(parts)
 
 
-def plot_run(run_dir, out=None) -> Path:
-    """Plot ``run_dir/metrics.jsonl`` into ``out`` (default ``run_dir/training.png``); returns the path.
-    Raises PlotError (one line) for a missing, empty or corrupt metrics file."""
+def figure(run_dir: Path, train: Series, val: Series):
+    """The four panels, on a matplotlib Figure of its own (Agg canvas, no pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter
-
-    run_dir = Path(run_dir)
-    train, val = read_metrics(run_dir / METRICS)
-    out = Path(out) if out is not None else run_dir / DEFAULT_OUT
 
     fig = Figure(figsize=(13, 8.5), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
@@ -208,11 +219,26 @@ def plot_run(run_dir, out=None) -> Path:
     for ax in (c, d):
         ax.set_xlabel("optimizer step")
     fig.suptitle(_title(run_dir, train, val), fontsize=10)
+    return fig
 
+
+def plot_run(run_dir, out=None) -> Path:
+    """Plot ``run_dir/metrics.jsonl`` into ``out`` (default ``run_dir/training.png``; a folder: the default
+    name inside it); returns the path. Raises PlotError (one line) for a missing, empty or corrupt
+    metrics file."""
+    run_dir = Path(run_dir)
+    train, val = read_metrics(run_dir / METRICS)
+    out = Path(out) if out is not None else run_dir / DEFAULT_OUT
+    if out.is_dir():
+        out = out / DEFAULT_OUT
+    fig = figure(run_dir, train, val)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")  # an image viewer never sees a half-written file
-    fig.savefig(tmp, format=out.suffix.lstrip(".") or "png")
-    os.replace(tmp, out)
+    try:
+        fig.savefig(tmp, format=out.suffix.lstrip(".") or "png")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failed write or rename: no stray temporary
     return out
 
 

@@ -78,3 +78,6 @@ class Prefetcher:
         self._thread.join(timeout=10)
         if not self._thread.is_alive():
             self._it = None
+            # An error from the loader (a worker that died) holds the iterator through its traceback.
+            while not self._q.empty():
+                self._q.get_nowait()

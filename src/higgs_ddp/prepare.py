@@ -34,8 +34,8 @@ class Prepared:
 class _Decode(torch.utils.data.Dataset):
     """Decoding runs in DataLoader workers; resampling and encoding on the codec's device."""
 
-    def __init__(self, items: list, max_seconds: float):
-        self.items, self.max_seconds = items, max_seconds
+    def __init__(self, items: list, max_seconds: float, min_seconds: float):
+        self.items, self.max_seconds, self.min_seconds = items, max_seconds, min_seconds
 
     def __len__(self):
         return len(self.items)
@@ -43,7 +43,7 @@ class _Decode(torch.utils.data.Dataset):
     def __getitem__(self, i):
         path, shown = self.items[i]
         try:
-            wave, sr = read_audio(path, shown, self.max_seconds)
+            wave, sr = read_audio(path, shown, self.max_seconds, self.min_seconds)
             return i, torch.from_numpy(wave), sr, None
         except AudioProblem as e:
             return i, None, None, (e.reason, str(e))
@@ -125,11 +125,14 @@ def _encode(mine: list, shown: dict, cache: CodeCache, codec_name, codec_revisio
     codec = load_codec(codec_name, codec_revision, device=env.device)
     writer = cache.writer()
     items = [(path, shown[path]) for _, path in mine]
-    loader = torch.utils.data.DataLoader(_Decode(items, max_seconds), batch_size=None, num_workers=num_workers,
-                                         prefetch_factor=4 if num_workers else None)
+    loader = torch.utils.data.DataLoader(_Decode(items, max_seconds, codec.min_seconds), batch_size=None,
+                                         num_workers=num_workers, prefetch_factor=4 if num_workers else None)
     problems, seconds = {}, 0.0
+    # Rank 0 counts only its own share: say so, or "17 new files: 9/9" reads as finished early.
+    share = f"{total} new files" if env.world_size == 1 else \
+        f"rank 0's {len(items)} of {total} new files, {env.world_size} ranks"
     bar = tqdm(total=len(items), disable=quiet or not env.is_main, unit="file", dynamic_ncols=True,
-               desc=f"encode ({total} new files, {env.world_size} rank{'s' * (env.world_size > 1)})")
+               desc=f"encode ({share})")
     t0 = time.perf_counter()
     try:
         for i, wave, sr, problem in loader:

@@ -12,12 +12,38 @@ import time
 from pathlib import Path
 
 
+class RunLogError(RuntimeError):
+    pass
+
+
+def rows_to_keep(path: Path, resume_step: int) -> list:
+    """The lines of ``path`` logged at or before ``resume_step``.
+
+    A last line without its newline is a row that a kill or a full disk cut short: its step comes after
+    the checkpoint, so it is dropped like the other rows the resumed run redoes."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    kept = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if lineno == len(lines):  # the text does not end with "\n": an unfinished row
+                continue
+            raise RunLogError(f"{path}:{lineno}: not a metrics row ({e.msg}); repair or delete that line "
+                              f"to resume") from None
+        if not isinstance(row, dict):
+            raise RunLogError(f"{path}:{lineno}: not a metrics row (a JSON object); repair or delete that "
+                              f"line to resume")
+        if row.get("step", 0) <= resume_step:
+            kept.append(line)
+    return kept
+
+
 class MetricsLog:
     def __init__(self, path: Path, resume_step: int = 0):
-        kept = []
-        if resume_step and path.is_file():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        kept = rows_to_keep(path, resume_step) if resume_step and path.is_file() else []
         self.f = open(path, "w", encoding="utf-8")
         self.f.writelines(line + "\n" for line in kept)
         self.kept = [json.loads(line) for line in kept]

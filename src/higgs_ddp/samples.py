@@ -76,17 +76,26 @@ class Generated:
 
 def check_prompts(cfg: Config) -> list[str]:
     """One line per problem with ``eval.prompts`` (unreadable reference audio, ...); [] when all is well."""
+    from .codec import CodecError, min_input_seconds
+
     problems = []
+    min_seconds = 0.0
+    if any(p.get("reference_audio") for p in cfg.eval.prompts):
+        try:  # from the codec's config: the codec itself loads at the first sample
+            min_seconds = min_input_seconds(cfg.data.codec, cfg.data.codec_revision)
+        except CodecError as e:
+            problems.append(f"eval.prompts: cannot tell the shortest reference the codec takes: {e}")
     for i, prompt in enumerate(cfg.eval.prompts):
         try:
-            _reference_wave(cfg, i, prompt)
+            _reference_wave(cfg, i, prompt, min_seconds)
         except ValueError as e:
             problems.append(str(e))
     return problems
 
 
-def _reference_wave(cfg: Config, i: int, prompt: dict):
-    """-> (mono float32 wave, sample rate) of the prompt's reference audio, or None without one."""
+def _reference_wave(cfg: Config, i: int, prompt: dict, min_seconds: float):
+    """-> (mono float32 wave, sample rate) of the prompt's reference audio, or None without one.
+    ``min_seconds``: the codec's shortest input (checked as training data is)."""
     key = f"eval.prompts[{i}]"
     ref = prompt.get("reference_audio")
     if not ref:
@@ -94,14 +103,14 @@ def _reference_wave(cfg: Config, i: int, prompt: dict):
             raise ValueError(f"{key} has a reference_text but no reference_audio")
         return None
     try:
-        wave, sr = read_audio(Path(ref), str(ref), cfg.data.max_audio_seconds)
+        wave, sr = read_audio(Path(ref), str(ref), cfg.data.max_audio_seconds, min_seconds)
     except AudioProblem as e:
         raise ValueError(f"{key}.reference_audio: {e}") from None
     return torch.from_numpy(wave), sr
 
 
 def _encode_reference(cfg: Config, i: int, prompt: dict, codec) -> Optional[torch.Tensor]:
-    got = _reference_wave(cfg, i, prompt)
+    got = _reference_wave(cfg, i, prompt, codec.min_seconds)
     if got is None:
         return None
     wave, sr = got

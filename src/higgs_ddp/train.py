@@ -31,17 +31,17 @@ def train(cfg: Config) -> dict:
     from tqdm import tqdm
 
     from higgs_ddp.checkpoint import remove_stale_temporaries, resume_point
-    from higgs_ddp.preemption import StopRequest, signal_name, write_status
+    from higgs_ddp.preemption import StopRequest, signal_name, write_failure, write_status
     from higgs_ddp.runlog import RunLog
     from higgs_ddp.trainer import Trainer, write_run_files
 
     env = setup_distributed()
-    log = batches = None
-    try:
-        with StopRequest() as stop:  # from here on SIGTERM / SIGUSR1 mean: finish the step, save, exit
+    log = batches = step = None  # step: the one a failure happened at (None: before the first)
+    with StopRequest() as stop:  # from here on SIGTERM / SIGUSR1 mean: finish the step, save, exit
+        try:
             trainer = Trainer(cfg, env)  # setup
             t = cfg.train
-            ckpt, note = resume_point(cfg.output_dir, t.resume)
+            ckpt, note = resume_point(cfg.output_dir, t.resume, env)
             start = trainer.resume(ckpt) if ckpt else 0
             if env.is_main:
                 remove_stale_temporaries(cfg.output_dir)
@@ -52,16 +52,24 @@ def train(cfg: Config) -> dict:
                     print(note, flush=True)
                 if ckpt:
                     epoch, offset = trainer.sampler.position(start)
-                    print(f"resuming from {ckpt} (step {start}; epoch {epoch}, {offset} steps into it)", flush=True)
+                    print(f"resuming from {ckpt} (step {start}; epoch {epoch}, {offset} micro-batches into it)",
+                          flush=True)
             log = RunLog(cfg.output_dir, start, cfg.logging.tensorboard) if env.is_main else None
             bar = tqdm(total=t.max_steps, initial=start, disable=not env.is_main, dynamic_ncols=True, desc="train")
             batches = trainer.batches()
-            last, val, signum, step, t_start = {}, {}, 0, start, time.perf_counter()
+            last, val, signum, t_start = {}, {}, 0, time.perf_counter()
+            done = saved = start  # steps trained; the last one with a checkpoint (start's was loaded, or none)
             for step in range(start + 1, t.max_steps + 1):  # train
                 t0 = time.perf_counter()
-                micro = [next(batches) for _ in range(t.grad_accum_steps)]
+                micro = next_micro_batches(batches, t.grad_accum_steps, stop)
+                # Every rank, every step, before the step's collectives: they all stop before the same step,
+                # a rank whose batches could not be fetched while it was stopping included.
+                signum = stop.agreed(env.device)
+                if signum:
+                    break
                 lr = trainer.optimizer.param_groups[0]["lr"]
                 r = trainer.train_step(micro)
+                done = step
                 dt = time.perf_counter() - t0
                 last = {"step": step, "loss": r.loss, "text_loss": r.text_loss, "audio_loss": r.audio_loss,
                         "per_codebook_loss": r.per_codebook_loss, "lr": lr, "grad_norm": r.grad_norm,
@@ -79,36 +87,62 @@ def train(cfg: Config) -> dict:
                                     **({"val": f"{val['loss']:.3f}"} if val else {}),
                                     lr=f"{lr:.2e}", tok_s=f"{r.tokens / dt:,.0f}")
                     bar.update(1)
-                signum = stop.agreed(env.device)  # every rank, every step: they stop after the same one
-                if signum or step == t.max_steps or (t.save_every and step % t.save_every == 0):
-                    saved = trainer.save_checkpoint(step)
-                    if env.is_main:
-                        tqdm.write(f"step {step}: checkpoint {saved}")
-                if signum:
-                    break
+                if t.save_every and step % t.save_every == 0 and step < t.max_steps:
+                    saved = save(trainer, step)
             bar.close()
-            batches.close()  # stop fetching before the final save
-            if signum:  # saved above, at the step it stopped after
+            # The workers end before the last save: a worker's death can no longer raise inside it.
+            batches.close()
+            if done > saved:  # the step the run stopped after, or the last one
+                saved = save(trainer, done)
+            if signum:
                 if env.is_main:
-                    write_status(cfg.output_dir, "stopped", step, signal=signal_name(signum))
-                    print(f"stopped by {signal_name(signum)} after step {step}; the checkpoint is saved. "
-                          f"Run the same command again to resume.", flush=True)
+                    write_status(cfg.output_dir, "stopped", done, signal=signal_name(signum))
+                    print(f"stopped by {signal_name(signum)} after step {done}; "
+                          + ("the checkpoint is saved. " if done else "nothing to save. ")
+                          + "Run the same command again to resume.", flush=True)
             else:
                 final = trainer.save_final()  # save
                 if env.is_main:
                     write_status(cfg.output_dir, "finished", t.max_steps)
-                    done = f"final loss {last['loss']:.4f}" if last else f"already finished at step {start}"
-                    print(f"done: {done}; weights in {final}", flush=True)
+                    done_note = f"final loss {last['loss']:.4f}" if last else f"already finished at step {start}"
+                    print(f"done: {done_note}; weights in {final}", flush=True)
             if env.is_main:
-                print(log.summary(step - start, time.perf_counter() - t_start, None if signum else final), flush=True)
+                print(log.summary(done - start, time.perf_counter() - t_start, None if signum else final), flush=True)
             barrier()  # tearing down gloo while a peer is still saving aborts that peer
             return last
-    finally:  # closed here on errors too: the process ends without interpreter finalization (exit_process)
-        if batches:
-            batches.close()
-        if log:
-            log.close()
-        cleanup()
+        except BaseException as e:  # a crash must not leave status.json saying "running"
+            if env.is_main:
+                write_failure(cfg.output_dir, step, failure_reason(e))
+            raise
+        finally:  # closed here on errors too: the process ends without interpreter finalization (exit_process)
+            # (inside StopRequest: the DataLoader's SIGCHLD handler it sets aside while stopping comes back
+            # only after the workers are gone)
+            if batches:
+                batches.close()
+            if log:
+                log.close()
+            cleanup()
+
+
+def next_micro_batches(batches, n: int, stop) -> list | None:
+    """The step's micro-batches; None when they could not be fetched while this rank is stopping (a
+    DataLoader worker died of the same signal, say): the ranks then stop before this step and save."""
+    try:
+        return [next(batches) for _ in range(n)]
+    except Exception as e:  # noqa: BLE001 - whatever it was, this step's batches will not be trained on
+        if not stop.signum:
+            raise
+        print(f"higgs-ddp: while stopping, this rank's next batches could not be fetched ({e}); "
+              f"stopping before that step", file=sys.stderr, flush=True)
+        return None
+
+
+def save(trainer, step: int) -> int:
+    path = trainer.save_checkpoint(step)
+    if trainer.env.is_main:
+        from tqdm import tqdm
+        tqdm.write(f"step {step}: checkpoint {path}")
+    return step
 
 
 def between_steps(trainer, log, step: int) -> dict:
@@ -146,6 +180,22 @@ def between_steps(trainer, log, step: int) -> dict:
     return val
 
 
+def user_errors() -> tuple:
+    """The errors that end a run with our one-line message; anything else is a bug (a traceback)."""
+    from higgs_ddp.runlog import RunLogError
+    from higgs_ddp.trainer import TrainingError
+
+    return ConfigError, DataError, AlignmentError, TrainingError, CodecError, CheckpointError, RunLogError
+
+
+def failure_reason(e: BaseException) -> str:
+    """One line: the message main prints for our errors, the exception's type and message for others."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted (SIGINT): a hard stop, nothing saved since the last checkpoint"
+    text = " ".join(str(e).split())
+    return text if isinstance(e, user_errors()) else ": ".join(filter(None, (type(e).__name__, text)))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file")
@@ -155,10 +205,16 @@ def main(argv=None) -> int:
 
     try:
         train(load_config(args.config, args.overrides))
-    except (ConfigError, DataError, AlignmentError, TrainingError, CodecError, CheckpointError) as e:
+    except user_errors() as e:
         if int(os.environ.get("RANK", 0)) == 0 or isinstance(e, TrainingError):
             print(f"higgs-ddp: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # SIGINT (Ctrl-C) is a hard stop, unlike SIGTERM / SIGUSR1 (preemption.py)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("higgs-ddp: error: interrupted (SIGINT): stopped at once, nothing saved since the last "
+                  "checkpoint; run the same command to resume from it (SIGTERM or SIGUSR1 finish the step and "
+                  "save first)", file=sys.stderr, flush=True)
+        return 130
     return 0
 
 

@@ -24,6 +24,7 @@ from .model import HiggsForward, build_for_training, load_tokenizer, unwrap
 from .optim import build_optimizer, build_scheduler
 from .parallel import build_strategy
 from .prefetch import Prefetcher
+from .preemption import leave_stop_signals_to_parent
 from .shards import gather_full
 from .perf import compile_decoder_layers, enable_activation_checkpointing, enable_tf32, text_head
 
@@ -91,6 +92,8 @@ class Trainer:
             # One iterator serves the whole run (the sampler never ends); persistent workers would only
             # outlive it, past Prefetcher.close, to an exit handler that distributed.exit_process skips.
             persistent_workers=False,
+            # Slurm's and torchrun's stop signals reach the workers too: the training process decides.
+            worker_init_fn=leave_stop_signals_to_parent,
             # Its own generator: starting an iterator draws a seed, and from the global generator that draw
             # would shift dropout after a resume.
             generator=torch.Generator().manual_seed(t.seed))
@@ -141,8 +144,8 @@ class Trainer:
         return fingerprint(self.data.train)
 
     def save_checkpoint(self, step: int) -> Path:
-        epoch, offset = self.sampler.position(step)
-        state = {"data": {**self.data_fingerprint, "epoch": epoch, "steps_into_epoch": offset},
+        epoch, micro = self.sampler.position(step)
+        state = {"data": {**self.data_fingerprint, "epoch": epoch, "micro_batches_into_epoch": micro},
                  "counters": {"bad_in_row": self.bad_in_row, "skipped_steps": self.skipped_steps,
                               "alignment": self.alignment, "verified": self.verified}}
         return save_checkpoint(self.cfg.output_dir, step, model=self.model, named_params=self.named_params,
@@ -155,16 +158,22 @@ class Trainer:
         check_resumable(path, self.cfg.to_dict(), self.data_fingerprint, self.env.world_size, t.resume_accept)
         state = load_checkpoint(path, model=self.model, named_params=self.named_params, optimizer=self.optimizer,
                                 scheduler=self.scheduler, env=self.env)
-        step = state["step"]
+        step, data = state["step"], state["data"]
+        if "micro_batches_into_epoch" in data:
+            self.sampler.resume_at(step, data["epoch"], data["micro_batches_into_epoch"])
+        else:  # saved before positions were kept in micro-batches: by step, right for the same layout
+            self.sampler.start_step = step
         if state["world_size"] != self.env.world_size and self.env.is_main:
-            print(f"resume: {state['world_size']} ranks saved this checkpoint, {self.env.world_size} run now; "
-                  f"their RNG states are not restored (accepted by train.resume_accept)", flush=True)
+            epoch, micro = self.sampler.position(step)
+            print(f"resume: {state['world_size']} ranks saved this checkpoint, {self.env.world_size} run now "
+                  f"(accepted by train.resume_accept): the data continues at the same micro-batch (epoch {epoch}, "
+                  f"micro-batch {micro}), nothing is replayed or skipped; their RNG states are not restored",
+                  flush=True)
         if step > t.max_steps:
             raise ConfigError(f"{path} is at step {step}, past train.max_steps={t.max_steps}")
         c = state["counters"]
         self.bad_in_row, self.skipped_steps = c["bad_in_row"], c["skipped_steps"]
         self.alignment, self.verified = c["alignment"], c["verified"]
-        self.sampler.start_step = step
         return step
 
     def run_card(self) -> str:
