@@ -80,18 +80,19 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, mode):
 def test_uneven_data_text_only_rank_and_audio_rank_under_fsdp(tmp_path):
     """Rank 0 holds only samples without audio out, rank 1 only TTS ones; FSDP's reduce-scatter needs the
     same gradient set on both. Validation runs too (a forward is a collective under FSDP)."""
-    from test_mixed_turns import mix_manifest
+    from test_mixed_turns import mix_manifest, mixed_val_manifest
 
     common = ("train.mode=full", "data.shuffle=false", "train.micro_batch_size=1", "train.max_steps=4",
-              "train.lr=5e-3", "train.warmup_steps=1", "eval.every=2", "data.num_workers=1")
+              "train.lr=5e-3", "train.warmup_steps=1", "data.num_workers=1")
 
     def config(name, *overrides):
         cfg = tiny_config(tmp_path / name, *common, *overrides, samples=7)
         data = tmp_path / name / "data"
         mix_manifest(data / "manifest.jsonl")
-        val = data / "val.jsonl"
-        val.write_text("".join((data / "manifest.jsonl").read_text().splitlines(True)[:5]))  # 3 + 2: uneven
+        val = mixed_val_manifest(data / "val", samples=3)
+        val.write_text("".join(val.read_text().splitlines(True)[:5]))  # 5 samples: 3 + 2 over the ranks
         cfg.data.val_manifest = [str(val)]
+        cfg.eval.every = 2  # set with the validation set it needs
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg.to_dict()))
         return path

@@ -41,6 +41,18 @@ def mix_manifest(manifest, kinds=("text", "audio_in")) -> list[str]:
     return kinds_written
 
 
+def mixed_val_manifest(folder, samples: int):
+    """A validation set of its own (other clips, other ids: validation may not share training's), mixed
+    like the training set: 2 * samples lines."""
+    from higgs_ddp.demo_data import write_demo_corpus
+
+    manifest = write_demo_corpus(folder, samples=samples, seed=1, with_reference_every=0)
+    mix_manifest(manifest)
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    manifest.write_text("".join(json.dumps({**rec, "id": f"val-{rec['id']}"}) + "\n" for rec in lines))
+    return manifest
+
+
 def trainer_on_mixed_data(tmp_path, mode, *overrides):
     from higgs_ddp.distributed import DistEnv
     from higgs_ddp.trainer import Trainer
@@ -104,15 +116,15 @@ def test_text_only_rank_and_audio_rank_equal_one_process(tmp_path):
     checksum proves the ranks' weights identical; they equal 1 process with the same global batch."""
     common = ("train.mode=full", "data.shuffle=false", "train.micro_batch_size=1", "train.max_steps=4",
               "train.lr=5e-3", "train.warmup_steps=1", "train.save_every=2", "data.num_workers=1",
-              "eval.every=2", "eval.max_batches=0")
+              "eval.max_batches=0")
 
     def config(name, *overrides):
         cfg = tiny_config(tmp_path / name, *common, *overrides, samples=6)
         data = tmp_path / name / "data"
         mix_manifest(data / "manifest.jsonl")
-        val = data / "val.jsonl"
-        val.write_text((data / "manifest.jsonl").read_text())
+        val = mixed_val_manifest(data / "val", samples=6)
         cfg.data.val_manifest = [str(val)]
+        cfg.eval.every = 2  # set with the validation set it needs
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg.to_dict()))
         return path
