@@ -75,6 +75,33 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, mode):
         halves = [load_file(str(s))[key] for s in shards]
         assert [h.shape[0] for h in halves] == [64, 64]
         torch.testing.assert_close(torch.cat(halves), weights(run, mode)[key])
+    assert_same_exports(run / "checkpoints" / "step_000003", base / "checkpoints" / "step_000003", tmp_path, mode)
+
+
+def assert_same_exports(sharded, replicated, tmp_path, mode):
+    """Export from the fsdp checkpoint writes the files export writes from the other: the adapter (or the
+    trainable tensors) as they are, and the merged model."""
+    from higgs_ddp.export import export
+
+    for merge in (False, True):
+        a, b = (tmp_path / f"export-{name}-{merge}" for name in ("fsdp", "ref"))
+        export(sharded, a, merge=merge)
+        export(replicated, b, merge=merge)
+        files = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
+        assert files == sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
+        tensors = [f for f in files if f.endswith(".safetensors")]
+        assert tensors, files
+        for f in tensors:
+            x, y = load_file(str(a / f)), load_file(str(b / f))
+            assert x.keys() == y.keys(), f
+            for k in x:
+                torch.testing.assert_close(x[k], y[k], rtol=1e-3, atol=1e-4, msg=f"{f}: {k}")
+        if not merge and mode == "lora":
+            assert (a / "README.md").read_text() == (b / "README.md").read_text()
+            # peft keeps target_modules as a set: its order in the file differs between processes
+            x, y = (json.loads((d / "adapter_config.json").read_text()) for d in (a, b))
+            assert {**x, "target_modules": sorted(x["target_modules"])} == \
+                {**y, "target_modules": sorted(y["target_modules"])}
 
 
 def test_uneven_data_text_only_rank_and_audio_rank_under_fsdp(tmp_path):

@@ -212,6 +212,9 @@ def save_checkpoint(output_dir, step: int, *, model, named_params: list, optimiz
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / SHARD_DIR if sharded else tmp).mkdir(parents=True)
+            if sharded and hasattr(model, "peft_config"):  # peft's adapter files, less the tensors (in shards/)
+                model.save_pretrained(str(tmp / "adapter"), safe_serialization=True, state_dict={})
+                (tmp / "adapter" / "adapter_model.safetensors").unlink()
         except OSError as e:
             error = f"could not write checkpoint {final}: {e}"
     _agree(error, env, f"checkpoint {final}")

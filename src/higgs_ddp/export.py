@@ -13,6 +13,7 @@ loaded (every tensor must find its parameter) and merged, and OUT becomes a fold
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -146,15 +147,47 @@ def output_dtype(cfg: Config, tokenizer, choice: str) -> torch.dtype:
 
 def export(ckpt: Path, out: Path, merge: bool = False, dtype: str = "auto") -> str:
     """Writes OUT (all or nothing) and returns the one-line summary."""
-    from .model import load_tokenizer
-
     ckpt = resolve_checkpoint(ckpt)
-    cfg = read_checkpoint(ckpt)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"output {out} already exists and is not an empty folder")
-    step = _step(ckpt)
+    with unsharded(ckpt, out) as view:  # an fsdp checkpoint's rows, assembled: the same files as a ddp one's
+        return _export(ckpt, view, out, merge, dtype)
+
+
+@contextlib.contextmanager
+def unsharded(ckpt: Path, out: Path):
+    """``ckpt`` itself, or (written by fsdp: each rank's rows in shards/) a temporary folder holding its
+    trainable weights whole in the replicated layout, removed afterwards."""
+    from .checkpoint import CheckpointError, read_state
+    from .shards import consolidate
+
+    try:
+        state = read_state(ckpt)
+    except CheckpointError:
+        state = {}  # a final/ folder, or checked by read_checkpoint below
+    if not state.get("sharding"):
+        yield ckpt
+        return
+    tmp = out.parent / f".{out.name}.unsharded-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        try:
+            consolidate(ckpt, state, tmp)
+        except Exception as e:  # safetensors' own error type: a truncated shard
+            raise ExportError(f"cannot read the shards of {ckpt}: {' '.join(str(e).split())}") from None
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _export(source: Path, ckpt: Path, out: Path, merge: bool, dtype: str) -> str:
+    """``ckpt``: the folder the weights are read from (``source`` or its unsharded view)."""
+    from .model import load_tokenizer
+
+    cfg = read_checkpoint(ckpt)
+    step = _step(source)
     m = cfg.model
-    info = {"checkpoint": str(ckpt.resolve()), "step": step,
+    info = {"checkpoint": str(source.resolve()), "step": step,
             "mode": cfg.train.mode, "merged": merge,
             "base_model": ({"path": m.path, "revision": m.revision} if m.init == "pretrained"
                            else "random init"),

@@ -135,3 +135,25 @@ class SavedTensors:
         if not parts:
             return self.files[0].get_slice(key)[0:0]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def consolidate(ckpt: Path, state: dict, dest: Path) -> None:
+    """Write a sharded checkpoint's trainable weights whole into ``dest`` in the replicated layout (PEFT
+    ``adapter/`` when the run trained LoRA, else ``trainable.safetensors``), with its config.yaml: what
+    export reads. One tensor is assembled at a time; the file is written once all are."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    saved = SavedTensors(ckpt, state)
+    weights = sorted(k for k in saved.keys() if "::" not in k)
+    adapter = (Path(ckpt) / "adapter").is_dir()  # rank 0 writes the PEFT adapter_config.json there
+    tensors = {(adapter_key(k) if adapter else k): saved.read(k, 0, (saved.shape(k) or [0])[0]).contiguous()
+               for k in weights}
+    dest.mkdir(parents=True, exist_ok=True)
+    if adapter:
+        shutil.copytree(Path(ckpt) / "adapter", dest / "adapter")
+        save_file(tensors, str(dest / "adapter" / "adapter_model.safetensors"))
+    else:
+        save_file(tensors, str(dest / "trainable.safetensors"))
+    shutil.copy2(Path(ckpt) / "config.yaml", dest / "config.yaml")
