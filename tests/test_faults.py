@@ -330,6 +330,48 @@ def test_sigkill_under_max_restarts_resumes_from_last_checkpoint(tmp_path, unint
     assert_same_user_path_outputs(run, uninterrupted_user_path)
 
 
+FSDP = ("train.parallel=fsdp", "data.num_workers=1")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_fsdp(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uninterrupted_fsdp")
+    proc = torchrun(2, "--config", write_config(tmp, "ref", *FSDP))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "ref" / "run"
+
+
+@pytest.mark.parametrize("fault", ["sigterm-step", "sigkill-max-restarts"])
+def test_fsdp_stop_and_restart_resume_exactly(tmp_path, uninterrupted_fsdp, fault):
+    """Under train.parallel=fsdp (sharded checkpoints, each rank writing its rows): SIGTERM to every process
+    of the step saves and the same command resumes; a rank SIGKILLed under --max-restarts restarts from the
+    last checkpoint. Both end bit-identical to the uninterrupted fsdp run."""
+    config = write_config(tmp_path, "run", *FSDP)
+    run = tmp_path / "run" / "run"
+    if fault == "sigterm-step":
+        proc = start_step(config)
+        wait_for(lambda: logged_steps(run) >= 5, "training to start")
+        signal_the_step(proc, "step", signal.SIGTERM, num_workers=1)
+        out, _ = proc.communicate(timeout=120)
+        status = json.loads((run / "status.json").read_text())
+        assert status["state"] == "stopped", out[-3000:]
+        saved = run / "checkpoints" / f"step_{status['step']:06d}"
+        assert (saved / "shards").is_dir()
+        again = torchrun(2, "--config", config)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert f"resuming from {saved}" in again.stdout
+    else:
+        proc = start_step(config, launcher=("--max-restarts=1",))
+        wait_for(lambda: (run / "checkpoints" / "step_000008").is_dir(), "the second checkpoint")
+        os.kill(workers(proc.pid)[1], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-4000:]
+        assert len([line for line in out.splitlines() if line.startswith("resuming from")]) == 1, out[-4000:]
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert_same_weights(final_weights(run), final_weights(uninterrupted_fsdp))
+    assert rows(run) == rows(uninterrupted_fsdp)
+
+
 def test_a_batch_that_cannot_be_fetched_while_stopping_stops_the_run_before_its_step():
     """train.py's fetch: while this rank is stopping anyway, a loader error (a dead worker) means "stop before
     this step", agreed with the other ranks before any of the step's collectives; otherwise it is raised."""
