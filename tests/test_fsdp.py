@@ -60,12 +60,14 @@ def assert_same_run(run, ref, mode):
     assert [x["grad_norm"] for x in m] == pytest.approx([x["grad_norm"] for x in mr], rel=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
-def test_fsdp_two_ranks_equal_one_process(tmp_path, mode):
-    fsdp = write(tmp_path, "fsdp", f"train.mode={mode}", *COMMON, "train.parallel=fsdp")
-    ref = write(tmp_path, "ref", f"train.mode={mode}", *COMMON)
+@pytest.mark.parametrize("mode,extra", [("lora", ()), ("full", ()), ("audio_ffn", ("data.max_tokens_per_batch=400",))],
+                         ids=["lora", "full", "audio_ffn-token-budget"])
+def test_fsdp_two_ranks_equal_one_process(tmp_path, mode, extra):
+    fsdp = write(tmp_path, "fsdp", f"train.mode={mode}", *COMMON, *extra, "train.parallel=fsdp")
+    ref = write(tmp_path, "ref", f"train.mode={mode}", *COMMON, *extra)
     run2(fsdp)
-    in_process(ref, "train.micro_batch_size=2")  # the same 4 samples per step in 2 micro-steps of 2
+    # The same micro-batches per step: 4 samples in 2 micro-steps of 2, or 4 token-budget micro-batches.
+    in_process(ref, "train.grad_accum_steps=4" if extra else "train.micro_batch_size=2")
     run, base = tmp_path / "fsdp" / "run", tmp_path / "ref" / "run"
     assert_same_run(run, base, mode)
     shards = sorted((run / "checkpoints" / "step_000003" / "shards").iterdir())
