@@ -310,6 +310,17 @@ def test_flash_attention_and_bf16_are_checked_against_the_machine():
     with pytest.raises(ConfigError, match="train.precision=bf16 needs a GPU"):
         check_machine(load_config(None, ["model.path=x", "train.precision=bf16"]), "cpu")
     check_machine(load_config(None, ["model.path=x"]), "cpu")  # auto: fp32 on CPU
+    offload = load_config(None, ["model.path=x", "train.parallel=fsdp", "train.fsdp.cpu_offload=true"])
+    with pytest.raises(ConfigError, match="train.fsdp.cpu_offload=true needs GPUs"):
+        check_machine(offload, "cpu")
+    check_machine(offload, "cuda")
+
+
+def test_fsdp_settings_are_checked():
+    with pytest.raises(ConfigError, match="'train.fsdp.mixed_precision' must be one of"):
+        load_config(None, ["model.path=x", "train.fsdp.mixed_precision=fp16"])
+    with pytest.raises(ConfigError, match="train.find_unused_parameters is a DDP setting"):
+        load_config(None, ["model.path=x", "train.parallel=fsdp", "train.find_unused_parameters=true"])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed")

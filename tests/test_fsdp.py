@@ -188,6 +188,20 @@ def test_activation_checkpointing_under_fsdp_trains_the_audio_path(tmp_path):
     assert moved, "audio_mlp did not train with activation checkpointing under fsdp"
 
 
+def test_bf16_mixed_precision_policy_trains_close_to_fp32(tmp_path):
+    """train.fsdp.mixed_precision=bf16: weights gathered in bf16 (8 significant bits), gradients reduced in
+    fp32. The losses of 3 steps stay within 2 % of the fp32 run (measured: ~0.1 %); the trainable weights
+    stay fp32."""
+    path = write(tmp_path, "bf16", "train.mode=full", *COMMON, "train.parallel=fsdp", "train.fsdp.mixed_precision=bf16")
+    ref = write(tmp_path, "ref", "train.mode=full", *COMMON)
+    run2(path)
+    in_process(ref, "train.micro_batch_size=2")
+    m, r = (read_metrics(tmp_path / n / "run") for n in ("bf16", "ref"))
+    assert [x["loss"] for x in m] == pytest.approx([x["loss"] for x in r], rel=2e-2)
+    assert [x["loss"] for x in m] != [x["loss"] for x in r]  # the policy was in effect
+    assert all(t.dtype == torch.float32 for t in weights(tmp_path / "bf16" / "run", "full").values())
+
+
 def test_negative_control_fsdp_gradient_averaging_left_in_place_changes_the_update(tmp_path):
     """The worker runs one fsdp step with grad_scale=1 (FSDP's own mean over ranks not undone): its gradient
     norm is half the correct one, so the normalisation test above would fail."""

@@ -400,6 +400,9 @@ def check_machine(cfg: Config, device: str) -> None:
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device == "cuda")
     if bf16 and device != "cuda":
         raise ConfigError("train.precision=bf16 needs a GPU; use auto or fp32 on CPU")
+    if cfg.train.parallel == "fsdp" and cfg.train.fsdp.cpu_offload and device != "cuda":
+        raise ConfigError("train.fsdp.cpu_offload=true needs GPUs (it moves the shards from GPU to host memory); "
+                          "on CPU they are in host memory already: set it to false")
     if cfg.model.attn_implementation == "flash_attention_2":
         if importlib.util.find_spec("flash_attn") is None:
             raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package, which is "
