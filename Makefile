@@ -30,19 +30,19 @@ install-offline:  ## on such a GPU machine: .venv from wheels/ over its own torc
 	PYTHON=$(PYTHON) launch/install_offline.sh $(WHEELS)
 
 demo: install  ## tiny random HiggsAudioModel, 2 CPU processes: synthetic WAVs -> tiny codec -> training
-	$(PY) -m higgs_ddp.demo_data runs/tiny/data
+	$(VENV)/bin/higgs-ddp demo-data runs/tiny/data
 	rm -rf runs/tiny/checkpoints runs/tiny/tensorboard runs/tiny/samples  # a demo starts over; a real run resumes
-	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 src/higgs_ddp/train.py --config configs/tiny.yaml $(ARGS)
-	$(PY) -m higgs_ddp.plot runs/tiny
+	$(VENV)/bin/higgs-ddp train --nproc-per-node 2 --config configs/tiny.yaml $(ARGS)
+	$(VENV)/bin/higgs-ddp plot runs/tiny
 
 prepare: install  ## make prepare GPUS=8 CONFIG=...: encode the audio into the code cache (training does it too)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node $(GPUS) -m higgs_ddp.prepare --config $(CONFIG) $(ARGS)
+	$(VENV)/bin/higgs-ddp prepare --nproc-per-node $(GPUS) --config $(CONFIG) $(ARGS)
 
 train: install  ## make train GPUS=8 CONFIG=configs/higgs_v2_3b_lora.yaml ARGS="train.lr=1e-4" [RESTARTS=3]
-	$(VENV)/bin/torchrun --standalone --nproc_per_node $(GPUS) --max-restarts $(RESTARTS) src/higgs_ddp/train.py --config $(CONFIG) $(ARGS)
+	$(VENV)/bin/higgs-ddp train --nproc-per-node $(GPUS) --max-restarts $(RESTARTS) --config $(CONFIG) $(ARGS)
 
 bench: install  ## make bench [BENCH_CONFIG=configs/bench_3b.yaml] [ARGS="bench.seq_len=4096"]: last line is JSON
-	$(PY) -m higgs_ddp.bench --config $(BENCH_CONFIG) $(ARGS)
+	$(VENV)/bin/higgs-ddp bench --config $(BENCH_CONFIG) $(ARGS)
 
 test: install
 	$(PY) -m pytest tests

@@ -24,4 +24,5 @@ setup(
         "tensorboard",  # logging.tensorboard
     ],
     extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": ["higgs-ddp = higgs_ddp.cli:console"]},
 )

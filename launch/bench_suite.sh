@@ -10,7 +10,7 @@ mkdir -p "$out"
 
 run() {  # run CONFIG [overrides...]
     echo "== bench $*" >&2
-    "$py" -m higgs_ddp.bench --config "$@" | tee -a "$out/log.txt" | tail -n 1 >> "$out/results.jsonl"
+    "$py" -m higgs_ddp bench --config "$@" | tee -a "$out/log.txt" | tail -n 1 >> "$out/results.jsonl"
 }
 
 case $suite in
@@ -35,4 +35,4 @@ cpu)
     ;;
 *) echo "bench_suite: unknown suite $suite (gpu or cpu)" >&2; exit 2 ;;
 esac
-"$py" -m higgs_ddp.bench --table "$out/results.jsonl"
+"$py" -m higgs_ddp bench --table "$out/results.jsonl"

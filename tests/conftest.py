@@ -20,7 +20,7 @@ QUIET = ("data.val_fraction=0", "eval.every=0", "eval.prompts=[]", "logging.tens
 def tiny_config(tmp_path, *overrides, samples=16, audio=False):
     """configs/tiny.yaml on a fresh synthetic corpus: .npy codes, or WAV files (audio=True) for the codec."""
     from higgs_ddp.config import load_config
-    from higgs_ddp.demo_data import write_demo_corpus
+    from higgs_ddp.tools.demo_data import write_demo_corpus
 
     manifest = write_demo_corpus(tmp_path / "data", samples=samples, audio=audio)
     return load_config(str(TINY), [f"output_dir={tmp_path / 'run'}", f"data.manifest={manifest}",
@@ -29,7 +29,7 @@ def tiny_config(tmp_path, *overrides, samples=16, audio=False):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from higgs_ddp.tiny_tokenizer import build_tiny_tokenizer
+    from higgs_ddp.data.tiny_tokenizer import build_tiny_tokenizer
 
     return build_tiny_tokenizer()
 

@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 
 from higgs_ddp.config import load_config
-from higgs_ddp.distributed import barrier, cleanup, exit_process, setup_distributed
-from higgs_ddp.shards import local_part
-from higgs_ddp.trainer import Trainer
+from higgs_ddp.runtime.distributed import barrier, cleanup, exit_process, setup_distributed
+from higgs_ddp.training.shards import local_part
+from higgs_ddp.training.trainer import Trainer
 
 
 def main():
@@ -48,7 +48,7 @@ def main():
     dist.all_gather_object(data, seen)
     error = ""
     if "checkpoint" in flags:
-        from higgs_ddp.checkpoint import CheckpointError
+        from higgs_ddp.training.checkpoint import CheckpointError
         try:
             trainer.save_checkpoint(1)
         except CheckpointError as e:

@@ -13,13 +13,14 @@ import soundfile as sf
 import torch
 
 from conftest import QUIET, TINY
-from higgs_ddp import code_cache, prepare
-from higgs_ddp.codec import build_tiny_tokenizer_model, codec_identity, load_codec
-from higgs_ddp.collator import HiggsCollator
+from higgs_ddp.data import code_cache
+from higgs_ddp.data import prepare
+from higgs_ddp.data.codec import build_tiny_tokenizer_model, codec_identity, load_codec
+from higgs_ddp.data.collator import HiggsCollator
 from higgs_ddp.config import load_config
-from higgs_ddp.data import DataError, ManifestDataset, load_data
-from higgs_ddp.demo_data import text_to_wave
-from higgs_ddp.distributed import DistEnv
+from higgs_ddp.data.dataset import DataError, ManifestDataset, load_data
+from higgs_ddp.tools.demo_data import text_to_wave
+from higgs_ddp.runtime.distributed import DistEnv
 from higgs_ddp.model import model_config
 
 SR = 8000  # the tiny codec's rate
@@ -160,7 +161,7 @@ def test_encoded_codes_outside_the_model_codebook_are_a_config_error(tmp_path, t
 
 
 def test_the_shortest_clip_is_computed_from_the_codec_layers_and_exact(codec, tmp_path):
-    from higgs_ddp.codec import min_input_seconds, save_tiny_codec_folder
+    from higgs_ddp.data.codec import min_input_seconds, save_tiny_codec_folder
 
     n = codec.min_samples  # from the loaded encoder's convolutions
     assert n == 312  # hop 320: (8, 5, 4, 2) strided convolutions with kernels 16, 10, 8, 4
@@ -228,7 +229,7 @@ def test_codes_are_the_codecs_and_the_cache_is_incremental(tmp_path, tokenizer, 
 
 
 def _refs(tmp_path, m):
-    from higgs_ddp.manifest import read_manifest
+    from higgs_ddp.data.manifest import read_manifest
 
     entries, problems = read_manifest(str(m))
     assert not problems
@@ -288,7 +289,7 @@ def test_reference_audio_is_placed_as_the_inference_engine_places_it(tmp_path, t
     from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
     from types import SimpleNamespace
     from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
-    from higgs_ddp.prompt import build_chatml
+    from higgs_ddp.data.prompt import build_chatml
 
     base = tmp_path / "ds"
     base.mkdir()
@@ -384,7 +385,7 @@ def test_the_real_codec_loader_offline(tmp_path, monkeypatch, codec):
     import huggingface_hub.constants
     from boson_multimodal.audio_processing.higgs_audio_tokenizer import load_higgs_audio_tokenizer
 
-    from higgs_ddp.codec import Codec, CodecError, _tiny_semantic_teacher, save_tiny_codec_folder
+    from higgs_ddp.data.codec import Codec, CodecError, _tiny_semantic_teacher, save_tiny_codec_folder
 
     folder = save_tiny_codec_folder(tmp_path / "codec")
     with _tiny_semantic_teacher():
@@ -402,7 +403,8 @@ def test_the_real_codec_loader_offline(tmp_path, monkeypatch, codec):
 
 @pytest.mark.slow
 def test_two_ranks_share_the_encoding_and_agree_with_one(tmp_path):
-    """torchrun -m higgs_ddp.prepare: each rank encodes a share, into its own shards; same codes as 1 process."""
+    """higgs-ddp prepare --nproc-per-node 2 (torchrun under the hood): each rank encodes a share, into its own
+    shards; same codes as 1 process."""
     import os
     import subprocess
     import sys
@@ -412,10 +414,9 @@ def test_two_ranks_share_the_encoding_and_agree_with_one(tmp_path):
     base = tmp_path / "ds"
     m = _corpus(base, n=8)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    args = ["-m", "higgs_ddp.prepare", "--config", str(TINY), f"data.manifest={m}", f"output_dir={tmp_path / 'run'}",
+    args = ["-m", "higgs_ddp", "prepare", "--nproc-per-node", "2", "--config", str(TINY), f"data.manifest={m}", f"output_dir={tmp_path / 'run'}",
             f"data.cache_dir={tmp_path / 'two'}", "data.num_workers=1"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           *args], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "8 audio files (8 distinct): 0 cached, 8 encoded, 0 with problems" in proc.stdout
     shards = list((tmp_path / "two").glob("*/part-*.safetensors"))
@@ -428,7 +429,7 @@ def test_two_ranks_share_the_encoding_and_agree_with_one(tmp_path):
         assert np.array_equal(two.codes[path], codes)
 
     bad = write_manifest(base, [{"text": "x", "audio": "missing.wav"}], "bad.jsonl")
-    proc = subprocess.run([sys.executable, "-m", "higgs_ddp.prepare", "--config", str(TINY), f"data.manifest={bad}",
+    proc = subprocess.run([sys.executable, "-m", "higgs_ddp", "prepare", "--config", str(TINY), f"data.manifest={bad}",
                            f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'two'}"],
                           capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 2 and f"{bad}:1: audio missing.wav not found" in proc.stderr
@@ -439,7 +440,7 @@ def test_unreachable_codec_is_one_line_from_the_cli(tmp_path, monkeypatch, capsy
     import huggingface_hub.constants
 
     from conftest import tiny_config
-    from higgs_ddp.prepare import main
+    from higgs_ddp.data.prepare import main
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     cfg = tiny_config(tmp_path, samples=4, audio=True)

@@ -7,8 +7,8 @@ import itertools
 
 import pytest
 
-from higgs_ddp.batching import BatchingError, StepBatchSampler, TokenBudgetBatchSampler
-from higgs_ddp.data import DataError
+from higgs_ddp.data.batching import BatchingError, StepBatchSampler, TokenBudgetBatchSampler
+from higgs_ddp.data.dataset import DataError
 
 # ------------------------------------------------------------------------------------------- sampler
 

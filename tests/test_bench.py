@@ -11,16 +11,16 @@ import torch
 
 from conftest import ROOT, TORCHRUN_ENV, tiny_config
 from higgs_ddp.config import load_config
-from higgs_ddp.distributed import DistEnv
-from higgs_ddp.flops import step_flops, weight_costs
-from higgs_ddp.memtrack import LiveTensorBytes
+from higgs_ddp.runtime.distributed import DistEnv
+from higgs_ddp.tools.bench.flops import step_flops, weight_costs
+from higgs_ddp.tools.bench.memtrack import LiveTensorBytes
 
 FIELDS = {"tokens_per_s", "step_time_s", "peak_memory_bytes", "flops_per_token", "mfu", "overhead",
           "data_rate_ratio", "peer_ratio", "peer"}
 
 
 def test_bench_prints_one_json_line_with_every_field():
-    cmd = [sys.executable, "-m", "higgs_ddp.bench", "--config", "configs/bench_tiny.yaml", "bench.seq_len=256",
+    cmd = [sys.executable, "-m", "higgs_ddp", "bench", "--config", "configs/bench_tiny.yaml", "bench.seq_len=256",
            "bench.samples=16", "bench.warmup_steps=1", "bench.steps=2", "train.micro_batch_size=2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=TORCHRUN_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -35,7 +35,7 @@ def test_bench_prints_one_json_line_with_every_field():
 
 
 def test_bench_config_error_is_one_line():
-    proc = subprocess.run([sys.executable, "-m", "higgs_ddp.bench", "--config", "configs/bench_tiny.yaml",
+    proc = subprocess.run([sys.executable, "-m", "higgs_ddp", "bench", "--config", "configs/bench_tiny.yaml",
                            "bench.sequence=3"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "bench.sequence" in proc.stderr
@@ -43,7 +43,7 @@ def test_bench_config_error_is_one_line():
 
 def test_flops_of_the_3b_architecture_match_the_formula_by_hand():
     from higgs_ddp.model import load_tokenizer, model_config
-    from higgs_ddp.collator import Batch
+    from higgs_ddp.data.collator import Batch
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
     from peft import LoraConfig, get_peft_model
 
@@ -87,7 +87,7 @@ def test_live_tensor_bytes_counts_what_is_alive_at_once():
 
 
 def step_peak(tmp_path, name, *overrides) -> int:
-    from higgs_ddp.trainer import Trainer
+    from higgs_ddp.training.trainer import Trainer
 
     cfg = tiny_config(tmp_path / name, "train.micro_batch_size=4", "model.config.text_config.vocab_size=32000",
                       "model.config.text_config.hidden_size=128", "model.config.text_config.num_hidden_layers=4",

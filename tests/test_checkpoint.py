@@ -17,8 +17,8 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import read_metrics, tiny_config
-from higgs_ddp import checkpoint as ckpt
-from higgs_ddp.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
+from higgs_ddp.training import checkpoint as ckpt
+from higgs_ddp.training.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
 from higgs_ddp.config import ConfigError
 from higgs_ddp.train import train
 

@@ -9,8 +9,8 @@ from boson_multimodal.data_types import AudioContent, ChatMLSample, Message
 from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample, prepare_chatml_sample
 from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
 
-from higgs_ddp.collator import Batch, HiggsCollator
-from higgs_ddp.prompt import Sample, tokenize_sample
+from higgs_ddp.data.collator import Batch, HiggsCollator
+from higgs_ddp.data.prompt import Sample, tokenize_sample
 
 C, CB = 4, 64
 

@@ -1,4 +1,4 @@
-"""Manifests of codes (.npy) through higgs_ddp.data: every bad line reported as file:line, the error /
+"""Manifests of codes (.npy) through higgs_ddp.data.dataset: every bad line reported as file:line, the error /
 skip policy and its report, several manifests, the validation split, and ChatML lines."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from higgs_ddp.config import load_config
-from higgs_ddp.data import DataError, Record, load_data
-from higgs_ddp.distributed import DistEnv
+from higgs_ddp.data.dataset import DataError, Record, load_data
+from higgs_ddp.runtime.distributed import DistEnv
 from higgs_ddp.model import model_config
 
 from conftest import QUIET, TINY

@@ -54,7 +54,7 @@ def test_workers_exit_with_their_code_and_flushed_output(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(
         "import sys, torch\n"
-        "from higgs_ddp.distributed import all_reduce_sum, cleanup, exit_process, setup_distributed\n"
+        "from higgs_ddp.runtime.distributed import all_reduce_sum, cleanup, exit_process, setup_distributed\n"
         "env = setup_distributed()\n"
         "total = int(all_reduce_sum(torch.ones(1)))\n"
         "print(f'rank {env.rank} of {total}')\n"

@@ -1,4 +1,4 @@
-"""Tests for higgs_ddp.doctor: real checks on this machine, and each failure it must name with its fix.
+"""Tests for higgs_ddp.tools.doctor: real checks on this machine, and each failure it must name with its fix.
 
 The doctor runs in-process through ``main(argv)``; its output is checked line by line (every line is one
 status line, a FAIL never spans lines). Hub checks run against a throwaway HF cache with HF_HUB_OFFLINE=1,
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from higgs_ddp import doctor
+from higgs_ddp.tools import doctor
 from higgs_ddp.config import OFFICIAL_CODEC, OFFICIAL_REPO, OFFICIAL_REVISION, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +130,7 @@ def test_environment_only_without_a_config(capsys):
 
 
 def test_cli_exits_1_on_a_fail_without_traceback():
-    r = subprocess.run([sys.executable, "-m", "higgs_ddp.doctor", "--config", str(TINY), "train.lrr=1"],
+    r = subprocess.run([sys.executable, "-m", "higgs_ddp", "doctor", "--config", str(TINY), "train.lrr=1"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 1
     assert "Traceback" not in r.stderr + r.stdout

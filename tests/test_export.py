@@ -1,4 +1,4 @@
-"""higgs_ddp.export: a merged folder computes exactly what base + trained weights compute, loads with
+"""higgs_ddp.tools.export: a merged folder computes exactly what base + trained weights compute, loads with
 HiggsAudioModel.from_pretrained and the inference engine, and every bad input is one line and exit code 2."""
 
 import json
@@ -12,10 +12,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, tiny_config
-from higgs_ddp.collator import HiggsCollator
-from higgs_ddp.export import main
+from higgs_ddp.data.collator import HiggsCollator
+from higgs_ddp.tools.export import main
 from higgs_ddp.model import HiggsForward, apply_training_mode, build_model, load_tokenizer
-from higgs_ddp.prompt import tokenize_sample
+from higgs_ddp.data.prompt import tokenize_sample
 
 
 def make_checkpoint(tmp_path, mode="lora", *overrides):
@@ -143,8 +143,8 @@ def test_merged_folder_serves_with_the_inference_engine(tmp_path):
     """boson_multimodal's HiggsAudioServeEngine on CPU: model + tokenizer from OUT, the tiny codec folder."""
     from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
 
-    from higgs_ddp.codec import _tiny_semantic_teacher, save_tiny_codec_folder
-    from higgs_ddp.prompt import build_chatml
+    from higgs_ddp.data.codec import _tiny_semantic_teacher, save_tiny_codec_folder
+    from higgs_ddp.data.prompt import build_chatml
 
     _, _, _, ckpt = make_checkpoint(tmp_path)
     out = tmp_path / "merged"
@@ -160,7 +160,7 @@ def test_merged_folder_serves_with_the_inference_engine(tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "higgs_ddp.export", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "higgs_ddp", "export", *map(str, args)], capture_output=True,
                           text=True, cwd=ROOT, timeout=120)
 
 
@@ -250,8 +250,8 @@ def test_every_text_token_the_exported_model_can_sample_is_in_its_tokenizer(tmp_
     tokenizer both have 128,256. Steered to the head's last id, generation at temperature 0.7 must go on."""
     from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
 
-    from higgs_ddp.codec import _tiny_semantic_teacher, save_tiny_codec_folder
-    from higgs_ddp.prompt import build_chatml
+    from higgs_ddp.data.codec import _tiny_semantic_teacher, save_tiny_codec_folder
+    from higgs_ddp.data.prompt import build_chatml
 
     _, _, _, ckpt = make_checkpoint(tmp_path)
     out = tmp_path / "merged"
@@ -288,7 +288,7 @@ def test_every_text_token_the_exported_model_can_sample_is_in_its_tokenizer(tmp_
 
 def test_a_model_whose_text_vocabulary_is_not_the_tokenizers_is_refused(tmp_path):
     from higgs_ddp.config import ConfigError
-    from higgs_ddp.tiny_tokenizer import build_tiny_tokenizer
+    from higgs_ddp.data.tiny_tokenizer import build_tiny_tokenizer
 
     cfg = tiny_config(tmp_path, samples=2)
     with pytest.raises(ConfigError, match="text vocabulary of 272 tokens but the tokenizer has 270"):

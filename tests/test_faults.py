@@ -137,7 +137,7 @@ def worker_survives_stop_signals(worker_init_fn) -> bool:
 
 
 def test_dataloader_workers_leave_stop_signals_to_the_training_process():
-    from higgs_ddp.preemption import leave_stop_signals_to_parent
+    from higgs_ddp.training.preemption import leave_stop_signals_to_parent
 
     assert worker_survives_stop_signals(leave_stop_signals_to_parent)
     # The negative control: torch's own worker dies of the same signals, and the SIGCHLD handler it sets
@@ -153,7 +153,7 @@ def test_a_worker_that_dies_while_stopping_is_left_to_the_next_fetch():
 
     from torch.utils.data import DataLoader
 
-    from higgs_ddp.preemption import StopRequest
+    from higgs_ddp.training.preemption import StopRequest
 
     def kill_the_worker(stopping: bool) -> None:
         before = set(multiprocessing.active_children())
@@ -375,7 +375,7 @@ def test_fsdp_stop_and_restart_resume_exactly(tmp_path, uninterrupted_fsdp, faul
 def test_a_batch_that_cannot_be_fetched_while_stopping_stops_the_run_before_its_step():
     """train.py's fetch: while this rank is stopping anyway, a loader error (a dead worker) means "stop before
     this step", agreed with the other ranks before any of the step's collectives; otherwise it is raised."""
-    from higgs_ddp.prefetch import Prefetcher
+    from higgs_ddp.data.prefetch import Prefetcher
     from higgs_ddp.train import next_micro_batches
 
     def failing():

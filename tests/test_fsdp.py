@@ -83,7 +83,7 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, mode, extra):
 def assert_same_exports(sharded, replicated, tmp_path, mode):
     """Export from the fsdp checkpoint writes the files export writes from the other: the adapter (or the
     trainable tensors) as they are, and the merged model."""
-    from higgs_ddp.export import export
+    from higgs_ddp.tools.export import export
 
     for merge in (False, True):
         a, b = (tmp_path / f"export-{name}-{merge}" for name in ("fsdp", "ref"))
@@ -221,7 +221,7 @@ def test_a_damaged_shard_falls_back_to_the_previous_checkpoint(tmp_path, straigh
     naming the file (the doctor's look, which renames nothing)."""
     import shutil
 
-    from higgs_ddp.checkpoint import resume_point
+    from higgs_ddp.training.checkpoint import resume_point
 
     run = tmp_path / "run"
     shutil.copytree(straight, run)

@@ -44,7 +44,7 @@ def mix_manifest(manifest, kinds=("text", "audio_in")) -> list[str]:
 def mixed_val_manifest(folder, samples: int):
     """A validation set of its own (other clips, other ids: validation may not share training's), mixed
     like the training set: 2 * samples lines."""
-    from higgs_ddp.demo_data import write_demo_corpus
+    from higgs_ddp.tools.demo_data import write_demo_corpus
 
     manifest = write_demo_corpus(folder, samples=samples, seed=1, with_reference_every=0)
     mix_manifest(manifest)
@@ -54,8 +54,8 @@ def mixed_val_manifest(folder, samples: int):
 
 
 def trainer_on_mixed_data(tmp_path, mode, *overrides):
-    from higgs_ddp.distributed import DistEnv
-    from higgs_ddp.trainer import Trainer
+    from higgs_ddp.runtime.distributed import DistEnv
+    from higgs_ddp.training.trainer import Trainer
 
     cfg = tiny_config(tmp_path, f"train.mode={mode}", "data.shuffle=false", "train.micro_batch_size=1",
                       *overrides, samples=4)

@@ -9,11 +9,11 @@ import pytest
 import transformers
 
 from conftest import tiny_config
-from higgs_ddp import peer
-from higgs_ddp.bench_data import synthetic_data
-from higgs_ddp.distributed import DistEnv
+from higgs_ddp.tools.bench import peer
+from higgs_ddp.tools.bench.synthetic import synthetic_data
+from higgs_ddp.runtime.distributed import DistEnv
 from higgs_ddp.model import load_tokenizer, model_config
-from higgs_ddp.trainer import Trainer
+from higgs_ddp.training.trainer import Trainer
 
 SEQ_LEN = 256
 

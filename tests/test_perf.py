@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from higgs_ddp.distributed import DistEnv
+from higgs_ddp.runtime.distributed import DistEnv
 from higgs_ddp.dual_loss import compute_dual_loss, head_cross_entropy_sum
-from higgs_ddp.trainer import Trainer
+from higgs_ddp.training.trainer import Trainer
 
 PLAIN = ("train.text_logits=all", "train.activation_checkpointing=false")
 
@@ -133,7 +133,7 @@ def test_prefetcher_keeps_order_raises_the_loaders_error_and_closes_promptly():
     import itertools
     import time
 
-    from higgs_ddp.prefetch import Prefetcher
+    from higgs_ddp.data.prefetch import Prefetcher
 
     def failing():
         yield from range(5)
@@ -159,7 +159,7 @@ def test_closing_the_prefetcher_shuts_the_loader_workers_down():
 
     from torch.utils.data import DataLoader
 
-    from higgs_ddp.prefetch import Prefetcher
+    from higgs_ddp.data.prefetch import Prefetcher
 
     before = set(multiprocessing.active_children())
     p = Prefetcher(iter(DataLoader(range(64), batch_size=2, num_workers=2)), torch.device("cpu"))

@@ -1,4 +1,4 @@
-"""Tests for higgs_ddp.plot: metrics.jsonl -> a 4-panel PNG, and one-line errors for bad files."""
+"""Tests for higgs_ddp.tools.plot: metrics.jsonl -> a 4-panel PNG, and one-line errors for bad files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from higgs_ddp.plot import PlotError, ema, plot_run, read_metrics
+from higgs_ddp.tools.plot import PlotError, ema, plot_run, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -86,7 +86,7 @@ def test_plot_only_train_rows_without_split_key(tmp_path):
 
 def test_cli_writes_png_and_prints_its_path(tmp_path):
     write_metrics(tmp_path / "run", [train_row(s) for s in range(1, 11)])
-    r = subprocess.run([sys.executable, "-m", "higgs_ddp.plot", str(tmp_path / "run")], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "higgs_ddp", "plot", str(tmp_path / "run")], capture_output=True,
                        text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(tmp_path / "run" / "training.png")
@@ -98,7 +98,7 @@ def test_cli_corrupt_line_exits_2_with_one_line(tmp_path):
     rows.insert(3, '{"step": 4, "loss": 1.0,')  # line 4 is cut off
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(rows) + "\n")
-    r = subprocess.run([sys.executable, "-m", "higgs_ddp.plot", str(tmp_path / "run")], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "higgs_ddp", "plot", str(tmp_path / "run")], capture_output=True,
                        text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2
     assert r.stderr.splitlines() == [f"plot: {tmp_path / 'run' / 'metrics.jsonl'} line 4: not JSON"]
@@ -140,7 +140,7 @@ def test_out_may_be_a_folder_and_a_failed_write_leaves_no_temporary(tmp_path):
     write_metrics(tmp_path / "run", [train_row(s) for s in range(1, 11)])
     figures = tmp_path / "figures"
     figures.mkdir()
-    r = subprocess.run([sys.executable, "-m", "higgs_ddp.plot", str(tmp_path / "run"), "--out", str(figures)],
+    r = subprocess.run([sys.executable, "-m", "higgs_ddp", "plot", str(tmp_path / "run"), "--out", str(figures)],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(figures / "training.png")
@@ -150,7 +150,7 @@ def test_out_may_be_a_folder_and_a_failed_write_leaves_no_temporary(tmp_path):
 
 
 def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
-    from higgs_ddp import plot
+    from higgs_ddp.tools import plot
 
     write_metrics(tmp_path / "run", [train_row(s) for s in range(1, 11)])
 
@@ -176,7 +176,7 @@ def _visible(ax) -> bool:
 
 
 def test_a_single_row_is_drawn_in_every_panel(tmp_path):
-    from higgs_ddp.plot import figure
+    from higgs_ddp.tools.plot import figure
 
     write_metrics(tmp_path / "run", [train_row(1)])
     train, val = read_metrics(tmp_path / "run" / "metrics.jsonl")

@@ -8,8 +8,8 @@ import torch
 from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
 from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
 
-from higgs_ddp.collator import HiggsCollator
-from higgs_ddp.prompt import build_chatml, tokenize_sample
+from higgs_ddp.data.collator import HiggsCollator
+from higgs_ddp.data.prompt import build_chatml, tokenize_sample
 
 C, CB = 4, 64
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import read_metrics, tiny_config, torchrun
-from higgs_ddp.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
+from higgs_ddp.training.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
 from higgs_ddp.config import ConfigError
 from higgs_ddp.train import main, train
 
@@ -146,7 +146,7 @@ def test_an_error_exit_writes_failed_with_the_reason(tmp_path, straight, capsys)
 # ------------------------------------------------------------------------------------------- validation
 
 def test_adding_or_moving_the_validation_manifest_does_not_block_a_resume(tmp_path, straight):
-    from higgs_ddp.demo_data import write_demo_corpus
+    from higgs_ddp.tools.demo_data import write_demo_corpus
 
     more = write_demo_corpus(tmp_path / "valdata", samples=20)
     rows = [json.loads(x) for x in more.read_text().splitlines()[16:]]
@@ -163,10 +163,10 @@ def test_adding_or_moving_the_validation_manifest_does_not_block_a_resume(tmp_pa
 
 @pytest.mark.parametrize("indexed", [True, False], ids=["listed-in-index", "not-yet-indexed"])
 def test_damaged_code_cache_shard_is_encoded_again(tmp_path, capsys, indexed):
-    from higgs_ddp.demo_data import write_demo_corpus
-    from higgs_ddp.distributed import DistEnv
-    from higgs_ddp.manifest import read_manifest
-    from higgs_ddp.prepare import prepare_audio
+    from higgs_ddp.tools.demo_data import write_demo_corpus
+    from higgs_ddp.runtime.distributed import DistEnv
+    from higgs_ddp.data.manifest import read_manifest
+    from higgs_ddp.data.prepare import prepare_audio
 
     entries, problems = read_manifest(str(write_demo_corpus(tmp_path / "data", samples=3, audio=True)))
     assert not problems

@@ -10,9 +10,9 @@ import soundfile as sf
 import torch
 
 from conftest import tiny_config
-from higgs_ddp.codec import load_codec
+from higgs_ddp.data.codec import load_codec
 from higgs_ddp.model import apply_training_mode, build_model, load_tokenizer, unwrap
-from higgs_ddp.samples import check_prompts, generate_codes, write_samples
+from higgs_ddp.evaluation.listening import check_prompts, generate_codes, write_samples
 
 MAX_SECONDS = 0.2  # 5 frames at 25 frames/s: the tiny codec decodes slowly on CPU
 
@@ -172,8 +172,8 @@ def test_same_codes_as_the_inference_engine(tmp_path, codec):
     from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
     from transformers.cache_utils import StaticCache
 
-    from higgs_ddp.prompt import build_chatml
-    from higgs_ddp.samples import _collator, _encode_reference, max_new_tokens
+    from higgs_ddp.data.prompt import build_chatml
+    from higgs_ddp.evaluation.listening import _collator, _encode_reference, max_new_tokens
 
     cfg, tok, _, raw = setup(tmp_path, "eval.max_audio_seconds=1.0")
     prompt = cfg.eval.prompts[1]
@@ -208,7 +208,7 @@ def test_same_codes_as_the_inference_engine(tmp_path, codec):
 def test_generation_under_the_trainers_mixed_precision(tmp_path, mode, monkeypatch):
     """On GPU the trainer keeps the base in bf16 and what trains in fp32, under bf16 autocast; CPU autocast
     stands in here. (A single static KV cache fails for train.mode=full: its layers mix fp32 and bf16 keys.)"""
-    import higgs_ddp.samples as samples
+    import higgs_ddp.evaluation.listening as samples
 
     cfg = tiny_config(tmp_path, f"train.mode={mode}", f"eval.max_audio_seconds={MAX_SECONDS}", samples=1)
     tok = load_tokenizer(cfg)

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, torchrun
-from higgs_ddp.checkpoint import complete_checkpoints
+from higgs_ddp.training.checkpoint import complete_checkpoints
 from test_checkpoint import assert_same_weights, final_weights, rows
 from test_faults import assert_same_user_path_outputs, write_config, write_user_config
 

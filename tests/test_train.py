@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import read_metrics, tiny_config, torchrun
-from higgs_ddp.distributed import DistEnv
+from higgs_ddp.runtime.distributed import DistEnv
 from higgs_ddp.model import HiggsForward, apply_training_mode, build_model, load_tokenizer
 from higgs_ddp.train import main, train
-from higgs_ddp.trainer import Trainer, TrainingError
+from higgs_ddp.training.trainer import Trainer, TrainingError
 
 
 def test_lora_run_writes_metrics_and_a_peft_adapter_that_loads(tmp_path):
@@ -39,8 +39,8 @@ def test_lora_run_writes_metrics_and_a_peft_adapter_that_loads(tmp_path):
 
 
 def _one_batch(cfg, tok, model_config):
-    from higgs_ddp.collator import HiggsCollator
-    from higgs_ddp.data import ManifestDataset, load_data
+    from higgs_ddp.data.collator import HiggsCollator
+    from higgs_ddp.data.dataset import ManifestDataset, load_data
 
     ds = ManifestDataset(load_data(cfg, DistEnv(), tok, model_config, quiet=True).train)
     return HiggsCollator.for_model(model_config)([ds[0], ds[1]])

@@ -244,7 +244,7 @@ class LoggingConfig(Section):
 
 
 @dataclass
-class BenchConfig(Section):  # python -m higgs_ddp.bench: random samples of one length, no data needed
+class BenchConfig(Section):  # higgs-ddp bench: random samples of one length, no data needed
     NAME = "bench"
     seq_len: int = ranged(2048, 1)  # positions per sample (text + expanded audio)
     # share of them that is audio (speech: ~25 frames/s, a few text tokens/s)

@@ -15,7 +15,7 @@ import inspect
 import torch
 from torch import nn
 
-from .config import Config, ConfigError, check_lora_targets
+from higgs_ddp.config import Config, ConfigError, check_lora_targets
 
 SPECIAL_IDS = {  # HiggsAudioConfig field -> token it must name in the tokenizer
     "audio_in_token_idx": "<|AUDIO|>",
@@ -35,7 +35,7 @@ def _import_higgs():
 
 def load_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
-    from .tiny_tokenizer import build_tiny_tokenizer
+    from higgs_ddp.data.tiny_tokenizer import build_tiny_tokenizer
 
     name = cfg.model.tokenizer or cfg.model.path
     if name == "tiny":  # as wide as the model's text head: padded with reserved tokens
@@ -165,10 +165,32 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def text_head(raw_model: nn.Module) -> nn.Module:
+    return raw_model.audio_decoder_proj.text_lm_head
+
+
+@contextlib.contextmanager
+def deferred_text_head(raw_model: nn.Module):
+    """While active, the text head returns its input: the model's ``logits`` are the final hidden states.
+
+    The model applies its 128,256-way text head to every position, audio positions included, although only
+    a handful of text positions are ever supervised in TTS; ``dual_loss`` applies it to those rows only."""
+    head = text_head(raw_model)
+    head.forward = _identity
+    try:
+        yield head
+    finally:
+        del head.forward  # back to the class's forward
+
+
+def _identity(hidden_states: torch.Tensor) -> torch.Tensor:
+    return hidden_states
+
+
 class HiggsForward(nn.Module):
     """The module DDP wraps. Its forward is where peft is unwrapped, so DDP's forward still runs.
 
-    With ``defer_text_head`` the model's text head is bypassed (perf.deferred_text_head) and the output
+    With ``defer_text_head`` the model's text head is bypassed (deferred_text_head) and the output
     holds ``text_hidden`` (B, T, H) instead of ``logits`` (B, T, V): the loss applies the head only to
     the rows it scores."""
 
@@ -178,13 +200,12 @@ class HiggsForward(nn.Module):
         self.defer_text_head = defer_text_head
         _, HiggsAudioModel = _import_higgs()
         accepted = set(inspect.signature(HiggsAudioModel.forward).parameters)
-        from .collator import Batch
+        from higgs_ddp.data.collator import Batch
         missing = set(Batch.MODEL_INPUTS) - accepted
         assert not missing, f"HiggsAudioModel.forward does not take {missing}"
 
     def forward(self, **inputs) -> dict:
-        from .collator import Batch
-        from .perf import deferred_text_head
+        from higgs_ddp.data.collator import Batch
         extra = set(inputs) - set(Batch.MODEL_INPUTS)
         if extra:
             raise TypeError(f"not a HiggsAudioModel input: {sorted(extra)}")

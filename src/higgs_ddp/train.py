@@ -1,8 +1,9 @@
-"""Fine-tune Higgs Audio v2 with a hand-written DDP loop.
+"""Fine-tune Higgs Audio v2 with a hand-written loop (DDP or FSDP2: train.parallel).
 
-    torchrun --nproc_per_node N src/higgs_ddp/train.py --config FILE [dotted.key=value ...]
+    higgs-ddp train --nproc-per-node N --config FILE [dotted.key=value ...]
+    torchrun --nproc_per_node N src/higgs_ddp/train.py --config FILE [dotted.key=value ...]   # the same run
 
-setup -> train -> save. The loop below is the whole training procedure; the pieces live in trainer.py.
+setup -> train -> save. The loop below is the whole training procedure; the pieces live in training/.
 """
 
 from __future__ import annotations
@@ -19,21 +20,21 @@ if __name__ == "__main__" and not __package__:
     sys.path = [p for p in sys.path if os.path.abspath(p or ".") != here]
     sys.path.insert(0, os.path.dirname(here))
 
-from higgs_ddp.checkpoint import CheckpointError  # noqa: E402
-from higgs_ddp.codec import CodecError  # noqa: E402
+from higgs_ddp.training.checkpoint import CheckpointError  # noqa: E402
+from higgs_ddp.data.codec import CodecError  # noqa: E402
 from higgs_ddp.config import Config, ConfigError, load_config  # noqa: E402
-from higgs_ddp.data import DataError  # noqa: E402
-from higgs_ddp.distributed import barrier, cleanup, exit_process, setup_distributed  # noqa: E402
+from higgs_ddp.data.dataset import DataError  # noqa: E402
+from higgs_ddp.runtime.distributed import barrier, cleanup, exit_process, setup_distributed  # noqa: E402
 from higgs_ddp.dual_loss import AlignmentError  # noqa: E402
 
 
 def train(cfg: Config) -> dict:
     from tqdm import tqdm
 
-    from higgs_ddp.checkpoint import remove_stale_temporaries, resume_point
-    from higgs_ddp.preemption import StopRequest, signal_name, write_failure, write_status
-    from higgs_ddp.runlog import RunLog
-    from higgs_ddp.trainer import Trainer, write_run_files
+    from higgs_ddp.training.checkpoint import remove_stale_temporaries, resume_point
+    from higgs_ddp.training.preemption import StopRequest, signal_name, write_failure, write_status
+    from higgs_ddp.training.runlog import RunLog
+    from higgs_ddp.training.trainer import Trainer, write_run_files
 
     env = setup_distributed()
     log = batches = step = None  # step: the one a failure happened at (None: before the first)
@@ -151,7 +152,7 @@ def between_steps(trainer, log, step: int) -> dict:
     weights as one without."""
     from tqdm import tqdm
 
-    from higgs_ddp.evaluate import evaluate
+    from higgs_ddp.evaluation.validation import evaluate
 
     cfg, env = trainer.cfg, trainer.env
     e, last_step = cfg.eval, step == cfg.train.max_steps
@@ -165,7 +166,7 @@ def between_steps(trainer, log, step: int) -> dict:
                        f"audio {val['audio_loss']:.4f}; codebook accuracy {acc})")
     every = e.samples_every or e.every
     if e.prompts and (last_step or (every and step % every == 0)):
-        from higgs_ddp.samples import write_samples
+        from higgs_ddp.evaluation.listening import write_samples
 
         results = write_samples(trainer.raw, trainer.tokenizer, lambda: trainer.codec, cfg, step,
                                 Path(cfg.output_dir) / "samples",
@@ -182,8 +183,8 @@ def between_steps(trainer, log, step: int) -> dict:
 
 def user_errors() -> tuple:
     """The errors that end a run with our one-line message; anything else is a bug (a traceback)."""
-    from higgs_ddp.runlog import RunLogError
-    from higgs_ddp.trainer import TrainingError
+    from higgs_ddp.training.runlog import RunLogError
+    from higgs_ddp.training.trainer import TrainingError
 
     return ConfigError, DataError, AlignmentError, TrainingError, CodecError, CheckpointError, RunLogError
 
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-4")
     args = parser.parse_args(argv)
-    from higgs_ddp.trainer import TrainingError
+    from higgs_ddp.training.trainer import TrainingError
 
     try:
         train(load_config(args.config, args.overrides))

@@ -1,0 +1,182 @@
+"""higgs-ddp <command>: every tool of the project behind one command line (also ``python -m higgs_ddp``).
+
+    higgs-ddp train --nproc-per-node 8 --config configs/higgs_v2_3b_lora.yaml train.lr=1e-4
+    higgs-ddp prepare --nproc-per-node 8 --config configs/higgs_v2_3b_lora.yaml
+    higgs-ddp export --checkpoint runs/higgs_v2_3b_lora --out exported/adapter
+    higgs-ddp doctor --config configs/higgs_v2_3b_lora.yaml
+
+``train``, ``prepare`` and ``bench`` run on several processes: given ``--nproc-per-node N`` (or any of
+torchrun's node and rendezvous options) this command starts torchrun with them, which starts this same
+command once per rank. Stop signals reach the ranks as they would under torchrun directly, and a failed
+run still ends with its one-line ``higgs-ddp: error: ...`` as the last line, below torchrun's report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Command:
+    target: str  # "module:function" taking argv, returning the exit code
+    summary: str
+    launched: bool = False  # runs once per rank under torchrun
+
+
+COMMANDS = {
+    "train": Command("higgs_ddp.train:main", "fine-tune (the same run as torchrun src/higgs_ddp/train.py)", True),
+    "prepare": Command("higgs_ddp.cli:prepare", "encode a config's audio into the code cache before training", True),
+    "export": Command("higgs_ddp.tools.export:main", "a checkpoint's weights as an adapter, tensors or a merged model"),
+    "doctor": Command("higgs_ddp.tools.doctor:main", "check a config, its data, the machine and the resume before a run"),
+    "plot": Command("higgs_ddp.tools.plot:main", "a run's curves (losses, validation, accuracy, lr, speed) as a PNG"),
+    "bench": Command("higgs_ddp.tools.bench.benchmark:main", "time training steps on synthetic data (last line JSON)",
+                     True),
+    "demo-data": Command("higgs_ddp.tools.demo_data:main", "write the demo's synthetic corpus (WAV clips or codes)"),
+}
+
+# torchrun's options passed through (with their value, except the flags): node count, rendezvous, restarts.
+LAUNCH_OPTIONS = ("--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id",
+                  "--rdzv-conf", "--max-restarts", "--master-addr", "--master-port", "--monitor-interval")
+LAUNCH_FLAGS = ("--standalone",)
+
+
+def prepare(argv=None) -> int:
+    """higgs-ddp prepare [--nproc-per-node N] --config FILE [dotted.key=value ...]
+
+    Decode, resample and encode the training (and validation) audio of a config into its code cache, the
+    ranks sharing the work; training does the same first, so this only moves that work ahead of time."""
+    from higgs_ddp.config import ConfigError, load_config
+    from higgs_ddp.data.codec import CodecError
+    from higgs_ddp.data.dataset import DataError, load_data
+    from higgs_ddp.model import load_tokenizer, model_config
+    from higgs_ddp.runtime.distributed import barrier, cleanup, setup_distributed
+
+    p = argparse.ArgumentParser(description=prepare.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML config file (the training config)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    args = p.parse_args(argv)
+    env = None
+    try:
+        cfg = load_config(args.config, args.overrides)
+        env = setup_distributed()
+        tokenizer = load_tokenizer(cfg)
+        load_data(cfg, env, tokenizer, model_config(cfg, tokenizer))  # prints the summary and the report
+        barrier()
+    except (ConfigError, DataError, CodecError) as e:
+        if env is None or env.is_main:
+            print(f"higgs-ddp: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        cleanup()
+    return 0
+
+
+def split_launch_options(argv: list) -> tuple[list, list]:
+    """(torchrun options, the rest). Accepts --opt value, --opt=value and the underscore spellings."""
+    launch, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg.split("=", 1)[0].replace("_", "-")
+        if name in LAUNCH_FLAGS:
+            launch.append(name)
+        elif name in LAUNCH_OPTIONS:
+            if "=" in arg:
+                launch.append(f"{name}={arg.split('=', 1)[1]}")
+            elif i + 1 < len(argv):
+                launch += [name, argv[i + 1]]
+                i += 1
+            else:
+                raise SystemExit(f"higgs-ddp: error: {arg} needs a value")
+        else:
+            rest.append(arg)
+        i += 1
+    return launch, rest
+
+
+def needs_launcher(launch: list) -> bool:
+    """Outside torchrun, any launch option but a single local process means starting torchrun."""
+    if "LOCAL_RANK" in os.environ:  # this process is a rank already
+        return False
+    values = dict(zip(launch[::2], launch[1::2])) if all("=" not in a for a in launch) else {}
+    single = launch in ([], ["--nproc-per-node", "1"]) or values == {"--nproc-per-node": "1"}
+    return not single
+
+
+def torchrun_argv(name: str, launch: list, rest: list) -> list:
+    rendezvous = any(a.split("=")[0] in ("--nnodes", "--rdzv-endpoint", "--rdzv-backend", "--master-addr")
+                     for a in launch)
+    standalone = [] if rendezvous or "--standalone" in launch else ["--standalone"]
+    return [sys.executable, "-m", "torch.distributed.run", *standalone, *launch, "-m", "higgs_ddp", name, *rest]
+
+
+def launch_ranks(cmd: list) -> int:
+    """Run torchrun, passing its output through, stop signals on to it, and repeating the ranks' last
+    one-line error below torchrun's own report of the failure.
+
+    torchrun gets a session of its own, so a signal to this command's process group (Ctrl-C in a terminal,
+    ``kill -TERM -PGID``) reaches it once, from here. (The sbatch scripts start torchrun themselves: Slurm
+    signals every process of a step, and torchrun must not get a stop signal twice.)"""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, start_new_session=True)
+    forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    last_error, tail = None, b""
+    try:
+        while True:
+            chunk = os.read(proc.stderr.fileno(), 65536)
+            if not chunk:
+                break
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.buffer.flush()
+            tail = (tail + chunk)[-65536:]
+            for line in tail.splitlines():
+                text = line.decode(errors="replace")
+                if "higgs-ddp" in text and "error:" in text:
+                    last_error = text[text.index("higgs-ddp"):]
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if code and last_error:
+        print(last_error, file=sys.stderr, flush=True)
+    return code
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {c.summary}" for name, c in COMMANDS.items())
+    return (f"usage: higgs-ddp <command> [options]\n\ncommands:\n{rows}\n\n"
+            f"higgs-ddp <command> --help shows a command's options and an example.\n"
+            f"train, prepare and bench take torchrun's options too: --nproc-per-node N, --nnodes, --node-rank,\n"
+            f"--rdzv-backend, --rdzv-endpoint, --rdzv-id, --max-restarts, ...")
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"higgs-ddp: error: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    command = COMMANDS[name]
+    if command.launched:
+        launch, rest = split_launch_options(rest)
+        if needs_launcher(launch) and not {"-h", "--help"} & set(rest):
+            return launch_ranks(torchrun_argv(name, launch, rest))
+    module, function = command.target.split(":")
+    sys.argv[0] = f"higgs-ddp {name}"  # argparse's prog in usage and errors
+    return getattr(importlib.import_module(module), function)(rest)
+
+
+def console() -> None:
+    """The ``higgs-ddp`` console script."""
+    from higgs_ddp.runtime.distributed import exit_process
+
+    exit_process(main())

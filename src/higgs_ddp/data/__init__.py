@@ -1,0 +1,1 @@
+"""Manifests -> audio -> codes (codec, code cache, prepare) -> prompts -> dataset -> batches."""

@@ -1,0 +1,287 @@
+"""From manifests to training samples: parse, get codes (cache / prepare / .npy), tokenize, apply the
+bad-input policy, split off validation.
+
+``data.on_error: error`` stops before training with every problem listed (``file:line: what``);
+``skip`` drops the bad samples, counts them by reason and trains on the rest. Either way the full list
+goes to ``{output_dir}/data_report.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from higgs_ddp.data.audio import AudioProblem
+from higgs_ddp.data.code_cache import write_json_atomic
+from higgs_ddp.config import Config, ConfigError
+from higgs_ddp.runtime.distributed import DistEnv
+from higgs_ddp.data.manifest import Entry, Problem, read_manifest
+from higgs_ddp.data.prompt import Sample, tokenize_chatml
+
+MAX_LISTED = 50
+
+
+class DataError(ValueError):
+    """Bad input data; the message lists every problem, one line each, naming file and line."""
+
+
+@dataclass
+class Record:
+    """One usable sample, tokenized once, stored compactly (int32 ids, int16 codes)."""
+
+    where: str
+    id: str
+    input_ids: np.ndarray
+    label_ids: np.ndarray
+    codes: list
+    positions: int  # sequence positions the model sees (text + expanded audio): the batching cost
+    seconds: float  # audio duration, 0 for .npy codes of unknown rate
+    speaker: Optional[str] = None
+
+    def sample(self) -> Sample:
+        return Sample(torch.from_numpy(self.input_ids.astype(np.int64)),
+                      torch.from_numpy(self.label_ids.astype(np.int64)),
+                      [torch.from_numpy(c.astype(np.int64)) for c in self.codes], self.id)
+
+
+class ManifestDataset(torch.utils.data.Dataset):
+    def __init__(self, records: list):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, idx: int) -> Sample:
+        return self.records[idx].sample()
+
+    @property
+    def lengths(self) -> list:
+        return [r.positions for r in self.records]
+
+
+def load_codes_file(path: Path, shown: str, num_codebooks: int, codebook_size: int) -> np.ndarray:
+    if not path.exists():
+        raise AudioProblem("codes_missing", f"codes file {shown} not found")
+    if path.is_dir():
+        raise AudioProblem("codes_is_directory", f"codes file {shown} is a directory, not a file")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as e:  # numpy raises several types for corrupt files; report, don't crash
+        raise AudioProblem("codes_unreadable",
+                           f"codes file {shown} is not a readable .npy array ({type(e).__name__})") from None
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise AudioProblem("codes_bad_shape", f"codes file {shown} must be a 2-D integer array "
+                           f"(codebooks, frames), got {arr.dtype} {arr.shape}")
+    return check_codes(arr, f"codes file {shown}", num_codebooks, codebook_size)
+
+
+def check_codes(arr: np.ndarray, what: str, num_codebooks: int, codebook_size: int) -> np.ndarray:
+    if arr.shape[0] != num_codebooks:
+        raise AudioProblem("codes_bad_shape", f"{what} has {arr.shape[0]} codebooks, the model uses {num_codebooks}")
+    if arr.shape[1] == 0:
+        raise AudioProblem("codes_bad_shape", f"{what} has zero frames")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= codebook_size:
+        bad = lo if lo < 0 else hi
+        raise AudioProblem("codes_out_of_range", f"{what} holds code {bad}, outside the codebook range "
+                           f"[0, {codebook_size})")
+    return arr.astype(np.int16)
+
+
+def positions(sample: Sample, audio_in_id: int, audio_out_id: int, num_codebooks: int, use_delay: bool,
+              encode_audio_in: bool) -> int:
+    """Sequence positions after the model expands audio (stream BOS + EOS, plus the delay pattern)."""
+    ids = sample.input_ids
+    extra = 2 + (num_codebooks - 1 if use_delay else 0)
+    n = len(ids)
+    slots = ids[(ids == audio_in_id) | (ids == audio_out_id)].tolist()
+    for slot, codes in zip(slots, sample.audio_codes):
+        n -= 1
+        if slot == audio_out_id or encode_audio_in:
+            n += codes.shape[1] + extra
+    return n
+
+
+def _audio_codes(entries: list, cfg: Config, env: DistEnv, C: int, K: int, quiet: bool):
+    """path -> codes or (reason, message), for every audio and codes file the entries name."""
+    from higgs_ddp.data.prepare import prepare_audio, summary_line
+
+    d = cfg.data
+    audio_refs = [r for e in entries for r in e.audio if not r.is_codes]
+    found, failed, seconds = {}, {}, {}
+    if audio_refs:
+        cache_dir = d.cache_dir or str(Path(d.manifest[0]).parent / ".higgs_codes")
+        prep = prepare_audio(audio_refs, cache_dir, d.codec, d.codec_revision, d.max_audio_seconds, env,
+                             d.num_workers, quiet)
+        if env.is_main and not quiet:
+            print(summary_line(prep.stats), flush=True)
+        for path, arr in prep.codes.items():
+            if arr.shape[0] != C:  # the codec, not the data, is wrong: one config error, not a list
+                raise ConfigError(f"data.codec={d.codec} produces {arr.shape[0]} codebooks, the model uses {C}")
+            try:
+                found[path] = check_codes(arr, f"audio {path.name} (encoded)", C, K)
+            except AudioProblem as e:
+                failed[path] = (e.reason, str(e))
+        failed.update(prep.problems)
+        seconds = prep.seconds
+    for r in {r.path: r for e in entries for r in e.audio if r.is_codes}.values():
+        try:
+            found[r.path] = load_codes_file(r.path, r.shown, C, K)
+        except AudioProblem as e:
+            failed[r.path] = (e.reason, str(e))
+    return found, failed, seconds
+
+
+def _records(entries: list, found: dict, failed: dict, seconds: dict, tokenizer, mc, budget: int):
+    ids = tokenizer.convert_tokens_to_ids
+    in_id, out_id = ids("<|AUDIO|>"), ids("<|AUDIO_OUT|>")
+    records, problems = [], []
+    for e in entries:
+        bad = [failed[r.path] for r in e.audio if r.path in failed]
+        if bad:
+            problems += [Problem(e.where, reason, message) for reason, message in bad]
+            continue
+        codes = [found[r.path] for r in e.audio]
+        try:
+            s = tokenize_chatml(tokenizer, e.chatml, codes, e.id)
+        except ValueError as err:
+            problems.append(Problem(e.where, "bad_prompt", str(err)))
+            continue
+        n = positions(s, in_id, out_id, mc.audio_num_codebooks, mc.use_delay_pattern, mc.encode_audio_in_tokens)
+        if budget and n > budget:
+            problems.append(Problem(e.where, "too_long_for_batch", f"sample needs {n} positions, more than "
+                                    f"data.max_tokens_per_batch={budget}"))
+            continue
+        records.append(Record(e.where, e.id, s.input_ids.numpy().astype(np.int32),
+                              s.label_ids.numpy().astype(np.int32), codes, n,
+                              sum(seconds.get(r.path, 0.0) for r in e.audio), e.speaker))
+    return records, problems
+
+
+def _overlaps(train_e: list, val_e: list) -> tuple[list, list, list]:
+    """-> (train, val, problems): a sample whose id an earlier one has is dropped, and so is a validation
+    sample that is also a training sample (the same id, or the same clip learned): it would score memorised
+    data. Ids key the validation split, the checkpoint's data fingerprint and the report, so they must be
+    unique; a sample meant twice needs two ids. Shared context (a reference clip) is no overlap."""
+    by_id, train_clips, problems = {}, {}, []  # id -> (entry, is_val); learned clip -> training entry
+
+    def problem(e: Entry, is_val: bool) -> Optional[Problem]:
+        other, other_is_val = by_id.get(e.id, (None, False))
+        if other is not None and is_val and not other_is_val:
+            return Problem(e.where, "val_in_train", f"validation sample id {e.id!r} is also the training "
+                           f"sample at {other.where}")
+        if other is not None:
+            hint = ("" if e.id_given else " (a line without \"id\" gets its manifest's file name and line "
+                    "as its id: give the lines ids, or name the manifests differently)")
+            return Problem(e.where, "duplicate_id", f"id {e.id!r} is already the id of {other.where}{hint}")
+        shared = [r for r in e.learned if r.path in train_clips] if is_val else []
+        if shared:
+            return Problem(e.where, "val_in_train", f"validation sample learns {shared[0].shown}, which the "
+                           f"training sample at {train_clips[shared[0].path].where} learns too")
+        return None
+
+    kept = ([], [])
+    for is_val, entries in ((False, train_e), (True, val_e)):
+        for e in entries:
+            bad = problem(e, is_val)
+            if bad is not None:
+                problems.append(bad)
+                continue
+            kept[is_val].append(e)
+            by_id[e.id] = (e, is_val)
+            if not is_val:
+                train_clips.update({r.path: e for r in e.learned if r.path not in train_clips})
+    return kept[0], kept[1], problems
+
+
+def _in_val(sample_id: str, fraction: float) -> bool:
+    # By a hash of the id, so adding data never moves a sample between the splits.
+    h = int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+
+def fingerprint(records: list) -> dict:
+    """What a checkpoint remembers of its training data: the order of samples and every token and code
+    matters to the result, the file paths do not."""
+    ids, content = hashlib.sha256(), hashlib.sha256()
+    for sample_id in sorted(r.id for r in records):  # the set of samples, whatever their order
+        ids.update(sample_id.encode() + b"\0")
+    for r in records:
+        content.update(r.id.encode() + b"\0")
+        for arr in (r.input_ids, r.label_ids, *r.codes):
+            content.update(np.ascontiguousarray(arr).tobytes())
+            content.update(str(arr.shape).encode())
+    return {"samples": len(records), "ids": ids.hexdigest()[:16], "content": content.hexdigest()[:16]}
+
+
+@dataclass
+class Data:
+    train: list
+    val: list
+    report: dict
+
+
+def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = False) -> Data:
+    d = cfg.data
+    if not d.manifest:
+        raise ConfigError("data.manifest is required (one path or a list)")
+    C, K = model_config.audio_num_codebooks, model_config.audio_codebook_size
+    problems, train_e, val_e = [], [], []
+    for paths, into in ((d.manifest, train_e), (d.val_manifest, val_e)):
+        for path in paths:
+            entries, bad = read_manifest(path, d.root, d.allow_outside_root)
+            into += entries
+            problems += bad
+    parsed = len(train_e) + len(val_e)
+    train_e, val_e, bad = _overlaps(train_e, val_e)
+    problems += bad
+    found, failed, seconds = _audio_codes(train_e + val_e, cfg, env, C, K, quiet)
+    train, bad = _records(train_e, found, failed, seconds, tokenizer, model_config, d.max_tokens_per_batch)
+    problems += bad
+    val, bad = _records(val_e, found, failed, seconds, tokenizer, model_config, d.max_tokens_per_batch)
+    problems += bad
+    order = {m: i for i, m in enumerate(list(d.manifest) + list(d.val_manifest))}
+
+    def by_place(p: Problem):  # manifest order, then line number
+        path, _, line = p.where.rpartition(":")
+        return (order.get(path, -1), int(line)) if line.isdigit() else (order.get(p.where, -1), 0)
+
+    problems.sort(key=by_place)
+    if d.val_fraction > 0:
+        picked = [_in_val(r.id, d.val_fraction) for r in train]
+        val += [r for r, v in zip(train, picked) if v]
+        train = [r for r, v in zip(train, picked) if not v]
+    report = {
+        "policy": d.on_error, "manifests": list(d.manifest), "val_manifests": list(d.val_manifest),
+        "entries": parsed,
+        "train_samples": len(train), "val_samples": len(val),
+        "skipped": len(problems), "skipped_by_reason": dict(sorted(Counter(p.reason for p in problems).items())),
+        "train_audio_hours": sum(r.seconds for r in train) / 3600,
+        "problems": [{"where": p.where, "reason": p.reason, "message": p.message} for p in problems],
+    }
+    out = Path(cfg.output_dir)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "data_report.json", report)
+    fatal = [p for p in problems if p.reason == "manifest_missing"]
+    if fatal or (problems and d.on_error == "error"):
+        shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"]
+                                         if len(problems) > MAX_LISTED else [])
+        raise DataError(f"{len(problems)} problem(s) in the data (full list: {out / 'data_report.json'}; "
+                        f"data.on_error=skip trains on the rest):\n" + "\n".join(map(str, shown)))
+    if problems and env.is_main and not quiet:
+        counts = ", ".join(f"{n} {r}" for r, n in report["skipped_by_reason"].items())
+        print(f"data: skipped {len(problems)} bad sample(s) ({counts}); list in {out / 'data_report.json'}",
+              flush=True)
+    if not train:
+        raise DataError(f"no usable training samples in {', '.join(d.manifest)}")
+    if d.val_fraction > 0 and not val:
+        raise DataError(f"data.val_fraction={d.val_fraction:g} selected none of the {len(train)} samples; "
+                        f"raise it or give data.val_manifest")
+    return Data(train, val, report)

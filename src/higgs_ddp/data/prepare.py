@@ -1,0 +1,163 @@
+"""Audio to codes, once: decode, down-mix, resample, encode with the codec, keep in the code cache.
+
+    higgs-ddp prepare --config FILE [dotted.key=value ...]
+    higgs-ddp prepare --nproc-per-node 8 --config FILE      # every GPU encodes a share
+
+Training calls the same function first, so a run on new data prepares it (ranks share the work) and a
+run on prepared data only reads the cache. Data problems are reported, never raised as tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from higgs_ddp.data.audio import AudioProblem, check_path, read_audio, resample
+from higgs_ddp.data.code_cache import CodeCache, FileHashes
+from higgs_ddp.data.codec import codec_identity, load_codec
+from higgs_ddp.runtime.distributed import DistEnv, all_gather_objects, barrier
+
+
+@dataclass
+class Prepared:
+    codes: dict = field(default_factory=dict)  # resolved path -> (C, T) int16 codes
+    seconds: dict = field(default_factory=dict)  # resolved path -> duration
+    problems: dict = field(default_factory=dict)  # resolved path -> (reason, message)
+    stats: dict = field(default_factory=dict)
+
+
+class _Decode(torch.utils.data.Dataset):
+    """Decoding runs in DataLoader workers; resampling and encoding on the codec's device."""
+
+    def __init__(self, items: list, max_seconds: float, min_seconds: float):
+        self.items, self.max_seconds, self.min_seconds = items, max_seconds, min_seconds
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, shown = self.items[i]
+        try:
+            wave, sr = read_audio(path, shown, self.max_seconds, self.min_seconds)
+            return i, torch.from_numpy(wave), sr, None
+        except AudioProblem as e:
+            return i, None, None, (e.reason, str(e))
+
+
+def _hash_share(paths: list, shown: dict, hashes: FileHashes, env: DistEnv):
+    keys, problems = {}, {}
+    for path in paths[env.rank::env.world_size]:
+        try:
+            check_path(path, shown[path])
+            keys[path] = hashes.get(path)
+        except AudioProblem as e:
+            problems[path] = (e.reason, str(e))
+        except OSError as e:
+            problems[path] = ("audio_unreadable", f"audio {shown[path]} cannot be read ({e.strerror})")
+    return keys, problems
+
+
+def prepare_audio(refs: list, cache_dir: str, codec_name: str, codec_revision, max_seconds: float,
+                  env: DistEnv, num_workers: int = 2, quiet: bool = False) -> Prepared:
+    """Codes for every audio file in ``refs`` (AudioRef, duplicates allowed), from the cache or encoded."""
+    t0 = time.perf_counter()
+    shown = {}
+    for r in refs:
+        shown.setdefault(r.path, r.shown)
+    paths = sorted(shown)
+    out = Prepared()
+    hashes = FileHashes(cache_dir)
+    keys, problems = {}, {}
+    for k, p, new in all_gather_objects(_hash_share(paths, shown, hashes, env) + (hashes.new,)):
+        keys.update(k)
+        problems.update(p)
+        hashes.new.update(new)
+    if env.is_main:
+        hashes.save()
+
+    cache = CodeCache(cache_dir, codec_identity(codec_name, codec_revision))
+    rep = {key: path for path, key in sorted(keys.items()) if key not in cache}  # one file per new content
+    todo = sorted(rep.items())
+    encoded_seconds, failed, t_enc = 0.0, {}, time.perf_counter()
+    if todo:
+        mine = todo[env.rank::env.world_size]
+        seconds, mine_failed = _encode(mine, shown, cache, codec_name, codec_revision, max_seconds, env,
+                                       num_workers, quiet, len(todo))
+        for sec, f in all_gather_objects((seconds, mine_failed)):
+            encoded_seconds += sec
+            failed.update(f)
+        for path, key in keys.items():
+            if key in failed:  # reported for every file with that content, each under its own name
+                reason, message = failed[key]
+                problems[path] = (reason, message.replace(shown[rep[key]], shown[path]))
+        barrier()  # every rank's shards are on disk
+        cache.refresh()
+        if env.is_main:
+            cache.write_index()
+    t_enc = time.perf_counter() - t_enc
+
+    usable = {path: key for path, key in keys.items() if path not in problems}
+    for path, key in usable.items():
+        if max_seconds and cache.seconds(key) > max_seconds:  # cached under a looser limit
+            problems[path] = ("audio_too_long", f"audio {shown[path]} lasts {cache.seconds(key):.1f} s, more "
+                              f"than data.max_audio_seconds={max_seconds:g}")
+    usable = {p: k for p, k in usable.items() if p not in problems}
+    loaded = cache.load(set(usable.values()))
+    out.codes = {p: loaded[k] for p, k in usable.items()}
+    out.seconds = {p: cache.seconds(k) for p, k in usable.items()}
+    out.problems = problems
+    out.stats = {
+        "files": len(paths), "distinct": len(set(keys.values())) + len(problems.keys() - keys.keys()), "cached": sum(1 for p, k in keys.items() if k not in rep),
+        "encoded": len(todo) - len(failed), "failed": len(problems),
+        "audio_hours": sum(out.seconds.values()) / 3600, "encoded_hours": encoded_seconds / 3600,
+        "encode_seconds": t_enc, "seconds": time.perf_counter() - t0, "cache": str(cache.dir),
+    }
+    return out
+
+
+def _encode(mine: list, shown: dict, cache: CodeCache, codec_name, codec_revision, max_seconds, env: DistEnv,
+            num_workers: int, quiet: bool, total: int):
+    codec = load_codec(codec_name, codec_revision, device=env.device)
+    writer = cache.writer()
+    items = [(path, shown[path]) for _, path in mine]
+    loader = torch.utils.data.DataLoader(_Decode(items, max_seconds, codec.min_seconds), batch_size=None,
+                                         num_workers=num_workers, prefetch_factor=4 if num_workers else None)
+    problems, seconds = {}, 0.0
+    # Rank 0 counts only its own share: say so, or "17 new files: 9/9" reads as finished early.
+    share = f"{total} new files" if env.world_size == 1 else \
+        f"rank 0's {len(items)} of {total} new files, {env.world_size} ranks"
+    bar = tqdm(total=len(items), disable=quiet or not env.is_main, unit="file", dynamic_ncols=True,
+               desc=f"encode ({share})")
+    t0 = time.perf_counter()
+    try:
+        for i, wave, sr, problem in loader:
+            key = mine[i][0]
+            if problem is not None:
+                problems[key] = problem
+            else:
+                dur = wave.numel() / sr
+                wave = resample(wave.to(env.device, non_blocking=True), sr, codec.sample_rate)
+                writer.add(key, codec.encode(wave), dur)
+                seconds += dur
+            bar.update(1)
+            bar.set_postfix_str(f"{seconds / 3600 / max(time.perf_counter() - t0, 1e-9):.3g} audio-h/s")
+    finally:
+        writer.flush()  # whatever was encoded survives an interruption
+        bar.close()
+    del codec
+    if env.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return seconds, problems
+
+
+def summary_line(stats: dict) -> str:
+    s = stats
+    rate = (f"; encoded {s['encoded_hours']:.2f} h of audio in {s['encode_seconds']:.1f} s "
+            f"({s['encoded_hours'] * 3600 / max(s['encode_seconds'], 1e-9):.0f}x real time)") if s["encoded"] else ""
+    return (f"prepare: {s['files']} audio files ({s['distinct']} distinct): {s['cached']} cached, {s['encoded']} encoded, {s['failed']} "
+            f"with problems; {s['audio_hours']:.2f} h usable{rate}; cache {s['cache']}")

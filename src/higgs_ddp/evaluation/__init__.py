@@ -1,0 +1,1 @@
+"""Watching a run: validation loss and accuracy, listening samples."""

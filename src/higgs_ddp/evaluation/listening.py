@@ -1,0 +1,393 @@
+"""Listening samples during training: the model as it is now speaks each ``eval.prompts`` entry.
+
+Generation follows boson_multimodal's inference engine (``HiggsAudioServeEngine.generate``) step for
+step, without constructing the engine (which loads a model from a path):
+
+* the prompt is our ``build_chatml(..., with_target=False)``, tokenised by ``prepare_chatml_sample`` (as
+  training tokenises it) plus the engine's assistant header and ``<|audio_out_bos|>`` (the engine's
+  ``force_audio_gen=True``), collated by boson's ``HiggsAudioSampleCollator`` configured as the engine
+  configures it; a reference audio is read, resampled and encoded as training data is (audio.py, codec.py);
+* ``HiggsAudioModel.generate`` gets the engine's arguments: ``use_cache``, a static KV cache bucket
+  (the engine's sizes; under the trainer's bf16 autocast boson's dynamic cache, see ``generate_codes``),
+  ``stop_strings``/``tokenizer``, ``do_sample``/``temperature``/``top_p``/``top_k``,
+  repetition-aware sampling (``ras_win_len=7``, ``ras_win_max_num_repeat=2``) and ``seed``;
+* the generated (delayed) code columns go back to (codebooks, frames) with boson's
+  ``revert_delay_pattern``, minus the stream-BOS frame and everything from the first stream-EOS frame on
+  (the engine's ``[:, 1:-1]`` for a finished stream).
+
+Differences from the engine, on purpose: generation stops at the end of the first audio stream
+(``<|audio_eos|>``) instead of continuing with text; codes outside the codebook are reported
+(``invalid_codes``) and the audio stops before them, where the engine clips them into range; the special
+token ids are passed to ``generate`` instead of being set on the model; no CUDA graphs are captured.
+
+Nothing of this touches training: the global (and CUDA) RNG streams are forked and restored, generation
+runs in inference mode, every module gets its train/eval flag back, and no cache stays on the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+import warnings
+from copy import deepcopy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from higgs_ddp.data.audio import AudioProblem, read_audio, resample
+from higgs_ddp.config import Config
+from higgs_ddp.data.prompt import build_chatml, tokenize_chatml
+
+STOP_STRINGS = ["<|end_of_text|>", "<|eot_id|>"]  # the engine's defaults
+ENGINE_KV_CACHE_LENGTHS = (1024, 4096, 8192)  # HiggsAudioServeEngine's default static cache buckets
+TOP_P, TOP_K = 0.95, None  # the engine's defaults
+RAS_WIN_LEN, RAS_WIN_MAX_NUM_REPEAT = 7, 2
+
+
+@dataclass
+class SampleResult:
+    prompt: str  # the text spoken
+    path: Path  # the WAV file written
+    seconds: float  # audio length
+    frames: int  # codec frames decoded into it
+    hit_limit: bool  # no stream EOS within eval.max_audio_seconds: the model did not stop by itself
+    reference_audio: Optional[str] = None
+    invalid_codes: int = 0  # generated codes outside the codebook (e.g. a stream BOS mid-stream); the
+    #                         audio stops before the first frame holding one
+    clipped: int = 0  # decoded samples beyond [-1, 1], clipped by the 16-bit WAV
+    generate_seconds: float = 0.0  # wall time of the generation
+
+
+@dataclass
+class Generated:
+    """One prompt's generation, before decoding."""
+
+    columns: torch.Tensor  # (C, N) the audio stream as generated: delayed, with stream BOS/EOS
+    codes: torch.Tensor  # (C, frames) what is decoded: in range, no BOS/EOS
+    hit_limit: bool
+    invalid_codes: int
+
+
+def check_prompts(cfg: Config) -> list[str]:
+    """One line per problem with ``eval.prompts`` (unreadable reference audio, ...); [] when all is well."""
+    from higgs_ddp.data.codec import CodecError, min_input_seconds
+
+    problems = []
+    min_seconds = 0.0
+    if any(p.get("reference_audio") for p in cfg.eval.prompts):
+        try:  # from the codec's config: the codec itself loads at the first sample
+            min_seconds = min_input_seconds(cfg.data.codec, cfg.data.codec_revision)
+        except CodecError as e:
+            problems.append(f"eval.prompts: cannot tell the shortest reference the codec takes: {e}")
+    for i, prompt in enumerate(cfg.eval.prompts):
+        try:
+            _reference_wave(cfg, i, prompt, min_seconds)
+        except ValueError as e:
+            problems.append(str(e))
+    return problems
+
+
+def _reference_wave(cfg: Config, i: int, prompt: dict, min_seconds: float):
+    """-> (mono float32 wave, sample rate) of the prompt's reference audio, or None without one.
+    ``min_seconds``: the codec's shortest input (checked as training data is)."""
+    key = f"eval.prompts[{i}]"
+    ref = prompt.get("reference_audio")
+    if not ref:
+        if prompt.get("reference_text"):
+            raise ValueError(f"{key} has a reference_text but no reference_audio")
+        return None
+    try:
+        wave, sr = read_audio(Path(ref), str(ref), cfg.data.max_audio_seconds, min_seconds)
+    except AudioProblem as e:
+        raise ValueError(f"{key}.reference_audio: {e}") from None
+    return torch.from_numpy(wave), sr
+
+
+def _encode_reference(cfg: Config, i: int, prompt: dict, codec) -> Optional[torch.Tensor]:
+    got = _reference_wave(cfg, i, prompt, codec.min_seconds)
+    if got is None:
+        return None
+    wave, sr = got
+    return codec.encode(resample(wave.to(codec.device), sr, codec.sample_rate))
+
+
+def _collator(mc):
+    """boson's collator, configured exactly as HiggsAudioServeEngine configures it."""
+    from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
+
+    return HiggsAudioSampleCollator(
+        whisper_processor=None, encode_whisper_embed=mc.encode_whisper_embed,
+        audio_in_token_id=mc.audio_in_token_idx, audio_out_token_id=mc.audio_out_token_idx,
+        audio_stream_bos_id=mc.audio_stream_bos_id, audio_stream_eos_id=mc.audio_stream_eos_id,
+        pad_token_id=mc.pad_token_id, return_audio_in_tokens=False, use_delay_pattern=mc.use_delay_pattern,
+        audio_num_codebooks=mc.audio_num_codebooks, round_to=1)
+
+
+def prepare_inputs(tokenizer, mc, text: str, ref_text: Optional[str], ref_codes: Optional[torch.Tensor],
+                   device) -> dict:
+    """The model inputs HiggsAudioServeEngine._prepare_inputs(chatml, force_audio_gen=True) builds."""
+    from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample
+
+    if mc.encode_whisper_embed and ref_codes is not None:
+        raise ValueError("this model embeds reference audio with Whisper features, which listening samples "
+                         "do not compute")
+    chatml = build_chatml(text, None, ref_text, with_reference=ref_codes is not None, with_target=False)
+    sample = tokenize_chatml(tokenizer, chatml, [ref_codes] if ref_codes is not None else [], "eval prompt")
+    postfix = tokenizer.encode("<|start_header_id|>assistant<|end_header_id|>\n\n<|audio_out_bos|>",
+                               add_special_tokens=False)
+    input_ids = torch.cat([sample.input_ids, torch.tensor(postfix, dtype=torch.long)])
+    codes = sample.audio_codes
+    batch = _collator(mc)([ChatMLDatasetSample(
+        input_ids=input_ids, label_ids=None,
+        audio_ids_concat=torch.cat(codes, dim=1) if codes else None,
+        audio_ids_start=torch.tensor([0], dtype=torch.long) if codes else None,
+        audio_waveforms_concat=None, audio_waveforms_start=None, audio_sample_rate=None,
+        audio_speaker_indices=None)])
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in asdict(batch).items()}
+
+
+def max_new_tokens(mc, max_frames: int) -> int:
+    """Generation steps for ``max_frames`` frames and the stream EOS: one step for the stream-BOS column,
+    one per frame, one for the EOS frame, and the codebook delay."""
+    return max_frames + 2 + (mc.audio_num_codebooks - 1 if mc.use_delay_pattern else 0)
+
+
+def _stop_at_audio_eos(audio_eos_token_id: int, agreed: bool = False):
+    """A stopping criterion for the end of the first audio stream (the engine would go on with text).
+    ``agreed``: every rank stops when any rank would (an all-reduce per token)."""
+    from transformers.generation.stopping_criteria import StoppingCriteria
+
+    class StopAtAudioEos(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = input_ids[:, -1] == audio_eos_token_id
+            if agreed:
+                from higgs_ddp.runtime.distributed import all_reduce_max
+                done = all_reduce_max(done.to(torch.int32)).bool()
+            return done
+
+    return StopAtAudioEos()
+
+
+def _static_cache(mc, length: int, device, dtype):
+    """A KV cache bucket as HiggsAudioServeEngine builds one (DualFFN fast-forward layers cache too)."""
+    from transformers.cache_utils import StaticCache
+
+    cache_config = deepcopy(mc.text_config)
+    if mc.audio_dual_ffn_layers:
+        cache_config.num_hidden_layers += len(mc.audio_dual_ffn_layers)
+    size = next((n for n in ENGINE_KV_CACHE_LENGTHS if n >= length), 1024 * math.ceil(length / 1024))
+    return {size: StaticCache(config=cache_config, batch_size=1, max_cache_len=size, device=device, dtype=dtype)}
+
+
+def split_stream(columns: torch.Tensor, mc, finished: bool, max_frames: int) -> tuple[torch.Tensor, bool, int]:
+    """(C, N) generated columns -> (codes (C, frames), hit_limit, invalid_codes).
+
+    Reverts the delay pattern, drops the stream-BOS frame and cuts at the first frame where any codebook
+    holds the stream EOS. Codes outside [0, codebook_size) before that point are counted, never clipped:
+    the codes stop before the first frame holding one."""
+    from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
+
+    bos, eos, size = mc.audio_stream_bos_id, mc.audio_stream_eos_id, mc.audio_codebook_size
+    frames = revert_delay_pattern(columns) if mc.use_delay_pattern else columns
+    if frames.shape[1] == 0 or not bool((frames[:, 0] == bos).all()):
+        raise RuntimeError(f"the generated audio stream does not start with the stream BOS: {frames[:, :1].tolist()}")
+    frames = frames[:, 1:]
+    eos_frames = (frames == eos).any(dim=0).nonzero()
+    if len(eos_frames):
+        frames = frames[:, :int(eos_frames[0])]
+    elif finished:
+        raise RuntimeError("generation ended the audio stream but no stream EOS frame is in it")
+    hit_limit = not finished or frames.shape[1] > max_frames
+    frames = frames[:, :max_frames]
+    bad = (frames < 0) | (frames >= size)
+    invalid = int(bad.sum())
+    if invalid:
+        frames = frames[:, :int(bad.any(dim=0).nonzero()[0])]
+    return frames, hit_limit, invalid
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
+    """The trainer's mixed precision (bf16 autocast on GPU; the weights that train are kept in fp32)."""
+    if device.type == "cuda" and cfg.train.precision in ("auto", "bf16"):
+        return torch.bfloat16
+    return None
+
+
+def generate_codes(raw_model, tokenizer, codec, cfg: Config, text: str, ref_text: Optional[str] = None,
+                   ref_codes: Optional[torch.Tensor] = None, static_cache: Optional[bool] = None,
+                   lockstep: bool = False) -> Generated:
+    """One prompt through HiggsAudioModel.generate with the engine's arguments. The caller handles the
+    model's mode, the RNG and gradients (write_samples does).
+
+    ``static_cache`` (default: unless under autocast): the engine's static KV cache bucket. Under autocast
+    the keys and values of different layers can come out in different dtypes (fp32 embeddings and weights
+    meet bf16 matmuls), which one static cache cannot hold; boson's DynamicCache path is used instead.
+
+    ``lockstep``: every rank generates this prompt at the same time (sharded weights: each forward gathers
+    them), and all stop after the same token, so none waits at a gather the others never reach."""
+    from transformers.generation.stopping_criteria import StoppingCriteriaList
+
+    mc = raw_model.config
+    device = next(raw_model.parameters()).device
+    max_frames = max(1, round(cfg.eval.max_audio_seconds * codec.frame_rate))
+    inputs = prepare_inputs(tokenizer, mc, text, ref_text, ref_codes, device)
+    budget = max_new_tokens(mc, max_frames)
+    amp = autocast_dtype(cfg, device)
+    if static_cache is None:
+        static_cache = amp is None
+    kv = None
+    if static_cache:
+        ref_positions = inputs["audio_out_ids"].shape[1] if inputs["audio_out_ids"] is not None else 0
+        kv = _static_cache(mc, inputs["input_ids"].shape[1] + ref_positions + budget, device,
+                           amp or raw_model.embed_tokens.weight.dtype)
+    audio_eos_token_id = tokenizer.convert_tokens_to_ids("<|audio_eos|>")
+    temperature = cfg.eval.temperature
+    with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None), \
+            warnings.catch_warnings():
+        # temperature 0: greedy, as in the engine, which passes top_p anyway (transformers warns, nothing changes)
+        warnings.filterwarnings("ignore", message=r"`do_sample` is set to `False`")
+        out = raw_model.generate(
+            **inputs, max_new_tokens=budget, use_cache=True, stop_strings=STOP_STRINGS, tokenizer=tokenizer,
+            do_sample=temperature != 0.0, temperature=temperature, top_k=TOP_K, top_p=TOP_P,
+            past_key_values_buckets=kv, ras_win_len=RAS_WIN_LEN, ras_win_max_num_repeat=RAS_WIN_MAX_NUM_REPEAT,
+            seed=cfg.eval.seed,
+            audio_out_bos_token_id=tokenizer.convert_tokens_to_ids("<|audio_out_bos|>"),
+            audio_eos_token_id=audio_eos_token_id,
+            stopping_criteria=StoppingCriteriaList([_stop_at_audio_eos(audio_eos_token_id, lockstep)]))
+    sequences, audio = out[0], out[1]
+    if not audio:
+        raise RuntimeError("generation produced no audio stream")
+    columns = audio[0].detach().cpu()
+    finished = int(sequences[0, -1]) == audio_eos_token_id
+    codes, hit_limit, invalid = split_stream(columns, mc, finished, max_frames)
+    return Generated(columns, codes, hit_limit, invalid)
+
+
+@contextlib.contextmanager
+def _generation_state(raw_model, seed: int, lockstep: bool = False):
+    """Eval mode, inference mode, a forked RNG seeded with ``seed``; everything put back afterwards.
+    In lockstep (sharded weights) no_grad instead of inference mode: FSDP gathers weights into buffers
+    that training reuses, which must not become inference tensors."""
+    device = next(raw_model.parameters()).device
+    modes = [(m, m.training) for m in raw_model.modules()]
+    attrs = set(vars(raw_model))
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), (torch.no_grad() if lockstep else torch.inference_mode()):
+            torch.manual_seed(seed)
+            raw_model.eval()
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        for name in set(vars(raw_model)) - attrs:  # generate() leaves its KV-cache bucket choice behind
+            delattr(raw_model, name)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _speak(raw_model, tokenizer, codec, cfg: Config, i: int, ref_codes, lockstep: bool = False,
+           decode: bool = True) -> tuple:
+    """-> (wave, Generated, generation seconds) for ``eval.prompts[i]`` (wave None unless ``decode``)."""
+    prompt = cfg.eval.prompts[i]
+    t0 = time.perf_counter()
+    gen = generate_codes(raw_model, tokenizer, codec, cfg, prompt["text"], prompt.get("reference_text"), ref_codes,
+                         lockstep=lockstep)
+    elapsed = time.perf_counter() - t0
+    if not decode:
+        return None, gen, elapsed
+    if gen.codes.shape[1]:
+        wave = np.asarray(codec.decode(gen.codes), dtype=np.float32).reshape(-1)
+    else:  # the model ended the stream at once
+        wave = np.zeros(0, dtype=np.float32)
+    if not np.isfinite(wave).all():
+        raise RuntimeError(f"eval.prompts[{i}]: the codec decoded non-finite audio")
+    return wave, gen, elapsed
+
+
+def _check_codec(raw_model, codec) -> None:
+    mc = raw_model.config
+    if codec.num_codebooks != mc.audio_num_codebooks or (
+            codec.codebook_size is not None and codec.codebook_size != mc.audio_codebook_size):
+        raise ValueError(f"the codec {codec.identity} has {codec.num_codebooks} codebooks of {codec.codebook_size}, "
+                         f"the model {mc.audio_num_codebooks} of {mc.audio_codebook_size}")
+
+
+def write_samples(raw_model, tokenizer, codec, cfg: Config, step: int, out_dir: Path,
+                  lockstep: Optional[contextlib.AbstractContextManager] = None) -> list[SampleResult]:
+    """Speak every ``cfg.eval.prompts`` entry; rank 0 writes ``out_dir/step_{step:06d}/sample_{i:02d}.wav`` and
+    ``samples.json`` there and gets the results ([] elsewhere). A reference audio that cannot be used is a
+    one-line ValueError naming it.
+
+    Called on every rank: prompt i is spoken by rank ``i % world_size`` (so 8 GPUs take an eighth of the
+    time, and no rank idles at the next collective while rank 0 generates) and its audio sent to rank 0.
+    Each generation is seeded by ``eval.seed`` alone, so the files are the same for any number of ranks.
+    ``codec`` may be a zero-argument callable: only ranks with a prompt to speak load it.
+
+    ``lockstep`` (sharded weights, parallel.Strategy.generation): every rank speaks every prompt together,
+    inside that context; rank 0 alone decodes and writes."""
+    import soundfile as sf
+
+    from higgs_ddp.runtime.distributed import all_gather_objects
+
+    prompts = cfg.eval.prompts
+    if not prompts:
+        return []
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    mine, caught, codec_info = {}, None, None
+    share = range(len(prompts)) if lockstep is not None else range(rank, len(prompts), world)
+    if share:
+        try:  # an error (CodecError included) goes to every rank through the gather below: all raise
+            codec = codec() if callable(codec) else codec
+            codec_info = codec.sample_rate, codec.frame_rate
+            _check_codec(raw_model, codec)
+            with lockstep or contextlib.nullcontext(), \
+                    _generation_state(raw_model, cfg.eval.seed, lockstep is not None):
+                # Every reference first: an unusable one stops this before any audio is generated.
+                refs = {i: _encode_reference(cfg, i, prompts[i], codec) for i in share}
+                for i, ref_codes in refs.items():
+                    mine[i] = _speak(raw_model, tokenizer, codec, cfg, i, ref_codes, lockstep is not None,
+                                     decode=lockstep is None or rank == 0)
+        except (ValueError, RuntimeError) as e:
+            caught = e
+    sent = mine if lockstep is None or rank == 0 else {}  # in lockstep rank 0 holds every prompt already
+    gathered = all_gather_objects((sent, caught and f"{type(caught).__name__}: {caught}", codec_info))
+    if caught is not None:
+        raise caught
+    for r, (_, error, _) in enumerate(gathered):
+        if error is not None:
+            raise RuntimeError(f"listening samples failed on rank {r}: {error}")
+    if rank != 0:
+        return []
+    spoken = {i: got for part, _, _ in gathered for i, got in part.items()}
+    sample_rate, frame_rate = gathered[0][2]
+    folder = Path(out_dir) / f"step_{step:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, prompt in enumerate(prompts):
+        wave, gen, elapsed = spoken[i]
+        path = folder / f"sample_{i:02d}.wav"
+        sf.write(str(path), wave, sample_rate, subtype="PCM_16")  # libsndfile clips to [-1, 1]
+        results.append(SampleResult(prompt["text"], path, len(wave) / sample_rate, int(gen.codes.shape[1]),
+                                    gen.hit_limit, prompt.get("reference_audio"), gen.invalid_codes,
+                                    int((np.abs(wave) > 1.0).sum()), elapsed))
+    record = {
+        "step": step, "sample_rate": sample_rate, "frame_rate": frame_rate,
+        "max_audio_seconds": cfg.eval.max_audio_seconds, "temperature": cfg.eval.temperature, "seed": cfg.eval.seed,
+        "samples": [{"text": r.prompt, "reference_audio": r.reference_audio,
+                     "reference_text": cfg.eval.prompts[i].get("reference_text"),
+                     "path": r.path.name, "seconds": round(r.seconds, 4), "frames": r.frames,
+                     "hit_limit": r.hit_limit, "invalid_codes": r.invalid_codes, "clipped": r.clipped,
+                     "generate_seconds": round(r.generate_seconds, 3)} for i, r in enumerate(results)],
+    }
+    tmp = folder / "samples.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(folder / "samples.json")
+    return results

@@ -1,0 +1,1 @@
+"""Commands around training: export, plot, doctor, benchmark, demo data."""

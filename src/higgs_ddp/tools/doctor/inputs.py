@@ -1,0 +1,87 @@
+"""Input checks: the manifests (every line parses, every file it names exists) and the eval prompts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from higgs_ddp.tools.doctor.result import FAIL, OK, WARN, Result
+
+
+def _manifest_paths(cfg) -> list:
+    return [("manifest", p) for p in cfg.data.manifest] + [("val manifest", p) for p in cfg.data.val_manifest]
+
+
+def check_manifests(cfg, seen: Optional[dict] = None) -> list:
+    """Each manifest: exists, readable, every line parses (the training parser, so the same verdict), and
+    every audio / codes file it names exists. No audio is read. ``seen`` collects, per manifest, the entries
+    whose files all exist."""
+    from higgs_ddp.data.manifest import Problem, read_manifest
+
+    from higgs_ddp.tools.doctor.startup import is_benchmark
+
+    if not cfg.data.manifest:
+        if is_benchmark(cfg):
+            return [Result(OK, "data.manifest: none, and none needed: a benchmark config (bench.*), whose random "
+                               "samples higgs-ddp bench makes")]
+        return [Result(FAIL, "data.manifest is empty: set data.manifest=path/to/train.jsonl")]
+    skip = cfg.data.on_error == "skip"
+    out, exists = [], {}
+    for what, path in _manifest_paths(cfg):
+        p = Path(path)
+        if not p.is_file():
+            out.append(Result(FAIL, f"{what} {path}: not found: check data.{what.replace(' ', '_')} (a relative "
+                                    f"path is taken from the working directory, then from the config file's folder)"))
+            continue
+        try:
+            with p.open("rb") as f:
+                lines = sum(1 for line in f if line.strip())
+        except OSError as e:
+            out.append(Result(FAIL, f"{what} {path}: not readable ({e.strerror}): fix its permissions"))
+            continue
+        entries, problems = read_manifest(path, cfg.data.root, cfg.data.allow_outside_root)
+        usable = []
+        for entry in entries:
+            missing = []
+            for ref in entry.audio:
+                if ref.path not in exists:  # a reference clip is often shared by many lines
+                    exists[ref.path] = ref.path.is_file()
+                if not exists[ref.path]:
+                    missing.append(Problem(entry.where, "file_missing", f"{'codes file' if ref.is_codes else 'audio'} "
+                                                                        f"{ref.shown} not found"))
+            problems += missing
+            if not missing:
+                usable.append(entry)
+        problems.sort(key=lambda pr: int(pr.where.rsplit(":", 1)[1]))  # in file order
+        if seen is not None:
+            seen[path] = usable
+        if not problems and not entries:
+            out.append(Result(FAIL, f"{what} {path}: no samples in it: write one JSON object per line"))
+        elif problems:
+            listed = "; ".join(str(pr) for pr in problems[:3]) + ("; ..." if len(problems) > 3 else "")
+            fix = ("skipped and counted at the start (data.on_error=skip)" if skip
+                   else "fix these lines, or set data.on_error=skip to train on the rest")
+            out.append(Result(WARN if skip else FAIL, f"{what} {path}: {len(problems)} problem"
+                                                      f"{'s' * (len(problems) > 1)} in {lines} lines: {listed}: {fix}"))
+        else:
+            out.append(Result(OK, f"{what} {path}: {len(entries)} sample{'s' * (len(entries) > 1)}, every line "
+                                  f"parses, every file it names exists"))
+    return out
+
+
+def check_prompts(cfg) -> list:
+    """eval.prompts: each reference_audio exists (a path from the working directory); nothing is decoded."""
+    out = []
+    for i, prompt in enumerate(cfg.eval.prompts):
+        key, ref = f"eval.prompts[{i}]", prompt.get("reference_audio")
+        if prompt.get("reference_text") and not ref:
+            out.append(Result(FAIL, f"{key} has a reference_text but no reference_audio: add the reference's audio "
+                                    f"or drop its text"))
+        elif ref and not Path(ref).is_file():
+            out.append(Result(FAIL, f"{key}.reference_audio {ref}: not found (a path from the working directory): "
+                                    f"fix the path" + (" or run `make demo` first" if "runs/tiny" in ref else "")))
+    if cfg.eval.prompts and not out:
+        refs = sum(bool(p.get("reference_audio")) for p in cfg.eval.prompts)
+        out.append(Result(OK, f"eval.prompts: {len(cfg.eval.prompts)} prompt{'s' * (len(cfg.eval.prompts) > 1)}"
+                              f", {refs} reference audio file{'s' * (refs != 1)} found"))
+    return out

@@ -1,0 +1,249 @@
+"""Export a training checkpoint: the trained weights as they are, or merged into a full model folder.
+
+    higgs-ddp export --checkpoint DIR --out OUT [--merge] [--dtype auto|bf16|fp32]
+
+A checkpoint folder holds ``config.yaml`` (the resolved run config) and either ``adapter/`` (train.mode=lora,
+peft's format) or ``trainable.safetensors`` (audio_ffn / full: raw HiggsAudioModel parameter names).
+Without --merge the weights are copied with the tokenizer and an ``export.json`` provenance record. With
+--merge the base model is rebuilt from the config exactly as training builds it, the trained weights are
+loaded (every tensor must find its parameter) and merged, and OUT becomes a folder that
+``HiggsAudioModel.from_pretrained`` and boson_multimodal's ``HiggsAudioServeEngine`` load as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from higgs_ddp.config import Config, ConfigError, load_config
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint folder, or a run's output_dir (its latest complete checkpoint)."""
+    from higgs_ddp.training.checkpoint import latest_checkpoint
+
+    if (path / "checkpoints").is_dir() and not (path / "state.json").is_file():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise ExportError(f"{path / 'checkpoints'} holds no complete checkpoint")
+        return latest
+    return path
+
+
+def read_checkpoint(ckpt: Path) -> Config:
+    """The run config of a checkpoint folder, after checking the weights its mode needs are there."""
+    if not ckpt.is_dir():
+        raise ExportError(f"checkpoint folder {ckpt} not found")
+    if not (ckpt / "config.yaml").is_file():
+        raise ExportError(f"{ckpt} has no config.yaml (not a higgs-ddp checkpoint folder?)")
+    try:
+        cfg = load_config(str(ckpt / "config.yaml"))  # needs no data: manifest paths are only strings here
+    except ConfigError as e:
+        raise ExportError(f"{ckpt / 'config.yaml'}: {e}") from None
+    need = (["adapter/adapter_model.safetensors", "adapter/adapter_config.json"] if cfg.train.mode == "lora"
+            else ["trainable.safetensors"])
+    missing = [n for n in need if not (ckpt / n).is_file()]
+    if missing:
+        raise ExportError(f"{ckpt} (train.mode={cfg.train.mode}) has no {' and no '.join(missing)}")
+    return cfg
+
+
+def _step(ckpt: Path):
+    from higgs_ddp.training.checkpoint import CheckpointError, read_state, step_of
+
+    try:  # state.json is written last into every checkpoint; the folder name is only a fallback
+        return read_state(ckpt)["step"]
+    except (CheckpointError, KeyError):
+        return step_of(ckpt.resolve())
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors' own error type: a truncated or foreign file
+        raise ExportError(f"cannot read {path}: {e}") from None
+
+
+def _check_keys(what: str, missing: list, unexpected: list) -> None:
+    # A renamed module or a config drift would otherwise export the base weights unchanged, silently.
+    if missing or unexpected:
+        raise ExportError(f"{what} do not match the model rebuilt from config.yaml: "
+                          f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+                          f"(e.g. {unexpected[:2]})")
+
+
+def merged_model(ckpt: Path, cfg: Config, tokenizer):
+    """Base + trained weights as one plain HiggsAudioModel, in fp32."""
+    from higgs_ddp.model import apply_training_mode, build_model
+
+    # fp32 whatever the training precision: the merge sum is exact there; the cast comes after.
+    model = apply_training_mode(build_model(cfg, tokenizer, dtype=torch.float32), cfg)
+    if cfg.train.mode == "lora":
+        from peft import set_peft_model_state_dict
+
+        saved = json.loads((ckpt / "adapter" / "adapter_config.json").read_text())
+        want = {"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "target_modules": sorted(cfg.lora.target_modules)}
+        got = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
+               "target_modules": sorted(saved.get("target_modules") or [])}
+        if got != want:  # the scale alpha/r is not in the tensors: a mismatch would merge silently wrong
+            raise ExportError(f"adapter_config.json {got} disagrees with config.yaml's lora section {want}")
+        state = _load_safetensors(ckpt / "adapter" / "adapter_model.safetensors")
+        try:
+            result = set_peft_model_state_dict(model, state)
+        except RuntimeError as e:  # shape mismatches
+            raise ExportError(f"the adapter does not fit the model: {str(e).splitlines()[-1].strip()}") from None
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        _check_keys("the adapter tensors", missing, list(result.unexpected_keys))
+        return model.merge_and_unload()
+    from safetensors import safe_open
+
+    params = dict(model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    path = ckpt / "trainable.safetensors"
+    try:  # one tensor at a time: a full fine-tune's file is as large as the model itself
+        with safe_open(str(path), "pt") as f, torch.no_grad():
+            keys = set(f.keys())
+            _check_keys("the trainable tensors", sorted(trainable - keys), sorted(keys - set(params)))
+            for name in keys:
+                value = f.get_tensor(name)
+                if params[name].shape != value.shape:
+                    raise ExportError(f"{name}: shape {tuple(value.shape)} in the checkpoint, "
+                                      f"{tuple(params[name].shape)} in the model")
+                params[name].copy_(value)
+    except (ExportError, OSError):
+        raise
+    except Exception as e:  # safetensors' own error type: a truncated or foreign file
+        raise ExportError(f"cannot read {path}: {e}") from None
+    return model
+
+
+def output_dtype(cfg: Config, tokenizer, choice: str) -> torch.dtype:
+    if choice != "auto":
+        return DTYPES[choice]
+    if cfg.model.init == "random":
+        return torch.float32
+    from higgs_ddp.model import model_config
+
+    # The pretrained folder's declared dtype (bf16 for the official model), not the fp32 it was loaded in.
+    dtype = model_config(cfg, tokenizer).torch_dtype
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def export(ckpt: Path, out: Path, merge: bool = False, dtype: str = "auto") -> str:
+    """Writes OUT (all or nothing) and returns the one-line summary."""
+    ckpt = resolve_checkpoint(ckpt)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"output {out} already exists and is not an empty folder")
+    with unsharded(ckpt, out) as view:  # an fsdp checkpoint's rows, assembled: the same files as a ddp one's
+        return _export(ckpt, view, out, merge, dtype)
+
+
+@contextlib.contextmanager
+def unsharded(ckpt: Path, out: Path):
+    """``ckpt`` itself, or (written by fsdp: each rank's rows in shards/) a temporary folder holding its
+    trainable weights whole in the replicated layout, removed afterwards."""
+    from higgs_ddp.training.checkpoint import CheckpointError, read_state
+    from higgs_ddp.training.shards import consolidate
+
+    try:
+        state = read_state(ckpt)
+    except CheckpointError:
+        state = {}  # a final/ folder, or checked by read_checkpoint below
+    if not state.get("sharding"):
+        yield ckpt
+        return
+    tmp = out.parent / f".{out.name}.unsharded-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        try:
+            consolidate(ckpt, state, tmp)
+        except Exception as e:  # safetensors' own error type: a truncated shard
+            raise ExportError(f"cannot read the shards of {ckpt}: {' '.join(str(e).split())}") from None
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _export(source: Path, ckpt: Path, out: Path, merge: bool, dtype: str) -> str:
+    """``ckpt``: the folder the weights are read from (``source`` or its unsharded view)."""
+    from higgs_ddp.model import load_tokenizer
+
+    cfg = read_checkpoint(ckpt)
+    step = _step(source)
+    m = cfg.model
+    info = {"checkpoint": str(source.resolve()), "step": step,
+            "mode": cfg.train.mode, "merged": merge,
+            "base_model": ({"path": m.path, "revision": m.revision} if m.init == "pretrained"
+                           else "random init"),
+            "seed": cfg.train.seed}  # a random-init base is only reproducible from model.config + this seed
+    try:
+        tokenizer = load_tokenizer(cfg)
+    except OSError as e:
+        raise ExportError(f"cannot load the tokenizer: {str(e).splitlines()[0]}") from None
+    # Build in a sibling folder and rename at the end: a failed export leaves no half-written OUT.
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if merge:
+            model = merged_model(ckpt, cfg, tokenizer)
+            target = output_dtype(cfg, tokenizer, dtype)
+            model.to(target).save_pretrained(str(tmp), safe_serialization=True, max_shard_size="5GB")
+            tokenizer.save_pretrained(str(tmp))  # the inference engine loads the tokenizer from the model path
+            info["dtype"] = str(target).removeprefix("torch.")
+            what = f"merged {info['dtype']} HiggsAudioModel"
+        else:
+            if cfg.train.mode == "lora":
+                shutil.copytree(ckpt / "adapter", tmp)
+                what = "peft adapter (load it onto the base with PeftModel.from_pretrained, or use --merge)"
+            else:
+                tmp.mkdir()
+                shutil.copy2(ckpt / "trainable.safetensors", tmp / "trainable.safetensors")
+                what = "trainable tensors only (--merge writes a full model folder)"
+            # Rebuilding the base for these weights needs the run's model section (random init: all of it).
+            shutil.copy2(ckpt / "config.yaml", tmp / "config.yaml")
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    at = f" step {step}" if step is not None else ""
+    return f"exported {cfg.train.mode} checkpoint{at} -> {out}: {what}, {size / 2**20:.1f} MiB"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="higgs-ddp export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder, or a run's output_dir for its latest")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
+    parser.add_argument("--merge", action="store_true", help="write a full HiggsAudioModel folder")
+    parser.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="merged weights' dtype; auto: the pretrained base's (fp32 for a random init)")
+    args = parser.parse_args(argv)
+    try:
+        print(export(args.checkpoint, args.out, args.merge, args.dtype), flush=True)
+    except (ExportError, ConfigError, OSError) as e:
+        # OSErrors from the hub / transformers span several lines; the first one names the problem.
+        print(f"higgs-ddp export: error: {(str(e).splitlines() or [type(e).__name__])[0]}", file=sys.stderr,
+              flush=True)
+        return 2
+    return 0

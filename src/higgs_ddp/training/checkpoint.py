@@ -1,0 +1,481 @@
+"""Checkpoints: everything a run needs to continue exactly as if it had never stopped.
+
+    {output_dir}/checkpoints/step_000120/
+        adapter/                 LoRA: the PEFT adapter (adapter_model.safetensors + adapter_config.json)
+        trainable.safetensors    audio_ffn / full: the trainable tensors by parameter name
+        optimizer.safetensors    AdamW moments and step counts, by parameter name
+        shards/rank_00000.safetensors  instead of the three above under FSDP: each rank's rows of every
+                                 trainable and optimizer tensor, written by that rank (see shards.py)
+        rng.safetensors          every rank's torch CPU (and CUDA) generator state
+        config.yaml              the resolved config of the run that wrote it
+        state.json               step, data position, scheduler, counters, python/numpy RNG per rank,
+                                 data fingerprint, weight checksums: written last
+
+Only tensors (safetensors) and JSON/YAML are read back: loading a checkpoint unpickles nothing. A
+checkpoint is assembled in a hidden ``.tmp-*`` folder and renamed into place, so a crash while saving
+leaves the previous one intact, and a folder named ``step_N`` is always complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import yaml
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from higgs_ddp.runtime.distributed import all_gather_objects, all_reduce_sum, DistEnv
+from higgs_ddp.config import BenchConfig, ConfigError, EvalConfig, LoggingConfig
+from higgs_ddp.training.shards import SHARD_DIR, SavedTensors, adapter_key, is_sharded, like, local_part, rows_held, shard_file
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+STATE = "state.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def checkpoint_root(output_dir) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def step_of(path: Path) -> Optional[int]:
+    m = STEP_DIR.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def complete_checkpoints(output_dir) -> list[Path]:
+    """Complete checkpoints, oldest first (a ``step_N`` folder is complete by construction)."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if step_of(p) is not None and (p / STATE).is_file()]
+    return sorted(found, key=step_of)
+
+
+def latest_checkpoint(output_dir) -> Optional[Path]:
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def _remove(path: Path) -> None:
+    """Rename away first, so an interrupted delete never leaves a half-empty ``step_N``."""
+    trash = path.with_name(f".tmp-trash-{path.name}-{os.getpid()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_stale_temporaries(output_dir) -> None:
+    """Leftovers of a save or delete that was killed half-way."""
+    root = checkpoint_root(output_dir)
+    if root.is_dir():
+        for p in root.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    # Data on disk before the rename makes the checkpoint visible: a power cut can't expose empty files.
+    for p in sorted(path.rglob("*")) + [path]:
+        _fsync(p)
+
+
+# --- the pieces -------------------------------------------------------------------------------------
+
+def weight_checksums(named_params: list, device=None) -> torch.Tensor:
+    """Per trainable tensor: sum and sum of squares in float64, over the full tensor (collective when the
+    tensors are sharded: each rank sums its rows). Cheap, and any divergence between ranks or a bad load
+    changes them."""
+    rows = [torch.stack([local_part(p).detach().double().sum(), local_part(p).detach().double().pow(2).sum()])
+            for _, p in named_params]
+    sums = torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)
+    if any(is_sharded(p) for _, p in named_params):
+        sums = all_reduce_sum(sums.to(device) if device is not None else sums).cpu()
+    return sums
+
+
+def verify_ranks_agree(named_params: list, step: int, device: torch.device) -> None:
+    """Every rank must hold bit-identical replicated weights; DDP guarantees it unless something bypassed it
+    (or a rank's memory went bad). Sharded weights have no replicas to compare. Two tiny all-reduces."""
+    import torch.distributed as dist
+
+    replicated = [(n, p) for n, p in named_params if not is_sharded(p)]
+    if not (dist.is_available() and dist.is_initialized()) or not replicated:
+        return
+    sums = weight_checksums(replicated).to(device)
+    lo, hi = sums.clone(), sums.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    bad = [replicated[i][0] for i in torch.nonzero((lo != hi).any(1)).flatten().tolist()]
+    if bad:
+        raise CheckpointError(
+            f"ranks hold different trainable weights at step {step} ({len(bad)} of {len(replicated)} tensors "
+            f"differ, first: {bad[0]}): gradients were not synchronised; stopping without saving")
+
+
+def _optimizer_tensors(optimizer, names_by_param: dict) -> tuple[dict, dict]:
+    """This rank's rows of every optimizer tensor, keyed ``name::field``, and the JSON-able rest."""
+    sd = optimizer.state_dict()
+    order = [names_by_param[p] for g in optimizer.param_groups for p in g["params"]]
+    tensors = {f"{order[i]}::{key}": v for i, st in sd["state"].items() for key, v in st.items()}
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_names": order, "param_groups": groups}
+
+
+def _local_cpu(tensors: dict) -> dict:
+    return {k: local_part(v).detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def _load_optimizer(optimizer, named_params: list, saved: SavedTensors, meta: dict) -> None:
+    params, names = dict(named_params), {id(p): n for n, p in named_params}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    if order != meta["param_names"]:
+        raise CheckpointError("the checkpoint's optimizer was built for other trainable parameters")
+    index = {n: i for i, n in enumerate(order)}
+    state: dict = {}
+    for key in sorted(k for k in saved.keys() if "::" in k):
+        name, field = key.rsplit("::", 1)
+        p = params[name]
+        if list(saved.shape(key)) == list(p.shape):  # moments: this rank's rows, placed like the weight
+            start, end = rows_held(p)
+            value = like(p, saved.read(key, start, end).to(local_part(p).device))
+        else:  # AdamW's step count: a scalar, the same on every rank
+            value = saved.read(key, 0, 0)
+        state.setdefault(index[name], {})[field] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _rng_state() -> tuple[dict, dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    py = random.getstate()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    plain = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]}
+    return tensors, plain
+
+
+def _set_rng_state(tensors: dict, plain: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"])
+    v, keys, gauss = plain["python"]
+    random.setstate((v, tuple(keys), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# --- save / load ------------------------------------------------------------------------------------
+
+def _agree(error: str, env: DistEnv, what: str) -> None:
+    """Collective: raise on every rank if any rank failed (the others must not wait at the next step)."""
+    failed = all_reduce_sum(torch.tensor([1.0 if error else 0.0], device=env.device)).item()
+    if failed:
+        raise CheckpointError(error or f"another rank could not write {what}")
+
+
+def save_checkpoint(output_dir, step: int, *, model, named_params: list, optimizer, scheduler, state: dict,
+                    config: dict, env: DistEnv, keep_last: int) -> Path:
+    """Collective: every rank calls it. Rank 0 writes the checkpoint; with sharded weights each rank also
+    writes its own rows. All ranks learn whether that worked."""
+    verify_ranks_agree(named_params, step, env.device)
+    sums = weight_checksums(named_params, env.device)
+    rng = all_gather_objects(_rng_state())  # small; every rank's generators
+    root = checkpoint_root(output_dir)
+    final = root / f"step_{step:06d}"
+    tmp = final.with_name(all_gather_objects(f".tmp-{final.name}-{os.getpid()}")[0])  # rank 0's name
+    sharded = any(is_sharded(p) for _, p in named_params)
+    names_by_param = {p: n for n, p in named_params}
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer, names_by_param)
+    error = ""
+    if env.is_main:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / SHARD_DIR if sharded else tmp).mkdir(parents=True)
+            if sharded and hasattr(model, "peft_config"):  # peft's adapter files, less the tensors (in shards/)
+                model.save_pretrained(str(tmp / "adapter"), safe_serialization=True, state_dict={})
+                (tmp / "adapter" / "adapter_model.safetensors").unlink()
+        except OSError as e:
+            error = f"could not write checkpoint {final}: {e}"
+    _agree(error, env, f"checkpoint {final}")
+    if sharded:  # each rank its rows: nothing is gathered
+        try:
+            f = tmp / shard_file(env.rank)
+            save_file(_local_cpu({**dict(named_params), **opt_tensors}), str(f))
+            _fsync(f)
+        except (OSError, RuntimeError) as e:
+            error = f"could not write {tmp / shard_file(env.rank)} (rank {env.rank}): {e}"
+        _agree(error, env, f"checkpoint {final}")
+    if env.is_main:
+        try:
+            if not sharded:
+                _write_replicated(tmp, model, named_params, opt_tensors)
+            sharding = ({"world_size": env.world_size,
+                         "shapes": {k: list(v.shape) for k, v in {**dict(named_params), **opt_tensors}.items()}}
+                        if sharded else None)
+            _write_rest(tmp, final, step, scheduler, state, config, rng, opt_meta, named_params, sums, sharding)
+            for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
+                _remove(old)
+        except Exception as e:  # noqa: BLE001 -- any failure must reach the other ranks, not leave them waiting
+            error = f"could not write checkpoint {final}: {e}"
+    _agree(error, env, f"checkpoint {final}")
+    return final
+
+
+def _write_replicated(tmp: Path, model, named_params, opt_tensors) -> None:
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+    else:
+        save_file(_local_cpu(dict(named_params)), str(tmp / "trainable.safetensors"))
+    save_file(_local_cpu(opt_tensors), str(tmp / "optimizer.safetensors"))
+
+
+def _write_rest(tmp: Path, final: Path, step, scheduler, state, config, rng, opt_meta, named_params, sums,
+                sharding) -> None:
+    save_file({f"rank{r}.{k}": v.contiguous() for r, (t, _) in enumerate(rng) for k, v in t.items()},
+              str(tmp / "rng.safetensors"))
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    full = {**state, "step": step, "world_size": len(rng), "optimizer": opt_meta,
+            "scheduler": scheduler.state_dict(), "rng": [plain for _, plain in rng],
+            "weight_checksums": {n: s for (n, _), s in zip(named_params, sums.tolist())},
+            **({"sharding": sharding} if sharding else {})}
+    (tmp / STATE).write_text(json.dumps(full, indent=1))
+    _fsync_tree(tmp)
+    if final.exists():  # the same step saved again (e.g. a rerun that had nothing left to do)
+        _remove(final)
+    os.rename(tmp, final)
+    _fsync(final.parent)  # the rename itself
+
+
+def read_state(path: Path) -> dict:
+    try:
+        return json.loads((Path(path) / STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({STATE}: {e})") from None
+
+
+def _same_sums(a: list, b: list) -> bool:
+    # Float64 sums of the same weights agree to the last bits whatever the sharding added them in.
+    return all(math.isclose(x, y, rel_tol=1e-12, abs_tol=1e-12) for x, y in zip(a, b))
+
+
+def load_checkpoint(path: Path, *, model, named_params: list, optimizer, scheduler, env: DistEnv) -> dict:
+    """Restore weights, optimizer, scheduler and this rank's RNG, whatever strategy and number of ranks
+    wrote the checkpoint (each rank reads only its rows); returns the saved state dict."""
+    path = Path(path)
+    state = read_state(path)
+    try:
+        saved = SavedTensors(path, state)
+        weights = {k for k in saved.keys() if "::" not in k}
+        names = [n for n, _ in named_params]
+        missing = [n for n in names if (adapter_key(n) if getattr(saved, "adapter", False) else n) not in weights]
+        if missing or len(weights) != len(names):
+            raise CheckpointError(f"{path}: trainable tensors differ from this model's ({len(weights)} saved, "
+                                  f"{len(names)} here{f', first missing: {missing[0]}' if missing else ''})")
+        with torch.no_grad():
+            for n, p in named_params:
+                start, end = rows_held(p)
+                local_part(p).copy_(saved.read(n, start, end))
+        saved_sums = state["weight_checksums"]
+        now = dict(zip(names, weight_checksums(named_params, env.device).tolist()))
+        wrong = [n for n in now if n not in saved_sums or not _same_sums(saved_sums[n], now[n])]
+        if wrong or set(saved_sums) != set(now):
+            raise CheckpointError(f"{path}: loaded weights do not match the checksums saved with them "
+                                  f"(first: {(wrong or sorted(set(saved_sums) ^ set(now)))[0]}); the checkpoint is damaged")
+        _load_optimizer(optimizer, named_params, saved, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state["world_size"] == env.world_size:
+            rng = load_file(str(path / "rng.safetensors"))
+            prefix = f"rank{env.rank}."
+            _set_rng_state({k[len(prefix):]: v for k, v in rng.items() if k.startswith(prefix)},
+                           state["rng"][env.rank])
+    except (OSError, KeyError, ValueError, SafetensorError) as e:
+        raise CheckpointError(f"{path}: cannot load checkpoint: {' '.join(str(e).split())}") from None
+    return state
+
+
+# --- what must match to resume --------------------------------------------------------------------
+
+# Keys that cannot change what a step computes: where things live, how often to log or save.
+NO_EFFECT = {
+    "output_dir", "train.resume", "train.resume_accept", "train.save_every", "train.keep_last",
+    "train.log_every", "train.max_bad_steps", "train.find_unused_parameters",
+    # Same loss and gradients, other memory / speed: switching them on to fit a GPU is a normal resume.
+    "train.activation_checkpointing", "train.text_logits", "train.text_logits_chunk", "train.compile",
+    "train.parallel", "train.fsdp.cpu_offload",  # a DDP checkpoint resumes under FSDP and back (shards.py)
+    "data.num_workers", "data.prefetch_factor", "data.cache_dir",
+    # The data itself is judged by its fingerprint, not by where it lives or how it got there.
+    "data.manifest", "data.root", "data.allow_outside_root", "data.on_error", "data.codec_revision",
+    # Validation reads the weights and never changes them (nor the training RNG).
+    "data.val_manifest",
+} | {f"{section}.{f.name}" for section, cls in (("bench", BenchConfig), ("eval", EvalConfig), ("logging", LoggingConfig))
+     for f in dataclasses.fields(cls)}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and prefix + k != "model.config":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def resume_differences(saved_config: dict, config: dict, saved_state: dict, fingerprint: dict,
+                       world_size: int) -> dict:
+    """What differs between a checkpoint and this run in ways that would change the result:
+    {key: "then -> now"}; keys are config keys, ``data`` and ``world_size``."""
+    then, now = _flat(saved_config), _flat(config)
+    diffs = {k: f"{then.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(then) | set(now))
+             if k not in NO_EFFECT and then.get(k) != now.get(k)}
+    old = saved_state.get("data", {})
+    if old.get("content") != fingerprint["content"]:
+        if old.get("ids") == fingerprint["ids"]:
+            diffs["data"] = ("the same sample ids, but in another order or with different tokens or audio codes "
+                             "(reordered manifest, edited text or audio, another tokenizer or codec?)")
+        else:
+            diffs["data"] = f"{old.get('samples')} training samples -> {fingerprint['samples']}, not the same set"
+    if saved_state.get("world_size") != world_size:
+        diffs["world_size"] = (f"{saved_state.get('world_size')} -> {world_size} ranks (samples per step and the "
+                               f"ranks' RNG differ)")
+    return diffs
+
+
+def check_resumable(path: Path, config: dict, fingerprint: dict, world_size: int, accept: list) -> None:
+    state = read_state(path)
+    try:
+        saved_config = yaml.safe_load((Path(path) / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{path}: cannot read config.yaml: {e}") from None
+    diffs = resume_differences(saved_config, config, state, fingerprint, world_size)
+    if "all" in accept:
+        return
+    blocking = {k: v for k, v in diffs.items() if k not in accept}
+    if blocking:
+        lines = "; ".join(f"{k}: {v}" for k, v in blocking.items())
+        keys = ",".join(blocking)
+        raise ConfigError(f"cannot resume from {path}: this run differs from it in ways that change the "
+                          f"result: {lines}. Resume anyway with train.resume_accept=[{keys}], or start a new "
+                          f"run in another output_dir")
+
+
+def resume_point(output_dir, resume: str, env: Optional[DistEnv] = None) -> tuple[Optional[Path], str]:
+    """Collective: the checkpoint to continue from (None: a fresh start) and a note for the user, if any.
+    Without ``env`` (the doctor) it only looks: a damaged checkpoint is not renamed.
+
+    A checkpoint path only seeds a run: once output_dir has checkpoints of its own, the latest of those
+    wins, so a restarted or requeued job running the same command continues instead of starting over.
+    Of its own checkpoints, the newest whose files all read wins (see ``_newest_loadable``).
+    """
+    own = list(reversed(complete_checkpoints(output_dir)))  # newest first
+    if resume == "never":
+        if own:
+            raise ConfigError(f"train.resume=never but {output_dir} already holds checkpoints (latest {own[0].name}); "
+                              f"their steps would mix with this run's: use another output_dir or delete "
+                              f"{checkpoint_root(output_dir)}")
+        return None, ""
+    seed_note = ""
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / STATE).is_file():
+            raise ConfigError(f"train.resume={resume}: not a complete checkpoint folder (no {STATE}); "
+                              f"use auto, never or a checkpoints/step_N folder")
+        if not own:
+            problem = _agreed_damage(path)
+            if problem:
+                raise CheckpointError(f"cannot resume from {path}: {problem}")
+            return path, ""
+        if own[0].resolve() != path.resolve():
+            seed_note = (f"train.resume={resume} only seeds a run without checkpoints; this output_dir has its own, "
+                         f"so it continues from the latest ({own[0].name}). To go back, delete the later checkpoints "
+                         f"or resume into a new output_dir")
+    if not own:
+        return None, ""
+    chosen, note = _newest_loadable(own, output_dir, env)
+    return chosen, "\n".join(filter(None, (seed_note, note)))
+
+
+def _newest_loadable(newest_first: list, output_dir, env: Optional[DistEnv]) -> tuple[Path, str]:
+    """The newest checkpoint whose files all read, and a note naming what was passed over.
+
+    A later checkpoint that a full disk or a copy cut short is renamed ``step_N.damaged`` (kept for a
+    look, no longer a checkpoint: it would hold a ``keep_last`` place and be looked at on every start).
+    Every rank reads the files and they agree on the result, so all of them load the same checkpoint."""
+    damaged = []
+    for path in newest_first:
+        problem = _agreed_damage(path)
+        if not problem:
+            break
+        damaged.append((path, problem))
+    else:
+        listed = "; ".join(problem for _, problem in damaged)
+        raise CheckpointError(f"no checkpoint in {checkpoint_root(output_dir)} can be loaded: {listed}. Delete "
+                              f"or move away the damaged ones (all of them to start over)")
+    if not damaged:
+        return path, ""
+    if env is not None and env.is_main:
+        for bad, _ in damaged:
+            os.rename(bad, bad.with_name(f"{bad.name}.damaged"))
+    listed = "; ".join(problem for _, problem in damaged)
+    return path, (f"{listed}; resuming from {path.name}, the newest checkpoint that loads (the damaged one is "
+                  f"kept as {damaged[0][0].name}.damaged{' and older' if len(damaged) > 1 else ''})")
+
+
+def _agreed_damage(path: Path) -> str:
+    """Collective: what any rank found wrong with ``path`` ('' if nothing), the same on every rank."""
+    return next((p for p in all_gather_objects(damage(path)) if p), "")
+
+
+def _tensor_files(path: Path) -> list:
+    """The files holding a checkpoint's trainable and optimizer tensors, in either layout (shards.py)."""
+    try:
+        sharding = json.loads((path / STATE).read_text()).get("sharding")
+    except (OSError, ValueError):
+        sharding = None  # damage() names state.json itself first
+    if sharding:
+        return [path / shard_file(r) for r in range(sharding["world_size"])]
+    weights = (path / "adapter" / "adapter_model.safetensors" if (path / "adapter").is_dir()
+               else path / "trainable.safetensors")
+    return [weights, path / "optimizer.safetensors"]
+
+
+def damage(path: Path) -> str:
+    """'' when every file a resume reads can be read; else one line naming the first that cannot."""
+    path = Path(path)
+    for f in (path / STATE, path / "config.yaml", *_tensor_files(path), path / "rng.safetensors"):
+        try:
+            if f.suffix == ".safetensors":
+                with safe_open(str(f), framework="pt"):  # the header, checked against the file's length
+                    pass
+            elif f.suffix == ".json":
+                json.loads(f.read_text())
+            else:
+                yaml.safe_load(f.read_text())
+        except FileNotFoundError:
+            return f"{f} is missing"
+        except (OSError, ValueError, yaml.YAMLError, SafetensorError) as e:
+            return f"{f} is damaged ({' '.join(str(e).split())})"
+    return ""

@@ -1,0 +1,297 @@
+"""The pieces of a run: setup (model, data, DDP, optimizer), one optimizer step, and saving."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from higgs_ddp.data.collator import Batch, HiggsCollator
+from higgs_ddp.training.checkpoint import check_resumable, load_checkpoint, save_checkpoint
+from higgs_ddp.config import Config, ConfigError, check_machine
+from higgs_ddp.data.batching import StepBatchSampler, TokenBudgetBatchSampler
+from higgs_ddp.data.dataset import Data, ManifestDataset, fingerprint, load_data
+from higgs_ddp.runtime.distributed import DistEnv, all_reduce_sum
+from higgs_ddp.dual_loss import compute_dual_loss
+from higgs_ddp.model import HiggsForward, build_for_training, load_tokenizer, text_head, unwrap
+from higgs_ddp.training.optim import build_optimizer, build_scheduler
+from higgs_ddp.training.parallel import build_strategy
+from higgs_ddp.data.prefetch import Prefetcher
+from higgs_ddp.training.preemption import leave_stop_signals_to_parent
+from higgs_ddp.training.shards import gather_full
+from higgs_ddp.training.perf import compile_decoder_layers, enable_activation_checkpointing, enable_tf32
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class StepResult:
+    loss: float
+    text_loss: float
+    audio_loss: float
+    per_codebook_loss: list
+    grad_norm: float
+    text_targets: int
+    audio_targets: int
+    tokens: int
+    samples: int
+    padding_fraction: float  # of the positions the model computed, the share that was padding
+    skipped: bool
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv, data: Data | None = None):
+        self.cfg, self.env = cfg, env
+        t = cfg.train
+        check_machine(cfg, env.device.type)  # bf16 and flash-attn need a GPU
+        use_bf16 = t.precision == "bf16" or (t.precision == "auto" and env.device.type == "cuda")
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
+        self.precision = "bf16" if use_bf16 else "fp32"
+
+        self.tokenizer = load_tokenizer(cfg)
+        self.model = build_for_training(cfg, self.tokenizer, torch.bfloat16 if use_bf16 else torch.float32,
+                                        device=env.device)
+        self.raw = unwrap(self.model)
+
+        mc = self.raw.config
+        # Before the model moves to the GPU: preparing new audio loads the codec there for a while.
+        self.data = data or load_data(cfg, env, self.tokenizer, mc)  # (the benchmark brings its own)
+        self.dataset = ManifestDataset(self.data.train)
+        self.val_dataset = ManifestDataset(self.data.val)
+        if cfg.eval.every and not len(self.val_dataset):
+            raise ConfigError("eval.every needs a validation set: data.val_manifest or data.val_fraction")
+        if cfg.eval.prompts:  # every rank: they must all stop, or the others would wait at a collective
+            from higgs_ddp.evaluation.listening import check_prompts
+            problems = check_prompts(cfg)  # now, not hours later at the first sample
+            if problems:
+                raise ConfigError("; ".join(problems))
+        if cfg.data.max_tokens_per_batch:
+            self.sampler = TokenBudgetBatchSampler(self.dataset.lengths, cfg.data.max_tokens_per_batch,
+                                                   t.grad_accum_steps, env.rank, env.world_size, t.seed,
+                                                   cfg.data.shuffle)
+        else:
+            self.sampler = StepBatchSampler(len(self.dataset), t.micro_batch_size, t.grad_accum_steps, env.rank,
+                                            env.world_size, t.seed, cfg.data.shuffle)
+        self.model.to(env.device)
+        self.model.train()
+        self.collator = HiggsCollator.for_model(mc)  # workers build CPU batches; pinned, then copied
+        workers = cfg.data.num_workers
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenized before the workers fork
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=self.sampler, collate_fn=self.collator, num_workers=workers,
+            pin_memory=env.device.type == "cuda", prefetch_factor=cfg.data.prefetch_factor if workers else None,
+            # One iterator serves the whole run (the sampler never ends); persistent workers would only
+            # outlive it, past Prefetcher.close, to an exit handler that distributed.exit_process skips.
+            persistent_workers=False,
+            # Slurm's and torchrun's stop signals reach the workers too: the training process decides.
+            worker_init_fn=leave_stop_signals_to_parent,
+            # Its own generator: starting an iterator draws a seed, and from the global generator that draw
+            # would shift dropout after a resume.
+            generator=torch.Generator().manual_seed(t.seed))
+
+        perf = []  # what rank 0 reports in the run card
+        if env.device.type == "cuda":
+            enable_tf32()
+        if t.activation_checkpointing:
+            perf.append(f"activation checkpointing ({enable_activation_checkpointing(self.raw)} layers)")
+        if t.compile:
+            perf.append(f"torch.compile ({compile_decoder_layers(self.raw)} layers)")
+        self.perf = perf
+        self.text_head = text_head(self.raw) if t.text_logits == "supervised" else None
+        if self.text_head is not None and t.find_unused_parameters and any(
+                p.requires_grad for p in self.text_head.parameters()):
+            # The deferred head runs after DDP's forward: DDP's search for unused weights would miss it.
+            raise ConfigError("train.find_unused_parameters=true with a trained text head needs "
+                              "train.text_logits=all")
+        self.strategy = build_strategy(cfg, env)  # last, after checkpointing and compile (torchtitan's order)
+        self.wrapped = self.strategy.wrap(HiggsForward(self.model, defer_text_head=self.text_head is not None))
+        # Collected after wrapping: FSDP2 replaces each parameter by its shard (same names).
+        self.named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named_params]
+        self.optimizer = build_optimizer(self.params, t.lr, t.betas, t.weight_decay, env.device)
+        self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        self.alignment = t.loss_alignment
+        self.verified = False  # the first step checks label convention and target counts
+        self.bad_in_row = 0
+        self.skipped_steps = 0
+
+    def batches(self) -> Prefetcher:
+        """This rank's micro-batches, endlessly, fetched (and put on the device) a step ahead."""
+        return Prefetcher(iter(self.loader), self.env.device)
+
+    @functools.cached_property
+    def codec(self):
+        """The audio codec, loaded on first use (listening samples: the ranks that speak a prompt)."""
+        from higgs_ddp.data.codec import load_codec
+        return load_codec(self.cfg.data.codec, self.cfg.data.codec_revision, device=self.env.device)
+
+    def memory(self) -> dict:
+        if self.env.device.type != "cuda":
+            return {}
+        return {"gpu_memory_gb": torch.cuda.max_memory_allocated(self.env.device) / 1e9}
+
+    @functools.cached_property
+    def data_fingerprint(self) -> dict:
+        return fingerprint(self.data.train)
+
+    def save_checkpoint(self, step: int) -> Path:
+        epoch, micro = self.sampler.position(step)
+        state = {"data": {**self.data_fingerprint, "epoch": epoch, "micro_batches_into_epoch": micro},
+                 "counters": {"bad_in_row": self.bad_in_row, "skipped_steps": self.skipped_steps,
+                              "alignment": self.alignment, "verified": self.verified}}
+        return save_checkpoint(self.cfg.output_dir, step, model=self.model, named_params=self.named_params,
+                               optimizer=self.optimizer, scheduler=self.scheduler, state=state,
+                               config=self.cfg.to_dict(), env=self.env, keep_last=self.cfg.train.keep_last)
+
+    def resume(self, path: Path) -> int:
+        """Continue from a checkpoint: weights, optimizer, schedule, data position, RNG. Returns its step."""
+        t = self.cfg.train
+        check_resumable(path, self.cfg.to_dict(), self.data_fingerprint, self.env.world_size, t.resume_accept)
+        state = load_checkpoint(path, model=self.model, named_params=self.named_params, optimizer=self.optimizer,
+                                scheduler=self.scheduler, env=self.env)
+        step, data = state["step"], state["data"]
+        if "micro_batches_into_epoch" in data:
+            self.sampler.resume_at(step, data["epoch"], data["micro_batches_into_epoch"])
+        else:  # saved before positions were kept in micro-batches: by step, right for the same layout
+            self.sampler.start_step = step
+        if state["world_size"] != self.env.world_size and self.env.is_main:
+            epoch, micro = self.sampler.position(step)
+            print(f"resume: {state['world_size']} ranks saved this checkpoint, {self.env.world_size} run now "
+                  f"(accepted by train.resume_accept): the data continues at the same micro-batch (epoch {epoch}, "
+                  f"micro-batch {micro}), nothing is replayed or skipped; their RNG states are not restored",
+                  flush=True)
+        if step > t.max_steps:
+            raise ConfigError(f"{path} is at step {step}, past train.max_steps={t.max_steps}")
+        c = state["counters"]
+        self.bad_in_row, self.skipped_steps = c["bad_in_row"], c["skipped_steps"]
+        self.alignment, self.verified = c["alignment"], c["verified"]
+        return step
+
+    def run_card(self) -> str:
+        """What rank 0 prints before the first step."""
+        t, env, d, m = self.cfg.train, self.env, self.cfg.data, self.cfg.model
+        total = sum(p.numel() for p in self.model.parameters())
+        model = (f"random HiggsAudioModel, {total / 1e6:,.1f}M parameters" if m.init == "random"
+                 else f"{m.path}" + (f" @ {m.revision[:10]}" if m.revision else "") + f", {total / 1e9:.2f}B parameters")
+        positions = sum(self.dataset.lengths)
+        val = f"; validation {len(self.val_dataset)} samples" if len(self.val_dataset) else "; no validation set"
+        per_micro = (f"up to {d.max_tokens_per_batch} positions" if d.max_tokens_per_batch
+                     else f"{t.micro_batch_size} samples")
+        per_step = t.micro_batch_size * t.grad_accum_steps * env.world_size
+        epochs = t.max_steps * per_step / max(len(self.dataset), 1)
+        batch = (f"{env.world_size} ranks x {t.grad_accum_steps} micro-steps x {per_micro}"
+                 + ("" if d.max_tokens_per_batch else f" = {per_step} samples per step"))
+        rows = [
+            ("model", model),
+            ("training", f"{t.mode}, {self.num_trainable:,} trainable parameters ({100 * self.num_trainable / total:.2f} %)"),
+            ("data", f"{len(self.dataset)} samples, {self.data.report['train_audio_hours']:.2f} h of audio, "
+                     f"{positions:,} positions{val}"),
+            ("batch", batch),
+            ("schedule", f"{t.max_steps} steps" + ("" if d.max_tokens_per_batch else f" (~{epochs:.1f} epochs)")
+                         + f", lr {t.lr:g}, warmup {t.warmup_steps}"),
+            ("runs on", f"{env.world_size} x {env.device.type}, {self.strategy.describe()}, {self.precision}" + "".join(f", {p}" for p in self.perf)),
+            ("output", self.cfg.output_dir),
+        ]
+        return "higgs-ddp run card\n" + "\n".join(f"  {k:<9} {v}" for k, v in rows)
+
+    @property
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def loss(self, out: dict, b: Batch, check: bool, accuracy: bool = False):
+        t = self.cfg.train
+        return compute_dual_loss(
+            out.get("logits"), out["expanded_labels"], out["audio_logits"], b.label_audio_ids,
+            expanded_input_ids=out["expanded_input_ids"] if check else None,
+            audio_out_ids=b.audio_out_ids if check else None,
+            audio_out_ids_start=b.audio_out_ids_start, alignment=self.alignment,
+            text_weight=t.text_weight, audio_weight=t.audio_weight, validate=check,
+            text_hidden=out.get("text_hidden"), text_head=self.text_head, chunk_rows=t.text_logits_chunk,
+            accuracy=accuracy)
+
+    def train_step(self, micro: list[Batch]) -> StepResult:
+        env, t = self.env, self.cfg.train
+        micro = [b.to(env.device, non_blocking=True) for b in micro]
+        # Global supervised-token counts over all micro-steps and ranks, known before any backward:
+        # every token weighs the same however the global batch is split.
+        counts = torch.tensor([[b.text_targets, b.audio_targets, b.num_positions, b.padded_positions,
+                                b.num_samples] for b in micro], dtype=torch.float64).sum(0)
+        counts = all_reduce_sum(counts.to(env.device))
+        g_text, g_audio, g_tokens, g_padded, g_samples = counts.tolist()
+        C = self.raw.config.audio_num_codebooks
+        sums = torch.zeros(2 + 2 * C, dtype=torch.float64, device=env.device)
+        for i, b in enumerate(micro):
+            self.strategy.set_sync(self.wrapped, last=i == len(micro) - 1)
+            # Verify the label convention on the first step; the aligned path is verified on every step.
+            check = not self.verified or self.alignment == "aligned"
+            with self.autocast:  # the deferred text head runs inside the loss, so the loss is under it too
+                out = self.wrapped(**b.model_inputs())
+                dl = self.loss(out, b, check)
+            if check:
+                if (int(dl.text_tokens), int(dl.audio_tokens)) != (b.text_targets, b.audio_targets):
+                    raise TrainingError(
+                        f"loss counted {int(dl.text_tokens)}/{int(dl.audio_tokens)} text/audio targets, "
+                        f"the collator {b.text_targets}/{b.audio_targets}: normalisation would be wrong")
+                self.alignment = dl.path
+            # Normalised by the global target counts; grad_scale undoes the wrapper's mean over ranks.
+            dl.normalized(g_text, g_audio, scale=self.strategy.grad_scale).backward()
+            sums += torch.cat([torch.stack([dl.text_loss_sum.detach(), dl.audio_loss_sum.detach()]),
+                               dl.per_codebook_loss_sum, dl.per_codebook_tokens]).double()
+        self.verified = True
+        grad_norm = self.strategy.clip_grad_norm_(self.params, t.max_grad_norm)
+        sums = all_reduce_sum(sums)
+        text_loss = (sums[0] / max(g_text, 1)).item()
+        audio_loss = (sums[1] / max(g_audio, 1)).item()
+        per_cb = (sums[2:2 + C] / sums[2 + C:].clamp(min=1)).tolist()
+        loss = t.text_weight * text_loss + t.audio_weight * audio_loss
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)  # identical on every rank
+        if finite:
+            self.optimizer.step()
+            self.bad_in_row = 0
+        else:
+            self.bad_in_row += 1
+            self.skipped_steps += 1
+        with warnings.catch_warnings():
+            # A skipped step still advances the schedule (it is indexed by optimizer steps taken or
+            # skipped); torch warns about scheduler.step() without optimizer.step(), which is intended here.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.bad_in_row >= t.max_bad_steps:
+            raise TrainingError(
+                f"{self.bad_in_row} optimizer steps in a row had a non-finite loss or gradient "
+                f"(last: loss={loss}, grad_norm={grad_norm}); stopping. Lower train.lr or check the data.")
+        return StepResult(loss, text_loss, audio_loss, per_cb, grad_norm, int(g_text), int(g_audio),
+                          int(g_tokens), int(g_samples), 1.0 - g_tokens / max(g_padded, 1), not finite)
+
+    def save_final(self) -> Path:
+        """The trained tensors, whole, in the formats export and the inference engine read. Collective: with
+        sharded weights every rank takes part in gathering them to rank 0, one tensor at a time."""
+        out = Path(self.cfg.output_dir) / "final"
+        state = gather_full(self.named_params, keep=self.env.is_main)
+        if not self.env.is_main:
+            return out
+        out.mkdir(parents=True, exist_ok=True)
+        if self.cfg.train.mode == "lora":
+            self.model.save_pretrained(str(out), safe_serialization=True, state_dict=state)
+        else:
+            from safetensors.torch import save_file
+            save_file(state, str(out / "trainable.safetensors"), metadata={"mode": self.cfg.train.mode})
+            self.raw.config.save_pretrained(str(out))
+        self.tokenizer.save_pretrained(str(out / "tokenizer"))
+        return out
+
+
+def write_run_files(cfg: Config) -> None:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

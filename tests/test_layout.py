@@ -1,0 +1,119 @@
+"""The package's layout is its architecture: lower layers never import higher ones, no module imports
+itself back through others, dual_loss.py stands alone, and every tool is one `higgs-ddp` command."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+PKG = ROOT / "src" / "higgs_ddp"
+# Bottom to top: what a layer may import is at its level or below (lazy imports inside functions included).
+LAYERS = [
+    ("higgs_ddp.config", "higgs_ddp.dual_loss"),  # leaves
+    ("higgs_ddp.runtime",),  # the process group and how a process ends
+    ("higgs_ddp.data",),  # manifest -> audio -> codes -> prompts -> dataset -> batches
+    ("higgs_ddp.model",),  # HiggsAudioModel built, wrapped for a training mode, HiggsForward
+    ("higgs_ddp.evaluation",),  # validation, listening samples
+    ("higgs_ddp.training",),  # trainer, optimizer, parallel strategy, checkpoints, stops, logs
+    ("higgs_ddp.tools",),  # export, plot, doctor, bench, demo data
+    ("higgs_ddp.train", "higgs_ddp.cli", "higgs_ddp.__main__", "higgs_ddp"),  # entry points
+]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer(name: str) -> int:
+    for i, prefixes in enumerate(LAYERS):
+        if any(name == p or name.startswith(p + ".") for p in prefixes if p != "higgs_ddp") or name in prefixes:
+            return i
+    raise AssertionError(f"{name} is in no layer of tests/test_layout.py")
+
+
+def imports(path: Path) -> set:
+    """Every higgs_ddp module a file imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("higgs_ddp"):
+            assert node.level == 0, f"{path}: relative import (the layout uses absolute ones)"
+            for alias in node.names:  # "from higgs_ddp.data import prepare" imports a module
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if (PKG.parent / (sub.replace(".", "/") + ".py")).exists() else node.module)
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{path}: relative import (the layout uses absolute ones)")
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("higgs_ddp")}
+    return found
+
+
+GRAPH = {module_name(p): imports(p) for p in PKG.rglob("*.py")}
+
+
+def test_lower_layers_never_import_higher_ones():
+    upward = [f"{m} (layer {layer(m)}) imports {d} (layer {layer(d)})"
+              for m, deps in sorted(GRAPH.items()) for d in sorted(deps) if layer(d) > layer(m)]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_cycles():
+    def cycle_from(start):
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for dep in GRAPH.get(node, ()):
+                if dep == start:
+                    return path + [dep]
+                if dep not in seen and dep in GRAPH:
+                    seen.add(dep)
+                    stack.append((dep, path + [dep]))
+        return None
+
+    cycles = [" -> ".join(c) for m in sorted(GRAPH) if (c := cycle_from(m))]
+    assert not cycles, "\n".join(cycles)
+
+
+def test_dual_loss_depends_on_torch_only():
+    tree = ast.parse((PKG / "dual_loss.py").read_text())
+    roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert roots <= {"torch", "__future__", "dataclasses", "typing"}, roots
+
+
+def test_one_command_line_lists_every_tool():
+    proc = subprocess.run([sys.executable, "-m", "higgs_ddp", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    for command in ("train", "prepare", "export", "doctor", "plot", "bench", "demo-data"):
+        assert f"\n  {command} " in proc.stdout, command
+
+
+@pytest.mark.parametrize("command", ["train", "prepare", "export", "doctor", "plot", "bench", "demo-data"])
+def test_every_command_has_help_with_an_example(command):
+    proc = subprocess.run([sys.executable, "-m", "higgs_ddp", command, "--help"], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert f"usage: higgs-ddp {command}" in proc.stdout
+    assert f"higgs-ddp {command} " in proc.stdout.split("\n", 2)[-1], "an example in the help text"
+
+
+def test_an_unknown_command_is_one_line():
+    proc = subprocess.run([sys.executable, "-m", "higgs_ddp", "trian"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "unknown command 'trian'" in proc.stderr
+
+
+def test_launch_options_go_to_torchrun():
+    from higgs_ddp.cli import needs_launcher, split_launch_options, torchrun_argv
+
+    launch, rest = split_launch_options(["--nproc_per_node=2", "--config", "c.yaml", "--max-restarts", "3", "a.b=1"])
+    assert launch == ["--nproc-per-node=2", "--max-restarts", "3"] and rest == ["--config", "c.yaml", "a.b=1"]
+    cmd = torchrun_argv("train", launch, rest)
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert cmd[5:] == ["--max-restarts", "3", "-m", "higgs_ddp", "train", "--config", "c.yaml", "a.b=1"]
+    nodes = torchrun_argv("train", ["--nnodes", "2", "--rdzv-endpoint", "h:29500"], [])
+    assert "--standalone" not in nodes  # a rendezvous across nodes, not a local one
+    assert not needs_launcher(["--nproc-per-node", "1"]) and needs_launcher(["--nproc-per-node", "2"])
