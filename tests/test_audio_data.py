@@ -440,7 +440,7 @@ def test_unreachable_codec_is_one_line_from_the_cli(tmp_path, monkeypatch, capsy
     import huggingface_hub.constants
 
     from conftest import tiny_config
-    from higgs_ddp.data.prepare import main
+    from higgs_ddp.cli import prepare as main
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     cfg = tiny_config(tmp_path, samples=4, audio=True)

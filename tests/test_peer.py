@@ -56,7 +56,7 @@ def test_peer_first_micro_batch_loss_is_ours(tmp_path):
     losses = []
     for _ in range(2):
         batch = next(batches)
-        losses.append(ours.loss(ours.ddp(**batch.model_inputs()), batch, check=True).loss.item())
+        losses.append(ours.loss(ours.wrapped(**batch.model_inputs()), batch, check=True).loss.item())
     del ours
 
     r = peer.run_peer(cfg, DistEnv(), data, steps=1, warmup=0)

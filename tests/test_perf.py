@@ -24,7 +24,7 @@ def first_step(tmp_path, name, *overrides, mode="lora"):
     # Output shapes of the text head (while deferred inside the model it passes hidden states through).
     handle = head.register_forward_hook(lambda m, args, out: calls.append(tuple(out.shape)))
     torch.manual_seed(0)
-    out = trainer.ddp(**batch.model_inputs())
+    out = trainer.wrapped(**batch.model_inputs())
     dl = trainer.loss(out, batch, check=True)
     dl.loss.backward()
     handle.remove()
@@ -56,7 +56,7 @@ def test_activation_checkpointing_same_loss_and_gradients_and_recomputes(tmp_pat
         mlp = trainer.raw.layers[0].mlp
         h = mlp.register_forward_hook(lambda *a, n=name: runs.__setitem__(n, runs[n] + 1))
         batch = next(iter(trainer.loader))
-        trainer.loss(trainer.ddp(**batch.model_inputs()), batch, check=True).loss.backward()
+        trainer.loss(trainer.wrapped(**batch.model_inputs()), batch, check=True).loss.backward()
         h.remove()
     assert runs == {"plain": 1, "ckpt": 2}
 
