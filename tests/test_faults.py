@@ -178,21 +178,23 @@ def test_a_worker_that_dies_while_stopping_is_left_to_the_next_fetch():
         kill_the_worker(stopping=False)
 
 
+def uninterrupted_run(tmp_path_factory, name: str, write) -> Path:
+    """The reference: ``write(folder, "ref")``'s config run on 2 ranks without interruption."""
+    tmp = tmp_path_factory.mktemp(name)
+    proc = torchrun(2, "--config", write(tmp, "ref"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "ref" / "run"
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """No DataLoader workers: their number changes nothing in the batches, so every run compares with it."""
-    tmp = tmp_path_factory.mktemp("uninterrupted")
-    proc = torchrun(2, "--config", write_config(tmp, "ref"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "ref" / "run"
+    return uninterrupted_run(tmp_path_factory, "uninterrupted", write_config)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted_user_path(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("uninterrupted_user_path")
-    proc = torchrun(2, "--config", write_user_config(tmp, "ref"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "ref" / "run"
+    return uninterrupted_run(tmp_path_factory, "uninterrupted_user_path", write_user_config)
 
 
 def signal_the_step(proc, how: str, sig: signal.Signals, num_workers: int) -> None:
@@ -335,10 +337,7 @@ FSDP = ("train.parallel=fsdp", "data.num_workers=1")
 
 @pytest.fixture(scope="module")
 def uninterrupted_fsdp(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("uninterrupted_fsdp")
-    proc = torchrun(2, "--config", write_config(tmp, "ref", *FSDP))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "ref" / "run"
+    return uninterrupted_run(tmp_path_factory, "uninterrupted_fsdp", lambda tmp, name: write_config(tmp, name, *FSDP))
 
 
 @pytest.mark.parametrize("fault", ["sigterm-step", "sigkill-max-restarts"])

@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 
 from conftest import read_metrics, tiny_config, torchrun
 from higgs_ddp.training.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
-from higgs_ddp.config import ConfigError
 from higgs_ddp.train import main, train
 
 COMMON = ("train.max_steps=6", "train.save_every=3", "train.keep_last=0", "train.lr=5e-3",

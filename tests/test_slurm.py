@@ -26,10 +26,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, torchrun
+from conftest import ROOT
 from higgs_ddp.training.checkpoint import complete_checkpoints
 from test_checkpoint import assert_same_weights, final_weights, rows
-from test_faults import assert_same_user_path_outputs, write_config, write_user_config
+from test_faults import (assert_same_user_path_outputs, uninterrupted_run, uninterrupted_user_path,  # noqa: F401
+                         write_config, write_user_config)
 
 pytestmark = pytest.mark.slow
 
@@ -96,18 +97,7 @@ def _log_tails(state: Path, lines=30) -> str:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("uninterrupted")
-    proc = torchrun(2, "--config", write_config(tmp, "ref", *OVERRIDES))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "ref" / "run"
-
-
-@pytest.fixture(scope="module")
-def uninterrupted_user_path(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("uninterrupted_user_path")
-    proc = torchrun(2, "--config", write_user_config(tmp, "ref"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "ref" / "run"
+    return uninterrupted_run(tmp_path_factory, "uninterrupted", lambda tmp, name: write_config(tmp, name, *OVERRIDES))
 
 
 def job_output(path: Path) -> str:
@@ -192,7 +182,7 @@ def test_preemption_warning_requeues_and_resumes_exactly(cluster, uninterrupted,
                           after=f"higgs-ddp launch: requeueing job {job}")
 
 
-def test_real_preemption_by_a_higher_priority_job_requeues_and_resumes_exactly(cluster, uninterrupted_user_path,
+def test_real_preemption_by_a_higher_priority_job_requeues_and_resumes_exactly(cluster, uninterrupted_user_path,  # noqa: F811 (the fixture from test_faults)
                                                                                 tmp_path):
     """A job in the high partition takes the node from the low-partition training job (local_slurm.sh:
     preempt/partition_prio, PreemptMode=REQUEUE, GraceTime=30 on low). Slurm sends SIGTERM to the job's

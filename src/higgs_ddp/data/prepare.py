@@ -9,8 +9,6 @@ run on prepared data only reads the cache. Data problems are reported, never rai
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from dataclasses import dataclass, field
 
