@@ -117,3 +117,15 @@ def test_launch_options_go_to_torchrun():
     nodes = torchrun_argv("train", ["--nnodes", "2", "--rdzv-endpoint", "h:29500"], [])
     assert "--standalone" not in nodes  # a rendezvous across nodes, not a local one
     assert not needs_launcher(["--nproc-per-node", "1"]) and needs_launcher(["--nproc-per-node", "2"])
+
+
+@pytest.mark.slow
+def test_a_failed_launched_run_ends_with_its_one_line_error():
+    """higgs-ddp train --nproc-per-node 2 starts torchrun; the ranks' error comes last, below torchrun's report."""
+    from conftest import TINY, TORCHRUN_ENV
+
+    proc = subprocess.run([sys.executable, "-m", "higgs_ddp", "train", "--nproc-per-node", "2", "--config", str(TINY),
+                           "train.lr=-1"], capture_output=True, text=True, cwd=ROOT, env=TORCHRUN_ENV, timeout=300)
+    assert proc.returncode != 0
+    assert "ChildFailedError" in proc.stderr  # torchrun's own report is there...
+    assert proc.stderr.rstrip().splitlines()[-1] == "higgs-ddp: error: config key 'train.lr' must be >= 0, got -1.0"
