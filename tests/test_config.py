@@ -450,8 +450,8 @@ def test_configs_dir_has_yaml_files():
 def test_shipped_config_starts_with_run_command(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("#"), f"{path.name}: first line must be a comment naming the command that runs it"
-    assert any(cmd in first for cmd in ("make", "torchrun", "python -m")), (
-        f"{path.name}: first line {first!r} names no command (make / torchrun / python -m)"
+    assert any(cmd in first for cmd in ("make", "higgs-ddp", "torchrun", "python -m")), (
+        f"{path.name}: first line {first!r} names no command (make / higgs-ddp / torchrun / python -m)"
     )
 
 

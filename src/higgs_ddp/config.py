@@ -184,6 +184,8 @@ class TrainConfig(Section):
     compile: bool = False  # torch.compile each decoder layer
     # "ddp": a replica per rank | "fsdp": weights, gradients and AdamW state sharded over the ranks (FSDP2)
     parallel: str = choice("ddp", "fsdp")
+    # on a GPU, refuse a run whose weights, gradients and AdamW state alone exceed it (training/memory_plan.py)
+    check_memory: bool = True
     fsdp: FsdpSettings = field(default_factory=FsdpSettings)
 
     def check_rules(self) -> None:

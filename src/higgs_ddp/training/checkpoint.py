@@ -324,7 +324,7 @@ NO_EFFECT = {
     "train.log_every", "train.max_bad_steps", "train.find_unused_parameters",
     # Same loss and gradients, other memory / speed: switching them on to fit a GPU is a normal resume.
     "train.activation_checkpointing", "train.text_logits", "train.text_logits_chunk", "train.compile",
-    "train.parallel", "train.fsdp.cpu_offload",  # a DDP checkpoint resumes under FSDP and back (shards.py)
+    "train.parallel", "train.fsdp.cpu_offload", "train.check_memory",  # a DDP checkpoint resumes under FSDP and back (shards.py)
     "data.num_workers", "data.prefetch_factor", "data.cache_dir",
     # The data itself is judged by its fingerprint, not by where it lives or how it got there.
     "data.manifest", "data.root", "data.allow_outside_root", "data.on_error", "data.codec_revision",

@@ -20,8 +20,9 @@ from higgs_ddp.data.batching import StepBatchSampler, TokenBudgetBatchSampler
 from higgs_ddp.data.dataset import Data, ManifestDataset, fingerprint, load_data
 from higgs_ddp.runtime.distributed import DistEnv, all_reduce_sum
 from higgs_ddp.dual_loss import compute_dual_loss
-from higgs_ddp.model import HiggsForward, build_for_training, load_tokenizer, text_head, unwrap
+from higgs_ddp.model import HiggsForward, build_for_training, load_tokenizer, model_config, text_head, unwrap
 from higgs_ddp.training.optim import build_optimizer, build_scheduler
+from higgs_ddp.training.memory_plan import check_memory
 from higgs_ddp.training.parallel import build_strategy
 from higgs_ddp.data.prefetch import Prefetcher
 from higgs_ddp.training.preemption import leave_stop_signals_to_parent
@@ -58,6 +59,7 @@ class Trainer:
         self.precision = "bf16" if use_bf16 else "fp32"
 
         self.tokenizer = load_tokenizer(cfg)
+        check_memory(cfg, env, model_config(cfg, self.tokenizer), use_bf16)  # GPU: will the model state fit?
         self.model = build_for_training(cfg, self.tokenizer, torch.bfloat16 if use_bf16 else torch.float32,
                                         device=env.device)
         self.raw = unwrap(self.model)

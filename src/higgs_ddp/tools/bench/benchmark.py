@@ -26,6 +26,7 @@ from higgs_ddp.config import Config, ConfigError, load_config
 from higgs_ddp.runtime.distributed import cleanup, setup_distributed
 from higgs_ddp.tools.bench.flops import device_peak_flops, step_flops, weight_costs
 from higgs_ddp.tools.bench.memtrack import LiveTensorBytes
+from higgs_ddp.training.shards import local_part
 
 
 def _sync(device: torch.device) -> None:
@@ -92,11 +93,12 @@ def timed_steps(trainer, b, env) -> dict:
 
 
 def tensor_bytes(trainer) -> int:
-    """Weights, buffers and optimizer state: what stays allocated between steps."""
+    """Weights, buffers and optimizer state this rank holds (its shards under fsdp): what stays allocated
+    between steps."""
     seen, total = set(), 0
     tensors = [*trainer.model.parameters(), *trainer.model.buffers()]
     tensors += [v for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    for t in tensors:
+    for t in map(local_part, tensors):
         key = t.untyped_storage().data_ptr()
         if key not in seen:
             seen.add(key)
@@ -172,6 +174,9 @@ def run(cfg: Config, env, source: str = "") -> dict:
         "compile": t.compile, "steps": b.steps,
         "tokens_per_s": tokens_per_s, "step_time_s": step_time, "peak_memory_bytes": peak_memory,
         "memory_source": memory_source, "flops_per_token": flops_per_token,
+        # this rank's weights, buffers, AdamW state and (fp32) gradients: what sharding divides
+        "model_state_bytes": tensor_bytes(trainer) + 4 * sum(local_part(p).numel() for p in trainer.params),
+        "parallel": trainer.strategy.describe(),
         "mfu": tokens_per_s * flops_per_token / (peak * env.world_size) if peak else None,
         "peak_flops": peak, "overhead": step_time / bare, "bare_step_time_s": bare, "overhead_s": step_time - bare,
         # Micro-batches the loader delivers per second over those one step consumes per second.
@@ -217,6 +222,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file (e.g. configs/bench_3b.yaml)")
     parser.add_argument("--table", metavar="JSONL", help="print BENCHMARKS.md rows for saved result lines")
+    parser.add_argument("--memory-table", action="store_true",
+                        help="print the config's model state per GPU (GB, arithmetic) by mode, strategy and GPU count")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. bench.seq_len=4096")
     args = parser.parse_args(argv)
     if args.table:
@@ -229,6 +236,13 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"higgs-ddp bench: error: {e}", file=sys.stderr)
         return 2
+    if args.memory_table:
+        from higgs_ddp.model import load_tokenizer, model_config
+        from higgs_ddp.training.memory_plan import table
+
+        tokenizer = load_tokenizer(cfg)
+        print(table(cfg, model_config(cfg, tokenizer)))
+        return 0
     env = setup_distributed()
     try:
         result = run(cfg, env, " ".join([args.config, *args.overrides]))

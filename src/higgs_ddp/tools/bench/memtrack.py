@@ -27,7 +27,8 @@ class LiveTensorBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            # A DTensor (FSDP) owns no storage: its local tensor's ops are counted when they run.
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and not hasattr(t, "to_local"):
                 storage = t.untyped_storage()
                 n = storage.nbytes()
                 key = (storage.data_ptr(), n)

@@ -26,7 +26,8 @@ from higgs_ddp.tools.doctor.environment import check_cuda, check_python, check_t
 from higgs_ddp.tools.doctor.inputs import _manifest_paths, check_manifests, check_prompts
 from higgs_ddp.tools.doctor.result import FAIL, OK, WARN, Result, _first_line
 from higgs_ddp.tools.doctor.sources import check_codec, check_model, hf_cache_dir, hf_offline
-from higgs_ddp.tools.doctor.startup import check_batch, check_device, check_lora, check_resume, is_benchmark
+from higgs_ddp.tools.doctor.startup import (check_batch, check_device, check_lora, check_memory_plan, check_resume,
+                                            is_benchmark)
 
 __all__ = [
     "main", "environment_checks", "config_checks", "Result", "OK", "WARN", "FAIL",
@@ -62,7 +63,7 @@ def config_checks(cfg) -> list:
         return check_codec(cfg, needed)
 
     checks = [("model", lambda: check_model(cfg)), ("device", lambda: check_device(cfg)),
-              ("lora", lambda: check_lora(cfg)), ("manifests", lambda: check_manifests(cfg, entries)),
+              ("lora", lambda: check_lora(cfg)), ("memory", lambda: check_memory_plan(cfg)), ("manifests", lambda: check_manifests(cfg, entries)),
               ("batch", lambda: check_batch(cfg, entries))]
     if is_benchmark(cfg):  # it encodes no audio, speaks no prompts, neither resumes nor saves checkpoints
         return checks

@@ -36,6 +36,32 @@ def check_device(cfg) -> list:
                        f"{cfg.model.attn_implementation}: this machine ({device}) runs them")]
 
 
+def check_memory_plan(cfg) -> list:
+    """Model state per GPU by the run's own arithmetic (training/memory_plan.py), against this machine's
+    GPUs when it has some (the run refuses what cannot fit); on CPU the plan for WORLD_SIZE ranks, or 1."""
+    import torch
+
+    from higgs_ddp.model import _import_higgs
+    from higgs_ddp.training import memory_plan
+
+    raw = _model_config_dict(cfg)
+    if raw is None:
+        return [Result(WARN, "memory: not planned, the model's config.json is neither local nor in the HF cache")]
+    HiggsAudioConfig, _ = _import_higgs()
+    counts = memory_plan.count_parameters(cfg, HiggsAudioConfig(**{**copy.deepcopy(raw), "pad_token_id": None}))
+    cuda = torch.cuda.is_available()
+    world = int(os.environ.get("WORLD_SIZE", torch.cuda.device_count() if cuda else 1))
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cuda)
+    plan = memory_plan.plan(counts, cfg, world, bf16)
+    if not cuda:
+        return [Result(OK, f"memory: {plan.describe()}")]
+    try:
+        memory_plan.check_fits(plan, torch.cuda.get_device_properties(0).total_memory, cfg, counts, bf16)
+    except ConfigError as e:
+        return [Result(WARN if not cfg.train.check_memory else FAIL, f"memory: {e}")]
+    return [Result(OK, f"memory: {plan.describe()}, within this machine's GPUs")]
+
+
 def _module_names(raw: dict) -> list:
     """The module names of the model a HiggsAudioConfig dict describes, built on the meta device."""
     import torch

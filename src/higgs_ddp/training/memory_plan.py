@@ -1,0 +1,133 @@
+"""Model state per GPU by arithmetic, before any weight is built: will this run fit?
+
+Per parameter: a frozen weight costs 2 bytes under bf16 (4 in fp32); a trainable one 16 (its fp32 weight,
+fp32 gradient and AdamW's two fp32 moments). Under DDP every GPU holds all of it; under FSDP each of N GPUs
+holds 1/N of it (frozen weights too), plus the largest sharding unit gathered whole while it computes (its
+weights, and their gradients in backward). With ``train.fsdp.cpu_offload`` the shards live in host memory
+and only the gathered unit is on the GPU. Activations are not modelled: they depend on the sequence length
+and activation checkpointing (BENCHMARKS.md measures them), so a plan that fits can still run out.
+
+    higgs-ddp bench --config configs/bench_3b.yaml --memory-table     # the table for the 5.8B model
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+from higgs_ddp.config import Config, ConfigError
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    total: int
+    trainable: int
+    largest_unit: int  # parameters of the largest FSDP unit: a decoder layer, the embeddings or the heads
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    parallel: str
+    world_size: int
+    frozen_bytes: float  # per GPU
+    trainable_bytes: float  # weights + gradients + AdamW moments, per GPU
+    gathered_bytes: float  # FSDP: one unit gathered whole, with its gradients
+
+    @property
+    def per_gpu_bytes(self) -> float:
+        return self.frozen_bytes + self.trainable_bytes + self.gathered_bytes
+
+    def describe(self) -> str:
+        extra = f" + {self.gathered_bytes / GB:.1f} gathered" if self.gathered_bytes else ""
+        return (f"{self.per_gpu_bytes / GB:.1f} GB of model state per GPU ({self.parallel} on {self.world_size}: "
+                f"{self.frozen_bytes / GB:.1f} frozen + {self.trainable_bytes / GB:.1f} trained{extra}; "
+                f"activations not counted)")
+
+
+def count_parameters(cfg: Config, model_config) -> ParameterCounts:
+    """Counted on the meta device: the model as train.mode wraps it, without a single weight."""
+    import torch
+
+    from higgs_ddp.model import _import_higgs, apply_training_mode, unwrap
+
+    _, HiggsAudioModel = _import_higgs()
+    config = copy.deepcopy(model_config)
+    with torch.device("meta"):
+        model = apply_training_mode(HiggsAudioModel(config), cfg)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    raw = unwrap(model)
+    units = [*raw.layers, raw.embed_tokens, raw.audio_decoder_proj]
+    largest = max(sum(p.numel() for p in u.parameters()) for u in units)
+    return ParameterCounts(total, trainable, largest)
+
+
+def plan(counts: ParameterCounts, cfg: Config, world_size: int, bf16: bool) -> MemoryPlan:
+    t = cfg.train
+    frozen = (counts.total - counts.trainable) * (2 if bf16 else 4)
+    trained = counts.trainable * 16
+    if t.parallel != "fsdp" or (world_size == 1 and not t.fsdp.cpu_offload):
+        return MemoryPlan("ddp" if world_size > 1 else "one device", world_size, frozen, trained, 0.0)
+    # The unit's weights as gathered (bf16: the policy's, or frozen weights stored in bf16), and in backward
+    # the fp32 gradients of its trained share.
+    weight = 2 if t.fsdp.mixed_precision == "bf16" or (bf16 and counts.trainable < counts.total) else 4
+    gathered = counts.largest_unit * (weight + 4 * counts.trainable / counts.total)
+    if t.fsdp.cpu_offload:
+        return MemoryPlan("fsdp, cpu_offload", world_size, 0.0, 0.0, gathered)
+    return MemoryPlan("fsdp", world_size, frozen / world_size, trained / world_size, gathered)
+
+
+def check_fits(memory_plan: MemoryPlan, gpu_bytes: float, cfg: Config, counts: ParameterCounts, bf16: bool) -> None:
+    """ConfigError in one line when the model state alone exceeds a GPU, naming a setting that fits."""
+    if memory_plan.per_gpu_bytes <= gpu_bytes:
+        return
+    fix = suggest(cfg, counts, memory_plan.world_size, gpu_bytes, bf16)
+    raise ConfigError(f"this run needs {memory_plan.describe()}, more than the {gpu_bytes / GB:.0f} GB a GPU here "
+                      f"holds: {fix}; or set train.check_memory=false to try anyway")
+
+
+def suggest(cfg: Config, counts: ParameterCounts, world_size: int, gpu_bytes: float, bf16: bool) -> str:
+    whole = plan(counts, _with(cfg, parallel="fsdp"), 1, bf16)  # what all ranks together must hold
+    state = whole.frozen_bytes + whole.trainable_bytes
+    gathered = plan(counts, _with(cfg, parallel="fsdp"), 2, bf16).gathered_bytes
+    room = gpu_bytes - gathered
+    if room <= 0:
+        return "train.mode=lora trains far fewer weights"
+    gpus = max(2, math.ceil(state / room))
+    offload = "train.fsdp.cpu_offload=true (the shards in host memory)"
+    fits = f"train.parallel=fsdp on {gpus} or more GPUs would fit ({(state / gpus + gathered) / GB:.1f} GB each)"
+    return fits if cfg.train.parallel != "fsdp" else f"{fits}, or {offload}"
+
+
+def _with(cfg: Config, **train) -> Config:
+    out = copy.deepcopy(cfg)
+    for k, v in train.items():
+        setattr(out.train, k, v)
+    return out
+
+
+def check_memory(cfg: Config, env, model_config, bf16: bool) -> None:
+    """The run's check (GPU only; train.check_memory=false skips it): before any weight is built."""
+    if env.device.type != "cuda" or not cfg.train.check_memory:
+        return
+    import torch
+
+    counts = count_parameters(cfg, model_config)
+    gpu = torch.cuda.get_device_properties(env.device).total_memory
+    check_fits(plan(counts, cfg, env.world_size, bf16), gpu, cfg, counts, bf16)
+
+
+def table(cfg: Config, model_config, gpu_counts=(1, 2, 4, 8)) -> str:
+    """BENCHMARKS.md's rows: GB of model state per GPU, bf16 weights, for each mode x strategy x GPU count."""
+    rows = ["| mode | strategy | " + " | ".join(f"{n} GPU{'s' if n > 1 else ''}" for n in gpu_counts) + " |",
+            "|---|---|" + "---|" * len(gpu_counts)]
+    for mode in ("full", "audio_ffn", "lora"):
+        counts = count_parameters(_with(cfg, mode=mode), model_config)
+        for parallel in ("ddp", "fsdp"):
+            c = _with(cfg, mode=mode, parallel=parallel)
+            cells = [f"{plan(counts, c, n, bf16=True).per_gpu_bytes / GB:.1f}" for n in gpu_counts]
+            rows.append(f"| {mode} | {parallel} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
