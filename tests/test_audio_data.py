@@ -11,17 +11,16 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import QUIET, TINY
-from higgs_ddp.data import code_cache
-from higgs_ddp.data import prepare
+
+from higgs_ddp.config import load_config
+from higgs_ddp.data import code_cache, prepare
 from higgs_ddp.data.codec import build_tiny_tokenizer_model, codec_identity, load_codec
 from higgs_ddp.data.collator import HiggsCollator
-from higgs_ddp.config import load_config
 from higgs_ddp.data.dataset import DataError, ManifestDataset, load_data
-from higgs_ddp.tools.demo_data import text_to_wave
-from higgs_ddp.runtime.distributed import DistEnv
 from higgs_ddp.model import model_config
+from higgs_ddp.runtime.distributed import DistEnv
+from higgs_ddp.tools.demo_data import text_to_wave
 
 SR = 8000  # the tiny codec's rate
 
@@ -286,9 +285,11 @@ def test_stereo_and_other_rates_are_downmixed_and_resampled(tmp_path, tokenizer,
 
 def test_reference_audio_is_placed_as_the_inference_engine_places_it(tmp_path, tokenizer):
     """boson's HiggsAudioServeEngine._prepare_inputs, with the same (tiny, real) codec, against our data path."""
-    from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
     from types import SimpleNamespace
+
+    from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
     from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
+
     from higgs_ddp.data.prompt import build_chatml
 
     base = tmp_path / "ds"
@@ -438,8 +439,8 @@ def test_two_ranks_share_the_encoding_and_agree_with_one(tmp_path):
 
 def test_unreachable_codec_is_one_line_from_the_cli(tmp_path, monkeypatch, capsys):
     import huggingface_hub.constants
-
     from conftest import tiny_config
+
     from higgs_ddp.cli import prepare as main
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

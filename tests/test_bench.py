@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, TORCHRUN_ENV, tiny_config
+
 from higgs_ddp.config import load_config
 from higgs_ddp.runtime.distributed import DistEnv
 from higgs_ddp.tools.bench.flops import step_flops, weight_costs
@@ -42,10 +42,11 @@ def test_bench_config_error_is_one_line():
 
 
 def test_flops_of_the_3b_architecture_match_the_formula_by_hand():
-    from higgs_ddp.model import load_tokenizer, model_config
-    from higgs_ddp.data.collator import Batch
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
     from peft import LoraConfig, get_peft_model
+
+    from higgs_ddp.data.collator import Batch
+    from higgs_ddp.model import load_tokenizer, model_config
 
     cfg = load_config(str(ROOT / "configs" / "bench_3b.yaml"))
     with torch.device("meta"):

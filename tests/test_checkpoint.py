@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import read_metrics, tiny_config
 from safetensors.torch import load_file
 
-from conftest import read_metrics, tiny_config
-from higgs_ddp.training import checkpoint as ckpt
-from higgs_ddp.training.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
 from higgs_ddp.config import ConfigError
 from higgs_ddp.train import train
+from higgs_ddp.training import checkpoint as ckpt
+from higgs_ddp.training.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
 
 COMMON = ("train.max_steps=6", "train.save_every=3", "train.keep_last=0", "train.lr=5e-3",
           "train.warmup_steps=1", "train.seed=11", "lora.dropout=0.1")

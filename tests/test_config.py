@@ -339,6 +339,7 @@ def test_flash_attention_without_the_package_names_it():
 def test_the_run_stops_with_the_same_one_line_check(tmp_path, override, message):
     """train() reaches check_machine / check_lora_targets before anything trains (here: the tiny model)."""
     from conftest import tiny_config
+
     from higgs_ddp.train import train
 
     with pytest.raises(ConfigError, match=message):

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import QUIET, TINY
 
 from higgs_ddp.config import load_config
 from higgs_ddp.data.dataset import DataError, Record, load_data
-from higgs_ddp.runtime.distributed import DistEnv
 from higgs_ddp.model import model_config
-
-from conftest import QUIET, TINY
+from higgs_ddp.runtime.distributed import DistEnv
 
 C, K = 4, 64  # codebooks, codebook size (configs/tiny.yaml)
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from higgs_ddp.tools import doctor
 from higgs_ddp.config import OFFICIAL_CODEC, OFFICIAL_REPO, OFFICIAL_REVISION, ConfigError, load_config
+from higgs_ddp.tools import doctor
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -302,6 +302,7 @@ def test_eval_prompts(capsys, tmp_path, tiny_args):
 def one_step_run(tmp_path_factory) -> list:
     """A real run of one step that saved a checkpoint; returns the doctor's arguments for its config."""
     from conftest import QUIET, tiny_config
+
     from higgs_ddp.train import train
 
     tmp = tmp_path_factory.mktemp("resume")

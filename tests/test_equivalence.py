@@ -8,9 +8,9 @@ because the loss is normalised by the global count of supervised tokens (text an
 import pytest
 import torch
 import yaml
+from conftest import read_metrics, tiny_config, torchrun
 from safetensors.torch import load_file
 
-from conftest import read_metrics, tiny_config, torchrun
 from higgs_ddp.train import train
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,7 @@ def test_batch2_equals_accumulation2_equals_two_ranks(tmp_path, mode):
         assert [x["grad_norm"] for x in m] == pytest.approx([x["grad_norm"] for x in r], rel=1e-4), name
         assert [x["audio_targets"] for x in m] == [x["audio_targets"] for x in r], name
     # The weights did move, so equality above is not vacuous.
-    from higgs_ddp.model import build_model, apply_training_mode, load_tokenizer
+    from higgs_ddp.model import apply_training_mode, build_model, load_tokenizer
     cfg = tiny_config(tmp_path / "fresh", f"train.mode={mode}", *COMMON)
     tok = load_tokenizer(cfg)
     fresh = apply_training_mode(build_model(cfg, tok), cfg)

@@ -9,9 +9,9 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
+from conftest import read_metrics, tiny_config, torchrun
 from safetensors.torch import load_file
 
-from conftest import read_metrics, tiny_config, torchrun
 from higgs_ddp.config import ConfigError
 from higgs_ddp.train import train
 

@@ -9,13 +9,13 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import ROOT, tiny_config
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, tiny_config
 from higgs_ddp.data.collator import HiggsCollator
-from higgs_ddp.tools.export import main
-from higgs_ddp.model import HiggsForward, apply_training_mode, build_model, load_tokenizer
 from higgs_ddp.data.prompt import tokenize_sample
+from higgs_ddp.model import HiggsForward, apply_training_mode, build_model, load_tokenizer
+from higgs_ddp.tools.export import main
 
 
 def make_checkpoint(tmp_path, mode="lora", *overrides):

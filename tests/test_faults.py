@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import ROOT, TORCHRUN_ENV, read_metrics, tiny_config, torchrun, torchrun_cmd
 from test_checkpoint import assert_same_weights, final_weights, rows
 

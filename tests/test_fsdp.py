@@ -16,9 +16,8 @@ import sys
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import ROOT, TORCHRUN_ENV, read_metrics, tiny_config, torchrun
+from safetensors.torch import load_file
 from test_checkpoint import assert_same_weights, final_weights, rows
 from test_equivalence import weights
 
@@ -178,8 +177,8 @@ def test_activation_checkpointing_under_fsdp_trains_the_audio_path(tmp_path):
     run2(path)
     run2(ref)
     assert_same_run(tmp_path / "ac" / "run", tmp_path / "ref" / "run", "full")
-    from higgs_ddp.model import build_model, load_tokenizer
     from higgs_ddp.config import load_config
+    from higgs_ddp.model import build_model, load_tokenizer
     cfg = load_config(str(path))
     start = dict(build_model(cfg, load_tokenizer(cfg)).named_parameters())
     trained = weights(tmp_path / "ac" / "run", "full")

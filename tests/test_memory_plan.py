@@ -3,8 +3,8 @@ the built model's, the 5.8B numbers are the README's, and a run that cannot fit 
 that names a setting that fits."""
 
 import pytest
-
 from conftest import ROOT, tiny_config
+
 from higgs_ddp.config import ConfigError, load_config
 from higgs_ddp.model import build_for_training, load_tokenizer, model_config
 from higgs_ddp.training import memory_plan as mp

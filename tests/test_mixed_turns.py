@@ -11,7 +11,6 @@ import json
 import pytest
 import torch
 import yaml
-
 from conftest import read_metrics, tiny_config, torchrun
 from test_equivalence import weights
 

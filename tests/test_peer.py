@@ -7,12 +7,12 @@ import weakref
 
 import pytest
 import transformers
-
 from conftest import tiny_config
+
+from higgs_ddp.model import load_tokenizer, model_config
+from higgs_ddp.runtime.distributed import DistEnv
 from higgs_ddp.tools.bench import peer
 from higgs_ddp.tools.bench.synthetic import synthetic_data
-from higgs_ddp.runtime.distributed import DistEnv
-from higgs_ddp.model import load_tokenizer, model_config
 from higgs_ddp.training.trainer import Trainer
 
 SEQ_LEN = 256

@@ -4,10 +4,10 @@ the same gradients as the plain model, through the real Trainer on the tiny Higg
 
 import pytest
 import torch
-
 from conftest import tiny_config
-from higgs_ddp.runtime.distributed import DistEnv
+
 from higgs_ddp.dual_loss import compute_dual_loss, head_cross_entropy_sum
+from higgs_ddp.runtime.distributed import DistEnv
 from higgs_ddp.training.trainer import Trainer
 
 PLAIN = ("train.text_logits=all", "train.activation_checkpointing=false")

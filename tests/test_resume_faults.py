@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_metrics, tiny_config, torchrun
 from safetensors.torch import load_file
 
-from conftest import read_metrics, tiny_config, torchrun
-from higgs_ddp.training.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
 from higgs_ddp.train import main, train
+from higgs_ddp.training.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
 
 COMMON = ("train.max_steps=6", "train.save_every=3", "train.keep_last=0", "train.lr=5e-3",
           "train.warmup_steps=1", "train.seed=11", "lora.dropout=0.1")
@@ -162,10 +162,10 @@ def test_adding_or_moving_the_validation_manifest_does_not_block_a_resume(tmp_pa
 
 @pytest.mark.parametrize("indexed", [True, False], ids=["listed-in-index", "not-yet-indexed"])
 def test_damaged_code_cache_shard_is_encoded_again(tmp_path, capsys, indexed):
-    from higgs_ddp.tools.demo_data import write_demo_corpus
-    from higgs_ddp.runtime.distributed import DistEnv
     from higgs_ddp.data.manifest import read_manifest
     from higgs_ddp.data.prepare import prepare_audio
+    from higgs_ddp.runtime.distributed import DistEnv
+    from higgs_ddp.tools.demo_data import write_demo_corpus
 
     entries, problems = read_manifest(str(write_demo_corpus(tmp_path / "data", samples=3, audio=True)))
     assert not problems

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import tiny_config
+
 from higgs_ddp.data.codec import load_codec
-from higgs_ddp.model import apply_training_mode, build_model, load_tokenizer, unwrap
 from higgs_ddp.evaluation.listening import check_prompts, generate_codes, write_samples
+from higgs_ddp.model import apply_training_mode, build_model, load_tokenizer, unwrap
 
 MAX_SECONDS = 0.2  # 5 frames at 25 frames/s: the tiny codec decodes slowly on CPU
 

@@ -25,12 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
-from higgs_ddp.training.checkpoint import complete_checkpoints
 from test_checkpoint import assert_same_weights, final_weights, rows
-from test_faults import (assert_same_user_path_outputs, uninterrupted_run, uninterrupted_user_path,  # noqa: F401
-                         write_config, write_user_config)
+from test_faults import (  # noqa: F401
+    assert_same_user_path_outputs,
+    uninterrupted_run,
+    uninterrupted_user_path,
+    write_config,
+    write_user_config,
+)
+
+from higgs_ddp.training.checkpoint import complete_checkpoints
 
 pytestmark = pytest.mark.slow
 

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-
 from conftest import read_metrics, tiny_config, torchrun
-from higgs_ddp.runtime.distributed import DistEnv
+
 from higgs_ddp.model import HiggsForward, apply_training_mode, build_model, load_tokenizer
+from higgs_ddp.runtime.distributed import DistEnv
 from higgs_ddp.train import main, train
 from higgs_ddp.training.trainer import Trainer, TrainingError
 

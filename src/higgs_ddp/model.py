@@ -35,6 +35,7 @@ def _import_higgs():
 
 def load_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
+
     from higgs_ddp.data.tiny_tokenizer import build_tiny_tokenizer
 
     name = cfg.model.tokenizer or cfg.model.path

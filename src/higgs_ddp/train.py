@@ -20,12 +20,12 @@ if __name__ == "__main__" and not __package__:
     sys.path = [p for p in sys.path if os.path.abspath(p or ".") != here]
     sys.path.insert(0, os.path.dirname(here))
 
-from higgs_ddp.training.checkpoint import CheckpointError  # noqa: E402
-from higgs_ddp.data.codec import CodecError  # noqa: E402
 from higgs_ddp.config import Config, ConfigError, load_config  # noqa: E402
+from higgs_ddp.data.codec import CodecError  # noqa: E402
 from higgs_ddp.data.dataset import DataError  # noqa: E402
-from higgs_ddp.runtime.distributed import barrier, cleanup, exit_process, setup_distributed  # noqa: E402
 from higgs_ddp.dual_loss import AlignmentError  # noqa: E402
+from higgs_ddp.runtime.distributed import barrier, cleanup, exit_process, setup_distributed  # noqa: E402
+from higgs_ddp.training.checkpoint import CheckpointError  # noqa: E402
 
 
 def train(cfg: Config) -> dict:

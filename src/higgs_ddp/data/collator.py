@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from higgs_ddp.dual_loss import count_targets
 from higgs_ddp.data.prompt import Sample
+from higgs_ddp.dual_loss import count_targets
 
 IGNORE = -100
 

@@ -17,12 +17,12 @@ from typing import Optional
 import numpy as np
 import torch
 
+from higgs_ddp.config import Config, ConfigError
 from higgs_ddp.data.audio import AudioProblem
 from higgs_ddp.data.code_cache import write_json_atomic
-from higgs_ddp.config import Config, ConfigError
-from higgs_ddp.runtime.distributed import DistEnv
 from higgs_ddp.data.manifest import Entry, Problem, read_manifest
 from higgs_ddp.data.prompt import Sample, tokenize_chatml
+from higgs_ddp.runtime.distributed import DistEnv
 
 MAX_LISTED = 50
 

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from higgs_ddp.data.audio import AudioProblem, read_audio, resample
 from higgs_ddp.config import Config
+from higgs_ddp.data.audio import AudioProblem, read_audio, resample
 from higgs_ddp.data.prompt import build_chatml, tokenize_chatml
 
 STOP_STRINGS = ["<|end_of_text|>", "<|eot_id|>"]  # the engine's defaults

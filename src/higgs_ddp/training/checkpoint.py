@@ -34,9 +34,18 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from higgs_ddp.runtime.distributed import all_gather_objects, all_reduce_sum, DistEnv
 from higgs_ddp.config import BenchConfig, ConfigError, EvalConfig, LoggingConfig
-from higgs_ddp.training.shards import SHARD_DIR, SavedTensors, adapter_key, is_sharded, like, local_part, rows_held, shard_file
+from higgs_ddp.runtime.distributed import DistEnv, all_gather_objects, all_reduce_sum
+from higgs_ddp.training.shards import (
+    SHARD_DIR,
+    SavedTensors,
+    adapter_key,
+    is_sharded,
+    like,
+    local_part,
+    rows_held,
+    shard_file,
+)
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE = "state.json"

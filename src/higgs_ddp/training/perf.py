@@ -13,7 +13,6 @@ are never edited, and parameter names (hence checkpoints and adapters) stay the 
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint

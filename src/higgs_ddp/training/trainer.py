@@ -13,21 +13,21 @@ from pathlib import Path
 import torch
 import yaml
 
-from higgs_ddp.data.collator import Batch, HiggsCollator
-from higgs_ddp.training.checkpoint import check_resumable, load_checkpoint, save_checkpoint
 from higgs_ddp.config import Config, ConfigError, check_machine
 from higgs_ddp.data.batching import StepBatchSampler, TokenBudgetBatchSampler
+from higgs_ddp.data.collator import Batch, HiggsCollator
 from higgs_ddp.data.dataset import Data, ManifestDataset, fingerprint, load_data
-from higgs_ddp.runtime.distributed import DistEnv, all_reduce_sum
+from higgs_ddp.data.prefetch import Prefetcher
 from higgs_ddp.dual_loss import compute_dual_loss
 from higgs_ddp.model import HiggsForward, build_for_training, load_tokenizer, model_config, text_head, unwrap
-from higgs_ddp.training.optim import build_optimizer, build_scheduler
+from higgs_ddp.runtime.distributed import DistEnv, all_reduce_sum
+from higgs_ddp.training.checkpoint import check_resumable, load_checkpoint, save_checkpoint
 from higgs_ddp.training.memory_plan import check_memory
+from higgs_ddp.training.optim import build_optimizer, build_scheduler
 from higgs_ddp.training.parallel import build_strategy
-from higgs_ddp.data.prefetch import Prefetcher
+from higgs_ddp.training.perf import compile_decoder_layers, enable_activation_checkpointing, enable_tf32
 from higgs_ddp.training.preemption import leave_stop_signals_to_parent
 from higgs_ddp.training.shards import gather_full
-from higgs_ddp.training.perf import compile_decoder_layers, enable_activation_checkpointing, enable_tf32
 
 
 class TrainingError(RuntimeError):

@@ -137,8 +137,8 @@ def largest_micro_batch(trainer, env, limit: int = 64):
 
 
 def run(cfg: Config, env, source: str = "") -> dict:
-    from higgs_ddp.tools.bench.synthetic import synthetic_data
     from higgs_ddp.model import load_tokenizer, model_config
+    from higgs_ddp.tools.bench.synthetic import synthetic_data
     from higgs_ddp.training.trainer import Trainer
 
     b, t = cfg.bench, cfg.train

@@ -24,11 +24,11 @@ import transformers
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from higgs_ddp.data.collator import IGNORE, HiggsCollator
 from higgs_ddp.config import Config, ConfigError
+from higgs_ddp.data.collator import IGNORE, HiggsCollator
 from higgs_ddp.data.dataset import Data, ManifestDataset
-from higgs_ddp.runtime.distributed import DistEnv, all_reduce_sum
 from higgs_ddp.model import build_for_training, load_tokenizer, unwrap
+from higgs_ddp.runtime.distributed import DistEnv, all_reduce_sum
 from higgs_ddp.training.perf import enable_tf32
 
 

@@ -26,8 +26,14 @@ from higgs_ddp.tools.doctor.environment import check_cuda, check_python, check_t
 from higgs_ddp.tools.doctor.inputs import _manifest_paths, check_manifests, check_prompts
 from higgs_ddp.tools.doctor.result import FAIL, OK, WARN, Result, _first_line
 from higgs_ddp.tools.doctor.sources import check_codec, check_model, hf_cache_dir, hf_offline
-from higgs_ddp.tools.doctor.startup import (check_batch, check_device, check_lora, check_memory_plan, check_resume,
-                                            is_benchmark)
+from higgs_ddp.tools.doctor.startup import (
+    check_batch,
+    check_device,
+    check_lora,
+    check_memory_plan,
+    check_resume,
+    is_benchmark,
+)
 
 __all__ = [
     "main", "environment_checks", "config_checks", "Result", "OK", "WARN", "FAIL",

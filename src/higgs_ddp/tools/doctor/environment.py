@@ -26,6 +26,7 @@ def check_python() -> Result:
 def _pins() -> tuple[dict, Optional[Result]]:
     """name -> Requirement, from the installed higgs-ddp's metadata (setup.py's install_requires)."""
     from importlib.metadata import PackageNotFoundError, requires
+
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 

@@ -17,7 +17,6 @@ def check_manifests(cfg, seen: Optional[dict] = None) -> list:
     every audio / codes file it names exists. No audio is read. ``seen`` collects, per manifest, the entries
     whose files all exist."""
     from higgs_ddp.data.manifest import Problem, read_manifest
-
     from higgs_ddp.tools.doctor.startup import is_benchmark
 
     if not cfg.data.manifest:
