@@ -292,10 +292,15 @@ def test_eval_prompts(capsys, tmp_path, tiny_args):
     prompts = f"eval.prompts=[{{text: hello}}, {{text: again, reference_audio: {ref}, reference_text: hi}}]"
     rc, lines = run(capsys, *tiny_args, prompts)
     assert rc == 1
-    assert one(lines, f"FAIL eval.prompts[1].reference_audio {ref}: not found")
-    ref.write_bytes(b"RIFF")
+    assert one(lines, f"FAIL eval.prompts[1].reference_audio: audio {ref} not found")
+    ref.write_bytes(b"RIFF")  # there, but not audio: the run's own check refuses it, so does the doctor
     rc, lines = run(capsys, *tiny_args, prompts)
-    assert rc == 0 and one(lines, "OK   eval.prompts: 2 prompts, 1 reference audio file found")
+    assert rc == 1 and one(lines, f"FAIL eval.prompts[1].reference_audio: audio {ref} is not a readable audio file")
+    import numpy as np
+    import soundfile as sf
+    sf.write(str(ref), 0.1 * np.sin(np.arange(8000) * 0.05).astype(np.float32), 8000)
+    rc, lines = run(capsys, *tiny_args, prompts)
+    assert rc == 0 and one(lines, "OK   eval.prompts: 2 prompts, 1 reference audio file that reads")
 
 
 @pytest.fixture(scope="module")

@@ -69,18 +69,15 @@ def check_manifests(cfg, seen: Optional[dict] = None) -> list:
 
 
 def check_prompts(cfg) -> list:
-    """eval.prompts: each reference_audio exists (a path from the working directory); nothing is decoded."""
-    out = []
-    for i, prompt in enumerate(cfg.eval.prompts):
-        key, ref = f"eval.prompts[{i}]", prompt.get("reference_audio")
-        if prompt.get("reference_text") and not ref:
-            out.append(Result(FAIL, f"{key} has a reference_text but no reference_audio: add the reference's audio "
-                                    f"or drop its text"))
-        elif ref and not Path(ref).is_file():
-            out.append(Result(FAIL, f"{key}.reference_audio {ref}: not found (a path from the working directory): "
-                                    f"fix the path" + (" or run `make demo` first" if "runs/tiny" in ref else "")))
-    if cfg.eval.prompts and not out:
-        refs = sum(bool(p.get("reference_audio")) for p in cfg.eval.prompts)
-        out.append(Result(OK, f"eval.prompts: {len(cfg.eval.prompts)} prompt{'s' * (len(cfg.eval.prompts) > 1)}"
-                              f", {refs} reference audio file{'s' * (refs != 1)} found"))
-    return out
+    """eval.prompts, by the check the run makes at start-up (evaluation.listening.check_prompts): each
+    reference_audio reads, is long enough for the codec and not too long."""
+    from higgs_ddp.evaluation.listening import check_prompts as run_check
+
+    problems = run_check(cfg)
+    if problems:
+        return [Result(FAIL, p + (": run `make demo` first" if "runs/tiny" in p else "")) for p in problems]
+    if not cfg.eval.prompts:
+        return []
+    refs = sum(bool(p.get("reference_audio")) for p in cfg.eval.prompts)
+    return [Result(OK, f"eval.prompts: {len(cfg.eval.prompts)} prompt{'s' * (len(cfg.eval.prompts) > 1)}, "
+                       f"{refs} reference audio file{'s' * (refs != 1)} that read{'s' * (refs == 1)}")]
