@@ -173,7 +173,7 @@ def test_cli_errors_are_one_line_and_exit_code_2(tmp_path):
                         ((ckpt, busy), "not an empty folder")]:
         proc = run_cli("--checkpoint", args[0], "--out", args[1], "--merge")
         assert proc.returncode == 2, proc.stderr
-        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("higgs-ddp export: error: "), proc.stderr
+        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("higgs-ddp: error: "), proc.stderr
         assert words in proc.stderr and proc.stdout == ""
     assert not (tmp_path / "o1").exists()
 
@@ -192,7 +192,7 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
     for folder, words in [(ckpt, "1 missing"), (bare, "no config.yaml"), (noweights, "no adapter/")]:
         assert main(["--checkpoint", str(folder), "--out", str(tmp_path / "out"), "--merge"]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith("higgs-ddp export: error: ") and words in err, err
+        assert err.count("\n") == 1 and err.startswith("higgs-ddp: error: ") and words in err, err
         assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
 
 

@@ -101,7 +101,7 @@ def test_cli_corrupt_line_exits_2_with_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "higgs_ddp", "plot", str(tmp_path / "run")], capture_output=True,
                        text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.splitlines() == [f"plot: {tmp_path / 'run' / 'metrics.jsonl'} line 4: not JSON"]
+    assert r.stderr.splitlines() == [f"higgs-ddp: error: {tmp_path / 'run' / 'metrics.jsonl'} line 4: not JSON"]
     assert "Traceback" not in r.stderr and r.stdout == ""
     assert not (tmp_path / "run" / "training.png").exists()
 

@@ -243,7 +243,7 @@ def main(argv=None) -> int:
         print(export(args.checkpoint, args.out, args.merge, args.dtype), flush=True)
     except (ExportError, ConfigError, OSError) as e:
         # OSErrors from the hub / transformers span several lines; the first one names the problem.
-        print(f"higgs-ddp export: error: {(str(e).splitlines() or [type(e).__name__])[0]}", file=sys.stderr,
+        print(f"higgs-ddp: error: {(str(e).splitlines() or [type(e).__name__])[0]}", file=sys.stderr,
               flush=True)
         return 2
     return 0

@@ -251,10 +251,10 @@ def main(argv=None) -> int:
     try:
         path = plot_run(args.run_dir, args.out)
     except PlotError as e:
-        print(f"plot: {e}", file=sys.stderr)
+        print(f"higgs-ddp: error: {e}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as e:  # an unwritable --out, an unknown image format
-        print(f"plot: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"higgs-ddp: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(path)
     return 0

@@ -234,7 +234,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"higgs-ddp bench: error: {e}", file=sys.stderr)
+        print(f"higgs-ddp: error: {e}", file=sys.stderr, flush=True)
         return 2
     if args.memory_table:
         from higgs_ddp.model import load_tokenizer, model_config
