@@ -64,12 +64,14 @@ def like(t: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
                               run_check=False)
 
 
-def gather_full(named_params: list, keep: bool) -> dict:
+def gather_full(named_params: list, keep: bool, device=None) -> dict:
     """{name: the whole tensor on the CPU} where ``keep`` (rank 0), {} elsewhere. Collective for sharded
-    tensors: every rank must call it, in the same order (one tensor in flight at a time)."""
+    tensors: every rank must call it, in the same order (one tensor in flight at a time). ``device``: where
+    the gather runs (the process group's device: shards offloaded to the CPU go there first, as NCCL
+    gathers only GPU tensors)."""
     out = {}
     for name, p in named_params:
-        whole = p.full_tensor() if is_sharded(p) else p
+        whole = (p.to(device) if device is not None else p).full_tensor() if is_sharded(p) else p
         if keep:
             out[name] = whole.detach().cpu().contiguous()
     return out

@@ -279,7 +279,7 @@ class Trainer:
         """The trained tensors, whole, in the formats export and the inference engine read. Collective: with
         sharded weights every rank takes part in gathering them to rank 0, one tensor at a time."""
         out = Path(self.cfg.output_dir) / "final"
-        state = gather_full(self.named_params, keep=self.env.is_main)
+        state = gather_full(self.named_params, keep=self.env.is_main, device=self.env.device)
         if not self.env.is_main:
             return out
         out.mkdir(parents=True, exist_ok=True)
