@@ -331,6 +331,27 @@ def test_sigkill_under_max_restarts_resumes_from_last_checkpoint(tmp_path, unint
     assert_same_user_path_outputs(run, uninterrupted_user_path)
 
 
+def test_a_stop_signal_to_the_higgs_ddp_command_stops_the_ranks_cleanly(tmp_path, uninterrupted):
+    """`higgs-ddp train --nproc-per-node 2` (what `make train` runs) passes a SIGTERM it gets on to the ranks
+    as a clean stop: they save, everything exits 0, and the same command resumes exactly."""
+    config = write_config(tmp_path, "run", "data.num_workers=1")
+    run = tmp_path / "run" / "run"
+    cmd = [sys.executable, "-m", "higgs_ddp", "train", "--nproc-per-node", "2", "--config", str(config)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=TORCHRUN_ENV,
+                            cwd=ROOT)
+    wait_for(lambda: logged_steps(run) >= 5, "training to start")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "stopped" and status["step"] < MAX_STEPS, out[-3000:]
+    again = subprocess.run(cmd, capture_output=True, text=True, env=TORCHRUN_ENV, cwd=ROOT, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert_same_weights(final_weights(run), final_weights(uninterrupted))
+    assert rows(run) == rows(uninterrupted)
+
+
 FSDP = ("train.parallel=fsdp", "data.num_workers=1")
 
 

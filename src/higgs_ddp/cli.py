@@ -116,14 +116,30 @@ def torchrun_argv(name: str, launch: list, rest: list) -> list:
 
 
 def launch_ranks(cmd: list) -> int:
-    """Run torchrun, passing its output through, stop signals on to it, and repeating the ranks' last
-    one-line error below torchrun's own report of the failure.
+    """Run torchrun, passing its output through and stop signals on to the ranks, and repeating the ranks'
+    last one-line error below torchrun's own report of the failure.
 
-    torchrun gets a session of its own, so a signal to this command's process group (Ctrl-C in a terminal,
-    ``kill -TERM -PGID``) reaches it once, from here. (The sbatch scripts start torchrun themselves: Slurm
-    signals every process of a step, and torchrun must not get a stop signal twice.)"""
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, start_new_session=True)
-    forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
+    A stop signal (SIGTERM, SIGUSR1) to this command reaches every rank as SIGUSR1: each finishes its step,
+    saves and exits 0, so torchrun ends with 0 too (SIGTERM to torchrun itself would make it exit 1, and
+    USR1 would kill it: it starts with USR1 ignored, as launch/requeue.sh starts it). SIGINT stays a hard
+    stop, for torchrun to pass on. torchrun gets a session of its own, so a signal to this command's
+    process group (Ctrl-C in a terminal) reaches it once, from here. (The sbatch scripts start torchrun
+    themselves: Slurm signals every process of a step, and must not stop a rank twice.)"""
+    def ignore_usr1():
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, start_new_session=True, preexec_fn=ignore_usr1)
+
+    def forward(signum, frame):
+        ranks = children(proc.pid)
+        if signum == signal.SIGINT or not ranks:  # a hard stop, or no rank started yet
+            proc.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+        for pid in ranks if signum != signal.SIGINT else ():
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     last_error, tail = None, b""
     try:
@@ -145,6 +161,20 @@ def launch_ranks(cmd: list) -> int:
     if code and last_error:
         print(last_error, file=sys.stderr, flush=True)
     return code
+
+
+def children(pid: int) -> list:
+    """The processes whose parent is ``pid`` (torchrun's ranks), from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
 
 
 def usage() -> str:
