@@ -37,6 +37,8 @@ COMMANDS = {
     "plot": Command("higgs_ddp.tools.plot:main", "a run's curves (losses, validation, accuracy, lr, speed) as a PNG"),
     "bench": Command("higgs_ddp.tools.bench.benchmark:main", "time training steps on synthetic data (last line JSON)",
                      True),
+    "manifest": Command("higgs_ddp.tools.manifest_cmd:main",
+                        "import a corpus (LJSpeech, LibriTTS, VCTK, CSV, ...) as a manifest; a manifest's stats"),
     "demo-data": Command("higgs_ddp.tools.demo_data:main", "write the demo's synthetic corpus (WAV clips or codes)"),
 }
 

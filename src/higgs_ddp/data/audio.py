@@ -30,9 +30,9 @@ def check_path(path: Path, shown: str) -> None:
         raise AudioProblem("audio_is_directory", f"audio {shown} is a directory, not a file")
 
 
-def read_audio(path: Path, shown: str, max_seconds: float, min_seconds: float = 0.0) -> tuple[np.ndarray, int]:
-    """-> (mono float32 samples, sample rate). ``shown`` is the path as the manifest wrote it; ``min_seconds``
-    is the codec's shortest input (``Codec.min_seconds``, ``codec.min_input_seconds``)."""
+def check_header(path: Path, shown: str, max_seconds: float = 0.0, min_seconds: float = 0.0):
+    """Every check that needs no decoding (existence, format, rate, length, a WAV cut short) -> soundfile's
+    info. The importer and ``manifest stats`` stop here; ``read_audio`` goes on to decode."""
     check_path(path, shown)
     try:
         with open(path, "rb") as f:
@@ -60,6 +60,13 @@ def read_audio(path: Path, shown: str, max_seconds: float, min_seconds: float = 
     if short:
         raise AudioProblem("audio_corrupt", f"audio {shown} is truncated: its header declares {short[0]} bytes "
                            f"of audio, the file holds {short[1]}")
+    return info
+
+
+def read_audio(path: Path, shown: str, max_seconds: float, min_seconds: float = 0.0) -> tuple[np.ndarray, int]:
+    """-> (mono float32 samples, sample rate). ``shown`` is the path as the manifest wrote it; ``min_seconds``
+    is the codec's shortest input (``Codec.min_seconds``, ``codec.min_input_seconds``)."""
+    info = check_header(path, shown, max_seconds, min_seconds)
     try:
         wave, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except (RuntimeError, ValueError, OSError) as e:  # a valid header over garbled data

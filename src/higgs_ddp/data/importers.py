@@ -1,0 +1,542 @@
+"""Corpora in the layouts other TTS tools use, read into our manifest rows (``data/manifest.py``'s simple form).
+
+One small reader per layout, each yielding ``Clip``s (or ``Problem``s for what it cannot read); ``detect``
+recognises a layout for ``--format auto``; ``import_corpus`` checks every clip the way the training data
+check does (``audio.check_header``: the same reasons, but headers only, so 100k clips take seconds) and
+gives the rows with paths relative to the manifest they go into. Writing them is ``write_manifest``.
+
+Layouts (``SRC`` is a folder unless said otherwise):
+
+- ``ljspeech``: ``metadata.csv`` (``id|text|normalized text``, no header) + ``wavs/{id}.wav``
+- ``libritts``: ``speaker/chapter/*.wav`` + ``*.normalized.txt`` (LibriTTS, LibriTTS-R; any folder above)
+- ``vctk``: ``txt/{speaker}/{utt}.txt`` + an audio folder (``wav48_silence_trimmed/{speaker}/{utt}_mic1.flac``,
+  ``wav48/{speaker}/{utt}.wav``, ...), or speaker folders holding each clip with its ``.txt`` beside it
+- ``fish``: audio files with a ``.lab`` transcript beside each (Fish-Speech); the first folder is the speaker
+- ``csv``: a CSV/TSV/pipe file whose header names the audio, text and (optional) speaker columns: F5-TTS's
+  ``audio_file|text``, Coqui's ``audio_file|text|speaker_name``
+- ``higgs-json``: ``metadata.json`` with ``samples`` (``audio_file``, ``transcript_file`` or ``text``,
+  ``speaker_id``, ``scene``, ``ref_audio_file`` + ``ref_transcript``): JimmyMa99/train-higgs-audio, Mixomo's GUI
+- ``swift``: an ms-swift JSONL file (``messages`` + ``audios``): one audio, its transcript the text turn
+- ``audiofolder``: a Hugging Face ``audiofolder`` (``metadata.csv`` or ``metadata.jsonl`` with ``file_name`` and
+  a text column, at the top or in split folders)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Union
+
+from higgs_ddp.data.audio import AudioProblem, check_header
+from higgs_ddp.data.manifest import Problem
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".aiff", ".aif")
+AUDIO_COLUMNS = ("audio_file", "audio", "file_name", "audio_path", "audio_filepath", "path", "file", "filename",
+                 "wav", "wav_path")
+TEXT_COLUMNS = ("text", "transcript", "transcription", "normalized_text", "sentence", "raw_text")
+SPEAKER_COLUMNS = ("speaker_name", "speaker", "speaker_id", "spk", "spk_id")
+ID_COLUMNS = ("id", "utt_id", "utterance_id")
+
+
+class LayoutError(ValueError):
+    """The source as a whole cannot be read (no such folder, layout not recognised): one line, exit 2."""
+
+
+@dataclass
+class Clip:
+    where: str  # the source line or file, for messages
+    audio: Path
+    text: str
+    speaker: Optional[str] = None
+    id: Optional[str] = None
+    ref_audio: Optional[Path] = None
+    ref_text: Optional[str] = None
+    scene: Optional[str] = None
+
+
+Item = Union[Clip, Problem]
+
+
+def _shown(path: Path, src: Path) -> str:
+    try:
+        return str(path.relative_to(src))
+    except ValueError:
+        return str(path)
+
+
+def _text_lines(path: Path, shown: str) -> Iterator[tuple]:
+    """(line number, text | Problem) for each non-empty line; undecodable bytes are a problem of that line."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                yield lineno, Problem(f"{shown}:{lineno}", "bad_utf8", f"not valid UTF-8 text (byte {e.start})")
+                continue
+            if text.strip():
+                yield lineno, text
+
+
+def _transcript(path: Path, shown: str) -> Union[str, Problem]:
+    if not path.is_file():
+        return Problem(shown, "transcript_missing", f"transcript {shown} not found")
+    try:
+        return path.read_bytes().decode("utf-8-sig").strip()
+    except UnicodeDecodeError as e:
+        return Problem(shown, "bad_utf8", f"transcript {shown} is not valid UTF-8 text (byte {e.start})")
+
+
+def _audio_beside(stem_path: Path) -> Optional[Path]:
+    for suffix in AUDIO_SUFFIXES:
+        if stem_path.with_name(stem_path.name + suffix).is_file():
+            return stem_path.with_name(stem_path.name + suffix)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+def read_ljspeech(src: Path, speaker: Optional[str]) -> Iterator[Item]:
+    folder, meta = (src.parent, src) if src.is_file() else (src, src / "metadata.csv")
+    if not meta.is_file():
+        raise LayoutError(f"{meta}: not found (an LJSpeech folder holds metadata.csv and wavs/)")
+    shown = _shown(meta, folder)
+    for lineno, line in _text_lines(meta, shown):
+        if isinstance(line, Problem):
+            yield line
+            continue
+        fields = line.split("|")  # no quoting: LJSpeech texts start with quotation marks
+        if len(fields) < 2:
+            yield Problem(f"{shown}:{lineno}", "bad_row", "expected id|text|normalized text (2 or 3 fields "
+                          f"separated by '|'), got {len(fields)} field")
+            continue
+        text = fields[2] if len(fields) > 2 and fields[2].strip() else fields[1]
+        yield Clip(f"{shown}:{lineno}", folder / "wavs" / f"{fields[0]}.wav", text.strip(), speaker, fields[0])
+
+
+def _pick(header: list, names: tuple, given: Optional[str]) -> Optional[str]:
+    if given:
+        return given if given in header else None
+    lower = {h.lower().strip(): h for h in header}
+    return next((lower[n] for n in names if n in lower), None)
+
+
+def _columns(header: list, where: str, text_column: Optional[str], needs_audio: tuple = AUDIO_COLUMNS) -> dict:
+    cols = {"audio": _pick(header, needs_audio, None), "text": _pick(header, TEXT_COLUMNS, text_column),
+            "speaker": _pick(header, SPEAKER_COLUMNS, None), "id": _pick(header, ID_COLUMNS, None),
+            "ref_audio": _pick(header, ("ref_audio", "ref_audio_file"), None),
+            "ref_text": _pick(header, ("ref_text", "ref_transcript"), None)}
+    if cols["audio"] is None or cols["text"] is None:
+        missing = "an audio column (" + ", ".join(needs_audio) + ")" if cols["audio"] is None else \
+            f"the text column {text_column!r}" if text_column else "a text column (" + ", ".join(TEXT_COLUMNS) + ")"
+        raise LayoutError(f"{where}: the header {header} has no {missing}")
+    return cols
+
+
+def _row_clip(row: dict, cols: dict, base: Path, where: str, speaker: Optional[str]) -> Item:
+    def get(key):
+        return (row.get(cols[key]) or "").strip() if cols[key] else ""
+
+    audio = get("audio")
+    if not audio:
+        return Problem(where, "empty_path", f"column {cols['audio']!r} is empty")
+    ref = get("ref_audio")
+    if bool(ref) != bool(get("ref_text")):
+        return Problem(where, "ref_without_text", "a reference needs both its audio and its transcript")
+    return Clip(where, base / audio, get("text"), get("speaker") or speaker, get("id") or None,
+                base / ref if ref else None, get("ref_text") or None)
+
+
+def _delimiter(first_line: str, suffix: str) -> str:
+    if suffix == ".tsv" or "\t" in first_line:
+        return "\t"
+    return "|" if "|" in first_line else ","
+
+
+def read_csv(src: Path, speaker: Optional[str], text_column: Optional[str] = None) -> Iterator[Item]:
+    if not src.is_file():
+        raise LayoutError(f"{src}: the csv format reads one file (CSV, TSV or '|'-separated, with a header)")
+    shown = src.name
+    lines = _text_lines(src, shown)
+    first = next(lines, None)
+    if first is None or isinstance(first[1], Problem):
+        raise LayoutError(f"{src}: empty, or its header is not UTF-8 text")
+    delim = _delimiter(first[1], src.suffix.lower())
+    header = first[1].split(delim) if delim != "," else next(csv.reader([first[1]]))
+    header = [h.strip() for h in header]
+    cols = _columns(header, f"{src}:1", text_column)
+    for lineno, line in lines:
+        if isinstance(line, Problem):
+            yield line
+            continue
+        fields = line.split(delim) if delim != "," else next(csv.reader([line]))
+        if len(fields) != len(header):
+            yield Problem(f"{shown}:{lineno}", "bad_row", f"{len(fields)} fields, the header has {len(header)}")
+            continue
+        yield _row_clip(dict(zip(header, fields)), cols, src.parent, f"{shown}:{lineno}", speaker)
+
+
+def _audiofolder_metadata(src: Path) -> list:
+    found = [src / n for n in ("metadata.csv", "metadata.jsonl") if (src / n).is_file()]
+    if not found and src.is_dir():
+        found = sorted(p for n in ("metadata.csv", "metadata.jsonl") for p in src.glob(f"*/{n}"))
+    return found
+
+
+def read_audiofolder(src: Path, speaker: Optional[str], text_column: Optional[str] = None) -> Iterator[Item]:
+    metas = [src] if src.is_file() else _audiofolder_metadata(src)
+    if not metas:
+        raise LayoutError(f"{src}: no metadata.csv or metadata.jsonl (an audiofolder names its clips in one)")
+    root = src.parent if src.is_file() else src
+    for meta in metas:
+        shown = _shown(meta, root)
+        if meta.suffix == ".jsonl":
+            cols = None
+            for lineno, line in _text_lines(meta, shown):
+                where = f"{shown}:{lineno}"
+                if isinstance(line, Problem):
+                    yield line
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield Problem(where, "invalid_json", f"invalid JSON ({e.msg} at column {e.colno})")
+                    continue
+                if not isinstance(row, dict):
+                    yield Problem(where, "not_an_object", "each line must be a JSON object")
+                    continue
+                cols = cols or _columns(list(row), where, text_column, ("file_name",))
+                yield _row_clip({k: str(v) for k, v in row.items() if isinstance(v, (str, int, float))}, cols,
+                                meta.parent, where, speaker)
+        else:
+            with meta.open(newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                cols = _columns(reader.fieldnames or [], f"{shown}:1", text_column, ("file_name",))
+                try:
+                    for row in reader:
+                        yield _row_clip(row, cols, meta.parent, f"{shown}:{reader.line_num}", speaker)
+                except (csv.Error, UnicodeDecodeError) as e:
+                    yield Problem(f"{shown}:{reader.line_num + 1}", "bad_row", f"unreadable CSV ({e})")
+
+
+def read_libritts(src: Path, speaker: Optional[str]) -> Iterator[Item]:
+    for txt in sorted(src.rglob("*.normalized.txt")):
+        shown = _shown(txt, src)
+        stem = txt.with_name(txt.name[: -len(".normalized.txt")])
+        text = _transcript(txt, shown)
+        if isinstance(text, Problem):
+            yield text
+            continue
+        audio = _audio_beside(stem) or stem.with_name(stem.name + ".wav")
+        # speaker/chapter/utterance: the speaker is the folder two above the clip
+        yield Clip(shown, audio, text, speaker or txt.parent.parent.name, stem.name)
+
+
+VCTK_AUDIO_DIRS = ("wav48_silence_trimmed", "wav48", "wav24", "wav22", "wav16", "wav", "audio")
+
+
+def read_vctk(src: Path, speaker: Optional[str], mic: str = "mic1") -> Iterator[Item]:
+    txt_root = src / "txt"
+    audio_root = next((src / d for d in VCTK_AUDIO_DIRS if (src / d).is_dir()), None)
+    if txt_root.is_dir() and audio_root is not None:
+        for txt in sorted(txt_root.glob("*/*.txt")):
+            shown = _shown(txt, src)
+            text = _transcript(txt, shown)
+            if isinstance(text, Problem):
+                yield text
+                continue
+            spk, utt = txt.parent.name, txt.stem
+            folder = audio_root / spk
+            audio = _audio_beside(folder / utt) or _audio_beside(folder / f"{utt}_{mic}") or folder / f"{utt}.wav"
+            yield Clip(shown, audio, text, speaker or spk, utt)
+        return
+    # speaker folders with each clip's .txt beside it
+    for audio in sorted(p for p in src.glob("*/*") if p.suffix.lower() in AUDIO_SUFFIXES):
+        shown = _shown(audio, src)
+        text = _transcript(audio.with_suffix(".txt"), _shown(audio.with_suffix(".txt"), src))
+        if isinstance(text, Problem):
+            yield text
+            continue
+        yield Clip(shown, audio, text, speaker or audio.parent.name, audio.stem)
+
+
+def read_fish(src: Path, speaker: Optional[str]) -> Iterator[Item]:
+    for audio in sorted(p for p in src.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()):
+        rel = audio.relative_to(src)
+        lab = audio.with_suffix(".lab")
+        text = _transcript(lab, _shown(lab, src))
+        if isinstance(text, Problem):
+            yield text
+            continue
+        spk = speaker or (rel.parts[0] if len(rel.parts) > 1 else None)
+        yield Clip(str(rel), audio, text, spk, str(rel.with_suffix("")))
+
+
+def read_higgs_json(src: Path, speaker: Optional[str]) -> Iterator[Item]:
+    folder, meta = (src.parent, src) if src.is_file() else (src, src / "metadata.json")
+    if not meta.is_file():
+        raise LayoutError(f"{meta}: not found (the Higgs trainers' layout is metadata.json + wav/txt files)")
+    try:
+        samples = json.loads(meta.read_bytes().decode("utf-8-sig")).get("samples")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise LayoutError(f"{meta}: not a JSON object with \"samples\" ({type(e).__name__}: {e})") from None
+    if not isinstance(samples, list):
+        raise LayoutError(f"{meta}: \"samples\" must be a list")
+    for i, s in enumerate(samples):
+        where = f"{meta.name}:samples[{i}]"
+        if not isinstance(s, dict) or not isinstance(s.get("audio_file"), str):
+            yield Problem(where, "missing_field", "each sample needs \"audio_file\"")
+            continue
+        if "ref_speakers" in s:
+            yield Problem(where, "unsupported", "multi-speaker \"ref_speakers\" samples: write them as ChatML "
+                          "manifest lines (README: ChatML form)")
+            continue
+        if isinstance(s.get("transcript_file"), str):
+            text = _transcript(folder / s["transcript_file"], s["transcript_file"])
+            if isinstance(text, Problem):
+                yield Problem(where, text.reason, text.message)
+                continue
+        else:
+            text = str(s.get("text") or s.get("transcript") or "").strip()
+        ref_audio, ref_text = s.get("ref_audio_file"), s.get("ref_transcript")
+        if ref_text is None and isinstance(s.get("ref_transcript_file"), str):
+            ref_text = _transcript(folder / s["ref_transcript_file"], s["ref_transcript_file"])
+            if isinstance(ref_text, Problem):
+                yield Problem(where, ref_text.reason, ref_text.message)
+                continue
+        if bool(ref_audio) != bool(ref_text):
+            yield Problem(where, "ref_without_text", "a reference needs both \"ref_audio_file\" and its "
+                          "transcript (\"ref_transcript\")")
+            continue
+        spk = s.get("speaker_id") or s.get("speaker_name") or speaker
+        yield Clip(where, folder / s["audio_file"], text, str(spk) if spk else None,
+                   str(s["id"]) if s.get("id") is not None else None,
+                   folder / ref_audio if ref_audio else None, ref_text or None,
+                   s["scene"] if isinstance(s.get("scene"), str) and s["scene"].strip() else None)
+
+
+def _turn_text(content) -> str:
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        return " ".join(c.get("text", "") for c in content if isinstance(c, dict))
+    return content if isinstance(content, str) else ""
+
+
+def read_swift(src: Path, speaker: Optional[str]) -> Iterator[Item]:
+    if not src.is_file():
+        raise LayoutError(f"{src}: the swift format reads one JSONL file ({{\"messages\": ..., \"audios\": ...}})")
+    shown = src.name
+    for lineno, line in _text_lines(src, shown):
+        where = f"{shown}:{lineno}"
+        if isinstance(line, Problem):
+            yield line
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield Problem(where, "invalid_json", f"invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list) \
+                or not isinstance(obj.get("audios"), list):
+            yield Problem(where, "missing_field", "each line needs \"messages\" (a list) and \"audios\" (a list)")
+            continue
+        if len(obj["audios"]) != 1 or not isinstance(obj["audios"][0], str):
+            yield Problem(where, "unsupported", f"{len(obj['audios'])} audios; a TTS sample has exactly one (path)")
+            continue
+        turns = [(m.get("role"), _turn_text(m.get("content"))) for m in obj["messages"] if isinstance(m, dict)]
+        answer = next((t for r, t in reversed(turns) if r == "assistant"), None)
+        question = next((t for r, t in reversed(turns) if r == "user"), None)
+        if answer is None or question is None:
+            yield Problem(where, "bad_messages", "no user and assistant turn to take the transcript from")
+            continue
+        # ASR style (user: "<audio>...", assistant: transcript), or TTS style (user: text, assistant: "<audio>")
+        text = question if "<audio>" in answer else answer
+        spk = obj.get("speaker") if isinstance(obj.get("speaker"), str) else speaker
+        yield Clip(where, src.parent / obj["audios"][0], text.replace("<audio>", "").strip(), spk,
+                   str(obj["id"]) if obj.get("id") is not None else None)
+
+
+@dataclass(frozen=True)
+class Format:
+    read: Callable  # (src, speaker, **options) -> Iterator[Item]
+    summary: str
+
+
+FORMATS = {
+    "ljspeech": Format(read_ljspeech, "metadata.csv (id|text|normalized) + wavs/"),
+    "libritts": Format(read_libritts, "speaker/chapter/*.wav + *.normalized.txt (LibriTTS, LibriTTS-R)"),
+    "vctk": Format(read_vctk, "txt/SPEAKER/*.txt + wav48*/SPEAKER/ audio, or speaker folders with .txt beside"),
+    "fish": Format(read_fish, "audio + .lab transcript beside it (Fish-Speech); speaker = first folder"),
+    "csv": Format(read_csv, "a CSV/TSV/'|' file with a header: audio, text, optional speaker columns"),
+    "higgs-json": Format(read_higgs_json, "metadata.json samples (train-higgs-audio, Mixomo's GUI)"),
+    "swift": Format(read_swift, "ms-swift JSONL: messages + audios"),
+    "audiofolder": Format(read_audiofolder, "Hugging Face audiofolder: metadata.csv/.jsonl with file_name"),
+}
+COLUMN_FORMATS = ("csv", "audiofolder")  # the formats that take text_column
+
+
+# -------------------------------------------------------------------------------------------- detection
+
+
+def _first_line(path: Path) -> str:
+    try:
+        with path.open("rb") as f:
+            return f.readline(65536).decode("utf-8-sig", errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _has_header_column(line: str, names: tuple, suffix: str = "") -> bool:
+    fields = line.split(_delimiter(line, suffix))
+    return any(f.strip().strip('"').lower() in names for f in fields)
+
+
+def _any(folder: Path, *patterns: str) -> bool:
+    return any(next(folder.glob(p), None) is not None for p in patterns)
+
+
+def _looks(src: Path) -> list:
+    """The formats ``src`` could be, by the files that mark each layout (cheap: a few globs, first lines)."""
+    if src.is_file():
+        name, suffix = src.name.lower(), src.suffix.lower()
+        first = _first_line(src)
+        if suffix == ".jsonl":
+            try:
+                obj = json.loads(first)
+            except json.JSONDecodeError:
+                return []
+            keys = set(obj) if isinstance(obj, dict) else set()
+            return ["swift"] if {"messages", "audios"} <= keys else ["audiofolder"] if "file_name" in keys else []
+        if name == "metadata.json":
+            return ["higgs-json"]
+        if _has_header_column(first, AUDIO_COLUMNS, suffix):
+            return ["csv"]
+        if name == "metadata.csv" and "|" in first and (src.parent / "wavs").is_dir():
+            return ["ljspeech"]
+        return []
+    found = []
+    meta_csv = src / "metadata.csv"
+    if meta_csv.is_file():
+        first = _first_line(meta_csv)
+        if _has_header_column(first, ("file_name",), ".csv"):
+            found.append("audiofolder")
+        elif "|" in first and (src / "wavs").is_dir():
+            found.append("ljspeech")
+    elif (src / "metadata.jsonl").is_file() or _any(src, "*/metadata.csv", "*/metadata.jsonl"):
+        found.append("audiofolder")
+    if (src / "metadata.json").is_file():
+        found.append("higgs-json")
+    if _any(src, "*/*/*.normalized.txt", "*/*/*/*.normalized.txt"):
+        found.append("libritts")
+    if ((src / "txt").is_dir() and any((src / d).is_dir() for d in VCTK_AUDIO_DIRS)) or any(
+            _audio_beside(t.with_suffix("")) for t in src.glob("*/*.txt") if not t.name.endswith(".normalized.txt")):
+        found.append("vctk")
+    if _any(src, "*.lab", "*/*.lab"):
+        found.append("fish")
+    return found
+
+
+def detect(src: Path) -> str:
+    if not src.exists():
+        raise LayoutError(f"{src}: not found")
+    found = _looks(src)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise LayoutError(f"{src}: could be {' or '.join(found)}; choose with --format")
+    raise LayoutError(f"{src}: not a layout --format auto recognises ({', '.join(FORMATS)}); choose with "
+                       f"--format (higgs-ddp manifest import --help lists what each expects)")
+
+
+# ------------------------------------------------------------------------------------------ the import
+
+
+@dataclass
+class Imported:
+    rows: list  # manifest rows (dicts), paths relative to the manifest's folder
+    problems: list  # Problem per clip left out
+    format: str
+    seconds: float = 0.0
+
+
+def _rel(path: Path, base: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
+
+
+def import_corpus(src, fmt: str, out, speaker: Optional[str] = None, max_seconds: float = 0.0,
+                  **options) -> Imported:
+    """Read ``src`` in layout ``fmt`` ("auto": ``detect``) into rows for a manifest at ``out``; every clip's
+    audio (and reference) header checked, empty texts and repeated ids reported. Nothing is written."""
+    src, base = Path(src), Path(out).parent
+    if not src.exists():
+        raise LayoutError(f"{src}: not found")
+    fmt = detect(src) if fmt == "auto" else fmt
+    if fmt not in FORMATS:
+        raise LayoutError(f"unknown format {fmt!r}; formats: auto, {', '.join(FORMATS)}")
+    if options and fmt not in COLUMN_FORMATS:
+        raise LayoutError(f"{', '.join('--' + k.replace('_', '-') for k in options)} applies to the "
+                          f"{' and '.join(COLUMN_FORMATS)} formats, not {fmt}")
+    root = src if src.is_dir() else src.parent
+    checked: dict = {}  # path -> seconds, or the AudioProblem: a shared reference is read once
+
+    def audio_seconds(path: Path):
+        if path not in checked:
+            try:
+                info = check_header(path, _shown(path, root), max_seconds)
+                checked[path] = info.frames / info.samplerate
+            except AudioProblem as e:
+                checked[path] = e
+        return checked[path]
+
+    rows, problems, ids, seconds = [], [], {}, 0.0
+    for item in FORMATS[fmt].read(src, speaker, **options):
+        if isinstance(item, Problem):
+            problems.append(item)
+            continue
+        if not item.text.strip():
+            problems.append(Problem(item.where, "empty_text", "the transcript is empty"))
+            continue
+        if item.ref_text is not None and not item.ref_text.strip():
+            problems.append(Problem(item.where, "empty_text", "the reference transcript is empty"))
+            continue
+        results = [audio_seconds(p) for p in (item.ref_audio, item.audio) if p is not None]
+        bad = next((r for r in results if isinstance(r, AudioProblem)), None)
+        if bad is not None:
+            problems.append(Problem(item.where, bad.reason, str(bad)))
+            continue
+        # Without an id of its own, a clip is named by its path: stable when lines are added or reordered,
+        # so the validation split (chosen by id hash) does not move.
+        sid = item.id if item.id is not None else Path(_shown(item.audio, root)).with_suffix("").as_posix()
+        if sid in ids:
+            problems.append(Problem(item.where, "duplicate_id", f"id {sid!r} is already the id of {ids[sid]}"))
+            continue
+        ids[sid] = item.where
+        row = {"id": sid, "text": item.text.strip(), "audio": _rel(item.audio, base), "speaker": item.speaker}
+        if item.ref_audio is not None:
+            row.update(ref_audio=_rel(item.ref_audio, base), ref_text=item.ref_text.strip())
+        row["scene"] = item.scene
+        rows.append({k: v for k, v in row.items() if v is not None})
+        seconds += results[-1]
+    return Imported(rows, problems, fmt, seconds)
+
+
+def write_manifest(rows: list, out) -> Path:
+    """The rows as JSONL, all at once: a temporary file beside ``out``, then renamed over it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def reason_counts(problems: list) -> str:
+    return ", ".join(f"{n} {r}" for r, n in sorted(Counter(p.reason for p in problems).items()))
