@@ -118,13 +118,19 @@ def test_non_finite_steps_are_skipped_counted_then_stop(tmp_path):
 
 @pytest.mark.slow
 def test_demo_config_two_processes_from_wav_loss_falls(tmp_path):
-    """What `make demo` does: WAV files, prepared by 2 ranks with the tiny codec, then trained."""
-    cfg = tiny_config(tmp_path, samples=48, audio=True)
-    ref = tmp_path / "data" / "clips" / "0000_ref.wav"  # the demo's second prompt clones this voice
-    proc = torchrun(2, "--config", "configs/tiny.yaml", f"data.manifest={cfg.data.manifest[0]}",
+    """What `make demo` does: an LJSpeech-style folder of WAV files, imported (`higgs-ddp manifest import`),
+    prepared by 2 ranks with the tiny codec, then trained."""
+    from higgs_ddp.data.importers import import_corpus, write_manifest
+    from higgs_ddp.tools.demo_data import write_ljspeech_demo
+
+    src = write_ljspeech_demo(tmp_path / "data", samples=48)
+    manifest = write_manifest(import_corpus(src, "ljspeech", src / "manifest.jsonl", "tones").rows,
+                              src / "manifest.jsonl")
+    ref = src / "wavs" / "demo0001.wav"  # the demo's second prompt clones this voice
+    proc = torchrun(2, "--config", "configs/tiny.yaml", f"data.manifest={manifest}",
                     f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
                     "train.max_steps=80", "data.num_workers=1", "eval.every=40",
-                    f"eval.prompts=[{{text: hello}}, {{text: again, reference_audio: {ref}, reference_text: the quick}}]")
+                    f"eval.prompts=[{{text: hello}}, {{text: again, reference_audio: {ref}, reference_text: quick the}}]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "encoded, 0 with problems" in proc.stdout
     # The demo's validation, listening samples and TensorBoard, as configured in tiny.yaml.

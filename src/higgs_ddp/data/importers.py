@@ -132,8 +132,9 @@ def _columns(header: list, where: str, text_column: Optional[str], needs_audio: 
             "ref_audio": _pick(header, ("ref_audio", "ref_audio_file"), None),
             "ref_text": _pick(header, ("ref_text", "ref_transcript"), None)}
     if cols["audio"] is None or cols["text"] is None:
-        missing = "an audio column (" + ", ".join(needs_audio) + ")" if cols["audio"] is None else \
-            f"the text column {text_column!r}" if text_column else "a text column (" + ", ".join(TEXT_COLUMNS) + ")"
+        missing = f"audio column (one of {', '.join(needs_audio)})" if cols["audio"] is None else \
+            f"column {text_column!r} (--text-column)" if text_column else \
+            f"text column (one of {', '.join(TEXT_COLUMNS)}; or name it with --text-column)"
         raise LayoutError(f"{where}: the header {header} has no {missing}")
     return cols
 
@@ -262,7 +263,7 @@ def read_vctk(src: Path, speaker: Optional[str], mic: str = "mic1") -> Iterator[
         if isinstance(text, Problem):
             yield text
             continue
-        yield Clip(shown, audio, text, speaker or audio.parent.name, audio.stem)
+        yield Clip(shown, audio, text, speaker or audio.parent.name)  # id: speaker/stem (stems repeat)
 
 
 def read_fish(src: Path, speaker: Optional[str]) -> Iterator[Item]:

@@ -11,7 +11,7 @@ import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from boson_multimodal.data_types import TextContent
+from boson_multimodal.data_types import AudioContent, TextContent
 
 from higgs_ddp.data.audio import AudioProblem, check_header
 from higgs_ddp.data.manifest import Problem, read_manifest
@@ -41,13 +41,15 @@ class Stats:
 
 
 def _spoken_text(entry) -> str:
-    """The text of the user turn right before the first learned audio: what the clip says."""
-    text = ""
+    """The text of the user turn before the first learned audio: what that clip says."""
+    target = next(i for i, ref in enumerate(entry.audio) if ref is entry.learned[0])
+    text, seen = "", 0
     for m in entry.chatml.messages:
         items = m.content if isinstance(m.content, list) else [m.content]
         if m.role == "user":
-            text = " ".join(c.text for c in items if isinstance(c, TextContent))
-        if m.role == "assistant" and any(getattr(c, "audio_url", None) == entry.learned[0].shown for c in items):
+            text = " ".join(c if isinstance(c, str) else c.text for c in items if isinstance(c, (str, TextContent)))
+        seen += sum(isinstance(c, AudioContent) for c in items)
+        if seen > target:
             break
     return text
 

@@ -1,10 +1,12 @@
 """A small synthetic TTS corpus for the demo and the tests: texts, and audio (or code arrays) that
-depend on the text in a learnable way, so the loss visibly falls; written as a JSONL manifest.
+depend on the text in a learnable way, so the loss visibly falls.
 
-    higgs-ddp demo-data OUT_DIR [--samples N] [--codes]
+    higgs-ddp demo-data OUT_DIR [--samples N]      # an LJSpeech-style folder: metadata.csv + wavs/
+    higgs-ddp demo-data OUT_DIR --codes            # a JSONL manifest naming .npy code arrays
 
-By default each line names a WAV file (one tone per character, 8 kHz), which `prepare` encodes; with
-``--codes`` it names .npy code arrays directly.
+By default it writes what a user brings: an LJSpeech-style folder of WAV files (one tone per character,
+8 kHz), which `higgs-ddp manifest import --format ljspeech` turns into the manifest, as `make demo` does.
+With ``--codes`` it writes a manifest naming .npy code arrays directly (no codec needed).
 """
 
 from __future__ import annotations
@@ -46,6 +48,22 @@ def _write(out: Path, rel: str, text: str, audio: bool, num_codebooks: int, code
     return rel
 
 
+def _texts(samples: int, rng) -> list:
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(2, 5)))) for _ in range(samples)]
+
+
+def write_ljspeech_demo(out_dir, samples: int = 48, seed: int = 0) -> Path:
+    """An LJSpeech-style folder: ``metadata.csv`` (``id|text|normalized text``) and ``wavs/{id}.wav``."""
+    out = Path(out_dir)
+    (out / "wavs").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, text in enumerate(_texts(samples, np.random.default_rng(seed))):
+        _write(out, f"wavs/demo{i:04d}.wav", text, True, 0, 0)
+        rows.append(f"demo{i:04d}|{text}|{text}")
+    (out / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return out
+
+
 def write_demo_corpus(out_dir, samples: int = 48, num_codebooks: int = 4, codebook_size: int = 64,
                       seed: int = 0, with_reference_every: int = 4, audio: bool = False) -> Path:
     out = Path(out_dir)
@@ -73,8 +91,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir")
     p.add_argument("--samples", type=int, default=48)
-    p.add_argument("--codes", action="store_true", help="write .npy codes instead of WAV files")
+    p.add_argument("--codes", action="store_true", help="a JSONL manifest of .npy codes instead of the WAV folder")
     p.add_argument("--codebooks", type=int, default=4)
     p.add_argument("--codebook-size", type=int, default=64)
     a = p.parse_args(argv)
-    print(write_demo_corpus(a.out_dir, a.samples, a.codebooks, a.codebook_size, audio=not a.codes))
+    if a.codes:
+        print(write_demo_corpus(a.out_dir, a.samples, a.codebooks, a.codebook_size))
+    else:
+        out = write_ljspeech_demo(a.out_dir, a.samples)
+        print(f"{out} (next: higgs-ddp manifest import --format ljspeech {out} --out {out / 'manifest.jsonl'})")
+    return 0
