@@ -206,6 +206,13 @@ def test_references_scene_and_speaker_carry_over_from_the_higgs_trainers_metadat
     assert entries[0].learned == (entries[0].audio[1],)  # the reference is context, never a target
 
 
+def test_auto_tells_a_header_from_ljspeech_in_a_folders_metadata_csv(tmp_path):
+    assert detect(csv_f5(tmp_path).parent) == "csv"  # F5-TTS: audio_file|text, with wavs/ beside
+    assert detect(ljspeech(tmp_path)) == "ljspeech"  # no header
+    got = import_corpus(tmp_path / "f5", "auto", tmp_path / "m.jsonl")
+    assert [r["audio"] for r in got.rows] == ["f5/wavs/a.wav", "f5/wavs/b.wav"]
+
+
 def test_auto_names_the_layouts_it_cannot_tell_apart_and_those_it_does_not_know(tmp_path):
     src = ljspeech(tmp_path)
     write(src / "metadata.json", json.dumps({"samples": []}))  # also a Higgs trainers' folder

@@ -12,7 +12,7 @@ Layouts (``SRC`` is a folder unless said otherwise):
 - ``vctk``: ``txt/{speaker}/{utt}.txt`` + an audio folder (``wav48_silence_trimmed/{speaker}/{utt}_mic1.flac``,
   ``wav48/{speaker}/{utt}.wav``, ...), or speaker folders holding each clip with its ``.txt`` beside it
 - ``fish``: audio files with a ``.lab`` transcript beside each (Fish-Speech); the first folder is the speaker
-- ``csv``: a CSV/TSV/pipe file whose header names the audio, text and (optional) speaker columns: F5-TTS's
+- ``csv``: a CSV/TSV/pipe file (or a folder's ``metadata.csv``) whose header names the audio, text and (optional) speaker columns: F5-TTS's
   ``audio_file|text``, Coqui's ``audio_file|text|speaker_name``
 - ``higgs-json``: ``metadata.json`` with ``samples`` (``audio_file``, ``transcript_file`` or ``text``,
   ``speaker_id``, ``scene``, ``ref_audio_file`` + ``ref_transcript``): JimmyMa99/train-higgs-audio, Mixomo's GUI
@@ -160,6 +160,8 @@ def _delimiter(first_line: str, suffix: str) -> str:
 
 
 def read_csv(src: Path, speaker: Optional[str], text_column: Optional[str] = None) -> Iterator[Item]:
+    if src.is_dir():  # F5-TTS and Coqui keep theirs as metadata.csv in the corpus folder
+        src = src / "metadata.csv"
     if not src.is_file():
         raise LayoutError(f"{src}: the csv format reads one file (CSV, TSV or '|'-separated, with a header)")
     shown = src.name
@@ -425,6 +427,8 @@ def _looks(src: Path) -> list:
         first = _first_line(meta_csv)
         if _has_header_column(first, ("file_name",), ".csv"):
             found.append("audiofolder")
+        elif _has_header_column(first, AUDIO_COLUMNS, ".csv"):  # F5-TTS's audio_file|text, Coqui's
+            found.append("csv")
         elif "|" in first and (src / "wavs").is_dir():
             found.append("ljspeech")
     elif (src / "metadata.jsonl").is_file() or _any(src, "*/metadata.csv", "*/metadata.jsonl"):
