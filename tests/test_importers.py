@@ -260,6 +260,24 @@ def test_every_bad_clip_is_one_line_naming_file_and_line_and_nothing_is_written(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["LJSpeech-1.1", "m.jsonl"]  # no temporary file left
 
 
+def test_jsonl_and_metadata_json_problems_name_their_line_or_sample(tmp_path):
+    src = swift(tmp_path)
+    with src.open("a") as f:
+        f.write('{"messages": [\n')
+        f.write(json.dumps({"messages": [], "audios": ["a.wav", "b.wav"]}) + "\n")
+        f.write(json.dumps({"messages": [{"role": "user", "content": "<audio>"},
+                                         {"role": "assistant", "content": "hi"}], "audios": ["gone.wav"]}) + "\n")
+    got = import_corpus(src, "swift", tmp_path / "m.jsonl")
+    assert [str(p) for p in got.problems] == [
+        "train.jsonl:3: invalid JSON (Expecting value at column 15)",
+        "train.jsonl:4: 2 audios; a TTS sample has exactly one (path)",
+        "train.jsonl:5: audio gone.wav not found"]
+    src = higgs_json(tmp_path)
+    (src / "huo_000001.txt").unlink()
+    got = import_corpus(src, "higgs-json", tmp_path / "m.jsonl")
+    assert [str(p) for p in got.problems] == ["metadata.json:samples[1]: transcript huo_000001.txt not found"]
+
+
 def test_the_output_appears_whole_or_not_at_all(tmp_path):
     out = write(tmp_path / "m.jsonl", "old\n")
     with pytest.raises(TypeError):  # a row that cannot be written, half way through

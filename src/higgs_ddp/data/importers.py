@@ -82,6 +82,22 @@ def _text_lines(path: Path, shown: str) -> Iterator[tuple]:
                 yield lineno, text
 
 
+def _json_lines(path: Path, shown: str) -> Iterator[tuple]:
+    """(where, object | Problem) for each non-empty line of a JSONL file."""
+    for lineno, line in _text_lines(path, shown):
+        where = f"{shown}:{lineno}"
+        if isinstance(line, Problem):
+            yield where, line
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield where, Problem(where, "invalid_json", f"invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        yield where, obj if isinstance(obj, dict) else Problem(where, "not_an_object", "each line must be a "
+                                                                "JSON object")
+
+
 def _transcript(path: Path, shown: str) -> Union[str, Problem]:
     if not path.is_file():
         return Problem(shown, "transcript_missing", f"transcript {shown} not found")
@@ -200,18 +216,9 @@ def read_audiofolder(src: Path, speaker: Optional[str], text_column: Optional[st
         shown = _shown(meta, root)
         if meta.suffix == ".jsonl":
             cols = None
-            for lineno, line in _text_lines(meta, shown):
-                where = f"{shown}:{lineno}"
-                if isinstance(line, Problem):
-                    yield line
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield Problem(where, "invalid_json", f"invalid JSON ({e.msg} at column {e.colno})")
-                    continue
-                if not isinstance(row, dict):
-                    yield Problem(where, "not_an_object", "each line must be a JSON object")
+            for where, row in _json_lines(meta, shown):
+                if isinstance(row, Problem):
+                    yield row
                     continue
                 cols = cols or _columns(list(row), where, text_column, ("file_name",))
                 yield _row_clip({k: str(v) for k, v in row.items() if isinstance(v, (str, int, float))}, cols,
@@ -333,18 +340,11 @@ def read_swift(src: Path, speaker: Optional[str]) -> Iterator[Item]:
     if not src.is_file():
         raise LayoutError(f"{src}: the swift format reads one JSONL file ({{\"messages\": ..., \"audios\": ...}})")
     shown = src.name
-    for lineno, line in _text_lines(src, shown):
-        where = f"{shown}:{lineno}"
-        if isinstance(line, Problem):
-            yield line
+    for where, obj in _json_lines(src, shown):
+        if isinstance(obj, Problem):
+            yield obj
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield Problem(where, "invalid_json", f"invalid JSON ({e.msg} at column {e.colno})")
-            continue
-        if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list) \
-                or not isinstance(obj.get("audios"), list):
+        if not isinstance(obj.get("messages"), list) or not isinstance(obj.get("audios"), list):
             yield Problem(where, "missing_field", "each line needs \"messages\" (a list) and \"audios\" (a list)")
             continue
         if len(obj["audios"]) != 1 or not isinstance(obj["audios"][0], str):
