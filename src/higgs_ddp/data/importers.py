@@ -468,15 +468,16 @@ class Imported:
     seconds: float = 0.0
 
 
-def _rel(path: Path, base: Path) -> str:
-    return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
+def _rel(path: Path, base: str) -> str:
+    """``path`` relative to the manifest's folder ``base`` (absolute). Symbolic links are kept as named."""
+    return Path(os.path.relpath(os.path.abspath(path), base)).as_posix()
 
 
 def import_corpus(src, fmt: str, out, speaker: Optional[str] = None, max_seconds: float = 0.0,
                   **options) -> Imported:
     """Read ``src`` in layout ``fmt`` ("auto": ``detect``) into rows for a manifest at ``out``; every clip's
     audio (and reference) header checked, empty texts and repeated ids reported. Nothing is written."""
-    src, base = Path(src), Path(out).parent
+    src, base = Path(src), os.path.abspath(Path(out).parent)
     if not src.exists():
         raise LayoutError(f"{src}: not found")
     fmt = detect(src) if fmt == "auto" else fmt
