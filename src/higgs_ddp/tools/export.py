@@ -7,7 +7,8 @@ peft's format) or ``trainable.safetensors`` (audio_ffn / full: raw HiggsAudioMod
 Without --merge the weights are copied with the tokenizer and an ``export.json`` provenance record. With
 --merge the base model is rebuilt from the config exactly as training builds it, the trained weights are
 loaded (every tensor must find its parameter) and merged, and OUT becomes a folder that
-``HiggsAudioModel.from_pretrained`` and boson_multimodal's ``HiggsAudioServeEngine`` load as they are.
+``HiggsAudioModel.from_pretrained`` and boson_multimodal's ``HiggsAudioServeEngine`` load as they are. Every
+export carries the run's ``config.yaml`` (``higgs-ddp speak`` reads the codec there).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -87,8 +89,10 @@ def _check_keys(what: str, missing: list, unexpected: list) -> None:
                           f"(e.g. {unexpected[:2]})")
 
 
-def merged_model(ckpt: Path, cfg: Config, tokenizer):
-    """Base + trained weights as one plain HiggsAudioModel, in fp32."""
+def merged_model(ckpt: Path, cfg: Config, tokenizer, adapter: Optional[Path] = None):
+    """Base + trained weights as one plain HiggsAudioModel, in fp32. ``ckpt`` holds ``trainable.safetensors``
+    or (train.mode=lora) ``adapter/``; ``adapter``: the PEFT adapter folder when it is elsewhere (a run's
+    ``final/``, an unmerged export: the adapter files at their top)."""
     from higgs_ddp.model import apply_training_mode, build_model
 
     # fp32 whatever the training precision: the merge sum is exact there; the cast comes after.
@@ -96,13 +100,14 @@ def merged_model(ckpt: Path, cfg: Config, tokenizer):
     if cfg.train.mode == "lora":
         from peft import set_peft_model_state_dict
 
-        saved = json.loads((ckpt / "adapter" / "adapter_config.json").read_text())
+        adapter = ckpt / "adapter" if adapter is None else adapter
+        saved = json.loads((adapter / "adapter_config.json").read_text())
         want = {"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "target_modules": sorted(cfg.lora.target_modules)}
         got = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
                "target_modules": sorted(saved.get("target_modules") or [])}
         if got != want:  # the scale alpha/r is not in the tensors: a mismatch would merge silently wrong
             raise ExportError(f"adapter_config.json {got} disagrees with config.yaml's lora section {want}")
-        state = _load_safetensors(ckpt / "adapter" / "adapter_model.safetensors")
+        state = _load_safetensors(adapter / "adapter_model.safetensors")
         try:
             result = set_peft_model_state_dict(model, state)
         except RuntimeError as e:  # shape mismatches
@@ -216,9 +221,10 @@ def _export(source: Path, ckpt: Path, out: Path, merge: bool, dtype: str) -> str
                 tmp.mkdir()
                 shutil.copy2(ckpt / "trainable.safetensors", tmp / "trainable.safetensors")
                 what = "trainable tensors only (--merge writes a full model folder)"
-            # Rebuilding the base for these weights needs the run's model section (random init: all of it).
-            shutil.copy2(ckpt / "config.yaml", tmp / "config.yaml")
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        # Rebuilding the base for unmerged weights needs the run's model section (random init: all of it);
+        # higgs-ddp speak reads the codec and precision there, for a merged folder too.
+        shutil.copy2(ckpt / "config.yaml", tmp / "config.yaml")
         (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
         if out.exists():
             out.rmdir()  # empty (checked above)
