@@ -19,7 +19,8 @@ LAYERS = [
     ("higgs_ddp.evaluation",),  # validation, listening samples
     ("higgs_ddp.training",),  # trainer, optimizer, parallel strategy, checkpoints, stops, logs
     ("higgs_ddp.tools",),  # export, plot, doctor, bench, demo data
-    ("higgs_ddp.train", "higgs_ddp.cli", "higgs_ddp.__main__", "higgs_ddp.manifest", "higgs_ddp"),  # entry points
+    ("higgs_ddp.train", "higgs_ddp.cli", "higgs_ddp.__main__", "higgs_ddp.manifest", "higgs_ddp.speak",
+     "higgs_ddp"),  # entry points
 ]
 
 
@@ -87,12 +88,12 @@ def test_dual_loss_depends_on_torch_only():
 def test_one_command_line_lists_every_tool():
     proc = subprocess.run([sys.executable, "-m", "higgs_ddp", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    for command in ("train", "prepare", "export", "doctor", "plot", "bench", "manifest", "demo-data"):
+    for command in ("train", "prepare", "export", "doctor", "plot", "bench", "manifest", "demo-data", "speak"):
         assert f"\n  {command} " in proc.stdout, command
 
 
 @pytest.mark.parametrize("command", ["train", "prepare", "export", "doctor", "plot", "bench", "manifest",
-                                     "demo-data"])
+                                     "demo-data", "speak"])
 def test_every_command_has_help_with_an_example(command):
     proc = subprocess.run([sys.executable, "-m", "higgs_ddp", command, "--help"], capture_output=True, text=True,
                           cwd=ROOT)

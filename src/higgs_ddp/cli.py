@@ -4,6 +4,7 @@
     higgs-ddp prepare --nproc-per-node 8 --config configs/higgs_v2_3b_lora.yaml
     higgs-ddp export --checkpoint runs/higgs_v2_3b_lora --out exported/adapter
     higgs-ddp doctor --config configs/higgs_v2_3b_lora.yaml
+    higgs-ddp speak --model runs/higgs_v2_3b_lora --text "Hello there." --out hello.wav
 
 ``train``, ``prepare`` and ``bench`` run on several processes: given ``--nproc-per-node N`` (or any of
 torchrun's node and rendezvous options) this command starts torchrun with them, which starts this same
@@ -40,6 +41,7 @@ COMMANDS = {
     "manifest": Command("higgs_ddp.tools.manifest_cmd:main",
                         "import a corpus (LJSpeech, LibriTTS, VCTK, CSV, ...) as a manifest; a manifest's stats"),
     "demo-data": Command("higgs_ddp.tools.demo_data:main", "write the demo's synthetic corpus (WAV clips or codes)"),
+    "speak": Command("higgs_ddp.tools.speak:main", "text to speech with a run, checkpoint, adapter or merged export"),
 }
 
 # torchrun's options passed through (with their value, except the flags): node count, rendezvous, restarts.

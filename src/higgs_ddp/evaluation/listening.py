@@ -10,7 +10,8 @@ step, without constructing the engine (which loads a model from a path):
 * ``HiggsAudioModel.generate`` gets the engine's arguments: ``use_cache``, a static KV cache bucket
   (the engine's sizes; under the trainer's bf16 autocast boson's dynamic cache, see ``generate_codes``),
   ``stop_strings``/``tokenizer``, ``do_sample``/``temperature``/``top_p``/``top_k``,
-  repetition-aware sampling (``ras_win_len=7``, ``ras_win_max_num_repeat=2``) and ``seed``;
+  repetition-aware sampling (``ras_win_len=7``, ``ras_win_max_num_repeat=2``) and ``seed`` (``Sampling``,
+  the engine's defaults; training's samples take temperature, seed and length from ``eval``);
 * the generated (delayed) code columns go back to (codebooks, frames) with boson's
   ``revert_delay_pattern``, minus the stream-BOS frame and everything from the first stream-EOS frame on
   (the engine's ``[:, 1:-1]`` for a finished stream).
@@ -19,6 +20,8 @@ Differences from the engine, on purpose: generation stops at the end of the firs
 (``<|audio_eos|>``) instead of continuing with text; codes outside the codebook are reported
 (``invalid_codes``) and the audio stops before them, where the engine clips them into range; the special
 token ids are passed to ``generate`` instead of being set on the model; no CUDA graphs are captured.
+
+``higgs-ddp speak`` (tools/speak.py) speaks through the same ``speak_text``.
 
 Nothing of this touches training: the global (and CUDA) RNG streams are forked and restored, generation
 runs in inference mode, every module gets its train/eval flag back, and no cache stays on the model.
@@ -40,7 +43,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from higgs_ddp.config import Config
+from higgs_ddp.config import Config, EvalConfig
 from higgs_ddp.data.audio import AudioProblem, read_audio, resample
 from higgs_ddp.data.prompt import build_chatml, tokenize_chatml
 
@@ -48,6 +51,38 @@ STOP_STRINGS = ["<|end_of_text|>", "<|eot_id|>"]  # the engine's defaults
 ENGINE_KV_CACHE_LENGTHS = (1024, 4096, 8192)  # HiggsAudioServeEngine's default static cache buckets
 TOP_P, TOP_K = 0.95, None  # the engine's defaults
 RAS_WIN_LEN, RAS_WIN_MAX_NUM_REPEAT = 7, 2
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample: the arguments of HiggsAudioServeEngine.generate, with its defaults, and the length limit."""
+
+    temperature: float = 0.7  # 0: greedy
+    top_p: float = TOP_P
+    top_k: Optional[int] = TOP_K  # None: no top-k cut
+    ras_win_len: int = RAS_WIN_LEN  # repetition-aware sampling window (0: off)
+    ras_win_max_num_repeat: int = RAS_WIN_MAX_NUM_REPEAT
+    max_audio_seconds: float = 10.0  # a stream without an EOS by then is cut there and reported (hit_limit)
+    seed: int = 0  # boson's generate seeds its own generator with it at every call
+
+    @classmethod
+    def of_eval(cls, ev: EvalConfig) -> "Sampling":
+        """Training's listening samples: the engine's defaults, with eval's temperature, seed and limit."""
+        return cls(temperature=ev.temperature, max_audio_seconds=ev.max_audio_seconds, seed=ev.seed)
+
+    def check(self) -> None:
+        """ValueError (one line) for a setting generation cannot use."""
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (or unset), got {self.top_k}")
+        if self.ras_win_len < 0 or self.ras_win_max_num_repeat < 1:
+            raise ValueError(f"ras_win_len must be >= 0 (0: off) and ras_win_max_num_repeat >= 1, got "
+                             f"{self.ras_win_len} and {self.ras_win_max_num_repeat}")
+        if not self.max_audio_seconds > 0:
+            raise ValueError(f"max_audio_seconds must be > 0 (generation needs a limit), got {self.max_audio_seconds}")
 
 
 @dataclass
@@ -74,6 +109,15 @@ class Generated:
     invalid_codes: int
 
 
+@dataclass
+class Spoken:
+    """One text spoken and decoded (``speak_text``)."""
+
+    wave: Optional[np.ndarray]  # float32 at the codec's rate; None when not decoded
+    generated: Generated
+    generate_seconds: float = 0.0  # wall time of the generation
+
+
 def check_prompts(cfg: Config) -> list[str]:
     """One line per problem with ``eval.prompts`` (unreadable reference audio, ...); [] when all is well."""
     from higgs_ddp.data.codec import CodecError, min_input_seconds
@@ -93,6 +137,21 @@ def check_prompts(cfg: Config) -> list[str]:
     return problems
 
 
+def read_reference(path, what: str, max_seconds: float, min_seconds: float) -> tuple[torch.Tensor, int]:
+    """-> (mono float32 wave, sample rate) of a reference audio file, checked as training audio is
+    (``min_seconds``: the codec's shortest input); a ValueError starting with ``what`` otherwise."""
+    try:
+        wave, sr = read_audio(Path(path), str(path), max_seconds, min_seconds)
+    except AudioProblem as e:
+        raise ValueError(f"{what}: {e}") from None
+    return torch.from_numpy(wave), sr
+
+
+def encode_reference(codec, wave: torch.Tensor, sr: int) -> torch.Tensor:
+    """A reference wave as the prompt's codes: resampled to the codec's rate and encoded (as training data)."""
+    return codec.encode(resample(wave.to(codec.device), sr, codec.sample_rate))
+
+
 def _reference_wave(cfg: Config, i: int, prompt: dict, min_seconds: float):
     """-> (mono float32 wave, sample rate) of the prompt's reference audio, or None without one.
     ``min_seconds``: the codec's shortest input (checked as training data is)."""
@@ -102,19 +161,12 @@ def _reference_wave(cfg: Config, i: int, prompt: dict, min_seconds: float):
         if prompt.get("reference_text"):
             raise ValueError(f"{key} has a reference_text but no reference_audio")
         return None
-    try:
-        wave, sr = read_audio(Path(ref), str(ref), cfg.data.max_audio_seconds, min_seconds)
-    except AudioProblem as e:
-        raise ValueError(f"{key}.reference_audio: {e}") from None
-    return torch.from_numpy(wave), sr
+    return read_reference(ref, f"{key}.reference_audio", cfg.data.max_audio_seconds, min_seconds)
 
 
 def _encode_reference(cfg: Config, i: int, prompt: dict, codec) -> Optional[torch.Tensor]:
     got = _reference_wave(cfg, i, prompt, codec.min_seconds)
-    if got is None:
-        return None
-    wave, sr = got
-    return codec.encode(resample(wave.to(codec.device), sr, codec.sample_rate))
+    return None if got is None else encode_reference(codec, *got)
 
 
 def _collator(mc):
@@ -130,14 +182,14 @@ def _collator(mc):
 
 
 def prepare_inputs(tokenizer, mc, text: str, ref_text: Optional[str], ref_codes: Optional[torch.Tensor],
-                   device) -> dict:
+                   device, scene: Optional[str] = None) -> dict:
     """The model inputs HiggsAudioServeEngine._prepare_inputs(chatml, force_audio_gen=True) builds."""
     from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample
 
     if mc.encode_whisper_embed and ref_codes is not None:
         raise ValueError("this model embeds reference audio with Whisper features, which listening samples "
                          "do not compute")
-    chatml = build_chatml(text, None, ref_text, with_reference=ref_codes is not None, with_target=False)
+    chatml = build_chatml(text, scene, ref_text, with_reference=ref_codes is not None, with_target=False)
     sample = tokenize_chatml(tokenizer, chatml, [ref_codes] if ref_codes is not None else [], "eval prompt")
     postfix = tokenizer.encode("<|start_header_id|>assistant<|end_header_id|>\n\n<|audio_out_bos|>",
                                add_special_tokens=False)
@@ -221,9 +273,12 @@ def autocast_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
 
 def generate_codes(raw_model, tokenizer, codec, cfg: Config, text: str, ref_text: Optional[str] = None,
                    ref_codes: Optional[torch.Tensor] = None, static_cache: Optional[bool] = None,
-                   lockstep: bool = False) -> Generated:
+                   lockstep: bool = False, sampling: Optional[Sampling] = None,
+                   scene: Optional[str] = None) -> Generated:
     """One prompt through HiggsAudioModel.generate with the engine's arguments. The caller handles the
-    model's mode, the RNG and gradients (write_samples does).
+    model's mode, the RNG and gradients (``generation_state``). ``sampling``: ``Sampling.of_eval(cfg.eval)``
+    unless given; ``cfg`` otherwise only gives the precision (``autocast_dtype``). ``scene``: the system
+    prompt's scene description, as training's ``scene``.
 
     ``static_cache`` (default: unless under autocast): the engine's static KV cache bucket. Under autocast
     the keys and values of different layers can come out in different dtypes (fp32 embeddings and weights
@@ -235,8 +290,9 @@ def generate_codes(raw_model, tokenizer, codec, cfg: Config, text: str, ref_text
 
     mc = raw_model.config
     device = next(raw_model.parameters()).device
-    max_frames = max(1, round(cfg.eval.max_audio_seconds * codec.frame_rate))
-    inputs = prepare_inputs(tokenizer, mc, text, ref_text, ref_codes, device)
+    sampling = sampling or Sampling.of_eval(cfg.eval)
+    max_frames = max(1, round(sampling.max_audio_seconds * codec.frame_rate))
+    inputs = prepare_inputs(tokenizer, mc, text, ref_text, ref_codes, device, scene)
     budget = max_new_tokens(mc, max_frames)
     amp = autocast_dtype(cfg, device)
     if static_cache is None:
@@ -247,16 +303,16 @@ def generate_codes(raw_model, tokenizer, codec, cfg: Config, text: str, ref_text
         kv = _static_cache(mc, inputs["input_ids"].shape[1] + ref_positions + budget, device,
                            amp or raw_model.embed_tokens.weight.dtype)
     audio_eos_token_id = tokenizer.convert_tokens_to_ids("<|audio_eos|>")
-    temperature = cfg.eval.temperature
+    temperature = sampling.temperature
     with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None), \
             warnings.catch_warnings():
         # temperature 0: greedy, as in the engine, which passes top_p anyway (transformers warns, nothing changes)
         warnings.filterwarnings("ignore", message=r"`do_sample` is set to `False`")
         out = raw_model.generate(
             **inputs, max_new_tokens=budget, use_cache=True, stop_strings=STOP_STRINGS, tokenizer=tokenizer,
-            do_sample=temperature != 0.0, temperature=temperature, top_k=TOP_K, top_p=TOP_P,
-            past_key_values_buckets=kv, ras_win_len=RAS_WIN_LEN, ras_win_max_num_repeat=RAS_WIN_MAX_NUM_REPEAT,
-            seed=cfg.eval.seed,
+            do_sample=temperature != 0.0, temperature=temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+            past_key_values_buckets=kv, ras_win_len=sampling.ras_win_len or None,  # boson: None is off
+            ras_win_max_num_repeat=sampling.ras_win_max_num_repeat, seed=sampling.seed,
             audio_out_bos_token_id=tokenizer.convert_tokens_to_ids("<|audio_out_bos|>"),
             audio_eos_token_id=audio_eos_token_id,
             stopping_criteria=StoppingCriteriaList([_stop_at_audio_eos(audio_eos_token_id, lockstep)]))
@@ -270,7 +326,7 @@ def generate_codes(raw_model, tokenizer, codec, cfg: Config, text: str, ref_text
 
 
 @contextlib.contextmanager
-def _generation_state(raw_model, seed: int, lockstep: bool = False):
+def generation_state(raw_model, seed: int, lockstep: bool = False):
     """Eval mode, inference mode, a forked RNG seeded with ``seed``; everything put back afterwards.
     In lockstep (sharded weights) no_grad instead of inference mode: FSDP gathers weights into buffers
     that training reuses, which must not become inference tensors."""
@@ -293,26 +349,29 @@ def _generation_state(raw_model, seed: int, lockstep: bool = False):
             torch.cuda.empty_cache()
 
 
-def _speak(raw_model, tokenizer, codec, cfg: Config, i: int, ref_codes, lockstep: bool = False,
-           decode: bool = True) -> tuple:
-    """-> (wave, Generated, generation seconds) for ``eval.prompts[i]`` (wave None unless ``decode``)."""
-    prompt = cfg.eval.prompts[i]
+def speak_text(raw_model, tokenizer, codec, cfg: Config, text: str, ref_text: Optional[str] = None,
+               ref_codes: Optional[torch.Tensor] = None, sampling: Optional[Sampling] = None,
+               scene: Optional[str] = None, lockstep: bool = False, decode: bool = True,
+               what: str = "") -> Spoken:
+    """One text generated (``generate_codes``) and decoded by the codec: the path of both the listening
+    samples and ``higgs-ddp speak``. Inside ``generation_state``. ``what`` names the text in errors."""
     t0 = time.perf_counter()
-    gen = generate_codes(raw_model, tokenizer, codec, cfg, prompt["text"], prompt.get("reference_text"), ref_codes,
-                         lockstep=lockstep)
+    gen = generate_codes(raw_model, tokenizer, codec, cfg, text, ref_text, ref_codes, lockstep=lockstep,
+                         sampling=sampling, scene=scene)
     elapsed = time.perf_counter() - t0
     if not decode:
-        return None, gen, elapsed
+        return Spoken(None, gen, elapsed)
     if gen.codes.shape[1]:
         wave = np.asarray(codec.decode(gen.codes), dtype=np.float32).reshape(-1)
     else:  # the model ended the stream at once
         wave = np.zeros(0, dtype=np.float32)
     if not np.isfinite(wave).all():
-        raise RuntimeError(f"eval.prompts[{i}]: the codec decoded non-finite audio")
-    return wave, gen, elapsed
+        raise RuntimeError(f"{what or text!r}: the codec decoded non-finite audio")
+    return Spoken(wave, gen, elapsed)
 
 
-def _check_codec(raw_model, codec) -> None:
+def check_codec(raw_model, codec) -> None:
+    """The codec speaks the model's codes: as many codebooks, of the same size."""
     mc = raw_model.config
     if codec.num_codebooks != mc.audio_num_codebooks or (
             codec.codebook_size is not None and codec.codebook_size != mc.audio_codebook_size):
@@ -347,14 +406,16 @@ def write_samples(raw_model, tokenizer, codec, cfg: Config, step: int, out_dir: 
         try:  # an error (CodecError included) goes to every rank through the gather below: all raise
             codec = codec() if callable(codec) else codec
             codec_info = codec.sample_rate, codec.frame_rate
-            _check_codec(raw_model, codec)
+            check_codec(raw_model, codec)
             with lockstep or contextlib.nullcontext(), \
-                    _generation_state(raw_model, cfg.eval.seed, lockstep is not None):
+                    generation_state(raw_model, cfg.eval.seed, lockstep is not None):
                 # Every reference first: an unusable one stops this before any audio is generated.
                 refs = {i: _encode_reference(cfg, i, prompts[i], codec) for i in share}
                 for i, ref_codes in refs.items():
-                    mine[i] = _speak(raw_model, tokenizer, codec, cfg, i, ref_codes, lockstep is not None,
-                                     decode=lockstep is None or rank == 0)
+                    got = speak_text(raw_model, tokenizer, codec, cfg, prompts[i]["text"],
+                                     prompts[i].get("reference_text"), ref_codes, lockstep=lockstep is not None,
+                                     decode=lockstep is None or rank == 0, what=f"eval.prompts[{i}]")
+                    mine[i] = got.wave, got.generated, got.generate_seconds
         except (ValueError, RuntimeError) as e:
             caught = e
     sent = mine if lockstep is None or rank == 0 else {}  # in lockstep rank 0 holds every prompt already

@@ -1,0 +1,222 @@
+"""Hear a fine-tune: text in, WAV out, from a run folder, a checkpoint, an adapter or a merged export.
+
+    higgs-ddp speak --model runs/my_voice --text "Hello there. How are you?" --out hello.wav
+    higgs-ddp speak --model exported/merged --text-file lines.txt --ref-audio me.wav --ref-text "..." --out out/
+
+Generation is the listening samples' own (evaluation/listening.py ``speak_text``): boson_multimodal's
+inference engine step for step, with its sampling settings and defaults. Long text is split at sentence
+boundaries into pieces of at most --chunk-chars characters, each piece spoken with the same seed (and the
+same reference), and the pieces joined with --pause seconds of silence. Without a reference the model picks
+a voice for each piece: give --ref-audio for one voice throughout.
+
+Each WAV gets a JSON sidecar (same name, .json): the text, the model, the seed and settings, and per piece
+its length and whether it hit --max-audio-seconds without the model ending it (reported, never hidden).
+Codes outside the codebook are counted (``invalid_codes``) and the audio of that piece stops before them;
+nothing is clamped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from higgs_ddp.evaluation.listening import Sampling
+
+# A sentence ends at . ! ? or … (closing quotes and brackets stay with it) before white space, or right
+# after the full-width marks of Chinese and Japanese, which take no space.
+SENTENCE_END = re.compile(r"(?<=[.!?…][\"'”’)\]])\s+|(?<=[.!?…])\s+|(?<=[。！？])")
+
+
+class SpeakError(ValueError):
+    pass
+
+
+def split_text(text: str, max_chars: int) -> list[str]:
+    """Sentences packed greedily into pieces of at most ``max_chars`` characters; a longer sentence stays whole
+    (it is never cut mid-sentence)."""
+    sentences = [s.strip() for s in SENTENCE_END.split(" ".join(text.split())) if s and s.strip()]
+    pieces: list[str] = []
+    for sentence in sentences:
+        if pieces and len(pieces[-1]) + 1 + len(sentence) <= max_chars:
+            pieces[-1] += " " + sentence
+        else:
+            pieces.append(sentence)
+    return pieces
+
+
+def read_texts(text: Optional[str], text_file: Optional[Path]) -> list[tuple[Optional[int], str]]:
+    """-> [(line number in --text-file or None, text)]; blank lines of the file are not utterances."""
+    if text is not None:
+        if not text.strip():
+            raise SpeakError("--text is empty")
+        return [(None, text.strip())]
+    try:
+        lines = text_file.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise SpeakError(f"--text-file {text_file} not found") from None
+    except IsADirectoryError:
+        raise SpeakError(f"--text-file {text_file} is a directory, not a file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpeakError(f"--text-file {text_file} cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    texts = [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
+    if not texts:
+        raise SpeakError(f"{text_file}: no text (every line is empty)")
+    return texts
+
+
+def output_paths(out: Path, texts: list) -> list[Path]:
+    """OUT.wav for one utterance; else OUT/ with one WAV per utterance, named by its line in --text-file."""
+    if out.suffix.lower() == ".wav":
+        if len(texts) > 1:
+            raise SpeakError(f"--out {out} is one file but --text-file has {len(texts)} utterances; give a folder")
+        return [out]
+    if out.exists() and not out.is_dir():
+        raise SpeakError(f"--out {out} exists and is not a folder (a single file must end in .wav)")
+    return [out / (f"line_{n:04d}.wav" if n is not None else "speech.wav") for n, _ in texts]
+
+
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def speak(args) -> list[Path]:
+    """Everything after the arguments are parsed; -> the WAVs written. SpeakError / ModelPathError /
+    ValueError: one line for the user."""
+    import soundfile as sf
+
+    from higgs_ddp.evaluation.listening import (
+        check_codec,
+        encode_reference,
+        generation_state,
+        read_reference,
+        speak_text,
+    )
+    from higgs_ddp.tools.inference import load_for_inference
+
+    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                        ras_win_len=args.ras_win_len, ras_win_max_num_repeat=args.ras_win_max_num_repeat,
+                        max_audio_seconds=args.max_audio_seconds, seed=args.seed)
+    sampling.check()
+    if args.chunk_chars < 1 or args.pause < 0:
+        raise SpeakError("--chunk-chars must be >= 1 and --pause >= 0")
+    if args.ref_text is not None and args.ref_audio is None:
+        raise SpeakError("--ref-text needs --ref-audio (the transcript of that audio)")
+    if args.scene is not None and not args.scene.strip():
+        raise SpeakError("--scene is empty")
+    texts = read_texts(args.text, args.text_file)
+    paths = output_paths(args.out, texts)
+    if args.ref_audio is not None:  # before the model loads (it can take minutes): a wrong path fails at once
+        read_reference(args.ref_audio, "--ref-audio", 0, 0)
+
+    loaded = load_for_inference(args.model, args.device)
+    model, codec, cfg = loaded.model, loaded.codec, loaded.cfg
+    check_codec(model, codec)
+    print(f"speaking with {loaded.describe()}", file=sys.stderr, flush=True)
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    silence = np.zeros(round(args.pause * codec.sample_rate), dtype=np.float32)
+    with generation_state(model, sampling.seed):
+        ref_codes = None
+        if args.ref_audio is not None:
+            ref_codes = encode_reference(codec, *read_reference(args.ref_audio, "--ref-audio",
+                                                                cfg.data.max_audio_seconds, codec.min_seconds))
+        for (line, text), path in zip(texts, paths):
+            where = f"{args.text_file}:{line}" if line is not None else "--text"
+            pieces, records = split_text(text, args.chunk_chars), []
+            waves = []
+            for i, piece in enumerate(pieces):
+                spoken = speak_text(model, loaded.tokenizer, codec, cfg, piece, args.ref_text, ref_codes,
+                                    sampling=sampling, scene=args.scene, what=where)
+                gen = spoken.generated
+                waves += [silence, spoken.wave] if waves else [spoken.wave]
+                records.append({"text": piece, "frames": int(gen.codes.shape[1]),
+                                "seconds": round(len(spoken.wave) / codec.sample_rate, 4),
+                                "hit_limit": gen.hit_limit, "invalid_codes": gen.invalid_codes,
+                                "generate_seconds": round(spoken.generate_seconds, 3)})
+                piece_name = f" piece {i + 1} of {len(pieces)}" if len(pieces) > 1 else ""
+                if gen.hit_limit:
+                    print(f"higgs-ddp speak: warning: {path}{piece_name} reached --max-audio-seconds="
+                          f"{sampling.max_audio_seconds:g} without the model ending it; cut there",
+                          file=sys.stderr, flush=True)
+                if gen.invalid_codes:
+                    print(f"higgs-ddp speak: warning: {path}{piece_name}: {gen.invalid_codes} generated codes "
+                          f"outside the codebook; the audio stops before the first", file=sys.stderr, flush=True)
+            wave = np.concatenate(waves)
+            _write_atomically(path, lambda tmp: sf.write(str(tmp), wave, codec.sample_rate, subtype="PCM_16",
+                                                         format="WAV"))
+            sidecar = {
+                "text": text, **({"text_file": str(args.text_file), "line": line} if line is not None else {}),
+                "model": {"path": str(args.model), "kind": loaded.kind, "source": str(loaded.source),
+                          "step": loaded.step, "mode": cfg.train.mode},
+                "seed": sampling.seed, "settings": {**asdict(sampling), "scene": args.scene,
+                                                    "chunk_chars": args.chunk_chars, "pause": args.pause},
+                "reference_audio": str(args.ref_audio) if args.ref_audio is not None else None,
+                "reference_text": args.ref_text,
+                "sample_rate": codec.sample_rate, "seconds": round(len(wave) / codec.sample_rate, 4),
+                "hit_limit": any(r["hit_limit"] for r in records),
+                "invalid_codes": sum(r["invalid_codes"] for r in records),
+                "clipped": int((np.abs(wave) > 1.0).sum()),  # decoded samples beyond [-1, 1], clipped by 16-bit WAV
+                "pieces": records,
+            }
+            _write_atomically(path.with_suffix(".json"),
+                              lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n"))
+            print(f"{path}: {sidecar['seconds']:.2f} s in {len(pieces)} piece{'s' * (len(pieces) > 1)}"
+                  f"{', hit the length limit' if sidecar['hit_limit'] else ''}", flush=True)
+    return paths
+
+
+def parser() -> argparse.ArgumentParser:
+    d = Sampling()
+    p = argparse.ArgumentParser(prog="higgs-ddp speak", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, type=Path,
+                   help="a run folder, a checkpoint, a run's final/, an adapter export or a merged export")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--text", help="the text to speak")
+    text.add_argument("--text-file", type=Path, help="UTF-8 text, one utterance per line (blank lines skipped)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="a .wav file (one utterance), or a folder: line_NNNN.wav per line of --text-file")
+    p.add_argument("--ref-audio", type=Path, help="reference audio: the voice to speak in")
+    p.add_argument("--ref-text", help="the transcript of --ref-audio")
+    p.add_argument("--scene", help="scene description for the system prompt, as training's 'scene'")
+    p.add_argument("--seed", type=int, default=d.seed, help="sampling seed (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0: greedy (default %(default)s)")
+    p.add_argument("--top-p", type=float, default=d.top_p, help="(default %(default)s)")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="(default: none)")
+    p.add_argument("--ras-win-len", type=int, default=d.ras_win_len,
+                   help="repetition-aware sampling window, 0: off (default %(default)s)")
+    p.add_argument("--ras-win-max-num-repeat", type=int, default=d.ras_win_max_num_repeat,
+                   help="(default %(default)s)")
+    p.add_argument("--max-audio-seconds", type=float, default=30.0,
+                   help="length limit per piece; a piece that reaches it is cut and reported (default %(default)s)")
+    p.add_argument("--chunk-chars", type=int, default=250,
+                   help="long text is spoken in pieces of whole sentences up to this many characters "
+                        "(default %(default)s)")
+    p.add_argument("--pause", type=float, default=0.2, help="seconds of silence between pieces (default %(default)s)")
+    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when there is one)")
+    return p
+
+
+def main(argv=None) -> int:
+    from higgs_ddp.tools.inference import ModelPathError
+
+    args = parser().parse_args(argv)
+    try:
+        speak(args)
+    except (SpeakError, ModelPathError, ValueError, OSError) as e:  # ValueError: references, settings
+        message = (str(e).splitlines() or [type(e).__name__])[0]
+        print(f"higgs-ddp: error: {message}", file=sys.stderr, flush=True)
+        return 2
+    return 0
