@@ -3,10 +3,13 @@ every kind of model path loads the same weights and speaks the same codes; bad i
 
 import json
 import shutil
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 
 from higgs_ddp.tools.inference import ModelPathError, load_for_inference, model_kind
 
@@ -19,7 +22,7 @@ def trained(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("speak")
     cfg = tiny_config(tmp, "train.max_steps=2", "train.lr=1e-2", "train.warmup_steps=1", "train.save_every=1",
-                      samples=4, audio=True)
+                      samples=4)
     train(cfg)
     run = tmp / "run"
     export(run, tmp / "adapter")
@@ -27,37 +30,55 @@ def trained(tmp_path_factory):
     return tmp
 
 
-def weights(path):
-    return load_for_inference(path, device="cpu").model.state_dict()
+@pytest.fixture(scope="module")
+def codec():
+    from higgs_ddp.data.codec import load_codec
+
+    return load_codec("tiny")
 
 
-def test_every_kind_of_model_path_loads_the_same_weights(trained):
+def codes_of(loaded, text="hello there", seed=3):
+    """The (delayed) audio stream the loaded model generates for ``text``, as speak generates it."""
+    from higgs_ddp.evaluation.listening import Sampling, generation_state, speak_text
+
+    with generation_state(loaded.model, seed):
+        return speak_text(loaded.model, loaded.tokenizer, loaded.codec, loaded.cfg, text,
+                          sampling=Sampling(max_audio_seconds=0.2, seed=seed), decode=False).generated.columns
+
+
+def test_a_run_its_checkpoint_adapter_and_merged_export_load_the_same_weights_and_speak_the_same_codes(
+        trained, codec):
     run = trained / "run"
-    want = load_for_inference(run)
+    want = load_for_inference(run, codec=codec)
     assert (want.kind, want.source, want.step) == ("final", run / "final", 2)  # the run finished
     assert not want.model.training and not any(p.requires_grad for p in want.model.parameters())
     assert type(want.model).__name__ == "HiggsAudioModel"  # no peft wrapper left
     assert want.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    ref = want.model.state_dict()
+    want.model.cpu()
+    ref, ref_codes = want.model.state_dict(), codes_of(want)
+    assert ref_codes.shape[1] > 2
     for path, kind in [(run / "checkpoints" / "step_000002", "checkpoint"), (trained / "adapter", "adapter export"),
                        (trained / "merged", "merged")]:
-        loaded = load_for_inference(path, device="cpu")
-        assert (loaded.kind, loaded.step, loaded.cfg.data.codec) == (kind, 2, "tiny"), path
+        loaded = load_for_inference(path, device="cpu", codec=codec)
+        assert loaded.codec is codec and (loaded.kind, loaded.step, loaded.cfg.data.codec) == (kind, 2, "tiny")
         got = loaded.model.state_dict()
         assert got.keys() == ref.keys()
-        assert all(torch.equal(got[k], ref[k].cpu()) for k in ref), path
-    # Negative control: the step-1 checkpoint holds other weights, so the comparison above can fail.
-    older = weights(run / "checkpoints" / "step_000001")
-    assert any(not torch.equal(older[k], ref[k].cpu()) for k in ref)
+        assert all(torch.equal(got[k], ref[k]) for k in ref), path
+        assert torch.equal(codes_of(loaded), ref_codes), path
+    # Negative control: the step-1 checkpoint holds other weights, which speak other codes.
+    older = load_for_inference(run / "checkpoints" / "step_000001", device="cpu", codec=codec)
+    assert any(not torch.equal(older.model.state_dict()[k], ref[k]) for k in ref)
+    older_codes = codes_of(older)
+    assert not (older_codes.shape == ref_codes.shape and torch.equal(older_codes, ref_codes))
 
 
-def test_a_run_that_did_not_finish_speaks_from_its_latest_checkpoint(trained, tmp_path):
+def test_a_run_that_did_not_finish_speaks_from_its_latest_checkpoint(trained, tmp_path, codec):
     run = tmp_path / "run"
     shutil.copytree(trained / "run", run)
     status = json.loads((run / "status.json").read_text())
     (run / "status.json").write_text(json.dumps({**status, "state": "stopped"}))
     shutil.rmtree(run / "checkpoints" / "step_000002")  # final/ is from an earlier, finished run
-    loaded = load_for_inference(run, device="cpu")
+    loaded = load_for_inference(run, device="cpu", codec=codec)
     assert (loaded.kind, loaded.step) == ("checkpoint", 1)
 
 
@@ -70,3 +91,113 @@ def test_a_path_of_no_accepted_kind_is_one_line(trained, tmp_path):
             load_for_inference(path, device="cpu")
         assert "\n" not in str(e.value)
     assert model_kind(trained / "run") == "run" and model_kind(trained / "run" / "final") == "final"
+
+
+# --- higgs-ddp speak ----------------------------------------------------------------------------------
+
+SHORT = ("--max-audio-seconds", "0.2")  # 5 frames: the tiny codec decodes slowly on CPU
+
+
+def speak(*args):
+    from higgs_ddp.tools.speak import main
+
+    return main([*map(str, args)])
+
+
+def test_the_same_seed_gives_the_same_audio(trained, tmp_path, capsys):
+    import soundfile as sf
+
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        assert speak("--model", trained / "run", "--text", "hello there", "--seed", seed, *SHORT,
+                     "--out", tmp_path / f"{name}.wav") == 0
+    a, b, c = (tmp_path / f"{n}.wav" for n in "abc")
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != c.read_bytes(), "another seed must give other audio (else the check is vacuous)"
+    info = json.loads(a.with_suffix(".json").read_text())
+    wave, sr = sf.read(str(a), dtype="float32")
+    assert sr == info["sample_rate"] == 8000 and info["seconds"] == pytest.approx(len(wave) / sr)
+    assert info["seed"] == 5 and info["settings"]["temperature"] == 0.7 and info["settings"]["max_audio_seconds"] == 0.2
+    assert info["text"] == "hello there" and info["model"]["kind"] == "final" and info["model"]["step"] == 2
+    [piece] = info["pieces"]
+    assert info["hit_limit"] == piece["hit_limit"] and piece["frames"] <= 5
+    err = capsys.readouterr().err
+    assert (f"{a} reached --max-audio-seconds=0.2 without the model ending it" in err) == info["hit_limit"]
+
+
+def test_long_text_is_split_at_sentences_and_joined(trained, tmp_path):
+    import soundfile as sf
+
+    from higgs_ddp.tools.speak import split_text
+
+    assert split_text("One two. Three four!  Five? «Six» (seven.) Eight", 12) == \
+        ["One two.", "Three four!", "Five?", "«Six» (seven.)", "Eight"]
+    assert split_text("A b. C d. E f.", 10) == ["A b. C d.", "E f."]  # packed up to the limit
+    assert split_text("你好。再见！好", 3) == ["你好。", "再见！", "好"]  # full-width marks take no space
+    text = "Hello there. How are you? Fine."
+    assert speak("--model", trained / "merged", "--text", text, "--chunk-chars", "15", "--pause", "0.25", *SHORT,
+                 "--out", tmp_path / "long.wav") == 0
+    info = json.loads((tmp_path / "long.json").read_text())
+    assert [p["text"] for p in info["pieces"]] == ["Hello there.", "How are you?", "Fine."]
+    joined, sr = sf.read(str(tmp_path / "long.wav"), dtype="float32")
+    lengths = [round(p["seconds"] * sr) for p in info["pieces"]]
+    pause = round(0.25 * sr)
+    assert len(joined) == sum(lengths) + 2 * pause
+    # The second piece, spoken alone with the same seed, is the audio between the two pauses.
+    assert speak("--model", trained / "merged", "--text", "How are you?", *SHORT, "--out", tmp_path / "two.wav") == 0
+    alone, _ = sf.read(str(tmp_path / "two.wav"), dtype="float32")
+    start = lengths[0] + pause
+    assert len(alone) == lengths[1]
+    assert np.array_equal(joined[start:start + lengths[1]], alone)
+    assert not joined[lengths[0]:start].any()  # the pause is silence
+
+
+def test_a_text_file_gives_one_wav_per_line_in_the_reference_voice(trained, tmp_path):
+    import soundfile as sf
+
+    lines, ref = tmp_path / "lines.txt", tmp_path / "ref.wav"
+    lines.write_text("hello there\n\nsay this\n")
+    sf.write(str(ref), 0.3 * np.sin(np.arange(4000) * 0.07).astype(np.float32), 8000)  # 0.5 s, the codec's rate
+    assert speak("--model", trained / "adapter", "--text-file", lines, "--ref-audio", ref, "--ref-text", "a tone",
+                 "--scene", "a quiet room", *SHORT, "--out", tmp_path / "out") == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == \
+        ["line_0001.json", "line_0001.wav", "line_0003.json", "line_0003.wav"]
+    info = json.loads((tmp_path / "out" / "line_0003.json").read_text())
+    assert (info["line"], info["text"], info["reference_audio"], info["reference_text"]) == \
+        (3, "say this", str(ref), "a tone")
+    assert info["settings"]["scene"] == "a quiet room"
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "higgs_ddp.speak", *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+
+
+def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, capsys):
+    model = trained / "merged"
+    bad_utf8 = tmp_path / "latin1.txt"
+    bad_utf8.write_bytes("caf\xe9\n".encode("latin-1"))
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    not_audio = tmp_path / "ref.wav"
+    not_audio.write_text("not audio")
+    out = tmp_path / "o.wav"
+    cases = [
+        (("--text", "hi", "--ref-audio", tmp_path / "missing.wav"), "--ref-audio: audio", "not found"),
+        (("--text", "hi", "--ref-audio", not_audio), "--ref-audio: audio", "not a readable audio file"),
+        (("--text-file", tmp_path / "missing.txt"), "--text-file", "not found"),
+        (("--text-file", bad_utf8), "--text-file", "cannot be read"),
+        (("--text-file", blank), "blank.txt: no text", "every line is empty"),
+        (("--text", "  "), "--text is empty", ""),
+        (("--text", "hi", "--ref-text", "words"), "--ref-text needs --ref-audio", ""),
+        (("--text", "hi", "--top-p", "0"), "top_p must be in (0, 1]", ""),
+    ]
+    for args, *words in cases:
+        assert speak("--model", model, *args, "--out", out) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("higgs-ddp: error: "), err
+        assert all(w in err for w in words), err
+    assert not out.exists()
+    # A model path of no accepted kind, through `python -m higgs_ddp.speak`: nothing but the line on stderr.
+    proc = run_cli("--model", tmp_path, "--text", "hi", "--out", out)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("higgs-ddp: error: model path "), proc.stderr

@@ -53,16 +53,21 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_for_inference(path, device=None) -> Loaded:
+def load_for_inference(path, device=None, codec=None) -> Loaded:
     """The model at ``path`` (any kind above), its tokenizer and codec. Raises ModelPathError (one line) when
-    ``path`` is none of the accepted kinds or cannot be loaded."""
-    from higgs_ddp.data.codec import CodecError, load_codec
+    ``path`` is none of the accepted kinds or cannot be loaded. ``codec``: a Codec already loaded (comparing
+    several checkpoints of a run), used when it is the one the run's config names, on ``device``."""
+    from higgs_ddp.data.codec import CodecError, codec_identity, load_codec
 
     path = Path(path)
     device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # as the tensors placed there name it
     try:
         kind, source, model, tokenizer, cfg, step = _load_weights(path)
-        codec = load_codec(cfg.data.codec, cfg.data.codec_revision, device=device)
+        if codec is None or codec.identity != codec_identity(cfg.data.codec, cfg.data.codec_revision) \
+                or codec.device != device:
+            codec = load_codec(cfg.data.codec, cfg.data.codec_revision, device=device)
     except (ExportError, ConfigError, CodecError) as e:
         raise ModelPathError(str(e)) from None
     except OSError as e:  # the hub / transformers: several lines, the first names the problem
