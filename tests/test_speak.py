@@ -72,6 +72,29 @@ def test_a_run_its_checkpoint_adapter_and_merged_export_load_the_same_weights_an
     assert not (older_codes.shape == ref_codes.shape and torch.equal(older_codes, ref_codes))
 
 
+def test_trainable_tensors_load_from_a_checkpoint_an_export_and_a_final_folder(tmp_path, codec):
+    """audio_ffn (as full): trainable.safetensors in a checkpoint, an unmerged export and final/ (config.json,
+    the run's config.yaml beside it) all give the trained model."""
+    from test_export import make_checkpoint
+
+    from higgs_ddp.tools.export import export
+
+    _, _, trained_model, ckpt = make_checkpoint(tmp_path, "audio_ffn")
+    (ckpt / "state.json").write_text(json.dumps({"step": 120}))
+    export(ckpt, tmp_path / "tensors")
+    final = tmp_path / "run" / "final"
+    final.mkdir()
+    shutil.copy(ckpt / "trainable.safetensors", final)
+    trained_model.config.save_pretrained(str(final))
+    shutil.copy(ckpt / "config.yaml", tmp_path / "run" / "config.yaml")
+    want = trained_model.state_dict()
+    for path, kind in [(ckpt, "checkpoint"), (tmp_path / "tensors", "trainable export"), (final, "final")]:
+        loaded = load_for_inference(path, device="cpu", codec=codec)
+        assert (loaded.kind, loaded.cfg.train.mode) == (kind, "audio_ffn"), path
+        got = loaded.model.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), path
+
+
 def test_a_run_that_did_not_finish_speaks_from_its_latest_checkpoint(trained, tmp_path, codec):
     run = tmp_path / "run"
     shutil.copytree(trained / "run", run)
