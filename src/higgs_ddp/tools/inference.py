@@ -156,6 +156,8 @@ def _load_weights(path: Path):
     if kind == "run":
         path = run_weights(path)
         kind = model_kind(path)
+    if kind == "final" and (path.parent / "state.json").is_file():  # a checkpoint's adapter/ folder
+        path, kind = path.parent, "checkpoint"
     if kind == "checkpoint":
         ckpt = resolve_checkpoint(path)
         with tempfile.TemporaryDirectory(prefix="higgs-ddp-load-") as tmp, \

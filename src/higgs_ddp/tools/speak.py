@@ -124,7 +124,7 @@ def speak(args) -> list[Path]:
     loaded = load_for_inference(args.model, args.device)
     model, codec, cfg = loaded.model, loaded.codec, loaded.cfg
     check_codec(model, codec)
-    print(f"speaking with {loaded.describe()}", file=sys.stderr, flush=True)
+    print(f"speaking with {loaded.describe()}", flush=True)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     silence = np.zeros(round(args.pause * codec.sample_rate), dtype=np.float32)
     with generation_state(model, sampling.seed):
