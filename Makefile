@@ -29,12 +29,13 @@ wheels: install  ## make wheels [PYVER=3.12]: where PyPI is reachable, fetch int
 install-offline:  ## on such a GPU machine: .venv from wheels/ over its own torch/torchaudio [PYTHON=python3]
 	PYTHON=$(PYTHON) launch/install_offline.sh $(WHEELS)
 
-demo: install  ## tiny random HiggsAudioModel, 2 CPU processes: LJSpeech-style WAVs -> import -> tiny codec -> training
+demo: install  ## tiny random HiggsAudioModel, 2 CPU processes: LJSpeech-style WAVs -> import -> tiny codec -> training -> speak
 	$(VENV)/bin/higgs-ddp demo-data runs/tiny/data
 	$(VENV)/bin/higgs-ddp manifest import --format ljspeech runs/tiny/data --out runs/tiny/data/manifest.jsonl --speaker tones
 	rm -rf runs/tiny/checkpoints runs/tiny/tensorboard runs/tiny/samples  # a demo starts over; a real run resumes
 	$(VENV)/bin/higgs-ddp train --nproc-per-node 2 --config configs/tiny.yaml $(ARGS)
 	$(VENV)/bin/higgs-ddp plot runs/tiny
+	$(VENV)/bin/higgs-ddp speak --model runs/tiny --text "the quick brown fox. seven dog jumps." --max-audio-seconds 2 --out runs/tiny/speak.wav
 
 prepare: install  ## make prepare GPUS=8 CONFIG=...: encode the audio into the code cache (training does it too)
 	$(VENV)/bin/higgs-ddp prepare --nproc-per-node $(GPUS) --config $(CONFIG) $(ARGS)

@@ -188,7 +188,7 @@ def prepare_inputs(tokenizer, mc, text: str, ref_text: Optional[str], ref_codes:
 
     if mc.encode_whisper_embed and ref_codes is not None:
         raise ValueError("this model embeds reference audio with Whisper features, which listening samples "
-                         "do not compute")
+                         "and speak do not compute")
     chatml = build_chatml(text, scene, ref_text, with_reference=ref_codes is not None, with_target=False)
     sample = tokenize_chatml(tokenizer, chatml, [ref_codes] if ref_codes is not None else [], "eval prompt")
     postfix = tokenizer.encode("<|start_header_id|>assistant<|end_header_id|>\n\n<|audio_out_bos|>",

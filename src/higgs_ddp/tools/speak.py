@@ -95,15 +95,7 @@ def _write_atomically(path: Path, write) -> None:
 def speak(args) -> list[Path]:
     """Everything after the arguments are parsed; -> the WAVs written. SpeakError / ModelPathError /
     ValueError: one line for the user."""
-    import soundfile as sf
-
-    from higgs_ddp.evaluation.listening import (
-        check_codec,
-        encode_reference,
-        generation_state,
-        read_reference,
-        speak_text,
-    )
+    from higgs_ddp.evaluation.listening import check_codec, encode_reference, generation_state, read_reference
     from higgs_ddp.tools.inference import load_for_inference
 
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -122,59 +114,76 @@ def speak(args) -> list[Path]:
         read_reference(args.ref_audio, "--ref-audio", 0, 0)
 
     loaded = load_for_inference(args.model, args.device)
-    model, codec, cfg = loaded.model, loaded.codec, loaded.cfg
-    check_codec(model, codec)
+    check_codec(loaded.model, loaded.codec)
     print(f"speaking with {loaded.describe()}", flush=True)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
-    silence = np.zeros(round(args.pause * codec.sample_rate), dtype=np.float32)
-    with generation_state(model, sampling.seed):
+    with generation_state(loaded.model, sampling.seed):
         ref_codes = None
-        if args.ref_audio is not None:
-            ref_codes = encode_reference(codec, *read_reference(args.ref_audio, "--ref-audio",
-                                                                cfg.data.max_audio_seconds, codec.min_seconds))
+        if args.ref_audio is not None:  # now checked against the codec's shortest input and the run's limit
+            ref_codes = encode_reference(loaded.codec, *read_reference(
+                args.ref_audio, "--ref-audio", loaded.cfg.data.max_audio_seconds, loaded.codec.min_seconds))
         for (line, text), path in zip(texts, paths):
-            where = f"{args.text_file}:{line}" if line is not None else "--text"
-            pieces, records = split_text(text, args.chunk_chars), []
-            waves = []
-            for i, piece in enumerate(pieces):
-                spoken = speak_text(model, loaded.tokenizer, codec, cfg, piece, args.ref_text, ref_codes,
-                                    sampling=sampling, scene=args.scene, what=where)
-                gen = spoken.generated
-                waves += [silence, spoken.wave] if waves else [spoken.wave]
-                records.append({"text": piece, "frames": int(gen.codes.shape[1]),
-                                "seconds": round(len(spoken.wave) / codec.sample_rate, 4),
-                                "hit_limit": gen.hit_limit, "invalid_codes": gen.invalid_codes,
-                                "generate_seconds": round(spoken.generate_seconds, 3)})
-                piece_name = f" piece {i + 1} of {len(pieces)}" if len(pieces) > 1 else ""
-                if gen.hit_limit:
-                    print(f"higgs-ddp speak: warning: {path}{piece_name} reached --max-audio-seconds="
-                          f"{sampling.max_audio_seconds:g} without the model ending it; cut there",
-                          file=sys.stderr, flush=True)
-                if gen.invalid_codes:
-                    print(f"higgs-ddp speak: warning: {path}{piece_name}: {gen.invalid_codes} generated codes "
-                          f"outside the codebook; the audio stops before the first", file=sys.stderr, flush=True)
-            wave = np.concatenate(waves)
-            _write_atomically(path, lambda tmp: sf.write(str(tmp), wave, codec.sample_rate, subtype="PCM_16",
-                                                         format="WAV"))
-            sidecar = {
-                "text": text, **({"text_file": str(args.text_file), "line": line} if line is not None else {}),
-                "model": {"path": str(args.model), "kind": loaded.kind, "source": str(loaded.source),
-                          "step": loaded.step, "mode": cfg.train.mode},
-                "seed": sampling.seed, "settings": {**asdict(sampling), "scene": args.scene,
-                                                    "chunk_chars": args.chunk_chars, "pause": args.pause},
-                "reference_audio": str(args.ref_audio) if args.ref_audio is not None else None,
-                "reference_text": args.ref_text,
-                "sample_rate": codec.sample_rate, "seconds": round(len(wave) / codec.sample_rate, 4),
-                "hit_limit": any(r["hit_limit"] for r in records),
-                "invalid_codes": sum(r["invalid_codes"] for r in records),
-                "clipped": int((np.abs(wave) > 1.0).sum()),  # decoded samples beyond [-1, 1], clipped by 16-bit WAV
-                "pieces": records,
-            }
+            wave, pieces = speak_utterance(loaded, text, ref_codes, sampling, args, path)
+            record = sidecar(loaded, text, line, wave, pieces, sampling, args)
+            _write_atomically(path, lambda tmp: _write_wav(tmp, wave, loaded.codec.sample_rate))
             _write_atomically(path.with_suffix(".json"),
-                              lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n"))
-            print(f"{path}: {sidecar['seconds']:.2f} s in {len(pieces)} piece{'s' * (len(pieces) > 1)}"
-                  f"{', hit the length limit' if sidecar['hit_limit'] else ''}", flush=True)
+                              lambda tmp: tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n"))
+            print(f"{path}: {record['seconds']:.2f} s in {len(pieces)} piece{'s' * (len(pieces) > 1)}"
+                  f"{', hit the length limit' if record['hit_limit'] else ''}", flush=True)
     return paths
+
+
+def speak_utterance(loaded, text: str, ref_codes, sampling: Sampling, args, path: Path) -> tuple[np.ndarray, list]:
+    """One utterance, piece by piece through the listening samples' ``speak_text``, joined with pauses;
+    -> (wave, one record per piece). A piece that hit the length limit or held invalid codes is reported."""
+    from higgs_ddp.evaluation.listening import speak_text
+
+    codec = loaded.codec
+    silence = np.zeros(round(args.pause * codec.sample_rate), dtype=np.float32)
+    pieces = split_text(text, args.chunk_chars)
+    waves, records = [], []
+    for i, piece in enumerate(pieces):
+        spoken = speak_text(loaded.model, loaded.tokenizer, codec, loaded.cfg, piece, args.ref_text, ref_codes,
+                            sampling=sampling, scene=args.scene, what=str(path))
+        gen = spoken.generated
+        waves += [silence, spoken.wave] if waves else [spoken.wave]
+        records.append({"text": piece, "frames": int(gen.codes.shape[1]),
+                        "seconds": round(len(spoken.wave) / codec.sample_rate, 4), "hit_limit": gen.hit_limit,
+                        "invalid_codes": gen.invalid_codes, "generate_seconds": round(spoken.generate_seconds, 3)})
+        which = f" piece {i + 1} of {len(pieces)}" if len(pieces) > 1 else ""
+        if gen.hit_limit:
+            print(f"higgs-ddp speak: warning: {path}{which} reached --max-audio-seconds={sampling.max_audio_seconds:g} "
+                  f"without the model ending it; cut there", file=sys.stderr, flush=True)
+        if gen.invalid_codes:
+            print(f"higgs-ddp speak: warning: {path}{which}: {gen.invalid_codes} generated codes outside the "
+                  f"codebook; the audio stops before the first", file=sys.stderr, flush=True)
+    return np.concatenate(waves), records
+
+
+def sidecar(loaded, text: str, line: Optional[int], wave: np.ndarray, pieces: list, sampling: Sampling,
+            args) -> dict:
+    """The JSON written next to a WAV: what was spoken, by which model, how, and what came out."""
+    rate = loaded.codec.sample_rate
+    return {
+        "text": text, **({"text_file": str(args.text_file), "line": line} if line is not None else {}),
+        "model": {"path": str(args.model), "kind": loaded.kind, "source": str(loaded.source), "step": loaded.step,
+                  "mode": loaded.cfg.train.mode},
+        "seed": sampling.seed,
+        "settings": {**asdict(sampling), "scene": args.scene, "chunk_chars": args.chunk_chars, "pause": args.pause},
+        "reference_audio": str(args.ref_audio) if args.ref_audio is not None else None,
+        "reference_text": args.ref_text,
+        "sample_rate": rate, "seconds": round(len(wave) / rate, 4),
+        "hit_limit": any(p["hit_limit"] for p in pieces),
+        "invalid_codes": sum(p["invalid_codes"] for p in pieces),
+        "clipped": int((np.abs(wave) > 1.0).sum()),  # decoded samples beyond [-1, 1], clipped by the 16-bit WAV
+        "pieces": pieces,
+    }
+
+
+def _write_wav(path: Path, wave: np.ndarray, rate: int) -> None:
+    import soundfile as sf
+
+    sf.write(str(path), wave, rate, subtype="PCM_16", format="WAV")  # libsndfile clips to [-1, 1]
 
 
 def parser() -> argparse.ArgumentParser:
