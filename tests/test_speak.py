@@ -224,3 +224,25 @@ def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, capsys):
     proc = run_cli("--model", tmp_path, "--text", "hi", "--out", out)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("higgs-ddp: error: model path "), proc.stderr
+
+
+@pytest.mark.slow
+def test_an_fsdp_sharded_checkpoint_loads_the_weights_of_its_final_folder(tmp_path, codec):
+    """Two gloo ranks under fsdp: the checkpoint holds each rank's rows (shards/), assembled on loading."""
+    import yaml
+    from conftest import torchrun
+
+    cfg = tiny_config(tmp_path, "train.parallel=fsdp", "train.max_steps=2", "train.lr=1e-2", "train.warmup_steps=1",
+                      "train.micro_batch_size=1", samples=4)
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    proc = torchrun(2, "--config", config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
+    assert (ckpt / "shards" / "rank_00001.safetensors").is_file()
+    sharded = load_for_inference(ckpt, device="cpu", codec=codec)
+    final = load_for_inference(tmp_path / "run" / "final", device="cpu", codec=codec)
+    assert (sharded.kind, sharded.step, final.kind) == ("checkpoint", 2, "final")
+    a, b = sharded.model.state_dict(), final.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(codes_of(sharded), codes_of(final))
