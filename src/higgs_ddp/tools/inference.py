@@ -55,12 +55,18 @@ def default_device() -> torch.device:
 
 def load_for_inference(path, device=None, codec=None) -> Loaded:
     """The model at ``path`` (any kind above), its tokenizer and codec. Raises ModelPathError (one line) when
-    ``path`` is none of the accepted kinds or cannot be loaded. ``codec``: a Codec already loaded (comparing
-    several checkpoints of a run), used when it is the one the run's config names, on ``device``."""
+    ``path`` is none of the accepted kinds or cannot be loaded, ValueError for a device that is not there.
+    ``codec``: a Codec already loaded (comparing several checkpoints of a run), used when it is the one the
+    run's config names, on ``device``."""
     from higgs_ddp.data.codec import CodecError, codec_identity, load_codec
 
     path = Path(path)
-    device = torch.device(device) if device is not None else default_device()
+    try:
+        device = torch.device(device) if device is not None else default_device()
+    except RuntimeError as e:  # "Expected one of cpu, cuda, ... device type at start of device string: ..."
+        raise ValueError(f"device {device!r}: {str(e).splitlines()[0]}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} asked for, but no GPU is visible to torch")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # as the tensors placed there name it
     try:

@@ -59,7 +59,7 @@ def read_texts(text: Optional[str], text_file: Optional[Path]) -> list[tuple[Opt
             raise SpeakError("--text is empty")
         return [(None, text.strip())]
     try:
-        lines = text_file.read_text(encoding="utf-8").splitlines()
+        lines = text_file.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM is not text to speak
     except FileNotFoundError:
         raise SpeakError(f"--text-file {text_file} not found") from None
     except IsADirectoryError:
