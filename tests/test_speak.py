@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, tiny_config
 
+from higgs_ddp.evaluation.listening import Sampling
 from higgs_ddp.tools.inference import ModelPathError, load_for_inference, model_kind
 
 
@@ -145,6 +146,27 @@ def test_the_same_seed_gives_the_same_audio(trained, tmp_path, capsys):
     assert info["hit_limit"] == piece["hit_limit"] and piece["frames"] <= 5
     err = capsys.readouterr().err
     assert (f"{a} reached --max-audio-seconds=0.2 without the model ending it" in err) == info["hit_limit"]
+
+
+def test_a_piece_that_never_ends_is_cut_at_the_limit_and_reported(trained, codec, tmp_path, capsys):
+    """The audio head's stream EOS never wins (a hook on the real model): every piece runs to the limit."""
+    from test_samples import steer
+
+    from higgs_ddp.tools.speak import parser, sidecar, speak_utterance
+
+    loaded = load_for_inference(trained / "merged", device="cpu", codec=codec)
+    args = parser().parse_args(["--model", "m", "--text", "One. Two.", "--chunk-chars", "4", *SHORT, "--out", "o.wav"])
+    handle = steer(loaded.model, lambda step: {loaded.model.config.audio_stream_eos_id: -1e4})
+    try:
+        wave, pieces = speak_utterance(loaded, args.text, None, Sampling(max_audio_seconds=0.2), args,
+                                       tmp_path / "o.wav")
+    finally:
+        handle.remove()
+    assert [(p["text"], p["frames"], p["hit_limit"]) for p in pieces] == [("One.", 5, True), ("Two.", 5, True)]
+    assert sidecar(loaded, args.text, None, wave, pieces, Sampling(), args)["hit_limit"] is True
+    err = capsys.readouterr().err
+    for i in (1, 2):
+        assert f"o.wav piece {i} of 2 reached --max-audio-seconds=0.2 without the model ending it" in err
 
 
 def test_long_text_is_split_at_sentences_and_joined(trained, tmp_path):
