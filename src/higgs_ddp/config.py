@@ -73,7 +73,7 @@ def choice(default: str, *others: str):
 
 def _check_field(key: str, value, metadata) -> None:
     rng = metadata.get("range")
-    if rng is not None and value not in rng:
+    if rng is not None and value is not None and value not in rng:  # None: an optional setting left off
         note = f" ({rng.note})" if rng.note else ""
         raise ConfigError(f"config key {key!r} must be {rng}{note}, got {value!r}")
     choices = metadata.get("choices")
@@ -118,6 +118,41 @@ class ModelConfig(Section):
 
 
 @dataclass
+class AudioConditioning(Section):
+    """What prepare does to each clip before the codec encodes it (data/audio.py ``condition``), besides the
+    mono down-mix and the resampling to the codec's rate that it always does. Everything here is off by
+    default. The settings that change the audio are part of the code cache's key (``cache_key``)."""
+
+    NAME = "data.audio"
+    # integrated loudness (ITU-R BS.1770, measured by pyloudnorm) each clip is scaled to, e.g. -20
+    loudness_lufs: Optional[float] = ranged(None, -70, 0, note="null: off")
+    # no sample above this (dBFS): a clip whose peak is higher is scaled down whole (never clipped or compressed)
+    peak_dbfs: Optional[float] = ranged(None, -60, 0, note="null: off")
+    trim_silence: bool = False  # cut leading and trailing silence
+    # silence: 10 ms frames more than this far below the clip's loudest frame (gain-independent)
+    trim_db: float = ranged(40.0, 0, 120, low_open=True)
+    trim_keep_seconds: float = ranged(0.1, 0)  # silence kept before the first and after the last loud frame
+    # shorter clips (after trimming) are data problems; the longest is data.max_audio_seconds
+    min_seconds: float = ranged(0.0, 0, note="0: no minimum beyond the codec's shortest input")
+
+    VERSION = 1  # bump when condition() changes what it does for the same settings
+
+    @property
+    def changes_audio(self) -> bool:
+        return self.loudness_lufs is not None or self.peak_dbfs is not None or self.trim_silence
+
+    def cache_key(self) -> str:
+        """The part of the code cache key these settings make: empty when they leave the audio as the codec
+        gets it anyway, so turning nothing on keeps every existing cache; min_seconds only filters clips."""
+        if not self.changes_audio:
+            return ""
+        parts = [f"lufs={self.loudness_lufs:g}" if self.loudness_lufs is not None else "",
+                 f"peak={self.peak_dbfs:g}" if self.peak_dbfs is not None else "",
+                 f"trim={self.trim_db:g}dB/{self.trim_keep_seconds:g}s" if self.trim_silence else ""]
+        return f"audio-v{self.VERSION}:" + ",".join(p for p in parts if p)
+
+
+@dataclass
 class DataConfig(Section):
     NAME = "data"
     manifest: list = field(default_factory=list)  # JSONL file(s), one sample per line; a string is one file
@@ -136,10 +171,20 @@ class DataConfig(Section):
     shuffle: bool = True
     num_workers: int = ranged(2, 0, note="0: batches are built in the training process")
     prefetch_factor: int = ranged(4, 1)
+    audio: AudioConditioning = field(default_factory=AudioConditioning)  # loudness, peak, trimming, durations
+    # the voice-clone reference of each simple manifest line (data/references.py): "given": its ref_audio and
+    # ref_text, if any | "same_speaker": another clip of its speaker, with that clip's transcript | "none"
+    reference: str = choice("given", "same_speaker", "none")
+    reference_seconds: list = field(default_factory=lambda: [3.0, 10.0])  # same_speaker: [shortest, longest]
 
     def check_rules(self) -> None:
         if self.val_manifest and self.val_fraction:
             raise ConfigError("give data.val_manifest or data.val_fraction, not both")
+        r = self.reference_seconds
+        if len(r) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in r) \
+                or not 0 < r[0] <= r[1]:
+            raise ConfigError(f"config key 'data.reference_seconds' must be [shortest, longest] with "
+                              f"0 < shortest <= longest (seconds), got {r!r}")
 
 
 @dataclass

@@ -50,12 +50,7 @@ def check_header(path: Path, shown: str, max_seconds: float = 0.0, min_seconds: 
                            f"(accepted: {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz)")
     if info.frames == 0:
         raise AudioProblem("audio_empty", f"audio {shown} has no samples")
-    if info.frames / sr < min_seconds:  # resampled, it would still be too short for the codec's encoder
-        raise AudioProblem("audio_too_short", f"audio {shown} is too short for the codec: "
-                           f"{info.frames / sr * 1000:.1f} ms, its encoder needs {min_seconds * 1000:.1f} ms")
-    if max_seconds and info.frames / sr > max_seconds:
-        raise AudioProblem("audio_too_long", f"audio {shown} lasts {info.frames / sr:.1f} s, more than "
-                           f"data.max_audio_seconds={max_seconds:g}")
+    check_duration(info.frames / sr, shown, max_seconds, codec_min=min_seconds)
     short = _wav_shortfall(path)
     if short:
         raise AudioProblem("audio_corrupt", f"audio {shown} is truncated: its header declares {short[0]} bytes "
@@ -80,6 +75,89 @@ def read_audio(path: Path, shown: str, max_seconds: float, min_seconds: float = 
         bad = int((~np.isfinite(wave)).sum())
         raise AudioProblem("audio_non_finite", f"audio {shown} holds {bad} non-finite (NaN/inf) samples")
     return wave.mean(axis=1, dtype=np.float32), sr  # mono down-mix, as librosa.load(mono=True) does
+
+
+def check_duration(seconds: float, shown: str, max_seconds: float = 0.0, min_seconds: float = 0.0,
+                   codec_min: float = 0.0, after: str = "") -> None:
+    """The duration limits: the codec's shortest input (``codec_min``; resampled, a shorter clip would still
+    be too short for its encoder), data.audio.min_seconds and data.max_audio_seconds (0: none). ``after``
+    says what the duration was measured after (" after trimming silence")."""
+    if seconds < codec_min:
+        raise AudioProblem("audio_too_short", f"audio {shown} is too short for the codec{after}: "
+                           f"{seconds * 1000:.1f} ms, its encoder needs {codec_min * 1000:.1f} ms")
+    if min_seconds and seconds < min_seconds:
+        raise AudioProblem("audio_too_short", f"audio {shown} lasts {seconds:.2f} s{after}, less than "
+                           f"data.audio.min_seconds={min_seconds:g}")
+    if max_seconds and seconds > max_seconds:
+        raise AudioProblem("audio_too_long", f"audio {shown} lasts {seconds:.1f} s{after}, more than "
+                           f"data.max_audio_seconds={max_seconds:g}")
+
+
+# ------------------------------------------------------------------------------------------- conditioning
+
+TRIM_FRAME_SECONDS = 0.01  # silence is judged per 10 ms: shorter than a phone, longer than a pitch period
+
+
+def frame_rms(wave: np.ndarray, frame: int) -> np.ndarray:
+    """RMS of consecutive ``frame``-sample frames (the last one may be shorter)."""
+    n = -(-len(wave) // frame)
+    padded = np.zeros(n * frame, np.float64)
+    padded[:len(wave)] = wave
+    counts = np.full(n, frame, np.float64)
+    counts[-1] = len(wave) - (n - 1) * frame
+    return np.sqrt((padded.reshape(n, frame) ** 2).sum(1) / counts)
+
+
+def trim_silence(wave: np.ndarray, sr: int, below_db: float, keep_seconds: float, shown: str) -> np.ndarray:
+    """Cut leading and trailing silence: frames more than ``below_db`` under the loudest frame, as librosa's
+    ``effects.trim(top_db=...)`` judges them; ``keep_seconds`` of it stay on each side of the sound."""
+    frame = max(1, round(sr * TRIM_FRAME_SECONDS))
+    rms = frame_rms(wave, frame)
+    if not rms.max() > 0:
+        raise AudioProblem("audio_silent", f"audio {shown} is silent (every sample is zero)")
+    loud = np.flatnonzero(rms > rms.max() * 10 ** (-below_db / 20))
+    keep = round(keep_seconds * sr)
+    start = max(0, loud[0] * frame - keep)
+    end = min(len(wave), (loud[-1] + 1) * frame + keep)
+    return wave[start:end]
+
+
+_METERS: dict = {}
+
+
+def loudness(wave: np.ndarray, sr: int) -> float:
+    """Integrated loudness in LUFS (ITU-R BS.1770-4, gated), by pyloudnorm."""
+    import pyloudnorm
+
+    meter = _METERS.get(sr) or _METERS.setdefault(sr, pyloudnorm.Meter(sr))
+    return float(meter.integrated_loudness(wave.astype(np.float64)))
+
+
+def condition(wave: np.ndarray, sr: int, settings, shown: str) -> np.ndarray:
+    """data.audio (config.AudioConditioning) applied to a mono clip: trim, then loudness, then the peak limit
+    (last, so the limit holds whatever the loudness gain did; a clip it scales down ends quieter than the
+    target rather than clipped)."""
+    if settings.trim_silence:
+        wave = trim_silence(wave, sr, settings.trim_db, settings.trim_keep_seconds, shown)
+    if settings.loudness_lufs is not None:
+        if len(wave) < 0.4 * sr:  # BS.1770 measures 400 ms blocks
+            raise AudioProblem("audio_too_short", f"audio {shown} lasts {len(wave) / sr:.2f} s, too short to "
+                               f"measure its loudness (data.audio.loudness_lufs needs one 400 ms block)")
+        measured = loudness(wave, sr)
+        if not np.isfinite(measured):  # every block under BS.1770's absolute gate
+            raise AudioProblem("audio_silent", f"audio {shown} is silent (quieter than -70 LUFS, BS.1770's "
+                               f"absolute gate): its loudness cannot be normalised")
+        wave = wave * np.float32(10 ** ((settings.loudness_lufs - measured) / 20))
+    if settings.peak_dbfs is not None:
+        peak, limit = float(np.abs(wave).max()), 10 ** (settings.peak_dbfs / 20)
+        if peak > limit:
+            wave = wave * np.float32(limit / peak)
+    return wave.astype(np.float32)
+
+
+def frame_energy(wave: np.ndarray, sr: int, frame_rate: float) -> np.ndarray:
+    """RMS per codec frame (``frame_rate`` frames per second of ``wave``): where a reference can be cut."""
+    return frame_rms(wave, max(1, round(sr / frame_rate)))
 
 
 def _wav_shortfall(path: Path):

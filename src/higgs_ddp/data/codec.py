@@ -175,6 +175,15 @@ def _codec_config(name: str, revision: Optional[str]) -> dict:
                          f"data.codec to a local folder") from None
 
 
+def frame_rate(name: str, revision: Optional[str] = None) -> int:
+    """Code frames per second, from the codec's config alone, as HiggsAudioTokenizer computes it (25 for
+    the pretrained codec and the tiny one)."""
+    import math
+
+    config = _codec_config(name, revision)
+    return math.ceil(config["sample_rate"] / math.prod(config["ratios"]))
+
+
 def min_input_seconds(name: str, revision: Optional[str] = None) -> float:
     """The shortest clip the codec encodes, from its config alone (the encoder is built on the meta device:
     no weights, no download beyond config.json); ``Codec.min_seconds`` for a loaded one."""

@@ -118,7 +118,7 @@ def _audio_codes(entries: list, cfg: Config, env: DistEnv, C: int, K: int, quiet
     if audio_refs:
         cache_dir = d.cache_dir or str(Path(d.manifest[0]).parent / ".higgs_codes")
         prep = prepare_audio(audio_refs, cache_dir, d.codec, d.codec_revision, d.max_audio_seconds, env,
-                             d.num_workers, quiet)
+                             d.num_workers, quiet, d.audio)
         if env.is_main and not quiet:
             print(summary_line(prep.stats), flush=True)
         for path, arr in prep.codes.items():

@@ -1,4 +1,5 @@
-"""Audio to codes, once: decode, down-mix, resample, encode with the codec, keep in the code cache.
+"""Audio to codes, once: decode, down-mix, resample, condition (data.audio), encode with the codec, keep in
+the code cache.
 
     higgs-ddp prepare --config FILE [dotted.key=value ...]
     higgs-ddp prepare --nproc-per-node 8 --config FILE      # every GPU encodes a share
@@ -15,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from higgs_ddp.data.audio import AudioProblem, check_path, read_audio, resample
+from higgs_ddp.config import AudioConditioning
+from higgs_ddp.data.audio import AudioProblem, check_duration, check_path, condition, read_audio, resample
 from higgs_ddp.data.code_cache import CodeCache, FileHashes
 from higgs_ddp.data.codec import codec_identity, load_codec
 from higgs_ddp.runtime.distributed import DistEnv, all_gather_objects, barrier
@@ -30,10 +32,14 @@ class Prepared:
 
 
 class _Decode(torch.utils.data.Dataset):
-    """Decoding runs in DataLoader workers; resampling and encoding on the codec's device."""
+    """Decoding runs in DataLoader workers; resampling and encoding on the codec's device. With data.audio
+    conditioning on, the workers also resample (on the CPU) and condition: loudness and peaks are judged at
+    the codec's rate, on what it encodes."""
 
-    def __init__(self, items: list, max_seconds: float, min_seconds: float):
+    def __init__(self, items: list, max_seconds: float, min_seconds: float, audio: AudioConditioning,
+                 codec_rate: int):
         self.items, self.max_seconds, self.min_seconds = items, max_seconds, min_seconds
+        self.audio, self.codec_rate = audio, codec_rate
 
     def __len__(self):
         return len(self.items)
@@ -41,10 +47,34 @@ class _Decode(torch.utils.data.Dataset):
     def __getitem__(self, i):
         path, shown = self.items[i]
         try:
-            wave, sr = read_audio(path, shown, self.max_seconds, self.min_seconds)
-            return i, torch.from_numpy(wave), sr, None
+            return (i, *decode_for_codec(path, shown, self.max_seconds, self.min_seconds, self.audio,
+                                         self.codec_rate), None)
         except AudioProblem as e:
             return i, None, None, (e.reason, str(e))
+
+
+def decode_for_codec(path, shown: str, max_seconds: float, codec_min: float, audio: AudioConditioning,
+                     codec_rate: int) -> tuple:
+    """-> (mono float32 tensor, its rate): the audio of one file as the codec gets it. The durations are
+    judged from the header unless trimming changes them (then after it)."""
+    trims = audio.trim_silence
+    wave, sr = read_audio(path, shown, 0 if trims else max_seconds, codec_min)
+    if not trims:
+        check_duration(len(wave) / sr, shown, min_seconds=audio.min_seconds)
+    if not audio.changes_audio:
+        return torch.from_numpy(wave), sr
+    wave = resample(torch.from_numpy(wave), sr, codec_rate).numpy()
+    wave = condition(wave, codec_rate, audio, shown)
+    if trims:
+        check_duration(len(wave) / codec_rate, shown, max_seconds, audio.min_seconds, codec_min,
+                       after=" after trimming silence")
+    return torch.from_numpy(wave), codec_rate
+
+
+def cache_identity(codec_name: str, codec_revision, audio: AudioConditioning) -> str:
+    """What the cached codes depend on: the codec and the conditioning that changes the audio."""
+    key = audio.cache_key()
+    return codec_identity(codec_name, codec_revision) + (f"|{key}" if key else "")
 
 
 def _hash_share(paths: list, shown: dict, hashes: FileHashes, env: DistEnv):
@@ -61,9 +91,12 @@ def _hash_share(paths: list, shown: dict, hashes: FileHashes, env: DistEnv):
 
 
 def prepare_audio(refs: list, cache_dir: str, codec_name: str, codec_revision, max_seconds: float,
-                  env: DistEnv, num_workers: int = 2, quiet: bool = False) -> Prepared:
-    """Codes for every audio file in ``refs`` (AudioRef, duplicates allowed), from the cache or encoded."""
+                  env: DistEnv, num_workers: int = 2, quiet: bool = False,
+                  audio: AudioConditioning = None) -> Prepared:
+    """Codes for every audio file in ``refs`` (AudioRef, duplicates allowed), from the cache or encoded;
+    ``audio`` is data.audio (default: no conditioning)."""
     t0 = time.perf_counter()
+    audio = audio or AudioConditioning()
     shown = {}
     for r in refs:
         shown.setdefault(r.path, r.shown)
@@ -78,14 +111,14 @@ def prepare_audio(refs: list, cache_dir: str, codec_name: str, codec_revision, m
     if env.is_main:
         hashes.save()
 
-    cache = CodeCache(cache_dir, codec_identity(codec_name, codec_revision))
+    cache = CodeCache(cache_dir, cache_identity(codec_name, codec_revision, audio))
     rep = {key: path for path, key in sorted(keys.items()) if key not in cache}  # one file per new content
     todo = sorted(rep.items())
     encoded_seconds, failed, t_enc = 0.0, {}, time.perf_counter()
     if todo:
         mine = todo[env.rank::env.world_size]
         seconds, mine_failed = _encode(mine, shown, cache, codec_name, codec_revision, max_seconds, env,
-                                       num_workers, quiet, len(todo))
+                                       num_workers, quiet, len(todo), audio)
         for sec, f in all_gather_objects((seconds, mine_failed)):
             encoded_seconds += sec
             failed.update(f)
@@ -100,10 +133,12 @@ def prepare_audio(refs: list, cache_dir: str, codec_name: str, codec_revision, m
     t_enc = time.perf_counter() - t_enc
 
     usable = {path: key for path, key in keys.items() if path not in problems}
+    after = " after trimming silence" if audio.trim_silence else ""
     for path, key in usable.items():
-        if max_seconds and cache.seconds(key) > max_seconds:  # cached under a looser limit
-            problems[path] = ("audio_too_long", f"audio {shown[path]} lasts {cache.seconds(key):.1f} s, more "
-                              f"than data.max_audio_seconds={max_seconds:g}")
+        try:  # cached under looser limits
+            check_duration(cache.seconds(key), shown[path], max_seconds, audio.min_seconds, after=after)
+        except AudioProblem as e:
+            problems[path] = (e.reason, str(e))
     usable = {p: k for p, k in usable.items() if p not in problems}
     loaded = cache.load(set(usable.values()))
     out.codes = {p: loaded[k] for p, k in usable.items()}
@@ -119,11 +154,13 @@ def prepare_audio(refs: list, cache_dir: str, codec_name: str, codec_revision, m
 
 
 def _encode(mine: list, shown: dict, cache: CodeCache, codec_name, codec_revision, max_seconds, env: DistEnv,
-            num_workers: int, quiet: bool, total: int):
+            num_workers: int, quiet: bool, total: int, audio: AudioConditioning = None):
+    audio = audio or AudioConditioning()
     codec = load_codec(codec_name, codec_revision, device=env.device)
     writer = cache.writer()
     items = [(path, shown[path]) for _, path in mine]
-    loader = torch.utils.data.DataLoader(_Decode(items, max_seconds, codec.min_seconds), batch_size=None,
+    loader = torch.utils.data.DataLoader(_Decode(items, max_seconds, codec.min_seconds, audio, codec.sample_rate),
+                                         batch_size=None,
                                          num_workers=num_workers, prefetch_factor=4 if num_workers else None)
     problems, seconds = {}, 0.0
     # Rank 0 counts only its own share: say so, or "17 new files: 9/9" reads as finished early.
