@@ -20,6 +20,7 @@ setup(
         "pyyaml",
         "numpy",
         "soundfile",
+        "pyloudnorm==0.2.0",  # data.audio.loudness_lufs: ITU-R BS.1770 loudness
         "matplotlib",  # python -m higgs_ddp.plot
         "tensorboard",  # logging.tensorboard
     ],

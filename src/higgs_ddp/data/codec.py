@@ -175,13 +175,13 @@ def _codec_config(name: str, revision: Optional[str]) -> dict:
                          f"data.codec to a local folder") from None
 
 
-def frame_rate(name: str, revision: Optional[str] = None) -> int:
-    """Code frames per second, from the codec's config alone, as HiggsAudioTokenizer computes it (25 for
-    the pretrained codec and the tiny one)."""
+def codec_rates(name: str, revision: Optional[str] = None) -> tuple[int, int]:
+    """(sample rate, code frames per second), from the codec's config alone, as HiggsAudioTokenizer computes
+    them: (24000, 25) for the pretrained codec, (8000, 25) for the tiny one."""
     import math
 
     config = _codec_config(name, revision)
-    return math.ceil(config["sample_rate"] / math.prod(config["ratios"]))
+    return int(config["sample_rate"]), math.ceil(config["sample_rate"] / math.prod(config["ratios"]))
 
 
 def min_input_seconds(name: str, revision: Optional[str] = None) -> float:

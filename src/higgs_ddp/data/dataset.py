@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from higgs_ddp.config import Config, ConfigError
-from higgs_ddp.data.audio import AudioProblem
+from higgs_ddp.data.audio import AudioProblem, frame_energy
 from higgs_ddp.data.code_cache import write_json_atomic
 from higgs_ddp.data.manifest import Entry, Problem, read_manifest
 from higgs_ddp.data.prompt import Sample, tokenize_chatml
+from higgs_ddp.data.references import Pairing, pair_same_speaker, without_reference
 from higgs_ddp.runtime.distributed import DistEnv
 
 MAX_LISTED = 50
@@ -138,6 +139,11 @@ def _audio_codes(entries: list, cfg: Config, env: DistEnv, C: int, K: int, quiet
     return found, failed, seconds
 
 
+def _clip_seconds(r, found: dict, seconds: dict) -> float:
+    whole = seconds.get(r.path, 0.0)
+    return whole if r.frames is None else whole * r.frames / found[r.path].shape[1]
+
+
 def _records(entries: list, found: dict, failed: dict, seconds: dict, tokenizer, mc, budget: int):
     ids = tokenizer.convert_tokens_to_ids
     in_id, out_id = ids("<|AUDIO|>"), ids("<|AUDIO_OUT|>")
@@ -147,7 +153,7 @@ def _records(entries: list, found: dict, failed: dict, seconds: dict, tokenizer,
         if bad:
             problems += [Problem(e.where, reason, message) for reason, message in bad]
             continue
-        codes = [found[r.path] for r in e.audio]
+        codes = [found[r.path][:, :r.frames] for r in e.audio]  # frames: a reference cut to its bounds
         try:
             s = tokenize_chatml(tokenizer, e.chatml, codes, e.id)
         except ValueError as err:
@@ -160,8 +166,30 @@ def _records(entries: list, found: dict, failed: dict, seconds: dict, tokenizer,
             continue
         records.append(Record(e.where, e.id, s.input_ids.numpy().astype(np.int32),
                               s.label_ids.numpy().astype(np.int32), codes, n,
-                              sum(seconds.get(r.path, 0.0) for r in e.audio), e.speaker))
+                              sum(_clip_seconds(r, found, seconds) for r in e.audio), e.speaker))
     return records, problems
+
+
+def _same_speaker(train_e: list, val_e: list, found: dict, cfg: Config, pairing: Pairing) -> tuple:
+    """data.reference=same_speaker (see references.py): the pool is the training clips, those of
+    data.val_fraction's validation share left out."""
+    from higgs_ddp.data.codec import codec_rates
+    from higgs_ddp.data.prepare import decode_for_codec
+
+    d = cfg.data
+    codec_rate, frame_rate = codec_rates(d.codec, d.codec_revision)
+    lo, hi = (round(s * frame_rate) for s in d.reference_seconds)
+    training = {id(e) for e in train_e if not (d.val_fraction and _in_val(e.id, d.val_fraction))}
+
+    def energy(ref):  # the audio as it was encoded, for where to cut it
+        if ref.is_codes:
+            return None
+        wave, sr = decode_for_codec(ref.path, ref.shown, 0, 0, d.audio, codec_rate)
+        return frame_energy(wave.numpy(), sr, frame_rate)
+
+    paired = pair_same_speaker(train_e + val_e, found, lambda e: id(e) in training, cfg.train.seed, lo, hi,
+                               frame_rate, energy, pairing)
+    return paired[:len(train_e)], paired[len(train_e):]
 
 
 def _overlaps(train_e: list, val_e: list) -> tuple[list, list, list]:
@@ -241,7 +269,14 @@ def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = 
     parsed = len(train_e) + len(val_e)
     train_e, val_e, bad = _overlaps(train_e, val_e)
     problems += bad
+    pairing = Pairing(d.reference)
+    if d.reference != "given":  # the manifest's own references are not used (nor encoded)
+        kept = [without_reference(e) for e in train_e + val_e]
+        pairing.replaced = sum(a is not b for a, b in zip(kept, train_e + val_e))
+        train_e, val_e = kept[:len(train_e)], kept[len(train_e):]
     found, failed, seconds = _audio_codes(train_e + val_e, cfg, env, C, K, quiet)
+    if d.reference == "same_speaker":
+        train_e, val_e = _same_speaker(train_e, val_e, found, cfg, pairing)
     train, bad = _records(train_e, found, failed, seconds, tokenizer, model_config, d.max_tokens_per_batch)
     problems += bad
     val, bad = _records(val_e, found, failed, seconds, tokenizer, model_config, d.max_tokens_per_batch)
@@ -263,6 +298,7 @@ def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = 
         "train_samples": len(train), "val_samples": len(val),
         "skipped": len(problems), "skipped_by_reason": dict(sorted(Counter(p.reason for p in problems).items())),
         "train_audio_hours": sum(r.seconds for r in train) / 3600,
+        "references": pairing.report(),
         "problems": [{"where": p.where, "reason": p.reason, "message": p.message} for p in problems],
     }
     out = Path(cfg.output_dir)
@@ -275,6 +311,8 @@ def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = 
                                          if len(problems) > MAX_LISTED else [])
         raise DataError(f"{len(problems)} problem(s) in the data (full list: {out / 'data_report.json'}; "
                         f"data.on_error=skip trains on the rest):\n" + "\n".join(map(str, shown)))
+    if env.is_main and not quiet and d.reference != "given":
+        print(pairing.line(), flush=True)
     if problems and env.is_main and not quiet:
         counts = ", ".join(f"{n} {r}" for r, n in report["skipped_by_reason"].items())
         print(f"data: skipped {len(problems)} bad sample(s) ({counts}); list in {out / 'data_report.json'}",

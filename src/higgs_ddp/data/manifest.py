@@ -60,6 +60,7 @@ class AudioRef:
     path: Path  # resolved
     shown: str  # as the manifest wrote it, for messages
     is_codes: bool  # a .npy of codes rather than audio to encode
+    frames: Optional[int] = None  # only its first frames (a same-speaker reference cut to data.reference_seconds)
 
 
 @dataclass
@@ -71,6 +72,8 @@ class Entry:
     speaker: Optional[str] = None
     learned: tuple = ()  # the AudioRefs of ``audio`` the sample learns to speak (not its context)
     id_given: bool = True  # False: ``id`` is the default, the manifest's file name and line
+    text: Optional[str] = None  # a simple line's text and scene (None for ChatML lines): data.reference
+    scene: Optional[str] = None  # rebuilds its prompt with another reference, or none
 
 
 def _typed(obj: dict, fields: dict) -> None:
@@ -201,6 +204,8 @@ def read_manifest(path: str, root: Optional[str] = None, allow_outside_root: boo
                 parse = _parse_chatml if "messages" in obj else _parse_simple
                 chatml, audio, learned, sid, speaker = parse(obj, resolve, f"{manifest.stem}:{lineno}")
                 entries.append(Entry(where, chatml, audio, sid, speaker, tuple(learned), "id" in obj))
+                if parse is _parse_simple:
+                    entries[-1].text, entries[-1].scene = obj["text"], obj.get("scene")
             except LineProblem as e:
                 problems.append(Problem(where, e.reason, str(e)))
     return entries, problems

@@ -34,7 +34,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from higgs_ddp.config import BenchConfig, ConfigError, EvalConfig, LoggingConfig
+from higgs_ddp.config import AudioConditioning, BenchConfig, ConfigError, EvalConfig, LoggingConfig
 from higgs_ddp.runtime.distributed import DistEnv, all_gather_objects, all_reduce_sum
 from higgs_ddp.training.shards import (
     SHARD_DIR,
@@ -337,6 +337,8 @@ NO_EFFECT = {
     "data.num_workers", "data.prefetch_factor", "data.cache_dir",
     # The data itself is judged by its fingerprint, not by where it lives or how it got there.
     "data.manifest", "data.root", "data.allow_outside_root", "data.on_error", "data.codec_revision",
+    # (and what prepare does to the audio, and which references the samples get: tokens and codes)
+    "data.reference", "data.reference_seconds", *(f"data.audio.{f.name}" for f in dataclasses.fields(AudioConditioning)),
     # Validation reads the weights and never changes them (nor the training RNG).
     "data.val_manifest",
 } | {f"{section}.{f.name}" for section, cls in (("bench", BenchConfig), ("eval", EvalConfig), ("logging", LoggingConfig))
