@@ -90,8 +90,15 @@ def corpus(base: Path) -> Path:
     ])
 
 
-def test_pairs_never_self_never_copies_bounded_and_reported(tmp_path, tokenizer):
-    m = corpus(tmp_path / "ds")
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """The corpus and its code cache, shared: the WAV is encoded once for the tests below."""
+    tmp = tmp_path_factory.mktemp("corpus")
+    return tmp, corpus(tmp / "ds")
+
+
+def test_pairs_never_self_never_copies_bounded_and_reported(shared, tokenizer):
+    tmp_path, m = shared
     data, pairs = load(tmp_path, tokenizer, m)
     speaker = {"a": "ann", "b": "bob", "e": "eve"}
     copies = {"a0", "a3", "a4"}
@@ -135,8 +142,8 @@ def test_pairs_never_self_never_copies_bounded_and_reported(tmp_path, tokenizer)
         assert not any(k in copies and p["reference"] in copies for k, p in o.items())
 
 
-def test_none_and_given(tmp_path, tokenizer):
-    m = corpus(tmp_path / "ds")
+def test_none_and_given(shared, tokenizer):
+    tmp_path, m = shared
     given, _ = load(tmp_path, tokenizer, m, "data.reference=given")
     none, _ = load(tmp_path, tokenizer, m, "data.reference=none")
     assert [len(r.codes) for r in given.train if r.id == "a0"] == [2]  # the manifest's own reference
@@ -158,10 +165,10 @@ def test_near_identical_cut_frame_and_transcript_units():
     assert cut_transcript("没有空格的句子", 0.5) == "没有空格"
 
 
-def test_single_clip_speakers_in_the_prepare_report(tmp_path, capsys):
+def test_single_clip_speakers_in_the_prepare_report(shared, capsys):
     from higgs_ddp.cli import prepare
 
-    m = corpus(tmp_path / "ds")
+    tmp_path, m = shared
     assert prepare(["--config", str(TINY), *QUIET, f"data.manifest={m}", f"output_dir={tmp_path / 'run'}",
                     f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0", "data.reference=same_speaker",
                     BOUNDS]) == 0
