@@ -184,7 +184,10 @@ def _same_speaker(train_e: list, val_e: list, found: dict, cfg: Config, pairing:
     def energy(ref):  # the audio as it was encoded, for where to cut it
         if ref.is_codes:
             return None
-        wave, sr = decode_for_codec(ref.path, ref.shown, 0, 0, d.audio, codec_rate)
+        try:
+            wave, sr = decode_for_codec(ref.path, ref.shown, 0, 0, d.audio, codec_rate)
+        except AudioProblem:  # changed since it was encoded (its codes came from the cache): cut at the limit
+            return None
         return frame_energy(wave.numpy(), sr, frame_rate)
 
     paired = pair_same_speaker(train_e + val_e, found, lambda e: id(e) in training, cfg.train.seed, lo, hi,
