@@ -146,22 +146,22 @@ def test_prepare_encodes_the_conditioned_audio_and_reports_durations_by_line(tmp
 def test_the_cache_key_changes_with_the_settings_and_only_with_them(tmp_path, monkeypatch, codec):
     monkeypatch.setattr(prepare, "load_codec", lambda *args, **kwargs: codec)  # one codec, loaded once
     base = tmp_path / "ds"
-    m = manifest(base, [write_wav(base, "a.wav", padded(0.2, 0.6, 0.2)), write_wav(base, "b.wav", speech(0.8))])
+    m = manifest(base, [write_wav(base, "a.wav", padded(0.2, 0.6, 0.2))])
 
     def run(**kw):
         out = prepare.prepare_audio(refs(m), str(tmp_path / "cache"), "tiny", None, 30, DistEnv(), 0, quiet=True,
                                     audio=settings(**kw))
         return out.stats["cached"], out.stats["encoded"]
 
-    assert run() == (0, 2)
-    assert run(min_seconds=0.1) == (2, 0)  # a filter, not a change to the audio: nothing re-encoded
-    assert run(trim_db=30.0, trim_keep_seconds=0.3) == (2, 0)  # trimming is off: its settings change nothing
-    assert run(loudness_lufs=-20.0) == (0, 2)
-    assert run(loudness_lufs=-20.0, min_seconds=0.1) == (2, 0)
-    assert run(loudness_lufs=-23.0) == (0, 2)
-    assert run(loudness_lufs=-20.0, peak_dbfs=-1.0, trim_silence=True) == (0, 2)
-    assert run(loudness_lufs=-20.0, peak_dbfs=-1.0, trim_silence=True) == (2, 0)
-    assert run(loudness_lufs=-20.0) == (2, 0)  # back to earlier settings: their codes are still there
+    assert run() == (0, 1)
+    assert run(min_seconds=0.1) == (1, 0)  # a filter, not a change to the audio: nothing re-encoded
+    assert run(trim_db=30.0, trim_keep_seconds=0.3) == (1, 0)  # trimming is off: its settings change nothing
+    assert run(loudness_lufs=-20.0) == (0, 1)
+    assert run(loudness_lufs=-20.0, min_seconds=0.1) == (1, 0)
+    assert run(loudness_lufs=-23.0) == (0, 1)
+    assert run(loudness_lufs=-20.0, peak_dbfs=-1.0, trim_silence=True) == (0, 1)
+    assert run(loudness_lufs=-20.0, peak_dbfs=-1.0, trim_silence=True) == (1, 0)
+    assert run(loudness_lufs=-20.0) == (1, 0)  # back to earlier settings: their codes are still there
     # Everything off is the key caches had before data.audio existed: they stay valid.
     assert prepare.cache_identity("tiny", None, AudioConditioning()) == codec_identity("tiny")
     keys = {settings(**kw).cache_key() for kw in ({"loudness_lufs": -20.0}, {"peak_dbfs": -1.0},
