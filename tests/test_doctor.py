@@ -353,8 +353,6 @@ def test_an_unfinished_checkpoint_folder_is_not_resumed_from(capsys, tmp_path, t
     (["train.micro_batch_size=4"], "FAIL batch: ",  # the 3 samples of tiny_args
      "one optimizer step needs 4 (ranks 1 x train.grad_accum_steps 1 x train.micro_batch_size 4)"),
     (["model.attn_implementation=flash_attention_2"], "FAIL model.attn_implementation=flash_attention_2 needs", ""),
-    pytest.param(["train.precision=bf16"], "FAIL train.precision=bf16 needs a GPU", "(this machine: cpu",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="bf16 runs on this GPU")),
 ])
 def test_what_the_run_refuses_at_start_up_fails_here(capsys, tiny_args, overrides, prefix, message):
     rc, lines = run(capsys, *tiny_args, *overrides)

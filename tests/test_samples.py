@@ -205,19 +205,17 @@ def test_same_codes_as_the_inference_engine(tmp_path, codec):
 
 
 @pytest.mark.parametrize("mode", ["lora", "audio_ffn", "full"])
-def test_generation_under_the_trainers_mixed_precision(tmp_path, mode, monkeypatch):
-    """On GPU the trainer keeps the base in bf16 and what trains in fp32, under bf16 autocast; CPU autocast
-    stands in here. (A single static KV cache fails for train.mode=full: its layers mix fp32 and bf16 keys.)"""
-    import higgs_ddp.evaluation.listening as samples
+def test_generation_under_the_trainers_mixed_precision(tmp_path, mode):
+    """train.precision=bf16 (on GPU and CPU alike): the base in bf16, what trains in fp32, generation under
+    bf16 autocast. (A single static KV cache fails for train.mode=full: its layers mix fp32 and bf16 keys.)"""
+    from higgs_ddp.model import build_for_training
+    from higgs_ddp.runtime.precision import weight_dtype
 
-    cfg = tiny_config(tmp_path, f"train.mode={mode}", f"eval.max_audio_seconds={MAX_SECONDS}", samples=1)
+    cfg = tiny_config(tmp_path, f"train.mode={mode}", f"eval.max_audio_seconds={MAX_SECONDS}",
+                      "train.precision=bf16", samples=1)
     tok = load_tokenizer(cfg)
-    model = apply_training_mode(build_model(cfg, tok, dtype=torch.bfloat16), cfg)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    raw = unwrap(model)
-    monkeypatch.setattr(samples, "autocast_dtype", lambda cfg, device: torch.bfloat16)
+    raw = unwrap(build_for_training(cfg, tok, weight_dtype(cfg, torch.device("cpu"))))
+    assert raw.embed_tokens.weight.dtype == torch.bfloat16 or mode == "full"
     raw.eval()
     with torch.inference_mode():
         got = generate_codes(raw, tok, SimpleNamespace(frame_rate=25.0), cfg, "hello there")

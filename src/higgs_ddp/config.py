@@ -210,7 +210,9 @@ class TrainConfig(Section):
     betas: list = field(default_factory=lambda: [0.9, 0.95])  # AdamW's (beta1, beta2), each in [0, 1)
     max_grad_norm: float = ranged(1.0, 0, note="0: no clipping")
     seed: int = 1234
-    precision: str = choice("auto", "bf16", "fp32")  # "auto": bf16 on GPU, fp32 on CPU
+    # "auto": bf16 on GPU, fp32 on CPU | "bf16": bf16 autocast on either (CPU too: slower than fp32 on most
+    # CPUs, but the GPU's numerics, testable anywhere) | "fp32". Trainable weights and AdamW state stay fp32.
+    precision: str = choice("auto", "bf16", "fp32")
     text_weight: float = ranged(1.0, 0)
     audio_weight: float = ranged(1.0, 0)
     loss_alignment: str = choice("auto", "shifted", "aligned")  # see dual_loss.py
@@ -441,12 +443,17 @@ def _relative_to(base: Path, value):
     return value
 
 
+def uses_bf16(cfg: Config, device: str) -> bool:
+    """Whether a run on ``device`` ("cuda" or "cpu") computes under bf16 autocast with a bf16 frozen base:
+    train.precision=bf16 anywhere, "auto" on a GPU only. Every part of the run asks this one function
+    (runtime/precision.py makes the autocast from it)."""
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device == "cuda")
+
+
 def check_machine(cfg: Config, device: str) -> None:
     """What the config asks of the machine (``device``: "cuda" or "cpu"). The run checks it before it builds
     the model; the doctor checks it on the machine it runs on."""
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device == "cuda")
-    if bf16 and device != "cuda":
-        raise ConfigError("train.precision=bf16 needs a GPU; use auto or fp32 on CPU")
+    bf16 = uses_bf16(cfg, device)
     if cfg.train.parallel == "fsdp" and cfg.train.fsdp.cpu_offload and device != "cuda":
         raise ConfigError("train.fsdp.cpu_offload=true needs GPUs (it moves the shards from GPU to host memory); "
                           "on CPU they are in host memory already: set it to false")

@@ -43,9 +43,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from higgs_ddp.config import Config, EvalConfig
+from higgs_ddp.config import Config, EvalConfig, uses_bf16
 from higgs_ddp.data.audio import AudioProblem, read_audio, resample
 from higgs_ddp.data.prompt import build_chatml, tokenize_chatml
+from higgs_ddp.runtime import precision
 
 STOP_STRINGS = ["<|end_of_text|>", "<|eot_id|>"]  # the engine's defaults
 ENGINE_KV_CACHE_LENGTHS = (1024, 4096, 8192)  # HiggsAudioServeEngine's default static cache buckets
@@ -264,20 +265,13 @@ def split_stream(columns: torch.Tensor, mc, finished: bool, max_frames: int) -> 
     return frames, hit_limit, invalid
 
 
-def autocast_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
-    """The trainer's mixed precision (bf16 autocast on GPU; the weights that train are kept in fp32)."""
-    if device.type == "cuda" and cfg.train.precision in ("auto", "bf16"):
-        return torch.bfloat16
-    return None
-
-
 def generate_codes(raw_model, tokenizer, codec, cfg: Config, text: str, ref_text: Optional[str] = None,
                    ref_codes: Optional[torch.Tensor] = None, static_cache: Optional[bool] = None,
                    lockstep: bool = False, sampling: Optional[Sampling] = None,
                    scene: Optional[str] = None) -> Generated:
     """One prompt through HiggsAudioModel.generate with the engine's arguments. The caller handles the
     model's mode, the RNG and gradients (``generation_state``). ``sampling``: ``Sampling.of_eval(cfg.eval)``
-    unless given; ``cfg`` otherwise only gives the precision (``autocast_dtype``). ``scene``: the system
+    unless given; ``cfg`` otherwise only gives the precision (``config.uses_bf16``). ``scene``: the system
     prompt's scene description, as training's ``scene``.
 
     ``static_cache`` (default: unless under autocast): the engine's static KV cache bucket. Under autocast
@@ -294,18 +288,17 @@ def generate_codes(raw_model, tokenizer, codec, cfg: Config, text: str, ref_text
     max_frames = max(1, round(sampling.max_audio_seconds * codec.frame_rate))
     inputs = prepare_inputs(tokenizer, mc, text, ref_text, ref_codes, device, scene)
     budget = max_new_tokens(mc, max_frames)
-    amp = autocast_dtype(cfg, device)
+    amp = uses_bf16(cfg, device.type)  # the trainer's numerics: bf16 autocast (GPU or CPU) or fp32
     if static_cache is None:
-        static_cache = amp is None
+        static_cache = not amp
     kv = None
     if static_cache:
         ref_positions = inputs["audio_out_ids"].shape[1] if inputs["audio_out_ids"] is not None else 0
         kv = _static_cache(mc, inputs["input_ids"].shape[1] + ref_positions + budget, device,
-                           amp or raw_model.embed_tokens.weight.dtype)
+                           torch.bfloat16 if amp else raw_model.embed_tokens.weight.dtype)
     audio_eos_token_id = tokenizer.convert_tokens_to_ids("<|audio_eos|>")
     temperature = sampling.temperature
-    with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None), \
-            warnings.catch_warnings():
+    with precision.autocast(cfg, device), warnings.catch_warnings():
         # temperature 0: greedy, as in the engine, which passes top_p anyway (transformers warns, nothing changes)
         warnings.filterwarnings("ignore", message=r"`do_sample` is set to `False`")
         out = raw_model.generate(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -20,6 +19,7 @@ from higgs_ddp.data.dataset import Data, ManifestDataset, fingerprint, load_data
 from higgs_ddp.data.prefetch import Prefetcher
 from higgs_ddp.dual_loss import compute_dual_loss
 from higgs_ddp.model import HiggsForward, build_for_training, load_tokenizer, model_config, text_head, unwrap
+from higgs_ddp.runtime import precision
 from higgs_ddp.runtime.distributed import DistEnv, all_reduce_sum
 from higgs_ddp.training.checkpoint import check_resumable, load_checkpoint, save_checkpoint
 from higgs_ddp.training.memory_plan import check_memory
@@ -53,14 +53,12 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, data: Data | None = None):
         self.cfg, self.env = cfg, env
         t = cfg.train
-        check_machine(cfg, env.device.type)  # bf16 and flash-attn need a GPU
-        use_bf16 = t.precision == "bf16" or (t.precision == "auto" and env.device.type == "cuda")
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
-        self.precision = "bf16" if use_bf16 else "fp32"
+        check_machine(cfg, env.device.type)  # flash-attn and CPU offload need a GPU
+        self.precision = precision.describe(cfg, env.device)  # bf16 autocast (GPU or CPU) or fp32
 
         self.tokenizer = load_tokenizer(cfg)
-        check_memory(cfg, env, model_config(cfg, self.tokenizer), use_bf16)  # GPU: will the model state fit?
-        self.model = build_for_training(cfg, self.tokenizer, torch.bfloat16 if use_bf16 else torch.float32,
+        check_memory(cfg, env, model_config(cfg, self.tokenizer), self.precision == "bf16")  # GPU: will it fit?
+        self.model = build_for_training(cfg, self.tokenizer, precision.weight_dtype(cfg, env.device),
                                         device=env.device)
         self.raw = unwrap(self.model)
 
@@ -125,6 +123,11 @@ class Trainer:
         self.verified = False  # the first step checks label convention and target counts
         self.bad_in_row = 0
         self.skipped_steps = 0
+
+    @property
+    def autocast(self) -> torch.autocast:
+        """The step's numerics, a fresh context each time: ``with trainer.autocast: ...``."""
+        return precision.autocast(self.cfg, self.env.device)
 
     def batches(self) -> Prefetcher:
         """This rank's micro-batches, endlessly, fetched (and put on the device) a step ahead."""

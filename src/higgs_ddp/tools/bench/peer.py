@@ -24,11 +24,12 @@ import transformers
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from higgs_ddp.config import Config, ConfigError
+from higgs_ddp.config import Config, ConfigError, uses_bf16
 from higgs_ddp.data.collator import IGNORE, HiggsCollator
 from higgs_ddp.data.dataset import Data, ManifestDataset
 from higgs_ddp.model import build_for_training, load_tokenizer, unwrap
 from higgs_ddp.runtime.distributed import DistEnv, all_reduce_sum
+from higgs_ddp.runtime.precision import weight_dtype
 from higgs_ddp.training.perf import enable_tf32
 
 
@@ -117,12 +118,11 @@ def run_peer(cfg: Config, env: DistEnv, data: Data, steps: int, warmup: int) -> 
     if cfg.data.max_tokens_per_batch:  # ours would batch by token budget, the peer by count: unlike batches
         raise ConfigError("the peer takes train.micro_batch_size samples per micro-batch, as the public "
                           "trainers do; compare with data.max_tokens_per_batch=0")
-    use_bf16 = t.precision == "bf16" or (t.precision == "auto" and cuda)
+    use_bf16 = uses_bf16(cfg, env.device.type)  # as ours: bf16 autocast on a GPU or a CPU
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_warning()
     tokenizer = load_tokenizer(cfg)
-    dtype = torch.bfloat16 if use_bf16 else torch.float32
-    model = build_for_training(cfg, tokenizer, dtype).to(env.device)  # exactly our Trainer's model
+    model = build_for_training(cfg, tokenizer, weight_dtype(cfg, env.device)).to(env.device)  # exactly our Trainer's model
     raw = unwrap(model)
     if cuda:
         enable_tf32()  # ours turns it on too (process-wide flags)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import os
 
-from higgs_ddp.config import BenchConfig, ConfigError, check_lora_targets, check_machine
+from higgs_ddp.config import BenchConfig, ConfigError, check_lora_targets, check_machine, uses_bf16
 from higgs_ddp.tools.doctor.disk import _model_config_dict
 from higgs_ddp.tools.doctor.result import FAIL, OK, WARN, Result
 
@@ -51,7 +51,7 @@ def check_memory_plan(cfg) -> list:
     counts = memory_plan.count_parameters(cfg, HiggsAudioConfig(**{**copy.deepcopy(raw), "pad_token_id": None}))
     cuda = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", torch.cuda.device_count() if cuda else 1))
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cuda)
+    bf16 = uses_bf16(cfg, "cuda" if cuda else "cpu")
     plan = memory_plan.plan(counts, cfg, world, bf16)
     if not cuda:
         return [Result(OK, f"memory: {plan.describe()}")]
