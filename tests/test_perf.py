@@ -24,8 +24,9 @@ def first_step(tmp_path, name, *overrides, mode="lora"):
     # Output shapes of the text head (while deferred inside the model it passes hidden states through).
     handle = head.register_forward_hook(lambda m, args, out: calls.append(tuple(out.shape)))
     torch.manual_seed(0)
-    out = trainer.wrapped(**batch.model_inputs())
-    dl = trainer.loss(out, batch, check=True)
+    with trainer.autocast:  # the trainer's numerics (fp32 here; test_bf16.py passes train.precision=bf16)
+        out = trainer.wrapped(**batch.model_inputs())
+        dl = trainer.loss(out, batch, check=True)
     dl.loss.backward()
     handle.remove()
     grads = {n: p.grad.clone() for n, p in trainer.named_params}
