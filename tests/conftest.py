@@ -17,6 +17,18 @@ TINY = ROOT / "configs" / "tiny.yaml"
 QUIET = ("data.val_fraction=0", "eval.every=0", "eval.prompts=[]", "logging.tensorboard=false")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` (pytest.ini) are skipped where there is no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (make gpu-acceptance runs these on a GPU)")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
+
 def tiny_config(tmp_path, *overrides, samples=16, audio=False):
     """configs/tiny.yaml on a fresh synthetic corpus: .npy codes, or WAV files (audio=True) for the codec."""
     from higgs_ddp.config import load_config

@@ -214,22 +214,23 @@ def test_validation_and_listening_samples_in_bf16(tmp_path):
     """Validation (loss, per-codebook accuracy) and listening samples (generation under bf16 autocast with
     boson's dynamic KV cache, then the fp32 codec) at lr 0, against the same run in fp32: the validation
     loss agrees to the bf16 forward's rounding (measured ~1e-3; bound 1e-2), and every prompt is spoken."""
-    common = ("train.max_steps=2", "train.warmup_steps=1", "train.seed=7", "train.lr=0.0", "data.val_fraction=0.3",
-              "eval.every=2")
+    common = ("train.max_steps=1", "train.warmup_steps=1", "train.seed=7", "train.lr=0.0", "data.val_fraction=0.3",
+              "eval.every=1", "eval.max_audio_seconds=0.2")
     vals = {}
-    for precision in ("bf16", "fp32"):
-        cfg = tiny_config(tmp_path / precision, *common, f"train.precision={precision}", samples=20)
-        cfg.eval.prompts = listening_prompts(tmp_path)
+    for precision in ("bf16", "fp32"):  # (the fp32 run for its validation loss only)
+        cfg = tiny_config(tmp_path / precision, *common, f"train.precision={precision}", samples=12)
+        # One prompt, cloning a reference clip's voice (bf16 generation on a CPU without native bf16 is slow)
+        cfg.eval.prompts = listening_prompts(tmp_path)[1:2] if precision == "bf16" else []
         train(cfg)
         vals[precision] = val_rows(tmp_path / precision / "run")
     (b,), (f,) = vals["bf16"], vals["fp32"]
-    assert b["step"] == 2 and b["samples"] == f["samples"] and b["audio_targets"] == f["audio_targets"]
+    assert b["step"] == 1 and b["samples"] == f["samples"] and b["audio_targets"] == f["audio_targets"]
     assert b["loss"] == pytest.approx(f["loss"], rel=1e-2) and b["loss"] != f["loss"]  # bf16 was in effect
     assert all(0 <= a <= 1 for a in b["per_codebook_acc"])
-    folder = tmp_path / "bf16" / "run" / "samples" / "step_000002"
+    folder = tmp_path / "bf16" / "run" / "samples" / "step_000001"
     written = json.loads((folder / "samples.json").read_text())["samples"]
-    assert len(written) == 3
-    for i in range(3):
+    assert len(written) == 1 and written[0]["reference_audio"]
+    for i in range(1):
         wave, rate = sf.read(str(folder / f"sample_{i:02d}.wav"), dtype="float32")
         assert len(wave) > 0 and rate > 0
     assert yaml.safe_load((tmp_path / "bf16" / "run" / "config.yaml").read_text())["train"]["precision"] == "bf16"

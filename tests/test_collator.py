@@ -103,7 +103,7 @@ def test_model_inputs_are_a_whitelist_the_model_takes():
     assert "labels" not in Batch.MODEL_INPUTS
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_tensors_are_created_on_the_device_and_pin(tokenizer):
     batch = ours(tokenizer, device="cuda")(make_samples(tokenizer))
     for name in FIELDS:
