@@ -13,7 +13,7 @@ PYVER  ?= 3.12
 # make bench: the full 3B architecture where a GPU is visible, the tiny model otherwise
 BENCH_CONFIG ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo configs/bench_3b.yaml || echo configs/bench_tiny.yaml)
 
-.PHONY: install wheels install-offline demo prepare train bench test test-fast clean
+.PHONY: install wheels install-offline demo demo-data gpu-acceptance prepare train bench test test-fast clean
 
 install: $(STAMP)
 
@@ -29,13 +29,18 @@ wheels: install  ## make wheels [PYVER=3.12]: where PyPI is reachable, fetch int
 install-offline:  ## on such a GPU machine: .venv from wheels/ over its own torch/torchaudio [PYTHON=python3]
 	PYTHON=$(PYTHON) launch/install_offline.sh $(WHEELS)
 
-demo: install  ## tiny random HiggsAudioModel, 2 CPU processes: LJSpeech-style WAVs -> import -> tiny codec -> training -> speak
-	$(VENV)/bin/higgs-ddp demo-data runs/tiny/data
-	$(VENV)/bin/higgs-ddp manifest import --format ljspeech runs/tiny/data --out runs/tiny/data/manifest.jsonl --speaker tones
+demo: demo-data  ## tiny random HiggsAudioModel, 2 CPU processes: LJSpeech-style WAVs -> import -> tiny codec -> training -> speak
 	rm -rf runs/tiny/checkpoints runs/tiny/tensorboard runs/tiny/samples  # a demo starts over; a real run resumes
 	$(VENV)/bin/higgs-ddp train --nproc-per-node 2 --config configs/tiny.yaml $(ARGS)
 	$(VENV)/bin/higgs-ddp plot runs/tiny
 	$(VENV)/bin/higgs-ddp speak --model runs/tiny --text "the quick brown fox. seven dog jumps." --max-audio-seconds 2 --out runs/tiny/speak.wav
+
+demo-data: install  ## the demo's corpus in runs/tiny/data, which configs/tiny.yaml reads (make demo, make gpu-acceptance)
+	$(VENV)/bin/higgs-ddp demo-data runs/tiny/data
+	$(VENV)/bin/higgs-ddp manifest import --format ljspeech runs/tiny/data --out runs/tiny/data/manifest.jsonl --speaker tones
+
+gpu-acceptance: install  ## on a GPU (after make install-offline): CUDA tests, tiny bf16 run, GPU benchmarks, ~8 min
+	launch/gpu_acceptance.sh
 
 prepare: install  ## make prepare GPUS=8 CONFIG=...: encode the audio into the code cache (training does it too)
 	$(VENV)/bin/higgs-ddp prepare --nproc-per-node $(GPUS) --config $(CONFIG) $(ARGS)
