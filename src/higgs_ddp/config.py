@@ -210,8 +210,8 @@ class TrainConfig(Section):
     betas: list = field(default_factory=lambda: [0.9, 0.95])  # AdamW's (beta1, beta2), each in [0, 1)
     max_grad_norm: float = ranged(1.0, 0, note="0: no clipping")
     seed: int = 1234
-    # "auto": bf16 on GPU, fp32 on CPU | "bf16": bf16 autocast on either (CPU too: slower than fp32 on most
-    # CPUs, but the GPU's numerics, testable anywhere) | "fp32". Trainable weights and AdamW state stay fp32.
+    # "auto": bf16 on GPU, fp32 on CPU | "bf16": bf16 autocast on either (on a CPU: the GPU's numerics, to
+    # test them anywhere; slower than fp32 there) | "fp32". Trainable weights and AdamW state stay fp32.
     precision: str = choice("auto", "bf16", "fp32")
     text_weight: float = ranged(1.0, 0)
     audio_weight: float = ranged(1.0, 0)
