@@ -145,6 +145,7 @@ def test_a_real_difference_exceeds_the_tolerances(lora_runs):
     assert lr["grad_norm"][-1] > 5 * GRAD_NORM_REL, lr  # measured 6e-2
 
 
+@pytest.mark.slow  # (not torchrun, but ~15 s more of what the lora runs above show already)
 def test_full_fine_tuning_batch2_equals_accumulation2_in_bf16(tmp_path):
     start = start_weights(tmp_path, "full")
     batch2 = run(tmp_path, "batch2", "full", "train.micro_batch_size=2")
