@@ -89,17 +89,23 @@ def _check_keys(what: str, missing: list, unexpected: list) -> None:
                           f"(e.g. {unexpected[:2]})")
 
 
-def merged_model(ckpt: Path, cfg: Config, tokenizer, adapter: Optional[Path] = None):
-    """Base + trained weights as one plain HiggsAudioModel, in fp32. ``ckpt`` holds ``trainable.safetensors``
-    or (train.mode=lora) ``adapter/``; ``adapter``: the PEFT adapter folder when it is elsewhere (a run's
-    ``final/``, an unmerged export: the adapter files at their top)."""
-    from higgs_ddp.model import apply_training_mode, build_model
+def merged_model(ckpt: Path, cfg: Config, tokenizer, dtype: torch.dtype = torch.float32,
+                 adapter: Optional[Path] = None):
+    """Base + trained weights as one plain HiggsAudioModel in ``dtype``, each weight rounded once. ``ckpt``
+    holds ``trainable.safetensors`` or (train.mode=lora) ``adapter/``; ``adapter``: the PEFT adapter folder
+    when it is elsewhere (a run's ``final/``, an unmerged export: the adapter files at their top).
 
-    # fp32 whatever the training precision: the merge sum is exact there; the cast comes after.
-    model = apply_training_mode(build_model(cfg, tokenizer, dtype=torch.float32), cfg)
+    The base is built in ``dtype`` (bf16: 2 bytes per weight, 11.5 GB for the 5.8B model where fp32 would
+    need 23 GB and then a cast), the adapter kept in fp32, and each LoRA delta added to its base weight in
+    fp32 before the one rounding to ``dtype``: the same bits as merging in fp32 and casting after. (peft's
+    own merge rounds the delta to the base's dtype first, then the sum: two roundings.) Trained audio_ffn /
+    full weights are fp32 in the checkpoint and rounded once as they are copied in."""
+    from higgs_ddp.model import apply_training_mode, build_for_training, build_model
+
     if cfg.train.mode == "lora":
         from peft import set_peft_model_state_dict
 
+        model = build_for_training(cfg, tokenizer, dtype)  # the base in dtype, the adapter in fp32
         adapter = ckpt / "adapter" if adapter is None else adapter
         saved = json.loads((adapter / "adapter_config.json").read_text())
         want = {"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "target_modules": sorted(cfg.lora.target_modules)}
@@ -114,9 +120,10 @@ def merged_model(ckpt: Path, cfg: Config, tokenizer, adapter: Optional[Path] = N
             raise ExportError(f"the adapter does not fit the model: {str(e).splitlines()[-1].strip()}") from None
         missing = [k for k in result.missing_keys if "lora_" in k]
         _check_keys("the adapter tensors", missing, list(result.unexpected_keys))
-        return model.merge_and_unload()
+        return merge_lora_once(model)
     from safetensors import safe_open
 
+    model = apply_training_mode(build_model(cfg, tokenizer, dtype=dtype), cfg)
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
     path = ckpt / "trainable.safetensors"
@@ -135,6 +142,20 @@ def merged_model(ckpt: Path, cfg: Config, tokenizer, adapter: Optional[Path] = N
     except Exception as e:  # safetensors' own error type: a truncated or foreign file
         raise ExportError(f"cannot read {path}: {e}") from None
     return model
+
+
+@torch.no_grad()
+def merge_lora_once(peft_model):
+    """The PeftModel's LoRA deltas added into its base weights in fp32 and rounded once; the plain model."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            for adapter in module.active_adapters:
+                delta = module.get_delta_weight(adapter).float()
+                base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
+    return peft_model.unload()  # drops the LoRA modules, keeping the base weights as they now are
 
 
 def output_dtype(cfg: Config, tokenizer, choice: str) -> torch.dtype:
@@ -207,9 +228,9 @@ def _export(source: Path, ckpt: Path, out: Path, merge: bool, dtype: str) -> str
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         if merge:
-            model = merged_model(ckpt, cfg, tokenizer)
             target = output_dtype(cfg, tokenizer, dtype)
-            model.to(target).save_pretrained(str(tmp), safe_serialization=True, max_shard_size="5GB")
+            model = merged_model(ckpt, cfg, tokenizer, target)
+            model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size="5GB")
             tokenizer.save_pretrained(str(tmp))  # the inference engine loads the tokenizer from the model path
             info["dtype"] = str(target).removeprefix("torch.")
             what = f"merged {info['dtype']} HiggsAudioModel"
