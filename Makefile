@@ -13,7 +13,7 @@ PYVER  ?= 3.12
 # make bench: the full 3B architecture where a GPU is visible, the tiny model otherwise
 BENCH_CONFIG ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo configs/bench_3b.yaml || echo configs/bench_tiny.yaml)
 
-.PHONY: install wheels install-offline demo demo-data gpu-acceptance prepare train bench test test-fast clean
+.PHONY: install wheels install-offline demo demo-data gpu-acceptance prepare train bench smoke-3b test test-fast clean
 
 install: $(STAMP)
 
@@ -51,11 +51,14 @@ train: install  ## make train GPUS=8 CONFIG=configs/higgs_v2_3b_lora.yaml ARGS="
 bench: install  ## make bench [BENCH_CONFIG=configs/bench_3b.yaml] [ARGS="bench.seq_len=4096"]: last line is JSON
 	$(VENV)/bin/higgs-ddp bench --config $(BENCH_CONFIG) $(ARGS)
 
+smoke-3b: install  ## the 5.8B architecture end to end on this CPU (needs ~15 GB free RAM, ~25 GB disk, ~30 min; a rerun reuses the built model)
+	$(VENV)/bin/higgs-ddp smoke --config configs/bench_3b.yaml --out runs/smoke_3b $(ARGS)
+
 test: install
 	$(PY) -m pytest tests
 
 test-fast: install  ## everything but the tests marked slow
-	$(PY) -m pytest tests -m "not slow"
+	$(PY) -m pytest tests -m "not slow and not smoke"
 
 clean:
 	rm -rf runs .pytest_cache

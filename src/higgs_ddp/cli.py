@@ -40,6 +40,8 @@ COMMANDS = {
                      True),
     "manifest": Command("higgs_ddp.tools.manifest_cmd:main",
                         "import a corpus (LJSpeech, LibriTTS, VCTK, CSV, ...) as a manifest; a manifest's stats"),
+    "smoke": Command("higgs_ddp.tools.smoke:main", "the real architecture end to end on a CPU: build, load, train, "
+                     "resume, export, reload"),
     "demo-data": Command("higgs_ddp.tools.demo_data:main", "write the demo's synthetic corpus (WAV clips or codes)"),
     "speak": Command("higgs_ddp.tools.speak:main", "text to speech with a run, checkpoint, adapter or merged export"),
 }
