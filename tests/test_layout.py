@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+from higgs_ddp.cli import COMMANDS
+
 PKG = ROOT / "src" / "higgs_ddp"
 # Bottom to top: what a layer may import is at its level or below (lazy imports inside functions included).
 LAYERS = [
@@ -88,12 +90,12 @@ def test_dual_loss_depends_on_torch_only():
 def test_one_command_line_lists_every_tool():
     proc = subprocess.run([sys.executable, "-m", "higgs_ddp", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    for command in ("train", "prepare", "export", "doctor", "plot", "bench", "manifest", "demo-data", "speak"):
+    assert {"train", "prepare", "export", "doctor", "plot", "bench", "manifest", "speak", "smoke"} <= set(COMMANDS)
+    for command in COMMANDS:
         assert f"\n  {command} " in proc.stdout, command
 
 
-@pytest.mark.parametrize("command", ["train", "prepare", "export", "doctor", "plot", "bench", "manifest",
-                                     "demo-data", "speak"])
+@pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_command_has_help_with_an_example(command):
     proc = subprocess.run([sys.executable, "-m", "higgs_ddp", command, "--help"], capture_output=True, text=True,
                           cwd=ROOT)

@@ -91,7 +91,6 @@ def random_bf16_model(model_class, hf_config, seed: int):
 
 def build(config: str, out: Path, layers: int, seq_len: int, steps: int, seed: int) -> dict:
     """Phase 1 (in its own process): the model folder, the tokenizer, the data and the run config."""
-
     from higgs_ddp.config import load_config
     from higgs_ddp.data.tiny_tokenizer import build_tiny_tokenizer
     from higgs_ddp.model import _import_higgs, _random_config
