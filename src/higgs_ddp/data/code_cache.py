@@ -58,8 +58,9 @@ class FileHashes:
         self.new: dict = {}
 
     def get(self, path: Path) -> str:
+        """``path``: resolved (as the manifest reader resolves every path)."""
         st = path.stat()
-        key = str(path.resolve())
+        key = str(path)
         hit = self.known.get(key)
         if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             return hit[2]

@@ -8,6 +8,7 @@ goes to ``{output_dir}/data_report.json``.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 from collections import Counter
 from dataclasses import dataclass
@@ -21,9 +22,11 @@ from higgs_ddp.config import Config, ConfigError
 from higgs_ddp.data.audio import AudioProblem, frame_energy
 from higgs_ddp.data.code_cache import write_json_atomic
 from higgs_ddp.data.manifest import Entry, Problem, read_manifest
-from higgs_ddp.data.prompt import Sample, tokenize_chatml
+from higgs_ddp.data.phases import Phases
+from higgs_ddp.data.prompt import Sample, check_audio_count
 from higgs_ddp.data.references import Pairing, pair_same_speaker, without_reference
-from higgs_ddp.runtime.distributed import DistEnv
+from higgs_ddp.data.token_cache import TokenCache, entry_key
+from higgs_ddp.runtime.distributed import DistEnv, barrier
 
 MAX_LISTED = 50
 
@@ -92,24 +95,30 @@ def check_codes(arr: np.ndarray, what: str, num_codebooks: int, codebook_size: i
         bad = lo if lo < 0 else hi
         raise AudioProblem("codes_out_of_range", f"{what} holds code {bad}, outside the codebook range "
                            f"[0, {codebook_size})")
-    return arr.astype(np.int16)
+    return arr.astype(np.int16, copy=False)  # cached codes are int16 already: no second copy
 
 
 def positions(sample: Sample, audio_in_id: int, audio_out_id: int, num_codebooks: int, use_delay: bool,
               encode_audio_in: bool) -> int:
     """Sequence positions after the model expands audio (stream BOS + EOS, plus the delay pattern)."""
-    ids = sample.input_ids
+    return count_positions(sample.input_ids.numpy(), [c.shape[1] for c in sample.audio_codes], audio_in_id,
+                           audio_out_id, num_codebooks, use_delay, encode_audio_in)
+
+
+def count_positions(ids: np.ndarray, frames: list, audio_in_id: int, audio_out_id: int, num_codebooks: int,
+                    use_delay: bool, encode_audio_in: bool) -> int:
+    """``positions`` from the token ids and each audio content's number of frames."""
     extra = 2 + (num_codebooks - 1 if use_delay else 0)
     n = len(ids)
     slots = ids[(ids == audio_in_id) | (ids == audio_out_id)].tolist()
-    for slot, codes in zip(slots, sample.audio_codes):
+    for slot, t in zip(slots, frames):
         n -= 1
         if slot == audio_out_id or encode_audio_in:
-            n += codes.shape[1] + extra
+            n += t + extra
     return n
 
 
-def _audio_codes(entries: list, cfg: Config, env: DistEnv, C: int, K: int, quiet: bool):
+def _audio_codes(entries: list, cfg: Config, env: DistEnv, C: int, K: int, quiet: bool, phases: Phases):
     """path -> codes or (reason, message), for every audio and codes file the entries name."""
     from higgs_ddp.data.prepare import prepare_audio, summary_line
 
@@ -117,9 +126,8 @@ def _audio_codes(entries: list, cfg: Config, env: DistEnv, C: int, K: int, quiet
     audio_refs = [r for e in entries for r in e.audio if not r.is_codes]
     found, failed, seconds = {}, {}, {}
     if audio_refs:
-        cache_dir = d.cache_dir or str(Path(d.manifest[0]).parent / ".higgs_codes")
-        prep = prepare_audio(audio_refs, cache_dir, d.codec, d.codec_revision, d.max_audio_seconds, env,
-                             d.num_workers, quiet, d.audio)
+        prep = prepare_audio(audio_refs, cache_dir(cfg), d.codec, d.codec_revision, d.max_audio_seconds, env,
+                             d.num_workers, quiet, d.audio, phases)
         if env.is_main and not quiet:
             print(summary_line(prep.stats), flush=True)
         for path, arr in prep.codes.items():
@@ -136,6 +144,7 @@ def _audio_codes(entries: list, cfg: Config, env: DistEnv, C: int, K: int, quiet
             found[r.path] = load_codes_file(r.path, r.shown, C, K)
         except AudioProblem as e:
             failed[r.path] = (e.reason, str(e))
+    phases.mark("code check")
     return found, failed, seconds
 
 
@@ -144,28 +153,57 @@ def _clip_seconds(r, found: dict, seconds: dict) -> float:
     return whole if r.frames is None else whole * r.frames / found[r.path].shape[1]
 
 
-def _records(entries: list, found: dict, failed: dict, seconds: dict, tokenizer, mc, budget: int):
+def cache_dir(cfg: Config) -> str:
+    return cfg.data.cache_dir or str(Path(cfg.data.manifest[0]).parent / ".higgs_codes")
+
+
+def _tokens(entries: list, cfg: Config, env: DistEnv, tokenizer) -> tuple:
+    """-> (token cache holding every entry that could be tokenized, entry keys, {key: problem message}).
+
+    A cold start shares the tokenizing between the ranks (each writes its share as a shard, then all read
+    every shard); a warm start only reads."""
+    cache = TokenCache(cache_dir(cfg), tokenizer)
+    keys = [entry_key(e.chatml) for e in entries]
+    todo = list({k: (k, e.chatml, e.id) for k, e in zip(keys, entries) if k not in cache}.values())
+    failed = {}
+    if todo and cache.dir is not None:
+        barrier()  # every rank has its list before any rank writes a shard
+        failed = cache.tokenize(todo[env.rank::env.world_size])
+        barrier()
+        cache.refresh()
+        if env.is_main:
+            cache.remove_damaged()
+    rest = [t for t in todo if t[0] not in cache and t[0] not in failed]
+    failed.update(cache.tokenize(rest))  # another rank's failures (reported by every rank), or no cache
+    return cache, keys, failed
+
+
+def _records(entries: list, keys: list, found: dict, failed: dict, seconds: dict, tokens, untokenized: dict,
+             tokenizer, mc, budget: int):
     ids = tokenizer.convert_tokens_to_ids
     in_id, out_id = ids("<|AUDIO|>"), ids("<|AUDIO_OUT|>")
     records, problems = [], []
-    for e in entries:
+    for e, key in zip(entries, keys):
         bad = [failed[r.path] for r in e.audio if r.path in failed]
         if bad:
             problems += [Problem(e.where, reason, message) for reason, message in bad]
             continue
         codes = [found[r.path][:, :r.frames] for r in e.audio]  # frames: a reference cut to its bounds
         try:
-            s = tokenize_chatml(tokenizer, e.chatml, codes, e.id)
+            if key in untokenized:
+                raise ValueError(untokenized[key])
+            input_ids, label_ids, n_audio = tokens.get(key)
+            check_audio_count(n_audio, len(codes), e.id)
         except ValueError as err:
             problems.append(Problem(e.where, "bad_prompt", str(err)))
             continue
-        n = positions(s, in_id, out_id, mc.audio_num_codebooks, mc.use_delay_pattern, mc.encode_audio_in_tokens)
+        n = count_positions(input_ids, [c.shape[1] for c in codes], in_id, out_id, mc.audio_num_codebooks,
+                            mc.use_delay_pattern, mc.encode_audio_in_tokens)
         if budget and n > budget:
             problems.append(Problem(e.where, "too_long_for_batch", f"sample needs {n} positions, more than "
                                     f"data.max_tokens_per_batch={budget}"))
             continue
-        records.append(Record(e.where, e.id, s.input_ids.numpy().astype(np.int32),
-                              s.label_ids.numpy().astype(np.int32), codes, n,
+        records.append(Record(e.where, e.id, input_ids, label_ids, codes, n,
                               sum(_clip_seconds(r, found, seconds) for r in e.audio), e.speaker))
     return records, problems
 
@@ -259,10 +297,23 @@ class Data:
 
 
 def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = False) -> Data:
+    # Millions of small objects, none of them garbage: the cyclic collector would walk them all again and
+    # again while they are made (measured: a third of a warm start at 10k clips).
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _load_data(cfg, env, tokenizer, model_config, quiet)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool) -> Data:
     d = cfg.data
     if not d.manifest:
         raise ConfigError("data.manifest is required (one path or a list)")
     C, K = model_config.audio_num_codebooks, model_config.audio_codebook_size
+    phases = Phases()
     problems, train_e, val_e = [], [], []
     for paths, into in ((d.manifest, train_e), (d.val_manifest, val_e)):
         for path in paths:
@@ -277,13 +328,20 @@ def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = 
         kept = [without_reference(e) for e in train_e + val_e]
         pairing.replaced = sum(a is not b for a, b in zip(kept, train_e + val_e))
         train_e, val_e = kept[:len(train_e)], kept[len(train_e):]
-    found, failed, seconds = _audio_codes(train_e + val_e, cfg, env, C, K, quiet)
+    phases.mark("manifest")
+    found, failed, seconds = _audio_codes(train_e + val_e, cfg, env, C, K, quiet, phases)
     if d.reference == "same_speaker":
         train_e, val_e = _same_speaker(train_e, val_e, found, cfg, pairing)
-    train, bad = _records(train_e, found, failed, seconds, tokenizer, model_config, d.max_tokens_per_batch)
+        phases.mark("references")
+    tokens, keys, untokenized = _tokens(train_e + val_e, cfg, env, tokenizer)
+    phases.mark("tokens")
+    train, bad = _records(train_e, keys[:len(train_e)], found, failed, seconds, tokens, untokenized, tokenizer,
+                          model_config, d.max_tokens_per_batch)
     problems += bad
-    val, bad = _records(val_e, found, failed, seconds, tokenizer, model_config, d.max_tokens_per_batch)
+    val, bad = _records(val_e, keys[len(train_e):], found, failed, seconds, tokens, untokenized, tokenizer,
+                        model_config, d.max_tokens_per_batch)
     problems += bad
+    phases.mark("lengths")
     order = {m: i for i, m in enumerate(list(d.manifest) + list(d.val_manifest))}
 
     def by_place(p: Problem):  # manifest order, then line number
@@ -304,6 +362,8 @@ def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = 
         "references": pairing.report(),
         "problems": [{"where": p.where, "reason": p.reason, "message": p.message} for p in problems],
     }
+    phases.mark("split")
+    report["startup_seconds"] = phases.seconds  # (without the report's own writing)
     out = Path(cfg.output_dir)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -320,6 +380,8 @@ def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = 
         counts = ", ".join(f"{n} {r}" for r, n in report["skipped_by_reason"].items())
         print(f"data: skipped {len(problems)} bad sample(s) ({counts}); list in {out / 'data_report.json'}",
               flush=True)
+    if env.is_main and not quiet:
+        print(f"data: ready in {phases.line()}", flush=True)
     if not train:
         raise DataError(f"no usable training samples in {', '.join(d.manifest)}")
     if d.val_fraction > 0 and not val:

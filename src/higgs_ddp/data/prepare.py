@@ -20,6 +20,7 @@ from higgs_ddp.config import AudioConditioning
 from higgs_ddp.data.audio import AudioProblem, check_duration, check_path, condition, read_audio, resample
 from higgs_ddp.data.code_cache import CodeCache, FileHashes
 from higgs_ddp.data.codec import codec_identity, load_codec
+from higgs_ddp.data.phases import Phases
 from higgs_ddp.runtime.distributed import DistEnv, all_gather_objects, barrier
 
 
@@ -92,9 +93,10 @@ def _hash_share(paths: list, shown: dict, hashes: FileHashes, env: DistEnv):
 
 def prepare_audio(refs: list, cache_dir: str, codec_name: str, codec_revision, max_seconds: float,
                   env: DistEnv, num_workers: int = 2, quiet: bool = False,
-                  audio: AudioConditioning = None) -> Prepared:
+                  audio: AudioConditioning = None, phases: Phases | None = None) -> Prepared:
     """Codes for every audio file in ``refs`` (AudioRef, duplicates allowed), from the cache or encoded;
-    ``audio`` is data.audio (default: no conditioning)."""
+    ``audio`` is data.audio (default: no conditioning); ``phases`` times the steps of a start-up."""
+    phases = phases or Phases()
     t0 = time.perf_counter()
     audio = audio or AudioConditioning()
     shown = {}
@@ -110,8 +112,10 @@ def prepare_audio(refs: list, cache_dir: str, codec_name: str, codec_revision, m
         hashes.new.update(new)
     if env.is_main:
         hashes.save()
+    phases.mark("file hashes")
 
     cache = CodeCache(cache_dir, cache_identity(codec_name, codec_revision, audio))
+    phases.mark("code cache index")
     rep = {key: path for path, key in sorted(keys.items()) if key not in cache}  # one file per new content
     todo = sorted(rep.items())
     encoded_seconds, failed, t_enc = 0.0, {}, time.perf_counter()
@@ -131,6 +135,8 @@ def prepare_audio(refs: list, cache_dir: str, codec_name: str, codec_revision, m
         if env.is_main:
             cache.write_index()
     t_enc = time.perf_counter() - t_enc
+    if todo:
+        phases.mark("encode")
 
     usable = {path: key for path, key in keys.items() if path not in problems}
     after = " after trimming silence" if audio.trim_silence else ""
@@ -144,6 +150,7 @@ def prepare_audio(refs: list, cache_dir: str, codec_name: str, codec_revision, m
     out.codes = {p: loaded[k] for p, k in usable.items()}
     out.seconds = {p: cache.seconds(k) for p, k in usable.items()}
     out.problems = problems
+    phases.mark("code cache load")
     out.stats = {
         "files": len(paths), "distinct": len(set(keys.values())) + len(problems.keys() - keys.keys()), "cached": sum(1 for p, k in keys.items() if k not in rep),
         "encoded": len(todo) - len(failed), "failed": len(problems),

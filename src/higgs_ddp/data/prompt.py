@@ -50,19 +50,30 @@ class Sample:
     sample_id: str = ""
 
 
-def tokenize_chatml(tokenizer, chatml: ChatMLSample, codes: list, sample_id: str = "") -> Sample:
-    """Any ChatML conversation; ``codes`` holds one (C, T) array per audio content, in order."""
+def chatml_ids(tokenizer, chatml: ChatMLSample, sample_id: str = "") -> tuple[list, list, int]:
+    """-> (input ids, label ids, number of audio contents): the prompt's tokens, as boson_multimodal
+    builds them; each audio content is one <|AUDIO|> / <|AUDIO_OUT|> token."""
     input_tokens, label_tokens, audio_contents, _ = prepare_chatml_sample(chatml, tokenizer)
     if input_tokens is None:  # prepare_chatml_sample prints and returns None on failure
         raise ValueError(f"sample {sample_id}: boson_multimodal could not build the ChatML prompt")
-    if len(codes) != len(audio_contents):
-        raise ValueError(f"sample {sample_id}: {len(audio_contents)} audio contents, {len(codes)} code arrays")
+    return input_tokens, label_tokens, len(audio_contents)
+
+
+def tokenize_chatml(tokenizer, chatml: ChatMLSample, codes: list, sample_id: str = "") -> Sample:
+    """Any ChatML conversation; ``codes`` holds one (C, T) array per audio content, in order."""
+    input_tokens, label_tokens, n_audio = chatml_ids(tokenizer, chatml, sample_id)
+    check_audio_count(n_audio, len(codes), sample_id)
     return Sample(
         input_ids=torch.tensor(input_tokens, dtype=torch.long),
         label_ids=torch.tensor(label_tokens, dtype=torch.long),
         audio_codes=[torch.as_tensor(c).long() for c in codes],
         sample_id=sample_id,
     )
+
+
+def check_audio_count(n_audio: int, n_codes: int, sample_id: str) -> None:
+    if n_codes != n_audio:
+        raise ValueError(f"sample {sample_id}: {n_audio} audio contents, {n_codes} code arrays")
 
 
 def tokenize_sample(tokenizer, text: str, target_codes: torch.Tensor, scene: Optional[str] = None,
