@@ -108,11 +108,14 @@ class TokenCache:
         shard = {"input_ids": np.concatenate(ids), "label_ids": np.concatenate(labels), "offsets": offsets,
                  "audio": np.asarray(audio, dtype=np.int32), "keys": np.stack(keys)}
         if self.dir is not None:
-            self.dir.mkdir(parents=True, exist_ok=True)
             name = f"part-{uuid.uuid4().hex}.safetensors"
             tmp = self.dir / f".{name}.tmp"
-            save_file(shard, str(tmp))
-            os.replace(tmp, self.dir / name)  # a shard exists whole or not at all
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                save_file(shard, str(tmp))
+                os.replace(tmp, self.dir / name)  # a shard exists whole or not at all
+            except OSError:  # a read-only data folder: kept in memory only (the other ranks tokenize it too)
+                tmp.unlink(missing_ok=True)
         s = len(self.shards)
         self.shards.append(shard)
         self.index.update((bytes(k), (s, i)) for i, k in enumerate(keys))

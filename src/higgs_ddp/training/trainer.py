@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,7 @@ class Trainer:
             problems = check_prompts(cfg)  # now, not hours later at the first sample
             if problems:
                 raise ConfigError("; ".join(problems))
+        t_plan = time.perf_counter()
         if cfg.data.max_tokens_per_batch:
             self.sampler = TokenBudgetBatchSampler(self.dataset.lengths, cfg.data.max_tokens_per_batch,
                                                    t.grad_accum_steps, env.rank, env.world_size, t.seed,
@@ -81,6 +83,7 @@ class Trainer:
         else:
             self.sampler = StepBatchSampler(len(self.dataset), t.micro_batch_size, t.grad_accum_steps, env.rank,
                                             env.world_size, t.seed, cfg.data.shuffle)
+        self.data.report.setdefault("startup_seconds", {})["batching plan"] = time.perf_counter() - t_plan
         self.model.to(env.device)
         self.model.train()
         self.collator = HiggsCollator.for_model(mc)  # workers build CPU batches; pinned, then copied

@@ -2,6 +2,7 @@
 against the transformers.Trainer loop of the public Higgs trainers, side by side in one process.
 
     higgs-ddp bench --config configs/bench_3b.yaml [dotted.key=value ...]
+    higgs-ddp bench --nproc-per-node 2 --config configs/bench_data_scale.yaml --data-scale 100000   # data_scale.py
     make bench [BENCH_CONFIG=...] [ARGS="bench.seq_len=4096 train.activation_checkpointing=true"]
 
 The last line printed is one JSON object (see BENCHMARKS.md for every field and the FLOPs convention):
@@ -224,11 +225,21 @@ def main(argv=None) -> int:
     parser.add_argument("--table", metavar="JSONL", help="print BENCHMARKS.md rows for saved result lines")
     parser.add_argument("--memory-table", action="store_true",
                         help="print the config's model state per GPU (GB, arithmetic) by mode, strategy and GPU count")
+    parser.add_argument("--data-scale", type=int, metavar="N",
+                        help="instead: start-up to the first step on a synthetic corpus of N cached clips "
+                             "(cold and warm; see data_scale.py)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. bench.seq_len=4096")
     args = parser.parse_args(argv)
     if args.table:
-        print(table_rows([line for line in open(args.table, encoding="utf-8") if line.strip()]))
+        from higgs_ddp.tools.bench import data_scale
+
+        lines = [json.loads(line) for line in open(args.table, encoding="utf-8") if line.strip()]
+        scale = [r for r in lines if "data_scale" in r]
+        print(table_rows([json.dumps(r) for r in lines if "data_scale" not in r]) if len(scale) < len(lines)
+              else data_scale.table_rows(scale))
         return 0
+    if args.data_scale is not None and args.data_scale < 8:
+        parser.error("--data-scale needs at least 8 clips")
     if not args.config:
         parser.error("--config is required")
     try:
@@ -244,8 +255,14 @@ def main(argv=None) -> int:
         print(table(cfg, model_config(cfg, tokenizer)))
         return 0
     env = setup_distributed()
+    source = " ".join([args.config, *args.overrides])
     try:
-        result = run(cfg, env, " ".join([args.config, *args.overrides]))
+        if args.data_scale is not None:
+            from higgs_ddp.tools.bench import data_scale
+
+            result = data_scale.run(cfg, env, args.data_scale, f"{source} --data-scale {args.data_scale}")
+        else:
+            result = run(cfg, env, source)
     finally:
         cleanup()
     if env.is_main:
