@@ -79,15 +79,19 @@ def cache_identity(codec_name: str, codec_revision, audio: AudioConditioning) ->
 
 
 def _hash_share(paths: list, shown: dict, hashes: FileHashes, env: DistEnv):
-    keys, problems = {}, {}
+    """-> (this rank's share's content hashes, None where it has a problem; {path: problem}). Hashes go by
+    position in the share, not by path: pickling 100k Paths to gather them costs more than finding them."""
+    keys, problems = [], {}
     for path in paths[env.rank::env.world_size]:
+        key = None
         try:
             check_path(path, shown[path])
-            keys[path] = hashes.get(path)
+            key = hashes.get(path)
         except AudioProblem as e:
             problems[path] = (e.reason, str(e))
         except OSError as e:
             problems[path] = ("audio_unreadable", f"audio {shown[path]} cannot be read ({e.strerror})")
+        keys.append(key)
     return keys, problems
 
 
@@ -106,8 +110,8 @@ def prepare_audio(refs: list, cache_dir: str, codec_name: str, codec_revision, m
     out = Prepared()
     hashes = FileHashes(cache_dir)
     keys, problems = {}, {}
-    for k, p, new in all_gather_objects(_hash_share(paths, shown, hashes, env) + (hashes.new,)):
-        keys.update(k)
+    for rank, (k, p, new) in enumerate(all_gather_objects(_hash_share(paths, shown, hashes, env) + (hashes.new,))):
+        keys.update((path, key) for path, key in zip(paths[rank::env.world_size], k) if key is not None)
         problems.update(p)
         hashes.new.update(new)
     if env.is_main:
