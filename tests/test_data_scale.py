@@ -131,3 +131,17 @@ def test_data_scale_benchmark_two_ranks(tmp_path):
                            capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert table.stdout.count("\n| 24 |") + table.stdout.startswith("| 24 |") == 2, table.stdout
     shutil.rmtree(out)
+
+
+def test_manifest_paths_resolve_as_path_resolve_does(tmp_path):
+    """Folders are resolved once per manifest; a path still ends where Path.resolve takes it, links included."""
+    from higgs_ddp.data.manifest import _Resolver
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "a.wav").write_bytes(b"x")
+    (tmp_path / "linked").symlink_to(tmp_path / "real")
+    (tmp_path / "real" / "b.wav").symlink_to(tmp_path / "real" / "a.wav")
+    resolve = _Resolver(tmp_path, None)
+    for rel in ("real/a.wav", "linked/a.wav", "real/b.wav", "linked/b.wav", "real/../real/a.wav", "a.wav",
+                "missing/c.wav", "real/..", "./real/a.wav"):
+        assert resolve.resolve(rel) == (tmp_path / rel).resolve(), rel

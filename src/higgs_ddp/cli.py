@@ -36,8 +36,8 @@ COMMANDS = {
     "export": Command("higgs_ddp.tools.export:main", "a checkpoint's weights as an adapter, tensors or a merged model"),
     "doctor": Command("higgs_ddp.tools.doctor:main", "check a config, its data, the machine and the resume before a run"),
     "plot": Command("higgs_ddp.tools.plot:main", "a run's curves (losses, validation, accuracy, lr, speed) as a PNG"),
-    "bench": Command("higgs_ddp.tools.bench.benchmark:main", "time training steps on synthetic data (last line JSON)",
-                     True),
+    "bench": Command("higgs_ddp.tools.bench.benchmark:main",
+                     "time training steps, or the start-up on N cached clips, on synthetic data (last line JSON)", True),
     "manifest": Command("higgs_ddp.tools.manifest_cmd:main",
                         "import a corpus (LJSpeech, LibriTTS, VCTK, CSV, ...) as a manifest; a manifest's stats"),
     "smoke": Command("higgs_ddp.tools.smoke:main", "the real architecture end to end on a CPU: build, load, train, "
