@@ -3,6 +3,7 @@ against the transformers.Trainer loop of the public Higgs trainers, side by side
 
     higgs-ddp bench --config configs/bench_3b.yaml [dotted.key=value ...]
     higgs-ddp bench --nproc-per-node 2 --config configs/bench_data_scale.yaml --data-scale 100000   # data_scale.py
+    higgs-ddp bench --nproc-per-node 2 --config configs/tiny.yaml --data-peer 48                    # peer_data.py
     make bench [BENCH_CONFIG=...] [ARGS="bench.seq_len=4096 train.activation_checkpointing=true"]
 
 The last line printed is one JSON object (see BENCHMARKS.md for every field and the FLOPs convention):
@@ -228,15 +229,22 @@ def main(argv=None) -> int:
     parser.add_argument("--data-scale", type=int, metavar="N",
                         help="instead: start-up to the first step on a synthetic corpus of N cached clips "
                              "(cold and warm; see data_scale.py)")
+    parser.add_argument("--data-peer", type=int, metavar="N",
+                        help="instead: samples/s end to end on N WAV clips, ours (encoded once) against the "
+                             "peers' codec in __getitem__ (see peer_data.py)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. bench.seq_len=4096")
     args = parser.parse_args(argv)
     if args.table:
-        from higgs_ddp.tools.bench import data_scale
+        from higgs_ddp.tools.bench import data_scale, peer_data
 
         lines = [json.loads(line) for line in open(args.table, encoding="utf-8") if line.strip()]
-        scale = [r for r in lines if "data_scale" in r]
-        print(table_rows([json.dumps(r) for r in lines if "data_scale" not in r]) if len(scale) < len(lines)
-              else data_scale.table_rows(scale))
+        kinds = ((data_scale.table_rows, "data_scale"), (peer_data.table_rows, "data_peer"))
+        for rows, key in kinds:
+            if any(key in r for r in lines):
+                print(rows([r for r in lines if key in r]))
+        plain = [json.dumps(r) for r in lines if not any(key in r for _, key in kinds)]
+        if plain:
+            print(table_rows(plain))
         return 0
     if args.data_scale is not None and args.data_scale < 8:
         parser.error("--data-scale needs at least 8 clips")
@@ -261,6 +269,10 @@ def main(argv=None) -> int:
             from higgs_ddp.tools.bench import data_scale
 
             result = data_scale.run(cfg, env, args.data_scale, f"{source} --data-scale {args.data_scale}")
+        elif args.data_peer is not None:
+            from higgs_ddp.tools.bench import peer_data
+
+            result = peer_data.run(cfg, env, args.data_peer, f"{source} --data-peer {args.data_peer}")
         else:
             result = run(cfg, env, source)
     finally:
