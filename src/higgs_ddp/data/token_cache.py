@@ -10,8 +10,8 @@ The folder's key hashes the tokenizer as a whole (its serialized vocabulary, mer
 pre-tokenizer and post-processor, its added and special tokens), the version of boson_multimodal that
 builds the prompt, and FORMAT. An entry's key hashes its ChatML conversation: roles, texts, the system
 prompt and scene, where the audio sits. A changed tokenizer, system prompt or transcript is therefore
-tokenized again, never served stale. Tokenizing is ~90 % of a cold start (measured: 10k clips, 12 of
-13.5 s), so on a cold start each rank tokenizes a share and writes it as a shard (whole, then renamed),
+tokenized again, never served stale. Tokenizing is most of a cold start (measured: 10k clips, 18.8 of
+25.8 s in one process), so on a cold start each rank tokenizes a share and writes it as a shard (whole, then renamed),
 and every rank then reads all of them.
 """
 
