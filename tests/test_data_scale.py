@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import pytest
 from conftest import QUIET, ROOT, TINY, TORCHRUN_ENV
 
@@ -145,3 +146,26 @@ def test_manifest_paths_resolve_as_path_resolve_does(tmp_path):
     for rel in ("real/a.wav", "linked/a.wav", "real/b.wav", "linked/b.wav", "real/../real/a.wav", "a.wav",
                 "missing/c.wav", "real/..", "./real/a.wav"):
         assert resolve.resolve(rel) == (tmp_path / rel).resolve(), rel
+
+
+@pytest.mark.slow
+def test_peer_data_mode_trains_on_the_samples_we_do(tmp_path, tokenizer):
+    """The benchmark's peer Dataset (the codec in __getitem__) yields, clip for clip, the samples our cached
+    path yields: the side-by-side times the same work."""
+    from higgs_ddp.data.codec import load_codec
+    from higgs_ddp.data.manifest import read_manifest
+    from higgs_ddp.tools.bench.peer_data import EncodeOnFetch
+    from higgs_ddp.tools.demo_data import write_demo_corpus
+
+    manifest = write_demo_corpus(tmp_path / "wavs", samples=4, with_reference_every=2, audio=True)
+    cfg = load_config(str(TINY), [*QUIET, f"output_dir={tmp_path / 'run'}", f"data.manifest={manifest}",
+                                  f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0"])
+    data = load(cfg, tokenizer)
+    entries = {e.id: e for e in read_manifest(str(manifest))[0]}
+    peer = EncodeOnFetch(data.train, entries, load_codec("tiny", None), tokenizer, cfg.data.max_audio_seconds)
+    assert len(peer) == len(data.train) == 4
+    for i, r in enumerate(data.train):
+        theirs, ours = peer[i], r.sample()
+        assert torch.equal(theirs.input_ids, ours.input_ids) and torch.equal(theirs.label_ids, ours.label_ids)
+        assert len(theirs.audio_codes) == len(ours.audio_codes) == (2 if i % 2 == 0 else 1)
+        assert all(torch.equal(a, b) for a, b in zip(theirs.audio_codes, ours.audio_codes))

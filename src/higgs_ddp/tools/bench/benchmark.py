@@ -233,7 +233,7 @@ def main(argv=None) -> int:
                         help="instead: samples/s end to end on N WAV clips, ours (encoded once) against the "
                              "peers' codec in __getitem__ (see peer_data.py)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. bench.seq_len=4096")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before or after --data-scale N
     if args.table:
         from higgs_ddp.tools.bench import data_scale, peer_data
 
