@@ -10,6 +10,8 @@ RESTARTS ?= 0
 WHEELS ?= wheels
 PYVER  ?= 3.12
 
+# make demo: 2 processes, or 1 on a machine with a single GPU (one process per GPU)
+DEMO_PROCS ?= $(shell [ "$$(nvidia-smi -L 2>/dev/null | wc -l)" = 1 ] && echo 1 || echo 2)
 # make bench: the full 3B architecture where a GPU is visible, the tiny model otherwise
 BENCH_CONFIG ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo configs/bench_3b.yaml || echo configs/bench_tiny.yaml)
 
@@ -31,7 +33,7 @@ install-offline:  ## on such a GPU machine: .venv from wheels/ over its own torc
 
 demo: demo-data  ## tiny random HiggsAudioModel, 2 CPU processes: LJSpeech-style WAVs -> import -> tiny codec -> training -> speak
 	rm -rf runs/tiny/checkpoints runs/tiny/tensorboard runs/tiny/samples  # a demo starts over; a real run resumes
-	$(VENV)/bin/higgs-ddp train --nproc-per-node 2 --config configs/tiny.yaml $(ARGS)
+	$(VENV)/bin/higgs-ddp train --nproc-per-node $(DEMO_PROCS) --config configs/tiny.yaml $(ARGS)
 	$(VENV)/bin/higgs-ddp plot runs/tiny
 	$(VENV)/bin/higgs-ddp speak --model runs/tiny --text "the quick brown fox. seven dog jumps." --max-audio-seconds 2 --out runs/tiny/speak.wav
 

@@ -149,3 +149,18 @@ def test_peak_gpu_memory_is_logged(tmp_path):
     assert len(memory) == 4 and all(0 < m <= torch.cuda.get_device_properties(0).total_memory / 1e9 for m in memory)
     assert memory == sorted(memory)  # a peak since the start: it never goes down
     assert memory[-1] <= torch.cuda.max_memory_allocated(0) / 1e9  # this process's peak includes the run's
+
+
+def test_more_ranks_per_node_than_gpus_is_one_line(tmp_path):
+    """make demo starts 2 ranks; on a 1-GPU machine rank 1 would ask for cuda:1. Every rank refuses first, and
+    the run ends with the one line that says what to start instead."""
+    from conftest import TINY, TORCHRUN_ENV
+
+    env = {**TORCHRUN_ENV, "CUDA_VISIBLE_DEVICES": "0"}  # one GPU visible, two ranks asked for
+    proc = subprocess.run([sys.executable, "-m", "higgs_ddp", "train", "--nproc-per-node", "2", "--config", str(TINY),
+                           f"output_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.rstrip().splitlines()[-1] == ("higgs-ddp: error: 2 processes per node but 1 GPU(s) visible: "
+                                                     "start one per GPU (--nproc-per-node 1), or make more GPUs "
+                                                     "visible (CUDA_VISIBLE_DEVICES)")

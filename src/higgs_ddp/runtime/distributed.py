@@ -37,6 +37,14 @@ def setup_distributed(timeout_minutes: int = 30) -> DistEnv:
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
+        # More ranks on a node than GPUs: rank N would ask for cuda:N and fail deep inside CUDA. Every local
+        # rank sees the same counts, so rank 0 reports it too (only rank 0 prints a config error).
+        per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1)), torch.cuda.device_count()
+        if per_node > gpus:
+            from higgs_ddp.config import ConfigError
+
+            raise ConfigError(f"{per_node} processes per node but {gpus} GPU(s) visible: start one per GPU "
+                              f"(--nproc-per-node {gpus}), or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
         torch.cuda.set_device(local)
         device, backend = torch.device("cuda", local), "nccl"
     else:
