@@ -23,6 +23,10 @@ setup(
         "pyloudnorm==0.2.0",  # data.audio.loudness_lufs: ITU-R BS.1770 loudness
         "matplotlib",  # python -m higgs_ddp.plot
         "tensorboard",  # logging.tensorboard
+        # eval.asr_model: WER/CER as Seed-TTS-eval scores it (jiwer; zhon's CJK punctuation; zhconv for zh)
+        "jiwer>=4,<5",
+        "zhon>=2",
+        "zhconv>=1.4",
     ],
     extras_require={"test": ["pytest>=8"]},
     entry_points={"console_scripts": ["higgs-ddp = higgs_ddp.cli:console"]},

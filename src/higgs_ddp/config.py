@@ -277,13 +277,42 @@ class EvalConfig(Section):
                                       note="generation needs a length limit; 0 is not 'no limit' here")
     temperature: float = ranged(0.7, 0, note="0: greedy")
     seed: int = 0  # generation seed: the same prompt gives comparable samples from step to step
+    # Scores of the listening samples (evaluation/scoring.py); weights from a folder or the Hugging Face cache,
+    # never downloaded during a run. Whisper (transformers' classes) for WER/CER, e.g. openai/whisper-large-v3:
+    asr_model: Optional[str] = None
+    # a WavLMForXVector speaker-verification model for speaker similarity, e.g. microsoft/wavlm-base-plus-sv:
+    speaker_model: Optional[str] = None
+    language: str = "en"  # of the prompts without their own "language" (zh, ja, ...: CER instead of WER)
+    # keep {output_dir}/best/ (final/'s formats) at the best value so far of this metric ("none": no best/)
+    best_by: str = choice("none", "val_loss", "wer", "speaker_sim")
+    # stop a run whose eval.best_by metric has not improved for this many evaluations in a row
+    early_stop_patience: int = ranged(0, 0, note="0: never stop early")
+
+    PROMPT_KEYS = ("text", "reference_audio", "reference_text", "speaker_audio", "language")
 
     def check_rules(self) -> None:
         for i, prompt in enumerate(self.prompts):
             if not isinstance(prompt, dict) or not isinstance(prompt.get("text"), str) or not prompt["text"].strip() \
-                    or set(prompt) - {"text", "reference_audio", "reference_text"}:
+                    or set(prompt) - set(self.PROMPT_KEYS):
                 raise ConfigError(f"eval.prompts[{i}] must be a mapping with a non-empty text and optionally "
-                                  f"reference_audio and reference_text, got {prompt!r}")
+                                  f"reference_audio, reference_text, speaker_audio (a clip of the voice it should "
+                                  f"have) and language, got {prompt!r}")
+        if not isinstance(self.language, str) or not self.language.strip():
+            raise ConfigError(f"config key 'eval.language' must be a language code such as en or zh, "
+                              f"got {self.language!r}")
+        needs = {"wer": ("asr_model", "an ASR model"), "speaker_sim": ("speaker_model", "a speaker model")}
+        if self.best_by in needs:
+            key, what = needs[self.best_by]
+            if not getattr(self, key):
+                raise ConfigError(f"eval.best_by={self.best_by} needs {what}: set eval.{key}")
+            if not self.prompts:
+                raise ConfigError(f"eval.best_by={self.best_by} scores the listening samples: set eval.prompts")
+        if self.best_by == "speaker_sim" and not any(p.get("speaker_audio") or p.get("reference_audio")
+                                                     for p in self.prompts):
+            raise ConfigError("eval.best_by=speaker_sim needs a prompt with a reference_audio or speaker_audio "
+                              "(the voice to compare with)")
+        if self.early_stop_patience and self.best_by == "none":
+            raise ConfigError("eval.early_stop_patience needs a metric to watch: set eval.best_by")
 
 
 @dataclass

@@ -58,9 +58,11 @@ def train(cfg: Config) -> dict:
             log = RunLog(cfg.output_dir, start, cfg.logging.tensorboard) if env.is_main else None
             bar = tqdm(total=t.max_steps, initial=start, disable=not env.is_main, dynamic_ncols=True, desc="train")
             batches = trainer.batches()
-            last, val, signum, t_start = {}, {}, 0, time.perf_counter()
+            last, val, heard, signum, t_start = {}, {}, {}, 0, time.perf_counter()
             done = saved = start  # steps trained; the last one with a checkpoint (start's was loaded, or none)
             for step in range(start + 1, t.max_steps + 1):  # train
+                if trainer.tracker.exhausted:  # eval.early_stop_patience (identical on every rank)
+                    break
                 t0 = time.perf_counter()
                 micro = next_micro_batches(batches, t.grad_accum_steps, stop)
                 # Every rank, every step, before the step's collectives: they all stop before the same step,
@@ -78,14 +80,15 @@ def train(cfg: Config) -> dict:
                         "text_targets": r.text_targets, "audio_targets": r.audio_targets,
                         "tokens_per_s": r.tokens / dt, "step_time_s": dt, "skipped": r.skipped,
                         "skipped_steps": trainer.skipped_steps, **trainer.memory()}
-                val = between_steps(trainer, log, step) or val  # validation, listening samples
+                evaluated = between_steps(trainer, log, step)  # validation, listening samples, best/
+                val, heard = evaluated["val"] or val, evaluated["samples"] or heard
                 if env.is_main:
                     log.train(last, write=step % t.log_every == 0 or step == t.max_steps)
                     if r.skipped:
                         tqdm.write(f"step {step}: non-finite loss or gradient, step skipped "
                                    f"({trainer.skipped_steps} so far)")
                     bar.set_postfix(loss=f"{r.loss:.3f}", text=f"{r.text_loss:.3f}", audio=f"{r.audio_loss:.3f}",
-                                    **({"val": f"{val['loss']:.3f}"} if val else {}),
+                                    **({"val": f"{val['loss']:.3f}"} if val else {}), **progress_of(heard),
                                     lr=f"{lr:.2e}", tok_s=f"{r.tokens / dt:,.0f}")
                     bar.update(1)
                 if t.save_every and step % t.save_every == 0 and step < t.max_steps:
@@ -104,11 +107,21 @@ def train(cfg: Config) -> dict:
             else:
                 final = trainer.save_final()  # save
                 if env.is_main:
-                    write_status(cfg.output_dir, "finished", t.max_steps)
-                    done_note = f"final loss {last['loss']:.4f}" if last else f"already finished at step {start}"
+                    early = trainer.tracker.exhausted
+                    write_status(cfg.output_dir, "finished", done if early else t.max_steps,
+                                 **({"early_stop": trainer.tracker.state_dict()} if early else {}))
+                    if early:
+                        print(f"early stop after step {done}: eval.best_by={trainer.tracker.metric} has not improved "
+                              f"for eval.early_stop_patience={cfg.eval.early_stop_patience} "
+                              f"evaluations; {trainer.tracker.describe()} (weights in "
+                              f"{Path(cfg.output_dir) / 'best'})", flush=True)
+                    done_note = f"final loss {last['loss']:.4f}" if last else f"already finished at step {done}"
                     print(f"done: {done_note}; weights in {final}", flush=True)
             if env.is_main:
-                print(log.summary(done - start, time.perf_counter() - t_start, None if signum else final), flush=True)
+                tracker = trainer.tracker
+                best = (tracker.describe(), Path(cfg.output_dir) / "best") if tracker.best is not None else None
+                print(log.summary(done - start, time.perf_counter() - t_start, None if signum else final, best),
+                      flush=True)
             barrier()  # tearing down gloo while a peer is still saving aborts that peer
             return last
         except BaseException as e:  # a crash must not leave status.json saying "running"
@@ -147,16 +160,17 @@ def save(trainer, step: int) -> int:
 
 
 def between_steps(trainer, log, step: int) -> dict:
-    """Validation every ``eval.every`` steps and at the end, listening samples every ``eval.samples_every``
-    (both shared by all ranks). Neither touches the training RNG, so a run with them ends with the same
-    weights as one without."""
+    """Validation every ``eval.every`` steps and at the end, listening samples (with their detectors and
+    scores) every ``eval.samples_every`` (both shared by all ranks), and ``best/`` when ``eval.best_by``
+    improved. None of it touches the training RNG, so a run with them ends with the same weights as one
+    without. -> {"val": the validation row, "samples": the samples' summary} (rank 0; each {} when not run)."""
     from tqdm import tqdm
 
     from higgs_ddp.evaluation.validation import evaluate
 
     cfg, env = trainer.cfg, trainer.env
     e, last_step = cfg.eval, step == cfg.train.max_steps
-    val = {}
+    val, summary = {}, {}
     if len(trainer.val_dataset) and (last_step or (e.every and step % e.every == 0)):
         val = {"step": step, **evaluate(trainer)}
         if env.is_main:
@@ -164,21 +178,71 @@ def between_steps(trainer, log, step: int) -> dict:
             acc = ", ".join(f"{a:.2f}" for a in val["per_codebook_acc"])
             tqdm.write(f"step {step}: validation loss {val['loss']:.4f} (text {val['text_loss']:.4f}, "
                        f"audio {val['audio_loss']:.4f}; codebook accuracy {acc})")
+        if e.best_by == "val_loss":  # all-reduced: the same number on every rank
+            keep_best(trainer, step, val["loss"])
     every = e.samples_every or e.every
     if e.prompts and (last_step or (every and step % every == 0)):
-        from higgs_ddp.evaluation.listening import write_samples
+        from higgs_ddp.evaluation.detectors import warnings_for
+        from higgs_ddp.evaluation.listening import sample_summary, write_samples
+        from higgs_ddp.runtime.distributed import all_gather_objects
 
         results = write_samples(trainer.raw, trainer.tokenizer, lambda: trainer.codec, cfg, step,
                                 Path(cfg.output_dir) / "samples",
-                                lockstep=trainer.strategy.lockstep_generation(trainer.wrapped))
-        if not env.is_main:
-            return val
-        log.audio(step, results)
-        stuck = [r for r in results if r.hit_limit]
-        note = (f"; {len(stuck)} reached eval.max_audio_seconds without the stream EOS (a model that has not "
-                f"learned to stop)" if stuck else "")
-        tqdm.write(f"step {step}: {len(results)} listening samples in {Path(cfg.output_dir) / 'samples'}{note}")
-    return val
+                                lockstep=trainer.strategy.lockstep_generation(trainer.wrapped), scorer=trainer.scorer)
+        if env.is_main:
+            summary = {"step": step, **sample_summary(results)}
+            log.samples(summary)
+            log.audio(step, results)
+            tqdm.write(f"step {step}: {len(results)} listening samples in {Path(cfg.output_dir) / 'samples'}: "
+                       f"{describe_samples(summary)}")
+            for line in warnings_for(summary):
+                tqdm.write(f"step {step}: warning: {line}")
+        if e.best_by in ("wer", "speaker_sim"):  # rank 0 holds the scores: every rank decides on its number
+            keep_best(trainer, step, all_gather_objects(summary.get(e.best_by))[0])
+    return {"val": val, "samples": summary}
+
+
+def keep_best(trainer, step: int, value) -> None:
+    """One evaluation of eval.best_by: best/ rewritten when it improved (collective), the patience counted."""
+    from tqdm import tqdm
+
+    tracker = trainer.tracker
+    if tracker.update(step, value):
+        path = trainer.save_best(step)
+        if trainer.env.is_main:
+            tqdm.write(f"step {step}: new {tracker.describe()}; weights in {path}")
+    elif trainer.env.is_main and tracker.patience:
+        tqdm.write(f"step {step}: {tracker.metric} {value if value is None else f'{value:.4f}'}, no better than the "
+                   f"{tracker.describe()} ({tracker.since_best} of eval.early_stop_patience={tracker.patience})")
+
+
+def progress_of(heard: dict) -> dict:
+    """The last listening step on the progress line: samples that stopped by themselves, WER, similarity."""
+    if not heard:
+        return {}
+    out = {"stop": f"{heard['stopped_samples']}/{heard['samples']}"}
+    if heard["silent_samples"]:
+        out["silent"] = f"{heard['silent_samples']}/{heard['samples']}"
+    if heard.get("wer") is not None:
+        out["wer"] = f"{heard['wer']:.3f}"
+    if heard.get("speaker_sim") is not None:
+        out["sim"] = f"{heard['speaker_sim']:.3f}"
+    return out
+
+
+def describe_samples(s: dict) -> str:
+    """The progress line's account of one listening step."""
+    n = s["samples"]
+    rate = f"{s['chars_per_second']:.1f} chars/s" if s.get("chars_per_second") is not None else "no audio"
+    parts = [f"{s['seconds']:.1f} s on average", f"{s['stopped_samples']}/{n} stopped by themselves",
+             f"{s['silent_samples']}/{n} silent", rate]
+    if s["clipped_fraction"]:
+        parts.append(f"{s['clipped_fraction']:.2%} of samples clipped")
+    if s.get("wer") is not None:
+        parts.append(f"WER {s['wer']:.3f} (CER {s['cer']:.3f})")
+    if s.get("speaker_sim") is not None:
+        parts.append(f"speaker similarity {s['speaker_sim']:.3f}")
+    return ", ".join(parts)
 
 
 def user_errors() -> tuple:

@@ -46,6 +46,7 @@ import torch.distributed as dist
 from higgs_ddp.config import Config, EvalConfig, uses_bf16
 from higgs_ddp.data.audio import AudioProblem, read_audio, resample
 from higgs_ddp.data.prompt import build_chatml, tokenize_chatml
+from higgs_ddp.evaluation.detectors import ClipChecks, check_clip, summarize
 from higgs_ddp.runtime import precision
 
 STOP_STRINGS = ["<|end_of_text|>", "<|eot_id|>"]  # the engine's defaults
@@ -98,6 +99,8 @@ class SampleResult:
     #                         audio stops before the first frame holding one
     clipped: int = 0  # decoded samples beyond [-1, 1], clipped by the 16-bit WAV
     generate_seconds: float = 0.0  # wall time of the generation
+    checks: Optional[ClipChecks] = None  # duration, silence, stopped, speaking rate, clipping (detectors.py)
+    scores: Optional[dict] = None  # transcript, wer, cer, speaker_sim: the configured models' (scoring.py)
 
 
 @dataclass
@@ -373,7 +376,7 @@ def check_codec(raw_model, codec) -> None:
 
 
 def write_samples(raw_model, tokenizer, codec, cfg: Config, step: int, out_dir: Path,
-                  lockstep: Optional[contextlib.AbstractContextManager] = None) -> list[SampleResult]:
+                  lockstep: Optional[contextlib.AbstractContextManager] = None, scorer=None) -> list[SampleResult]:
     """Speak every ``cfg.eval.prompts`` entry; rank 0 writes ``out_dir/step_{step:06d}/sample_{i:02d}.wav`` and
     ``samples.json`` there and gets the results ([] elsewhere). A reference audio that cannot be used is a
     one-line ValueError naming it.
@@ -384,7 +387,10 @@ def write_samples(raw_model, tokenizer, codec, cfg: Config, step: int, out_dir: 
     ``codec`` may be a zero-argument callable: only ranks with a prompt to speak load it.
 
     ``lockstep`` (sharded weights, parallel.Strategy.generation): every rank speaks every prompt together,
-    inside that context; rank 0 alone decodes and writes."""
+    inside that context; rank 0 alone decodes and writes.
+
+    ``scorer`` (scoring.Scorer): each sample is also transcribed and its voice compared, by the rank that
+    decoded it (shared like generation; in lockstep rank 0 scores every sample), outside the training RNG."""
     import soundfile as sf
 
     from higgs_ddp.runtime.distributed import all_gather_objects
@@ -409,6 +415,9 @@ def write_samples(raw_model, tokenizer, codec, cfg: Config, step: int, out_dir: 
                                      prompts[i].get("reference_text"), ref_codes, lockstep=lockstep is not None,
                                      decode=lockstep is None or rank == 0, what=f"eval.prompts[{i}]")
                     mine[i] = got.wave, got.generated, got.generate_seconds
+            if scorer is not None and scorer.enabled:
+                scored = _score(raw_model, scorer, codec_info[0], prompts, mine)
+                mine = {i: (*got, scored.get(i)) for i, got in mine.items()}
         except (ValueError, RuntimeError) as e:
             caught = e
     sent = mine if lockstep is None or rank == 0 else {}  # in lockstep rank 0 holds every prompt already
@@ -426,12 +435,13 @@ def write_samples(raw_model, tokenizer, codec, cfg: Config, step: int, out_dir: 
     folder.mkdir(parents=True, exist_ok=True)
     results = []
     for i, prompt in enumerate(prompts):
-        wave, gen, elapsed = spoken[i]
+        wave, gen, elapsed, *scores = spoken[i]
         path = folder / f"sample_{i:02d}.wav"
+        checks = check_clip(wave, sample_rate, prompt["text"], gen.hit_limit)  # before the WAV clips it
         sf.write(str(path), wave, sample_rate, subtype="PCM_16")  # libsndfile clips to [-1, 1]
         results.append(SampleResult(prompt["text"], path, len(wave) / sample_rate, int(gen.codes.shape[1]),
                                     gen.hit_limit, prompt.get("reference_audio"), gen.invalid_codes,
-                                    int((np.abs(wave) > 1.0).sum()), elapsed))
+                                    int((np.abs(wave) > 1.0).sum()), elapsed, checks, scores[0] if scores else None))
     record = {
         "step": step, "sample_rate": sample_rate, "frame_rate": frame_rate,
         "max_audio_seconds": cfg.eval.max_audio_seconds, "temperature": cfg.eval.temperature, "seed": cfg.eval.seed,
@@ -439,9 +449,28 @@ def write_samples(raw_model, tokenizer, codec, cfg: Config, step: int, out_dir: 
                      "reference_text": cfg.eval.prompts[i].get("reference_text"),
                      "path": r.path.name, "seconds": round(r.seconds, 4), "frames": r.frames,
                      "hit_limit": r.hit_limit, "invalid_codes": r.invalid_codes, "clipped": r.clipped,
-                     "generate_seconds": round(r.generate_seconds, 3)} for i, r in enumerate(results)],
+                     "generate_seconds": round(r.generate_seconds, 3), **r.checks.as_dict(), **(r.scores or {})}
+                    for i, r in enumerate(results)],
+        "summary": sample_summary(results),
     }
     tmp = folder / "samples.json.tmp"
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(folder / "samples.json")
     return results
+
+
+def _score(raw_model, scorer, sample_rate: int, prompts: list, spoken: dict) -> dict:
+    """{prompt index: scores} for the decoded samples in ``spoken``; the training RNG is left as it was."""
+    device = next(raw_model.parameters()).device
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.inference_mode():
+        return {i: scorer.score(wave, sample_rate, prompts[i]) for i, (wave, *_) in spoken.items()
+                if wave is not None}
+
+
+def sample_summary(results: list[SampleResult]) -> dict:
+    """One step's samples in a few numbers: the detectors' summary and the mean model scores."""
+    from higgs_ddp.evaluation.scoring import mean_scores
+
+    return {**summarize([r.checks for r in results]), **mean_scores([r.scores or {} for r in results])}

@@ -98,6 +98,17 @@ class RunLog:
                 self.tb.add_scalar(f"val_codebook/loss_{k}", loss, row["step"])
                 self.tb.add_scalar(f"val_codebook/acc_{k}", acc, row["step"])
 
+    SAMPLE_SCALARS = ("seconds", "silence_fraction", "silent_samples", "stopped_samples", "chars_per_second",
+                      "clipped_fraction", "wer", "cer", "speaker_sim")
+
+    def samples(self, row: dict) -> None:
+        """A listening step's summary (evaluation/listening.sample_summary): a ``split: samples`` row."""
+        self.metrics.write({"split": "samples", **row})
+        if self.tb:
+            for key in self.SAMPLE_SCALARS:
+                if row.get(key) is not None:
+                    self.tb.add_scalar(f"samples/{key}", row[key], row["step"])
+
     def audio(self, step: int, results: list) -> None:
         if not self.tb:
             return
@@ -110,7 +121,8 @@ class RunLog:
                 continue
             self.tb.add_audio(f"samples/{i:02d}", torch.from_numpy(wav[:, 0]), step, sample_rate=rate)
 
-    def summary(self, steps: int, seconds: float, final: Path | None) -> str:
+    def summary(self, steps: int, seconds: float, final: Path | None, best: tuple | None = None) -> str:
+        """``best``: (what eval.best_by kept, its folder), if anything."""
         d = self.dir
         best = (f"best validation loss {self.best_val:.4f} at step {self.best_val_step}"
                 if self.best_val_step is not None else "no validation")
@@ -122,6 +134,8 @@ class RunLog:
         rows.append(("checkpoints", f"{d / 'checkpoints'}"))
         if final is not None:
             rows.append(("weights", f"{final}"))
+        if best is not None:
+            rows.append(("best", f"{best[1]}   ({best[0]})"))
         return (f"summary: {steps} steps in {seconds / 60:.1f} min, {self.tokens:,} positions trained on; {best}\n"
                 + "\n".join(f"  {k:<11} {v}" for k, v in rows))
 

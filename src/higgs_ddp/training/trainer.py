@@ -22,7 +22,8 @@ from higgs_ddp.dual_loss import compute_dual_loss
 from higgs_ddp.model import HiggsForward, build_for_training, load_tokenizer, model_config, text_head, unwrap
 from higgs_ddp.runtime import precision
 from higgs_ddp.runtime.distributed import DistEnv, all_reduce_sum
-from higgs_ddp.training.checkpoint import check_resumable, load_checkpoint, save_checkpoint
+from higgs_ddp.training.best import BestTracker
+from higgs_ddp.training.checkpoint import _fsync_tree, check_resumable, load_checkpoint, save_checkpoint
 from higgs_ddp.training.memory_plan import check_memory
 from higgs_ddp.training.optim import build_optimizer, build_scheduler
 from higgs_ddp.training.parallel import build_strategy
@@ -75,6 +76,14 @@ class Trainer:
             problems = check_prompts(cfg)  # now, not hours later at the first sample
             if problems:
                 raise ConfigError("; ".join(problems))
+        from higgs_ddp.evaluation.scoring import Scorer, check_models
+        problems = check_models(cfg)  # every rank, at start: ASR and speaker weights are never downloaded
+        if problems:
+            raise ConfigError("; ".join(problems))
+        self.scorer = Scorer(cfg, env.device) if cfg.eval.prompts else None  # loads the models at first use
+        if cfg.eval.best_by == "val_loss" and not len(self.val_dataset):
+            raise ConfigError("eval.best_by=val_loss needs a validation set: data.val_manifest or data.val_fraction")
+        self.tracker = BestTracker(cfg.eval.best_by, cfg.eval.early_stop_patience)
         t_plan = time.perf_counter()
         if cfg.data.max_tokens_per_batch:
             self.sampler = TokenBudgetBatchSampler(self.dataset.lengths, cfg.data.max_tokens_per_batch,
@@ -155,7 +164,8 @@ class Trainer:
         epoch, micro = self.sampler.position(step)
         state = {"data": {**self.data_fingerprint, "epoch": epoch, "micro_batches_into_epoch": micro},
                  "counters": {"bad_in_row": self.bad_in_row, "skipped_steps": self.skipped_steps,
-                              "alignment": self.alignment, "verified": self.verified}}
+                              "alignment": self.alignment, "verified": self.verified},
+                 "best": self.tracker.state_dict()}
         return save_checkpoint(self.cfg.output_dir, step, model=self.model, named_params=self.named_params,
                                optimizer=self.optimizer, scheduler=self.scheduler, state=state,
                                config=self.cfg.to_dict(), env=self.env, keep_last=self.cfg.train.keep_last)
@@ -182,6 +192,9 @@ class Trainer:
         c = state["counters"]
         self.bad_in_row, self.skipped_steps = c["bad_in_row"], c["skipped_steps"]
         self.alignment, self.verified = c["alignment"], c["verified"]
+        note = self.tracker.load_state_dict(state.get("best"))
+        if note and self.env.is_main:
+            print(f"resume: {note}", flush=True)
         return step
 
     def run_card(self) -> str:
@@ -284,18 +297,41 @@ class Trainer:
     def save_final(self) -> Path:
         """The trained tensors, whole, in the formats export and the inference engine read. Collective: with
         sharded weights every rank takes part in gathering them to rank 0, one tensor at a time."""
-        out = Path(self.cfg.output_dir) / "final"
+        return self.save_weights("final")
+
+    def save_best(self, step: int) -> Path:
+        """``best/``: the weights as they are now, in final/'s formats, with ``best.json`` saying why.
+        Collective, like save_final."""
+        t = self.tracker
+        return self.save_weights("best", {"metric": t.metric, "value": t.best, "step": step})
+
+    def save_weights(self, name: str, note: dict | None = None) -> Path:
+        """``{output_dir}/{name}/`` in final/'s formats, replaced as a whole: it is written beside and renamed,
+        so a crash leaves the previous one (best/ is rewritten during the run)."""
+        out = Path(self.cfg.output_dir) / name
         state = gather_full(self.named_params, keep=self.env.is_main, device=self.env.device)
         if not self.env.is_main:
             return out
-        out.mkdir(parents=True, exist_ok=True)
+        import shutil
+        tmp, old = out.with_name(f".tmp-{name}"), out.with_name(f".old-{name}")
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp.mkdir(parents=True)
         if self.cfg.train.mode == "lora":
-            self.model.save_pretrained(str(out), safe_serialization=True, state_dict=state)
+            self.model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state)
         else:
             from safetensors.torch import save_file
-            save_file(state, str(out / "trainable.safetensors"), metadata={"mode": self.cfg.train.mode})
-            self.raw.config.save_pretrained(str(out))
-        self.tokenizer.save_pretrained(str(out / "tokenizer"))
+            save_file(state, str(tmp / "trainable.safetensors"), metadata={"mode": self.cfg.train.mode})
+            self.raw.config.save_pretrained(str(tmp))
+        self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        if note is not None:
+            import json
+            (tmp / f"{name}.json").write_text(json.dumps(note, indent=1) + "\n")
+        _fsync_tree(tmp)
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
         return out
 
 

@@ -1,0 +1,52 @@
+"""Speaker similarity: the cosine between speaker embeddings of a generated clip and of a recording of the
+voice it should have (the prompt's reference audio, or a held-out clip of the target speaker).
+
+The embeddings come from a WavLM speaker-verification model through transformers (``WavLMForXVector``,
+e.g. ``microsoft/wavlm-base-plus-sv``; ``eval.speaker_model``). Seed-TTS-eval uses a WavLM-large fine-tuned
+for verification with an ECAPA-TDNN head (UniSpeech), which transformers does not provide: the numbers
+are on a similar scale (same speaker high, different speakers low) but not directly comparable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+WAVLM_RATE = 16000
+
+
+def cosine(a, b) -> float:
+    import torch
+
+    a, b = torch.as_tensor(a).float().reshape(-1), torch.as_tensor(b).float().reshape(-1)
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+class SpeakerEncoder:
+    """``WavLMForXVector`` and its feature extractor from a folder of weights."""
+
+    def __init__(self, folder: str, device="cpu"):
+        import torch
+        from transformers import AutoFeatureExtractor, WavLMForXVector
+
+        self.device = torch.device(device)
+        self.features = AutoFeatureExtractor.from_pretrained(folder, local_files_only=True)
+        self.model = WavLMForXVector.from_pretrained(folder, local_files_only=True).to(self.device).eval()
+
+    def embed(self, wave: np.ndarray, sample_rate: int):
+        """-> the speaker embedding (1-D tensor) of a mono clip; None for a clip too short to embed."""
+        import torch
+
+        from higgs_ddp.evaluation.asr import resample_to
+
+        wave16 = resample_to(wave, sample_rate, WAVLM_RATE)
+        if len(wave16) < WAVLM_RATE // 10:  # the convolutional front end needs a few hundred samples
+            return None
+        inputs = self.features(wave16, sampling_rate=WAVLM_RATE, return_tensors="pt")
+        with torch.inference_mode():
+            out = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
+        return out.embeddings[0].float().cpu()
+
+    def similarity(self, wave: np.ndarray, sample_rate: int, reference: np.ndarray, reference_rate: int):
+        """Cosine of the two clips' embeddings; None when either is too short to embed."""
+        a, b = self.embed(wave, sample_rate), self.embed(reference, reference_rate)
+        return None if a is None or b is None else cosine(a, b)
