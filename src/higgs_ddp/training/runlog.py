@@ -121,8 +121,8 @@ class RunLog:
                 continue
             self.tb.add_audio(f"samples/{i:02d}", torch.from_numpy(wav[:, 0]), step, sample_rate=rate)
 
-    def summary(self, steps: int, seconds: float, final: Path | None, best: tuple | None = None) -> str:
-        """``best``: (what eval.best_by kept, its folder), if anything."""
+    def summary(self, steps: int, seconds: float, final: Path | None, kept: tuple | None = None) -> str:
+        """``kept``: (what eval.best_by kept, its folder), if anything."""
         d = self.dir
         best = (f"best validation loss {self.best_val:.4f} at step {self.best_val_step}"
                 if self.best_val_step is not None else "no validation")
@@ -134,8 +134,8 @@ class RunLog:
         rows.append(("checkpoints", f"{d / 'checkpoints'}"))
         if final is not None:
             rows.append(("weights", f"{final}"))
-        if best is not None:
-            rows.append(("best", f"{best[1]}   ({best[0]})"))
+        if kept is not None:
+            rows.append(("best", f"{kept[1]}   ({kept[0]})"))
         return (f"summary: {steps} steps in {seconds / 60:.1f} min, {self.tokens:,} positions trained on; {best}\n"
                 + "\n".join(f"  {k:<11} {v}" for k, v in rows))
 

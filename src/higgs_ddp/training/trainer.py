@@ -192,10 +192,31 @@ class Trainer:
         c = state["counters"]
         self.bad_in_row, self.skipped_steps = c["bad_in_row"], c["skipped_steps"]
         self.alignment, self.verified = c["alignment"], c["verified"]
-        note = self.tracker.load_state_dict(state.get("best"))
+        note = self.tracker.load_state_dict(state.get("best")) or self._best_folder_after_resume(Path(path))
         if note and self.env.is_main:
             print(f"resume: {note}", flush=True)
         return step
+
+    def _best_folder_after_resume(self, ckpt: Path) -> str:
+        """A run resumed from another run's checkpoint takes that run's best/ along when it holds the best the
+        checkpoint recorded (rank 0 copies it); a note otherwise. best/ already in output_dir is this run's
+        own (written after its checkpoint, by steps about to be redone identically): it stays."""
+        import json
+        import shutil
+
+        t = self.tracker
+        here, there = Path(self.cfg.output_dir) / "best", ckpt.parent.parent / "best"
+        if t.best_step is None or (here / "best.json").is_file() or here.resolve() == there.resolve():
+            return ""
+        try:
+            saved = json.loads((there / "best.json").read_text())
+        except (OSError, ValueError):
+            saved = {}
+        if (saved.get("metric"), saved.get("step")) != (t.metric, t.best_step):
+            return f"{t.describe()}, whose weights are not in {there}: best/ is written at the next improvement"
+        if self.env.is_main:
+            shutil.copytree(there, here)
+        return f"{t.describe()}: best/ copied from {there}"
 
     def run_card(self) -> str:
         """What rank 0 prints before the first step."""
