@@ -184,3 +184,24 @@ def test_a_single_row_is_drawn_in_every_panel(tmp_path):
     panels = fig.axes
     empty = [ax.get_title() for ax in panels if not _visible(ax)]
     assert len(panels) == 4 and not empty, empty
+
+
+def test_scored_listening_samples_get_two_more_panels(tmp_path):
+    from higgs_ddp.tools.plot import figure, read_splits
+
+    samples = [{"step": s, "split": "samples", "samples": 4, "seconds": 2.0, "silence_fraction": 0.8 - 0.2 * i,
+                "silent_samples": 3 - i, "stopped_samples": i + 1, "chars_per_second": 12.0,
+                "clipped_fraction": 0.0, "wer": 0.9 - 0.3 * i, "cer": 0.5 - 0.1 * i, "speaker_sim": 0.2 + 0.2 * i}
+               for i, s in enumerate((2, 4, 6))]
+    write_metrics(tmp_path / "run", [train_row(s) for s in range(1, 7)] + samples)
+    splits = read_splits(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in splits["samples"].rows] == [2, 4, 6] and len(splits["train"].rows) == 6
+    fig = figure(tmp_path / "run", splits["train"], splits["val"], splits["samples"])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(fig.axes) == 6 and titles[4].startswith("(e)") and titles[5].startswith("(f)")
+    stopped, silent = (line.get_ydata() for line in fig.axes[4].lines[:2])
+    assert list(stopped) == [0.25, 0.5, 0.75] and list(silent) == [0.75, 0.5, 0.25]
+    assert [line.get_label() for line in fig.axes[5].lines][0].startswith("WER")
+    assert plot_run(tmp_path / "run").read_bytes().startswith(PNG_MAGIC)
+    # without sample rows: the four panels as before
+    assert len(figure(tmp_path / "run", splits["train"], splits["val"]).axes) == 4

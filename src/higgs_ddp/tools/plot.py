@@ -5,7 +5,9 @@ Reads ``RUN_DIR/metrics.jsonl`` (one JSON object per optimizer step; validation 
 
 (a) loss: train total / text / audio, a smoothed train total, and the validation losses;
 (b) per-codebook validation accuracy (or, without validation rows, per-codebook train loss);
-(c) learning rate; (d) throughput in tokens/s.
+(c) learning rate; (d) throughput in tokens/s; and, when the run scored listening samples (``split``
+= samples rows): (e) the share of samples that stopped by themselves and that are silent, with the mean
+silence and clipped fractions; (f) WER, CER and speaker similarity.
 
 It renders with matplotlib's Agg canvas and never touches pyplot, so it runs on a headless node and can
 be called from a live training process (``plot_run``) without changing its matplotlib backend. A step
@@ -62,7 +64,13 @@ def _num(value) -> float:
 
 
 def read_metrics(path: Path) -> tuple[Series, Series]:
-    """-> (train, val). Every row must be a JSON object with a numeric ``step``.
+    """-> (train, val); see read_splits."""
+    splits = read_splits(path)
+    return splits["train"], splits["val"]
+
+
+def read_splits(path: Path) -> dict[str, Series]:
+    """-> {"train", "val", "samples": Series}. Every row must be a JSON object with a numeric ``step``.
 
     A last line without its newline is a row the trainer is still writing: it is left out rather than
     reported, so a live run can be plotted."""
@@ -70,7 +78,7 @@ def read_metrics(path: Path) -> tuple[Series, Series]:
         raise PlotError(f"{path}: not found (is this a run's output_dir?)")
     text = path.read_text(encoding="utf-8", errors="replace")
     lines = text.split("\n")
-    train, val = Series(), Series()
+    splits = {"train": Series(), "val": Series(), "samples": Series()}
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -85,14 +93,12 @@ def read_metrics(path: Path) -> tuple[Series, Series]:
                 or not isinstance(row.get("step"), (int, float)):
             raise PlotError(f"{path} line {lineno}: not a metrics row (a JSON object with a numeric step)")
         split = row.get("split", "train")
-        if split == "val":
-            val.rows.append(row)
-        elif split == "train":
-            train.rows.append(row)
+        if split in splits:
+            splits[split].rows.append(row)
         # other splits (none are written today) are ignored rather than mixed into the training curves
-    if not train.rows and not val.rows:
+    if not splits["train"].rows and not splits["val"].rows:
         raise PlotError(f"{path}: no metrics rows yet")
-    return train, val
+    return splits
 
 
 def ema(values: list, span: Optional[float] = None) -> list:
@@ -188,6 +194,36 @@ def _line_panel(ax, series: Series, key: str, title: str, ylabel: str, smooth: b
     ax.set_ylabel(ylabel)
 
 
+def _share(series: Series, key: str) -> list:
+    return [_num(r.get(key)) / r["samples"] if r.get("samples") else math.nan for r in series.rows]
+
+
+def _detector_panel(ax, samples: Series) -> None:
+    x = samples.steps()
+    for ys, label, color in ((_share(samples, "stopped_samples"), "stopped by itself (share)", "C2"),
+                             (_share(samples, "silent_samples"), "silent (share)", "C3"),
+                             (samples.col("silence_fraction"), "silence fraction (mean)", "C7"),
+                             (samples.col("clipped_fraction"), "clipped fraction (mean)", "C1")):
+        ax.plot(x, ys, marker="o", ms=3, lw=1.2, color=color, label=label)
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=7)
+    ax.set_title("(e) listening samples: detectors")
+    ax.set_ylabel("fraction")
+
+
+def _score_panel(ax, samples: Series) -> None:
+    for key, label, color in (("wer", "WER (lower is better)", "C0"), ("cer", "CER", "C9"),
+                              ("speaker_sim", "speaker similarity (higher is better)", "C4")):
+        if samples.has(key):
+            ax.plot(samples.steps(), samples.col(key), marker="o", ms=3, lw=1.2, color=color, label=label)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no model scores (eval.asr_model, eval.speaker_model)", ha="center", va="center",
+                transform=ax.transAxes, color="0.5")
+    ax.set_title("(f) listening samples: intelligibility and voice")
+
+
 def _title(run_dir: Path, train: Series, val: Series) -> str:
     parts = [str(run_dir)]
     if train.rows:
@@ -199,15 +235,23 @@ def _title(run_dir: Path, train: Series, val: Series) -> str:
     return "  |  ".join(parts)
 
 
-def figure(run_dir: Path, train: Series, val: Series):
-    """The four panels, on a matplotlib Figure of its own (Agg canvas, no pyplot)."""
+def figure(run_dir: Path, train: Series, val: Series, samples: Optional[Series] = None):
+    """The four panels (six with scored listening samples), on a matplotlib Figure of its own (Agg canvas,
+    no pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter
 
-    fig = Figure(figsize=(13, 8.5), dpi=100, layout="constrained")
+    heard = samples is not None and bool(samples.rows)
+    fig = Figure(figsize=(13, 12.5 if heard else 8.5), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    (a, b), (c, d) = fig.subplots(2, 2, sharex=True)
+    (a, b), (c, d), *more = fig.subplots(3 if heard else 2, 2, sharex=True)
+    if more:
+        _detector_panel(more[0][0], samples)
+        _score_panel(more[0][1], samples)
+        for ax in more[0]:
+            ax.grid(True, alpha=0.3)
+            ax.set_xlabel("optimizer step")
     _loss_panel(a, train, val)
     _codebook_panel(b, train, val)
     _line_panel(c, train, "lr", "(c) learning rate", "lr", smooth=False)
@@ -227,11 +271,11 @@ def plot_run(run_dir, out=None) -> Path:
     name inside it); returns the path. Raises PlotError (one line) for a missing, empty or corrupt
     metrics file."""
     run_dir = Path(run_dir)
-    train, val = read_metrics(run_dir / METRICS)
+    splits = read_splits(run_dir / METRICS)
     out = Path(out) if out is not None else run_dir / DEFAULT_OUT
     if out.is_dir():
         out = out / DEFAULT_OUT
-    fig = figure(run_dir, train, val)
+    fig = figure(run_dir, splits["train"], splits["val"], splits["samples"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")  # an image viewer never sees a half-written file
     try:
