@@ -22,7 +22,7 @@ install: $(STAMP)
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,voice]'
 	touch $(STAMP)
 
 wheels: install  ## make wheels [PYVER=3.12]: where PyPI is reachable, fetch into wheels/ what a GPU machine without a registry lacks

@@ -28,6 +28,7 @@ setup(
         "zhon>=2",
         "zhconv>=1.4",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    # voice: eval.speaker_model=resemblyzer, a speaker encoder whose weights come inside the wheel (offline)
+    extras_require={"test": ["pytest>=8"], "voice": ["resemblyzer==0.1.4"]},
     entry_points={"console_scripts": ["higgs-ddp = higgs_ddp.cli:console"]},
 )

@@ -87,3 +87,47 @@ def test_scorer_runs_whisper_and_wavlm_from_their_folders(tmp_path, models):
     assert scorer.encoder.similarity(wave, 24000, wave, 24000) == pytest.approx(1.0, abs=1e-5)
     # a clip too short to embed is not a speaker
     assert scorer.encoder.embed(wave[:100], 24000) is None
+
+
+@pytest.fixture(scope="module")
+def espeak(tmp_path_factory):
+    """espeak-ng (Debian's package, installed here if missing and we are root): real speech, offline."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("espeak-ng") is None:
+        if os.geteuid() != 0:
+            pytest.skip("espeak-ng is not installed and installing it needs root")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        done = subprocess.run("apt-get update -q && apt-get install -y -q --no-install-recommends espeak-ng",
+                              shell=True, capture_output=True, text=True, env=env)
+        if done.returncode or shutil.which("espeak-ng") is None:
+            pytest.skip(f"cannot install espeak-ng: {done.stderr[-500:]}")
+    folder = tmp_path_factory.mktemp("espeak")
+
+    def say(voice: str, text: str):
+        import soundfile as sf
+
+        path = folder / f"{voice}-{abs(hash(text))}.wav"
+        subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True, capture_output=True)
+        wave, sr = sf.read(str(path), dtype="float32")
+        return wave, sr
+
+    return say
+
+
+@pytest.mark.slow
+def test_resemblyzer_hears_one_voice_in_two_clips_and_two_voices_apart(tmp_path, espeak):
+    """The offline encoder (its weights come with the package) on real speech: two sentences of one
+    espeak-ng voice are closer than the same sentence in two voices."""
+    cfg = tiny_config(tmp_path, "eval.speaker_model=resemblyzer", samples=2)
+    assert check_models(cfg) == []
+    encoder = Scorer(cfg).encoder
+    one = "The quick brown fox jumps over the lazy dog near the river bank."
+    two = "Seven people walked slowly to the market on a cold winter morning."
+    a1, a2, b1 = espeak("en-us", one), espeak("en-us", two), espeak("en-us+f3", one)
+    same_voice = encoder.similarity(*a1, *a2)
+    other_voice = encoder.similarity(*a1, *b1)
+    assert same_voice > other_voice + 0.1, (same_voice, other_voice)  # measured: ~0.91 vs ~0.69
+    assert encoder.embed(np.zeros(24000, np.float32), 24000) is None  # silence is nobody

@@ -280,7 +280,8 @@ class EvalConfig(Section):
     # Scores of the listening samples (evaluation/scoring.py); weights from a folder or the Hugging Face cache,
     # never downloaded during a run. Whisper (transformers' classes) for WER/CER, e.g. openai/whisper-large-v3:
     asr_model: Optional[str] = None
-    # a WavLMForXVector speaker-verification model for speaker similarity, e.g. microsoft/wavlm-base-plus-sv:
+    # a WavLMForXVector speaker-verification model for speaker similarity, e.g. microsoft/wavlm-base-plus-sv,
+    # or "resemblyzer": the encoder that ships inside that package (higgs-ddp[voice]), no download at all
     speaker_model: Optional[str] = None
     language: str = "en"  # of the prompts without their own "language" (zh, ja, ...: CER instead of WER)
     # keep {output_dir}/best/ (final/'s formats) at the best value so far of this metric ("none": no best/)

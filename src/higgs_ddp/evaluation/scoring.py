@@ -40,16 +40,28 @@ def locate(name: str, key: str) -> str:
     return str(folder)
 
 
+def check_resemblyzer() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("resemblyzer") is None:
+        raise ValueError("eval.speaker_model=resemblyzer needs the resemblyzer package (its encoder weights come "
+                         "with it): pip install 'higgs-ddp[voice]' (or pip install resemblyzer)")
+
+
 def check_models(cfg: Config) -> list[str]:
     """One line per evaluation model that cannot be found; [] when all are there."""
+    from higgs_ddp.evaluation.speaker import RESEMBLYZER
+
     problems = []
     for key in ("asr_model", "speaker_model"):
         name = getattr(cfg.eval, key)
-        if name:
-            try:
+        try:
+            if name == RESEMBLYZER and key == "speaker_model":
+                check_resemblyzer()
+            elif name:
                 locate(name, f"eval.{key}")
-            except ValueError as e:
-                problems.append(str(e))
+        except ValueError as e:
+            problems.append(str(e))
     return problems
 
 
@@ -69,7 +81,11 @@ class Scorer:
     def __init__(self, cfg: Config, device="cpu"):
         self.cfg, self.device = cfg, device
         self.asr = locate(cfg.eval.asr_model, "eval.asr_model") if cfg.eval.asr_model else None
-        self.speaker = locate(cfg.eval.speaker_model, "eval.speaker_model") if cfg.eval.speaker_model else None
+        from higgs_ddp.evaluation.speaker import RESEMBLYZER
+        speaker = cfg.eval.speaker_model
+        if speaker == RESEMBLYZER:
+            check_resemblyzer()
+        self.speaker = locate(speaker, "eval.speaker_model") if speaker and speaker != RESEMBLYZER else speaker
         self._references = {}
 
     @property
@@ -83,7 +99,9 @@ class Scorer:
 
     @functools.cached_property
     def encoder(self):
-        from higgs_ddp.evaluation.speaker import SpeakerEncoder
+        from higgs_ddp.evaluation.speaker import RESEMBLYZER, ResemblyzerEncoder, SpeakerEncoder
+        if self.speaker == RESEMBLYZER:
+            return ResemblyzerEncoder(self.device)
         return SpeakerEncoder(self.speaker, self.device)
 
     def _reference(self, path: str):

@@ -5,6 +5,12 @@ The embeddings come from a WavLM speaker-verification model through transformers
 e.g. ``microsoft/wavlm-base-plus-sv``; ``eval.speaker_model``). Seed-TTS-eval uses a WavLM-large fine-tuned
 for verification with an ECAPA-TDNN head (UniSpeech), which transformers does not provide: the numbers
 are on a similar scale (same speaker high, different speakers low) but not directly comparable.
+
+``eval.speaker_model: resemblyzer`` uses Resemblyzer's GE2E voice encoder instead (PyPI ``resemblyzer``,
+``pip install 'higgs-ddp[voice]'``), whose weights ship inside the wheel: the metric then works on a machine
+that has never reached a model hub. It is a different, smaller encoder (256-dim d-vectors, trained on
+speaker identification): its values run higher than WavLM's (two clips of one espeak-ng voice ~0.92,
+of two voices ~0.70), so compare runs scored by the same encoder only.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ def cosine(a, b) -> float:
 
     a, b = torch.as_tensor(a).float().reshape(-1), torch.as_tensor(b).float().reshape(-1)
     return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+RESEMBLYZER = "resemblyzer"
 
 
 class SpeakerEncoder:
@@ -50,3 +59,24 @@ class SpeakerEncoder:
         """Cosine of the two clips' embeddings; None when either is too short to embed."""
         a, b = self.embed(wave, sample_rate), self.embed(reference, reference_rate)
         return None if a is None or b is None else cosine(a, b)
+
+
+class ResemblyzerEncoder(SpeakerEncoder):
+    """Resemblyzer's voice encoder, its weights from the installed package (never downloaded)."""
+
+    def __init__(self, device="cpu"):
+        from resemblyzer import VoiceEncoder
+
+        self.encoder = VoiceEncoder(device=str(device), verbose=False)
+
+    def embed(self, wave: np.ndarray, sample_rate: int):
+        import torch
+        from resemblyzer import preprocess_wav
+
+        from higgs_ddp.evaluation.asr import resample_to
+
+        # its own preprocessing at 16 kHz: volume normalised, long silences cut (webrtcvad)
+        voiced = preprocess_wav(resample_to(wave, sample_rate, WAVLM_RATE))
+        if len(voiced) < WAVLM_RATE // 10:  # silence, or too little voice to embed
+            return None
+        return torch.from_numpy(self.encoder.embed_utterance(voiced))
