@@ -61,6 +61,29 @@ def test_missing_weights_are_one_line_naming_them_and_how_to_get_them(tmp_path, 
     cfg = tiny_config(tmp_path, f"eval.asr_model={tmp_path / 'nowhere'}", "eval.speaker_model=nobody/nothing",
                       samples=2)
     assert len(check_models(cfg)) == 2
+    cfg.eval.prompts = [{"text": "hi", "speaker_audio": str(tmp_path / "missing.wav")}]
+    problems = check_models(cfg)
+    assert len(problems) == 3 and problems[2].startswith("eval.prompts[0].speaker_audio:")
+    from higgs_ddp.tools.doctor import FAIL, check_eval_models
+    assert [r.status for r in check_eval_models(cfg)] == [FAIL] * 3  # the doctor says the same, before a run
+
+
+@pytest.mark.slow
+def test_missing_weights_stop_every_rank_at_start_with_one_line(tmp_path):
+    """Two ranks: both check at start (neither waits for the other at a collective), the run exits 2 with
+    one line naming the model, before any step."""
+    import yaml
+    from conftest import torchrun
+
+    cfg = tiny_config(tmp_path, "eval.asr_model=openai/whisper-tiny-not-cached", samples=4)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    proc = torchrun(2, "--config", path, timeout=240)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("higgs-ddp: error:")]
+    assert lines and "eval.asr_model: openai/whisper-tiny-not-cached" in lines[-1], proc.stderr[-2000:]
+    assert "huggingface-cli download" in lines[-1]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or "train" not in (tmp_path / "run" / "metrics.jsonl").read_text()
 
 
 @pytest.fixture(scope="module")

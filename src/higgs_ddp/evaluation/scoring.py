@@ -49,7 +49,8 @@ def check_resemblyzer() -> None:
 
 
 def check_models(cfg: Config) -> list[str]:
-    """One line per evaluation model that cannot be found; [] when all are there."""
+    """One line per evaluation model that cannot be found and per ``speaker_audio`` that cannot be read;
+    [] when all is well."""
     from higgs_ddp.evaluation.speaker import RESEMBLYZER
 
     problems = []
@@ -62,6 +63,13 @@ def check_models(cfg: Config) -> list[str]:
                 locate(name, f"eval.{key}")
         except ValueError as e:
             problems.append(str(e))
+    for i, prompt in enumerate(cfg.eval.prompts):  # the held-out voice clips speaker similarity compares with
+        if prompt.get("speaker_audio"):
+            from higgs_ddp.data.audio import AudioProblem, read_audio
+            try:
+                read_audio(Path(prompt["speaker_audio"]), str(prompt["speaker_audio"]), 0.0)
+            except AudioProblem as e:
+                problems.append(f"eval.prompts[{i}].speaker_audio: {e}")
     return problems
 
 

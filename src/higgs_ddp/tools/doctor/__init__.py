@@ -23,7 +23,7 @@ from typing import Callable
 
 from higgs_ddp.tools.doctor.disk import OFFICIAL_DIMS, Dims, _existing_parent, check_disk, checkpoint_need
 from higgs_ddp.tools.doctor.environment import check_cuda, check_python, check_transformers, check_versions
-from higgs_ddp.tools.doctor.inputs import _manifest_paths, check_manifests, check_prompts
+from higgs_ddp.tools.doctor.inputs import _manifest_paths, check_eval_models, check_manifests, check_prompts
 from higgs_ddp.tools.doctor.result import FAIL, OK, WARN, Result, _first_line
 from higgs_ddp.tools.doctor.sources import check_codec, check_model, hf_cache_dir, hf_offline
 from higgs_ddp.tools.doctor.startup import (
@@ -39,6 +39,7 @@ __all__ = [
     "main", "environment_checks", "config_checks", "Result", "OK", "WARN", "FAIL",
     "check_python", "check_versions", "check_transformers", "check_cuda",
     "check_model", "check_codec", "hf_cache_dir", "hf_offline", "check_manifests", "check_prompts",
+    "check_eval_models",
     "Dims", "OFFICIAL_DIMS", "checkpoint_need", "check_disk", "check_resume", "check_device", "check_lora",
     "check_batch", "is_benchmark",
     "_existing_parent", "_guarded",  # used by tests/test_doctor.py
@@ -74,6 +75,7 @@ def config_checks(cfg) -> list:
     if is_benchmark(cfg):  # it encodes no audio, speaks no prompts, neither resumes nor saves checkpoints
         return checks
     return checks + [("codec", codec), ("eval prompts", lambda: check_prompts(cfg)),
+                     ("eval models", lambda: check_eval_models(cfg)),
                      ("output_dir", lambda: check_resume(cfg)), ("disk", lambda: check_disk(cfg))]
 
 

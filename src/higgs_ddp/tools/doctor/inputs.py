@@ -81,3 +81,15 @@ def check_prompts(cfg) -> list:
     refs = sum(bool(p.get("reference_audio")) for p in cfg.eval.prompts)
     return [Result(OK, f"eval.prompts: {len(cfg.eval.prompts)} prompt{'s' * (len(cfg.eval.prompts) > 1)}, "
                        f"{refs} reference audio file{'s' * (refs != 1)} that read{'s' * (refs == 1)}")]
+
+
+def check_eval_models(cfg) -> list:
+    """eval.asr_model and eval.speaker_model, by the run's start-up check (evaluation.scoring.check_models):
+    found in a folder or the Hugging Face cache (a run never downloads them), speaker_audio readable."""
+    from higgs_ddp.evaluation.scoring import check_models
+
+    problems = check_models(cfg)
+    if problems:
+        return [Result(FAIL, p) for p in problems]
+    named = [f"eval.{k}={getattr(cfg.eval, k)}" for k in ("asr_model", "speaker_model") if getattr(cfg.eval, k)]
+    return [Result(OK, f"{', '.join(named)}: found")] if named else []
