@@ -418,7 +418,7 @@ def write_samples(raw_model, tokenizer, codec, cfg: Config, step: int, out_dir: 
             if scorer is not None and scorer.enabled:
                 scored = _score(raw_model, scorer, codec_info[0], prompts, mine)
                 mine = {i: (*got, scored.get(i)) for i, got in mine.items()}
-        except (ValueError, RuntimeError) as e:
+        except (ValueError, RuntimeError, OSError) as e:  # OSError: a scoring model's files that do not load
             caught = e
     sent = mine if lockstep is None or rank == 0 else {}  # in lockstep rank 0 holds every prompt already
     gathered = all_gather_objects((sent, caught and f"{type(caught).__name__}: {caught}", codec_info))
