@@ -31,6 +31,8 @@ from higgs_ddp.training.checkpoint import CheckpointError  # noqa: E402
 def train(cfg: Config) -> dict:
     from tqdm import tqdm
 
+    from higgs_ddp.evaluation.listening import progress_fields
+
     from higgs_ddp.training.checkpoint import remove_stale_temporaries, resume_point
     from higgs_ddp.training.preemption import StopRequest, signal_name, write_failure, write_status
     from higgs_ddp.training.runlog import RunLog
@@ -88,7 +90,7 @@ def train(cfg: Config) -> dict:
                         tqdm.write(f"step {step}: non-finite loss or gradient, step skipped "
                                    f"({trainer.skipped_steps} so far)")
                     bar.set_postfix(loss=f"{r.loss:.3f}", text=f"{r.text_loss:.3f}", audio=f"{r.audio_loss:.3f}",
-                                    **({"val": f"{val['loss']:.3f}"} if val else {}), **progress_of(heard),
+                                    **({"val": f"{val['loss']:.3f}"} if val else {}), **progress_fields(heard),
                                     lr=f"{lr:.2e}", tok_s=f"{r.tokens / dt:,.0f}")
                     bar.update(1)
                 if t.save_every and step % t.save_every == 0 and step < t.max_steps:
@@ -179,11 +181,11 @@ def between_steps(trainer, log, step: int) -> dict:
             tqdm.write(f"step {step}: validation loss {val['loss']:.4f} (text {val['text_loss']:.4f}, "
                        f"audio {val['audio_loss']:.4f}; codebook accuracy {acc})")
         if e.best_by == "val_loss":  # all-reduced: the same number on every rank
-            keep_best(trainer, step, val["loss"])
+            trainer.evaluated(step, val["loss"])
     every = e.samples_every or e.every
     if e.prompts and (last_step or (every and step % every == 0)):
         from higgs_ddp.evaluation.detectors import warnings_for
-        from higgs_ddp.evaluation.listening import sample_summary, write_samples
+        from higgs_ddp.evaluation.listening import describe_summary, sample_summary, write_samples
         from higgs_ddp.runtime.distributed import all_gather_objects
 
         results = write_samples(trainer.raw, trainer.tokenizer, lambda: trainer.codec, cfg, step,
@@ -194,55 +196,12 @@ def between_steps(trainer, log, step: int) -> dict:
             log.samples(summary)
             log.audio(step, results)
             tqdm.write(f"step {step}: {len(results)} listening samples in {Path(cfg.output_dir) / 'samples'}: "
-                       f"{describe_samples(summary)}")
+                       f"{describe_summary(summary)}")
             for line in warnings_for(summary):
                 tqdm.write(f"step {step}: warning: {line}")
         if e.best_by in ("wer", "speaker_sim"):  # rank 0 holds the scores: every rank decides on its number
-            keep_best(trainer, step, all_gather_objects(summary.get(e.best_by))[0])
+            trainer.evaluated(step, all_gather_objects(summary.get(e.best_by))[0])
     return {"val": val, "samples": summary}
-
-
-def keep_best(trainer, step: int, value) -> None:
-    """One evaluation of eval.best_by: best/ rewritten when it improved (collective), the patience counted."""
-    from tqdm import tqdm
-
-    tracker = trainer.tracker
-    if tracker.update(step, value):
-        path = trainer.save_best(step)
-        if trainer.env.is_main:
-            tqdm.write(f"step {step}: new {tracker.describe()}; weights in {path}")
-    elif trainer.env.is_main and tracker.patience:
-        tqdm.write(f"step {step}: {tracker.metric} {value if value is None else f'{value:.4f}'}, no better than the "
-                   f"{tracker.describe()} ({tracker.since_best} of eval.early_stop_patience={tracker.patience})")
-
-
-def progress_of(heard: dict) -> dict:
-    """The last listening step on the progress line: samples that stopped by themselves, WER, similarity."""
-    if not heard:
-        return {}
-    out = {"stop": f"{heard['stopped_samples']}/{heard['samples']}"}
-    if heard["silent_samples"]:
-        out["silent"] = f"{heard['silent_samples']}/{heard['samples']}"
-    if heard.get("wer") is not None:
-        out["wer"] = f"{heard['wer']:.3f}"
-    if heard.get("speaker_sim") is not None:
-        out["sim"] = f"{heard['speaker_sim']:.3f}"
-    return out
-
-
-def describe_samples(s: dict) -> str:
-    """The progress line's account of one listening step."""
-    n = s["samples"]
-    rate = f"{s['chars_per_second']:.1f} chars/s" if s.get("chars_per_second") is not None else "no audio"
-    parts = [f"{s['seconds']:.1f} s on average", f"{s['stopped_samples']}/{n} stopped by themselves",
-             f"{s['silent_samples']}/{n} silent", rate]
-    if s["clipped_fraction"]:
-        parts.append(f"{s['clipped_fraction']:.2%} of samples clipped")
-    if s.get("wer") is not None:
-        parts.append(f"WER {s['wer']:.3f} (CER {s['cer']:.3f})")
-    if s.get("speaker_sim") is not None:
-        parts.append(f"speaker similarity {s['speaker_sim']:.3f}")
-    return ", ".join(parts)
 
 
 def user_errors() -> tuple:

@@ -474,3 +474,33 @@ def sample_summary(results: list[SampleResult]) -> dict:
     from higgs_ddp.evaluation.scoring import mean_scores
 
     return {**summarize([r.checks for r in results]), **mean_scores([r.scores or {} for r in results])}
+
+
+def describe_summary(s: dict) -> str:
+    """One listening step's summary in words, for the line rank 0 prints."""
+    n = s["samples"]
+    rate = f"{s['chars_per_second']:.1f} chars/s" if s.get("chars_per_second") is not None else "no audio"
+    parts = [f"{s['seconds']:.1f} s on average", f"{s['stopped_samples']}/{n} stopped by themselves",
+             f"{s['silent_samples']}/{n} silent", rate]
+    if s["clipped_fraction"]:
+        parts.append(f"{s['clipped_fraction']:.2%} of samples clipped")
+    if s.get("wer") is not None:
+        parts.append(f"WER {s['wer']:.3f} (CER {s['cer']:.3f})")
+    if s.get("speaker_sim") is not None:
+        parts.append(f"speaker similarity {s['speaker_sim']:.3f}")
+    return ", ".join(parts)
+
+
+def progress_fields(s: dict) -> dict:
+    """The last listening step on the progress bar: samples that stopped by themselves, silent ones, WER,
+    speaker similarity ({} before the first)."""
+    if not s:
+        return {}
+    out = {"stop": f"{s['stopped_samples']}/{s['samples']}"}
+    if s["silent_samples"]:
+        out["silent"] = f"{s['silent_samples']}/{s['samples']}"
+    if s.get("wer") is not None:
+        out["wer"] = f"{s['wer']:.3f}"
+    if s.get("speaker_sim") is not None:
+        out["sim"] = f"{s['speaker_sim']:.3f}"
+    return out

@@ -320,6 +320,21 @@ class Trainer:
         sharded weights every rank takes part in gathering them to rank 0, one tensor at a time."""
         return self.save_weights("final")
 
+    def evaluated(self, step: int, value) -> None:
+        """One evaluation of eval.best_by (the same value on every rank): best/ rewritten when it improved
+        (collective), the evaluations without improvement counted towards eval.early_stop_patience."""
+        from tqdm import tqdm
+
+        t = self.tracker
+        if t.update(step, value):
+            path = self.save_best(step)
+            if self.env.is_main:
+                tqdm.write(f"step {step}: new {t.describe()}; weights in {path}")
+        elif self.env.is_main and t.patience:
+            shown = "not measured" if value is None else f"{value:.4f}"
+            tqdm.write(f"step {step}: {t.metric} {shown}, no better than the {t.describe()} "
+                       f"({t.since_best} of eval.early_stop_patience={t.patience})")
+
     def save_best(self, step: int) -> Path:
         """``best/``: the weights as they are now, in final/'s formats, with ``best.json`` saying why.
         Collective, like save_final."""
