@@ -22,7 +22,7 @@ LAYERS = [
     ("higgs_ddp.training",),  # trainer, optimizer, parallel strategy, checkpoints, stops, logs
     ("higgs_ddp.tools",),  # export, plot, doctor, bench, demo data
     ("higgs_ddp.train", "higgs_ddp.cli", "higgs_ddp.__main__", "higgs_ddp.manifest", "higgs_ddp.speak",
-     "higgs_ddp"),  # entry points
+     "higgs_ddp.score", "higgs_ddp"),  # entry points
 ]
 
 
@@ -90,7 +90,7 @@ def test_dual_loss_depends_on_torch_only():
 def test_one_command_line_lists_every_tool():
     proc = subprocess.run([sys.executable, "-m", "higgs_ddp", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    assert {"train", "prepare", "export", "doctor", "plot", "bench", "manifest", "speak", "smoke"} <= set(COMMANDS)
+    assert {"train", "prepare", "export", "doctor", "plot", "bench", "manifest", "speak", "smoke", "score"} <= set(COMMANDS)
     for command in COMMANDS:
         assert f"\n  {command} " in proc.stdout, command
 

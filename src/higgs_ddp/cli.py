@@ -44,6 +44,8 @@ COMMANDS = {
                      "resume, export, reload"),
     "demo-data": Command("higgs_ddp.tools.demo_data:main", "write the demo's synthetic corpus (WAV clips or codes)"),
     "speak": Command("higgs_ddp.tools.speak:main", "text to speech with a run, checkpoint, adapter or merged export"),
+    "score": Command("higgs_ddp.tools.score:main", "compare models on the same prompts: WER, speaker similarity, "
+                     "silence, stopping"),
 }
 
 # torchrun's options passed through (with their value, except the flags): node count, rendezvous, restarts.

@@ -149,7 +149,10 @@ def _step(source: Path, kind: str) -> Optional[int]:
             return read_state(source)["step"]
         except (CheckpointError, KeyError):
             return step_of(source)
-    record = source.parent / "status.json" if kind == "final" else source / "export.json"
+    if (source / "best.json").is_file():  # a run's best/ (eval.best_by): the step it was kept at
+        record = source / "best.json"
+    else:
+        record = source.parent / "status.json" if kind == "final" else source / "export.json"
     try:
         return json.loads(record.read_text()).get("step")
     except (OSError, ValueError, AttributeError):
