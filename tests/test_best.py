@@ -42,6 +42,7 @@ def test_tracker_counts_evaluations_without_improvement():
     assert "tracked wer" in BestTracker("val_loss").load_state_dict(t.state_dict())
 
 
+@pytest.mark.slow
 def test_best_and_early_stop_survive_a_resume(tmp_path):
     a = tmp_path / "a" / "run"
     train(tiny_config(tmp_path / "a", *EARLY))
