@@ -64,6 +64,7 @@ def prepare(argv=None) -> int:
     from higgs_ddp.data.dataset import DataError, load_data
     from higgs_ddp.model import load_tokenizer, model_config
     from higgs_ddp.runtime.distributed import barrier, cleanup, setup_distributed
+    from higgs_ddp.runtime.shared_fs import SharedFilesystemError
 
     p = argparse.ArgumentParser(description=prepare.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config file (the training config)")
@@ -76,8 +77,8 @@ def prepare(argv=None) -> int:
         tokenizer = load_tokenizer(cfg)
         load_data(cfg, env, tokenizer, model_config(cfg, tokenizer))  # prints the summary and the report
         barrier()
-    except (ConfigError, DataError, CodecError) as e:
-        if env is None or env.is_main:
+    except (ConfigError, DataError, CodecError, SharedFilesystemError) as e:
+        if env is None or env.is_main or isinstance(e, SharedFilesystemError):  # other nodes must hear it too
             print(f"higgs-ddp: error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:

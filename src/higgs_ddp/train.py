@@ -25,6 +25,7 @@ from higgs_ddp.data.codec import CodecError  # noqa: E402
 from higgs_ddp.data.dataset import DataError  # noqa: E402
 from higgs_ddp.dual_loss import AlignmentError  # noqa: E402
 from higgs_ddp.runtime.distributed import barrier, cleanup, exit_process, setup_distributed  # noqa: E402
+from higgs_ddp.runtime.shared_fs import SharedFilesystemError  # noqa: E402
 from higgs_ddp.training.checkpoint import CheckpointError  # noqa: E402
 
 
@@ -209,7 +210,8 @@ def user_errors() -> tuple:
     from higgs_ddp.training.runlog import RunLogError
     from higgs_ddp.training.trainer import TrainingError
 
-    return ConfigError, DataError, AlignmentError, TrainingError, CodecError, CheckpointError, RunLogError
+    return (ConfigError, DataError, AlignmentError, TrainingError, CodecError, CheckpointError, RunLogError,
+            SharedFilesystemError)
 
 
 def failure_reason(e: BaseException) -> str:
@@ -230,7 +232,8 @@ def main(argv=None) -> int:
     try:
         train(load_config(args.config, args.overrides))
     except user_errors() as e:
-        if int(os.environ.get("RANK", 0)) == 0 or isinstance(e, TrainingError):
+        # Rank 0 speaks for all, except where each rank has its own story (or another node must hear it).
+        if int(os.environ.get("RANK", 0)) == 0 or isinstance(e, (TrainingError, SharedFilesystemError)):
             print(f"higgs-ddp: error: {e}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:  # SIGINT (Ctrl-C) is a hard stop, unlike SIGTERM / SIGUSR1 (preemption.py)

@@ -22,6 +22,7 @@ from higgs_ddp.data.code_cache import CodeCache, FileHashes
 from higgs_ddp.data.codec import codec_identity, load_codec
 from higgs_ddp.data.phases import Phases
 from higgs_ddp.runtime.distributed import DistEnv, all_gather_objects, barrier
+from higgs_ddp.runtime.shared_fs import check_shared_directory
 
 
 @dataclass
@@ -103,6 +104,8 @@ def prepare_audio(refs: list, cache_dir: str, codec_name: str, codec_revision, m
     phases = phases or Phases()
     t0 = time.perf_counter()
     audio = audio or AudioConditioning()
+    # Every rank encodes a share into the cache and reads all of it back: one cache, seen by all.
+    check_shared_directory(cache_dir, "data.cache_dir", env)
     shown = {}
     for r in refs:
         shown.setdefault(r.path, r.shown)

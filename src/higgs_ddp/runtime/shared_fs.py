@@ -1,0 +1,82 @@
+"""Before anything is written: does every rank, on every node, see the same directory as rank 0?
+
+A multi-node run whose ``output_dir`` (or code cache) is a local disk on each node trains and then fails
+much later: rank 0's checkpoint misses the other nodes' shards, a resume finds nothing on node 1, each
+node encodes the corpus on its own. So at start rank 0 writes a file holding a random token into the
+directory, every rank looks for that file at its own path for the directory, and every rank learns the
+answer of every other: all of them stop together, with one line naming the nodes that do not see it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+
+from higgs_ddp.runtime.distributed import DistEnv, all_gather_objects
+
+# NFS and other network filesystems cache "no such file" for a few seconds (lookupcache, actimeo): a rank
+# that misses the file looks again, listing the directory (which refreshes the cache) until this passes.
+VISIBLE_WITHIN_S = 5.0
+
+
+class SharedFilesystemError(RuntimeError):
+    """A directory that must be shared is not the same on every rank; every rank raises it."""
+
+
+def check_shared_directory(path, setting: str, env: DistEnv, wait_s: float = VISIBLE_WITHIN_S) -> None:
+    """Raise SharedFilesystemError on every rank unless every rank's ``path`` is rank 0's directory.
+
+    ``setting`` names the config key the user sets (``output_dir``, ``data.cache_dir``). A collective:
+    every rank calls it, with its own config's path. One process: nothing to check."""
+    if env.world_size == 1 or not env.distributed:
+        return
+    path = Path(path)
+    token, probe = "", None
+    if env.is_main:  # the directory is rank 0's to create (as it creates the run files)
+        token = uuid.uuid4().hex
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".higgs-ddp-shared-check-{token}"
+            probe.write_text(token)
+        except OSError as e:
+            token = f"unwritable: {e.strerror or e}"
+    host = socket.gethostname()
+    (token0, host0, path0), *_ = all_gather_objects((token, host, str(path)))  # rank 0 wrote it (or failed)
+    if token0.startswith("unwritable: "):
+        seen = False
+    else:
+        seen = env.is_main or _sees(path / f".higgs-ddp-shared-check-{token0}", token0, wait_s)
+    answers = all_gather_objects((seen, host, env.rank, str(path)))  # also: everyone has looked
+    if probe is not None:
+        probe.unlink(missing_ok=True)
+    if token0.startswith("unwritable: "):
+        raise SharedFilesystemError(f"{setting} {path0} cannot be written on node {host0} (rank 0): "
+                                    f"{token0.split(': ', 1)[1]}; give a directory every node can write")
+    blind = [(h, r, p) for ok, h, r, p in answers if not ok]
+    if blind:
+        nodes = sorted({h for h, _, _ in blind})
+        ranks = ", ".join(f"{h} (rank {r}: {p})" for h, r, p in blind[:8]) + (" ..." if len(blind) > 8 else "")
+        raise SharedFilesystemError(
+            f"{setting} is not the same directory on every node: rank 0 on {host0} wrote a file into {path0} "
+            f"that {len(blind)} rank(s) on node(s) {', '.join(nodes)} do not see at their {setting}: {ranks}; "
+            f"put {setting} on a filesystem every node mounts, at the path each node's config gives")
+
+
+def _sees(probe: Path, token: str, wait_s: float) -> bool:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if probe.read_text() == token:
+                return True
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            return False
+        try:
+            os.listdir(probe.parent)  # refreshes a network filesystem's cached "no such file"
+        except OSError:
+            pass
+        time.sleep(0.2)
