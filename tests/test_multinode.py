@@ -86,3 +86,47 @@ def test_a_node_that_does_not_share_the_directory_stops_every_rank_with_one_line
         assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
         if (run / "status.json").exists():
             assert json.loads((run / "status.json").read_text())["state"] == "failed"
+
+
+def test_rendezvous_timeouts_reach_torchrun_and_the_users_own_win(monkeypatch):
+    from higgs_ddp.cli import torchrun_argv
+    from higgs_ddp.runtime.rendezvous import conf_items
+
+    monkeypatch.setenv("HIGGS_RDZV_TIMEOUT", "42")
+    cmd = torchrun_argv("train", ["--nnodes", "2", "--rdzv-conf=read_timeout=7,keep_alive_interval=2"], [])
+    conf, _ = conf_items(cmd)
+    assert conf == {"join_timeout": "42", "read_timeout": "7", "timeout": "42", "keep_alive_interval": "2"}
+    assert "--rdzv-conf" not in torchrun_argv("train", ["--nproc-per-node", "2"], [])  # one node: nothing to wait for
+    monkeypatch.setenv("HIGGS_RDZV_TIMEOUT", "soon")
+    proc = subprocess.run([sys.executable, "-m", "higgs_ddp", "train", "--nnodes", "2", "--config", "x.yaml"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr == "higgs-ddp: error: HIGGS_RDZV_TIMEOUT='soon' must be a whole number of seconds > 0\n"
+
+
+RDZV_TIMEOUT = 5
+
+
+@pytest.mark.parametrize("fault", ["node-never-arrives", pytest.param("wrong-endpoint", marks=pytest.mark.slow)])
+def test_a_rendezvous_that_fails_ends_within_the_timeout_with_one_line(tmp_path, fault):
+    """The other node is never started (static rendezvous, as `--node-rank` without a backend gives), or the
+    endpoint is an address nobody listens on (c10d, as launch/multi_node.sbatch uses): no 10-minute hang."""
+    config = write(tmp_path, "run")
+    port = free_port()
+    if fault == "node-never-arrives":
+        launch = ["--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", f"127.0.0.1:{port}"]
+        expected = (f"higgs-ddp: error: rendezvous at 127.0.0.1:{port}: not all 2 nodes joined within "
+                    f"{RDZV_TIMEOUT} s; start the same command on every node (--nnodes 2 --rdzv-endpoint "
+                    f"127.0.0.1:{port}), ")
+    else:  # TEST-NET-1 (RFC 5737): never a host
+        launch = ["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"192.0.2.1:{port}"]
+        expected = f"higgs-ddp: error: rendezvous at 192.0.2.1:{port}: could not connect within {RDZV_TIMEOUT} s; "
+    t0 = time.time()
+    nodes = Nodes([[sys.executable, "-m", "higgs_ddp", "train", *launch, "--config", str(config)]],
+                  env={**TORCHRUN_ENV, "HIGGS_RDZV_TIMEOUT": str(RDZV_TIMEOUT)})
+    ((code, out, err),) = nodes.wait(timeout=RDZV_TIMEOUT + 60)
+    elapsed = time.time() - t0
+    assert code != 0, err[-3000:]
+    assert err.rstrip().splitlines()[-1].startswith(expected), err[-3000:]
+    assert elapsed < RDZV_TIMEOUT + 45, elapsed  # torchrun's start and its own imports, then our timeout
+    assert not (tmp_path / "run" / "run").exists()  # no rank ever started

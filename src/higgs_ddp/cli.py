@@ -118,15 +118,21 @@ def needs_launcher(launch: list) -> bool:
 
 
 def torchrun_argv(name: str, launch: list, rest: list) -> list:
+    """The torchrun command; across nodes with our rendezvous timeouts (runtime/rendezvous.py)."""
+    from higgs_ddp.runtime.rendezvous import with_timeouts
+
     rendezvous = any(a.split("=")[0] in ("--nnodes", "--rdzv-endpoint", "--rdzv-backend", "--master-addr")
                      for a in launch)
     standalone = [] if rendezvous or "--standalone" in launch else ["--standalone"]
+    if rendezvous:
+        launch = with_timeouts(launch)
     return [sys.executable, "-m", "torch.distributed.run", *standalone, *launch, "-m", "higgs_ddp", name, *rest]
 
 
 def launch_ranks(cmd: list) -> int:
     """Run torchrun, passing its output through and stop signals on to the ranks, and repeating the ranks'
-    last one-line error below torchrun's own report of the failure.
+    last one-line error below torchrun's own report of the failure (or, when the nodes never met, one line
+    saying which rendezvous failed and what to check).
 
     A stop signal (SIGTERM, SIGUSR1) to this command reaches every rank as SIGUSR1: each finishes its step,
     saves and exits 0, so torchrun ends with 0 too (SIGTERM to torchrun itself would make it exit 1, and
@@ -167,6 +173,10 @@ def launch_ranks(cmd: list) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if code and not last_error:
+        from higgs_ddp.runtime.rendezvous import explain_failure
+
+        last_error = explain_failure(tail.decode(errors="replace"), cmd[cmd.index("torch.distributed.run") + 1:])
     if code and last_error:
         print(last_error, file=sys.stderr, flush=True)
     return code
@@ -208,7 +218,14 @@ def main(argv=None) -> int:
     if command.launched:
         launch, rest = split_launch_options(rest)
         if needs_launcher(launch) and not {"-h", "--help"} & set(rest):
-            return launch_ranks(torchrun_argv(name, launch, rest))
+            from higgs_ddp.runtime.rendezvous import RendezvousConfigError
+
+            try:
+                cmd = torchrun_argv(name, launch, rest)
+            except RendezvousConfigError as e:
+                print(f"higgs-ddp: error: {e}", file=sys.stderr)
+                return 2
+            return launch_ranks(cmd)
     module, function = command.target.split(":")
     sys.argv[0] = f"higgs-ddp {name}"  # argparse's prog in usage and errors
     return getattr(importlib.import_module(module), function)(rest)

@@ -11,6 +11,8 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
+from higgs_ddp.runtime import rendezvous
+
 
 @dataclass
 class DistEnv:
@@ -65,8 +67,9 @@ def _restart_safe_store(rank: int, world: int) -> dict:
     "connectFullMesh failed ... Connection refused" (measured, torch 2.11). A prefix per restart fixes it."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return {}  # plain env:// (no torchrun, or a fresh store per attempt)
+    # The wait for the other ranks' addresses (a rank that died before connecting) ends after HIGGS_RDZV_TIMEOUT.
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
-                          timeout=datetime.timedelta(minutes=5))
+                          timeout=datetime.timedelta(seconds=rendezvous.timeout_s()))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return {"store": dist.PrefixStore(f"higgs_ddp/attempt_{attempt}", store), "rank": rank, "world_size": world}
 
