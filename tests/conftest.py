@@ -62,3 +62,21 @@ def torchrun(nproc, *args, timeout=300):
 
 def read_metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# The uninterrupted 2-rank reference runs that several modules compare with (faults, Slurm, several
+# nodes): each runs once per session.
+@pytest.fixture(scope="session")
+def uninterrupted_user_path(tmp_path_factory):
+    """test_faults.write_user_config's run (the user's whole path) on 2 ranks, uninterrupted."""
+    from test_faults import uninterrupted_run, write_user_config
+
+    return uninterrupted_run(tmp_path_factory, "uninterrupted_user_path", write_user_config)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_fsdp(tmp_path_factory):
+    """test_faults.write_config's run under train.parallel=fsdp (test_faults.FSDP) on 2 ranks, uninterrupted."""
+    from test_faults import FSDP, uninterrupted_run, write_config
+
+    return uninterrupted_run(tmp_path_factory, "uninterrupted_fsdp", lambda tmp, name: write_config(tmp, name, *FSDP))

@@ -191,11 +191,6 @@ def uninterrupted(tmp_path_factory):
     return uninterrupted_run(tmp_path_factory, "uninterrupted", write_config)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted_user_path(tmp_path_factory):
-    return uninterrupted_run(tmp_path_factory, "uninterrupted_user_path", write_user_config)
-
-
 def signal_the_step(proc, how: str, sig: signal.Signals, num_workers: int) -> None:
     if how == "rank1":  # the other rank learns it through the all-reduce
         os.kill(workers(proc.pid)[1], sig)
@@ -353,11 +348,6 @@ def test_a_stop_signal_to_the_higgs_ddp_command_stops_the_ranks_cleanly(tmp_path
 
 
 FSDP = ("train.parallel=fsdp", "data.num_workers=1")
-
-
-@pytest.fixture(scope="module")
-def uninterrupted_fsdp(tmp_path_factory):
-    return uninterrupted_run(tmp_path_factory, "uninterrupted_fsdp", lambda tmp, name: write_config(tmp, name, *FSDP))
 
 
 @pytest.mark.parametrize("fault", ["sigterm-step", "sigkill-max-restarts"])

@@ -8,15 +8,19 @@ rendezvous on a loopback address, one rank each.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 from conftest import ROOT, TORCHRUN_ENV, tiny_config
+from safetensors import safe_open
+from test_checkpoint import assert_same_weights, final_weights, rows
 
 
 def free_port() -> int:
@@ -32,23 +36,34 @@ def node_cmd(node_rank: int, port: int, config, *overrides, nproc=1, launch=()) 
 
 
 class Nodes:
-    """Launchers started together; whatever is still running at the end is stopped (the whole session)."""
+    """Launchers started together, their output in files (a full pipe would block one node while the other
+    waits for it in a collective); whatever still runs at the end is stopped, with its whole session."""
 
-    def __init__(self, cmds, env=None):
-        self.procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                                       env=env or TORCHRUN_ENV, start_new_session=True) for c in cmds]
+    def __init__(self, cmds, env=None, logs=None):
+        import tempfile
+
+        self.logs = [Path(tempfile.mkstemp(prefix=f"node{i}-", suffix=".log", dir=logs)[1]) for i in range(len(cmds))]
+        self.procs = []
+        for cmd, log in zip(cmds, self.logs):
+            with open(log, "w") as f:
+                self.procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                                   env=env or TORCHRUN_ENV, start_new_session=True))
 
     def wait(self, timeout) -> list:
-        """[(returncode, stdout, stderr)] of each launcher; fails (after stopping them) past the timeout."""
-        deadline, out = time.time() + timeout, []
+        """[(returncode, output)] of each launcher; fails (after stopping them) past the timeout."""
+        deadline = time.time() + timeout
         try:
             for p in self.procs:
-                o, e = p.communicate(timeout=max(1, deadline - time.time()))
-                out.append((p.returncode, o, e))
+                p.wait(timeout=max(1, deadline - time.time()))
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"the nodes did not end within {timeout} s") from None
-        return out
+            raise AssertionError(f"the nodes did not end within {timeout} s:\n" + self.output()) from None
+        return [(p.returncode, log.read_text(errors="replace").replace("\r", "\n"))
+                for p, log in zip(self.procs, self.logs)]
+
+    def output(self) -> str:
+        return "\n".join(f"--- node {i} ---\n" + log.read_text(errors="replace")[-3000:]
+                         for i, log in enumerate(self.logs))
 
     def kill(self):
         for p in self.procs:
@@ -57,7 +72,7 @@ class Nodes:
                     os.killpg(p.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            p.communicate()
+            p.wait()
 
 
 def write(tmp_path, name, *overrides, samples=16, audio=False):
@@ -73,12 +88,12 @@ def test_a_node_that_does_not_share_the_directory_stops_every_rank_with_one_line
     config = write(tmp_path, "run", "train.max_steps=2", audio=setting == "data.cache_dir")
     elsewhere = tmp_path / "node1-local-disk"
     port = free_port()
-    nodes = Nodes([node_cmd(0, port, config), node_cmd(1, port, config, f"{setting}={elsewhere}")])
+    nodes = Nodes([node_cmd(0, port, config), node_cmd(1, port, config, f"{setting}={elsewhere}")], logs=tmp_path)
     results = nodes.wait(timeout=120)
-    for code, out, err in results:
-        last = err.rstrip().splitlines()[-1]
-        assert code != 0, err[-3000:]
-        assert last.startswith(f"higgs-ddp: error: {setting} is not the same directory on every node: "), err[-3000:]
+    for code, out in results:
+        last = out.rstrip().splitlines()[-1]
+        assert code != 0, out[-3000:]
+        assert last.startswith(f"higgs-ddp: error: {setting} is not the same directory on every node: "), out[-3000:]
         # c10d numbers the nodes as they join: whichever got rank 1 holds the other's directory
         assert f"(rank 1: {elsewhere})" in last or f"(rank 1: {tmp_path / 'run'}" in last, last
         assert f"put {setting} on a filesystem every node mounts" in last, last
@@ -123,10 +138,63 @@ def test_a_rendezvous_that_fails_ends_within_the_timeout_with_one_line(tmp_path,
         expected = f"higgs-ddp: error: rendezvous at 192.0.2.1:{port}: could not connect within {RDZV_TIMEOUT} s; "
     t0 = time.time()
     nodes = Nodes([[sys.executable, "-m", "higgs_ddp", "train", *launch, "--config", str(config)]],
-                  env={**TORCHRUN_ENV, "HIGGS_RDZV_TIMEOUT": str(RDZV_TIMEOUT)})
-    ((code, out, err),) = nodes.wait(timeout=RDZV_TIMEOUT + 60)
+                  env={**TORCHRUN_ENV, "HIGGS_RDZV_TIMEOUT": str(RDZV_TIMEOUT)}, logs=tmp_path)
+    ((code, out),) = nodes.wait(timeout=RDZV_TIMEOUT + 60)
     elapsed = time.time() - t0
-    assert code != 0, err[-3000:]
-    assert err.rstrip().splitlines()[-1].startswith(expected), err[-3000:]
+    assert code != 0, out[-3000:]
+    assert out.rstrip().splitlines()[-1].startswith(expected), out[-3000:]
     assert elapsed < RDZV_TIMEOUT + 45, elapsed  # torchrun's start and its own imports, then our timeout
     assert not (tmp_path / "run" / "run").exists()  # no rank ever started
+
+
+def run_as_two_nodes(config, tmp_path, launch=(), timeout=600) -> str:
+    """Two launchers, one rank each: the same job as `--standalone --nproc-per-node 2`. Their output, joined."""
+    port = free_port()
+    nodes = Nodes([node_cmd(i, port, config, launch=launch) for i in (0, 1)], logs=tmp_path)
+    results = nodes.wait(timeout)
+    assert all(code == 0 for code, _ in results), nodes.output()
+    joined = "\n".join(out for _, out in results)
+    # Global rank 0 alone prints the run card and the summary, whichever node it is on.
+    assert joined.count("higgs-ddp run card") == 1 and joined.count("done: final loss") == 1, nodes.output()
+    return joined
+
+
+def run_files(run: Path) -> list:
+    """The files a run wrote, TensorBoard's named by kind (their names hold the host, pid and time)."""
+    return sorted(re.sub(r"events\.out\.tfevents\..*", "events.out.tfevents.*", p.relative_to(run).as_posix())
+                  for p in run.rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+def test_two_nodes_train_what_one_node_trains_on_the_users_path(tmp_path, uninterrupted_user_path):
+    """DataLoader workers, validation, listening samples, TensorBoard, token budgets, WAV clips encoded on the
+    way in: two launchers as two nodes end with the standalone 2-rank run's weights, metrics, samples and
+    TensorBoard scalars, the same files (rank 0 wrote them, once), and a code cache both nodes encoded."""
+    from test_faults import assert_same_user_path_outputs, write_user_config
+
+    config = write_user_config(tmp_path, "run")
+    run_as_two_nodes(config, tmp_path)
+    run = tmp_path / "run" / "run"
+    assert_same_weights(final_weights(run), final_weights(uninterrupted_user_path))
+    assert_same_user_path_outputs(run, uninterrupted_user_path)
+    assert run_files(run) == run_files(uninterrupted_user_path)
+    # prepare split the clips over the ranks of both nodes: one shard each, no clip twice
+    (cache,) = [d for d in (tmp_path / "run" / "cache").iterdir() if d.is_dir()]
+    shards = [set(safe_open(str(p), framework="np").keys()) for p in sorted(cache.glob("part-*.safetensors"))]
+    assert len(shards) == 2 and all(shards) and not shards[0] & shards[1], [len(s) for s in shards]
+    assert len(json.loads((cache / "index.json").read_text())["entries"]) == len(shards[0] | shards[1])
+
+
+@pytest.mark.slow
+def test_two_nodes_train_what_one_node_trains_under_fsdp(tmp_path, uninterrupted_fsdp):
+    """train.parallel=fsdp across the two nodes: each rank writes its own shard of every checkpoint."""
+    from test_faults import FSDP, write_config
+
+    run_as_two_nodes(write_config(tmp_path, "run", *FSDP), tmp_path)
+    run = tmp_path / "run" / "run"
+    assert_same_weights(final_weights(run), final_weights(uninterrupted_fsdp))
+    assert rows(run) == rows(uninterrupted_fsdp)
+    assert run_files(run) == run_files(uninterrupted_fsdp)
+    for step in (run / "checkpoints").iterdir():
+        assert sorted(p.name for p in (step / "shards").iterdir()) == ["rank_00000.safetensors",
+                                                                        "rank_00001.safetensors"]

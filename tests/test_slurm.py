@@ -27,13 +27,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 from test_checkpoint import assert_same_weights, final_weights, rows
-from test_faults import (  # noqa: F401
-    assert_same_user_path_outputs,
-    uninterrupted_run,
-    uninterrupted_user_path,
-    write_config,
-    write_user_config,
-)
+from test_faults import assert_same_user_path_outputs, uninterrupted_run, write_config, write_user_config
 
 from higgs_ddp.training.checkpoint import complete_checkpoints
 
@@ -187,7 +181,7 @@ def test_preemption_warning_requeues_and_resumes_exactly(cluster, uninterrupted,
                           after=f"higgs-ddp launch: requeueing job {job}")
 
 
-def test_real_preemption_by_a_higher_priority_job_requeues_and_resumes_exactly(cluster, uninterrupted_user_path,  # noqa: F811 (the fixture from test_faults)
+def test_real_preemption_by_a_higher_priority_job_requeues_and_resumes_exactly(cluster, uninterrupted_user_path,
                                                                                 tmp_path):
     """A job in the high partition takes the node from the low-partition training job (local_slurm.sh:
     preempt/partition_prio, PreemptMode=REQUEUE, GraceTime=30 on low). Slurm sends SIGTERM to the job's
