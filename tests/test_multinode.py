@@ -4,6 +4,12 @@ rendezvous on a loopback address, one rank each.
 - Every rank checks at start that it sees rank 0's output_dir (and code cache): a node given another
   directory stops all ranks on both nodes with one line naming it, not a hang or a checkpoint missing
   one node's shards later.
+- A rendezvous that cannot complete (a node never started, an unreachable endpoint) ends within
+  HIGGS_RDZV_TIMEOUT with one line.
+- The two nodes train exactly what one node with 2 ranks trains (ddp on the user's whole path, fsdp);
+  global rank 0 alone writes the run files, each rank its shards, both nodes encode the audio.
+- A rank killed on one node under --max-restarts 1: both nodes restart and the run ends exactly as an
+  uninterrupted one (which needs a store per restart: torchrun's shared one is refused at start).
 """
 
 import json
@@ -198,3 +204,56 @@ def test_two_nodes_train_what_one_node_trains_under_fsdp(tmp_path, uninterrupted
     for step in (run / "checkpoints").iterdir():
         assert sorted(p.name for p in (step / "shards").iterdir()) == ["rank_00000.safetensors",
                                                                         "rank_00001.safetensors"]
+
+
+def launcher_workers(launcher_pid: int) -> dict:
+    """rank -> pid of the training processes under a `higgs-ddp train` launcher (its child is torchrun)."""
+    from test_faults import children, workers
+
+    return {rank: pid for torchrun in children(launcher_pid) for rank, pid in workers(torchrun).items()}
+
+
+@pytest.mark.slow
+def test_a_node_whose_rank_is_killed_restarts_with_the_other_and_ends_exactly(tmp_path, uninterrupted_user_path):
+    """--max-restarts 1 on both nodes; node 1's training process is SIGKILLed after the second checkpoint. Its
+    launcher restarts it, node 0's launcher sees a node waiting and restarts its own rank too, and the run
+    resumes from the last checkpoint: the same weights, metrics, samples and scalars as never stopping."""
+    from test_faults import assert_same_user_path_outputs, wait_for, write_user_config
+
+    config = write_user_config(tmp_path, "run")
+    run = tmp_path / "run" / "run"
+    port = free_port()
+    nodes = Nodes([node_cmd(i, port, config, launch=("--max-restarts", "1")) for i in (0, 1)], logs=tmp_path,
+                  env={**TORCHRUN_ENV, "LOGLEVEL": "INFO"})  # torchrun's agents say why they restart
+    try:
+        wait_for(lambda: (run / "checkpoints" / "step_000008").is_dir(), "the second checkpoint", timeout=300)
+        (killed,) = launcher_workers(nodes.procs[1].pid).values()
+        os.kill(killed, signal.SIGKILL)
+        results = nodes.wait(timeout=400)
+    finally:
+        nodes.kill()
+    assert all(code == 0 for code, _ in results), nodes.output()
+    joined = "\n".join(out for _, out in results)
+    assert joined.count("resuming from") == 1, nodes.output()  # rank 0 of the second attempt, from a checkpoint
+    (_, out0), (_, out1) = results
+    assert "Worker group FAILED. 1/1 attempts left; will restart worker group" in out1, nodes.output()
+    assert re.search(r"Detected 1 new nodes from group_rank=\d; will restart worker group", out0), nodes.output()
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert_same_weights(final_weights(run), final_weights(uninterrupted_user_path))
+    assert_same_user_path_outputs(run, uninterrupted_user_path)
+
+
+@pytest.mark.slow
+def test_torchrun_sharing_one_store_across_restarts_on_several_nodes_is_refused(tmp_path):
+    """What `higgs-ddp train --nnodes` and launch/multi_node.sbatch avoid (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1):
+    torchrun's shared store with --max-restarts on several nodes. A restart on one node would hang the ranks
+    (the test above measured it); so they refuse it at start, in one line."""
+    config = write(tmp_path, "run")
+    port = free_port()
+    nodes = Nodes([node_cmd(i, port, config, launch=("--max-restarts", "1")) for i in (0, 1)], logs=tmp_path,
+                  env={**TORCHRUN_ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0"})
+    results = nodes.wait(timeout=120)
+    assert all(code != 0 for code, _ in results), nodes.output()
+    assert any(out.rstrip().splitlines()[-1].startswith(
+        "higgs-ddp: error: torchrun on several nodes with --max-restarts shares one store between restarts")
+        for _, out in results), nodes.output()

@@ -121,12 +121,15 @@ def torchrun_argv(name: str, launch: list, rest: list) -> list:
     """The torchrun command; across nodes with our rendezvous timeouts (runtime/rendezvous.py)."""
     from higgs_ddp.runtime.rendezvous import with_timeouts
 
-    rendezvous = any(a.split("=")[0] in ("--nnodes", "--rdzv-endpoint", "--rdzv-backend", "--master-addr")
-                     for a in launch)
+    rendezvous = across_nodes(launch)
     standalone = [] if rendezvous or "--standalone" in launch else ["--standalone"]
     if rendezvous:
         launch = with_timeouts(launch)
     return [sys.executable, "-m", "torch.distributed.run", *standalone, *launch, "-m", "higgs_ddp", name, *rest]
+
+
+def across_nodes(launch: list) -> bool:
+    return any(a.split("=")[0] in ("--nnodes", "--rdzv-endpoint", "--rdzv-backend", "--master-addr") for a in launch)
 
 
 def launch_ranks(cmd: list) -> int:
@@ -225,6 +228,8 @@ def main(argv=None) -> int:
             except RendezvousConfigError as e:
                 print(f"higgs-ddp: error: {e}", file=sys.stderr)
                 return 2
+            if across_nodes(launch):  # a store per restart (runtime/distributed.py: _restart_safe_store)
+                os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
             return launch_ranks(cmd)
     module, function = command.target.split(":")
     sys.argv[0] = f"higgs-ddp {name}"  # argparse's prog in usage and errors

@@ -25,6 +25,7 @@ from higgs_ddp.data.codec import CodecError  # noqa: E402
 from higgs_ddp.data.dataset import DataError  # noqa: E402
 from higgs_ddp.dual_loss import AlignmentError  # noqa: E402
 from higgs_ddp.runtime.distributed import barrier, cleanup, exit_process, setup_distributed  # noqa: E402
+from higgs_ddp.runtime.rendezvous import RendezvousConfigError  # noqa: E402
 from higgs_ddp.runtime.shared_fs import SharedFilesystemError  # noqa: E402
 from higgs_ddp.training.checkpoint import CheckpointError  # noqa: E402
 
@@ -211,7 +212,7 @@ def user_errors() -> tuple:
     from higgs_ddp.training.trainer import TrainingError
 
     return (ConfigError, DataError, AlignmentError, TrainingError, CodecError, CheckpointError, RunLogError,
-            SharedFilesystemError)
+            SharedFilesystemError, RendezvousConfigError)
 
 
 def failure_reason(e: BaseException) -> str:

@@ -64,9 +64,19 @@ def setup_distributed(timeout_minutes: int = 30) -> DistEnv:
 def _restart_safe_store(rank: int, world: int) -> dict:
     """torchrun keeps one TCPStore for all restarts (``--max-restarts``) and workers reuse its keys without
     a per-attempt prefix, so restarted gloo ranks read their dead predecessors' addresses and fail with
-    "connectFullMesh failed ... Connection refused" (measured, torch 2.11). A prefix per restart fixes it."""
+    "connectFullMesh failed ... Connection refused" (measured, torch 2.11). A prefix per restart fixes it
+    on one node. Across nodes it cannot: after one node's rank fails, only that node's restart count goes
+    up (the others restart for the membership change, at their old count), so the prefixes differ and the
+    ranks wait for each other for the collective timeout (measured). There torchrun must give each attempt
+    a store of its own: ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, which ``higgs-ddp train --nnodes`` and
+    launch/multi_node.sbatch set."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return {}  # plain env:// (no torchrun, or a fresh store per attempt)
+    if int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0:
+        raise rendezvous.RendezvousConfigError(
+            "torchrun on several nodes with --max-restarts shares one store between restarts, which a restart "
+            "on one node only cannot use: start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its "
+            "environment (higgs-ddp train and launch/multi_node.sbatch do)")
     # The wait for the other ranks' addresses (a rank that died before connecting) ends after HIGGS_RDZV_TIMEOUT.
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
                           timeout=datetime.timedelta(seconds=rendezvous.timeout_s()))
