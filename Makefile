@@ -15,7 +15,7 @@ DEMO_PROCS ?= $(shell [ "$$(nvidia-smi -L 2>/dev/null | wc -l)" = 1 ] && echo 1 
 # make bench: the full 3B architecture where a GPU is visible, the tiny model otherwise
 BENCH_CONFIG ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo configs/bench_3b.yaml || echo configs/bench_tiny.yaml)
 
-.PHONY: install wheels install-offline demo demo-data gpu-acceptance prepare train bench smoke-3b test test-fast clean
+.PHONY: install wheels install-offline demo demo-data gpu-acceptance prepare train bench smoke-3b test test-all test-fast clean
 
 install: $(STAMP)
 
@@ -59,8 +59,11 @@ smoke-3b: install  ## the 5.8B architecture end to end on this CPU (needs ~15 GB
 test: install
 	$(PY) -m pytest tests
 
+test-all: install  ## everything but the full-size smoke: make test plus the extended variants (~25 min on 2 cores)
+	$(PY) -m pytest tests -m "not smoke"
+
 test-fast: install  ## everything but the tests marked slow
-	$(PY) -m pytest tests -m "not slow and not smoke"
+	$(PY) -m pytest tests -m "not slow and not smoke and not extended"
 
 clean:
 	rm -rf runs .pytest_cache

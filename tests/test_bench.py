@@ -53,9 +53,9 @@ def test_flops_of_the_3b_architecture_match_the_formula_by_hand():
         model = HiggsAudioModel(model_config(cfg, load_tokenizer(cfg)))
         model.requires_grad_(False)
     costs = weight_costs(model)
-    H, L, V, I, kv, hd = 3072, 28, 128256, 8192, 8, 128
+    H, L, V, FF, kv, hd = 3072, 28, 128256, 8192, 8, 128
     attn = L * (H * H + 2 * H * kv * hd + H * H)
-    ffn = L * 3 * H * I
+    ffn = L * 3 * H * FF
     assert costs["attention"] == 4 * attn and costs["text_ffn"] == costs["audio_ffn"] == 4 * ffn
     assert costs["text_head"] == 4 * H * V and costs["audio_head"] == 4 * H * 8 * 1026
 

@@ -155,7 +155,7 @@ def test_full_fine_tuning_batch2_equals_accumulation2_in_bf16(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", [pytest.param("ddp", marks=pytest.mark.extended), "fsdp"])
 def test_two_ranks_equal_one_process_in_bf16(tmp_path, lora_runs, parallel):
     """2 gloo ranks x batch 1: within the tolerances of batch 2, and bit for bit accumulation 2 (the same
     micro-batches, so the same GEMMs; the gradients are summed over ranks in fp32)."""

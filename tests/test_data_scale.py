@@ -112,6 +112,7 @@ def test_damaged_token_shard_is_tokenized_again(corpus, tmp_path, tokenizer):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_data_scale_benchmark_two_ranks(tmp_path):
     """The command end to end: 2 ranks share the cold start's tokenizing; cold and warm load the same samples."""
     out = tmp_path / "bench"

@@ -245,8 +245,8 @@ def assert_same_user_path_outputs(run: Path, ref: Path) -> None:
 
 STOPS = [  # signal, sent to, DataLoader workers, the user's whole path
     pytest.param(signal.SIGTERM, "step", 2, True, id="term-step-user-path"),
-    pytest.param(signal.SIGUSR1, "step", 1, False, id="usr1-step"),
-    pytest.param(signal.SIGTERM, "group", 1, False, id="term-torchrun-group"),
+    pytest.param(signal.SIGUSR1, "step", 1, False, id="usr1-step", marks=pytest.mark.extended),
+    pytest.param(signal.SIGTERM, "group", 1, False, id="term-torchrun-group", marks=pytest.mark.extended),
     pytest.param(signal.SIGUSR1, "rank1", 0, False, id="usr1-rank1-no-workers"),
 ]
 
@@ -350,7 +350,7 @@ def test_a_stop_signal_to_the_higgs_ddp_command_stops_the_ranks_cleanly(tmp_path
 FSDP = ("train.parallel=fsdp", "data.num_workers=1")
 
 
-@pytest.mark.parametrize("fault", ["sigterm-step", "sigkill-max-restarts"])
+@pytest.mark.parametrize("fault", ["sigterm-step", pytest.param("sigkill-max-restarts", marks=pytest.mark.extended)])
 def test_fsdp_stop_and_restart_resume_exactly(tmp_path, uninterrupted_fsdp, fault):
     """Under train.parallel=fsdp (sharded checkpoints, each rank writing its rows): SIGTERM to every process
     of the step saves and the same command resumes; a rank SIGKILLed under --max-restarts restarts from the

@@ -88,7 +88,7 @@ def write(tmp_path, name, *overrides, samples=16, audio=False):
     return path
 
 
-@pytest.mark.parametrize("setting", ["output_dir", pytest.param("data.cache_dir", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("setting", ["output_dir", pytest.param("data.cache_dir", marks=pytest.mark.extended)])
 def test_a_node_that_does_not_share_the_directory_stops_every_rank_with_one_line(tmp_path, setting):
     """Node 1 is given its own output_dir (or cache): a local disk where a shared filesystem belongs."""
     config = write(tmp_path, "run", "train.max_steps=2", audio=setting == "data.cache_dir")
@@ -128,7 +128,7 @@ def test_rendezvous_timeouts_reach_torchrun_and_the_users_own_win(monkeypatch):
 RDZV_TIMEOUT = 5
 
 
-@pytest.mark.parametrize("fault", ["node-never-arrives", pytest.param("wrong-endpoint", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("fault", ["node-never-arrives", pytest.param("wrong-endpoint", marks=pytest.mark.extended)])
 def test_a_rendezvous_that_fails_ends_within_the_timeout_with_one_line(tmp_path, fault):
     """The other node is never started (static rendezvous, as `--node-rank` without a backend gives), or the
     endpoint is an address nobody listens on (c10d, as launch/multi_node.sbatch uses): no 10-minute hang."""

@@ -117,6 +117,7 @@ def test_loss_takes_logits_or_hidden_and_head_not_both():
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_compiled_layers_same_loss_and_gradients(tmp_path):
     # Without dropout: compiled code draws dropout masks from inductor's own generator, not eager's,
     # so with dropout the two runs are equally valid but not equal.
