@@ -75,6 +75,8 @@ class ResemblyzerEncoder(SpeakerEncoder):
 
         from higgs_ddp.evaluation.asr import resample_to
 
+        if not np.isfinite(wave).all() or not np.abs(wave).max(initial=0.0) > 1e-6:
+            return None  # silence is nobody (and Resemblyzer's volume normalisation would divide by its zero level)
         # its own preprocessing at 16 kHz: volume normalised, long silences cut (webrtcvad)
         voiced = preprocess_wav(resample_to(wave, sample_rate, WAVLM_RATE))
         if len(voiced) < WAVLM_RATE // 10:  # silence, or too little voice to embed
