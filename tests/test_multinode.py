@@ -257,3 +257,12 @@ def test_torchrun_sharing_one_store_across_restarts_on_several_nodes_is_refused(
     assert any(out.rstrip().splitlines()[-1].startswith(
         "higgs-ddp: error: torchrun on several nodes with --max-restarts shares one store between restarts")
         for _, out in results), nodes.output()
+
+
+def test_rank_zero_names_the_host_of_every_rank():
+    """The trainer's 'world:' line: what the launchers made of the allocation, per node."""
+    from higgs_ddp.runtime.shared_fs import describe_nodes
+
+    assert describe_nodes(["a"] * 8 + ["b"] * 8) == "16 rank(s) on 2 node(s): a (ranks 0-7), b (ranks 8-15)"
+    assert describe_nodes(["n2", "n1"]) == "2 rank(s) on 2 node(s): n2 (rank 0), n1 (rank 1)"
+    assert describe_nodes(["a", "b", "a"]) == "3 rank(s) on 2 node(s): a (ranks 0,2), b (rank 1)"

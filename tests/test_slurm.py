@@ -1,6 +1,9 @@
-"""The launch scripts under a real Slurm (slurmctld, slurmd and munge on this machine, brought up by
-tests/slurm/local_slurm.sh): launch/single_node_cpu.sbatch is stopped, requeued by Slurm, restarted,
-resumes from its checkpoint and ends with exactly the weights and losses of an uninterrupted run.
+"""The launch scripts under a real Slurm cluster of two nodes on this machine (slurmctld, two slurmd in
+namespaces of their own, higgs-node1 and higgs-node2, and munge, brought up by tests/slurm/local_slurm.sh):
+launch/multi_node.sbatch, unchanged but for its GPU lines given on the command line (--gpus-per-node=0,
+NPROC=1: one CPU process per node), runs one torchrun per node joined by its c10d rendezvous, and
+launch/single_node_cpu.sbatch runs on one node. Each is stopped, requeued by Slurm, restarted, resumes from
+its checkpoint and ends with exactly the weights and losses of an uninterrupted run of the same world size.
 
 - The preemption warning (`#SBATCH --signal=B:USR1@N`, forced with `scancel --signal=USR1 --batch`):
   the launcher passes USR1 to the workers, they save and exit 0, the launcher requeues the job.
@@ -28,6 +31,7 @@ import pytest
 from conftest import ROOT
 from test_checkpoint import assert_same_weights, final_weights, rows
 from test_faults import assert_same_user_path_outputs, uninterrupted_run, write_config, write_user_config
+from test_multinode import free_port
 
 from higgs_ddp.training.checkpoint import complete_checkpoints
 
@@ -35,6 +39,8 @@ pytestmark = pytest.mark.slow
 
 LOCAL_SLURM = ROOT / "tests" / "slurm" / "local_slurm.sh"
 SBATCH = "launch/single_node_cpu.sbatch"
+MULTI_NODE = "launch/multi_node.sbatch"
+NODES = ("higgs-node1", "higgs-node2")
 # write_config's run (tiny model, 24 samples, a checkpoint every 4 steps), but long enough (about
 # 5 s at 30 steps/s) that the stop signal surely arrives before the run is over.
 MAX_STEPS = 160
@@ -47,13 +53,20 @@ class Cluster:
     state_dir: Path
     env: dict
 
-    def run(self, *cmd, timeout=60) -> str:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self.env, cwd=ROOT)
+    def run(self, *cmd, timeout=60, env=None) -> str:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**self.env, **(env or {})},
+                              cwd=ROOT)
         assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
         return proc.stdout
 
-    def sbatch(self, *args) -> str:
-        return self.run("sbatch", "--parsable", *map(str, args)).strip().split(";")[0]
+    def sbatch(self, *args, env=None) -> str:
+        return self.run("sbatch", "--parsable", *map(str, args), env=env).strip().split(";")[0]
+
+    def sbatch_multi_node(self, *args) -> str:
+        """launch/multi_node.sbatch on both nodes, its GPU lines overridden for CPU: no GPUs, 2 CPUs a node,
+        one process a node (NPROC), the rendezvous on a port free here (MASTER_PORT)."""
+        return self.sbatch("--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2", *args,
+                           env={"NPROC": "1", "MASTER_PORT": str(free_port())})
 
     def job(self, job_id) -> dict:
         """`scontrol show job` as a dict (finished jobs stay for MinJobAge; there is no sacct)."""
@@ -70,15 +83,16 @@ def cluster(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("TORCHRUN", "NPROC")}
     env.update(SLURM_CONF=str(state / "slurm.conf"), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     try:
-        start = subprocess.run(["bash", str(LOCAL_SLURM), "start", str(state)], capture_output=True, text=True,
-                               timeout=600, env=env)
+        start = subprocess.run(["bash", str(LOCAL_SLURM), "start", str(state), str(len(NODES))],
+                               capture_output=True, text=True, timeout=600, env=env)
         if start.returncode != 0:  # as root the cluster must come up: fail loudly, never skip
             pytest.fail(f"local_slurm.sh start failed ({start.returncode}):\n{start.stdout}{start.stderr}"
                         f"{_log_tails(state)}")
         yield Cluster(state, env)
     finally:
         logs = tmp_path_factory.mktemp("slurm-logs")
-        for name in ("slurmctld.log", "slurmd.log", "slurm.conf", "munge/munged.log", "apt.log"):
+        for name in ("slurmctld.log", *(f"slurmd-{node}.log" for node in NODES), "slurm.conf", "munge/munged.log",
+                     "apt.log"):
             if (state / name).is_file():
                 shutil.copy(state / name, logs / name.replace("/", "-"))
         stop = subprocess.run(["bash", str(LOCAL_SLURM), "stop", str(state)], capture_output=True, text=True,
@@ -88,7 +102,7 @@ def cluster(tmp_path_factory):
 
 def _log_tails(state: Path, lines=30) -> str:
     out = ""
-    for name in ("slurmctld.log", "slurmd.log"):
+    for name in ("slurmctld.log", *(f"slurmd-{node}.log" for node in NODES)):
         if (state / name).is_file():
             out += f"\n--- {name} ---\n" + "\n".join((state / name).read_text(errors="replace").splitlines()[-lines:])
     return out
@@ -168,34 +182,62 @@ def check_resumed_exactly(cluster, job, run: Path, out: Path, signal: str, unint
         assert rows(run) == rows(uninterrupted)
 
 
-def test_preemption_warning_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_path):
+def submit(cluster: Cluster, launcher: str, config: Path, *args) -> str:
+    if launcher == "multi-node":
+        return cluster.sbatch_multi_node(*args, MULTI_NODE, config)
+    return cluster.sbatch(*args, SBATCH, config)
+
+
+def check_nodes(cluster: Cluster, launcher: str, job: str, out: Path) -> None:
+    """The multi-node job ran on both nodes, one torchrun (and so one rank) on each, both runs of it; the
+    single-node one on one node with its 2 ranks (the trainer's 'world:' line names each rank's host)."""
+    fields, why = cluster.job(job), diagnosis(cluster, out, job)
+    worlds = re.findall(r"world: 2 rank\(s\) on (\d) node\(s\): (.*)", job_output(out))
+    assert len(worlds) == 2, why  # the first run and the requeued one
+    if launcher == "multi-node":
+        assert fields["NumNodes"] == "2" and fields["NodeList"] == "higgs-node[1-2]", why
+        for count, hosts in worlds:
+            assert count == "2" and sorted(re.findall(r"(higgs-node\d) \(rank \d\)", hosts)) == list(NODES), why
+    else:
+        assert fields["NumNodes"] == "1" and all(count == "1" for count, _ in worlds), why
+
+
+LAUNCHERS = [pytest.param("single-node", marks=pytest.mark.extended), "multi-node"]
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_preemption_warning_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_path, launcher):
     """USR1 to the batch shell (what `#SBATCH --signal=B:USR1@120` sends before the time limit)."""
     config = write_config(tmp_path, "run", *OVERRIDES)
     run, out = tmp_path / "run" / "run", tmp_path / "job.out"
-    job = cluster.sbatch("--output", out, SBATCH, config)  # the default partition, as submitted by hand
+    job = submit(cluster, launcher, config, "--output", out)  # the default partition, as submitted by hand
     wait_for_checkpoint(cluster, job, run, out)
     cluster.run("scancel", "--signal=USR1", "--batch", job)
     fields = wait_job(cluster, job, requeued_and_finished, "the requeued job to finish (COMPLETED, Restarts=1)", out)
     assert fields["ExitCode"] == "0:0", diagnosis(cluster, out, job)
     check_resumed_exactly(cluster, job, run, out, "SIGUSR1", uninterrupted, before="higgs-ddp launch: USR1 at",
                           after=f"higgs-ddp launch: requeueing job {job}")
+    check_nodes(cluster, launcher, job, out)
 
 
+@pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_real_preemption_by_a_higher_priority_job_requeues_and_resumes_exactly(cluster, uninterrupted_user_path,
-                                                                                tmp_path):
-    """A job in the high partition takes the node from the low-partition training job (local_slurm.sh:
-    preempt/partition_prio, PreemptMode=REQUEUE, GraceTime=30 on low). Slurm sends SIGTERM to the job's
-    tasks; the workers save and exit; the launcher sees the preemption and requeues the job (a job that
-    ends within its grace time is otherwise just FAILED); it restarts once the high job is done."""
+                                                                                tmp_path, launcher):
+    """A job in the high partition needing both nodes takes them from the low-partition training job
+    (local_slurm.sh: preempt/partition_prio, PreemptMode=REQUEUE, GraceTime=30 on low). Slurm sends SIGTERM
+    to the job's tasks (on every node); the workers save and exit; the launcher sees the preemption and
+    requeues the job (a job that ends within its grace time is otherwise just FAILED); it restarts once the
+    high job is done."""
     config = write_user_config(tmp_path, "run")
     run, out, high_out = tmp_path / "run" / "run", tmp_path / "job.out", tmp_path / "high.out"
-    job = cluster.sbatch("--partition=low", "--exclusive", "--output", out, SBATCH, config)
+    job = submit(cluster, launcher, config, "--partition=low", "--exclusive", "--output", out)
     wait_for_checkpoint(cluster, job, run, out)
-    high = cluster.sbatch("--partition=high", "--exclusive", "--output", high_out, "--job-name=higgs-ddp-high",
-                          "--wrap", "echo high-priority job ran on $(hostname); sleep 5")
+    high = cluster.sbatch("--partition=high", f"--nodes={len(NODES)}", "--exclusive", "--output", high_out,
+                          "--job-name=higgs-ddp-high", "--wrap", "echo high-priority job ran on $(hostname); sleep 5")
     wait_job(cluster, job, requeued_and_finished, "the preempted job to be requeued and finish", out)
     check_resumed_exactly(cluster, job, run, out, "SIGTERM", uninterrupted_user_path, before="",
                           after=f"higgs-ddp launch: job {job} was preempted")
+    check_nodes(cluster, launcher, job, out)
     low, hi = cluster.job(job), cluster.job(high)
     why = diagnosis(cluster, out, job, high)
     assert hi["JobState"] == "COMPLETED" and hi["Partition"] == "high", why

@@ -26,13 +26,14 @@ class SharedFilesystemError(RuntimeError):
     """A directory that must be shared is not the same on every rank; every rank raises it."""
 
 
-def check_shared_directory(path, setting: str, env: DistEnv, wait_s: float = VISIBLE_WITHIN_S) -> None:
+def check_shared_directory(path, setting: str, env: DistEnv, wait_s: float = VISIBLE_WITHIN_S) -> list[str]:
     """Raise SharedFilesystemError on every rank unless every rank's ``path`` is rank 0's directory.
 
     ``setting`` names the config key the user sets (``output_dir``, ``data.cache_dir``). A collective:
-    every rank calls it, with its own config's path. One process: nothing to check."""
+    every rank calls it, with its own config's path. Returns each rank's host name (by rank); one
+    process: nothing to check."""
     if env.world_size == 1 or not env.distributed:
-        return
+        return [socket.gethostname()]
     path = Path(path)
     token, probe = "", None
     if env.is_main:  # the directory is rank 0's to create (as it creates the run files)
@@ -63,6 +64,22 @@ def check_shared_directory(path, setting: str, env: DistEnv, wait_s: float = VIS
             f"{setting} is not the same directory on every node: rank 0 on {host0} wrote a file into {path0} "
             f"that {len(blind)} rank(s) on node(s) {', '.join(nodes)} do not see at their {setting}: {ranks}; "
             f"put {setting} on a filesystem every node mounts, at the path each node's config gives")
+    return [h for _, h, _, _ in answers]
+
+
+def describe_nodes(hosts: list[str]) -> str:
+    """'2 ranks on 2 nodes: a (rank 0), b (rank 1)'; more ranks a node: 'a (ranks 0-7), b (ranks 8-15)'."""
+    ranks: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        ranks.setdefault(host, []).append(rank)
+    shown = [f"{h} (rank{'s' if len(r) > 1 else ''} {_span(r)})" for h, r in list(ranks.items())[:8]]
+    more = f", ... ({len(ranks) - 8} more)" if len(ranks) > 8 else ""
+    return f"{len(hosts)} rank(s) on {len(ranks)} node(s): {', '.join(shown)}{more}"
+
+
+def _span(ranks: list[int]) -> str:
+    return str(ranks[0]) if len(ranks) == 1 else (f"{ranks[0]}-{ranks[-1]}" if ranks == list(
+        range(ranks[0], ranks[-1] + 1)) else ",".join(map(str, ranks)))
 
 
 def _sees(probe: Path, token: str, wait_s: float) -> bool:

@@ -22,7 +22,7 @@ from higgs_ddp.dual_loss import compute_dual_loss
 from higgs_ddp.model import HiggsForward, build_for_training, load_tokenizer, model_config, text_head, unwrap
 from higgs_ddp.runtime import precision
 from higgs_ddp.runtime.distributed import DistEnv, all_reduce_sum
-from higgs_ddp.runtime.shared_fs import check_shared_directory
+from higgs_ddp.runtime.shared_fs import check_shared_directory, describe_nodes
 from higgs_ddp.training.best import BestTracker
 from higgs_ddp.training.checkpoint import _fsync_tree, check_resumable, load_checkpoint, save_checkpoint
 from higgs_ddp.training.memory_plan import check_memory
@@ -57,7 +57,9 @@ class Trainer:
         self.cfg, self.env = cfg, env
         t = cfg.train
         check_machine(cfg, env.device.type)  # flash-attn and CPU offload need a GPU
-        check_shared_directory(cfg.output_dir, "output_dir", env)  # before anything is written there
+        hosts = check_shared_directory(cfg.output_dir, "output_dir", env)  # before anything is written there
+        if env.is_main and env.distributed:  # what the launcher(s) made of the allocation
+            print(f"world: {describe_nodes(hosts)}", flush=True)
         self.precision = precision.describe(cfg, env.device)  # bf16 autocast (GPU or CPU) or fp32
 
         self.tokenizer = load_tokenizer(cfg)
