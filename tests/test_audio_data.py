@@ -227,6 +227,35 @@ def test_codes_are_the_codecs_and_the_cache_is_incremental(tmp_path, tokenizer, 
     assert not other.entries
 
 
+def test_cached_codes_are_mapped_from_their_shards_not_copied(tmp_path):
+    """The codes come back as views into their mapped shard (the ranks of a node share one copy in the page
+    cache), equal to what was written, with no file left open; a shard whose header does not match its
+    bytes is a damaged shard, never a read past its end."""
+    import os
+
+    from safetensors import SafetensorError
+
+    rng = np.random.default_rng(0)
+    written = {f"k{i}": torch.from_numpy(rng.integers(0, 1024, (8, 5 + i)).astype(np.int16)) for i in range(5)}
+    writer = code_cache.CodeCache(tmp_path / "cache", "codec-a").writer()
+    for key, codes in written.items():
+        writer.add(key, codes, 1.0)
+    writer.flush()
+    open_files = len(os.listdir("/proc/self/fd"))
+    loaded = code_cache.CodeCache(tmp_path / "cache", "codec-a").load(written)
+    assert len(os.listdir("/proc/self/fd")) == open_files
+    for key, codes in written.items():
+        assert loaded[key].dtype == np.int16 and not loaded[key].flags.owndata
+        assert np.array_equal(loaded[key], codes.numpy())
+    for header, data in (({"x": {"dtype": "I16", "shape": [8, 100], "data_offsets": [0, 1600]}}, 16),
+                         ({"x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, 16)):
+        text = json.dumps(header).encode()
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(len(text).to_bytes(8, "little") + text + bytes(data))
+        with pytest.raises(SafetensorError, match="tensor x is not where its header says"):
+            code_cache.map_shard(bad)
+
+
 def _refs(tmp_path, m):
     from higgs_ddp.data.manifest import read_manifest
 

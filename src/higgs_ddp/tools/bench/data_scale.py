@@ -46,14 +46,15 @@ def release_free_memory() -> None:
 
 
 def dataset_bytes(records: list) -> int:
-    """The bytes of codes and token ids the records hold (each buffer once: ids may share one)."""
+    """The bytes of codes and token ids the records hold, each array's bytes once (ids may share one;
+    codes are views into their mapped shards)."""
     seen, total = set(), 0
     for r in records:
         for arr in (r.input_ids, r.label_ids, *r.codes):
-            base = arr if arr.base is None else arr.base
-            if id(base) not in seen:
-                seen.add(id(base))
-                total += base.nbytes if hasattr(base, "nbytes") else arr.nbytes
+            where = (arr.__array_interface__["data"][0], arr.nbytes)
+            if where not in seen:
+                seen.add(where)
+                total += arr.nbytes
     return total
 
 
