@@ -67,6 +67,15 @@ def read_metrics(run_dir):
 # The uninterrupted 2-rank reference runs that several modules compare with (faults, Slurm, several
 # nodes): each runs once per session.
 @pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+    """test_faults.write_config's run on 2 ranks, uninterrupted. No DataLoader workers: their number changes
+    nothing in the batches, so every run compares with it (the Slurm runs have one)."""
+    from test_faults import uninterrupted_run, write_config
+
+    return uninterrupted_run(tmp_path_factory, "uninterrupted", write_config)
+
+
+@pytest.fixture(scope="session")
 def uninterrupted_user_path(tmp_path_factory):
     """test_faults.write_user_config's run (the user's whole path) on 2 ranks, uninterrupted."""
     from test_faults import uninterrupted_run, write_user_config

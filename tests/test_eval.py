@@ -31,7 +31,7 @@ def listening_prompts(tmp_path) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", [pytest.param("ddp", marks=pytest.mark.extended), "fsdp"])
 def test_two_ranks_report_the_validation_and_samples_of_one(tmp_path, parallel):
     """Under fsdp a forward is a collective: the ranks validate in lockstep (the one with fewer batches
     repeats one, uncounted) and speak every prompt together."""

@@ -185,12 +185,6 @@ def uninterrupted_run(tmp_path_factory, name: str, write) -> Path:
     return tmp / "ref" / "run"
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """No DataLoader workers: their number changes nothing in the batches, so every run compares with it."""
-    return uninterrupted_run(tmp_path_factory, "uninterrupted", write_config)
-
-
 def signal_the_step(proc, how: str, sig: signal.Signals, num_workers: int) -> None:
     if how == "rank1":  # the other rank learns it through the all-reduce
         os.kill(workers(proc.pid)[1], sig)
@@ -307,6 +301,7 @@ def test_a_dataloader_worker_killed_while_stopping_loses_no_checkpoint(tmp_path,
     assert rows(run) == rows(uninterrupted)
 
 
+@pytest.mark.extended  # test_multinode's killed rank restarts both nodes on the same user path
 def test_sigkill_under_max_restarts_resumes_from_last_checkpoint(tmp_path, uninterrupted_user_path):
     """On the user's path: the restart drops the metrics, TensorBoard events and listening samples of the
     steps after its checkpoint and redoes them."""
@@ -350,7 +345,9 @@ def test_a_stop_signal_to_the_higgs_ddp_command_stops_the_ranks_cleanly(tmp_path
 FSDP = ("train.parallel=fsdp", "data.num_workers=1")
 
 
-@pytest.mark.parametrize("fault", ["sigterm-step", pytest.param("sigkill-max-restarts", marks=pytest.mark.extended)])
+# extended: the stop machinery is the ddp runs' above, fsdp's exact resume test_fsdp's, both together the nodes'
+@pytest.mark.extended
+@pytest.mark.parametrize("fault", ["sigterm-step", "sigkill-max-restarts"])
 def test_fsdp_stop_and_restart_resume_exactly(tmp_path, uninterrupted_fsdp, fault):
     """Under train.parallel=fsdp (sharded checkpoints, each rank writing its rows): SIGTERM to every process
     of the step saves and the same command resumes; a rank SIGKILLed under --max-restarts restarts from the

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 from test_checkpoint import assert_same_weights, final_weights, rows
-from test_faults import assert_same_user_path_outputs, uninterrupted_run, write_config, write_user_config
+from test_faults import MAX_STEPS, assert_same_user_path_outputs, write_config, write_user_config
 from test_multinode import free_port
 
 from higgs_ddp.training.checkpoint import complete_checkpoints
@@ -41,10 +41,9 @@ LOCAL_SLURM = ROOT / "tests" / "slurm" / "local_slurm.sh"
 SBATCH = "launch/single_node_cpu.sbatch"
 MULTI_NODE = "launch/multi_node.sbatch"
 NODES = ("higgs-node1", "higgs-node2")
-# write_config's run (tiny model, 24 samples, a checkpoint every 4 steps), but long enough (about
-# 5 s at 30 steps/s) that the stop signal surely arrives before the run is over.
-MAX_STEPS = 160
-OVERRIDES = (f"train.max_steps={MAX_STEPS}", "data.num_workers=1")  # the step's signal reaches the workers too
+# write_config's run (tiny model, 24 samples, a checkpoint every 4 steps, MAX_STEPS steps: about 5 s at 30
+# steps/s, so the stop signal surely arrives before the run is over), compared with conftest's uninterrupted.
+OVERRIDES = ("data.num_workers=1",)  # the step's signal reaches the workers too
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
@@ -106,11 +105,6 @@ def _log_tails(state: Path, lines=30) -> str:
         if (state / name).is_file():
             out += f"\n--- {name} ---\n" + "\n".join((state / name).read_text(errors="replace").splitlines()[-lines:])
     return out
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    return uninterrupted_run(tmp_path_factory, "uninterrupted", lambda tmp, name: write_config(tmp, name, *OVERRIDES))
 
 
 def job_output(path: Path) -> str:
