@@ -192,15 +192,21 @@ def test_two_nodes_train_what_one_node_trains_on_the_users_path(tmp_path, uninte
 
 
 @pytest.mark.slow
-def test_two_nodes_train_what_one_node_trains_under_fsdp(tmp_path, uninterrupted_fsdp):
-    """train.parallel=fsdp across the two nodes: each rank writes its own shard of every checkpoint."""
+def test_two_nodes_train_what_one_node_trains_under_fsdp(tmp_path):
+    """train.parallel=fsdp across the two nodes: each rank writes its own shard of every checkpoint. (24 steps,
+    two epochs and six checkpoints: the fault tests' 160 are for a signal to land mid-run.)"""
+    from conftest import torchrun
     from test_faults import FSDP, write_config
 
-    run_as_two_nodes(write_config(tmp_path, "run", *FSDP), tmp_path)
+    short = (*FSDP, "train.max_steps=24")
+    reference = torchrun(2, "--config", write_config(tmp_path, "ref", *short))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    ref = tmp_path / "ref" / "run"
+    run_as_two_nodes(write_config(tmp_path, "run", *short), tmp_path)
     run = tmp_path / "run" / "run"
-    assert_same_weights(final_weights(run), final_weights(uninterrupted_fsdp))
-    assert rows(run) == rows(uninterrupted_fsdp)
-    assert run_files(run) == run_files(uninterrupted_fsdp)
+    assert_same_weights(final_weights(run), final_weights(ref))
+    assert rows(run) == rows(ref) and len(rows(run)) == 24
+    assert run_files(run) == run_files(ref)
     for step in (run / "checkpoints").iterdir():
         assert sorted(p.name for p in (step / "shards").iterdir()) == ["rank_00000.safetensors",
                                                                         "rank_00001.safetensors"]
