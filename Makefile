@@ -59,7 +59,7 @@ smoke-3b: install  ## the 5.8B architecture end to end on this CPU (needs ~15 GB
 test: install
 	$(PY) -m pytest tests
 
-test-all: install  ## everything but the full-size smoke: make test plus the extended variants (~5 min more)
+test-all: install  ## everything but the full-size smoke: make test plus the extended variants (~10 min more)
 	$(PY) -m pytest tests -m "not smoke"
 
 test-fast: install  ## everything but the tests marked slow
