@@ -176,7 +176,7 @@ def test_damaged_code_cache_shard_is_encoded_again(tmp_path, capsys, indexed):
 
     first = prepare()
     # The codes are views into the mapped shard (code_cache.map_shard): keep a copy before cutting the
-    # file under the mapping (on Linux, reading a cut page of a mapping is a SIGBUS).
+    # file under the mapping (measured here: the cut part then reads as zeros; a kernel may SIGBUS instead).
     first_codes = {path: codes.copy() for path, codes in first.codes.items()}
     [shard] = list((tmp_path / "cache").glob("*/part-*.safetensors"))
     truncate(shard, 40)
