@@ -135,7 +135,8 @@ class CodeCache:
         write_json_atomic(self.dir / "index.json", {"codec": self.identity, "entries": self.entries})
 
     def load(self, keys) -> dict[str, np.ndarray]:
-        """key -> (codebooks, frames) int16 codes: read-only views into their shards, mapped into memory.
+        """key -> (codebooks, frames) int16 codes: views into their shards, mapped into memory (privately:
+        nothing here writes to them, and a write would stay in this process, never reach the file).
 
         A shard never changes once written (written whole under a temporary name, then renamed), so the
         ranks of a node, and their DataLoader workers, share one copy of the codes in the page cache

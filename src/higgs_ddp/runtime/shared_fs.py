@@ -68,7 +68,7 @@ def check_shared_directory(path, setting: str, env: DistEnv, wait_s: float = VIS
 
 
 def describe_nodes(hosts: list[str]) -> str:
-    """'2 ranks on 2 nodes: a (rank 0), b (rank 1)'; more ranks a node: 'a (ranks 0-7), b (ranks 8-15)'."""
+    """'2 rank(s) on 2 node(s): a (rank 0), b (rank 1)'; more ranks a node: '... a (ranks 0-7), b (ranks 8-15)'."""
     ranks: dict[str, list[int]] = {}
     for rank, host in enumerate(hosts):
         ranks.setdefault(host, []).append(rank)
