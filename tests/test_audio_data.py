@@ -431,6 +431,43 @@ def test_the_real_codec_loader_offline(tmp_path, monkeypatch, codec):
         assert "\n" not in str(ei.value) and "codec" in str(ei.value)
 
 
+def test_a_codec_in_the_rewritten_hub_format_is_one_line_naming_the_pinned_revision(tmp_path, capsys):
+    """The hub repo's April 2026 rewrite nests its config (acoustic_model_config, ...), which boson's
+    HiggsAudioTokenizer(**config) refuses with a TypeError deep inside the codec: every way of reaching the
+    codec (the loader, its rates, its shortest clip, prepare, the doctor) says instead, in one line, which
+    revision loads."""
+    from conftest import tiny_config
+
+    from higgs_ddp.cli import prepare
+    from higgs_ddp.config import OFFICIAL_CODEC_REVISION
+    from higgs_ddp.data.codec import CodecError, codec_rates, min_input_seconds, save_tiny_codec_folder
+
+    folder = save_tiny_codec_folder(tmp_path / "codec")  # model.pth as the old format has it
+    (folder / "config.json").write_text(json.dumps({  # the shape of the rewritten repo's config.json
+        "model_type": "higgs_audio_v2_tokenizer", "sample_rate": 24000, "codebook_size": 1024,
+        "acoustic_model_config": {"model_type": "dac", "hop_length": 960},
+        "semantic_model_config": {"model_type": "hubert"}}))
+    for call in (load_codec, codec_rates, min_input_seconds):
+        with pytest.raises(CodecError) as ei:
+            call(str(folder))
+        msg = str(ei.value)
+        assert "\n" not in msg and str(folder) in msg and OFFICIAL_CODEC_REVISION in msg
+        assert "nested format (acoustic_model_config, semantic_model_config)" in msg
+
+    cfg = tiny_config(tmp_path, samples=4, audio=True)
+    args = ["--config", str(TINY), f"data.manifest={cfg.data.manifest[0]}", f"output_dir={tmp_path / 'o'}",
+            f"data.cache_dir={tmp_path / 'c'}", f"data.codec={folder}"]
+    assert prepare(args) == 2
+    err = capsys.readouterr().err
+    assert f"higgs-ddp: error: codec {folder}: config.json is in the newer nested format" in err
+    assert OFFICIAL_CODEC_REVISION in err and "Traceback" not in err
+    from higgs_ddp.tools import doctor
+
+    assert doctor.main(args) == 1
+    assert any(line.startswith(f"FAIL codec {folder}: config.json is in the newer nested format")
+               for line in capsys.readouterr().out.splitlines())
+
+
 @pytest.mark.slow
 def test_two_ranks_share_the_encoding_and_agree_with_one(tmp_path):
     """higgs-ddp prepare --nproc-per-node 2 (torchrun under the hood): each rank encodes a share, into its own

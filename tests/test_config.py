@@ -371,6 +371,22 @@ def test_official_repo_explicit_revision_kept(tmp_path):
     assert load_config(str(p)).model.revision == "main"
 
 
+def test_official_codec_is_pinned_to_the_last_revision_boson_loads(tmp_path):
+    """The codec's hub `main` was rewritten (boson-ai/higgs-audio#176): the default follows the pin, not main."""
+    from higgs_ddp.config import OFFICIAL_CODEC, OFFICIAL_CODEC_REVISION
+    from higgs_ddp.data.codec import codec_identity
+
+    cfg = load_config(None, ["model.path=x"])
+    assert cfg.data.codec == OFFICIAL_CODEC and OFFICIAL_CODEC_REVISION == "9d4988fbd4ad07b4cac3a5fa462741a41810dbec"
+    assert cfg.data.codec_revision == OFFICIAL_CODEC_REVISION
+    # the code cache is keyed by the pinned revision, also where a caller names the codec without one
+    assert codec_identity(OFFICIAL_CODEC) == codec_identity(OFFICIAL_CODEC, OFFICIAL_CODEC_REVISION)
+    assert f"@{OFFICIAL_CODEC_REVISION}:" in codec_identity(OFFICIAL_CODEC)
+    p = write_yaml(tmp_path, {"model": {"path": "x"}, "data": {"codec_revision": "main"}})
+    assert load_config(str(p)).data.codec_revision == "main"  # an explicit revision is kept
+    assert load_config(None, ["model.path=x", "data.codec=someone/codec"]).data.codec_revision is None
+
+
 def test_other_repo_gets_no_default_revision():
     assert load_config(None, ["model.path=someone/other-model"]).model.revision is None
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from higgs_ddp.config import OFFICIAL_CODEC, OFFICIAL_REPO, OFFICIAL_REVISION, ConfigError, load_config
+from higgs_ddp.config import OFFICIAL_CODEC, OFFICIAL_CODEC_REVISION, OFFICIAL_REPO, OFFICIAL_REVISION, ConfigError, load_config
 from higgs_ddp.tools import doctor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,13 +262,15 @@ def test_cached_hub_model_and_codec(capsys, tmp_path, offline_hub):
     rc, lines = run(capsys, *args)  # config cached, weights not
     fail = one(lines, f"FAIL model {repo}@main: ")
     assert "the weights (model*.safetensors) not in the HF cache" in fail
-    assert f"`huggingface-cli download {OFFICIAL_CODEC}`" in one(lines, f"FAIL codec {OFFICIAL_CODEC}@main: ")
+    # the official codec is read at its pinned revision (its hub main no longer loads)
+    assert f"`huggingface-cli download {OFFICIAL_CODEC} --revision {OFFICIAL_CODEC_REVISION}`" in \
+        one(lines, f"FAIL codec {OFFICIAL_CODEC}@{OFFICIAL_CODEC_REVISION}: ")
 
     cache_repo(offline_hub, repo, {"model.safetensors": ""})
-    cache_repo(offline_hub, OFFICIAL_CODEC, {"config.json": "{}", "model.pth": ""})
+    cache_repo(offline_hub, OFFICIAL_CODEC, {"config.json": "{}", "model.pth": ""}, revision=OFFICIAL_CODEC_REVISION)
     rc, lines = run(capsys, *args)
     assert one(lines, f"OK   model {repo}@main: in the HF cache")
-    assert one(lines, f"OK   codec {OFFICIAL_CODEC}@main: in the HF cache")
+    assert one(lines, f"OK   codec {OFFICIAL_CODEC}@{OFFICIAL_CODEC_REVISION}: in the HF cache")
     # the codec builds its HuBERT teacher from the hub too
     assert "huggingface-cli download bosonai/hubert_base" in one(lines, "FAIL codec teacher bosonai/hubert_base")
     assert rc == 1

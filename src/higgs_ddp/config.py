@@ -32,6 +32,17 @@ DEFAULT_LORA_TARGETS = [
 
 
 OFFICIAL_CODEC = "bosonai/higgs-audio-v2-tokenizer"
+# The codec's hub repo was rewritten in April 2026 (a nested config.json: acoustic_model_config, ...), which
+# boson_multimodal's load_higgs_audio_tokenizer cannot load (boson-ai/higgs-audio#176); this revision is the
+# last in the format it loads.
+OFFICIAL_CODEC_REVISION = "9d4988fbd4ad07b4cac3a5fa462741a41810dbec"
+# The revision each official repo is read at when none is given: hub `main` no longer loads for either.
+PINNED_REVISIONS = {OFFICIAL_REPO: OFFICIAL_REVISION, OFFICIAL_CODEC: OFFICIAL_CODEC_REVISION}
+
+
+def pinned_revision(repo: Optional[str], revision: Optional[str]) -> Optional[str]:
+    """The revision a hub repo is read at: the one given, else the pinned one for an official repo."""
+    return revision if revision is not None else PINNED_REVISIONS.get(repo)
 
 
 class ConfigError(ValueError):
@@ -166,7 +177,7 @@ class DataConfig(Section):
     root: Optional[str] = None  # dataset root for allow_outside_root (default: each manifest's folder)
     allow_outside_root: bool = True
     codec: str = OFFICIAL_CODEC  # audio tokenizer: hub id, local folder, or "tiny" (random, for demos)
-    codec_revision: Optional[str] = None
+    codec_revision: Optional[str] = None  # defaults to OFFICIAL_CODEC_REVISION for the official codec
     cache_dir: Optional[str] = None  # code cache (default: .higgs_codes next to the first manifest)
     shuffle: bool = True
     num_workers: int = ranged(2, 0, note="0: batches are built in the training process")
@@ -545,6 +556,6 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
     cfg = Config()
     _apply(cfg, data)
     cfg.validate()
-    if cfg.model.revision is None and cfg.model.path == OFFICIAL_REPO:
-        cfg.model.revision = OFFICIAL_REVISION
+    cfg.model.revision = pinned_revision(cfg.model.path, cfg.model.revision)
+    cfg.data.codec_revision = pinned_revision(cfg.data.codec, cfg.data.codec_revision)
     return cfg

@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from higgs_ddp.config import OFFICIAL_CODEC, OFFICIAL_CODEC_REVISION, pinned_revision
+
 TINY = "tiny"
 PIPELINE_VERSION = 1  # bump when decoding / down-mixing / resampling changes what gets encoded
 
@@ -57,7 +59,25 @@ def codec_identity(name: str, revision: Optional[str] = None) -> str:
             st = f.stat()  # content-addressed would mean hashing the weights on every start
             h.update(f"{fname}:{st.st_size}:{st.st_mtime_ns}".encode())
         return f"local:{path.resolve()}:{h.hexdigest()[:16]}:pipeline{PIPELINE_VERSION}"
-    return f"hub:{name}@{revision or 'main'}:pipeline{PIPELINE_VERSION}"
+    return f"hub:{name}@{pinned_revision(name, revision) or 'main'}:pipeline{PIPELINE_VERSION}"
+
+
+def check_codec_format(config: dict, where: str) -> None:
+    """A config.json that boson_multimodal's HiggsAudioTokenizer cannot be built from is one line naming the
+    revision that loads: the hub repo's rewrite of April 2026 nests its settings (acoustic_model_config, ...),
+    and HiggsAudioTokenizer(**config) then fails with an unexpected keyword argument."""
+    import inspect
+
+    from boson_multimodal.audio_processing.higgs_audio_tokenizer import HiggsAudioTokenizer
+
+    known = set(inspect.signature(HiggsAudioTokenizer.__init__).parameters)
+    unknown = sorted(k for k in config if k not in known)
+    if unknown:
+        nested = [k for k in unknown if isinstance(config[k], dict)]
+        kind = f"the newer nested format ({', '.join(nested)})" if nested else f"a format with {', '.join(unknown)}"
+        raise CodecError(f"codec {where}: config.json is in {kind}, which boson-multimodal cannot load; use "
+                         f"{OFFICIAL_CODEC} at revision {OFFICIAL_CODEC_REVISION} (the default data.codec_revision, "
+                         f"the last snapshot in the format it loads)")
 
 
 def _tiny_hubert():
@@ -153,26 +173,36 @@ def shortest_input(encoder: torch.nn.Module) -> int:
 
 def _codec_config(name: str, revision: Optional[str]) -> dict:
     """The codec's config.json, without its weights."""
-    import json
-
     if name == TINY:
         return tiny_codec_config()
     if Path(name).is_dir():
-        path = Path(name) / "config.json"
-        if not path.is_file():
-            raise CodecError(f"codec folder {name} has no config.json")
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise CodecError(f"cannot read {path}: {e}") from None
+        return _read_codec_config(Path(name) / "config.json", name)
+    revision = pinned_revision(name, revision)
     try:
         from huggingface_hub import hf_hub_download
 
-        return json.loads(Path(hf_hub_download(name, "config.json", revision=revision)).read_text())
+        path = Path(hf_hub_download(name, "config.json", revision=revision))
     except Exception as e:  # offline, unknown repo, no permission: one line, with the fix
         raise CodecError(f"cannot fetch the audio codec's config {name}@{revision or 'main'} "
                          f"({type(e).__name__}); download it once with network access or set "
                          f"data.codec to a local folder") from None
+    return _read_codec_config(path, f"{name}@{revision or 'main'}")
+
+
+def _read_codec_config(path: Path, where: str) -> dict:
+    """A codec's config.json, checked to be in the format boson_multimodal loads."""
+    import json
+
+    if not path.is_file():
+        raise CodecError(f"codec folder {where} has no config.json")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CodecError(f"cannot read {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise CodecError(f"{path}: not a codec config (a JSON object)")
+    check_codec_format(config, where)
+    return config
 
 
 def codec_rates(name: str, revision: Optional[str] = None) -> tuple[int, int]:
@@ -241,16 +271,19 @@ def load_codec(name: str, revision: Optional[str] = None, device="cpu") -> Codec
         return Codec(build_tiny_tokenizer_model(device=device), identity)
     from boson_multimodal.audio_processing.higgs_audio_tokenizer import load_higgs_audio_tokenizer
 
-    path = name
+    path, where = name, name
     if not Path(name).is_dir():
+        revision = pinned_revision(name, revision)
+        where = f"{name}@{revision or 'main'}"
         try:
             from huggingface_hub import snapshot_download
 
             path = snapshot_download(name, revision=revision)
         except Exception as e:  # offline, unknown repo, no permission: one line, with the fix
-            raise CodecError(f"cannot fetch the audio codec {name}@{revision or 'main'} "
+            raise CodecError(f"cannot fetch the audio codec {where} "
                              f"({type(e).__name__}); download it once with network access or set "
                              f"data.codec to a local folder") from None
+    _read_codec_config(Path(path) / "config.json", where)  # a format boson cannot build: one line, not a traceback
     try:
         model = load_higgs_audio_tokenizer(str(path), device=str(device))
     except OSError as e:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from higgs_ddp.config import OFFICIAL_REVISION
+from higgs_ddp.data.codec import CodecError, check_codec_format
 from higgs_ddp.tools.doctor.result import FAIL, OK, Result, _first_line
 
 HUB_TIMEOUT_S = 10
@@ -185,7 +186,12 @@ def check_codec(cfg, needed: bool) -> list:
     else:
         out.append(_hub_source("codec", "data.codec", name, revision, ("config.json", "model.pth")))
     config = _codec_config(name, revision)
-    if config is not None:  # the codec builds its semantic teacher from the hub when it is constructed
+    if config is not None:
+        try:
+            check_codec_format(config, name if _is_local(name) else f"{name}@{revision or 'main'}")
+        except CodecError as e:
+            return [*out, Result(FAIL, str(e))]
+        # the codec builds its semantic teacher from the hub when it is constructed
         teacher = TEACHERS.get(config.get("semantic_techer", "hubert_base_general"))
         if teacher:
             out.append(_hub_source("codec teacher", "data.codec", teacher, None, ("config.json",)))
