@@ -182,6 +182,26 @@ def test_resume_refuses_what_would_change_the_result(tmp_path, straight):
     assert latest_checkpoint(tmp_path / "longer" / "run").name == "step_000008"
 
 
+def test_a_checkpoint_from_before_a_key_existed_resumes_as_if_it_had_the_default(tmp_path, straight):
+    """A config key added in a later version is missing from an older checkpoint's config.yaml: that run ran
+    with what is now its default, so the key compares as its default (not as None, which would make every
+    older checkpoint refuse to resume until the user accepted each new key by name)."""
+    import shutil
+
+    old = tmp_path / "step_000003"
+    shutil.copytree(straight / "checkpoints" / "step_000003", old)
+    saved = yaml.safe_load((old / "config.yaml").read_text())
+    del saved["train"]["loss_alignment"], saved["train"]["fsdp"], saved["data"]["audio"]  # not written "then"
+    (old / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ConfigError, match=r"train.loss_alignment: 'auto' -> 'shifted'"):  # a real change: named
+        train(tiny_config(tmp_path / "changed", *COMMON, f"train.resume={old}", "train.loss_alignment=shifted"))
+    train(tiny_config(tmp_path / "same", *COMMON, f"train.resume={old}"))
+    assert read_metrics(tmp_path / "same" / "run")[-1]["step"] == 6
+    assert final_weights(tmp_path / "same" / "run").keys() == final_weights(straight).keys()
+    for k, v in final_weights(straight).items():
+        assert torch.equal(final_weights(tmp_path / "same" / "run")[k], v), k
+
+
 def test_changed_data_content_is_named(tmp_path, straight):
     half = straight / "checkpoints" / "step_000003"
     cfg = tiny_config(tmp_path, *COMMON, f"train.resume={half}")

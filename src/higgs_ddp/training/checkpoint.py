@@ -34,7 +34,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from higgs_ddp.config import AudioConditioning, BenchConfig, ConfigError, EvalConfig, LoggingConfig
+from higgs_ddp.config import AudioConditioning, BenchConfig, Config, ConfigError, EvalConfig, LoggingConfig
 from higgs_ddp.runtime.distributed import DistEnv, all_gather_objects, all_reduce_sum
 from higgs_ddp.training.shards import (
     SHARD_DIR,
@@ -359,9 +359,11 @@ def resume_differences(saved_config: dict, config: dict, saved_state: dict, fing
                        world_size: int) -> dict:
     """What differs between a checkpoint and this run in ways that would change the result:
     {key: "then -> now"}; keys are config keys, ``data`` and ``world_size``."""
-    then, now = _flat(saved_config), _flat(config)
-    diffs = {k: f"{then.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(then) | set(now))
-             if k not in NO_EFFECT and then.get(k) != now.get(k)}
+    # A key this version added is missing from an older checkpoint's config: it ran with what is now the key's
+    # default. A key this version removed affects nothing any more. So: this version's keys, defaults beneath.
+    then, now = {**_flat(Config().to_dict()), **_flat(saved_config)}, _flat(config)
+    diffs = {k: f"{then.get(k)!r} -> {now[k]!r}" for k in sorted(now)
+             if k not in NO_EFFECT and then.get(k) != now[k]}
     old = saved_state.get("data", {})
     if old.get("content") != fingerprint["content"]:
         if old.get("ids") == fingerprint["ids"]:
