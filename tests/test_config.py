@@ -432,6 +432,24 @@ def test_manifest_resolved_relative_to_config_file(tmp_path, monkeypatch):
     assert cfg.data.manifest == [str(cfg_dir / "data" / "m.jsonl")]  # a string is a one-item list
 
 
+def test_eval_prompt_audio_paths_are_read_relative_to_the_config_file_alike(tmp_path, monkeypatch):
+    """A prompt's reference_audio and speaker_audio are both paths: a config naming them relative to itself
+    works from any folder for both (speaker_audio was read as given)."""
+    cfg_dir = tmp_path / "cfgs"
+    (cfg_dir / "voice").mkdir(parents=True)
+    for name in ("ref.wav", "held_out.wav"):
+        (cfg_dir / "voice" / name).write_bytes(b"")
+    prompt = {"text": "hi", "reference_audio": "voice/ref.wav", "reference_text": "hello",
+              "speaker_audio": "voice/held_out.wav"}
+    p = write_yaml(cfg_dir, {"model": {"path": "x"}, "eval": {"prompts": [prompt]}})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    got = load_config(str(p)).eval.prompts[0]
+    assert got["reference_audio"] == str(cfg_dir / "voice" / "ref.wav")
+    assert got["speaker_audio"] == str(cfg_dir / "voice" / "held_out.wav")
+
+
 def test_manifest_lists_and_val_options(tmp_path):
     cfg = load_config(None, ["model.path=x", "data.manifest=[a.jsonl, b.jsonl]", "data.val_manifest=v.jsonl"])
     assert cfg.data.manifest == ["a.jsonl", "b.jsonl"] and cfg.data.val_manifest == ["v.jsonl"]

@@ -301,6 +301,7 @@ class EvalConfig(Section):
     early_stop_patience: int = ranged(0, 0, note="0: never stop early")
 
     PROMPT_KEYS = ("text", "reference_audio", "reference_text", "speaker_audio", "language")
+    PROMPT_PATHS = ("reference_audio", "speaker_audio")  # read relative to the config file, as data paths are
 
     def check_rules(self) -> None:
         for i, prompt in enumerate(self.prompts):
@@ -550,8 +551,9 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
                 section[key] = _relative_to(base, section[key])
         prompts = (data.get("eval") or {}).get("prompts") if isinstance(data.get("eval"), dict) else None
         for prompt in prompts if isinstance(prompts, list) else []:
-            if isinstance(prompt, dict) and isinstance(prompt.get("reference_audio"), str):
-                prompt["reference_audio"] = _relative_to(base, prompt["reference_audio"])
+            for key in EvalConfig.PROMPT_PATHS if isinstance(prompt, dict) else ():
+                if isinstance(prompt.get(key), str):
+                    prompt[key] = _relative_to(base, prompt[key])
     data = _merge(data, parse_overrides(list(overrides)))
     cfg = Config()
     _apply(cfg, data)
