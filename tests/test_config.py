@@ -495,3 +495,22 @@ def test_shipped_config_loads(path):
     assert isinstance(cfg, Config)
     assert cfg.train.max_steps >= 1
     assert cfg.model.path or cfg.model.config
+
+
+def test_the_readme_key_table_names_every_key_and_only_real_ones():
+    """The key reference in README.md cannot drift from the fields: each row's keys (``a`` / ``b`` pairs,
+    ``section.*``) are config keys, and every config key is in a row."""
+    import re
+
+    from conftest import ROOT
+
+    from higgs_ddp.config import valid_keys
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("| `output_dir` |"):].split("\n\n")[0]  # the reference: from its first row to its end
+    rows = table.splitlines()
+    named = [k for row in rows for k in re.findall(r"`([a-z_.*]+)`", row.split(" | ")[0])]
+    keys = set(valid_keys())
+    covered = {k for k in keys for n in named if k == n or (n.endswith(".*") and k.startswith(n[:-1]))}
+    assert [n for n in named if n not in keys and not n.endswith(".*")] == []
+    assert sorted(keys - covered) == []
