@@ -167,19 +167,13 @@ def compute_dual_loss(
     ``text_head`` (hidden -> vocabulary logits, e.g. the model's ``text_lm_head``): the head is then
     applied only to the rows that have a supervised target, ``chunk_rows`` at a time. The loss is the
     same; the (B, T, V) logits are never built.
+
+    Four steps: the inputs checked, the label convention decided (or verified), each stream's summed loss,
+    and the sums assembled into means.
     """
     if alignment not in ALIGNMENTS:
         raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
-    if (logits is None) == (text_head is None):
-        raise ValueError("pass either logits, or text_hidden with text_head")
-    if text_head is not None:
-        if text_hidden is None:
-            raise ValueError("text_head needs text_hidden (the final hidden states)")
-        text_vocab_size = text_vocab_size or getattr(text_head, "out_features", None)
-        if text_vocab_size is None:
-            raise ValueError("text_vocab_size is required when text_head has no out_features")
-    else:
-        text_vocab_size = logits.shape[-1]
+    text_vocab_size = _text_vocab_size(logits, text_hidden, text_head, text_vocab_size)
     scored = logits if logits is not None else text_hidden  # (B, T, V) logits or (B, T, H) states
     device = scored.device
     has_audio = audio_logits is not None and label_audio_ids is not None and label_audio_ids.numel() > 0
@@ -195,12 +189,49 @@ def compute_dual_loss(
         if has_audio:
             _check("label_audio_ids", audio_logits.shape[-1], label_audio_ids, ignore_index)
 
-    # Decide (auto) or verify (explicit) the convention wherever the inputs are available.
+    path = _alignment_path(alignment, expanded_labels, expanded_input_ids,
+                           label_audio_ids if has_audio else None, audio_out_ids, ignore_index, boundary)
+    text_sum, text_tokens = _text_sum(scored, expanded_labels, path, ignore_index, text_head, chunk_rows)
+    # The codebook count comes from the model's audio head, which has it whether or not this batch holds
+    # audio: a text-only batch reports C zeros, so per-codebook sums add up across batches.
+    num_cb = (audio_logits.shape[1] if audio_logits is not None and audio_logits.dim() == 3
+              else label_audio_ids.shape[0] if label_audio_ids is not None and label_audio_ids.dim() == 2 else 0)
+    if has_audio:
+        audio_sum, per_cb_sum, per_cb_tokens, per_cb_correct = _audio_sums(
+            audio_logits, label_audio_ids, boundary, path, ignore_index, num_cb, accuracy)
+    else:
+        # Keep the graph connected so every rank's backward touches the audio head (DDP needs it).
+        audio_sum = audio_logits.sum() * 0.0 if audio_logits is not None else scored.new_zeros(())
+        per_cb_sum = torch.zeros(num_cb, device=device)
+        per_cb_tokens = torch.zeros(num_cb, dtype=torch.long, device=device)
+        per_cb_correct = torch.zeros(num_cb, dtype=torch.long, device=device)
+    return _assemble(text_sum, text_tokens, audio_sum, per_cb_sum, per_cb_tokens,
+                     per_cb_correct if accuracy else None, path, text_weight, audio_weight)
+
+
+def _text_vocab_size(logits, text_hidden, text_head, text_vocab_size) -> int:
+    """The text vocabulary: the logits' width, or the head's output size when the head is applied here."""
+    if (logits is None) == (text_head is None):
+        raise ValueError("pass either logits, or text_hidden with text_head")
+    if text_head is None:
+        return logits.shape[-1]
+    if text_hidden is None:
+        raise ValueError("text_head needs text_hidden (the final hidden states)")
+    text_vocab_size = text_vocab_size or getattr(text_head, "out_features", None)
+    if text_vocab_size is None:
+        raise ValueError("text_vocab_size is required when text_head has no out_features")
+    return text_vocab_size
+
+
+def _alignment_path(alignment, expanded_labels, expanded_input_ids, label_audio_ids, audio_out_ids,
+                    ignore_index, boundary) -> str:
+    """"shifted" or "aligned": decided (auto) or verified (explicit) wherever the inputs are available."""
     text_path = audio_path = None
     if expanded_input_ids is not None:
         text_path = _decide("text", expanded_labels, expanded_input_ids, ignore_index)
-    if has_audio and audio_out_ids is not None:
-        audio_path = _decide("audio", label_audio_ids, audio_out_ids.to(device), ignore_index, boundary)
+    if label_audio_ids is not None and audio_out_ids is not None:
+        audio_path = _decide("audio", label_audio_ids, audio_out_ids.to(label_audio_ids.device), ignore_index,
+                             boundary)
     evidence = {p for p in (text_path, audio_path) if p is not None}
     if len(evidence) > 1:
         raise AlignmentError(f"text labels look {text_path} but audio labels look {audio_path}")
@@ -208,65 +239,58 @@ def compute_dual_loss(
     if alignment == "auto":
         if expanded_input_ids is None and audio_out_ids is None:
             raise AlignmentError("alignment='auto' needs expanded_input_ids and/or audio_out_ids to decide")
-        path = found or "shifted"
-    else:
-        path = alignment
-        if path == "aligned" and found == "shifted":
-            raise AlignmentError(
-                "alignment='aligned' but the labels equal the inputs at the same positions: that trains "
-                "the model to copy its input (the classic Higgs fine-tuning bug). Use 'shifted' or 'auto'."
-            )
-        if path == "aligned" and found is None:
-            raise AlignmentError(
-                "alignment='aligned' needs expanded_input_ids and/or audio_out_ids (with supervised "
-                "labels) to verify the labels really are pre-shifted; without them use 'shifted'")
-        if path == "shifted" and found == "aligned":
-            raise AlignmentError(
-                "alignment='shifted' but the labels are already shifted (label t equals input t+1): "
-                "shifting again trains position t to predict t+2. Use 'aligned' or 'auto'."
-            )
+        return found or "shifted"
+    if alignment == "aligned" and found == "shifted":
+        raise AlignmentError(
+            "alignment='aligned' but the labels equal the inputs at the same positions: that trains "
+            "the model to copy its input (the classic Higgs fine-tuning bug). Use 'shifted' or 'auto'."
+        )
+    if alignment == "aligned" and found is None:
+        raise AlignmentError(
+            "alignment='aligned' needs expanded_input_ids and/or audio_out_ids (with supervised "
+            "labels) to verify the labels really are pre-shifted; without them use 'shifted'")
+    if alignment == "shifted" and found == "aligned":
+        raise AlignmentError(
+            "alignment='shifted' but the labels are already shifted (label t equals input t+1): "
+            "shifting again trains position t to predict t+2. Use 'aligned' or 'auto'."
+        )
+    return alignment
 
-    # Text stream.
+
+def _text_sum(scored, expanded_labels, path, ignore_index, text_head, chunk_rows):
+    """The text stream's summed CE and its supervised-target count."""
     if path == "shifted":
         t_scored, t_labels = scored[:, :-1], expanded_labels[:, 1:]
     else:
         t_scored, t_labels = scored, expanded_labels
     t_sup = t_labels != ignore_index
     if text_head is None:
-        text_sum = _ce_sum(t_scored[t_sup], t_labels[t_sup])
-    else:
-        text_sum = head_cross_entropy_sum(text_head, t_scored[t_sup], t_labels[t_sup], chunk_rows)
-    text_tokens = t_sup.sum()
+        return _ce_sum(t_scored[t_sup], t_labels[t_sup]), t_sup.sum()
+    return head_cross_entropy_sum(text_head, t_scored[t_sup], t_labels[t_sup], chunk_rows), t_sup.sum()
 
-    # Audio stream: every codebook is its own classification over K = codebook_size + 2 (BOS, EOS).
-    # The stream EOS (K - 1) is an ordinary target: without it the model never learns to stop.
-    # The codebook count comes from the model's audio head, which has it whether or not this batch holds
-    # audio: a text-only batch reports C zeros, so per-codebook sums add up across batches.
-    num_cb = (audio_logits.shape[1] if audio_logits is not None and audio_logits.dim() == 3
-              else label_audio_ids.shape[0] if label_audio_ids is not None and label_audio_ids.dim() == 2 else 0)
-    if has_audio:
-        keep = ~boundary  # positions whose prediction stays inside their own segment
-        if path == "shifted":
-            a_logits, a_labels, keep = audio_logits[:-1], label_audio_ids[:, 1:], keep[:-1]
-        else:
-            a_logits, a_labels = audio_logits, label_audio_ids
-        a_sup = (a_labels != ignore_index) & keep.unsqueeze(0)  # (C, N')
-        per_cb_sum = torch.stack(
-            [_ce_sum(a_logits[a_sup[k], k], a_labels[k][a_sup[k]]) for k in range(num_cb)]
-        )
-        per_cb_tokens = a_sup.sum(dim=1)
-        audio_sum = per_cb_sum.sum()
-        if accuracy:  # top-1 hits where a target is supervised, per codebook
-            hits = (a_logits.detach().argmax(-1).transpose(0, 1) == a_labels) & a_sup  # (C, N')
-            per_cb_correct = hits.sum(dim=1)
+
+def _audio_sums(audio_logits, label_audio_ids, boundary, path, ignore_index, num_cb, accuracy):
+    """The audio stream: every codebook is its own classification over K = codebook_size + 2 (BOS, EOS).
+    The stream EOS (K - 1) is an ordinary target: without it the model never learns to stop. Returns the
+    summed CE, per-codebook sums, counts and (accuracy) top-1 hits."""
+    keep = ~boundary  # positions whose prediction stays inside their own segment
+    if path == "shifted":
+        a_logits, a_labels, keep = audio_logits[:-1], label_audio_ids[:, 1:], keep[:-1]
     else:
-        # Keep the graph connected so every rank's backward touches the audio head (DDP needs it).
-        audio_sum = audio_logits.sum() * 0.0 if audio_logits is not None else scored.new_zeros(())
-        per_cb_sum = torch.zeros(num_cb, device=device)
-        per_cb_tokens = torch.zeros(num_cb, dtype=torch.long, device=device)
-        per_cb_correct = torch.zeros(num_cb, dtype=torch.long, device=device)
+        a_logits, a_labels = audio_logits, label_audio_ids
+    a_sup = (a_labels != ignore_index) & keep.unsqueeze(0)  # (C, N')
+    per_cb_sum = torch.stack([_ce_sum(a_logits[a_sup[k], k], a_labels[k][a_sup[k]]) for k in range(num_cb)])
+    per_cb_correct = None
+    if accuracy:  # top-1 hits where a target is supervised, per codebook
+        hits = (a_logits.detach().argmax(-1).transpose(0, 1) == a_labels) & a_sup  # (C, N')
+        per_cb_correct = hits.sum(dim=1)
+    return per_cb_sum.sum(), per_cb_sum, a_sup.sum(dim=1), per_cb_correct
+
+
+def _assemble(text_sum, text_tokens, audio_sum, per_cb_sum, per_cb_tokens, per_cb_correct, path,
+              text_weight, audio_weight) -> DualLoss:
+    """The sums as means (a batch without targets gives 0, not NaN) and their weighted total."""
     audio_tokens = per_cb_tokens.sum()
-
     text_loss = text_sum / text_tokens.clamp(min=1)
     audio_loss = audio_sum / audio_tokens.clamp(min=1)
     per_cb_sum = per_cb_sum.detach()
@@ -282,7 +306,7 @@ def compute_dual_loss(
         per_codebook_loss_sum=per_cb_sum,
         per_codebook_tokens=per_cb_tokens,
         path=path,
-        per_codebook_correct=per_cb_correct if accuracy else None,
+        per_codebook_correct=per_cb_correct,
         text_weight=text_weight,
         audio_weight=audio_weight,
     )
