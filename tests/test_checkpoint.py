@@ -202,6 +202,28 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_as_if_it_had_the_default
         assert torch.equal(final_weights(tmp_path / "same" / "run")[k], v), k
 
 
+def test_resume_compares_every_key_but_those_marked_resume_neutral_on_their_fields():
+    """The resume comparison derives from the fields' markers (config.setting/ranged/choice neutral=..., a
+    Section's RESUME_NEUTRAL): each config key changed alone is reported exactly when it is not marked."""
+    import copy
+
+    from higgs_ddp.config import Config, resume_neutral_keys, valid_keys
+
+    saved = Config().to_dict()
+    state, fingerprint = {"data": {"content": "c", "ids": "i"}, "world_size": 1}, {"content": "c", "ids": "i"}
+    neutral = resume_neutral_keys()
+    assert {"output_dir", "train.save_every", "data.num_workers", "eval.every"} <= neutral
+    assert not {"train.lr", "lora.r", "data.codec", "train.seed"} & neutral
+    for key in valid_keys():
+        now = copy.deepcopy(saved)
+        *path, name = key.split(".")
+        node = now
+        for part in path:
+            node = node[part]
+        node[name] = "changed"
+        assert (key in ckpt.resume_differences(saved, now, state, fingerprint, 1)) == (key not in neutral), key
+
+
 def test_changed_data_content_is_named(tmp_path, straight):
     half = straight / "checkpoints" / "step_000003"
     cfg = tiny_config(tmp_path, *COMMON, f"train.resume={half}")

@@ -72,14 +72,30 @@ class Range:
         return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
 
 
-def ranged(default, low=None, high=None, *, low_open=False, high_open=False, note=""):
+# What a field's metadata says besides its range or choices, so that every use derives from the field:
+#   "path": "path" | "paths": read relative to the config file when not found from the working folder
+#           ("paths": a string is a one-item list);
+#   "neutral": True: changing it cannot change what a step computes, so a resume accepts any value
+#             (where things live, how often to log or save, speed and memory settings). A Section whose
+#             RESUME_NEUTRAL is true marks all its keys so.
+
+
+def ranged(default, low=None, high=None, *, low_open=False, high_open=False, note="", neutral=False):
     """A field whose value must lie in a Range, checked by load_config before anything is loaded."""
-    return field(default=default, metadata={"range": Range(low, high, low_open, high_open, note)})
+    return field(default=default, metadata={"range": Range(low, high, low_open, high_open, note), "neutral": neutral})
 
 
-def choice(default: str, *others: str):
+def choice(default: str, *others: str, neutral=False):
     """A field that takes one of a few words."""
-    return field(default=default, metadata={"choices": (default, *others)})
+    return field(default=default, metadata={"choices": (default, *others), "neutral": neutral})
+
+
+def setting(default=None, *, factory=None, path=None, neutral=False):
+    """A field without a range or choices: ``path`` ("path" or "paths") and ``neutral`` as above."""
+    metadata = {"path": path, "neutral": neutral}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _check_field(key: str, value, metadata) -> None:
@@ -96,6 +112,7 @@ class Section:
     """A config section: each field's range or choices (its metadata), then the rules between its fields."""
 
     NAME = ""  # the section's key in the config
+    RESUME_NEUTRAL = False  # every key of the section is resume-neutral (it never changes a training step)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -135,6 +152,7 @@ class AudioConditioning(Section):
     default. The settings that change the audio are part of the code cache's key (``cache_key``)."""
 
     NAME = "data.audio"
+    RESUME_NEUTRAL = True  # what prepare does to the audio: judged by the data fingerprint (the codes), not here
     # integrated loudness (ITU-R BS.1770, measured by pyloudnorm) each clip is scaled to, e.g. -20
     loudness_lufs: Optional[float] = ranged(None, -70, 0, note="null: off")
     # no sample above this (dBFS): a clip whose peak is higher is scaled down whole (never clipped or compressed)
@@ -166,27 +184,34 @@ class AudioConditioning(Section):
 @dataclass
 class DataConfig(Section):
     NAME = "data"
-    manifest: list = field(default_factory=list)  # JSONL file(s), one sample per line; a string is one file
-    val_manifest: list = field(default_factory=list)  # validation manifest(s)
+    # The data itself is judged at resume by its fingerprint (ids, tokens, codes), not by where it lives or
+    # how it got there: these keys are resume-neutral.
+    manifest: list = setting(factory=list, path="paths", neutral=True)  # JSONL file(s), one sample per line
+    val_manifest: list = setting(factory=list, path="paths", neutral=True)  # validation manifest(s)
     # or: this fraction of the training samples (chosen by a hash of the id)
     val_fraction: float = ranged(0.0, 0, 1, high_open=True)
     # "error": stop with the full list | "skip": count, report, train on the rest
-    on_error: str = choice("error", "skip")
+    on_error: str = choice("error", "skip", neutral=True)
     max_audio_seconds: float = ranged(30.0, 0, note="0: no limit")
     max_tokens_per_batch: int = ranged(0, 0, note="0: fixed micro_batch_size")  # > 0: length-aware micro-batches
-    root: Optional[str] = None  # dataset root for allow_outside_root (default: each manifest's folder)
-    allow_outside_root: bool = True
-    codec: str = OFFICIAL_CODEC  # audio tokenizer: hub id, local folder, or "tiny" (random, for demos)
-    codec_revision: Optional[str] = None  # defaults to OFFICIAL_CODEC_REVISION for the official codec
-    cache_dir: Optional[str] = None  # code cache (default: .higgs_codes next to the first manifest)
+    # dataset root for allow_outside_root (default: each manifest's folder)
+    root: Optional[str] = setting(path="path", neutral=True)
+    allow_outside_root: bool = setting(True, neutral=True)
+    # audio tokenizer: hub id, local folder, or "tiny" (random, for demos)
+    codec: str = setting(OFFICIAL_CODEC, path="path")
+    # defaults to OFFICIAL_CODEC_REVISION for the official codec
+    codec_revision: Optional[str] = setting(neutral=True)
+    # code cache (default: .higgs_codes next to the first manifest)
+    cache_dir: Optional[str] = setting(path="path", neutral=True)
     shuffle: bool = True
-    num_workers: int = ranged(2, 0, note="0: batches are built in the training process")
-    prefetch_factor: int = ranged(4, 1)
+    num_workers: int = ranged(2, 0, note="0: batches are built in the training process", neutral=True)
+    prefetch_factor: int = ranged(4, 1, neutral=True)
     audio: AudioConditioning = field(default_factory=AudioConditioning)  # loudness, peak, trimming, durations
     # the voice-clone reference of each simple manifest line (data/references.py): "given": its ref_audio and
     # ref_text, if any | "same_speaker": another clip of its speaker, with that clip's transcript | "none"
-    reference: str = choice("given", "same_speaker", "none")
-    reference_seconds: list = field(default_factory=lambda: [3.0, 10.0])  # same_speaker: [shortest, longest]
+    reference: str = choice("given", "same_speaker", "none", neutral=True)
+    # same_speaker: [shortest, longest]
+    reference_seconds: list = setting(factory=lambda: [3.0, 10.0], neutral=True)
 
     def check_rules(self) -> None:
         if self.val_manifest and self.val_fraction:
@@ -204,7 +229,7 @@ class FsdpSettings(Section):  # train.parallel=fsdp (see parallel.py)
     # "autocast": fp32 weights gathered, bf16 autocast as under DDP (the same numerics) | "bf16": FSDP's
     # MixedPrecisionPolicy, weights gathered in bf16 and gradients reduced in fp32 (faster; ~1e-2 relative)
     mixed_precision: str = choice("autocast", "bf16")
-    cpu_offload: bool = False  # keep the sharded weights, gradients and AdamW state in host memory
+    cpu_offload: bool = setting(False, neutral=True)  # keep the sharded weights, gradients and AdamW state in host memory
 
 
 @dataclass
@@ -227,23 +252,30 @@ class TrainConfig(Section):
     text_weight: float = ranged(1.0, 0)
     audio_weight: float = ranged(1.0, 0)
     loss_alignment: str = choice("auto", "shifted", "aligned")  # see dual_loss.py
-    max_bad_steps: int = ranged(3, 1)  # consecutive non-finite steps before the run stops
-    find_unused_parameters: bool = False
-    log_every: int = ranged(1, 1)  # a metrics.jsonl row every N steps (and at the last)
-    save_every: int = ranged(500, 0, note="0: only at the end and when stopped")  # optimizer steps between checkpoints
-    keep_last: int = ranged(3, 0, note="0: all")  # complete checkpoints kept
-    resume: str = "auto"  # "auto": from the latest checkpoint in output_dir, if any | "never" | a checkpoint path
-    resume_accept: list = field(default_factory=list)  # differences from the checkpoint to accept, e.g. [train.lr]
-    # Speed and memory (see perf.py and BENCHMARKS.md); none of them changes the loss or the gradients.
-    activation_checkpointing: bool = False  # recompute each decoder layer in backward: less memory, ~1/3 more compute
-    text_logits: str = choice("supervised", "all")  # "supervised": text head only where a text target is supervised
+    max_bad_steps: int = ranged(3, 1, neutral=True)  # consecutive non-finite steps before the run stops
+    find_unused_parameters: bool = setting(False, neutral=True)
+    log_every: int = ranged(1, 1, neutral=True)  # a metrics.jsonl row every N steps (and at the last)
+    # optimizer steps between checkpoints
+    save_every: int = ranged(500, 0, note="0: only at the end and when stopped", neutral=True)
+    keep_last: int = ranged(3, 0, note="0: all", neutral=True)  # complete checkpoints kept
+    # "auto": from the latest checkpoint in output_dir, if any | "never" | a checkpoint path
+    resume: str = setting("auto", neutral=True)
+    # differences from the checkpoint to accept, e.g. [train.lr]
+    resume_accept: list = setting(factory=list, neutral=True)
+    # Speed and memory (see perf.py and BENCHMARKS.md); none of them changes the loss or the gradients, so
+    # switching one on to fit a GPU is a normal resume.
+    # recompute each decoder layer in backward: less memory, ~1/3 more compute
+    activation_checkpointing: bool = setting(False, neutral=True)
+    # "supervised": text head only where a text target is supervised
+    text_logits: str = choice("supervised", "all", neutral=True)
     # rows of text logits computed (and kept for backward) at a time
-    text_logits_chunk: int = ranged(4096, 0, note="0: all rows at once")
-    compile: bool = False  # torch.compile each decoder layer
-    # "ddp": a replica per rank | "fsdp": weights, gradients and AdamW state sharded over the ranks (FSDP2)
-    parallel: str = choice("ddp", "fsdp")
+    text_logits_chunk: int = ranged(4096, 0, note="0: all rows at once", neutral=True)
+    compile: bool = setting(False, neutral=True)  # torch.compile each decoder layer
+    # "ddp": a replica per rank | "fsdp": weights, gradients and AdamW state sharded over the ranks (FSDP2);
+    # a DDP checkpoint resumes under FSDP and back (shards.py)
+    parallel: str = choice("ddp", "fsdp", neutral=True)
     # on a GPU, refuse a run whose weights, gradients and AdamW state alone exceed it (training/memory_plan.py)
-    check_memory: bool = True
+    check_memory: bool = setting(True, neutral=True)
     fsdp: FsdpSettings = field(default_factory=FsdpSettings)
 
     def check_rules(self) -> None:
@@ -277,6 +309,7 @@ class LoraSettings(Section):
 @dataclass
 class EvalConfig(Section):
     NAME = "eval"
+    RESUME_NEUTRAL = True  # validation and samples read the weights and never change them (nor the training RNG)
     # optimizer steps between validations (0: only at the end); needs a validation set
     every: int = ranged(0, 0, note="0: only at the end")
     max_batches: int = ranged(0, 0, note="0: the whole validation set")  # micro-batches per rank per validation
@@ -331,12 +364,14 @@ class EvalConfig(Section):
 @dataclass
 class LoggingConfig(Section):
     NAME = "logging"
+    RESUME_NEUTRAL = True
     tensorboard: bool = False  # also write every metric (and the listening samples) to {output_dir}/tensorboard
 
 
 @dataclass
 class BenchConfig(Section):  # higgs-ddp bench: random samples of one length, no data needed
     NAME = "bench"
+    RESUME_NEUTRAL = True
     seq_len: int = ranged(2048, 1)  # positions per sample (text + expanded audio)
     # share of them that is audio (speech: ~25 frames/s, a few text tokens/s)
     audio_fraction: float = ranged(0.85, 0, 1)
@@ -350,7 +385,7 @@ class BenchConfig(Section):  # higgs-ddp bench: random samples of one length, no
 
 @dataclass
 class Config:
-    output_dir: str = "runs/default"
+    output_dir: str = setting("runs/default", neutral=True)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -374,7 +409,26 @@ class Config:
                               f"(or eval.every=0), got eval.every={self.eval.every} without either")
 
 
-PATH_LISTS = {"data.manifest", "data.val_manifest"}  # a string is a one-item list
+def marked_keys(mark: str, value=True, cls=Config, prefix="", section_neutral=False) -> set[str]:
+    """The dotted keys whose field metadata has ``mark`` == ``value`` ("neutral": a Section's RESUME_NEUTRAL
+    marks all its keys too)."""
+    keys = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            sub = hints[f.name]
+            keys |= marked_keys(mark, value, sub, f"{prefix}{f.name}.", section_neutral or sub.RESUME_NEUTRAL)
+        elif f.metadata.get(mark) == value or (mark == "neutral" and section_neutral):
+            keys.add(f"{prefix}{f.name}")
+    return keys
+
+
+def resume_neutral_keys() -> set[str]:
+    """The keys a resume ignores: they cannot change what a step computes."""
+    return marked_keys("neutral")
+
+
+PATH_LISTS = marked_keys("path", "paths")  # a string is a one-item list
 FREE_FORM = {"model.config"}  # nested dicts checked by the model builder, not here
 
 
@@ -545,10 +599,13 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         base = p.parent
-        section = data.get("data") if isinstance(data.get("data"), dict) else {}
-        for key in ("manifest", "val_manifest", "cache_dir", "codec", "root"):
-            if isinstance(section.get(key), (str, list)):
-                section[key] = _relative_to(base, section[key])
+        for key in marked_keys("path", "path") | PATH_LISTS:
+            *sections, name = key.split(".")
+            section = data
+            for part in sections:
+                section = section.get(part) if isinstance(section, dict) else None
+            if isinstance(section, dict) and isinstance(section.get(name), (str, list)):
+                section[name] = _relative_to(base, section[name])
         prompts = (data.get("eval") or {}).get("prompts") if isinstance(data.get("eval"), dict) else None
         for prompt in prompts if isinstance(prompts, list) else []:
             for key in EvalConfig.PROMPT_PATHS if isinstance(prompt, dict) else ():

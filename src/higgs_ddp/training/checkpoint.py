@@ -18,7 +18,6 @@ leaves the previous one intact, and a folder named ``step_N`` is always complete
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -34,7 +33,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from higgs_ddp.config import AudioConditioning, BenchConfig, Config, ConfigError, EvalConfig, LoggingConfig
+from higgs_ddp.config import Config, ConfigError, resume_neutral_keys
 from higgs_ddp.runtime.distributed import DistEnv, all_gather_objects, all_reduce_sum
 from higgs_ddp.training.shards import (
     SHARD_DIR,
@@ -327,22 +326,9 @@ def load_checkpoint(path: Path, *, model, named_params: list, optimizer, schedul
 
 # --- what must match to resume --------------------------------------------------------------------
 
-# Keys that cannot change what a step computes: where things live, how often to log or save.
-NO_EFFECT = {
-    "output_dir", "train.resume", "train.resume_accept", "train.save_every", "train.keep_last",
-    "train.log_every", "train.max_bad_steps", "train.find_unused_parameters",
-    # Same loss and gradients, other memory / speed: switching them on to fit a GPU is a normal resume.
-    "train.activation_checkpointing", "train.text_logits", "train.text_logits_chunk", "train.compile",
-    "train.parallel", "train.fsdp.cpu_offload", "train.check_memory",  # a DDP checkpoint resumes under FSDP and back (shards.py)
-    "data.num_workers", "data.prefetch_factor", "data.cache_dir",
-    # The data itself is judged by its fingerprint, not by where it lives or how it got there.
-    "data.manifest", "data.root", "data.allow_outside_root", "data.on_error", "data.codec_revision",
-    # (and what prepare does to the audio, and which references the samples get: tokens and codes)
-    "data.reference", "data.reference_seconds", *(f"data.audio.{f.name}" for f in dataclasses.fields(AudioConditioning)),
-    # Validation reads the weights and never changes them (nor the training RNG).
-    "data.val_manifest",
-} | {f"{section}.{f.name}" for section, cls in (("bench", BenchConfig), ("eval", EvalConfig), ("logging", LoggingConfig))
-     for f in dataclasses.fields(cls)}
+# Keys that cannot change what a step computes (where things live, how often to log or save, speed and
+# memory settings, validation): each is marked on its field in config.py.
+NO_EFFECT = resume_neutral_keys()
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
