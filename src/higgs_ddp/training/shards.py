@@ -113,6 +113,13 @@ class SavedTensors:
         f, k = self._where(key)
         return f.get_slice(k).get_shape()
 
+    def file_of(self, key: str) -> Path:
+        """The file holding tensor ``key`` (sharded: the folder of the rank files, which all hold rows of it)."""
+        if self.sharding:
+            return self.path / SHARD_DIR
+        weights = "adapter/adapter_model.safetensors" if self.adapter else "trainable.safetensors"
+        return self.path / ("optimizer.safetensors" if "::" in key else weights)
+
     def _where(self, key: str):
         if "::" in key:
             return self.optimizer, key
