@@ -307,9 +307,9 @@ def _check_sums(saved: SavedTensors, saved_sums: dict, now: dict) -> None:
                             f"with them in {saved.path / STATE}, first: {wrong[0]})")
 
 
-def _open_weights(path: Path, state: dict, names: list) -> SavedTensors:
+def _open_weights(path: Path, state: dict, names: list, optimizer: bool = True) -> SavedTensors:
     """The checkpoint's tensors, after checking that they are the trainable tensors ``names``."""
-    saved = SavedTensors(path, state)
+    saved = SavedTensors(path, state, optimizer)
     weights = {k for k in saved.keys() if "::" not in k}
     missing = [n for n in names if (adapter_key(n) if getattr(saved, "adapter", False) else n) not in weights]
     if missing or len(weights) != len(names):
@@ -359,7 +359,7 @@ def verify_weights(path: Path) -> dict:
     state = read_state(path)
     try:
         sums = state["weight_checksums"]
-        saved = _open_weights(path, state, list(sums))
+        saved = _open_weights(path, state, list(sums), optimizer=False)
         now = {n: _sums(saved.read(n, 0, (saved.shape(n) or [0])[0])).tolist() for n in sums}
     except (OSError, KeyError, ValueError, SafetensorError) as e:
         raise _cannot_load(path, e) from None
