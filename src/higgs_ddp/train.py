@@ -35,7 +35,7 @@ def train(cfg: Config) -> dict:
 
     from higgs_ddp.evaluation.listening import progress_fields
 
-    from higgs_ddp.training.checkpoint import remove_stale_temporaries, resume_point
+    from higgs_ddp.training.checkpoint import remove_stale_temporaries, resume_from
     from higgs_ddp.training.preemption import StopRequest, signal_name, write_failure, write_status
     from higgs_ddp.training.runlog import RunLog
     from higgs_ddp.training.trainer import Trainer, write_run_files
@@ -46,8 +46,8 @@ def train(cfg: Config) -> dict:
         try:
             trainer = Trainer(cfg, env)  # setup
             t = cfg.train
-            ckpt, note = resume_point(cfg.output_dir, t.resume, env)
-            start = trainer.resume(ckpt) if ckpt else 0
+            ckpt, note, start = resume_from(cfg.output_dir, t.resume, env, load=trainer.resume)
+            start = start if ckpt else 0  # what trainer.resume returned: the checkpoint's step
             if env.is_main:
                 remove_stale_temporaries(cfg.output_dir)
                 write_run_files(cfg)
