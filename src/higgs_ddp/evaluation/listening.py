@@ -72,19 +72,26 @@ class Sampling:
         """Training's listening samples: the engine's defaults, with eval's temperature, seed and limit."""
         return cls(temperature=ev.temperature, max_audio_seconds=ev.max_audio_seconds, seed=ev.seed)
 
-    def check(self) -> None:
-        """ValueError (one line) for a setting generation cannot use."""
+    def check(self, name=lambda field: field) -> None:
+        """ValueError (one line) for a setting generation cannot use. ``name``: how the user set a field
+        (speak's and score's flags: ``flag_name``)."""
         if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
+            raise ValueError(f"{name('temperature')} must be >= 0 (0: greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"{name('top_p')} must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 (or unset), got {self.top_k}")
+            raise ValueError(f"{name('top_k')} must be >= 1 (or unset), got {self.top_k}")
         if self.ras_win_len < 0 or self.ras_win_max_num_repeat < 1:
-            raise ValueError(f"ras_win_len must be >= 0 (0: off) and ras_win_max_num_repeat >= 1, got "
-                             f"{self.ras_win_len} and {self.ras_win_max_num_repeat}")
+            raise ValueError(f"{name('ras_win_len')} must be >= 0 (0: off) and {name('ras_win_max_num_repeat')} "
+                             f">= 1, got {self.ras_win_len} and {self.ras_win_max_num_repeat}")
         if not self.max_audio_seconds > 0:
-            raise ValueError(f"max_audio_seconds must be > 0 (generation needs a limit), got {self.max_audio_seconds}")
+            raise ValueError(f"{name('max_audio_seconds')} must be > 0 (generation needs a limit), "
+                             f"got {self.max_audio_seconds}")
+
+
+def flag_name(field: str) -> str:
+    """A Sampling field as the speak/score flag that sets it: max_audio_seconds -> --max-audio-seconds."""
+    return "--" + field.replace("_", "-")
 
 
 @dataclass
@@ -488,6 +495,8 @@ def describe_summary(s: dict) -> str:
         parts.append(f"WER {s['wer']:.3f} (CER {s['cer']:.3f})")
     if s.get("speaker_sim") is not None:
         parts.append(f"speaker similarity {s['speaker_sim']:.3f}")
+    elif s.get("speaker_sim_unmeasured"):
+        parts.append(f"speaker similarity not measured ({s['speaker_sim_unmeasured']})")
     return ", ".join(parts)
 
 

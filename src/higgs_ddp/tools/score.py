@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from higgs_ddp.evaluation.listening import Sampling
+from higgs_ddp.evaluation.listening import Sampling, flag_name
 
 COLUMNS = (("samples", "samples", "{}"), ("stopped", "stopped_samples", "{}"), ("silent", "silent_samples", "{}"),
            ("seconds", "seconds", "{:.2f}"), ("chars/s", "chars_per_second", "{:.1f}"), ("WER", "wer", "{:.3f}"),
@@ -129,7 +129,27 @@ def table(rows: list[tuple[str, dict]]) -> str:
     widths = [max(len(r[c]) for r in [head, *body]) for c in range(len(head))]
     lines = ["  ".join(v.ljust(w) if c == 0 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths)))
              for r in [head, *body]]
-    return "\n".join(lines)
+    why = unmeasured_notes(rows)
+    return "\n".join(lines + ([""] + why if why else []))
+
+
+def unmeasured_notes(rows: list[tuple[str, dict]]) -> list[str]:
+    """Why a '-' is in the table, one line each: a model the column was not asked for, or a value that could
+    not be measured (scores.json says so per sample too)."""
+    from higgs_ddp.evaluation.scoring import UNMEASURED
+
+    summaries = [s for _, s in rows]
+    notes = []
+    if not any("wer" in s for s in summaries):
+        notes.append("WER, CER -: no --asr-model given")
+    if not any("speaker_sim" in s for s in summaries):
+        notes.append("SIM -: no --speaker-model given")
+    for name, s in rows:
+        if s.get(UNMEASURED):
+            notes.append(f"SIM - for {name}: {s[UNMEASURED]}")
+        if s.get("chars_per_second") is None and s.get("samples"):
+            notes.append(f"chars/s - for {name}: every clip is empty (the model ended each stream at once)")
+    return notes
 
 
 def score(args) -> dict:
@@ -138,13 +158,16 @@ def score(args) -> dict:
     from higgs_ddp.tools.inference import default_device, load_for_inference
 
     sampling = Sampling(temperature=args.temperature, max_audio_seconds=args.max_audio_seconds, seed=args.seed)
-    sampling.check()
+    sampling.check(flag_name)
     prompts = read_prompts(args.prompts)
     eval_cfg = Config().eval  # the scorer's settings, checked as a run checks them
     eval_cfg.asr_model, eval_cfg.speaker_model, eval_cfg.language = args.asr_model, args.speaker_model, args.language
     eval_cfg.prompts = [{k: v for k, v in p.items() if k != "line"} for p in prompts]
     holder = Config(eval=eval_cfg)
-    problems = check_models(holder)  # before any model loads (minutes): a missing one fails at once
+    # the errors name what the user typed: the flags, and the prompts file's lines
+    names = {"asr_model": "--asr-model", "speaker_model": "--speaker-model",
+             "prompt": lambda i: f"{args.prompts}:{prompts[i]['line']}: "}
+    problems = check_models(holder, names)  # before any model loads (minutes): a missing one fails at once
     for p in prompts:
         if p.get("reference_audio"):
             from higgs_ddp.evaluation.listening import read_reference
@@ -155,7 +178,7 @@ def score(args) -> dict:
         print("higgs-ddp score: note: no --asr-model or --speaker-model: only the detectors (no WER, no "
               "similarity)", file=sys.stderr, flush=True)
     device = args.device or default_device()
-    scorer = Scorer(holder, device)
+    scorer = Scorer(holder, device, names)
     rows, report, codec = [], {"prompts": str(args.prompts), "seed": sampling.seed,
                                "temperature": sampling.temperature,
                                "max_audio_seconds": sampling.max_audio_seconds, "models": []}, None

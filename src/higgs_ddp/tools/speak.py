@@ -28,7 +28,7 @@ from typing import Optional
 
 import numpy as np
 
-from higgs_ddp.evaluation.listening import Sampling
+from higgs_ddp.evaluation.listening import Sampling, flag_name
 
 # A sentence ends at . ! ? or … (closing quotes and brackets stay with it) before white space, or right
 # after the full-width marks of Chinese and Japanese, which take no space.
@@ -101,7 +101,7 @@ def speak(args) -> list[Path]:
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                         ras_win_len=args.ras_win_len, ras_win_max_num_repeat=args.ras_win_max_num_repeat,
                         max_audio_seconds=args.max_audio_seconds, seed=args.seed)
-    sampling.check()
+    sampling.check(flag_name)
     if args.chunk_chars < 1 or args.pause < 0:
         raise SpeakError("--chunk-chars must be >= 1 and --pause >= 0")
     if args.ref_text is not None and args.ref_audio is None:
