@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 import warnings
@@ -308,7 +309,7 @@ def generate_codes(raw_model, tokenizer, codec, cfg: Config, text: str, ref_text
                            torch.bfloat16 if amp else raw_model.embed_tokens.weight.dtype)
     audio_eos_token_id = tokenizer.convert_tokens_to_ids("<|audio_eos|>")
     temperature = sampling.temperature
-    with precision.autocast(cfg, device), warnings.catch_warnings():
+    with precision.autocast(cfg, device), warnings.catch_warnings(), _without_boson_cache_deprecation():
         # temperature 0: greedy, as in the engine, which passes top_p anyway (transformers warns, nothing changes)
         warnings.filterwarnings("ignore", message=r"`do_sample` is set to `False`")
         out = raw_model.generate(
@@ -326,6 +327,27 @@ def generate_codes(raw_model, tokenizer, codec, cfg: Config, text: str, ref_text
     finished = int(sequences[0, -1]) == audio_eos_token_id
     codes, hit_limit, invalid = split_stream(columns, mc, finished, max_frames)
     return Generated(columns, codes, hit_limit, invalid)
+
+
+class _BosonCacheDeprecation(logging.Filter):
+    """boson_multimodal's ``_update_causal_mask`` calls ``StaticCache.get_max_length()``, which transformers
+    4.46 logs as deprecated ("`get_max_cache()` is deprecated ... will raise error from v4.48"). The call is
+    boson's (setup.py keeps transformers below 4.47 for it); printed in speak, score and the training log, it
+    reads like our bug. Only that message is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("`get_max_cache()` is deprecated")
+
+
+@contextlib.contextmanager
+def _without_boson_cache_deprecation():
+    """The filter above on transformers' cache logger, around one ``generate`` only."""
+    logger, quiet = logging.getLogger("transformers.cache_utils"), _BosonCacheDeprecation()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 @contextlib.contextmanager
