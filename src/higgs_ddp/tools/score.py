@@ -78,9 +78,8 @@ def score_model(loaded, prompts: list[dict], sampling: Sampling, scorer, out: Op
     from higgs_ddp.evaluation.listening import (
         SampleResult,
         check_codec,
-        encode_reference,
         generation_state,
-        read_reference,
+        reference_codes,
         sample_summary,
         speak_text,
     )
@@ -92,10 +91,8 @@ def score_model(loaded, prompts: list[dict], sampling: Sampling, scorer, out: Op
         for i, prompt in enumerate(prompts):
             what = f"{where}:{prompt['line']}"
             ref_codes = None
-            if prompt.get("reference_audio"):
-                ref_codes = encode_reference(codec, *read_reference(
-                    prompt["reference_audio"], f"{what}: reference_audio", cfg.data.max_audio_seconds,
-                    codec.min_seconds))
+            if prompt.get("reference_audio"):  # conditioned as the model's run conditioned its training audio
+                ref_codes = reference_codes(cfg, codec, prompt["reference_audio"], f"{what}: reference_audio")
             spoken = speak_text(model, loaded.tokenizer, codec, cfg, prompt["text"], prompt.get("reference_text"),
                                 ref_codes, sampling=sampling, what=what)
             gen, wave = spoken.generated, spoken.wave
@@ -154,6 +151,7 @@ def unmeasured_notes(rows: list[tuple[str, dict]]) -> list[str]:
 
 def score(args) -> dict:
     from higgs_ddp.config import Config
+    from higgs_ddp.evaluation.listening import describe_conditioning
     from higgs_ddp.evaluation.scoring import Scorer, check_models
     from higgs_ddp.tools.inference import default_device, load_for_inference
 
@@ -185,12 +183,16 @@ def score(args) -> dict:
     for n, model_path in enumerate(args.model):
         loaded = load_for_inference(model_path, device, codec=codec)
         codec = loaded.codec  # the next model of the same run reuses it
-        print(f"model {n}: {loaded.describe()}", file=sys.stderr, flush=True)
+        conditioning = describe_conditioning(loaded.cfg.data.audio) if any(
+            p.get("reference_audio") for p in prompts) else ""
+        print(f"model {n}: {loaded.describe()}" + (f"; reference_audio conditioned as its run's training audio "
+                                                   f"was: data.audio {conditioning}" if conditioning else ""),
+              file=sys.stderr, flush=True)
         got = score_model(loaded, prompts, sampling, scorer, args.out / f"model_{n}" if args.out else None,
                           str(args.prompts))
         rows.append((str(model_path), got["summary"]))
         report["models"].append({"path": str(model_path), "kind": loaded.kind, "source": str(loaded.source),
-                                 "step": loaded.step, **got})
+                                 "step": loaded.step, "reference_conditioning": conditioning or None, **got})
         del loaded
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
