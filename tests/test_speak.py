@@ -233,7 +233,7 @@ def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, capsys):
         (("--text-file", blank), "blank.txt: no text", "every line is empty"),
         (("--text", "  "), "--text is empty", ""),
         (("--text", "hi", "--ref-text", "words"), "--ref-text needs --ref-audio", ""),
-        (("--text", "hi", "--top-p", "0"), "top_p must be in (0, 1]", ""),
+        (("--text", "hi", "--top-p", "0"), "--top-p must be in (0, 1]", ""),
         (("--text", "hi", "--device", "bogus"), "device 'bogus'", ""),
     ]
     for args, *words in cases:
