@@ -359,10 +359,12 @@ def test_stats_counts_hours_speakers_and_warns(tmp_path, capsys):
     assert manifest_cmd.main(["stats", str(base / "m.jsonl"), "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["clips"] == 6 and got["histogram"]["2-5 s"] == 5 and got["histogram"]["0-1 s"] == 1
+    assert got["text_chars"] == {"min": 1, "median": 10, "max": 30}  # numbers, as the table's, not a string
     assert manifest_cmd.main(["stats", str(base / "m.jsonl"), "--max-audio-seconds", "2.5"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0] == f"{base / 'm.jsonl'}: 6 clip(s), 0.00 h of audio"
     assert "  rates       8000 Hz: 2, 16000 Hz: 4" in table
+    assert "  text        min 1, median 10, max 30 (characters)" in table
     assert any(line.split()[:3] == ["ana", "5", "clips"] for line in table)
     assert sum(line.startswith("warning: ") for line in table) == 5  # no token budget without --max-tokens
     # a balanced corpus with enough audio warns of nothing (the negative control)
