@@ -138,6 +138,19 @@ def largest_micro_batch(trainer, env, limit: int = 64):
     return best
 
 
+def bench_card(trainer, cfg: Config) -> str:
+    """The run card, saying what the benchmark does: synthetic samples, bench.warmup_steps + bench.steps
+    steps (not train.max_steps), and nothing written (not train's output_dir)."""
+    b, t = cfg.bench, cfg.train
+    peer = "; then the same steps in the peer's transformers.Trainer loop" if b.peer else ""
+    return trainer.run_card(
+        data=f"{b.samples} synthetic samples of {b.seq_len} positions ({b.audio_fraction:.0%} audio, random codes); "
+             f"no validation set",
+        schedule=f"{b.warmup_steps} warm-up + {b.steps} timed steps (bench.warmup_steps, bench.steps), each beside a "
+                 f"bare forward + backward; lr {t.lr:g}, warmup {t.warmup_steps}{peer}",
+        output="none: nothing is written; the result is the last line printed (JSON)")
+
+
 def run(cfg: Config, env, source: str = "") -> dict:
     from higgs_ddp.model import load_tokenizer, model_config
     from higgs_ddp.tools.bench.synthetic import synthetic_data
@@ -148,7 +161,7 @@ def run(cfg: Config, env, source: str = "") -> dict:
     data = synthetic_data(tokenizer, model_config(cfg, tokenizer), b.samples, b.seq_len, b.audio_fraction, t.seed)
     trainer = Trainer(cfg, env, data=data)
     if env.is_main:
-        print(trainer.run_card(), flush=True)
+        print(bench_card(trainer, cfg), flush=True)
     mc = trainer.raw.config.text_config
     costs = weight_costs(trainer.model)
 
