@@ -88,6 +88,37 @@ def test_the_demo_config_from_another_folder_says_what_writes_its_manifest_and_m
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_is_a_hard_stop_that_status_json_records_as_failed(tmp_path, capsys):
+    """A real SIGINT to this process mid-run: exit 130 with its one line, and status.json "failed" with that
+    reason, as the README's "Stopping and preemption" says (it once said "running")."""
+    import json
+    import os
+    import signal
+    import threading
+    import time
+
+    cfg = tiny_config(tmp_path)
+    status = tmp_path / "run" / "status.json"
+
+    def interrupt_once_running():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (status.is_file() and '"running"' in status.read_text()):
+            time.sleep(0.05)
+        time.sleep(0.3)  # into the steps
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_running, daemon=True).start()
+    assert main(["--config", "configs/tiny.yaml", f"output_dir={cfg.output_dir}",
+                 f"data.manifest={cfg.data.manifest[0]}", f"data.cache_dir={cfg.data.cache_dir}",
+                 "data.num_workers=0", "data.val_fraction=0", "eval.every=0", "eval.prompts=[]",
+                 "logging.tensorboard=false", "train.max_steps=100000"]) == 130
+    assert "higgs-ddp: error: interrupted (SIGINT): " in capsys.readouterr().err
+    got = json.loads(status.read_text())
+    assert got["state"] == "failed" and got["error"].startswith("interrupted (SIGINT)"), got
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "`status.json` says `\"failed\"`, with that reason as its `error`" in readme
+
+
 def test_bad_config_key_is_one_clear_line(tmp_path, capsys):
     cfg = tiny_config(tmp_path)
     assert main(["--config", "configs/tiny.yaml", f"data.manifest={cfg.data.manifest[0]}", "train.lrr=1"]) == 2
