@@ -19,11 +19,19 @@ FIELDS = {"tokens_per_s", "step_time_s", "peak_memory_bytes", "flops_per_token",
           "data_rate_ratio", "peer_ratio", "peer"}
 
 
-def test_bench_prints_one_json_line_with_every_field():
+def test_bench_prints_one_json_line_with_every_field(tmp_path):
     cmd = [sys.executable, "-m", "higgs_ddp", "bench", "--config", "configs/bench_tiny.yaml", "bench.seq_len=256",
-           "bench.samples=16", "bench.warmup_steps=1", "bench.steps=2", "train.micro_batch_size=2"]
+           "bench.samples=16", "bench.warmup_steps=1", "bench.steps=2", "train.micro_batch_size=2",
+           f"output_dir={tmp_path / 'out'}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=TORCHRUN_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The run card says what the benchmark does: its samples and steps, not train.max_steps; no output folder.
+    card = {line.split()[0]: line.split(None, 1)[1] for line in proc.stdout.split("\n\n")[0].splitlines()[1:8]}
+    assert card["data"].startswith("16 synthetic samples of 256 positions (85% audio")
+    assert card["schedule"].startswith("1 warm-up + 2 timed steps (bench.warmup_steps, bench.steps)")
+    assert "1000" not in card["schedule"] and card["schedule"].endswith("the peer's transformers.Trainer loop")
+    assert card["output"] == "none: nothing is written; the result is the last line printed (JSON)"
+    assert not (tmp_path / "out").exists()
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert FIELDS <= result.keys()
     assert result["tokens_per_s"] > 0 and result["step_time_s"] > 0 and result["overhead"] > 0

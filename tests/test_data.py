@@ -97,7 +97,7 @@ BAD_CASES = [
     ("ref_without_text", lambda f: {"text": "hi", "audio_codes": f["good"], "ref_audio_codes": f["ref"]}, "needs both its audio"),
     ("ref_text_without_ref", lambda f: {"text": "hi", "audio_codes": f["good"], "ref_text": "x"}, "needs both its audio"),
     ("empty_ref_text", lambda f: {"text": "hi", "audio_codes": f["good"], "ref_audio_codes": f["ref"],
-                                  "ref_text": " "}, "field 'ref_text' is empty"),
+                                  "ref_text": " "}, "the reference transcript 'ref_text' is empty"),
     ("codes_directory", lambda f: {"text": "hi", "audio_codes": "codes"}, "codes file codes is a directory"),
     ("bad_ref_codes", lambda f: {"text": "hi", "audio_codes": f["good"], "ref_audio_codes": f["high"],
                                  "ref_text": "x"}, "outside the codebook range"),
@@ -194,9 +194,11 @@ def test_empty_manifest(tmp_path, tokenizer):
 
 def test_missing_manifest(tmp_path, tokenizer):
     path = tmp_path / "absent" / "manifest.jsonl"
-    with pytest.raises(DataError) as ei:
-        read_manifest(path, tokenizer, tmp_path, "data.on_error=skip")  # even skip cannot skip a whole file
-    assert f"{path}: manifest not found" in str(ei.value)
+    for policy in ("error", "skip"):  # even skip cannot skip a whole file, so the line does not offer it
+        with pytest.raises(DataError) as ei:
+            read_manifest(path, tokenizer, tmp_path, f"data.on_error={policy}")
+        assert str(ei.value) == f"manifest not found: {path}"
+    assert not (tmp_path / "run").exists()  # refused before the run's folder (and its data report) is made
 
 
 def test_invalid_utf8_is_a_data_error(tmp_path, tokenizer, files):

@@ -224,6 +224,34 @@ def test_auto_names_the_layouts_it_cannot_tell_apart_and_those_it_does_not_know(
     assert import_corpus(src, "ljspeech", tmp_path / "m.jsonl").format == "ljspeech"  # --format settles it
 
 
+@pytest.mark.parametrize("build, fmt, looks", [
+    (ljspeech, "vctk", "ljspeech"),  # VCTK's speaker folders would take wavs/ for one, a clip at a time
+    (ljspeech, "fish", "ljspeech"),
+    (ljspeech, "libritts", "ljspeech"),
+    (vctk, "ljspeech", "vctk"),
+    (lambda root: csv_f5(root).parent, "ljspeech", "csv"),  # a header line is not an LJSpeech clip
+    (lambda root: audiofolder(root) / "test" / "metadata.jsonl", "swift", "audiofolder"),
+])
+def test_a_format_that_does_not_fit_the_source_is_one_line_before_any_clip(tmp_path, capsys, build, fmt, looks):
+    src = build(tmp_path)
+    out = tmp_path / "m.jsonl"
+    assert manifest_cmd.main(["import", "--format", fmt, str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"higgs-ddp: error: {src}: this does not look like {fmt} (") and \
+        f"it looks like {looks} (--format {looks})" in err, err
+    assert not out.exists()
+
+
+def test_a_layout_with_some_clips_broken_still_lists_each_clip(tmp_path):
+    """The negative control: a VCTK folder whose one clip lacks its transcript looks like VCTK; the clip is
+    the problem, by name."""
+    src = speaker_folders(tmp_path)
+    wav(src / "ben" / "b.wav")
+    got = import_corpus(src, "vctk", tmp_path / "m.jsonl")
+    assert [str(p) for p in got.problems] == ["ben/b.txt: transcript ben/b.txt not found"] and len(got.rows) == 2
+
+
 def test_every_bad_clip_is_one_line_naming_file_and_line_and_nothing_is_written(tmp_path, capsys):
     src = ljspeech(tmp_path)
     with (src / "metadata.csv").open("ab") as f:
@@ -359,10 +387,12 @@ def test_stats_counts_hours_speakers_and_warns(tmp_path, capsys):
     assert manifest_cmd.main(["stats", str(base / "m.jsonl"), "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["clips"] == 6 and got["histogram"]["2-5 s"] == 5 and got["histogram"]["0-1 s"] == 1
+    assert got["text_chars"] == {"min": 1, "median": 10, "max": 30}  # numbers, as the table's, not a string
     assert manifest_cmd.main(["stats", str(base / "m.jsonl"), "--max-audio-seconds", "2.5"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0] == f"{base / 'm.jsonl'}: 6 clip(s), 0.00 h of audio"
     assert "  rates       8000 Hz: 2, 16000 Hz: 4" in table
+    assert "  text        min 1, median 10, max 30 (characters)" in table
     assert any(line.split()[:3] == ["ana", "5", "clips"] for line in table)
     assert sum(line.startswith("warning: ") for line in table) == 5  # no token budget without --max-tokens
     # a balanced corpus with enough audio warns of nothing (the negative control)

@@ -137,3 +137,51 @@ def test_a_failed_launched_run_ends_with_its_one_line_error():
     assert proc.returncode != 0
     assert "ChildFailedError" in proc.stderr  # torchrun's own report is there...
     assert proc.stderr.rstrip().splitlines()[-1] == "higgs-ddp: error: config key 'train.lr' must be >= 0, got -1.0"
+
+
+def _help(command, capsys) -> str:
+    from higgs_ddp.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [name for name, c in COMMANDS.items() if c.launched])
+def test_the_commands_that_start_torchrun_say_so_in_their_help(command, capsys, monkeypatch):
+    """train, prepare and bench take --nproc-per-node and torchrun's options (cli.py takes them off before
+    the command's parser): their --help lists them, and speaks to a user, not of source files."""
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    out = _help(command, capsys)
+    assert "--nproc-per-node N    processes on this machine" in out and "--rdzv-endpoint" in out
+    assert ".py" not in out and "The loop below" not in out, out
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_option_of_every_command_says_what_it_is(command, capsys, monkeypatch):
+    """No option in --help without a word on it (demo-data's were bare): the parser each command builds,
+    caught as it parses, every action of it and of its sub-commands."""
+    import argparse
+
+    from higgs_ddp.cli import main
+
+    class Built(Exception):
+        pass
+
+    def caught(parser, *args, **kwargs):
+        raise Built(parser)
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", caught)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_intermixed_args", caught)
+    with pytest.raises(Built) as built:
+        main([command, "--help"])
+    bare, parsers = [], [(command, built.value.args[0])]
+    while parsers:
+        name, parser = parsers.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += [(f"{name} {sub}", p) for sub, p in action.choices.items()]
+            elif not action.help:
+                bare.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert bare == []

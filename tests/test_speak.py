@@ -226,13 +226,15 @@ def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, capsys):
     not_audio.write_text("not audio")
     out = tmp_path / "o.wav"
     cases = [
-        (("--text", "hi", "--ref-audio", tmp_path / "missing.wav"), "--ref-audio: audio", "not found"),
-        (("--text", "hi", "--ref-audio", not_audio), "--ref-audio: audio", "not a readable audio file"),
+        (("--text", "hi", "--ref-audio", tmp_path / "missing.wav", "--ref-text", "x"), "--ref-audio: audio",
+         "not found"),
+        (("--text", "hi", "--ref-audio", not_audio, "--ref-text", "x"), "--ref-audio: audio",
+         "not a readable audio file"),
         (("--text-file", tmp_path / "missing.txt"), "--text-file", "not found"),
         (("--text-file", bad_utf8), "--text-file", "cannot be read"),
         (("--text-file", blank), "blank.txt: no text", "every line is empty"),
         (("--text", "  "), "--text is empty", ""),
-        (("--text", "hi", "--ref-text", "words"), "--ref-text needs --ref-audio", ""),
+        (("--text", "hi", "--ref-text", "words"), "a reference needs both its audio (--ref-audio)", ""),
         (("--text", "hi", "--top-p", "0"), "--top-p must be in (0, 1]", ""),
         (("--text", "hi", "--device", "bogus"), "device 'bogus'", ""),
     ]
@@ -246,6 +248,44 @@ def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, capsys):
     proc = run_cli("--model", tmp_path, "--text", "hi", "--out", out)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("higgs-ddp: error: model path "), proc.stderr
+
+
+def test_a_reference_is_its_audio_and_its_words_as_in_a_manifest_line(tmp_path, capsys):
+    """speak's options follow the manifest's rule (one function, data/manifest.py): --ref-audio alone is
+    refused as a line with ref_audio and no ref_text is, before any model is loaded."""
+    from higgs_ddp.data.manifest import read_manifest
+
+    ref = tmp_path / "ref.wav"
+    ref.write_bytes(b"")  # never read: the rule comes first
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"text": "hi", "audio": "a.wav", "ref_audio": "ref.wav"}) + "\n")
+    _, problems = read_manifest(str(manifest))
+    words = "a reference needs both its audio"
+    assert [p.reason for p in problems] == ["ref_without_text"] and words in problems[0].message
+    cases = [(("--ref-audio", ref), f"{words} (--ref-audio) and its transcript (--ref-text)"),
+             (("--ref-text", "the words"), f"{words} (--ref-audio) and its transcript (--ref-text)"),
+             (("--ref-audio", ref, "--ref-text", "  "), "the reference transcript --ref-text is empty")]
+    for args, message in cases:
+        assert speak("--model", tmp_path / "no_model", "--text", "hi", *args, "--out", tmp_path / "o.wav") == 2
+        assert capsys.readouterr().err == f"higgs-ddp: error: {message}\n"
+
+
+def test_out_with_text_is_the_wav_file_and_another_name_is_refused(tmp_path, capsys):
+    """No undocumented name/speech.wav: with --text, --out is the file, its name ending in .wav; the error
+    says so before any model is loaded. With --text-file, --out is a folder."""
+    from higgs_ddp.tools.speak import output_paths, parser
+
+    for out in (tmp_path / "name", tmp_path / "folder"):
+        (tmp_path / "folder").mkdir(exist_ok=True)
+        assert speak("--model", tmp_path / "no_model", "--text", "hi", "--out", out) == 2
+        err = capsys.readouterr().err
+        assert err == (f"higgs-ddp: error: --out {out}: --text speaks into one WAV file, whose name ends in .wav "
+                       f"(say {out}.wav); a folder is for --text-file\n")
+    assert not (tmp_path / "name").exists() and list((tmp_path / "folder").iterdir()) == []
+    assert output_paths(tmp_path / "a.WAV", [(None, "hi")]) == [tmp_path / "a.WAV"]
+    assert output_paths(tmp_path / "o", [(1, "a"), (3, "b")]) == [tmp_path / "o" / "line_0001.wav",
+                                                                 tmp_path / "o" / "line_0003.wav"]
+    assert "another name is refused" in " ".join(parser().format_help().split())
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import read_metrics, tiny_config, torchrun
+from conftest import ROOT, read_metrics, tiny_config, torchrun
 
 from higgs_ddp.model import HiggsForward, apply_training_mode, build_model, load_tokenizer
 from higgs_ddp.runtime.distributed import DistEnv
@@ -71,6 +71,52 @@ def test_other_modes_save_trained_weights(tmp_path, mode):
         assert state and all(".audio_" in k for k in state)
     else:
         assert "embed_tokens.weight" in state and "audio_decoder_proj.text_lm_head.weight" in state
+
+
+def test_the_demo_config_from_another_folder_says_what_writes_its_manifest_and_makes_no_folder(
+        tmp_path, capsys, monkeypatch):
+    """configs/tiny.yaml before `make demo`, or run from elsewhere: one line that names the demo's writer,
+    and no runs/tiny/ (nor its status.json or data report) left where it was run."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config", str(ROOT / "configs" / "tiny.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"higgs-ddp: error: manifest not found: runs/tiny/data/manifest.jsonl (a relative path "
+                          f"is read from the current folder, {tmp_path}, or beside the config); the demo's is "
+                          f"written by `make demo` (or `higgs-ddp demo-data runs/tiny/data`, then "), err
+    assert "on_error" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_is_a_hard_stop_that_status_json_records_as_failed(tmp_path, capsys):
+    """A real SIGINT to this process mid-run: exit 130 with its one line, and status.json "failed" with that
+    reason, as the README's "Stopping and preemption" says (it once said "running")."""
+    import json
+    import os
+    import signal
+    import threading
+    import time
+
+    cfg = tiny_config(tmp_path)
+    status = tmp_path / "run" / "status.json"
+
+    def interrupt_once_running():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (status.is_file() and '"running"' in status.read_text()):
+            time.sleep(0.05)
+        time.sleep(0.3)  # into the steps
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_running, daemon=True).start()
+    assert main(["--config", "configs/tiny.yaml", f"output_dir={cfg.output_dir}",
+                 f"data.manifest={cfg.data.manifest[0]}", f"data.cache_dir={cfg.data.cache_dir}",
+                 "data.num_workers=0", "data.val_fraction=0", "eval.every=0", "eval.prompts=[]",
+                 "logging.tensorboard=false", "train.max_steps=100000"]) == 130
+    assert "higgs-ddp: error: interrupted (SIGINT): " in capsys.readouterr().err
+    got = json.loads(status.read_text())
+    assert got["state"] == "failed" and got["error"].startswith("interrupted (SIGINT)"), got
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "`status.json` says `\"failed\"`, with that reason as its `error`" in readme
 
 
 def test_bad_config_key_is_one_clear_line(tmp_path, capsys):

@@ -22,6 +22,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from higgs_ddp.runtime.launch_options import LAUNCH_FLAGS, LAUNCH_HELP, LAUNCH_OPTIONS
+
 
 @dataclass(frozen=True)
 class Command:
@@ -48,11 +50,6 @@ COMMANDS = {
                      "silence, stopping"),
 }
 
-# torchrun's options passed through (with their value, except the flags): node count, rendezvous, restarts.
-LAUNCH_OPTIONS = ("--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id",
-                  "--rdzv-conf", "--max-restarts", "--master-addr", "--master-port", "--monitor-interval")
-LAUNCH_FLAGS = ("--standalone",)
-
 
 def prepare(argv=None) -> int:
     """higgs-ddp prepare [--nproc-per-node N] --config FILE [dotted.key=value ...]
@@ -66,7 +63,8 @@ def prepare(argv=None) -> int:
     from higgs_ddp.runtime.distributed import barrier, cleanup, setup_distributed
     from higgs_ddp.runtime.shared_fs import SharedFilesystemError
 
-    p = argparse.ArgumentParser(description=prepare.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=prepare.__doc__, epilog=LAUNCH_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config file (the training config)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args = p.parse_args(argv)

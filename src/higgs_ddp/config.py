@@ -1,7 +1,7 @@
 """Typed run configuration: YAML file + dotted ``key=value`` overrides, checked against dataclasses.
 
-An unknown key or a value of the wrong type is a ``ConfigError`` that names the key and lists the
-valid ones; nothing is silently ignored. Each field carries its range or choices (``ranged``, ``choice``)
+An unknown key or a value of the wrong type is a ``ConfigError`` that names the key and suggests the
+nearest valid ones; nothing is silently ignored. Each field carries its range or choices (``ranged``, ``choice``)
 and each section its rules between fields (``check_rules``): ``load_config`` checks them all before any
 model or data is loaded. What can only be checked against the machine, the model or the data is in
 ``check_machine``, ``check_lora_targets`` and ``batching.check_step_fits``, which the run and the doctor
@@ -11,6 +11,7 @@ both call.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import types
 import typing
@@ -443,6 +444,34 @@ def valid_keys(cls=Config, prefix="") -> list[str]:
     return keys
 
 
+def _children(section: str, keys: list) -> list:
+    """The names one level below ``section`` ("" is the top): its keys and its sub-sections, in order."""
+    prefix = f"{section}." if section else ""
+    return list(dict.fromkeys(k[len(prefix):].split(".")[0] for k in keys if k.startswith(prefix)))
+
+
+def unknown_key(key: str) -> ConfigError:
+    """The error for a key no section has: the nearest valid names (a typo is usually a letter or two off),
+    else what its section holds; never all 80 keys, which hide the one meant."""
+    keys = valid_keys()
+    sections = {k.rsplit(".", 1)[0] for k in keys if "." in k}
+    section, _, leaf = key.rpartition(".")
+    if section and section not in sections:  # a misspelt section: the nearest one, else whole keys compared
+        section = next(iter(difflib.get_close_matches(section, sorted(sections), n=1, cutoff=0.6)), None)
+    if section is None:
+        near = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    else:
+        names = difflib.get_close_matches(leaf, _children(section, keys), n=3, cutoff=0.6)
+        near = [f"{section}.{m}" if section else m for m in names]
+    near += [k for k in keys if k.rpartition(".")[2] == leaf and k not in near]  # the right name, the wrong section
+    if near:
+        return ConfigError(f"unknown config key {key!r}; did you mean {' or '.join(map(repr, near[:3]))}?")
+    where = section or ""
+    listed = ", ".join(_children(where, keys))
+    return ConfigError(f"unknown config key {key!r}; " + (f"the keys of {where!r}: {listed}" if where
+                                                           else f"the top level holds: {listed}"))
+
+
 def _coerce(key: str, value: Any, hint) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -483,7 +512,7 @@ def _apply(obj, data: dict, prefix: str = "") -> None:
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in hints:
-            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+            raise unknown_key(key)
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
@@ -517,7 +546,7 @@ def parse_overrides(items: list[str]) -> dict:
         if root not in FREE_FORM and key not in valid_keys() and not any(
             key.startswith(f + ".") for f in FREE_FORM
         ):
-            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+            raise unknown_key(key)
         _set_dotted(tree, key, value)
     return tree
 

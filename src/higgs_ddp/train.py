@@ -226,8 +226,22 @@ def failure_reason(e: BaseException) -> str:
     return text if isinstance(e, user_errors()) else ": ".join(filter(None, (type(e).__name__, text)))
 
 
+HELP = """Fine-tune Higgs Audio v2 on a config's data: LoRA, the audio FFN or the full model (train.mode),
+DDP or FSDP2 (train.parallel), on one process or several.
+
+    higgs-ddp train --config configs/tiny.yaml
+    higgs-ddp train --nproc-per-node 8 --config configs/higgs_v2_3b_lora.yaml train.lr=1e-4
+
+Checkpoints, metrics, samples and status.json go to output_dir. The same command again resumes from the
+latest complete checkpoint there (train.resume to choose one). SIGTERM or SIGUSR1 finish the step, save
+and exit 0; Ctrl-C stops at once, saving nothing. higgs-ddp doctor checks a config before a run."""
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from higgs_ddp.runtime.launch_options import LAUNCH_HELP
+
+    parser = argparse.ArgumentParser(description=HELP, epilog=LAUNCH_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-4")
     args = parser.parse_args(argv)

@@ -296,6 +296,22 @@ class Data:
     report: dict
 
 
+DEMO_DATA = "runs/tiny/data"  # where `make demo` writes the demo's corpus (Makefile: demo-data)
+
+
+def missing_manifests(paths: list) -> str:
+    """One line: which manifests are not there, where a relative path was looked for, and for the demo's
+    (configs/tiny.yaml run before `make demo`, or from another folder) what writes it."""
+    text = f"manifest not found: {', '.join(paths)}"
+    if any(not Path(m).is_absolute() for m in paths):
+        text += f" (a relative path is read from the current folder, {Path.cwd()}, or beside the config)"
+    if any(Path(m).as_posix().endswith(f"{DEMO_DATA}/manifest.jsonl") for m in paths):
+        text += (f"; the demo's is written by `make demo` (or `higgs-ddp demo-data {DEMO_DATA}`, then `higgs-ddp "
+                 f"manifest import --format ljspeech {DEMO_DATA} --out {DEMO_DATA}/manifest.jsonl`), in the "
+                 f"repository's folder: run from there")
+    return text
+
+
 def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = False) -> Data:
     # Millions of small objects, none of them garbage: the cyclic collector would walk them all again and
     # again while they are made (measured: a third of a warm start at 10k clips).
@@ -312,6 +328,9 @@ def _load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool) 
     d = cfg.data
     if not d.manifest:
         raise ConfigError("data.manifest is required (one path or a list)")
+    missing = [m for m in [*d.manifest, *d.val_manifest] if not Path(m).is_file()]
+    if missing:  # nothing to skip to: refused before any work, and before the run's folder is made
+        raise DataError(missing_manifests(missing))
     C, K = model_config.audio_num_codebooks, model_config.audio_codebook_size
     phases = Phases()
     problems, train_e, val_e = [], [], []
@@ -368,8 +387,7 @@ def _load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool) 
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "data_report.json", report)
-    fatal = [p for p in problems if p.reason == "manifest_missing"]
-    if fatal or (problems and d.on_error == "error"):
+    if problems and d.on_error == "error":
         shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"]
                                          if len(problems) > MAX_LISTED else [])
         raise DataError(f"{len(problems)} problem(s) in the data (full list: {out / 'data_report.json'}; "

@@ -402,6 +402,51 @@ def _any(folder: Path, *patterns: str) -> bool:
     return any(next(folder.glob(p), None) is not None for p in patterns)
 
 
+def _looks_vctk(src: Path) -> bool:
+    """txt/ beside an audio folder, or speaker folders holding a clip with its .txt beside it."""
+    return ((src / "txt").is_dir() and any((src / d).is_dir() for d in VCTK_AUDIO_DIRS)) or any(
+        _audio_beside(t.with_suffix("")) for t in src.glob("*/*.txt") if not t.name.endswith(".normalized.txt"))
+
+
+def _looks_ljspeech(src: Path) -> bool:
+    """metadata.csv without a header naming an audio column (that is csv's), and wavs/ beside it."""
+    meta = src if src.is_file() else src / "metadata.csv"
+    return meta.is_file() and (meta.parent / "wavs").is_dir() and \
+        not _has_header_column(_first_line(meta), AUDIO_COLUMNS, ".csv")
+
+
+def _looks_swift(src: Path) -> bool:
+    """A first line that is not JSON is left to the reader, which names it; one that is must be a sample."""
+    try:
+        first = json.loads(_first_line(src))
+    except json.JSONDecodeError:
+        return True
+    return isinstance(first, dict) and bool({"messages", "audios"} & set(first))
+
+
+# What marks each layout whose reader would otherwise walk a wrong folder clip by clip (a VCTK import of an
+# LJSpeech folder: one "transcript not found" per clip). The other readers refuse a wrong source as a whole.
+LAYOUT_MARKS = {
+    "ljspeech": _looks_ljspeech,
+    "libritts": lambda src: src.is_dir() and next(src.rglob("*.normalized.txt"), None) is not None,
+    "vctk": lambda src: src.is_dir() and _looks_vctk(src),
+    "fish": lambda src: src.is_dir() and next(src.rglob("*.lab"), None) is not None,
+    "swift": lambda src: not src.is_file() or _looks_swift(src),
+}
+
+
+def check_layout(src: Path, fmt: str) -> None:
+    """A LayoutError, before any clip is read, when ``src`` shows none of the marks of the layout ``fmt``
+    given with --format; it names the layouts it does look like."""
+    marks = LAYOUT_MARKS.get(fmt)
+    if marks is None or marks(src):
+        return
+    others = [f for f in _looks(src) if f != fmt]
+    hint = (f"; it looks like {' or '.join(others)} (--format {others[0]})" if others
+            else "; --format auto names the layouts it recognises")
+    raise LayoutError(f"{src}: this does not look like {fmt} ({FORMATS[fmt].summary}){hint}")
+
+
 def _looks(src: Path) -> list:
     """The formats ``src`` could be, by the files that mark each layout (cheap: a few globs, first lines)."""
     if src.is_file():
@@ -437,8 +482,7 @@ def _looks(src: Path) -> list:
         found.append("higgs-json")
     if _any(src, "*/*/*.normalized.txt", "*/*/*/*.normalized.txt"):
         found.append("libritts")
-    if ((src / "txt").is_dir() and any((src / d).is_dir() for d in VCTK_AUDIO_DIRS)) or any(
-            _audio_beside(t.with_suffix("")) for t in src.glob("*/*.txt") if not t.name.endswith(".normalized.txt")):
+    if _looks_vctk(src):
         found.append("vctk")
     if _any(src, "*.lab", "*/*.lab"):
         found.append("fish")
@@ -483,6 +527,7 @@ def import_corpus(src, fmt: str, out, speaker: Optional[str] = None, max_seconds
     fmt = detect(src) if fmt == "auto" else fmt
     if fmt not in FORMATS:
         raise LayoutError(f"unknown format {fmt!r}; formats: auto, {', '.join(FORMATS)}")
+    check_layout(src, fmt)
     if options and fmt not in COLUMN_FORMATS:
         raise LayoutError(f"{', '.join('--' + k.replace('_', '-') for k in options)} applies to the "
                           f"{' and '.join(COLUMN_FORMATS)} formats, not {fmt}")

@@ -112,6 +112,18 @@ class _Resolver:
         return AudioRef(path, rel, is_codes)
 
 
+def reference_problem(has_audio: bool, text: Optional[str], audio_name: str, text_name: str):
+    """The one rule for a voice-clone reference, wherever one is given (a manifest line, speak's options):
+    its audio and its transcript together, the transcript not empty. The prompt puts the reference as
+    audio answering its words (``build_chatml``); audio with no words is a prompt training never showed.
+    -> None, or (reason, message) with the names the user wrote."""
+    if has_audio != (text is not None):
+        return "ref_without_text", f"a reference needs both its audio ({audio_name}) and its transcript ({text_name})"
+    if has_audio and not text.strip():
+        return "empty_text", f"the reference transcript {text_name} is empty"
+    return None
+
+
 def _parse_simple(obj: dict, resolve: _Resolver, default_id: str) -> tuple:
     _typed(obj, SIMPLE_FIELDS)
     if "text" not in obj:
@@ -124,11 +136,9 @@ def _parse_simple(obj: dict, resolve: _Resolver, default_id: str) -> tuple:
     if "ref_audio" in obj and "ref_audio_codes" in obj:
         raise LineProblem("wrong_type", "give 'ref_audio' or 'ref_audio_codes', not both")
     has_ref = "ref_audio" in obj or "ref_audio_codes" in obj
-    if has_ref != ("ref_text" in obj):
-        raise LineProblem("ref_without_text", "a reference needs both its audio ('ref_audio' or "
-                          "'ref_audio_codes') and its transcript ('ref_text')")
-    if has_ref and not obj["ref_text"].strip():
-        raise LineProblem("empty_text", "field 'ref_text' is empty")
+    problem = reference_problem(has_ref, obj.get("ref_text"), "'ref_audio' or 'ref_audio_codes'", "'ref_text'")
+    if problem:
+        raise LineProblem(*problem)
     audio = []
     if has_ref:
         is_codes = "ref_audio_codes" in obj

@@ -134,11 +134,17 @@ def histogram(durations: list) -> list:
             for i in range(len(BINS) + 1)]
 
 
-def _quantiles(values: list) -> str:
+def quantiles(values: list) -> dict | None:
+    """{"min", "median", "max"} of ``values`` as numbers (None for none): the table prints them, --json gives them."""
     if not values:
-        return "-"
+        return None
     v = sorted(values)
-    return f"min {v[0]:g}, median {v[len(v) // 2]:g}, max {v[-1]:g}"
+    return {"min": v[0], "median": v[len(v) // 2], "max": v[-1]}
+
+
+def _quantiles(values: list) -> str:
+    q = quantiles(values)
+    return "-" if q is None else ", ".join(f"{k} {n:g}" for k, n in q.items())
 
 
 def render(st: Stats, max_listed: int = 20) -> str:
@@ -170,7 +176,7 @@ def render(st: Stats, max_listed: int = 20) -> str:
 def as_json(st: Stats) -> dict:
     return {"manifest": st.manifest, "clips": st.samples, "hours": st.seconds / 3600, "codes_only": st.codes_only,
             "speakers": {k: {"clips": n, "hours": s / 3600} for k, (n, s) in st.by_speaker.items()},
-            "histogram": dict(histogram(st.durations)), "text_chars": _quantiles(st.text_chars),
+            "histogram": dict(histogram(st.durations)), "text_chars": quantiles(st.text_chars),
             "rates": {str(r): n for r, n in st.rates.items()},
             "problems": [{"where": p.where, "reason": p.reason, "message": p.message} for p in st.problems],
             "warnings": st.warnings}

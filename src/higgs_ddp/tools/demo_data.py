@@ -89,11 +89,13 @@ def write_demo_corpus(out_dir, samples: int = 48, num_codebooks: int = 4, codebo
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out_dir")
-    p.add_argument("--samples", type=int, default=48)
+    p.add_argument("out_dir", help="the folder to write (made if missing; make demo uses runs/tiny/data)")
+    p.add_argument("--samples", type=int, default=48, help="clips to write (default %(default)s)")
     p.add_argument("--codes", action="store_true", help="a JSONL manifest of .npy codes instead of the WAV folder")
-    p.add_argument("--codebooks", type=int, default=4)
-    p.add_argument("--codebook-size", type=int, default=64)
+    p.add_argument("--codebooks", type=int, default=4,
+                   help="with --codes: codebooks per frame, the model's audio_num_codebooks (default %(default)s)")
+    p.add_argument("--codebook-size", type=int, default=64,
+                   help="with --codes: codes per codebook, the model's audio_codebook_size (default %(default)s)")
     a = p.parse_args(argv)
     if a.codes:
         print(write_demo_corpus(a.out_dir, a.samples, a.codebooks, a.codebook_size))

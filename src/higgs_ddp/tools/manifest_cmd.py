@@ -101,7 +101,7 @@ def main(argv=None) -> int:
                        description="What a manifest holds, from the audio headers only.\n\n"
                        "    higgs-ddp manifest stats data/train.jsonl --config configs/higgs_v2_3b_lora.yaml",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("manifest")
+    s.add_argument("manifest", help="the manifest (JSONL) to describe")
     s.add_argument("--config", help="take data.max_audio_seconds and data.max_tokens_per_batch from this config")
     s.add_argument("overrides", nargs="*", help="dotted.key=value overrides of --config")
     s.add_argument("--max-audio-seconds", type=float, help="default: the config's (30)")

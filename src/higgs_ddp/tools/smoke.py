@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=0, help="decoder layers (0: the config's own)")
     p.add_argument("--seq-len", type=int, default=256, help="positions of the training sample (about)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps before the checkpoint")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="of the random weights and sample (default %(default)s)")
     p.add_argument("--phase", choices=("build",), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     try:

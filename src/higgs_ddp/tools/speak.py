@@ -28,6 +28,7 @@ from typing import Optional
 
 import numpy as np
 
+from higgs_ddp.data.manifest import reference_problem
 from higgs_ddp.evaluation.listening import Sampling, flag_name
 
 # A sentence ends at . ! ? or … (closing quotes and brackets stay with it) before white space, or right
@@ -73,14 +74,21 @@ def read_texts(text: Optional[str], text_file: Optional[Path]) -> list[tuple[Opt
 
 
 def output_paths(out: Path, texts: list) -> list[Path]:
-    """OUT.wav for one utterance; else OUT/ with one WAV per utterance, named by its line in --text-file."""
-    if out.suffix.lower() == ".wav":
+    """--out, as --help says: with --text the WAV file itself (its name ends in .wav; any other name is
+    refused, not taken for a folder or given a suffix); with --text-file a folder, one line_NNNN.wav per
+    line, or one .wav file when the file holds one utterance."""
+    is_wav = out.suffix.lower() == ".wav"
+    if texts[0][0] is None and not is_wav:  # --text
+        raise SpeakError(f"--out {out}: --text speaks into one WAV file, whose name ends in .wav (say "
+                         f"{out.with_name(out.name + '.wav') if out.name else 'speech.wav'}); a folder is for "
+                         f"--text-file")
+    if is_wav:
         if len(texts) > 1:
             raise SpeakError(f"--out {out} is one file but --text-file has {len(texts)} utterances; give a folder")
         return [out]
     if out.exists() and not out.is_dir():
         raise SpeakError(f"--out {out} exists and is not a folder (a single file must end in .wav)")
-    return [out / (f"line_{n:04d}.wav" if n is not None else "speech.wav") for n, _ in texts]
+    return [out / f"line_{n:04d}.wav" for n, _ in texts]
 
 
 def _write_atomically(path: Path, write) -> None:
@@ -104,8 +112,9 @@ def speak(args) -> list[Path]:
     sampling.check(flag_name)
     if args.chunk_chars < 1 or args.pause < 0:
         raise SpeakError("--chunk-chars must be >= 1 and --pause >= 0")
-    if args.ref_text is not None and args.ref_audio is None:
-        raise SpeakError("--ref-text needs --ref-audio (the transcript of that audio)")
+    problem = reference_problem(args.ref_audio is not None, args.ref_text, "--ref-audio", "--ref-text")
+    if problem:  # the manifest's rule: what the model learned a reference to be
+        raise SpeakError(problem[1])
     if args.scene is not None and not args.scene.strip():
         raise SpeakError("--scene is empty")
     texts = read_texts(args.text, args.text_file)
@@ -207,9 +216,12 @@ def parser() -> argparse.ArgumentParser:
     text.add_argument("--text", help="the text to speak")
     text.add_argument("--text-file", type=Path, help="UTF-8 text, one utterance per line (blank lines skipped)")
     p.add_argument("--out", required=True, type=Path,
-                   help="a .wav file (one utterance), or a folder: line_NNNN.wav per line of --text-file")
-    p.add_argument("--ref-audio", type=Path, help="reference audio: the voice to speak in")
-    p.add_argument("--ref-text", help="the transcript of --ref-audio")
+                   help="with --text: the WAV file, its name ending in .wav (another name is refused); with "
+                        "--text-file: a folder, line_NNNN.wav per line (or a .wav for a one-line file). "
+                        "A JSON sidecar goes beside each WAV")
+    p.add_argument("--ref-audio", type=Path, help="reference audio: the voice to speak in (needs --ref-text)")
+    p.add_argument("--ref-text", help="the transcript of --ref-audio: a reference is its audio and its words, "
+                                      "as in a manifest line")
     p.add_argument("--scene", help="scene description for the system prompt, as training's 'scene'")
     p.add_argument("--seed", type=int, default=d.seed, help="sampling seed (default %(default)s)")
     p.add_argument("--temperature", type=float, default=d.temperature, help="0: greedy (default %(default)s)")

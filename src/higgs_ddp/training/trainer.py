@@ -222,8 +222,9 @@ class Trainer:
             shutil.copytree(there, here)
         return f"{t.describe()}: best/ copied from {there}"
 
-    def run_card(self) -> str:
-        """What rank 0 prints before the first step."""
+    def run_card(self, **replaced) -> str:
+        """What rank 0 prints before the first step; ``replaced`` rows by name say what a caller that is no
+        training run does instead (the benchmark: its data, its steps, no output)."""
         t, env, d, m = self.cfg.train, self.env, self.cfg.data, self.cfg.model
         total = sum(p.numel() for p in self.model.parameters())
         model = (f"random HiggsAudioModel, {total / 1e6:,.1f}M parameters" if m.init == "random"
@@ -247,7 +248,8 @@ class Trainer:
             ("runs on", f"{env.world_size} x {env.device.type}, {self.strategy.describe()}, {self.precision}" + "".join(f", {p}" for p in self.perf)),
             ("output", self.cfg.output_dir),
         ]
-        return "higgs-ddp run card\n" + "\n".join(f"  {k:<9} {v}" for k, v in rows)
+        rows = {**dict(rows), **replaced}
+        return "higgs-ddp run card\n" + "\n".join(f"  {k:<9} {v}" for k, v in rows.items())
 
     @property
     def num_trainable(self) -> int:

@@ -138,6 +138,19 @@ def largest_micro_batch(trainer, env, limit: int = 64):
     return best
 
 
+def bench_card(trainer, cfg: Config) -> str:
+    """The run card, saying what the benchmark does: synthetic samples, bench.warmup_steps + bench.steps
+    steps (not train.max_steps), and nothing written (not train's output_dir)."""
+    b, t = cfg.bench, cfg.train
+    peer = "; then the same steps in the peer's transformers.Trainer loop" if b.peer else ""
+    return trainer.run_card(
+        data=f"{b.samples} synthetic samples of {b.seq_len} positions ({b.audio_fraction:.0%} audio, random codes); "
+             f"no validation set",
+        schedule=f"{b.warmup_steps} warm-up + {b.steps} timed steps (bench.warmup_steps, bench.steps), each beside a "
+                 f"bare forward + backward; lr {t.lr:g}, warmup {t.warmup_steps}{peer}",
+        output="none: nothing is written; the result is the last line printed (JSON)")
+
+
 def run(cfg: Config, env, source: str = "") -> dict:
     from higgs_ddp.model import load_tokenizer, model_config
     from higgs_ddp.tools.bench.synthetic import synthetic_data
@@ -148,7 +161,7 @@ def run(cfg: Config, env, source: str = "") -> dict:
     data = synthetic_data(tokenizer, model_config(cfg, tokenizer), b.samples, b.seq_len, b.audio_fraction, t.seed)
     trainer = Trainer(cfg, env, data=data)
     if env.is_main:
-        print(trainer.run_card(), flush=True)
+        print(bench_card(trainer, cfg), flush=True)
     mc = trainer.raw.config.text_config
     costs = weight_costs(trainer.model)
 
@@ -220,18 +233,32 @@ def table_rows(lines: list) -> str:
     return "\n".join(rows)
 
 
+HELP = """Time the training step on random samples of one length (bench.seq_len, bench.samples), against a
+bare forward + backward and against the transformers.Trainer loop of the public Higgs trainers, side by
+side in one process. Nothing is written; the last line printed is one JSON object (BENCHMARKS.md
+describes every field).
+
+    higgs-ddp bench --config configs/bench_3b.yaml [bench.seq_len=4096 ...]
+    higgs-ddp bench --nproc-per-node 2 --config configs/bench_data_scale.yaml --data-scale 100000
+    higgs-ddp bench --nproc-per-node 2 --config configs/tiny.yaml --data-peer 48
+    make bench [BENCH_CONFIG=...] [ARGS="bench.seq_len=4096 train.activation_checkpointing=true"]"""
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from higgs_ddp.runtime.launch_options import LAUNCH_HELP
+
+    parser = argparse.ArgumentParser(description=HELP, epilog=LAUNCH_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file (e.g. configs/bench_3b.yaml)")
     parser.add_argument("--table", metavar="JSONL", help="print BENCHMARKS.md rows for saved result lines")
     parser.add_argument("--memory-table", action="store_true",
                         help="print the config's model state per GPU (GB, arithmetic) by mode, strategy and GPU count")
     parser.add_argument("--data-scale", type=int, metavar="N",
                         help="instead: start-up to the first step on a synthetic corpus of N cached clips "
-                             "(cold and warm; see data_scale.py)")
+                             "(cold and warm, phase by phase), written under output_dir")
     parser.add_argument("--data-peer", type=int, metavar="N",
                         help="instead: samples/s end to end on N WAV clips, ours (encoded once) against the "
-                             "peers' codec in __getitem__ (see peer_data.py)")
+                             "peers' codec run on every fetch; the clips are written under output_dir")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. bench.seq_len=4096")
     args = parser.parse_intermixed_args(argv)  # overrides before or after --data-scale N
     if args.table:
