@@ -323,7 +323,8 @@ def test_sigkill_under_max_restarts_resumes_from_last_checkpoint(tmp_path, unint
 
 def test_a_stop_signal_to_the_higgs_ddp_command_stops_the_ranks_cleanly(tmp_path, uninterrupted):
     """`higgs-ddp train --nproc-per-node 2` (what `make train` runs) passes a SIGTERM it gets on to the ranks
-    as a clean stop: they save, everything exits 0, and the same command resumes exactly."""
+    as a clean stop: they save, everything exits 0, status.json and the last line name the SIGTERM that was
+    sent, and the same command resumes exactly."""
     config = write_config(tmp_path, "run", "data.num_workers=1")
     run = tmp_path / "run" / "run"
     cmd = [sys.executable, "-m", "higgs_ddp", "train", "--nproc-per-node", "2", "--config", str(config)]
@@ -335,6 +336,7 @@ def test_a_stop_signal_to_the_higgs_ddp_command_stops_the_ranks_cleanly(tmp_path
     assert proc.returncode == 0, out[-3000:]
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "stopped" and status["step"] < MAX_STEPS, out[-3000:]
+    assert status["signal"] == "SIGTERM" and f"stopped by SIGTERM after step {status['step']}" in out, out[-3000:]
     again = subprocess.run(cmd, capture_output=True, text=True, env=TORCHRUN_ENV, cwd=ROOT, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((run / "status.json").read_text())["state"] == "finished"

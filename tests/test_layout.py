@@ -128,15 +128,22 @@ def test_launch_options_go_to_torchrun():
 
 
 @pytest.mark.slow
-def test_a_failed_launched_run_ends_with_its_one_line_error():
-    """higgs-ddp train --nproc-per-node 2 starts torchrun; the ranks' error comes last, below torchrun's report."""
-    from conftest import TINY, TORCHRUN_ENV
+def test_a_failed_launched_run_ends_with_its_one_line_error(tmp_path):
+    """higgs-ddp train --nproc-per-node 2 starts torchrun; the ranks' error comes last, below torchrun's report.
+    (An error the config alone shows never gets that far: tests/test_run_folder.py.)"""
+    import yaml
+    from conftest import TORCHRUN_ENV, tiny_config
 
-    proc = subprocess.run([sys.executable, "-m", "higgs_ddp", "train", "--nproc-per-node", "2", "--config", str(TINY),
-                           "train.lr=-1"], capture_output=True, text=True, cwd=ROOT, env=TORCHRUN_ENV, timeout=300)
+    nowhere = tmp_path / "nowhere"  # a resume path is looked at by the ranks, not by the config
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path, f"train.resume={nowhere}").to_dict()))
+    proc = subprocess.run([sys.executable, "-m", "higgs_ddp", "train", "--nproc-per-node", "2", "--config",
+                           str(config)], capture_output=True, text=True, cwd=ROOT, env=TORCHRUN_ENV, timeout=300)
     assert proc.returncode != 0
     assert "ChildFailedError" in proc.stderr  # torchrun's own report is there...
-    assert proc.stderr.rstrip().splitlines()[-1] == "higgs-ddp: error: config key 'train.lr' must be >= 0, got -1.0"
+    assert proc.stderr.rstrip().splitlines()[-1] == (f"higgs-ddp: error: train.resume={nowhere}: not a complete "
+                                                     f"checkpoint folder (no state.json); use auto, never or a "
+                                                     f"checkpoints/step_N folder")
 
 
 def _help(command, capsys) -> str:

@@ -84,6 +84,32 @@ def prepare(argv=None) -> int:
     return 0
 
 
+def check_before_launch(name: str, rest: list) -> str | None:
+    """What every rank of train or prepare would refuse at once, found here before torchrun starts them (the
+    config; for train, an output_dir it cannot write or that another run holds): one line and exit 2, not each rank's error
+    inside torchrun's report. -> the error, or None. Arguments this cannot read are left to the ranks.
+    (No torch here: it would add its import time to every launch.)"""
+    from higgs_ddp.config import ConfigError, load_config
+
+    if name not in ("train", "prepare"):
+        return None
+    p = argparse.ArgumentParser(add_help=False)  # both take: --config FILE [dotted.key=value ...]
+    p.add_argument("--config")
+    p.add_argument("overrides", nargs="*")
+    args, unknown = p.parse_known_args(rest)
+    if unknown:
+        return None
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        return str(e)
+    if name == "train":
+        from higgs_ddp.training.run_lock import refusal
+
+        return refusal(cfg.output_dir)
+    return None
+
+
 def split_launch_options(argv: list) -> tuple[list, list]:
     """(torchrun options, the rest). Accepts --opt value, --opt=value and the underscore spellings."""
     launch, rest, i = [], [], 0
@@ -135,11 +161,12 @@ def launch_ranks(cmd: list) -> int:
     last one-line error below torchrun's own report of the failure (or, when the nodes never met, one line
     saying which rendezvous failed and what to check).
 
-    A stop signal (SIGTERM, SIGUSR1) to this command reaches every rank as SIGUSR1: each finishes its step,
-    saves and exits 0, so torchrun ends with 0 too (SIGTERM to torchrun itself would make it exit 1, and
-    USR1 would kill it: it starts with USR1 ignored, as launch/requeue.sh starts it). SIGINT stays a hard
-    stop, for torchrun to pass on. torchrun gets a session of its own, so a signal to this command's
-    process group (Ctrl-C in a terminal) reaches it once, from here. (The sbatch scripts start torchrun
+    A stop signal (SIGTERM, SIGUSR1) to this command is sent on to every rank as it came, so that the run
+    records the signal the user sent: each rank finishes its step, saves and exits 0, so torchrun ends with 0
+    too (SIGTERM to torchrun itself would make it exit 1, and USR1 would kill it: it starts with USR1
+    ignored, as launch/requeue.sh starts it). SIGINT stays a hard stop, for torchrun to pass on. torchrun
+    gets a session of its own, so a signal to this command's process group (Ctrl-C in a terminal) reaches it
+    once, from here. (The sbatch scripts start torchrun
     themselves: Slurm signals every process of a step, and must not stop a rank twice.)"""
     def ignore_usr1():
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
@@ -152,7 +179,7 @@ def launch_ranks(cmd: list) -> int:
             proc.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
         for pid in ranks if signum != signal.SIGINT else ():
             try:
-                os.kill(pid, signal.SIGUSR1)
+                os.kill(pid, signum)
             except ProcessLookupError:
                 pass
 
@@ -221,10 +248,14 @@ def main(argv=None) -> int:
         if needs_launcher(launch) and not {"-h", "--help"} & set(rest):
             from higgs_ddp.runtime.rendezvous import RendezvousConfigError
 
+            sys.argv[0] = f"higgs-ddp {name}"  # argparse's prog in usage and errors
             try:
+                problem = check_before_launch(name, rest)
                 cmd = torchrun_argv(name, launch, rest)
             except RendezvousConfigError as e:
-                print(f"higgs-ddp: error: {e}", file=sys.stderr)
+                problem = str(e)
+            if problem:
+                print(f"higgs-ddp: error: {problem}", file=sys.stderr)
                 return 2
             if across_nodes(launch):  # a store per restart (runtime/distributed.py: _restart_safe_store)
                 os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")

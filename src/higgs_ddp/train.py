@@ -37,13 +37,17 @@ def train(cfg: Config) -> dict:
 
     from higgs_ddp.training.checkpoint import remove_stale_temporaries, resume_from
     from higgs_ddp.training.preemption import StopRequest, signal_name, write_failure, write_status
+    from higgs_ddp.training.run_lock import hold_output_dir
     from higgs_ddp.training.runlog import RunLog
     from higgs_ddp.training.trainer import Trainer, write_run_files
 
     env = setup_distributed()
-    log = batches = step = None  # step: the one a failure happened at (None: before the first)
+    log = batches = step = lock = None  # step: the one a failure happened at (None: before the first)
+    held = False  # this run holds output_dir: only then may it write there, a failure included
     with StopRequest() as stop:  # from here on SIGTERM / SIGUSR1 mean: finish the step, save, exit
         try:
+            lock = hold_output_dir(cfg.output_dir, env)  # before anything is written there (rank 0 holds it)
+            held = True
             trainer = Trainer(cfg, env)  # setup
             t = cfg.train
             ckpt, note, start = resume_from(cfg.output_dir, t.resume, env, load=trainer.resume)
@@ -130,7 +134,7 @@ def train(cfg: Config) -> dict:
             barrier()  # tearing down gloo while a peer is still saving aborts that peer
             return last
         except BaseException as e:  # a crash must not leave status.json saying "running"
-            if env.is_main:
+            if env.is_main and held:  # (a run refused the folder leaves its holder's status alone)
                 write_failure(cfg.output_dir, step, failure_reason(e))
             raise
         finally:  # closed here on errors too: the process ends without interpreter finalization (exit_process)
@@ -140,6 +144,8 @@ def train(cfg: Config) -> dict:
                 batches.close()
             if log:
                 log.close()
+            if lock:  # last: everything this run writes is written
+                lock.release()
             cleanup()
 
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from higgs_ddp.runtime.distributed import DistEnv, all_gather_objects
+if TYPE_CHECKING:  # (imported where used: `higgs-ddp train` checks a folder with unwritable before torch loads)
+    from higgs_ddp.runtime.distributed import DistEnv
 
 # NFS and other network filesystems cache "no such file" for a few seconds (lookupcache, actimeo): a rank
 # that misses the file looks again, listing the directory (which refreshes the cache) until this passes.
@@ -31,8 +34,14 @@ def check_shared_directory(path, setting: str, env: DistEnv, wait_s: float = VIS
 
     ``setting`` names the config key the user sets (``output_dir``, ``data.cache_dir``). A collective:
     every rank calls it, with its own config's path. Returns each rank's host name (by rank); one
-    process: nothing to check."""
+    process: only that it can write there."""
+    from higgs_ddp.runtime.distributed import all_gather_objects
+
     if env.world_size == 1 or not env.distributed:
+        why = unwritable(path)
+        if why:
+            raise SharedFilesystemError(f"{setting} {path} cannot be written ({why}); set {setting} to a folder "
+                                        f"you can write")
         return [socket.gethostname()]
     path = Path(path)
     token, probe = "", None
@@ -65,6 +74,24 @@ def check_shared_directory(path, setting: str, env: DistEnv, wait_s: float = VIS
             f"that {len(blind)} rank(s) on node(s) {', '.join(nodes)} do not see at their {setting}: {ranks}; "
             f"put {setting} on a filesystem every node mounts, at the path each node's config gives")
     return [h for _, h, _, _ in answers]
+
+
+def unwritable(folder) -> str | None:
+    """Why this process could not write into ``folder`` (None: it can), found by trying, without leaving
+    anything behind: a nameless temporary file in it, or in the nearest folder above that exists when
+    ``folder`` does not (it would be created there). Trying is the only test that holds for root, whom
+    permission bits do not stop, and for read-only mounts."""
+    existing = Path(os.path.abspath(folder))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 def describe_nodes(hosts: list[str]) -> str:

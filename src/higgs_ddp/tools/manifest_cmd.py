@@ -23,6 +23,7 @@ from pathlib import Path
 from higgs_ddp.config import ConfigError, DataConfig, load_config
 from higgs_ddp.data.importers import FORMATS, LayoutError, import_corpus, reason_counts, write_manifest
 from higgs_ddp.data.manifest_stats import as_json, manifest_stats, render
+from higgs_ddp.runtime.shared_fs import unwritable
 
 MAX_LISTED = 50
 
@@ -38,6 +39,9 @@ def _fail(message: str) -> int:
 
 def run_import(a) -> int:
     options = {"text_column": a.text_column} if a.text_column else {}
+    why = unwritable(Path(a.out).parent)  # before reading the corpus: 100k headers take a while
+    if why:
+        return _fail(f"--out {a.out}: {Path(a.out).parent} cannot be written ({why})")
     try:
         got = import_corpus(a.src, a.format, a.out, a.speaker, a.max_audio_seconds, **options)
     except LayoutError as e:
@@ -51,7 +55,10 @@ def run_import(a) -> int:
     if not got.rows:
         return _fail(f"{a.src}: no usable clips found as {got.format}"
                      + (f" ({len(got.problems)} skipped: {reason_counts(got.problems)})" if got.problems else ""))
-    write_manifest(got.rows, a.out)
+    try:
+        write_manifest(got.rows, a.out)
+    except OSError as e:  # (the folder was writable a moment ago; a full disk)
+        return _fail(f"--out {a.out} cannot be written ({e.strerror or e})")
     speakers = len({r.get("speaker") for r in got.rows if r.get("speaker")})
     print(f"manifest import: {len(got.rows)} clips ({got.seconds / 3600:.2f} h, {speakers} speaker(s)) from "
           f"{a.src} as {got.format} -> {a.out}")

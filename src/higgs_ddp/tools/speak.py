@@ -104,6 +104,7 @@ def speak(args) -> list[Path]:
     """Everything after the arguments are parsed; -> the WAVs written. SpeakError / ModelPathError /
     ValueError: one line for the user."""
     from higgs_ddp.evaluation.listening import check_codec, generation_state, read_reference, reference_codes
+    from higgs_ddp.runtime.shared_fs import unwritable
     from higgs_ddp.tools.inference import load_for_inference
 
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -119,6 +120,9 @@ def speak(args) -> list[Path]:
         raise SpeakError("--scene is empty")
     texts = read_texts(args.text, args.text_file)
     paths = output_paths(args.out, texts)
+    why = unwritable(paths[0].parent)  # before the model loads and speaks, not after
+    if why:
+        raise SpeakError(f"--out {args.out}: {paths[0].parent} cannot be written ({why})")
     if args.ref_audio is not None:  # before the model loads (it can take minutes): a wrong path fails at once
         read_reference(args.ref_audio, "--ref-audio", 0, 0)
 

@@ -16,7 +16,7 @@ import yaml
 from higgs_ddp.config import Config, ConfigError, check_machine
 from higgs_ddp.data.batching import StepBatchSampler, TokenBudgetBatchSampler
 from higgs_ddp.data.collator import Batch, HiggsCollator
-from higgs_ddp.data.dataset import Data, ManifestDataset, fingerprint, load_data
+from higgs_ddp.data.dataset import Data, ManifestDataset, cache_dir, fingerprint, load_data
 from higgs_ddp.data.prefetch import Prefetcher
 from higgs_ddp.dual_loss import compute_dual_loss
 from higgs_ddp.model import HiggsForward, build_for_training, load_tokenizer, model_config, text_head, unwrap
@@ -58,6 +58,9 @@ class Trainer:
         t = cfg.train
         check_machine(cfg, env.device.type)  # flash-attn and CPU offload need a GPU
         hosts = check_shared_directory(cfg.output_dir, "output_dir", env)  # before anything is written there
+        if data is None and (cfg.data.cache_dir or cfg.data.manifest):  # it prepares its data: the code cache,
+            # checked now, not after the model has loaded (no manifest: load_data says so)
+            check_shared_directory(cache_dir(cfg), "data.cache_dir", env)
         if env.is_main and env.distributed:  # what the launcher(s) made of the allocation
             print(f"world: {describe_nodes(hosts)}", flush=True)
         self.precision = precision.describe(cfg, env.device)  # bf16 autocast (GPU or CPU) or fp32
