@@ -232,14 +232,15 @@ def test_every_bad_clip_is_one_line_naming_file_and_line_and_nothing_is_written(
                 b"just one field\n"  # line 5
                 b"LJ001-0005|caf\xe9|caf\xe9\n"  # line 6: Latin-1, not UTF-8
                 b"LJ001-0006|not audio|not audio\n"  # line 7
-                b"LJ001-0002|again|again\n")  # line 8: the id of line 2
+                b"LJ001-0002|again|again\n"  # line 8: the id of line 2
+                b"LJ001-0007|a|pipe inside|a|pipe inside\n")  # line 9: a '|' in the text, never cut
     wav(src / "wavs" / "LJ001-0004.wav")
     write(src / "wavs" / "LJ001-0006.wav", "a transcript saved under the wrong name")
     out = tmp_path / "m.jsonl"
     write(out, "the previous manifest\n")
     assert manifest_cmd.main(["import", "--format", "ljspeech", str(src), "--out", str(out)]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("higgs-ddp: error: 6 problem(s) in ") and "nothing written" in err[0]
+    assert err[0].startswith("higgs-ddp: error: 7 problem(s) in ") and "nothing written" in err[0]
     assert err[1:] == [
         "metadata.csv:3: audio wavs/LJ001-0003.wav not found",
         "metadata.csv:4: the transcript is empty",
@@ -247,14 +248,16 @@ def test_every_bad_clip_is_one_line_naming_file_and_line_and_nothing_is_written(
         "metadata.csv:6: not valid UTF-8 text (byte 14)",
         "metadata.csv:7: audio wavs/LJ001-0006.wav is not a readable audio file (Error opening "
         f"'{src / 'wavs' / 'LJ001-0006.wav'}': Format not recognised.)",
-        "metadata.csv:8: id 'LJ001-0002' is already the id of metadata.csv:2"]
+        "metadata.csv:8: id 'LJ001-0002' is already the id of metadata.csv:2",
+        "metadata.csv:9: expected id|text|normalized text (2 or 3 fields separated by '|'), got 5 fields (a '|' "
+        "inside a transcript cannot be told from a separator: replace it)"]
     assert out.read_text() == "the previous manifest\n"  # untouched
     # --on-error skip: the rest is written, the skipped counted by the training check's reasons
     assert manifest_cmd.main(["import", "--format", "ljspeech", str(src), "--out", str(out), "--on-error",
                               "skip"]) == 0
     printed = capsys.readouterr().out
     assert "manifest import: 2 clips" in printed
-    assert ("skipped 6 (1 audio_missing, 1 audio_unreadable, 1 bad_row, 1 bad_utf8, 1 duplicate_id, 1 empty_text)"
+    assert ("skipped 7 (1 audio_missing, 1 audio_unreadable, 2 bad_row, 1 bad_utf8, 1 duplicate_id, 1 empty_text)"
             in printed)
     assert len(out.read_text().splitlines()) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["LJSpeech-1.1", "m.jsonl"]  # no temporary file left
