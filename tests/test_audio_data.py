@@ -405,7 +405,7 @@ def test_several_manifests_and_validation_sets(tmp_path, tokenizer):
     assert len(split.train) + len(split.val) == 44 and 0 < len(split.val) < 22
     ids = {r.id for r in split.val}
     # by id hash: adding data never moves a sample between the splits
-    more = write_manifest(base, [{"text": "c", "audio": "a1.wav", "id": "c"}], "c.jsonl")
+    more = write_manifest(base, [{"text": "c", "audio": wav(base, "c.wav", text="c"), "id": "c"}], "c.jsonl")
     assert ids <= {r.id for r in load(tmp_path, tokenizer, [a, b, more], "data.val_fraction=0.25").val}
 
 
@@ -448,7 +448,7 @@ def test_two_ranks_share_the_encoding_and_agree_with_one(tmp_path):
             f"data.cache_dir={tmp_path / 'two'}", "data.num_workers=1"]
     proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "8 audio files (8 distinct): 0 cached, 8 encoded, 0 with problems" in proc.stdout
+    assert "8 audio references to 8 files (8 distinct recordings): 0 cached, 8 encoded, 0 with problems" in proc.stdout
     shards = list((tmp_path / "two").glob("*/part-*.safetensors"))
     assert len(shards) == 2  # one per rank
 
@@ -479,3 +479,47 @@ def test_unreachable_codec_is_one_line_from_the_cli(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert "higgs-ddp: error: cannot fetch the audio codec bosonai/no-such-codec@main" in err
     assert "Traceback" not in err
+
+
+def test_validation_never_learns_a_recording_training_learns_under_another_path_or_id(tmp_path, tokenizer):
+    """The same recording as a copy, under a symlink, or the same file under another id is one recording:
+    a validation sample learning it would score memorised data (issue 30, item 2)."""
+    import shutil
+
+    from higgs_ddp.data.dataset import _in_val
+
+    base = tmp_path / "ds"
+    train = _corpus(base, n=4)
+    shutil.copy(base / "clips/0.wav", base / "clips/copy.wav")
+    (base / "clips/link.wav").symlink_to(base / "clips/1.wav")
+    val = write_manifest(base, [{"text": "copy", "audio": "clips/copy.wav"}, {"text": "link", "audio": "clips/link.wav"},
+                                {"text": "new", "audio": wav(base, "clips/new.wav", text="new one")}], "val.jsonl")
+    with pytest.raises(DataError) as ei:
+        load(tmp_path, tokenizer, train, f"data.val_manifest={val}")
+    assert str(ei.value).splitlines()[1:] == [
+        f"{val}:1: validation sample learns clips/copy.wav, the same recording (identical bytes) as clips/0.wav, "
+        f"which the training sample at {train}:1 learns",
+        f"{val}:2: validation sample learns clips/link.wav, which the training sample at {train}:2 learns too"]
+    data = load(tmp_path, tokenizer, train, f"data.val_manifest={val}", "data.on_error=skip")
+    assert (len(data.train), [r.id for r in data.val]) == (4, ["val:3"])
+    assert data.report["skipped_by_reason"] == {"val_in_train": 2}
+
+    # data.val_fraction: the same file under a second id, and a copy, that the split puts in validation
+    picked = [f"x{i}" for i in range(200) if _in_val(f"x{i}", 0.5)][:2]
+    kept = [f"y{i}" for i in range(200) if not _in_val(f"y{i}", 0.5)][:4]
+    lines = [{"text": f"line {i}", "audio": f"clips/{i}.wav", "id": kept[i]} for i in range(4)]
+    lines += [{"text": "again", "audio": "clips/2.wav", "id": picked[0]},
+              {"text": "copy", "audio": "clips/copy.wav", "id": picked[1]}]
+    both = write_manifest(base, lines, "both.jsonl")
+    with pytest.raises(DataError) as ei:
+        load(tmp_path, tokenizer, both, "data.val_fraction=0.5")
+    assert str(ei.value).splitlines()[1:] == [
+        f"{both}:5: validation sample learns clips/2.wav, which the training sample at {both}:3 learns too",
+        f"{both}:6: validation sample learns clips/copy.wav, the same recording (identical bytes) as clips/0.wav, "
+        f"which the training sample at {both}:1 learns"]
+    # prepare counts what the manifest names and what it holds: 6 references, 5 files, 4 recordings
+    prep = prepare.prepare_audio(_refs(tmp_path, both), str(tmp_path / "cache"), "tiny", None, 30, DistEnv(), 0,
+                                 quiet=True)
+    assert prepare.summary_line(prep.stats).startswith(
+        "prepare: 6 audio references to 5 files (4 distinct recordings): 4 cached, 0 encoded, 0 with problems")
+

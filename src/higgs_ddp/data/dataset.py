@@ -119,12 +119,13 @@ def count_positions(ids: np.ndarray, frames: list, audio_in_id: int, audio_out_i
 
 
 def _audio_codes(entries: list, cfg: Config, env: DistEnv, C: int, K: int, quiet: bool, phases: Phases):
-    """path -> codes or (reason, message), for every audio and codes file the entries name."""
+    """-> (path -> codes, path -> (reason, message), path -> seconds, path -> content hash), for every audio
+    and codes file the entries name (content hashes: audio files only)."""
     from higgs_ddp.data.prepare import prepare_audio, summary_line
 
     d = cfg.data
     audio_refs = [r for e in entries for r in e.audio if not r.is_codes]
-    found, failed, seconds = {}, {}, {}
+    found, failed, seconds, content = {}, {}, {}, {}
     if audio_refs:
         prep = prepare_audio(audio_refs, cache_dir(cfg), d.codec, d.codec_revision, d.max_audio_seconds, env,
                              d.num_workers, quiet, d.audio, phases)
@@ -138,14 +139,14 @@ def _audio_codes(entries: list, cfg: Config, env: DistEnv, C: int, K: int, quiet
             except AudioProblem as e:
                 failed[path] = (e.reason, str(e))
         failed.update(prep.problems)
-        seconds = prep.seconds
+        seconds, content = prep.seconds, prep.content
     for r in {r.path: r for e in entries for r in e.audio if r.is_codes}.values():
         try:
             found[r.path] = load_codes_file(r.path, r.shown, C, K)
         except AudioProblem as e:
             failed[r.path] = (e.reason, str(e))
     phases.mark("code check")
-    return found, failed, seconds
+    return found, failed, seconds, content
 
 
 def _clip_seconds(r, found: dict, seconds: dict) -> float:
@@ -269,6 +270,38 @@ def _overlaps(train_e: list, val_e: list) -> tuple[list, list, list]:
     return kept[0], kept[1], problems
 
 
+def _same_recordings(train_e: list, val_e: list, content: dict, val_fraction: float) -> tuple[list, list, list]:
+    """-> (train, val, problems): a validation sample (of data.val_manifest, or one data.val_fraction will pick)
+    that learns the same recording as a training sample, by content (sha256 of the file: a copy, a symlink,
+    the same file under another id), is dropped: it would score memorised data. ``_overlaps`` compares ids
+    and paths before any audio is read; this runs once prepare has hashed every file. A clip given as .npy
+    codes is compared by path."""
+    def key(r):
+        return content.get(r.path, r.path)
+
+    def in_val(e: Entry, listed_val: bool) -> bool:
+        return listed_val or bool(val_fraction and _in_val(e.id, val_fraction))
+
+    learned = {}  # recording -> (training entry, its AudioRef)
+    for e in train_e:
+        if not in_val(e, False):
+            for r in e.learned:
+                learned.setdefault(key(r), (e, r))
+    kept, problems = ([], []), []
+    for listed_val, entries in ((False, train_e), (True, val_e)):
+        for e in entries:
+            shared = next((r for r in e.learned if key(r) in learned), None) if in_val(e, listed_val) else None
+            if shared is None:
+                kept[listed_val].append(e)
+                continue
+            other, ref = learned[key(shared)]
+            same = (f"which the training sample at {other.where} learns too" if ref.path == shared.path else
+                    f"the same recording (identical bytes) as {ref.shown}, which the training sample at "
+                    f"{other.where} learns")
+            problems.append(Problem(e.where, "val_in_train", f"validation sample learns {shared.shown}, {same}"))
+    return kept[0], kept[1], problems
+
+
 def _in_val(sample_id: str, fraction: float) -> bool:
     # By a hash of the id, so adding data never moves a sample between the splits.
     h = int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "big")
@@ -329,7 +362,9 @@ def _load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool) 
         pairing.replaced = sum(a is not b for a, b in zip(kept, train_e + val_e))
         train_e, val_e = kept[:len(train_e)], kept[len(train_e):]
     phases.mark("manifest")
-    found, failed, seconds = _audio_codes(train_e + val_e, cfg, env, C, K, quiet, phases)
+    found, failed, seconds, content = _audio_codes(train_e + val_e, cfg, env, C, K, quiet, phases)
+    train_e, val_e, bad = _same_recordings(train_e, val_e, content, d.val_fraction)
+    problems += bad
     if d.reference == "same_speaker":
         train_e, val_e = _same_speaker(train_e, val_e, found, cfg, pairing)
         phases.mark("references")

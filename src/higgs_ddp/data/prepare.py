@@ -30,6 +30,7 @@ class Prepared:
     codes: dict = field(default_factory=dict)  # resolved path -> (C, T) int16 codes
     seconds: dict = field(default_factory=dict)  # resolved path -> duration
     problems: dict = field(default_factory=dict)  # resolved path -> (reason, message)
+    content: dict = field(default_factory=dict)  # resolved path -> sha256 of its bytes (every file that hashed)
     stats: dict = field(default_factory=dict)
 
 
@@ -157,9 +158,12 @@ def prepare_audio(refs: list, cache_dir: str, codec_name: str, codec_revision, m
     out.codes = {p: loaded[k] for p, k in usable.items()}
     out.seconds = {p: cache.seconds(k) for p, k in usable.items()}
     out.problems = problems
+    out.content = keys
     phases.mark("code cache load")
     out.stats = {
-        "files": len(paths), "distinct": len(set(keys.values())) + len(problems.keys() - keys.keys()), "cached": sum(1 for p, k in keys.items() if k not in rep),
+        "references": len(refs), "files": len(paths),
+        "distinct": len(set(keys.values())) + len(problems.keys() - keys.keys()),
+        "cached": len(set(keys.values()) - rep.keys()),  # recordings, as "encoded" counts them
         "encoded": len(todo) - len(failed), "failed": len(problems),
         "audio_hours": sum(out.seconds.values()) / 3600, "encoded_hours": encoded_seconds / 3600,
         "encode_seconds": t_enc, "seconds": time.perf_counter() - t0, "cache": str(cache.dir),
@@ -208,5 +212,7 @@ def summary_line(stats: dict) -> str:
     s = stats
     rate = (f"; encoded {s['encoded_hours']:.2f} h of audio in {s['encode_seconds']:.1f} s "
             f"({s['encoded_hours'] * 3600 / max(s['encode_seconds'], 1e-9):.0f}x real time)") if s["encoded"] else ""
-    return (f"prepare: {s['files']} audio files ({s['distinct']} distinct): {s['cached']} cached, {s['encoded']} encoded, {s['failed']} "
-            f"with problems; {s['audio_hours']:.2f} h usable{rate}; cache {s['cache']}")
+    # References, files and recordings all counted: 80 lines naming 40 files of 40 recordings say so.
+    return (f"prepare: {s['references']} audio references to {s['files']} files ({s['distinct']} distinct "
+            f"recordings): {s['cached']} cached, {s['encoded']} encoded, {s['failed']} with problems; "
+            f"{s['audio_hours']:.2f} h usable{rate}; cache {s['cache']}")
