@@ -523,3 +523,38 @@ def test_validation_never_learns_a_recording_training_learns_under_another_path_
     assert prepare.summary_line(prep.stats).startswith(
         "prepare: 6 audio references to 5 files (4 distinct recordings): 4 cached, 0 encoded, 0 with problems")
 
+
+def _mp3(path: Path, seconds: float, declared_extra_frames: int = 0) -> Path:
+    """A real MP3 (libsndfile's LAME encoder). ``declared_extra_frames``: its Xing tag counts that many more
+    MPEG frames than it holds, so the header declares more samples than decode, as the tag lame 3.100
+    writes can (61,920 declared, 61,632 decoded)."""
+    sf.write(path, text_to_wave("mp3 " * 20)[: int(seconds * SR)], SR, format="MP3")
+    data = bytearray(path.read_bytes())
+    at = data.index(b"Xing") + 8  # after the tag's flags: the frame count, big-endian
+    data[at:at + 4] = (int.from_bytes(data[at:at + 4], "big") + declared_extra_frames).to_bytes(4, "big")
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_whole_mp3_whose_header_counts_padding_trains_and_a_cut_one_is_refused(tmp_path, tokenizer):
+    """libsndfile's frame count of an MP3 may include encoder padding: a whole file is not "truncated" for
+    decoding a few hundred samples fewer; a file cut short still is, and so is a cut WAV (issue 30, item 3)."""
+    from higgs_ddp.data.audio import read_audio
+
+    base = tmp_path / "ds"
+    base.mkdir()
+    whole = _mp3(base / "whole.mp3", 0.6, declared_extra_frames=1)
+    info = sf.info(str(whole))
+    wave, sr = read_audio(whole, "whole.mp3", 0)
+    assert sr == SR and 0 < info.frames - len(wave) < 576  # declared more than decodes, within one MPEG frame
+    cut = base / "cut.mp3"
+    cut.write_bytes(_mp3(base / "full.mp3", 0.6).read_bytes()[:-400])
+    m = write_manifest(base, [{"text": "whole", "audio": "whole.mp3"}, {"text": "cut", "audio": "cut.mp3"},
+                              {"text": "ok", "audio": wav(base, "ok.wav")}])
+    with pytest.raises(DataError) as ei:
+        load(tmp_path, tokenizer, m)
+    problems = str(ei.value).splitlines()[1:]
+    assert len(problems) == 1 and problems[0].startswith(f"{m}:2: audio cut.mp3 is truncated: header says 4800 "
+                                                         "samples"), problems
+    data = load(tmp_path, tokenizer, m, "data.on_error=skip")
+    assert sorted(r.id for r in data.train) == ["manifest:1", "manifest:3"]

@@ -68,13 +68,28 @@ def read_audio(path: Path, shown: str, max_seconds: float, min_seconds: float = 
         raise AudioProblem("audio_corrupt", f"audio {shown} is corrupt ({_first_line(e)})") from None
     if wave.shape[0] == 0:
         raise AudioProblem("audio_empty", f"audio {shown} has no samples")
-    if wave.shape[0] < info.frames:
+    if wave.shape[0] < info.frames - _header_slack(info):
         raise AudioProblem("audio_corrupt", f"audio {shown} is truncated: header says {info.frames} "
                            f"samples, {wave.shape[0]} could be decoded")
     if not np.isfinite(wave).all():
         bad = int((~np.isfinite(wave)).sum())
         raise AudioProblem("audio_non_finite", f"audio {shown} holds {bad} non-finite (NaN/inf) samples")
     return wave.mean(axis=1, dtype=np.float32), sr  # mono down-mix, as librosa.load(mono=True) does
+
+
+# An MP3's length is not stored exactly: libsndfile takes it from the Xing/LAME tag, which may count the
+# encoder's padding (a lame 3.100 clip declares 61,920 samples and decodes 61,632, half an MPEG-2 frame).
+# Up to two MPEG frames short is what the format can promise; a file cut short misses more.
+MP3_SLACK_FRAMES = 2
+
+
+def _header_slack(info) -> int:
+    """How many samples fewer than ``info.frames`` a whole file of this format may decode (WAV, FLAC, Ogg
+    store their length exactly: none). An MPEG-1 layer III frame holds 1152 samples (32-48 kHz), an
+    MPEG-2/2.5 one 576 (8-24 kHz)."""
+    if info.format != "MP3":
+        return 0
+    return MP3_SLACK_FRAMES * (1152 if info.samplerate >= 32_000 else 576)
 
 
 def check_duration(seconds: float, shown: str, max_seconds: float = 0.0, min_seconds: float = 0.0,
