@@ -558,3 +558,34 @@ def test_a_whole_mp3_whose_header_counts_padding_trains_and_a_cut_one_is_refused
                                                          "samples"), problems
     data = load(tmp_path, tokenizer, m, "data.on_error=skip")
     assert sorted(r.id for r in data.train) == ["manifest:1", "manifest:3"]
+
+
+def test_prepare_leaves_a_runs_records_alone_and_its_repeated_error_line_names_the_problem(tmp_path, capfd):
+    """prepare writes its report beside the codes, never over a run's data_report.json (issue 30, item 10);
+    a data error's first line, the one repeated last below torchrun's output, names the first problem
+    (item 13)."""
+    import sys
+
+    from higgs_ddp.cli import launch_ranks
+    from higgs_ddp.cli import prepare as main
+
+    base = tmp_path / "ds"
+    m = _corpus(base, n=3)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "data_report.json").write_text('{"the finished run": "its report"}')
+    args = ["--config", str(TINY), *QUIET, f"output_dir={run}", f"data.cache_dir={tmp_path / 'c'}",
+            "data.num_workers=0"]
+    assert main([*args, f"data.manifest={m}"]) == 0
+    assert [p.name for p in run.iterdir()] == ["data_report.json"]
+    assert (run / "data_report.json").read_text() == '{"the finished run": "its report"}'
+    assert json.loads((tmp_path / "c" / "prepare_report.json").read_text())["train_samples"] == 3
+    capfd.readouterr()
+
+    bad = write_manifest(base, [{"text": "x", "audio": "clips/0.wav"}, {"text": "y", "audio": "gone.wav"}], "bad.jsonl")
+    # launch_ranks repeats a rank's last error line below all output (here one process, not torchrun)
+    assert launch_ranks([sys.executable, "-m", "higgs_ddp", "prepare", *args, f"data.manifest={bad}"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"higgs-ddp: error: 1 problem(s) in the data, the first: {bad}:2: audio gone.wav not found "
+                       f"(full list: {tmp_path / 'c' / 'prepare_report.json'}; data.on_error=skip trains on the rest)")
+    assert (run / "data_report.json").read_text() == '{"the finished run": "its report"}'

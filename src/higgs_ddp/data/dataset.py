@@ -329,19 +329,23 @@ class Data:
     report: dict
 
 
-def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = False) -> Data:
+def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = False,
+              report_path: Optional[Path] = None) -> Data:
+    """The training and validation samples of ``cfg.data``; the data report goes to ``report_path``, by
+    default the run's ``{output_dir}/data_report.json``."""
     # Millions of small objects, none of them garbage: the cyclic collector would walk them all again and
     # again while they are made (measured: a third of a warm start at 10k clips).
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _load_data(cfg, env, tokenizer, model_config, quiet)
+        return _load_data(cfg, env, tokenizer, model_config, quiet,
+                          Path(report_path or Path(cfg.output_dir) / "data_report.json"))
     finally:
         if enabled:
             gc.enable()
 
 
-def _load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool) -> Data:
+def _load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool, report_path: Path) -> Data:
     d = cfg.data
     if not d.manifest:
         raise ConfigError("data.manifest is required (one path or a list)")
@@ -399,21 +403,22 @@ def _load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool) 
     }
     phases.mark("split")
     report["startup_seconds"] = phases.seconds  # (without the report's own writing)
-    out = Path(cfg.output_dir)
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "data_report.json", report)
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(report_path, report)
     fatal = [p for p in problems if p.reason == "manifest_missing"]
     if fatal or (problems and d.on_error == "error"):
         shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"]
                                          if len(problems) > MAX_LISTED else [])
-        raise DataError(f"{len(problems)} problem(s) in the data (full list: {out / 'data_report.json'}; "
-                        f"data.on_error=skip trains on the rest):\n" + "\n".join(map(str, shown)))
+        # The first line names the first problem too: it is the line repeated last under torchrun, below
+        # the ranks' output, where a header alone would leave the problem far above.
+        raise DataError(f"{len(problems)} problem(s) in the data, the first: {problems[0]} (full list: "
+                        f"{report_path}; data.on_error=skip trains on the rest)\n" + "\n".join(map(str, shown)))
     if env.is_main and not quiet and d.reference != "given":
         print(pairing.line(), flush=True)
     if problems and env.is_main and not quiet:
         counts = ", ".join(f"{n} {r}" for r, n in report["skipped_by_reason"].items())
-        print(f"data: skipped {len(problems)} bad sample(s) ({counts}); list in {out / 'data_report.json'}",
+        print(f"data: skipped {len(problems)} bad sample(s) ({counts}); list in {report_path}",
               flush=True)
     if env.is_main and not quiet:
         print(f"data: ready in {phases.line()}", flush=True)
