@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,6 +219,7 @@ def _same_speaker(train_e: list, val_e: list, found: dict, cfg: Config, pairing:
     d = cfg.data
     codec_rate, frame_rate = codec_rates(d.codec, d.codec_revision)
     lo, hi = (round(s * frame_rate) for s in d.reference_seconds)
+    pairing.shortest_seconds = d.reference_seconds[0]
     training = {id(e) for e in train_e if not (d.val_fraction and _in_val(e.id, d.val_fraction))}
 
     def energy(ref):  # the audio as it was encoded, for where to cut it
@@ -416,6 +418,8 @@ def _load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool, 
                         f"{report_path}; data.on_error=skip trains on the rest)\n" + "\n".join(map(str, shown)))
     if env.is_main and not quiet and d.reference != "given":
         print(pairing.line(), flush=True)
+        if pairing.warning():
+            print(f"higgs-ddp: warning: {pairing.warning()}", file=sys.stderr, flush=True)
     if problems and env.is_main and not quiet:
         counts = ", ".join(f"{n} {r}" for r, n in report["skipped_by_reason"].items())
         print(f"data: skipped {len(problems)} bad sample(s) ({counts}); list in {report_path}",
