@@ -367,10 +367,34 @@ def test_stats_counts_hours_speakers_and_warns(tmp_path, capsys):
     assert table[0] == f"{base / 'm.jsonl'}: 6 clip(s), 0.00 h of audio"
     assert "  rates       8000 Hz: 2, 16000 Hz: 4" in table
     assert any(line.split()[:3] == ["ana", "5", "clips"] for line in table)
-    assert sum(line.startswith("warning: ") for line in table) == 5  # no token budget without --max-tokens
+    # no token budget without --max-tokens; the default codec's shortest input is known only where the HF cache
+    # holds its config.json (else said in a warning of its own)
+    assert sum(line.startswith("warning: ") and "too short for the codec" not in line for line in table) == 5
     # a balanced corpus with enough audio warns of nothing (the negative control)
     ok = [{"id": f"{s}{i}", "text": "t", "audio": f"a{i}.wav", "speaker": s} for s in "xy" for i in range(2)]
     write(base / "ok.jsonl", "".join(json.dumps(r) + "\n" for r in ok))
     st = manifest_stats(str(base / "ok.jsonl"))
     assert [w for w in st.warnings if not w.startswith("little audio")] == []
     assert manifest_cmd.main(["stats", str(base / "absent.jsonl")]) == 2
+
+
+def test_stats_applies_the_runs_duration_rule(tmp_path, capsys):
+    """A 20 ms clip is a problem in `manifest stats --config` as at the start of training ("too short for the
+    codec"), and so is one under data.audio.min_seconds; without the codec's config at hand, stats says that
+    limit went unchecked (issue 30, item 11)."""
+    base = tmp_path / "d"
+    for name, seconds in (("ok", 0.6), ("blip", 0.02), ("short", 0.3)):
+        wav(base / f"{name}.wav", seconds=seconds)
+    m = write(base / "m.jsonl", "".join(json.dumps({"text": n, "audio": f"{n}.wav"}) + "\n"
+                                         for n in ("ok", "blip", "short")))
+    tiny = str(ROOT / "configs" / "tiny.yaml")
+    assert manifest_cmd.main(["stats", str(m), "data.audio.min_seconds=0.5", "--json", "--config", tiny]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["clips"] == 1 and [(p["where"], p["reason"], p["message"]) for p in got["problems"]] == [
+        (f"{m}:2", "audio_too_short", "audio blip.wav is too short for the codec: 20.0 ms, its encoder needs 39.0 ms"),
+        (f"{m}:3", "audio_too_short", "audio short.wav lasts 0.30 s, less than data.audio.min_seconds=0.5")]
+    assert manifest_cmd.main(["stats", str(m), "data.codec=/nowhere/codec", "--json", "--config", tiny]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["clips"] == 3 and got["problems"] == []
+    assert any(w.startswith("clips too short for the codec are not checked: data.codec=/nowhere/codec")
+               for w in got["warnings"]), got["warnings"]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from higgs_ddp.config import Config, ConfigError
-from higgs_ddp.data.audio import AudioProblem, frame_energy
+from higgs_ddp.data.audio import AudioProblem, DurationRule, frame_energy
 from higgs_ddp.data.code_cache import write_json_atomic
 from higgs_ddp.data.manifest import Entry, Problem, read_manifest
 from higgs_ddp.data.phases import Phases
@@ -226,7 +226,7 @@ def _same_speaker(train_e: list, val_e: list, found: dict, cfg: Config, pairing:
         if ref.is_codes:
             return None
         try:
-            wave, sr = decode_for_codec(ref.path, ref.shown, 0, 0, d.audio, codec_rate)
+            wave, sr = decode_for_codec(ref.path, ref.shown, DurationRule(), d.audio, codec_rate)
         except AudioProblem:  # changed since it was encoded (its codes came from the cache): cut at the limit
             return None
         return frame_energy(wave.numpy(), sr, frame_rate)

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from higgs_ddp.config import AudioConditioning
-from higgs_ddp.data.audio import AudioProblem, check_duration, check_path, condition, read_audio, resample
+from higgs_ddp.data.audio import AudioProblem, DurationRule, check_path, condition, read_audio, resample
 from higgs_ddp.data.code_cache import CodeCache, FileHashes
 from higgs_ddp.data.codec import codec_identity, load_codec
 from higgs_ddp.data.phases import Phases
@@ -39,10 +39,8 @@ class _Decode(torch.utils.data.Dataset):
     conditioning on, the workers also resample (on the CPU) and condition: loudness and peaks are judged at
     the codec's rate, on what it encodes."""
 
-    def __init__(self, items: list, max_seconds: float, min_seconds: float, audio: AudioConditioning,
-                 codec_rate: int):
-        self.items, self.max_seconds, self.min_seconds = items, max_seconds, min_seconds
-        self.audio, self.codec_rate = audio, codec_rate
+    def __init__(self, items: list, rule: DurationRule, audio: AudioConditioning, codec_rate: int):
+        self.items, self.rule, self.audio, self.codec_rate = items, rule, audio, codec_rate
 
     def __len__(self):
         return len(self.items)
@@ -50,27 +48,21 @@ class _Decode(torch.utils.data.Dataset):
     def __getitem__(self, i):
         path, shown = self.items[i]
         try:
-            return (i, *decode_for_codec(path, shown, self.max_seconds, self.min_seconds, self.audio,
-                                         self.codec_rate), None)
+            return (i, *decode_for_codec(path, shown, self.rule, self.audio, self.codec_rate), None)
         except AudioProblem as e:
             return i, None, None, (e.reason, str(e))
 
 
-def decode_for_codec(path, shown: str, max_seconds: float, codec_min: float, audio: AudioConditioning,
-                     codec_rate: int) -> tuple:
+def decode_for_codec(path, shown: str, rule: DurationRule, audio: AudioConditioning, codec_rate: int) -> tuple:
     """-> (mono float32 tensor, its rate): the audio of one file as the codec gets it. The durations are
-    judged from the header unless trimming changes them (then after it)."""
-    trims = audio.trim_silence
-    wave, sr = read_audio(path, shown, 0 if trims else max_seconds, codec_min)
-    if not trims:
-        check_duration(len(wave) / sr, shown, min_seconds=audio.min_seconds)
+    judged by ``rule``: from the header, and after trimming when trimming changes them."""
+    wave, sr = read_audio(path, shown, 0, rule=rule)
     if not audio.changes_audio:
         return torch.from_numpy(wave), sr
     wave = resample(torch.from_numpy(wave), sr, codec_rate).numpy()
     wave = condition(wave, codec_rate, audio, shown)
-    if trims:
-        check_duration(len(wave) / codec_rate, shown, max_seconds, audio.min_seconds, codec_min,
-                       after=" after trimming silence")
+    if audio.trim_silence:
+        rule.check_encoded(len(wave) / codec_rate, shown)
     return torch.from_numpy(wave), codec_rate
 
 
@@ -147,10 +139,10 @@ def prepare_audio(refs: list, cache_dir: str, codec_name: str, codec_revision, m
         phases.mark("encode")
 
     usable = {path: key for path, key in keys.items() if path not in problems}
-    after = " after trimming silence" if audio.trim_silence else ""
+    encoded = DurationRule(0.0, audio.min_seconds, max_seconds, audio.trim_silence)  # (the codec's: when encoded)
     for path, key in usable.items():
         try:  # cached under looser limits
-            check_duration(cache.seconds(key), shown[path], max_seconds, audio.min_seconds, after=after)
+            encoded.check_encoded(cache.seconds(key), shown[path])
         except AudioProblem as e:
             problems[path] = (e.reason, str(e))
     usable = {p: k for p, k in usable.items() if p not in problems}
@@ -177,7 +169,8 @@ def _encode(mine: list, shown: dict, cache: CodeCache, codec_name, codec_revisio
     codec = load_codec(codec_name, codec_revision, device=env.device)
     writer = cache.writer()
     items = [(path, shown[path]) for _, path in mine]
-    loader = torch.utils.data.DataLoader(_Decode(items, max_seconds, codec.min_seconds, audio, codec.sample_rate),
+    rule = DurationRule(codec.min_seconds, audio.min_seconds, max_seconds, audio.trim_silence)
+    loader = torch.utils.data.DataLoader(_Decode(items, rule, audio, codec.sample_rate),
                                          batch_size=None,
                                          num_workers=num_workers, prefetch_factor=4 if num_workers else None)
     problems, seconds = {}, 0.0
