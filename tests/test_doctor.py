@@ -274,7 +274,9 @@ def test_cached_hub_model_and_codec(capsys, tmp_path, offline_hub):
                                    "tokenizer_config.json": "{}"})
     # clips as audio, not codes: the codec is needed
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "a.wav").write_bytes(b"RIFF")
+    import soundfile as sf
+
+    sf.write(tmp_path / "data" / "a.wav", np.zeros(8000, np.float32), 8000)  # headers are read: a real WAV
     manifest = tmp_path / "data" / "train.jsonl"
     manifest.write_text("".join(json.dumps({"text": f"hi {i}", "audio": "a.wav"}) + "\n" for i in range(6)))
     args = ["--config", TINY, f"data.manifest={manifest}", f"output_dir={tmp_path / 'run'}", "eval.prompts=[]",

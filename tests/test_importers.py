@@ -396,5 +396,5 @@ def test_stats_applies_the_runs_duration_rule(tmp_path, capsys):
     assert manifest_cmd.main(["stats", str(m), "data.codec=/nowhere/codec", "--json", "--config", tiny]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["clips"] == 3 and got["problems"] == []
-    assert any(w.startswith("clips too short for the codec are not checked: data.codec=/nowhere/codec")
+    assert any(w.startswith("clips too short for the codec are not checked: data.codec=/nowhere/codec: CodecError")
                for w in got["warnings"]), got["warnings"]

@@ -113,8 +113,8 @@ def run_duration_rule(data) -> tuple:
 
     try:
         codec_min = local_min_input_seconds(data.codec, data.codec_revision)
-    except CodecError as e:
-        return DurationRule.of(data, 0.0), f"data.codec={data.codec}: {e}"
+    except (CodecError, KeyError, TypeError, ValueError) as e:  # no config, or one the encoder cannot be built from
+        return DurationRule.of(data, 0.0), f"data.codec={data.codec}: {type(e).__name__}: {e}"
     if codec_min is None:
         return DurationRule.of(data, 0.0), (f"data.codec={data.codec}'s config.json is not in the Hugging Face "
                                             f"cache (one run with network access fetches it)")
