@@ -56,7 +56,7 @@ class _Decode(torch.utils.data.Dataset):
 def decode_for_codec(path, shown: str, rule: DurationRule, audio: AudioConditioning, codec_rate: int) -> tuple:
     """-> (mono float32 tensor, its rate): the audio of one file as the codec gets it. The durations are
     judged by ``rule``: from the header, and after trimming when trimming changes them."""
-    wave, sr = read_audio(path, shown, 0, rule=rule)
+    wave, sr = read_audio(path, shown, 0, 0.0, rule)
     if not audio.changes_audio:
         return torch.from_numpy(wave), sr
     wave = resample(torch.from_numpy(wave), sr, codec_rate).numpy()
