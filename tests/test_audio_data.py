@@ -405,7 +405,7 @@ def test_several_manifests_and_validation_sets(tmp_path, tokenizer):
     assert len(split.train) + len(split.val) == 44 and 0 < len(split.val) < 22
     ids = {r.id for r in split.val}
     # by id hash: adding data never moves a sample between the splits
-    more = write_manifest(base, [{"text": "c", "audio": "a1.wav", "id": "c"}], "c.jsonl")
+    more = write_manifest(base, [{"text": "c", "audio": wav(base, "c.wav", text="c"), "id": "c"}], "c.jsonl")
     assert ids <= {r.id for r in load(tmp_path, tokenizer, [a, b, more], "data.val_fraction=0.25").val}
 
 
@@ -485,7 +485,7 @@ def test_two_ranks_share_the_encoding_and_agree_with_one(tmp_path):
             f"data.cache_dir={tmp_path / 'two'}", "data.num_workers=1"]
     proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "8 audio files (8 distinct): 0 cached, 8 encoded, 0 with problems" in proc.stdout
+    assert "8 audio references to 8 files (8 distinct recordings): 0 cached, 8 encoded, 0 with problems" in proc.stdout
     shards = list((tmp_path / "two").glob("*/part-*.safetensors"))
     assert len(shards) == 2  # one per rank
 
@@ -516,3 +516,113 @@ def test_unreachable_codec_is_one_line_from_the_cli(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert "higgs-ddp: error: cannot fetch the audio codec bosonai/no-such-codec@main" in err
     assert "Traceback" not in err
+
+
+def test_validation_never_learns_a_recording_training_learns_under_another_path_or_id(tmp_path, tokenizer):
+    """The same recording as a copy, under a symlink, or the same file under another id is one recording:
+    a validation sample learning it would score memorised data (issue 30, item 2)."""
+    import shutil
+
+    from higgs_ddp.data.dataset import _in_val
+
+    base = tmp_path / "ds"
+    train = _corpus(base, n=4)
+    shutil.copy(base / "clips/0.wav", base / "clips/copy.wav")
+    (base / "clips/link.wav").symlink_to(base / "clips/1.wav")
+    val = write_manifest(base, [{"text": "copy", "audio": "clips/copy.wav"}, {"text": "link", "audio": "clips/link.wav"},
+                                {"text": "new", "audio": wav(base, "clips/new.wav", text="new one")}], "val.jsonl")
+    with pytest.raises(DataError) as ei:
+        load(tmp_path, tokenizer, train, f"data.val_manifest={val}")
+    assert str(ei.value).splitlines()[1:] == [
+        f"{val}:1: validation sample learns clips/copy.wav, the same recording (identical bytes) as clips/0.wav, "
+        f"which the training sample at {train}:1 learns",
+        f"{val}:2: validation sample learns clips/link.wav, which the training sample at {train}:2 learns too"]
+    data = load(tmp_path, tokenizer, train, f"data.val_manifest={val}", "data.on_error=skip")
+    assert (len(data.train), [r.id for r in data.val]) == (4, ["val:3"])
+    assert data.report["skipped_by_reason"] == {"val_in_train": 2}
+
+    # data.val_fraction: the same file under a second id, and a copy, that the split puts in validation
+    picked = [f"x{i}" for i in range(200) if _in_val(f"x{i}", 0.5)][:2]
+    kept = [f"y{i}" for i in range(200) if not _in_val(f"y{i}", 0.5)][:4]
+    lines = [{"text": f"line {i}", "audio": f"clips/{i}.wav", "id": kept[i]} for i in range(4)]
+    lines += [{"text": "again", "audio": "clips/2.wav", "id": picked[0]},
+              {"text": "copy", "audio": "clips/copy.wav", "id": picked[1]}]
+    both = write_manifest(base, lines, "both.jsonl")
+    with pytest.raises(DataError) as ei:
+        load(tmp_path, tokenizer, both, "data.val_fraction=0.5")
+    assert str(ei.value).splitlines()[1:] == [
+        f"{both}:5: validation sample learns clips/2.wav, which the training sample at {both}:3 learns too",
+        f"{both}:6: validation sample learns clips/copy.wav, the same recording (identical bytes) as clips/0.wav, "
+        f"which the training sample at {both}:1 learns"]
+    # prepare counts what the manifest names and what it holds: 6 references, 5 files, 4 recordings
+    prep = prepare.prepare_audio(_refs(tmp_path, both), str(tmp_path / "cache"), "tiny", None, 30, DistEnv(), 0,
+                                 quiet=True)
+    assert prepare.summary_line(prep.stats).startswith(
+        "prepare: 6 audio references to 5 files (4 distinct recordings): 4 cached, 0 encoded, 0 with problems")
+
+
+def _mp3(path: Path, seconds: float, declared_extra_frames: int = 0) -> Path:
+    """A real MP3 (libsndfile's LAME encoder). ``declared_extra_frames``: its Xing tag counts that many more
+    MPEG frames than it holds, so the header declares more samples than decode, as the tag lame 3.100
+    writes can (61,920 declared, 61,632 decoded)."""
+    sf.write(path, text_to_wave("mp3 " * 20)[: int(seconds * SR)], SR, format="MP3")
+    data = bytearray(path.read_bytes())
+    at = data.index(b"Xing") + 8  # after the tag's flags: the frame count, big-endian
+    data[at:at + 4] = (int.from_bytes(data[at:at + 4], "big") + declared_extra_frames).to_bytes(4, "big")
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_whole_mp3_whose_header_counts_padding_trains_and_a_cut_one_is_refused(tmp_path, tokenizer):
+    """libsndfile's frame count of an MP3 may include encoder padding: a whole file is not "truncated" for
+    decoding a few hundred samples fewer; a file cut short still is, and so is a cut WAV (issue 30, item 3)."""
+    from higgs_ddp.data.audio import read_audio
+
+    base = tmp_path / "ds"
+    base.mkdir()
+    whole = _mp3(base / "whole.mp3", 0.6, declared_extra_frames=1)
+    info = sf.info(str(whole))
+    wave, sr = read_audio(whole, "whole.mp3", 0)
+    assert sr == SR and 0 < info.frames - len(wave) < 576  # declared more than decodes, within one MPEG frame
+    cut = base / "cut.mp3"
+    cut.write_bytes(_mp3(base / "full.mp3", 0.6).read_bytes()[:-400])
+    m = write_manifest(base, [{"text": "whole", "audio": "whole.mp3"}, {"text": "cut", "audio": "cut.mp3"},
+                              {"text": "ok", "audio": wav(base, "ok.wav")}])
+    with pytest.raises(DataError) as ei:
+        load(tmp_path, tokenizer, m)
+    problems = str(ei.value).splitlines()[1:]
+    assert len(problems) == 1 and problems[0].startswith(f"{m}:2: audio cut.mp3 is truncated: header says 4800 "
+                                                         "samples"), problems
+    data = load(tmp_path, tokenizer, m, "data.on_error=skip")
+    assert sorted(r.id for r in data.train) == ["manifest:1", "manifest:3"]
+
+
+def test_prepare_leaves_a_runs_records_alone_and_its_repeated_error_line_names_the_problem(tmp_path, capfd):
+    """prepare writes its report beside the codes, never over a run's data_report.json (issue 30, item 10);
+    a data error's first line, the one repeated last below torchrun's output, names the first problem
+    (item 13)."""
+    import sys
+
+    from higgs_ddp.cli import launch_ranks
+    from higgs_ddp.cli import prepare as main
+
+    base = tmp_path / "ds"
+    m = _corpus(base, n=3)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "data_report.json").write_text('{"the finished run": "its report"}')
+    args = ["--config", str(TINY), *QUIET, f"output_dir={run}", f"data.cache_dir={tmp_path / 'c'}",
+            "data.num_workers=0"]
+    assert main([*args, f"data.manifest={m}"]) == 0
+    assert [p.name for p in run.iterdir()] == ["data_report.json"]
+    assert (run / "data_report.json").read_text() == '{"the finished run": "its report"}'
+    assert json.loads((tmp_path / "c" / "prepare_report.json").read_text())["train_samples"] == 3
+    capfd.readouterr()
+
+    bad = write_manifest(base, [{"text": "x", "audio": "clips/0.wav"}, {"text": "y", "audio": "gone.wav"}], "bad.jsonl")
+    # launch_ranks repeats a rank's last error line below all output (here one process, not torchrun)
+    assert launch_ranks([sys.executable, "-m", "higgs_ddp", "prepare", *args, f"data.manifest={bad}"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"higgs-ddp: error: 1 problem(s) in the data, the first: {bad}:2: audio gone.wav not found "
+                       f"(full list: {tmp_path / 'c' / 'prepare_report.json'}; data.on_error=skip trains on the rest)")
+    assert (run / "data_report.json").read_text() == '{"the finished run": "its report"}'

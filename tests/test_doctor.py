@@ -184,6 +184,32 @@ def test_only_first_three_problems_are_listed(capsys, tmp_path, tiny_args):
     assert f"{path}:3:" in fail and f"{path}:4:" not in fail and "; ..." in fail
 
 
+def test_audio_headers_are_judged_by_the_runs_duration_rule(capsys, tmp_path, tiny_args):
+    """A 20 ms clip fails here as it fails at the start of training ("too short for the codec"), and so
+    does one under data.audio.min_seconds (issue 30, item 11)."""
+    import soundfile as sf
+
+    from higgs_ddp.tools.demo_data import text_to_wave
+
+    folder = tmp_path / "clips"
+    (folder / "wavs").mkdir(parents=True)
+    for name, seconds in (("ok", 0.6), ("blip", 0.02), ("short", 0.3)):
+        sf.write(folder / "wavs" / f"{name}.wav", text_to_wave("some words here")[: int(seconds * 8000)], 8000)
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": n, "audio": f"wavs/{n}.wav"}) + "\n" for n in ("ok", "blip", "short")))
+    rc, lines = run(capsys, *tiny_args, f"data.manifest={path}")
+    assert one(lines, f"OK   manifest {path}")  # every line parses, every file exists
+    assert one(lines, "FAIL audio: ") == (
+        f"FAIL audio: 1 sample with a file training refuses: {path}:2: audio wavs/blip.wav is too short for the "
+        f"codec: 20.0 ms, its encoder needs 39.0 ms: fix or drop these lines, or set data.on_error=skip to train "
+        f"on the rest")
+    _, lines = run(capsys, *tiny_args, f"data.manifest={path}", "data.audio.min_seconds=0.5", "data.on_error=skip")
+    assert f"{path}:3: audio wavs/short.wav lasts 0.30 s, less than data.audio.min_seconds=0.5" in one(
+        lines, "WARN audio: 2 samples with a file training refuses: ")
+    _, lines = run(capsys, *tiny_args)  # .npy codes only: no audio line
+    assert not [line for line in lines if line[5:].startswith("audio")]
+
+
 def test_local_model_folder_checks(capsys, tmp_path, tiny_args):
     folder = tmp_path / "ckpt"
     folder.mkdir()
@@ -248,7 +274,9 @@ def test_cached_hub_model_and_codec(capsys, tmp_path, offline_hub):
                                    "tokenizer_config.json": "{}"})
     # clips as audio, not codes: the codec is needed
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "a.wav").write_bytes(b"RIFF")
+    import soundfile as sf
+
+    sf.write(tmp_path / "data" / "a.wav", np.zeros(8000, np.float32), 8000)  # headers are read: a real WAV
     manifest = tmp_path / "data" / "train.jsonl"
     manifest.write_text("".join(json.dumps({"text": f"hi {i}", "audio": "a.wav"}) + "\n" for i in range(6)))
     args = ["--config", TINY, f"data.manifest={manifest}", f"output_dir={tmp_path / 'run'}", "eval.prompts=[]",

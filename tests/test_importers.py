@@ -260,14 +260,15 @@ def test_every_bad_clip_is_one_line_naming_file_and_line_and_nothing_is_written(
                 b"just one field\n"  # line 5
                 b"LJ001-0005|caf\xe9|caf\xe9\n"  # line 6: Latin-1, not UTF-8
                 b"LJ001-0006|not audio|not audio\n"  # line 7
-                b"LJ001-0002|again|again\n")  # line 8: the id of line 2
+                b"LJ001-0002|again|again\n"  # line 8: the id of line 2
+                b"LJ001-0007|a|pipe inside|a|pipe inside\n")  # line 9: a '|' in the text, never cut
     wav(src / "wavs" / "LJ001-0004.wav")
     write(src / "wavs" / "LJ001-0006.wav", "a transcript saved under the wrong name")
     out = tmp_path / "m.jsonl"
     write(out, "the previous manifest\n")
     assert manifest_cmd.main(["import", "--format", "ljspeech", str(src), "--out", str(out)]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("higgs-ddp: error: 6 problem(s) in ") and "nothing written" in err[0]
+    assert err[0].startswith("higgs-ddp: error: 7 problem(s) in ") and "nothing written" in err[0]
     assert err[1:] == [
         "metadata.csv:3: audio wavs/LJ001-0003.wav not found",
         "metadata.csv:4: the transcript is empty",
@@ -275,14 +276,16 @@ def test_every_bad_clip_is_one_line_naming_file_and_line_and_nothing_is_written(
         "metadata.csv:6: not valid UTF-8 text (byte 14)",
         "metadata.csv:7: audio wavs/LJ001-0006.wav is not a readable audio file (Error opening "
         f"'{src / 'wavs' / 'LJ001-0006.wav'}': Format not recognised.)",
-        "metadata.csv:8: id 'LJ001-0002' is already the id of metadata.csv:2"]
+        "metadata.csv:8: id 'LJ001-0002' is already the id of metadata.csv:2",
+        "metadata.csv:9: expected id|text|normalized text (2 or 3 fields separated by '|'), got 5 fields (a '|' "
+        "inside a transcript cannot be told from a separator: replace it)"]
     assert out.read_text() == "the previous manifest\n"  # untouched
     # --on-error skip: the rest is written, the skipped counted by the training check's reasons
     assert manifest_cmd.main(["import", "--format", "ljspeech", str(src), "--out", str(out), "--on-error",
                               "skip"]) == 0
     printed = capsys.readouterr().out
     assert "manifest import: 2 clips" in printed
-    assert ("skipped 6 (1 audio_missing, 1 audio_unreadable, 1 bad_row, 1 bad_utf8, 1 duplicate_id, 1 empty_text)"
+    assert ("skipped 7 (1 audio_missing, 1 audio_unreadable, 2 bad_row, 1 bad_utf8, 1 duplicate_id, 1 empty_text)"
             in printed)
     assert len(out.read_text().splitlines()) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["LJSpeech-1.1", "m.jsonl"]  # no temporary file left
@@ -394,10 +397,34 @@ def test_stats_counts_hours_speakers_and_warns(tmp_path, capsys):
     assert "  rates       8000 Hz: 2, 16000 Hz: 4" in table
     assert "  text        min 1, median 10, max 30 (characters)" in table
     assert any(line.split()[:3] == ["ana", "5", "clips"] for line in table)
-    assert sum(line.startswith("warning: ") for line in table) == 5  # no token budget without --max-tokens
+    # no token budget without --max-tokens; the default codec's shortest input is known only where the HF cache
+    # holds its config.json (else said in a warning of its own)
+    assert sum(line.startswith("warning: ") and "too short for the codec" not in line for line in table) == 5
     # a balanced corpus with enough audio warns of nothing (the negative control)
     ok = [{"id": f"{s}{i}", "text": "t", "audio": f"a{i}.wav", "speaker": s} for s in "xy" for i in range(2)]
     write(base / "ok.jsonl", "".join(json.dumps(r) + "\n" for r in ok))
     st = manifest_stats(str(base / "ok.jsonl"))
     assert [w for w in st.warnings if not w.startswith("little audio")] == []
     assert manifest_cmd.main(["stats", str(base / "absent.jsonl")]) == 2
+
+
+def test_stats_applies_the_runs_duration_rule(tmp_path, capsys):
+    """A 20 ms clip is a problem in `manifest stats --config` as at the start of training ("too short for the
+    codec"), and so is one under data.audio.min_seconds; without the codec's config at hand, stats says that
+    limit went unchecked (issue 30, item 11)."""
+    base = tmp_path / "d"
+    for name, seconds in (("ok", 0.6), ("blip", 0.02), ("short", 0.3)):
+        wav(base / f"{name}.wav", seconds=seconds)
+    m = write(base / "m.jsonl", "".join(json.dumps({"text": n, "audio": f"{n}.wav"}) + "\n"
+                                         for n in ("ok", "blip", "short")))
+    tiny = str(ROOT / "configs" / "tiny.yaml")
+    assert manifest_cmd.main(["stats", str(m), "data.audio.min_seconds=0.5", "--json", "--config", tiny]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["clips"] == 1 and [(p["where"], p["reason"], p["message"]) for p in got["problems"]] == [
+        (f"{m}:2", "audio_too_short", "audio blip.wav is too short for the codec: 20.0 ms, its encoder needs 39.0 ms"),
+        (f"{m}:3", "audio_too_short", "audio short.wav lasts 0.30 s, less than data.audio.min_seconds=0.5")]
+    assert manifest_cmd.main(["stats", str(m), "data.codec=/nowhere/codec", "--json", "--config", tiny]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["clips"] == 3 and got["problems"] == []
+    assert any(w.startswith("clips too short for the codec are not checked: data.codec=/nowhere/codec: CodecError")
+               for w in got["warnings"]), got["warnings"]

@@ -261,3 +261,30 @@ def test_two_ranks_pick_the_same_pairs_as_one(paired_run):
     a, b = weights(run), weights(two)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
+
+
+def test_unpaired_samples_say_which_exclusion_left_them_alone_and_few_pairs_warn(tmp_path, tokenizer, capsys):
+    """0 of 6 paired: four clips too short for data.reference_seconds[0], two copies of one recording; the
+    line says which, and a warning says it loudly (issue 30, item 14)."""
+    base = tmp_path / "ds"
+    same = text_to_codes("the quick brown fox", C, K)
+    m = write(base, [line(base, f"s{i}", "sam", t) for i, t in enumerate(("ab", "cd", "ef", "gh"))]  # 4 frames
+              + [line(base, "q0", "quinn", "one take", codes=same), line(base, "q1", "quinn", "its copy", codes=same)])
+    cfg = cfg_for(tmp_path, m)
+    data = load_data(cfg, DistEnv(), tokenizer, model_config(cfg, tokenizer))
+    rep = data.report["references"]
+    assert (rep["paired"], rep["no_candidate"], rep["excluded_by"]) == (
+        0, 6, {"too_short": 4, "near_identical": 2, "validation": 0})
+    out, err = capsys.readouterr()
+    why = ("6 sample(s) whose speaker has no other usable clip, trained without a reference (other clips shorter "
+           "than data.reference_seconds[0]=0.4 s for 4, the same recording or near-identical to it for 2)")
+    assert f"references: 0 sample(s) paired with another clip of their speaker (0 cut to data.reference_seconds); " \
+           f"{why}\n" in out
+    assert f"higgs-ddp: warning: data.reference=same_speaker paired only 0 of 6 sample(s) with a reference, so the " \
+           f"run will hardly learn to clone a voice: {why}\n" in err
+    # most samples paired: no warning
+    m = write(base, [line(base, f"p{i}", "pat", t) for i, t in enumerate(("seven birds sing", "lazy dogs sleep"))],
+              "ok.jsonl")
+    cfg = cfg_for(tmp_path, m)
+    load_data(cfg, DistEnv(), tokenizer, model_config(cfg, tokenizer))
+    assert "warning" not in capsys.readouterr().err

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from higgs_ddp.runtime.launch_options import LAUNCH_FLAGS, LAUNCH_HELP, LAUNCH_OPTIONS
 
@@ -58,7 +59,7 @@ def prepare(argv=None) -> int:
     ranks sharing the work; training does the same first, so this only moves that work ahead of time."""
     from higgs_ddp.config import ConfigError, load_config
     from higgs_ddp.data.codec import CodecError
-    from higgs_ddp.data.dataset import DataError, load_data
+    from higgs_ddp.data.dataset import DataError, cache_dir, load_data
     from higgs_ddp.model import load_tokenizer, model_config
     from higgs_ddp.runtime.distributed import barrier, cleanup, setup_distributed
     from higgs_ddp.runtime.shared_fs import SharedFilesystemError
@@ -73,7 +74,9 @@ def prepare(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         env = setup_distributed()
         tokenizer = load_tokenizer(cfg)
-        load_data(cfg, env, tokenizer, model_config(cfg, tokenizer))  # prints the summary and the report
+        # Its report goes beside the codes, not into output_dir: that may hold a run whose records it is not.
+        load_data(cfg, env, tokenizer, model_config(cfg, tokenizer),
+                  report_path=Path(cache_dir(cfg)) / "prepare_report.json")  # prints the summary and the report
         barrier()
     except (ConfigError, DataError, CodecError, SharedFilesystemError) as e:
         if env is None or env.is_main or isinstance(e, SharedFilesystemError):  # other nodes must hear it too

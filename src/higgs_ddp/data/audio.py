@@ -7,7 +7,9 @@ report) and a message that names the file; nothing here prints a traceback for b
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import soundfile as sf
@@ -30,9 +32,11 @@ def check_path(path: Path, shown: str) -> None:
         raise AudioProblem("audio_is_directory", f"audio {shown} is a directory, not a file")
 
 
-def check_header(path: Path, shown: str, max_seconds: float = 0.0, min_seconds: float = 0.0):
+def check_header(path: Path, shown: str, max_seconds: float = 0.0, min_seconds: float = 0.0,
+                 rule: Optional["DurationRule"] = None):
     """Every check that needs no decoding (existence, format, rate, length, a WAV cut short) -> soundfile's
-    info. The importer and ``manifest stats`` stop here; ``read_audio`` goes on to decode."""
+    info. The importer, ``manifest stats`` and the doctor stop here; ``read_audio`` goes on to decode. The
+    length is judged by ``rule``, by default the codec's shortest input ``min_seconds`` and ``max_seconds``."""
     check_path(path, shown)
     try:
         with open(path, "rb") as f:
@@ -50,7 +54,7 @@ def check_header(path: Path, shown: str, max_seconds: float = 0.0, min_seconds: 
                            f"(accepted: {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz)")
     if info.frames == 0:
         raise AudioProblem("audio_empty", f"audio {shown} has no samples")
-    check_duration(info.frames / sr, shown, max_seconds, codec_min=min_seconds)
+    (rule or DurationRule(min_seconds, 0.0, max_seconds)).check_file(info.frames / sr, shown)
     short = _wav_shortfall(path)
     if short:
         raise AudioProblem("audio_corrupt", f"audio {shown} is truncated: its header declares {short[0]} bytes "
@@ -58,23 +62,40 @@ def check_header(path: Path, shown: str, max_seconds: float = 0.0, min_seconds: 
     return info
 
 
-def read_audio(path: Path, shown: str, max_seconds: float, min_seconds: float = 0.0) -> tuple[np.ndarray, int]:
+def read_audio(path: Path, shown: str, max_seconds: float, min_seconds: float = 0.0,
+               rule: Optional["DurationRule"] = None) -> tuple[np.ndarray, int]:
     """-> (mono float32 samples, sample rate). ``shown`` is the path as the manifest wrote it; ``min_seconds``
-    is the codec's shortest input (``Codec.min_seconds``, ``codec.min_input_seconds``)."""
-    info = check_header(path, shown, max_seconds, min_seconds)
+    is the codec's shortest input (``Codec.min_seconds``, ``codec.min_input_seconds``); ``rule`` replaces
+    both (see check_header)."""
+    info = check_header(path, shown, max_seconds, min_seconds, rule)
     try:
         wave, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except (RuntimeError, ValueError, OSError) as e:  # a valid header over garbled data
         raise AudioProblem("audio_corrupt", f"audio {shown} is corrupt ({_first_line(e)})") from None
     if wave.shape[0] == 0:
         raise AudioProblem("audio_empty", f"audio {shown} has no samples")
-    if wave.shape[0] < info.frames:
+    if wave.shape[0] < info.frames - _header_slack(info):
         raise AudioProblem("audio_corrupt", f"audio {shown} is truncated: header says {info.frames} "
                            f"samples, {wave.shape[0]} could be decoded")
     if not np.isfinite(wave).all():
         bad = int((~np.isfinite(wave)).sum())
         raise AudioProblem("audio_non_finite", f"audio {shown} holds {bad} non-finite (NaN/inf) samples")
     return wave.mean(axis=1, dtype=np.float32), sr  # mono down-mix, as librosa.load(mono=True) does
+
+
+# An MP3's length is not stored exactly: libsndfile takes it from the Xing/LAME tag, which may count the
+# encoder's padding (a lame 3.100 clip declares 61,920 samples and decodes 61,632, half an MPEG-2 frame).
+# Up to two MPEG frames short is what the format can promise; a file cut short misses more.
+MP3_SLACK_FRAMES = 2
+
+
+def _header_slack(info) -> int:
+    """How many samples fewer than ``info.frames`` a whole file of this format may decode (WAV, FLAC, Ogg
+    store their length exactly: none). An MPEG-1 layer III frame holds 1152 samples (32-48 kHz), an
+    MPEG-2/2.5 one 576 (8-24 kHz)."""
+    if info.format != "MP3":
+        return 0
+    return MP3_SLACK_FRAMES * (1152 if info.samplerate >= 32_000 else 576)
 
 
 def check_duration(seconds: float, shown: str, max_seconds: float = 0.0, min_seconds: float = 0.0,
@@ -91,6 +112,36 @@ def check_duration(seconds: float, shown: str, max_seconds: float = 0.0, min_sec
     if max_seconds and seconds > max_seconds:
         raise AudioProblem("audio_too_long", f"audio {shown} lasts {seconds:.1f} s{after}, more than "
                            f"data.max_audio_seconds={max_seconds:g}")
+
+
+@dataclass(frozen=True)
+class DurationRule:
+    """The duration limits a training clip answers to, in one place: prepare (and so training), ``manifest
+    stats`` and the doctor all judge by it. ``codec_min``: the codec's shortest input; ``min_seconds``:
+    data.audio.min_seconds; ``max_seconds``: data.max_audio_seconds (0: none). With data.audio.trim_silence
+    on, the last two judge the trimmed clip, which only prepare sees, so a file answers to ``codec_min``."""
+
+    codec_min: float = 0.0
+    min_seconds: float = 0.0
+    max_seconds: float = 0.0
+    trims: bool = False
+
+    @classmethod
+    def of(cls, data, codec_min: float) -> "DurationRule":
+        """From a config's ``data`` section and the codec's shortest input."""
+        return cls(codec_min, data.audio.min_seconds, data.max_audio_seconds, data.audio.trim_silence)
+
+    def check_file(self, seconds: float, shown: str) -> None:
+        """A file's duration, as its header or decoder gives it."""
+        if self.trims:
+            check_duration(seconds, shown, codec_min=self.codec_min)
+        else:
+            check_duration(seconds, shown, self.max_seconds, self.min_seconds, self.codec_min)
+
+    def check_encoded(self, seconds: float, shown: str) -> None:
+        """The clip the codec encodes: trimmed, when trimming is on."""
+        check_duration(seconds, shown, self.max_seconds, self.min_seconds, self.codec_min,
+                       after=" after trimming silence" if self.trims else "")
 
 
 # ------------------------------------------------------------------------------------------- conditioning

@@ -214,20 +214,40 @@ def codec_rates(name: str, revision: Optional[str] = None) -> tuple[int, int]:
     return int(config["sample_rate"]), math.ceil(config["sample_rate"] / math.prod(config["ratios"]))
 
 
-def min_input_seconds(name: str, revision: Optional[str] = None) -> float:
+def min_input_seconds(name: str, revision: Optional[str] = None, config: Optional[dict] = None) -> float:
     """The shortest clip the codec encodes, from its config alone (the encoder is built on the meta device:
-    no weights, no download beyond config.json); ``Codec.min_seconds`` for a loaded one."""
+    no weights, no download beyond config.json; ``config``: that file's contents, already read);
+    ``Codec.min_seconds`` for a loaded one."""
     import inspect
     import warnings
 
     from boson_multimodal.audio_processing.higgs_audio_tokenizer import HiggsAudioTokenizer, dac2
 
     defaults = {k: p.default for k, p in inspect.signature(HiggsAudioTokenizer.__init__).parameters.items()}
-    config = {**defaults, **_codec_config(name, revision)}
+    config = {**defaults, **(config or _codec_config(name, revision))}
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # weight_norm deprecation inside dac
         encoder = dac2.Encoder(64, config["ratios"], config["D"])  # as HiggsAudioTokenizer builds it
     return shortest_input(encoder) / config["sample_rate"]
+
+
+def local_min_input_seconds(name: str, revision: Optional[str] = None) -> Optional[float]:
+    """``min_input_seconds`` from this machine alone (tiny, a local folder, the Hugging Face cache), None when
+    a hub codec's config.json was never downloaded: ``manifest stats`` and the doctor never wait on the
+    network (offline, the hub's retries take 40 s)."""
+    import json
+
+    if name != TINY and not Path(name).is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            path = try_to_load_from_cache(name, "config.json", revision=revision)
+        except ValueError:  # huggingface_hub's HFValidationError: not a repo id (a folder that is not there)
+            raise CodecError(f"{name} is neither a folder nor a hub id") from None
+        if not isinstance(path, str):
+            return None
+        return min_input_seconds(name, revision, json.loads(Path(path).read_text()))
+    return min_input_seconds(name, revision)
 
 
 class Codec:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from higgs_ddp.config import Config, ConfigError
-from higgs_ddp.data.audio import AudioProblem, frame_energy
+from higgs_ddp.data.audio import AudioProblem, DurationRule, frame_energy
 from higgs_ddp.data.code_cache import write_json_atomic
 from higgs_ddp.data.manifest import Entry, Problem, read_manifest
 from higgs_ddp.data.phases import Phases
@@ -119,12 +120,13 @@ def count_positions(ids: np.ndarray, frames: list, audio_in_id: int, audio_out_i
 
 
 def _audio_codes(entries: list, cfg: Config, env: DistEnv, C: int, K: int, quiet: bool, phases: Phases):
-    """path -> codes or (reason, message), for every audio and codes file the entries name."""
+    """-> (path -> codes, path -> (reason, message), path -> seconds, path -> content hash), for every audio
+    and codes file the entries name (content hashes: audio files only)."""
     from higgs_ddp.data.prepare import prepare_audio, summary_line
 
     d = cfg.data
     audio_refs = [r for e in entries for r in e.audio if not r.is_codes]
-    found, failed, seconds = {}, {}, {}
+    found, failed, seconds, content = {}, {}, {}, {}
     if audio_refs:
         prep = prepare_audio(audio_refs, cache_dir(cfg), d.codec, d.codec_revision, d.max_audio_seconds, env,
                              d.num_workers, quiet, d.audio, phases)
@@ -138,14 +140,14 @@ def _audio_codes(entries: list, cfg: Config, env: DistEnv, C: int, K: int, quiet
             except AudioProblem as e:
                 failed[path] = (e.reason, str(e))
         failed.update(prep.problems)
-        seconds = prep.seconds
+        seconds, content = prep.seconds, prep.content
     for r in {r.path: r for e in entries for r in e.audio if r.is_codes}.values():
         try:
             found[r.path] = load_codes_file(r.path, r.shown, C, K)
         except AudioProblem as e:
             failed[r.path] = (e.reason, str(e))
     phases.mark("code check")
-    return found, failed, seconds
+    return found, failed, seconds, content
 
 
 def _clip_seconds(r, found: dict, seconds: dict) -> float:
@@ -217,13 +219,14 @@ def _same_speaker(train_e: list, val_e: list, found: dict, cfg: Config, pairing:
     d = cfg.data
     codec_rate, frame_rate = codec_rates(d.codec, d.codec_revision)
     lo, hi = (round(s * frame_rate) for s in d.reference_seconds)
+    pairing.shortest_seconds = d.reference_seconds[0]
     training = {id(e) for e in train_e if not (d.val_fraction and _in_val(e.id, d.val_fraction))}
 
     def energy(ref):  # the audio as it was encoded, for where to cut it
         if ref.is_codes:
             return None
         try:
-            wave, sr = decode_for_codec(ref.path, ref.shown, 0, 0, d.audio, codec_rate)
+            wave, sr = decode_for_codec(ref.path, ref.shown, DurationRule(), d.audio, codec_rate)
         except AudioProblem:  # changed since it was encoded (its codes came from the cache): cut at the limit
             return None
         return frame_energy(wave.numpy(), sr, frame_rate)
@@ -266,6 +269,38 @@ def _overlaps(train_e: list, val_e: list) -> tuple[list, list, list]:
             by_id[e.id] = (e, is_val)
             if not is_val:
                 train_clips.update({r.path: e for r in e.learned if r.path not in train_clips})
+    return kept[0], kept[1], problems
+
+
+def _same_recordings(train_e: list, val_e: list, content: dict, val_fraction: float) -> tuple[list, list, list]:
+    """-> (train, val, problems): a validation sample (of data.val_manifest, or one data.val_fraction will pick)
+    that learns the same recording as a training sample, by content (sha256 of the file: a copy, a symlink,
+    the same file under another id), is dropped: it would score memorised data. ``_overlaps`` compares ids
+    and paths before any audio is read; this runs once prepare has hashed every file. A clip given as .npy
+    codes is compared by path."""
+    def key(r):
+        return content.get(r.path, r.path)
+
+    def in_val(e: Entry, listed_val: bool) -> bool:
+        return listed_val or bool(val_fraction and _in_val(e.id, val_fraction))
+
+    learned = {}  # recording -> (training entry, its AudioRef)
+    for e in train_e:
+        if not in_val(e, False):
+            for r in e.learned:
+                learned.setdefault(key(r), (e, r))
+    kept, problems = ([], []), []
+    for listed_val, entries in ((False, train_e), (True, val_e)):
+        for e in entries:
+            shared = next((r for r in e.learned if key(r) in learned), None) if in_val(e, listed_val) else None
+            if shared is None:
+                kept[listed_val].append(e)
+                continue
+            other, ref = learned[key(shared)]
+            same = (f"which the training sample at {other.where} learns too" if ref.path == shared.path else
+                    f"the same recording (identical bytes) as {ref.shown}, which the training sample at "
+                    f"{other.where} learns")
+            problems.append(Problem(e.where, "val_in_train", f"validation sample learns {shared.shown}, {same}"))
     return kept[0], kept[1], problems
 
 
@@ -312,19 +347,23 @@ def missing_manifests(paths: list) -> str:
     return text
 
 
-def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = False) -> Data:
+def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = False,
+              report_path: Optional[Path] = None) -> Data:
+    """The training and validation samples of ``cfg.data``; the data report goes to ``report_path``, by
+    default the run's ``{output_dir}/data_report.json``."""
     # Millions of small objects, none of them garbage: the cyclic collector would walk them all again and
     # again while they are made (measured: a third of a warm start at 10k clips).
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _load_data(cfg, env, tokenizer, model_config, quiet)
+        return _load_data(cfg, env, tokenizer, model_config, quiet,
+                          Path(report_path or Path(cfg.output_dir) / "data_report.json"))
     finally:
         if enabled:
             gc.enable()
 
 
-def _load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool) -> Data:
+def _load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool, report_path: Path) -> Data:
     d = cfg.data
     if not d.manifest:
         raise ConfigError("data.manifest is required (one path or a list)")
@@ -348,7 +387,9 @@ def _load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool) 
         pairing.replaced = sum(a is not b for a, b in zip(kept, train_e + val_e))
         train_e, val_e = kept[:len(train_e)], kept[len(train_e):]
     phases.mark("manifest")
-    found, failed, seconds = _audio_codes(train_e + val_e, cfg, env, C, K, quiet, phases)
+    found, failed, seconds, content = _audio_codes(train_e + val_e, cfg, env, C, K, quiet, phases)
+    train_e, val_e, bad = _same_recordings(train_e, val_e, content, d.val_fraction)
+    problems += bad
     if d.reference == "same_speaker":
         train_e, val_e = _same_speaker(train_e, val_e, found, cfg, pairing)
         phases.mark("references")
@@ -383,20 +424,23 @@ def _load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool) 
     }
     phases.mark("split")
     report["startup_seconds"] = phases.seconds  # (without the report's own writing)
-    out = Path(cfg.output_dir)
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "data_report.json", report)
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(report_path, report)
     if problems and d.on_error == "error":
         shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"]
                                          if len(problems) > MAX_LISTED else [])
-        raise DataError(f"{len(problems)} problem(s) in the data (full list: {out / 'data_report.json'}; "
-                        f"data.on_error=skip trains on the rest):\n" + "\n".join(map(str, shown)))
+        # The first line names the first problem too: it is the line repeated last under torchrun, below
+        # the ranks' output, where a header alone would leave the problem far above.
+        raise DataError(f"{len(problems)} problem(s) in the data, the first: {problems[0]} (full list: "
+                        f"{report_path}; data.on_error=skip trains on the rest)\n" + "\n".join(map(str, shown)))
     if env.is_main and not quiet and d.reference != "given":
         print(pairing.line(), flush=True)
+        if pairing.warning():
+            print(f"higgs-ddp: warning: {pairing.warning()}", file=sys.stderr, flush=True)
     if problems and env.is_main and not quiet:
         counts = ", ".join(f"{n} {r}" for r, n in report["skipped_by_reason"].items())
-        print(f"data: skipped {len(problems)} bad sample(s) ({counts}); list in {out / 'data_report.json'}",
+        print(f"data: skipped {len(problems)} bad sample(s) ({counts}); list in {report_path}",
               flush=True)
     if env.is_main and not quiet:
         print(f"data: ready in {phases.line()}", flush=True)

@@ -7,7 +7,8 @@ gives the rows with paths relative to the manifest they go into. Writing them is
 
 Layouts (``SRC`` is a folder unless said otherwise):
 
-- ``ljspeech``: ``metadata.csv`` (``id|text|normalized text``, no header) + ``wavs/{id}.wav``
+- ``ljspeech``: ``metadata.csv`` (``id|text|normalized text``, no header, no quoting: a line of more fields is
+  refused) + ``wavs/{id}.wav``
 - ``libritts``: ``speaker/chapter/*.wav`` + ``*.normalized.txt`` (LibriTTS, LibriTTS-R; any folder above)
 - ``vctk``: ``txt/{speaker}/{utt}.txt`` + an audio folder (``wav48_silence_trimmed/{speaker}/{utt}_mic1.flac``,
   ``wav48/{speaker}/{utt}.wav``, ...), or speaker folders holding each clip with its ``.txt`` beside it
@@ -127,9 +128,11 @@ def read_ljspeech(src: Path, speaker: Optional[str]) -> Iterator[Item]:
             yield line
             continue
         fields = line.split("|")  # no quoting: LJSpeech texts start with quotation marks
-        if len(fields) < 2:
+        if not 2 <= len(fields) <= 3:  # more: a '|' inside a transcript, which no rule tells from a separator
             yield Problem(f"{shown}:{lineno}", "bad_row", "expected id|text|normalized text (2 or 3 fields "
-                          f"separated by '|'), got {len(fields)} field")
+                          f"separated by '|'), got {len(fields)} field{'s' * (len(fields) > 1)}"
+                          + (" (a '|' inside a transcript cannot be told from a separator: replace it)"
+                             if len(fields) > 3 else ""))
             continue
         text = fields[2] if len(fields) > 2 and fields[2].strip() else fields[1]
         yield Clip(f"{shown}:{lineno}", folder / "wavs" / f"{fields[0]}.wav", text.strip(), speaker, fields[0])

@@ -7,13 +7,15 @@ Lines or files the training data check would refuse are counted and listed, the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Optional
 
 from boson_multimodal.data_types import AudioContent, TextContent
 
-from higgs_ddp.data.audio import AudioProblem, check_header
+from higgs_ddp.data.audio import AudioProblem, DurationRule, check_header
 from higgs_ddp.data.manifest import Problem, read_manifest
 
 BINS = (1, 2, 5, 10, 15, 20, 30, 60)  # seconds: the histogram's upper edges (and one bin beyond)
@@ -54,9 +56,14 @@ def _spoken_text(entry) -> str:
     return text
 
 
-def manifest_stats(path: str, max_audio_seconds: float = 30.0, max_tokens_per_batch: int = 0) -> Stats:
+def manifest_stats(path: str, max_audio_seconds: float = 30.0, max_tokens_per_batch: int = 0,
+                   rule: Optional[DurationRule] = None, codec_unknown: str = "") -> Stats:
+    """``rule``: the run's duration limits (DurationRule.of the config); a clip they refuse is a problem, as
+    in training, except one longer than ``max_audio_seconds``: counted, and warned about. ``codec_unknown``:
+    why the codec's shortest input is not known here (then not checked, and said)."""
     entries, problems = read_manifest(path)
     st = Stats(path, problems=list(problems))
+    rule = dataclasses.replace(rule or DurationRule(), max_seconds=0.0)  # long clips are counted below
     checked: dict = {}
     for e in entries:
         if not e.learned:
@@ -68,7 +75,7 @@ def manifest_stats(path: str, max_audio_seconds: float = 30.0, max_tokens_per_ba
                 continue
             if ref.path not in checked:
                 try:
-                    checked[ref.path] = check_header(ref.path, ref.shown)  # no limit: long clips are counted below
+                    checked[ref.path] = check_header(ref.path, ref.shown, rule=rule)
                 except AudioProblem as err:
                     checked[ref.path] = err
             info = checked[ref.path]
@@ -94,7 +101,24 @@ def manifest_stats(path: str, max_audio_seconds: float = 30.0, max_tokens_per_ba
         if max_tokens_per_batch and estimate > max_tokens_per_batch:
             st.over_budget.append((e.where, estimate))
     st.warnings = _warnings(st, max_audio_seconds, max_tokens_per_batch)
+    if codec_unknown and st.samples:
+        st.warnings.append(f"clips too short for the codec are not checked: {codec_unknown}")
     return st
+
+
+def run_duration_rule(data) -> tuple:
+    """-> (the run's DurationRule for config section ``data``, why the codec's shortest input is unknown or
+    ""). From this machine alone: a hub codec never downloaded leaves that limit unchecked, and said."""
+    from higgs_ddp.data.codec import CodecError, local_min_input_seconds
+
+    try:
+        codec_min = local_min_input_seconds(data.codec, data.codec_revision)
+    except (CodecError, KeyError, TypeError, ValueError) as e:  # no config, or one the encoder cannot be built from
+        return DurationRule.of(data, 0.0), f"data.codec={data.codec}: {type(e).__name__}: {e}"
+    if codec_min is None:
+        return DurationRule.of(data, 0.0), (f"data.codec={data.codec}'s config.json is not in the Hugging Face "
+                                            f"cache (one run with network access fetches it)")
+    return DurationRule.of(data, codec_min), ""
 
 
 def _warnings(st: Stats, max_audio_seconds: float, max_tokens: int) -> list:

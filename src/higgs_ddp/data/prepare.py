@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from higgs_ddp.config import AudioConditioning
-from higgs_ddp.data.audio import AudioProblem, check_duration, check_path, condition, read_audio, resample
+from higgs_ddp.data.audio import AudioProblem, DurationRule, check_path, condition, read_audio, resample
 from higgs_ddp.data.code_cache import CodeCache, FileHashes
 from higgs_ddp.data.codec import codec_identity, load_codec
 from higgs_ddp.data.phases import Phases
@@ -30,6 +30,7 @@ class Prepared:
     codes: dict = field(default_factory=dict)  # resolved path -> (C, T) int16 codes
     seconds: dict = field(default_factory=dict)  # resolved path -> duration
     problems: dict = field(default_factory=dict)  # resolved path -> (reason, message)
+    content: dict = field(default_factory=dict)  # resolved path -> sha256 of its bytes (every file that hashed)
     stats: dict = field(default_factory=dict)
 
 
@@ -38,10 +39,8 @@ class _Decode(torch.utils.data.Dataset):
     conditioning on, the workers also resample (on the CPU) and condition: loudness and peaks are judged at
     the codec's rate, on what it encodes."""
 
-    def __init__(self, items: list, max_seconds: float, min_seconds: float, audio: AudioConditioning,
-                 codec_rate: int):
-        self.items, self.max_seconds, self.min_seconds = items, max_seconds, min_seconds
-        self.audio, self.codec_rate = audio, codec_rate
+    def __init__(self, items: list, rule: DurationRule, audio: AudioConditioning, codec_rate: int):
+        self.items, self.rule, self.audio, self.codec_rate = items, rule, audio, codec_rate
 
     def __len__(self):
         return len(self.items)
@@ -49,27 +48,21 @@ class _Decode(torch.utils.data.Dataset):
     def __getitem__(self, i):
         path, shown = self.items[i]
         try:
-            return (i, *decode_for_codec(path, shown, self.max_seconds, self.min_seconds, self.audio,
-                                         self.codec_rate), None)
+            return (i, *decode_for_codec(path, shown, self.rule, self.audio, self.codec_rate), None)
         except AudioProblem as e:
             return i, None, None, (e.reason, str(e))
 
 
-def decode_for_codec(path, shown: str, max_seconds: float, codec_min: float, audio: AudioConditioning,
-                     codec_rate: int) -> tuple:
+def decode_for_codec(path, shown: str, rule: DurationRule, audio: AudioConditioning, codec_rate: int) -> tuple:
     """-> (mono float32 tensor, its rate): the audio of one file as the codec gets it. The durations are
-    judged from the header unless trimming changes them (then after it)."""
-    trims = audio.trim_silence
-    wave, sr = read_audio(path, shown, 0 if trims else max_seconds, codec_min)
-    if not trims:
-        check_duration(len(wave) / sr, shown, min_seconds=audio.min_seconds)
+    judged by ``rule``: from the header, and after trimming when trimming changes them."""
+    wave, sr = read_audio(path, shown, 0, 0.0, rule)
     if not audio.changes_audio:
         return torch.from_numpy(wave), sr
     wave = resample(torch.from_numpy(wave), sr, codec_rate).numpy()
     wave = condition(wave, codec_rate, audio, shown)
-    if trims:
-        check_duration(len(wave) / codec_rate, shown, max_seconds, audio.min_seconds, codec_min,
-                       after=" after trimming silence")
+    if audio.trim_silence:
+        rule.check_encoded(len(wave) / codec_rate, shown)
     return torch.from_numpy(wave), codec_rate
 
 
@@ -146,10 +139,10 @@ def prepare_audio(refs: list, cache_dir: str, codec_name: str, codec_revision, m
         phases.mark("encode")
 
     usable = {path: key for path, key in keys.items() if path not in problems}
-    after = " after trimming silence" if audio.trim_silence else ""
+    encoded = DurationRule(0.0, audio.min_seconds, max_seconds, audio.trim_silence)  # (the codec's: when encoded)
     for path, key in usable.items():
         try:  # cached under looser limits
-            check_duration(cache.seconds(key), shown[path], max_seconds, audio.min_seconds, after=after)
+            encoded.check_encoded(cache.seconds(key), shown[path])
         except AudioProblem as e:
             problems[path] = (e.reason, str(e))
     usable = {p: k for p, k in usable.items() if p not in problems}
@@ -157,9 +150,12 @@ def prepare_audio(refs: list, cache_dir: str, codec_name: str, codec_revision, m
     out.codes = {p: loaded[k] for p, k in usable.items()}
     out.seconds = {p: cache.seconds(k) for p, k in usable.items()}
     out.problems = problems
+    out.content = keys
     phases.mark("code cache load")
     out.stats = {
-        "files": len(paths), "distinct": len(set(keys.values())) + len(problems.keys() - keys.keys()), "cached": sum(1 for p, k in keys.items() if k not in rep),
+        "references": len(refs), "files": len(paths),
+        "distinct": len(set(keys.values())) + len(problems.keys() - keys.keys()),
+        "cached": len(set(keys.values()) - rep.keys()),  # recordings, as "encoded" counts them
         "encoded": len(todo) - len(failed), "failed": len(problems),
         "audio_hours": sum(out.seconds.values()) / 3600, "encoded_hours": encoded_seconds / 3600,
         "encode_seconds": t_enc, "seconds": time.perf_counter() - t0, "cache": str(cache.dir),
@@ -173,7 +169,8 @@ def _encode(mine: list, shown: dict, cache: CodeCache, codec_name, codec_revisio
     codec = load_codec(codec_name, codec_revision, device=env.device)
     writer = cache.writer()
     items = [(path, shown[path]) for _, path in mine]
-    loader = torch.utils.data.DataLoader(_Decode(items, max_seconds, codec.min_seconds, audio, codec.sample_rate),
+    rule = DurationRule(codec.min_seconds, audio.min_seconds, max_seconds, audio.trim_silence)
+    loader = torch.utils.data.DataLoader(_Decode(items, rule, audio, codec.sample_rate),
                                          batch_size=None,
                                          num_workers=num_workers, prefetch_factor=4 if num_workers else None)
     problems, seconds = {}, 0.0
@@ -208,5 +205,7 @@ def summary_line(stats: dict) -> str:
     s = stats
     rate = (f"; encoded {s['encoded_hours']:.2f} h of audio in {s['encode_seconds']:.1f} s "
             f"({s['encoded_hours'] * 3600 / max(s['encode_seconds'], 1e-9):.0f}x real time)") if s["encoded"] else ""
-    return (f"prepare: {s['files']} audio files ({s['distinct']} distinct): {s['cached']} cached, {s['encoded']} encoded, {s['failed']} "
-            f"with problems; {s['audio_hours']:.2f} h usable{rate}; cache {s['cache']}")
+    # References, files and recordings all counted: 80 lines naming 40 files of 40 recordings say so.
+    return (f"prepare: {s['references']} audio references to {s['files']} files ({s['distinct']} distinct "
+            f"recordings): {s['cached']} cached, {s['encoded']} encoded, {s['failed']} with problems; "
+            f"{s['audio_hours']:.2f} h usable{rate}; cache {s['cache']}")

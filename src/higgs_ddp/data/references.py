@@ -43,6 +43,13 @@ MAX_LAG = 12
 # 1 s holds a pause between words or phrases in ordinary speech.
 CUT_WINDOW_SECONDS = 1.0
 MAX_NAMED = 20  # speakers named in the printed line (the report lists them all)
+# Fewer samples paired than this share of those that could be: the run hardly learns voice cloning, so the
+# one line becomes a warning (all 40 clips shorter than data.reference_seconds[0] pair none, say).
+FEW_PAIRED = 0.5
+# Why a clip of the sample's speaker cannot be its reference (Pairing.excluded_by).
+EXCLUDED = {"too_short": "shorter than data.reference_seconds[0]",
+            "near_identical": "the same recording or near-identical to it",
+            "validation": "validation clips"}
 
 
 @dataclass
@@ -56,27 +63,44 @@ class Pairing:
     single_clip_speakers: list = field(default_factory=list)  # their samples train without a reference
     no_speaker: int = 0  # samples without "speaker": no reference
     no_candidate: int = 0  # samples whose speaker's other clips are all excluded (too short, near-identical)
+    # of those samples, how many had clips excluded for each reason of EXCLUDED (a sample may count twice)
+    excluded_by: dict = field(default_factory=lambda: dict.fromkeys(EXCLUDED, 0))
+    shortest_seconds: float = 0.0  # data.reference_seconds[0], for the words
     pairs: list = field(default_factory=list)  # [{sample, reference, reference_file, frames, ref_text}]
 
     def line(self) -> str:
         if self.mode != "same_speaker":
             return f"references: data.reference={self.mode}" + (
                 f": {self.replaced} manifest reference(s) left out" if self.replaced else "")
-        names = self.single_clip_speakers
-        shown = ", ".join(names[:MAX_NAMED]) + (f", ... ({len(names) - MAX_NAMED} more)" if len(names) > MAX_NAMED
-                                                else "")
         parts = [f"references: {self.paired} sample(s) paired with another clip of their speaker "
-                 f"({self.cut} cut to data.reference_seconds)"]
+                 f"({self.cut} cut to data.reference_seconds)", *self._unpaired()]
+        if self.replaced:
+            parts.append(f"{self.replaced} manifest reference(s) replaced")
+        return "; ".join(parts)
+
+    def _unpaired(self) -> list:
+        """Why samples train without a reference, one phrase per cause."""
+        names, parts = self.single_clip_speakers, []
         if names:
+            shown = ", ".join(names[:MAX_NAMED]) + (f", ... ({len(names) - MAX_NAMED} more)"
+                                                    if len(names) > MAX_NAMED else "")
             parts.append(f"{len(names)} speaker(s) with a single clip, trained without a reference: {shown}")
         if self.no_speaker:
             parts.append(f"{self.no_speaker} sample(s) without a speaker, trained without a reference")
         if self.no_candidate:
-            parts.append(f"{self.no_candidate} sample(s) whose speaker has no other usable clip (too short or "
-                         f"near-identical), trained without a reference")
-        if self.replaced:
-            parts.append(f"{self.replaced} manifest reference(s) replaced")
-        return "; ".join(parts)
+            words = {**EXCLUDED, "too_short": f"shorter than data.reference_seconds[0]={self.shortest_seconds:g} s"}
+            why = ", ".join(f"{words[k]} for {n}" for k, n in self.excluded_by.items() if n)
+            parts.append(f"{self.no_candidate} sample(s) whose speaker has no other usable clip, trained without "
+                         f"a reference (other clips {why})")
+        return parts
+
+    def warning(self) -> Optional[str]:
+        """Said loudly when data.reference=same_speaker paired fewer than FEW_PAIRED of its samples."""
+        total = self.paired + len(self.single_clip_speakers) + self.no_speaker + self.no_candidate
+        if self.mode != "same_speaker" or not total or self.paired >= FEW_PAIRED * total:
+            return None
+        return (f"data.reference=same_speaker paired only {self.paired} of {total} sample(s) with a reference, so "
+                f"the run will hardly learn to clone a voice: " + "; ".join(self._unpaired()))
 
     def report(self) -> dict:
         return {**dataclasses.asdict(self), "single_clip_speaker_count": len(self.single_clip_speakers)}
@@ -142,6 +166,15 @@ def cut_transcript(text: str, fraction: float) -> str:
     return " ".join(words[:keep])
 
 
+def _excluded_by(clip: Entry, sample: Entry, pool: Callable[[Entry], bool], found: dict, lo: int) -> str:
+    """Why ``clip`` cannot be ``sample``'s reference (a key of EXCLUDED), once every candidate failed."""
+    if not pool(clip):
+        return "validation"
+    if clip.learned[0].path != sample.learned[0].path and found[clip.learned[0].path].shape[1] < lo:
+        return "too_short"
+    return "near_identical"  # the same file, or codes that near_identical() matched
+
+
 def pair_same_speaker(entries: list, found: dict, pool: Callable[[Entry], bool], seed: int, lo: int, hi: int,
                       frame_rate: float, energy: Callable, pairing: Pairing) -> list:
     """Each simple entry whose target has codes (``found``) with a reference chosen as the module says;
@@ -176,6 +209,8 @@ def pair_same_speaker(entries: list, found: dict, pool: Callable[[Entry], bool],
         ref = next((c for c in candidates if not near_identical(own, found[target(c).path])), None)
         if ref is None:
             pairing.no_candidate += 1
+            for reason in {_excluded_by(c, e, pool, found, lo) for c in speakers[e.speaker] if c.id != e.id}:
+                pairing.excluded_by[reason] += 1
             out.append(e)
             continue
         r = target(ref)

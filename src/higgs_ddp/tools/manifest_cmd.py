@@ -22,7 +22,7 @@ from pathlib import Path
 
 from higgs_ddp.config import ConfigError, DataConfig, load_config
 from higgs_ddp.data.importers import FORMATS, LayoutError, import_corpus, reason_counts, write_manifest
-from higgs_ddp.data.manifest_stats import as_json, manifest_stats, render
+from higgs_ddp.data.manifest_stats import as_json, manifest_stats, render, run_duration_rule
 from higgs_ddp.runtime.shared_fs import unwritable
 
 MAX_LISTED = 50
@@ -82,7 +82,8 @@ def run_stats(a) -> int:
         return _fail(f"{a.manifest}: manifest not found")
     seconds = limits.max_audio_seconds if a.max_audio_seconds is None else a.max_audio_seconds
     tokens = limits.max_tokens_per_batch if a.max_tokens is None else a.max_tokens
-    st = manifest_stats(a.manifest, seconds, tokens)
+    rule, unknown = run_duration_rule(limits)
+    st = manifest_stats(a.manifest, seconds, tokens, rule, unknown)
     print(json.dumps(as_json(st)) if a.json else render(st))
     return 0
 

@@ -2,7 +2,7 @@
 
 A run that dies on a version mismatch, an uncached model on an offline node, a bad manifest line or a
 full disk dies after the queue wait, the download and the model load. Each of those is checked here in
-seconds, without loading a model or any audio. One line per check::
+seconds, without loading a model or decoding any audio (audio headers are read). One line per check::
 
     OK   what was checked
     WARN what: why it may matter
@@ -23,7 +23,13 @@ from typing import Callable
 
 from higgs_ddp.tools.doctor.disk import OFFICIAL_DIMS, Dims, _existing_parent, check_disk, checkpoint_need
 from higgs_ddp.tools.doctor.environment import check_cuda, check_python, check_transformers, check_versions
-from higgs_ddp.tools.doctor.inputs import _manifest_paths, check_eval_models, check_manifests, check_prompts
+from higgs_ddp.tools.doctor.inputs import (
+    _manifest_paths,
+    check_audio_headers,
+    check_eval_models,
+    check_manifests,
+    check_prompts,
+)
 from higgs_ddp.tools.doctor.result import FAIL, OK, WARN, Result, _first_line
 from higgs_ddp.tools.doctor.sources import check_codec, check_model, hf_cache_dir, hf_offline
 from higgs_ddp.tools.doctor.startup import (
@@ -38,7 +44,8 @@ from higgs_ddp.tools.doctor.startup import (
 __all__ = [
     "main", "environment_checks", "config_checks", "Result", "OK", "WARN", "FAIL",
     "check_python", "check_versions", "check_transformers", "check_cuda",
-    "check_model", "check_codec", "hf_cache_dir", "hf_offline", "check_manifests", "check_prompts",
+    "check_model", "check_codec", "hf_cache_dir", "hf_offline", "check_manifests", "check_audio_headers",
+    "check_prompts",
     "check_eval_models",
     "Dims", "OFFICIAL_DIMS", "checkpoint_need", "check_disk", "check_resume", "check_device", "check_lora",
     "check_batch", "is_benchmark",
@@ -74,7 +81,8 @@ def config_checks(cfg) -> list:
               ("batch", lambda: check_batch(cfg, entries))]
     if is_benchmark(cfg):  # it encodes no audio, speaks no prompts, neither resumes nor saves checkpoints
         return checks
-    return checks + [("codec", codec), ("eval prompts", lambda: check_prompts(cfg)),
+    return checks + [("audio", lambda: check_audio_headers(cfg, entries)), ("codec", codec),
+                     ("eval prompts", lambda: check_prompts(cfg)),
                      ("eval models", lambda: check_eval_models(cfg)),
                      ("output_dir", lambda: check_resume(cfg)), ("disk", lambda: check_disk(cfg))]
 

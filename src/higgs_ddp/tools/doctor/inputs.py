@@ -1,4 +1,5 @@
-"""Input checks: the manifests (every line parses, every file it names exists) and the eval prompts."""
+"""Input checks: the manifests (every line parses, every file it names exists, every audio header passes
+training's checks) and the eval prompts."""
 
 from __future__ import annotations
 
@@ -66,6 +67,48 @@ def check_manifests(cfg, seen: Optional[dict] = None) -> list:
             out.append(Result(OK, f"{what} {path}: {len(entries)} sample{'s' * (len(entries) > 1)}, every line "
                                   f"parses, every file it names exists"))
     return out
+
+
+def check_audio_headers(cfg, seen: dict) -> list:
+    """Every audio file of the entries ``check_manifests`` saw, by its header: the checks training makes
+    before decoding (format, rate, a WAV cut short), and its duration by the run's rule (audio.DurationRule:
+    the codec's shortest input, data.audio.min_seconds, data.max_audio_seconds), so a 20 ms clip fails here
+    as it fails at the start of training. Headers only: no audio is decoded."""
+    from higgs_ddp.data.audio import AudioProblem, check_header
+    from higgs_ddp.data.manifest import Problem
+    from higgs_ddp.data.manifest_stats import run_duration_rule
+    from higgs_ddp.data.references import without_reference
+
+    rule, unknown = run_duration_rule(cfg.data)
+    problems, verdict = [], {}
+    for entries in seen.values():
+        for entry in entries:
+            if cfg.data.reference != "given":  # training sets a line's own reference aside: not read
+                entry = without_reference(entry)
+            for ref in entry.audio:
+                if ref.is_codes:
+                    continue
+                if ref.path not in verdict:  # a reference clip is often shared by many lines
+                    try:
+                        check_header(ref.path, ref.shown, rule=rule)
+                        verdict[ref.path] = None
+                    except AudioProblem as e:
+                        verdict[ref.path] = e
+                if verdict[ref.path] is not None:
+                    problems.append(Problem(entry.where, verdict[ref.path].reason, str(verdict[ref.path])))
+    if not verdict:
+        return []
+    out = [Result(WARN, f"audio: {unknown}: clips too short for the codec are not found before training")] \
+        if unknown else []
+    if problems:
+        skip = cfg.data.on_error == "skip"
+        listed = "; ".join(str(pr) for pr in problems[:3]) + ("; ..." if len(problems) > 3 else "")
+        fix = ("skipped and counted at the start (data.on_error=skip)" if skip
+               else "fix or drop these lines, or set data.on_error=skip to train on the rest")
+        return out + [Result(WARN if skip else FAIL, f"audio: {len(problems)} sample{'s' * (len(problems) > 1)} "
+                                                     f"with a file training refuses: {listed}: {fix}")]
+    return out + [Result(OK, f"audio: {len(verdict)} file{'s' * (len(verdict) > 1)}: every header passes "
+                             f"training's checks (format, rate, duration)")]
 
 
 def check_prompts(cfg) -> list:
