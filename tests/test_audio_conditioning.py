@@ -218,7 +218,7 @@ def test_speak_and_the_samples_hear_a_reference_as_training_encoded_it(tmp_path,
     assert torch.equal(samples.long(), want)
 
     out = tmp_path / "spoken.wav"
-    assert speak(["--model", str(tmp_path / "run"), "--text", "say this", "--ref-audio", str(ref.path),
+    assert speak(["--model", str(tmp_path / "run"), "--text", "say this", "--ref-audio", str(ref.path), "--ref-text", "hi",
                   "--out", str(out), "--max-audio-seconds", "0.2", "--device", "cpu"]) == 0
     said = "data.audio loudness_lufs=-20, peak_dbfs=-3, trim_silence (trim_db=40, trim_keep_seconds=0.1)"
     assert f"--ref-audio conditioned as the run's training audio was: {said}" in capsys.readouterr().out.splitlines()

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from higgs_ddp.config import AudioConditioning, Config, EvalConfig, uses_bf16
-from higgs_ddp.data.audio import AudioProblem, read_audio, resample
+from higgs_ddp.data.audio import AudioProblem, DurationRule, read_audio, resample
 from higgs_ddp.data.prompt import build_chatml, tokenize_chatml
 from higgs_ddp.evaluation.detectors import ClipChecks, check_clip, summarize
 from higgs_ddp.runtime import precision
@@ -163,7 +163,8 @@ def read_reference(path, what: str, max_seconds: float, min_seconds: float, audi
 
     try:
         if audio is not None:
-            return decode_for_codec(Path(path), str(path), max_seconds, min_seconds, audio, codec_rate)
+            rule = DurationRule(min_seconds, audio.min_seconds, max_seconds, audio.trim_silence)  # as training's
+            return decode_for_codec(Path(path), str(path), rule, audio, codec_rate)
         wave, sr = read_audio(Path(path), str(path), max_seconds, min_seconds)
     except AudioProblem as e:
         raise ValueError(f"{what}: {e}") from None
