@@ -181,3 +181,59 @@ def test_bad_settings_are_config_errors(override, key):
         load_config(str(TINY), [override])
     ok = load_config(str(TINY), ["data.audio.loudness_lufs=-20", "data.audio.peak_dbfs=null"])
     assert ok.data.audio.loudness_lufs == -20.0 and ok.data.audio.peak_dbfs is None
+
+
+CONDITIONED = ("data.audio.loudness_lufs=-20", "data.audio.peak_dbfs=-3", "data.audio.trim_silence=true")
+
+
+def test_speak_and_the_samples_hear_a_reference_as_training_encoded_it(tmp_path, capsys):
+    """With data.audio on, a reference file becomes the same codes in the listening samples and in speak as
+    in training's code cache; speak says it conditioned it."""
+    from conftest import tiny_config
+
+    from higgs_ddp.evaluation.listening import Sampling, _encode_reference, generation_state, speak_text
+    from higgs_ddp.tools.inference import load_for_inference
+    from higgs_ddp.tools.speak import _write_wav
+    from higgs_ddp.tools.speak import main as speak
+    from higgs_ddp.train import train
+
+    base = tmp_path / "ds"  # a reference at twice the codec's rate, with silence around it and quiet
+    (base / "clips").mkdir(parents=True)
+    sf.write(base / "clips" / "ref.wav", np.repeat(padded(0.4, 1.0, 0.3) * 0.3, 2), 2 * SR, subtype="PCM_16")
+    lines = [{"text": "line zero", "audio": write_wav(base, "a.wav", padded(0.1, 0.8, 0.1)),
+              "ref_audio": "clips/ref.wav", "ref_text": "the fox"},
+             {"text": "line one", "audio": write_wav(base, "b.wav", padded(0.1, 0.6, 0.1))}]
+    (base / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    c = tiny_config(tmp_path, *CONDITIONED, f"data.manifest={base / 'manifest.jsonl'}", "train.max_steps=1",
+                    "train.save_every=0", "train.micro_batch_size=1")
+    train(c)
+    [ref] = [r for r in refs(base / "manifest.jsonl") if r.path.name == "ref.wav"]
+    trained = prepare.prepare_audio([ref], c.data.cache_dir, "tiny", None, c.data.max_audio_seconds, DistEnv(), 0,
+                                    quiet=True, audio=c.data.audio)
+    assert trained.stats["encoded"] == 0  # the codes training encoded, from its cache
+    want = torch.as_tensor(trained.codes[ref.path]).long()
+
+    loaded = load_for_inference(tmp_path / "run", "cpu")
+    samples = _encode_reference(loaded.cfg, 0, {"text": "hi", "reference_audio": str(ref.path)}, loaded.codec)
+    assert torch.equal(samples.long(), want)
+
+    out = tmp_path / "spoken.wav"
+    assert speak(["--model", str(tmp_path / "run"), "--text", "say this", "--ref-audio", str(ref.path),
+                  "--out", str(out), "--max-audio-seconds", "0.2", "--device", "cpu"]) == 0
+    said = "data.audio loudness_lufs=-20, peak_dbfs=-3, trim_silence (trim_db=40, trim_keep_seconds=0.1)"
+    assert f"--ref-audio conditioned as the run's training audio was: {said}" in capsys.readouterr().out.splitlines()
+    assert json.loads(out.with_suffix(".json").read_text())["reference_conditioning"] == said[len("data.audio "):]
+
+    def spoken_with(codes, path):  # speak's generation, given the reference codes
+        with generation_state(loaded.model, 0):
+            got = speak_text(loaded.model, loaded.tokenizer, loaded.codec, loaded.cfg, "say this", None, codes,
+                             sampling=Sampling(max_audio_seconds=0.2, seed=0))
+        _write_wav(path, got.wave, loaded.codec.sample_rate)
+        return path.read_bytes()
+
+    assert out.read_bytes() == spoken_with(want, tmp_path / "want.wav")
+    # Negative control: the file as it is on disk gives other codes (longer: untrimmed), and another sample
+    wave, sr = sf.read(str(ref.path), dtype="float32")
+    raw = loaded.codec.encode(prepare.resample(torch.from_numpy(wave), sr, loaded.codec.sample_rate))
+    assert raw.shape[1] > want.shape[1]
+    assert out.read_bytes() != spoken_with(raw, tmp_path / "raw.wav")

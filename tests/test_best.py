@@ -34,7 +34,8 @@ def test_tracker_counts_evaluations_without_improvement():
     t = BestTracker("wer", patience=2)
     assert t.update(1, 0.5) and not t.update(2, 0.5) and not t.exhausted  # equal is no improvement
     assert t.update(3, 0.4) and t.since_best == 0
-    assert not t.update(4, None) and not t.update(5, float("nan")) and t.exhausted  # unmeasurable counts
+    assert not t.update(4, None) and t.since_best == 0 and not t.exhausted  # not measured: counts for nothing
+    assert not t.update(5, float("nan")) and not t.update(6, 0.9) and t.exhausted  # measured, and no better
     s = BestTracker("speaker_sim")
     assert s.update(1, 0.2) and s.update(2, 0.3) and not s.update(3, 0.1) and not s.exhausted  # higher is better
     again = BestTracker("wer", patience=2)
@@ -136,3 +137,28 @@ def test_scores_are_logged_and_draw_no_training_randomness(tmp_path, models, mon
     train(tiny_config(tmp_path / "leaky", *SCORED, prompts, "eval.samples_every=2", f"eval.asr_model={whisper}",
                       samples=8))
     assert not same(adapter(plain / "final"), adapter(tmp_path / "leaky" / "run" / "final"))
+
+
+@pytest.mark.slow
+def test_a_metric_that_cannot_be_measured_is_warned_about_and_never_stops_the_run(tmp_path, models, capsys):
+    """Clips shorter than the speaker encoder's 100 ms: no speaker_sim at any evaluation. That is not "no
+    improvement": the run goes on to max_steps, each evaluation warns with the reason, and nothing names a
+    best/ that was never written."""
+    _, wavlm = models
+    voice = tmp_path / "voice.wav"
+    sf.write(str(voice), 0.1 * np.sin(np.arange(12_000) * 0.05).astype(np.float32), 24_000)
+    train(tiny_config(tmp_path, "train.max_steps=3", "train.save_every=0", "eval.max_audio_seconds=0.05",
+                      f"eval.prompts=[{{text: say this, speaker_audio: {voice}}}]", "eval.samples_every=1",
+                      f"eval.speaker_model={wavlm}", "eval.best_by=speaker_sim", "eval.early_stop_patience=1",
+                      samples=4))
+    run, out = tmp_path / "run", capsys.readouterr().out
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "finished" and status["step"] == 3 and "early_stop" not in status
+    assert not (run / "best").exists() and "/best" not in out and "early stop" not in out
+    why = "1 of 1 sample: generated clip: too short for the speaker encoder (under 100 ms)"
+    assert out.count(f"warning: eval.best_by=speaker_sim could not be measured ({why})") == 3, out
+    rows = [r for r in read_metrics(run) if r.get("split") == "samples"]
+    assert [(r["speaker_sim"], r["speaker_sim_unmeasured"]) for r in rows] == [(None, why)] * 3
+    listing = json.loads((run / "samples" / "step_000003" / "samples.json").read_text())["samples"][0]
+    assert listing["speaker_sim"] is None
+    assert listing["speaker_sim_unmeasured"] == "generated clip: too short for the speaker encoder (under 100 ms)"

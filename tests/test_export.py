@@ -19,7 +19,10 @@ from higgs_ddp.tools.export import main
 
 
 def make_checkpoint(tmp_path, mode="lora", *overrides):
-    """A checkpoint folder as training writes it, with trained weights stood in for by seeded noise."""
+    """A checkpoint folder as training writes it (less the optimizer and RNG states, which export does not
+    read), with trained weights stood in for by seeded noise and their checksums in state.json."""
+    from higgs_ddp.training.checkpoint import weight_checksums
+
     cfg = tiny_config(tmp_path, f"train.mode={mode}", *overrides, samples=2)
     tok = load_tokenizer(cfg)
     model = apply_training_mode(build_model(cfg, tok), cfg)
@@ -38,6 +41,9 @@ def make_checkpoint(tmp_path, mode="lora", *overrides):
         save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
                   str(ckpt / "trainable.safetensors"))
     (ckpt / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    sums = dict(zip([n for n, _ in trainable], weight_checksums(trainable).tolist()))
+    (ckpt / "state.json").write_text(json.dumps({"step": 120, "weight_checksums": sums}))
     shutil.rmtree(tmp_path / "data")  # export must not need the training data
     return cfg, tok, model, ckpt
 
@@ -205,16 +211,24 @@ def test_cli_errors_are_one_line_and_exit_code_2(tmp_path):
 
 def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
     _, _, _, ckpt = make_checkpoint(tmp_path)
-    state = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+    renamed = tmp_path / "renamed"  # an unmerged export (no checksums) with a tensor no module takes
+    shutil.copytree(ckpt / "adapter", renamed)
+    shutil.copy(ckpt / "config.yaml", renamed / "config.yaml")
+    state = load_file(str(renamed / "adapter_model.safetensors"))
     key = next(k for k in state if "q_proj.lora_A" in k)
-    state[key.replace("q_proj", "q_pr0j")] = state.pop(key)  # a tensor no module takes, one left unloaded
-    save_file(state, str(ckpt / "adapter" / "adapter_model.safetensors"))
+    state[key.replace("q_proj", "q_pr0j")] = state.pop(key)  # one left unloaded
+    save_file(state, str(renamed / "adapter_model.safetensors"))
+    shutil.copytree(renamed, tmp_path / "renamed_ckpt" / "adapter")  # the same in a checkpoint: its state.json
+    for name in ("config.yaml", "state.json"):  # names every tensor it saved
+        shutil.copy(ckpt / name, tmp_path / "renamed_ckpt" / name)
     bare = tmp_path / "bare"
     bare.mkdir()
-    noweights = tmp_path / "noweights"
-    noweights.mkdir()
-    shutil.copy(ckpt / "config.yaml", noweights / "config.yaml")
-    for folder, words in [(ckpt, "1 missing"), (bare, "no config.yaml"), (noweights, "no adapter/")]:
+    noweights = tmp_path / "noweights"  # a copy that missed the weights file
+    shutil.copytree(ckpt, noweights)
+    (noweights / "adapter" / "adapter_model.safetensors").unlink()
+    for folder, words in [(renamed, "1 missing"), (tmp_path / "renamed_ckpt", "first missing: "),
+                          (bare, "is none of"),
+                          (noweights, f"{noweights / 'adapter' / 'adapter_model.safetensors'} is missing")]:
         assert main(["--checkpoint", str(folder), "--out", str(tmp_path / "out"), "--merge"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("higgs-ddp: error: ") and words in err, err
@@ -240,6 +254,46 @@ def test_export_of_a_trained_run_is_the_trained_model(tmp_path):
     b = batch(tok, merged.config)
     for got, want in zip(logits(merged, b), logits(trained, b)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_flipped_bit_in_full_fine_tuned_weights_is_refused(tmp_path, capsys):
+    """trainable.safetensors (train.mode=full): the merge checks its tensors against state.json's checksums."""
+    from test_resume_faults import flip_byte
+
+    _, _, _, ckpt = make_checkpoint(tmp_path, "full")
+    assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "before"), "--merge"]) == 0  # it was intact
+    flip_byte(ckpt / "trainable.safetensors")
+    assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--merge"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{ckpt / 'trainable.safetensors'} is damaged" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_runs_best_and_final_folders_export_as_speak_loads_them(tmp_path):
+    """export --checkpoint RUN/best (eval.best_by) and RUN/final: the run's config.yaml beside them, the step
+    each was kept at, and the weights speak loads from them."""
+    from test_best import EARLY
+
+    from higgs_ddp.tools.inference import load_for_inference
+    from higgs_ddp.train import train
+
+    train(tiny_config(tmp_path, *EARLY, "train.save_every=0"))  # stops early at step 3, its best at step 2
+    run = tmp_path / "run"
+    assert (json.loads((run / "best" / "best.json").read_text())["step"],
+            json.loads((run / "status.json").read_text())["step"]) == (2, 3)
+    for name, step in (("best", 2), ("final", 3)):
+        out = tmp_path / f"{name}-adapter"
+        assert main(["--checkpoint", str(run / name), "--out", str(out)]) == 0, name
+        assert (out / "adapter_model.safetensors").read_bytes() == \
+            (run / name / "adapter_model.safetensors").read_bytes()
+        assert not (out / "best.json").exists() and (out / "tokenizer" / "tokenizer_config.json").is_file()
+        assert (out / "config.yaml").read_text() == (run / "config.yaml").read_text()
+        assert json.loads((out / "export.json").read_text())["step"] == step
+        merged = tmp_path / f"{name}-merged"
+        assert main(["--checkpoint", str(run / name), "--out", str(merged), "--merge"]) == 0, name
+        want = load_for_inference(run / name, device="cpu").model.state_dict()
+        got = higgs_from_pretrained(merged).state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
 
 
 def test_the_random_base_is_drawn_on_the_cpu_whatever_device_it_trains_on(tmp_path):

@@ -55,14 +55,25 @@ def truncate(path: Path, keep: int) -> None:
     path.write_bytes(path.read_bytes()[:keep])
 
 
+def flip_byte(path: Path) -> None:
+    """One bit flipped in the last byte of a safetensors file's data (the sign and exponent byte of its last
+    fp32 value): the file still reads, only its weights' checksums can tell."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 # --------------------------------------------------------------------------- damaged checkpoint files
 
 @pytest.mark.parametrize("name,keep", [("optimizer.safetensors", 100), ("adapter/adapter_model.safetensors", 5),
-                                       ("rng.safetensors", -10)])
+                                       ("rng.safetensors", -10), ("adapter/adapter_model.safetensors", None)],
+                         ids=["cut-optimizer", "cut-adapter", "cut-rng", "flipped-adapter"])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, straight, capsys, name, keep):
+    """Files cut short, or a flipped bit that only the weights' checksums reveal (keep=None): both are damage,
+    passed over the same way."""
     run = copy_run(straight, tmp_path)
     damaged = run / "checkpoints" / "step_000006" / name
-    truncate(damaged, keep)
+    truncate(damaged, keep) if keep is not None else flip_byte(damaged)
     train(tiny_config(tmp_path, *COMMON))
     out = capsys.readouterr().out
     notes = [line for line in out.splitlines() if " is damaged" in line]
@@ -88,6 +99,17 @@ def test_no_loadable_checkpoint_is_one_line_naming_the_files(tmp_path, straight,
     assert str(run / "checkpoints" / "step_000006" / "optimizer.safetensors") in msg
     assert str(run / "checkpoints" / "step_000003" / "optimizer.safetensors") in msg
     assert latest_checkpoint(run).name == "step_000006"  # nothing was renamed: the user decides
+
+
+def test_an_explicit_resume_to_the_checkpoint_before_a_damaged_latest_is_honoured(tmp_path, straight, capsys):
+    run = copy_run(straight, tmp_path)
+    flip_byte(run / "checkpoints" / "step_000006" / "adapter" / "adapter_model.safetensors")
+    older = run / "checkpoints" / "step_000003"
+    train(tiny_config(tmp_path, *COMMON, f"train.resume={older}"))
+    out = capsys.readouterr().out
+    assert f"resuming from {older} (step 3;" in out and "only seeds" not in out, out
+    assert_same_weights(final_weights(run), final_weights(straight))
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_damaged_seed_checkpoint_is_refused_in_one_line(tmp_path, straight):

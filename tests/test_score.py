@@ -66,3 +66,34 @@ def test_bad_prompts_are_one_line(setup, tmp_path, capsys):
     assert "speaker_audio" in capsys.readouterr().err
     assert score_main(["--model", str(tmp / "run"), "--prompts", str(tmp_path / "none.jsonl")]) == 2
     assert capsys.readouterr().err.strip() == f"higgs-ddp: error: --prompts {tmp_path / 'none.jsonl'} not found"
+
+
+def test_errors_name_the_flag_and_the_prompts_line_the_user_typed(tmp_path, capsys):
+    """Not the config keys score maps them to (eval.asr_model, eval.prompts[1].speaker_audio)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"text": "fine"}\n\n{"text": "x", "speaker_audio": "nowhere.wav"}\n')
+    fine = tmp_path / "fine.jsonl"
+    fine.write_text('{"text": "fine"}\n')
+    cases = [((prompts, "--asr-model", tmp_path / "no_whisper"),
+              f"--asr-model: {tmp_path / 'no_whisper'} is not a folder"),
+             ((fine, "--speaker-model", "/no/wavlm"), "--speaker-model: /no/wavlm is not a folder"),
+             ((prompts,), f"{prompts}:3: speaker_audio: audio {tmp_path / 'nowhere.wav'} not found"),
+             ((fine, "--max-audio-seconds", "0"), "--max-audio-seconds must be > 0"),
+             ((fine, "--temperature", "-1"), "--temperature must be >= 0")]
+    for (file, *flags), expected in cases:
+        assert score_main(["--model", str(tmp_path / "run"), "--prompts", str(file), *map(str, flags)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"higgs-ddp: error: {expected}") and err.count("\n") == 1, err
+        assert "eval." not in err, err
+
+
+def test_every_dash_in_the_table_says_why():
+    from higgs_ddp.tools.score import table
+
+    base = {"samples": 2, "stopped_samples": 2, "silent_samples": 0, "seconds": 0.04, "chars_per_second": 5.0}
+    why = "2 of 2 samples: generated clip: too short for the speaker encoder (under 100 ms)"
+    lines = table([("a", {**base, "speaker_sim": None, "speaker_sim_unmeasured": why}),
+                   ("b", {**base, "speaker_sim": 0.5, "chars_per_second": None})]).splitlines()
+    assert lines[1].split()[-3:] == ["-", "-", "-"] and lines[2].split()[-3:] == ["-", "-", "0.500"]
+    assert lines[3:] == ["", "WER, CER -: no --asr-model given", f"SIM - for a: {why}",
+                         "chars/s - for b: every clip is empty (the model ended each stream at once)"]

@@ -4,6 +4,7 @@ eval.speaker_model name them."""
 
 import numpy as np
 import pytest
+import soundfile as sf
 from conftest import tiny_config
 from eval_models import tiny_wavlm, tiny_whisper
 
@@ -43,6 +44,12 @@ def test_mean_scores_skip_what_could_not_be_measured():
     got = mean_scores([{"wer": 0.5, "cer": 0.2, "speaker_sim": None}, {"wer": 0.0, "cer": 0.0, "speaker_sim": 0.8}])
     assert got == {"wer": 0.25, "cer": 0.1, "speaker_sim": 0.8}
     assert mean_scores([{}, {}]) == {}
+    # none measured: the summary's null says why, each reason once with its count
+    why = [{"speaker_sim": None, "speaker_sim_unmeasured": "generated clip: silent"},
+           {"speaker_sim": None, "speaker_sim_unmeasured": "no reference voice"},
+           {"speaker_sim": None, "speaker_sim_unmeasured": "generated clip: silent"}]
+    assert mean_scores(why) == {"speaker_sim": None, "speaker_sim_unmeasured":
+                                "2 of 3 samples: generated clip: silent; 1 of 3 samples: no reference voice"}
 
 
 def test_missing_weights_are_one_line_naming_them_and_how_to_get_them(tmp_path, monkeypatch):
@@ -105,11 +112,20 @@ def test_scorer_runs_whisper_and_wavlm_from_their_folders(tmp_path, models):
     # the random model's transcript is gibberish: scored as such, whatever it is
     assert scored["wer"] == error_rate("hello there", scored["transcript"], "en").rate
     assert -1.0 <= scored["speaker_sim"] <= 1.0
-    # no voice to compare with: not measured; the same clip against itself: the same voice
-    assert scorer.score(wave, 24000, {"text": "hi"})["speaker_sim"] is None
+    # no voice to compare with: not measured, and said why; the same clip against itself: the same voice
+    unmeasured = scorer.score(wave, 24000, {"text": "hi"})
+    assert unmeasured["speaker_sim"] is None and unmeasured["speaker_sim_unmeasured"] == \
+        "no reference voice (the prompt has neither speaker_audio nor reference_audio)"
     assert scorer.encoder.similarity(wave, 24000, wave, 24000) == pytest.approx(1.0, abs=1e-5)
-    # a clip too short to embed is not a speaker
+    # a clip too short to embed is not a speaker, generated or reference
     assert scorer.encoder.embed(wave[:100], 24000) is None
+    short = tmp_path / "short.wav"
+    sf.write(str(short), wave[:1200], 24000)
+    for clip, prompt, why in ((wave[:100], {"reference_audio": str(ref)}, "generated clip"),
+                              (wave, {"speaker_audio": str(short)}, f"reference voice {short}")):
+        got = scorer.score(clip, 24000, {"text": "hi", **prompt})
+        assert got["speaker_sim"] is None
+        assert got["speaker_sim_unmeasured"] == f"{why}: too short for the speaker encoder (under 100 ms)"
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,6 @@ def test_trainable_tensors_load_from_a_checkpoint_an_export_and_a_final_folder(t
     from higgs_ddp.tools.export import export
 
     _, _, trained_model, ckpt = make_checkpoint(tmp_path, "audio_ffn")
-    (ckpt / "state.json").write_text(json.dumps({"step": 120}))
     export(ckpt, tmp_path / "tensors")
     final = tmp_path / "run" / "final"
     final.mkdir()
@@ -234,7 +233,7 @@ def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, capsys):
         (("--text-file", blank), "blank.txt: no text", "every line is empty"),
         (("--text", "  "), "--text is empty", ""),
         (("--text", "hi", "--ref-text", "words"), "--ref-text needs --ref-audio", ""),
-        (("--text", "hi", "--top-p", "0"), "top_p must be in (0, 1]", ""),
+        (("--text", "hi", "--top-p", "0"), "--top-p must be in (0, 1]", ""),
         (("--text", "hi", "--device", "bogus"), "device 'bogus'", ""),
     ]
     for args, *words in cases:
@@ -269,3 +268,36 @@ def test_an_fsdp_sharded_checkpoint_loads_the_weights_of_its_final_folder(tmp_pa
     a, b = sharded.model.state_dict(), final.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(codes_of(sharded), codes_of(final))
+
+
+# --- a damaged checkpoint -----------------------------------------------------------------------------
+
+def test_a_damaged_checkpoint_is_refused_by_every_loader_in_one_line_naming_the_file(trained, tmp_path, capsys):
+    """One bit flipped in the adapter's data (the file still reads): export, export --merge, speak and score
+    check the weights against the checksums in state.json, as a resume does, and refuse it."""
+    from test_resume_faults import flip_byte
+
+    from higgs_ddp.tools.export import main as export_main
+    from higgs_ddp.tools.score import main as score_main
+
+    ckpt = tmp_path / "step_000002"
+    shutil.copytree(trained / "run" / "checkpoints" / "step_000002", ckpt)
+    damaged = ckpt / "adapter" / "adapter_model.safetensors"
+    flip_byte(damaged)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"text": "hello there"}\n')
+    commands = {
+        "export": lambda: export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "out")]),
+        "export --merge": lambda: export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--merge"]),
+        "speak": lambda: speak("--model", ckpt, "--text", "hello there", *SHORT, "--device", "cpu",
+                               "--out", tmp_path / "out.wav"),
+        "score": lambda: score_main(["--model", str(ckpt), "--prompts", str(prompts), *SHORT, "--device", "cpu",
+                                     "--out", str(tmp_path / "scores")]),
+    }
+    for name, command in commands.items():
+        assert command() == 2, name
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("higgs-ddp: error: ")]
+        assert len(errors) == 1 and "Traceback" not in err, (name, err)
+        assert f"{damaged} is damaged" in errors[0] and "checksums" in errors[0], (name, errors[0])
+    assert not any(p.name in ("out", "out.wav", "scores") for p in tmp_path.iterdir())

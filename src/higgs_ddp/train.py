@@ -35,7 +35,7 @@ def train(cfg: Config) -> dict:
 
     from higgs_ddp.evaluation.listening import progress_fields
 
-    from higgs_ddp.training.checkpoint import remove_stale_temporaries, resume_point
+    from higgs_ddp.training.checkpoint import remove_stale_temporaries, resume_from
     from higgs_ddp.training.preemption import StopRequest, signal_name, write_failure, write_status
     from higgs_ddp.training.runlog import RunLog
     from higgs_ddp.training.trainer import Trainer, write_run_files
@@ -46,8 +46,8 @@ def train(cfg: Config) -> dict:
         try:
             trainer = Trainer(cfg, env)  # setup
             t = cfg.train
-            ckpt, note = resume_point(cfg.output_dir, t.resume, env)
-            start = trainer.resume(ckpt) if ckpt else 0
+            ckpt, note, start = resume_from(cfg.output_dir, t.resume, env, load=trainer.resume)
+            start = start if ckpt else 0  # what trainer.resume returned: the checkpoint's step
             if env.is_main:
                 remove_stale_temporaries(cfg.output_dir)
                 write_run_files(cfg)
@@ -115,15 +115,16 @@ def train(cfg: Config) -> dict:
                     write_status(cfg.output_dir, "finished", done if early else t.max_steps,
                                  **({"early_stop": trainer.tracker.state_dict()} if early else {}))
                     if early:
+                        kept = trainer.best_folder()
                         print(f"early stop after step {done}: eval.best_by={trainer.tracker.metric} has not improved "
                               f"for eval.early_stop_patience={cfg.eval.early_stop_patience} "
-                              f"evaluations; {trainer.tracker.describe()} (weights in "
-                              f"{Path(cfg.output_dir) / 'best'})", flush=True)
+                              f"evaluations; {trainer.tracker.describe()}"
+                              + (f" (weights in {kept})" if kept else " (no best/ was written)"), flush=True)
                     done_note = f"final loss {last['loss']:.4f}" if last else f"already finished at step {done}"
                     print(f"done: {done_note}; weights in {final}", flush=True)
             if env.is_main:
-                tracker = trainer.tracker
-                best = (tracker.describe(), Path(cfg.output_dir) / "best") if tracker.best is not None else None
+                kept = trainer.best_folder()
+                best = (trainer.tracker.describe(), kept) if kept else None
                 print(log.summary(done - start, time.perf_counter() - t_start, None if signum else final, best),
                       flush=True)
             barrier()  # tearing down gloo while a peer is still saving aborts that peer
@@ -202,7 +203,9 @@ def between_steps(trainer, log, step: int) -> dict:
             for line in warnings_for(summary):
                 tqdm.write(f"step {step}: warning: {line}")
         if e.best_by in ("wer", "speaker_sim"):  # rank 0 holds the scores: every rank decides on its number
-            trainer.evaluated(step, all_gather_objects(summary.get(e.best_by))[0])
+            # (with why it is missing, when it is: scoring.mean_scores' speaker_sim_unmeasured)
+            trainer.evaluated(step, *all_gather_objects((summary.get(e.best_by),
+                                                         summary.get(f"{e.best_by}_unmeasured", "")))[0])
     return {"val": val, "samples": summary}
 
 

@@ -6,7 +6,8 @@ step, without constructing the engine (which loads a model from a path):
 * the prompt is our ``build_chatml(..., with_target=False)``, tokenised by ``prepare_chatml_sample`` (as
   training tokenises it) plus the engine's assistant header and ``<|audio_out_bos|>`` (the engine's
   ``force_audio_gen=True``), collated by boson's ``HiggsAudioSampleCollator`` configured as the engine
-  configures it; a reference audio is read, resampled and encoded as training data is (audio.py, codec.py);
+  configures it; a reference audio is read, conditioned (data.audio) and encoded as training data is
+  (prepare.decode_for_codec, codec.py: the same codes for the same file);
 * ``HiggsAudioModel.generate`` gets the engine's arguments: ``use_cache``, a static KV cache bucket
   (the engine's sizes; under the trainer's bf16 autocast boson's dynamic cache, see ``generate_codes``),
   ``stop_strings``/``tokenizer``, ``do_sample``/``temperature``/``top_p``/``top_k``,
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 import warnings
@@ -43,7 +45,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from higgs_ddp.config import Config, EvalConfig, uses_bf16
+from higgs_ddp.config import AudioConditioning, Config, EvalConfig, uses_bf16
 from higgs_ddp.data.audio import AudioProblem, read_audio, resample
 from higgs_ddp.data.prompt import build_chatml, tokenize_chatml
 from higgs_ddp.evaluation.detectors import ClipChecks, check_clip, summarize
@@ -72,19 +74,26 @@ class Sampling:
         """Training's listening samples: the engine's defaults, with eval's temperature, seed and limit."""
         return cls(temperature=ev.temperature, max_audio_seconds=ev.max_audio_seconds, seed=ev.seed)
 
-    def check(self) -> None:
-        """ValueError (one line) for a setting generation cannot use."""
+    def check(self, name=lambda field: field) -> None:
+        """ValueError (one line) for a setting generation cannot use. ``name``: how the user set a field
+        (speak's and score's flags: ``flag_name``)."""
         if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
+            raise ValueError(f"{name('temperature')} must be >= 0 (0: greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"{name('top_p')} must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 (or unset), got {self.top_k}")
+            raise ValueError(f"{name('top_k')} must be >= 1 (or unset), got {self.top_k}")
         if self.ras_win_len < 0 or self.ras_win_max_num_repeat < 1:
-            raise ValueError(f"ras_win_len must be >= 0 (0: off) and ras_win_max_num_repeat >= 1, got "
-                             f"{self.ras_win_len} and {self.ras_win_max_num_repeat}")
+            raise ValueError(f"{name('ras_win_len')} must be >= 0 (0: off) and {name('ras_win_max_num_repeat')} "
+                             f">= 1, got {self.ras_win_len} and {self.ras_win_max_num_repeat}")
         if not self.max_audio_seconds > 0:
-            raise ValueError(f"max_audio_seconds must be > 0 (generation needs a limit), got {self.max_audio_seconds}")
+            raise ValueError(f"{name('max_audio_seconds')} must be > 0 (generation needs a limit), "
+                             f"got {self.max_audio_seconds}")
+
+
+def flag_name(field: str) -> str:
+    """A Sampling field as the speak/score flag that sets it: max_audio_seconds -> --max-audio-seconds."""
+    return "--" + field.replace("_", "-")
 
 
 @dataclass
@@ -124,27 +133,37 @@ class Spoken:
 
 def check_prompts(cfg: Config) -> list[str]:
     """One line per problem with ``eval.prompts`` (unreadable reference audio, ...); [] when all is well."""
-    from higgs_ddp.data.codec import CodecError, min_input_seconds
+    from higgs_ddp.data.codec import CodecError, codec_rates, min_input_seconds
 
     problems = []
-    min_seconds = 0.0
+    min_seconds, rate = 0.0, 0
     if any(p.get("reference_audio") for p in cfg.eval.prompts):
         try:  # from the codec's config: the codec itself loads at the first sample
             min_seconds = min_input_seconds(cfg.data.codec, cfg.data.codec_revision)
+            rate = codec_rates(cfg.data.codec, cfg.data.codec_revision)[0] if cfg.data.audio.changes_audio else 0
         except CodecError as e:
             problems.append(f"eval.prompts: cannot tell the shortest reference the codec takes: {e}")
     for i, prompt in enumerate(cfg.eval.prompts):
         try:
-            _reference_wave(cfg, i, prompt, min_seconds)
+            _reference_wave(cfg, i, prompt, min_seconds, rate)
         except ValueError as e:
             problems.append(str(e))
     return problems
 
 
-def read_reference(path, what: str, max_seconds: float, min_seconds: float) -> tuple[torch.Tensor, int]:
+def read_reference(path, what: str, max_seconds: float, min_seconds: float, audio: Optional[AudioConditioning] = None,
+                   codec_rate: int = 0) -> tuple[torch.Tensor, int]:
     """-> (mono float32 wave, sample rate) of a reference audio file, checked as training audio is
-    (``min_seconds``: the codec's shortest input); a ValueError starting with ``what`` otherwise."""
+    (``min_seconds``: the codec's shortest input); a ValueError starting with ``what`` otherwise.
+
+    ``audio``: the run's data.audio, with the codec's rate. The wave is then the one training's prepare
+    gives the codec for the same file (``decode_for_codec``: conditioned at the codec's rate, its durations
+    judged as training judges them), so the model hears the reference as it learned from references."""
+    from higgs_ddp.data.prepare import decode_for_codec
+
     try:
+        if audio is not None:
+            return decode_for_codec(Path(path), str(path), max_seconds, min_seconds, audio, codec_rate)
         wave, sr = read_audio(Path(path), str(path), max_seconds, min_seconds)
     except AudioProblem as e:
         raise ValueError(f"{what}: {e}") from None
@@ -156,20 +175,40 @@ def encode_reference(codec, wave: torch.Tensor, sr: int) -> torch.Tensor:
     return codec.encode(resample(wave.to(codec.device), sr, codec.sample_rate))
 
 
-def _reference_wave(cfg: Config, i: int, prompt: dict, min_seconds: float):
-    """-> (mono float32 wave, sample rate) of the prompt's reference audio, or None without one.
-    ``min_seconds``: the codec's shortest input (checked as training data is)."""
+def reference_codes(cfg: Config, codec, path, what: str) -> torch.Tensor:
+    """The codes of a reference audio file for the run ``cfg``: read, checked and conditioned (data.audio)
+    as training's prepare does, then encoded: the codes training used for the same file (``speak`` and
+    ``score``; the listening samples read theirs through the same ``read_reference``)."""
+    return encode_reference(codec, *read_reference(path, what, cfg.data.max_audio_seconds, codec.min_seconds,
+                                                   cfg.data.audio, codec.sample_rate))
+
+
+def describe_conditioning(audio: AudioConditioning) -> str:
+    """data.audio's settings that change the audio, in words ("" when none does): what speak says it did to
+    a reference."""
+    parts = [f"loudness_lufs={audio.loudness_lufs:g}" if audio.loudness_lufs is not None else "",
+             f"peak_dbfs={audio.peak_dbfs:g}" if audio.peak_dbfs is not None else "",
+             f"trim_silence (trim_db={audio.trim_db:g}, trim_keep_seconds={audio.trim_keep_seconds:g})"
+             if audio.trim_silence else ""]
+    return ", ".join(p for p in parts if p)
+
+
+def _reference_wave(cfg: Config, i: int, prompt: dict, min_seconds: float, codec_rate: int):
+    """-> (mono float32 wave, sample rate) of the prompt's reference audio as training would condition it,
+    or None without one. ``min_seconds``: the codec's shortest input, ``codec_rate`` its sample rate (checked
+    and conditioned as training data is)."""
     key = f"eval.prompts[{i}]"
     ref = prompt.get("reference_audio")
     if not ref:
         if prompt.get("reference_text"):
             raise ValueError(f"{key} has a reference_text but no reference_audio")
         return None
-    return read_reference(ref, f"{key}.reference_audio", cfg.data.max_audio_seconds, min_seconds)
+    return read_reference(ref, f"{key}.reference_audio", cfg.data.max_audio_seconds, min_seconds, cfg.data.audio,
+                          codec_rate)
 
 
 def _encode_reference(cfg: Config, i: int, prompt: dict, codec) -> Optional[torch.Tensor]:
-    got = _reference_wave(cfg, i, prompt, codec.min_seconds)
+    got = _reference_wave(cfg, i, prompt, codec.min_seconds, codec.sample_rate)
     return None if got is None else encode_reference(codec, *got)
 
 
@@ -301,7 +340,7 @@ def generate_codes(raw_model, tokenizer, codec, cfg: Config, text: str, ref_text
                            torch.bfloat16 if amp else raw_model.embed_tokens.weight.dtype)
     audio_eos_token_id = tokenizer.convert_tokens_to_ids("<|audio_eos|>")
     temperature = sampling.temperature
-    with precision.autocast(cfg, device), warnings.catch_warnings():
+    with precision.autocast(cfg, device), warnings.catch_warnings(), _without_boson_cache_deprecation():
         # temperature 0: greedy, as in the engine, which passes top_p anyway (transformers warns, nothing changes)
         warnings.filterwarnings("ignore", message=r"`do_sample` is set to `False`")
         out = raw_model.generate(
@@ -319,6 +358,27 @@ def generate_codes(raw_model, tokenizer, codec, cfg: Config, text: str, ref_text
     finished = int(sequences[0, -1]) == audio_eos_token_id
     codes, hit_limit, invalid = split_stream(columns, mc, finished, max_frames)
     return Generated(columns, codes, hit_limit, invalid)
+
+
+class _BosonCacheDeprecation(logging.Filter):
+    """boson_multimodal's ``_update_causal_mask`` calls ``StaticCache.get_max_length()``, which transformers
+    4.46 logs as deprecated ("`get_max_cache()` is deprecated ... will raise error from v4.48"). The call is
+    boson's (setup.py keeps transformers below 4.47 for it); printed in speak, score and the training log, it
+    reads like our bug. Only that message is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("`get_max_cache()` is deprecated")
+
+
+@contextlib.contextmanager
+def _without_boson_cache_deprecation():
+    """The filter above on transformers' cache logger, around one ``generate`` only."""
+    logger, quiet = logging.getLogger("transformers.cache_utils"), _BosonCacheDeprecation()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 @contextlib.contextmanager
@@ -488,6 +548,8 @@ def describe_summary(s: dict) -> str:
         parts.append(f"WER {s['wer']:.3f} (CER {s['cer']:.3f})")
     if s.get("speaker_sim") is not None:
         parts.append(f"speaker similarity {s['speaker_sim']:.3f}")
+    elif s.get("speaker_sim_unmeasured"):
+        parts.append(f"speaker similarity not measured ({s['speaker_sim_unmeasured']})")
     return ", ".join(parts)
 
 

@@ -40,17 +40,23 @@ def locate(name: str, key: str) -> str:
     return str(folder)
 
 
-def check_resemblyzer() -> None:
+def check_resemblyzer(key: str = "eval.speaker_model") -> None:
     import importlib.util
 
     if importlib.util.find_spec("resemblyzer") is None:
-        raise ValueError("eval.speaker_model=resemblyzer needs the resemblyzer package (its encoder weights come "
+        raise ValueError(f"{key}=resemblyzer needs the resemblyzer package (its encoder weights come "
                          "with it): pip install 'higgs-ddp[voice]' (or pip install resemblyzer)")
 
 
-def check_models(cfg: Config) -> list[str]:
+# How the user named each setting: a run's config keys. ``higgs-ddp score`` passes its own (its flags and
+# its prompts file's lines), so that an error names what was typed.
+RUN_NAMES = {"asr_model": "eval.asr_model", "speaker_model": "eval.speaker_model",
+             "prompt": lambda i: f"eval.prompts[{i}]."}
+
+
+def check_models(cfg: Config, names: dict = RUN_NAMES) -> list[str]:
     """One line per evaluation model that cannot be found and per ``speaker_audio`` that cannot be read;
-    [] when all is well."""
+    [] when all is well. ``names``: RUN_NAMES' keys, each as the user wrote it."""
     from higgs_ddp.evaluation.speaker import RESEMBLYZER
 
     problems = []
@@ -58,9 +64,9 @@ def check_models(cfg: Config) -> list[str]:
         name = getattr(cfg.eval, key)
         try:
             if name == RESEMBLYZER and key == "speaker_model":
-                check_resemblyzer()
+                check_resemblyzer(names[key])
             elif name:
-                locate(name, f"eval.{key}")
+                locate(name, names[key])
         except ValueError as e:
             problems.append(str(e))
     for i, prompt in enumerate(cfg.eval.prompts):  # the held-out voice clips speaker similarity compares with
@@ -69,7 +75,7 @@ def check_models(cfg: Config) -> list[str]:
             try:
                 read_audio(Path(prompt["speaker_audio"]), str(prompt["speaker_audio"]), 0.0)
             except AudioProblem as e:
-                problems.append(f"eval.prompts[{i}].speaker_audio: {e}")
+                problems.append(f"{names['prompt'](i)}speaker_audio: {e}")
     return problems
 
 
@@ -86,14 +92,14 @@ def speaker_reference(prompt: dict) -> Optional[str]:
 class Scorer:
     """The configured models, loaded at first use on the ranks that score a sample."""
 
-    def __init__(self, cfg: Config, device="cpu"):
+    def __init__(self, cfg: Config, device="cpu", names: dict = RUN_NAMES):
         self.cfg, self.device = cfg, device
-        self.asr = locate(cfg.eval.asr_model, "eval.asr_model") if cfg.eval.asr_model else None
+        self.asr = locate(cfg.eval.asr_model, names["asr_model"]) if cfg.eval.asr_model else None
         from higgs_ddp.evaluation.speaker import RESEMBLYZER
         speaker = cfg.eval.speaker_model
         if speaker == RESEMBLYZER:
-            check_resemblyzer()
-        self.speaker = locate(speaker, "eval.speaker_model") if speaker and speaker != RESEMBLYZER else speaker
+            check_resemblyzer(names["speaker_model"])
+        self.speaker = locate(speaker, names["speaker_model"]) if speaker and speaker != RESEMBLYZER else speaker
         self._references = {}
 
     @property
@@ -112,21 +118,22 @@ class Scorer:
             return ResemblyzerEncoder(self.device)
         return SpeakerEncoder(self.speaker, self.device)
 
-    def _reference(self, path: str):
+    def _reference(self, path: str) -> tuple:
+        """-> (the reference voice's embedding, "") or (None, why not); each file embedded once."""
         if path not in self._references:
             from higgs_ddp.data.audio import AudioProblem, read_audio
             try:
                 wave, sr = read_audio(Path(path), path, 0.0, 0.0)
             except AudioProblem as e:
                 raise ValueError(f"speaker reference {path}: {e}") from None
-            self._references[path] = self.encoder.embed(wave, sr)
+            self._references[path] = self.encoder.embedding(wave, sr)
         return self._references[path]
 
     def score(self, wave: np.ndarray, sample_rate: int, prompt: dict) -> dict:
         """{transcript, wer, cer, speaker_sim} for one clip (keys only for the configured models; a value is
-        None where it cannot be measured: no reference voice, a clip too short to embed)."""
+        None where it cannot be measured: no reference voice, a clip too short to embed, and then
+        ``speaker_sim_unmeasured`` says which)."""
         from higgs_ddp.evaluation.asr import character_error_rate, error_rate
-        from higgs_ddp.evaluation.speaker import cosine
 
         out = {}
         if self.asr:
@@ -136,20 +143,49 @@ class Scorer:
             out["wer"] = error_rate(prompt["text"], text, language).rate
             out["cer"] = character_error_rate(prompt["text"], text, language)
         if self.speaker:
-            ref = speaker_reference(prompt)
-            sim = None
-            if ref:
-                a, b = self.encoder.embed(wave, sample_rate), self._reference(ref)
-                sim = None if a is None or b is None else cosine(a, b)
+            sim, why = self._similarity(wave, sample_rate, prompt)
             out["speaker_sim"] = sim
+            if sim is None:
+                out[UNMEASURED] = why
         return out
+
+    def _similarity(self, wave: np.ndarray, sample_rate: int, prompt: dict) -> tuple:
+        """-> (cosine of the clip's voice and the prompt's reference voice, "") or (None, why not)."""
+        from higgs_ddp.evaluation.speaker import cosine
+
+        ref = speaker_reference(prompt)
+        if not ref:
+            return None, NO_REFERENCE
+        a, why = self.encoder.embedding(wave, sample_rate)
+        if a is None:
+            return None, f"generated clip: {why}"
+        b, why = self._reference(ref)
+        if b is None:
+            return None, f"reference voice {ref}: {why}"
+        return cosine(a, b), ""
+
+
+UNMEASURED = "speaker_sim_unmeasured"  # beside a speaker_sim of None (null): why it could not be measured
+NO_REFERENCE = "no reference voice (the prompt has neither speaker_audio nor reference_audio)"
+
+
+def unmeasured_reasons(scores: list[dict]) -> str:
+    """Why the samples' speaker similarity could not be measured, each reason once with its count:
+    "2 of 3 samples: generated clip: too short for the speaker encoder (under 100 ms); 1 of 3: ..."."""
+    from collections import Counter
+
+    counts = Counter(s[UNMEASURED] for s in scores if s.get(UNMEASURED))
+    return "; ".join(f"{n} of {len(scores)} sample{'s' * (len(scores) > 1)}: {why}" for why, n in counts.items())
 
 
 def mean_scores(scores: list[dict]) -> dict:
-    """The step's wer, cer and speaker_sim: means over the samples that have them (None where none does)."""
+    """The step's wer, cer and speaker_sim: means over the samples that have them (None where none does; for
+    speaker_sim, ``speaker_sim_unmeasured`` then says why)."""
     out = {}
     for key in ("wer", "cer", "speaker_sim"):
         values = [s[key] for s in scores if s.get(key) is not None and math.isfinite(s[key])]
         if any(key in s for s in scores):
             out[key] = sum(values) / len(values) if values else None
+    if "speaker_sim" in out and out["speaker_sim"] is None:
+        out[UNMEASURED] = unmeasured_reasons(scores)
     return out

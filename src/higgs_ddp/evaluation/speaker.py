@@ -18,6 +18,13 @@ from __future__ import annotations
 import numpy as np
 
 WAVLM_RATE = 16000
+MIN_SAMPLES = WAVLM_RATE // 10  # 100 ms: the shortest clip either encoder embeds
+# Why a clip gives no embedding: what the SIM column and ``speaker_sim_unmeasured`` say in place of a number.
+# Fixed words (no per-clip numbers; the clip's length is in its record), so a step's reasons can be counted.
+TOO_SHORT = f"too short for the speaker encoder (under {MIN_SAMPLES * 1000 // WAVLM_RATE} ms)"
+TOO_LITTLE_VOICE = (f"too little voice for the speaker encoder (under {MIN_SAMPLES * 1000 // WAVLM_RATE} ms once "
+                    f"silences are cut)")
+SILENT = "silent (no voice to embed)"
 
 
 def cosine(a, b) -> float:
@@ -43,17 +50,22 @@ class SpeakerEncoder:
 
     def embed(self, wave: np.ndarray, sample_rate: int):
         """-> the speaker embedding (1-D tensor) of a mono clip; None for a clip too short to embed."""
+        return self.embedding(wave, sample_rate)[0]
+
+    def embedding(self, wave: np.ndarray, sample_rate: int) -> tuple:
+        """-> (the speaker embedding, "") or (None, why the clip cannot be embedded: what scores report in
+        place of a similarity, so a missing number is never left unexplained)."""
         import torch
 
         from higgs_ddp.evaluation.asr import resample_to
 
         wave16 = resample_to(wave, sample_rate, WAVLM_RATE)
-        if len(wave16) < WAVLM_RATE // 10:  # the convolutional front end needs a few hundred samples
-            return None
+        if len(wave16) < MIN_SAMPLES:  # the convolutional front end needs a few hundred samples
+            return None, TOO_SHORT
         inputs = self.features(wave16, sampling_rate=WAVLM_RATE, return_tensors="pt")
         with torch.inference_mode():
             out = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
-        return out.embeddings[0].float().cpu()
+        return out.embeddings[0].float().cpu(), ""
 
     def similarity(self, wave: np.ndarray, sample_rate: int, reference: np.ndarray, reference_rate: int):
         """Cosine of the two clips' embeddings; None when either is too short to embed."""
@@ -69,16 +81,16 @@ class ResemblyzerEncoder(SpeakerEncoder):
 
         self.encoder = VoiceEncoder(device=str(device), verbose=False)
 
-    def embed(self, wave: np.ndarray, sample_rate: int):
+    def embedding(self, wave: np.ndarray, sample_rate: int) -> tuple:
         import torch
         from resemblyzer import preprocess_wav
 
         from higgs_ddp.evaluation.asr import resample_to
 
         if not np.isfinite(wave).all() or not np.abs(wave).max(initial=0.0) > 1e-6:
-            return None  # silence is nobody (and Resemblyzer's volume normalisation would divide by its zero level)
+            return None, SILENT  # silence is nobody (and Resemblyzer's volume normalisation would divide by zero)
         # its own preprocessing at 16 kHz: volume normalised, long silences cut (webrtcvad)
         voiced = preprocess_wav(resample_to(wave, sample_rate, WAVLM_RATE))
-        if len(voiced) < WAVLM_RATE // 10:  # silence, or too little voice to embed
-            return None
-        return torch.from_numpy(self.encoder.embed_utterance(voiced))
+        if len(voiced) < MIN_SAMPLES:  # silence, or too little voice to embed
+            return None, TOO_LITTLE_VOICE
+        return torch.from_numpy(self.encoder.embed_utterance(voiced)), ""

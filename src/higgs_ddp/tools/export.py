@@ -1,9 +1,13 @@
-"""Export a training checkpoint: the trained weights as they are, or merged into a full model folder.
+"""Export trained weights: as they are, or merged into a full model folder.
 
     higgs-ddp export --checkpoint DIR --out OUT [--merge] [--dtype auto|bf16|fp32]
 
-A checkpoint folder holds ``config.yaml`` (the resolved run config) and either ``adapter/`` (train.mode=lora,
-peft's format) or ``trainable.safetensors`` (audio_ffn / full: raw HiggsAudioModel parameter names).
+DIR is a run's output_dir (its final/ once the run finished, else its latest checkpoint), a checkpoint
+folder, a run's final/ or best/, or an unmerged export: found as ``speak`` finds them (tools/weights.py),
+and a checkpoint's weights are checked against the checksums saved with them first, as a resume checks
+them. A checkpoint folder holds ``config.yaml`` (the resolved run config) and either ``adapter/``
+(train.mode=lora, peft's format) or ``trainable.safetensors`` (audio_ffn / full: raw HiggsAudioModel
+parameter names); final/ and best/ hold the same files at their top, the run's config.yaml beside them.
 Without --merge the weights are copied with the tokenizer and an ``export.json`` provenance record. With
 --merge the base model is rebuilt from the config exactly as training builds it, the trained weights are
 loaded (every tensor must find its parameter) and merged, and OUT becomes a folder that
@@ -14,7 +18,6 @@ export carries the run's ``config.yaml`` (``higgs-ddp speak`` reads the codec th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -24,52 +27,14 @@ from typing import Optional
 
 import torch
 
-from higgs_ddp.config import Config, ConfigError, load_config
+from higgs_ddp.config import Config, ConfigError
+from higgs_ddp.tools.weights import ModelPathError, Trained, trained_weights
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class ExportError(RuntimeError):
     pass
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint folder, or a run's output_dir (its latest complete checkpoint)."""
-    from higgs_ddp.training.checkpoint import latest_checkpoint
-
-    if (path / "checkpoints").is_dir() and not (path / "state.json").is_file():
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise ExportError(f"{path / 'checkpoints'} holds no complete checkpoint")
-        return latest
-    return path
-
-
-def read_checkpoint(ckpt: Path) -> Config:
-    """The run config of a checkpoint folder, after checking the weights its mode needs are there."""
-    if not ckpt.is_dir():
-        raise ExportError(f"checkpoint folder {ckpt} not found")
-    if not (ckpt / "config.yaml").is_file():
-        raise ExportError(f"{ckpt} has no config.yaml (not a higgs-ddp checkpoint folder?)")
-    try:
-        cfg = load_config(str(ckpt / "config.yaml"))  # needs no data: manifest paths are only strings here
-    except ConfigError as e:
-        raise ExportError(f"{ckpt / 'config.yaml'}: {e}") from None
-    need = (["adapter/adapter_model.safetensors", "adapter/adapter_config.json"] if cfg.train.mode == "lora"
-            else ["trainable.safetensors"])
-    missing = [n for n in need if not (ckpt / n).is_file()]
-    if missing:
-        raise ExportError(f"{ckpt} (train.mode={cfg.train.mode}) has no {' and no '.join(missing)}")
-    return cfg
-
-
-def _step(ckpt: Path):
-    from higgs_ddp.training.checkpoint import CheckpointError, read_state, step_of
-
-    try:  # state.json is written last into every checkpoint; the folder name is only a fallback
-        return read_state(ckpt)["step"]
-    except (CheckpointError, KeyError):
-        return step_of(ckpt.resolve())
 
 
 def _load_safetensors(path: Path) -> dict:
@@ -171,49 +136,21 @@ def output_dtype(cfg: Config, tokenizer, choice: str) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def export(ckpt: Path, out: Path, merge: bool = False, dtype: str = "auto") -> str:
-    """Writes OUT (all or nothing) and returns the one-line summary."""
-    ckpt = resolve_checkpoint(ckpt)
+def export(path: Path, out: Path, merge: bool = False, dtype: str = "auto") -> str:
+    """Writes OUT (all or nothing) and returns the one-line summary. ``path``: what ``speak`` takes, but a
+    merged model (weights.py), a checkpoint checked as a resume checks it."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"output {out} already exists and is not an empty folder")
-    with unsharded(ckpt, out) as view:  # an fsdp checkpoint's rows, assembled: the same files as a ddp one's
-        return _export(ckpt, view, out, merge, dtype)
+    with trained_weights(path, out.parent / f".{out.name}.unsharded-{os.getpid()}") as trained:
+        return _export(trained, out, merge, dtype)
 
 
-@contextlib.contextmanager
-def unsharded(ckpt: Path, out: Path):
-    """``ckpt`` itself, or (written by fsdp: each rank's rows in shards/) a temporary folder holding its
-    trainable weights whole in the replicated layout, removed afterwards."""
-    from higgs_ddp.training.checkpoint import CheckpointError, read_state
-    from higgs_ddp.training.shards import consolidate
-
-    try:
-        state = read_state(ckpt)
-    except CheckpointError:
-        state = {}  # a final/ folder, or checked by read_checkpoint below
-    if not state.get("sharding"):
-        yield ckpt
-        return
-    tmp = out.parent / f".{out.name}.unsharded-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        try:
-            consolidate(ckpt, state, tmp)
-        except Exception as e:  # safetensors' own error type: a truncated shard
-            raise ExportError(f"cannot read the shards of {ckpt}: {' '.join(str(e).split())}") from None
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _export(source: Path, ckpt: Path, out: Path, merge: bool, dtype: str) -> str:
-    """``ckpt``: the folder the weights are read from (``source`` or its unsharded view)."""
+def _export(trained: Trained, out: Path, merge: bool, dtype: str) -> str:
     from higgs_ddp.model import load_tokenizer
 
-    cfg = read_checkpoint(ckpt)
-    step = _step(source)
+    cfg, step = trained.cfg, trained.step
     m = cfg.model
-    info = {"checkpoint": str(source.resolve()), "step": step,
+    info = {"checkpoint": str(trained.source.resolve()), "step": step,
             "mode": cfg.train.mode, "merged": merge,
             "base_model": ({"path": m.path, "revision": m.revision} if m.init == "pretrained"
                            else "random init"),
@@ -229,23 +166,23 @@ def _export(source: Path, ckpt: Path, out: Path, merge: bool, dtype: str) -> str
     try:
         if merge:
             target = output_dtype(cfg, tokenizer, dtype)
-            model = merged_model(ckpt, cfg, tokenizer, target)
+            model = merged_model(trained.folder, cfg, tokenizer, target, adapter=trained.adapter)
             model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size="5GB")
             tokenizer.save_pretrained(str(tmp))  # the inference engine loads the tokenizer from the model path
             info["dtype"] = str(target).removeprefix("torch.")
             what = f"merged {info['dtype']} HiggsAudioModel"
         else:
-            if cfg.train.mode == "lora":
-                shutil.copytree(ckpt / "adapter", tmp)
+            if trained.adapter is not None:  # (final/ and best/ hold their tokenizer and best.json beside it)
+                shutil.copytree(trained.adapter, tmp, ignore=shutil.ignore_patterns("tokenizer", "best.json"))
                 what = "peft adapter (load it onto the base with PeftModel.from_pretrained, or use --merge)"
             else:
                 tmp.mkdir()
-                shutil.copy2(ckpt / "trainable.safetensors", tmp / "trainable.safetensors")
+                shutil.copy2(trained.folder / "trainable.safetensors", tmp / "trainable.safetensors")
                 what = "trainable tensors only (--merge writes a full model folder)"
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
         # Rebuilding the base for unmerged weights needs the run's model section (random init: all of it);
         # higgs-ddp speak reads the codec and precision there, for a merged folder too.
-        shutil.copy2(ckpt / "config.yaml", tmp / "config.yaml")
+        shutil.copy2(trained.config_file, tmp / "config.yaml")
         (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
         if out.exists():
             out.rmdir()  # empty (checked above)
@@ -254,13 +191,15 @@ def _export(source: Path, ckpt: Path, out: Path, merge: bool, dtype: str) -> str
         shutil.rmtree(tmp, ignore_errors=True)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     at = f" step {step}" if step is not None else ""
-    return f"exported {cfg.train.mode} checkpoint{at} -> {out}: {what}, {size / 2**20:.1f} MiB"
+    return f"exported {cfg.train.mode} {trained.kind}{at} -> {out}: {what}, {size / 2**20:.1f} MiB"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="higgs-ddp export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder, or a run's output_dir for its latest")
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="a run's output_dir (its final/ once finished, else its latest checkpoint), a checkpoint "
+                             "folder, a run's final/ or best/, or an unmerged export")
     parser.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
     parser.add_argument("--merge", action="store_true", help="write a full HiggsAudioModel folder")
     parser.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
@@ -268,7 +207,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         print(export(args.checkpoint, args.out, args.merge, args.dtype), flush=True)
-    except (ExportError, ConfigError, OSError) as e:
+    except (ExportError, ModelPathError, ConfigError, OSError) as e:
         # OSErrors from the hub / transformers span several lines; the first one names the problem.
         print(f"higgs-ddp: error: {(str(e).splitlines() or [type(e).__name__])[0]}", file=sys.stderr,
               flush=True)

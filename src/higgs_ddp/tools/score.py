@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from higgs_ddp.evaluation.listening import Sampling
+from higgs_ddp.evaluation.listening import Sampling, flag_name
 
 COLUMNS = (("samples", "samples", "{}"), ("stopped", "stopped_samples", "{}"), ("silent", "silent_samples", "{}"),
            ("seconds", "seconds", "{:.2f}"), ("chars/s", "chars_per_second", "{:.1f}"), ("WER", "wer", "{:.3f}"),
@@ -78,9 +78,8 @@ def score_model(loaded, prompts: list[dict], sampling: Sampling, scorer, out: Op
     from higgs_ddp.evaluation.listening import (
         SampleResult,
         check_codec,
-        encode_reference,
         generation_state,
-        read_reference,
+        reference_codes,
         sample_summary,
         speak_text,
     )
@@ -92,10 +91,8 @@ def score_model(loaded, prompts: list[dict], sampling: Sampling, scorer, out: Op
         for i, prompt in enumerate(prompts):
             what = f"{where}:{prompt['line']}"
             ref_codes = None
-            if prompt.get("reference_audio"):
-                ref_codes = encode_reference(codec, *read_reference(
-                    prompt["reference_audio"], f"{what}: reference_audio", cfg.data.max_audio_seconds,
-                    codec.min_seconds))
+            if prompt.get("reference_audio"):  # conditioned as the model's run conditioned its training audio
+                ref_codes = reference_codes(cfg, codec, prompt["reference_audio"], f"{what}: reference_audio")
             spoken = speak_text(model, loaded.tokenizer, codec, cfg, prompt["text"], prompt.get("reference_text"),
                                 ref_codes, sampling=sampling, what=what)
             gen, wave = spoken.generated, spoken.wave
@@ -129,22 +126,46 @@ def table(rows: list[tuple[str, dict]]) -> str:
     widths = [max(len(r[c]) for r in [head, *body]) for c in range(len(head))]
     lines = ["  ".join(v.ljust(w) if c == 0 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths)))
              for r in [head, *body]]
-    return "\n".join(lines)
+    why = unmeasured_notes(rows)
+    return "\n".join(lines + ([""] + why if why else []))
+
+
+def unmeasured_notes(rows: list[tuple[str, dict]]) -> list[str]:
+    """Why a '-' is in the table, one line each: a model the column was not asked for, or a value that could
+    not be measured (scores.json says so per sample too)."""
+    from higgs_ddp.evaluation.scoring import UNMEASURED
+
+    summaries = [s for _, s in rows]
+    notes = []
+    if not any("wer" in s for s in summaries):
+        notes.append("WER, CER -: no --asr-model given")
+    if not any("speaker_sim" in s for s in summaries):
+        notes.append("SIM -: no --speaker-model given")
+    for name, s in rows:
+        if s.get(UNMEASURED):
+            notes.append(f"SIM - for {name}: {s[UNMEASURED]}")
+        if s.get("chars_per_second") is None and s.get("samples"):
+            notes.append(f"chars/s - for {name}: every clip is empty (the model ended each stream at once)")
+    return notes
 
 
 def score(args) -> dict:
     from higgs_ddp.config import Config
+    from higgs_ddp.evaluation.listening import describe_conditioning
     from higgs_ddp.evaluation.scoring import Scorer, check_models
     from higgs_ddp.tools.inference import default_device, load_for_inference
 
     sampling = Sampling(temperature=args.temperature, max_audio_seconds=args.max_audio_seconds, seed=args.seed)
-    sampling.check()
+    sampling.check(flag_name)
     prompts = read_prompts(args.prompts)
     eval_cfg = Config().eval  # the scorer's settings, checked as a run checks them
     eval_cfg.asr_model, eval_cfg.speaker_model, eval_cfg.language = args.asr_model, args.speaker_model, args.language
     eval_cfg.prompts = [{k: v for k, v in p.items() if k != "line"} for p in prompts]
     holder = Config(eval=eval_cfg)
-    problems = check_models(holder)  # before any model loads (minutes): a missing one fails at once
+    # the errors name what the user typed: the flags, and the prompts file's lines
+    names = {"asr_model": "--asr-model", "speaker_model": "--speaker-model",
+             "prompt": lambda i: f"{args.prompts}:{prompts[i]['line']}: "}
+    problems = check_models(holder, names)  # before any model loads (minutes): a missing one fails at once
     for p in prompts:
         if p.get("reference_audio"):
             from higgs_ddp.evaluation.listening import read_reference
@@ -155,19 +176,23 @@ def score(args) -> dict:
         print("higgs-ddp score: note: no --asr-model or --speaker-model: only the detectors (no WER, no "
               "similarity)", file=sys.stderr, flush=True)
     device = args.device or default_device()
-    scorer = Scorer(holder, device)
+    scorer = Scorer(holder, device, names)
     rows, report, codec = [], {"prompts": str(args.prompts), "seed": sampling.seed,
                                "temperature": sampling.temperature,
                                "max_audio_seconds": sampling.max_audio_seconds, "models": []}, None
     for n, model_path in enumerate(args.model):
         loaded = load_for_inference(model_path, device, codec=codec)
         codec = loaded.codec  # the next model of the same run reuses it
-        print(f"model {n}: {loaded.describe()}", file=sys.stderr, flush=True)
+        conditioning = describe_conditioning(loaded.cfg.data.audio) if any(
+            p.get("reference_audio") for p in prompts) else ""
+        print(f"model {n}: {loaded.describe()}" + (f"; reference_audio conditioned as its run's training audio "
+                                                   f"was: data.audio {conditioning}" if conditioning else ""),
+              file=sys.stderr, flush=True)
         got = score_model(loaded, prompts, sampling, scorer, args.out / f"model_{n}" if args.out else None,
                           str(args.prompts))
         rows.append((str(model_path), got["summary"]))
         report["models"].append({"path": str(model_path), "kind": loaded.kind, "source": str(loaded.source),
-                                 "step": loaded.step, **got})
+                                 "step": loaded.step, "reference_conditioning": conditioning or None, **got})
         del loaded
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

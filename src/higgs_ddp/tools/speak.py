@@ -28,7 +28,7 @@ from typing import Optional
 
 import numpy as np
 
-from higgs_ddp.evaluation.listening import Sampling
+from higgs_ddp.evaluation.listening import Sampling, flag_name
 
 # A sentence ends at . ! ? or … (closing quotes and brackets stay with it) before white space, or right
 # after the full-width marks of Chinese and Japanese, which take no space.
@@ -95,13 +95,13 @@ def _write_atomically(path: Path, write) -> None:
 def speak(args) -> list[Path]:
     """Everything after the arguments are parsed; -> the WAVs written. SpeakError / ModelPathError /
     ValueError: one line for the user."""
-    from higgs_ddp.evaluation.listening import check_codec, encode_reference, generation_state, read_reference
+    from higgs_ddp.evaluation.listening import check_codec, generation_state, read_reference, reference_codes
     from higgs_ddp.tools.inference import load_for_inference
 
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                         ras_win_len=args.ras_win_len, ras_win_max_num_repeat=args.ras_win_max_num_repeat,
                         max_audio_seconds=args.max_audio_seconds, seed=args.seed)
-    sampling.check()
+    sampling.check(flag_name)
     if args.chunk_chars < 1 or args.pause < 0:
         raise SpeakError("--chunk-chars must be >= 1 and --pause >= 0")
     if args.ref_text is not None and args.ref_audio is None:
@@ -116,12 +116,14 @@ def speak(args) -> list[Path]:
     loaded = load_for_inference(args.model, args.device)
     check_codec(loaded.model, loaded.codec)
     print(f"speaking with {loaded.describe()}", flush=True)
+    conditioning = reference_conditioning(loaded.cfg, args.ref_audio)
+    if conditioning:
+        print(f"--ref-audio conditioned as the run's training audio was: data.audio {conditioning}", flush=True)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     with generation_state(loaded.model, sampling.seed):
         ref_codes = None
-        if args.ref_audio is not None:  # now checked against the codec's shortest input and the run's limit
-            ref_codes = encode_reference(loaded.codec, *read_reference(
-                args.ref_audio, "--ref-audio", loaded.cfg.data.max_audio_seconds, loaded.codec.min_seconds))
+        if args.ref_audio is not None:  # now checked against the codec's shortest input and the run's limits
+            ref_codes = reference_codes(loaded.cfg, loaded.codec, args.ref_audio, "--ref-audio")
         for (line, text), path in zip(texts, paths):
             wave, pieces = speak_utterance(loaded, text, ref_codes, sampling, args, path)
             record = sidecar(loaded, text, line, wave, pieces, sampling, args)
@@ -131,6 +133,14 @@ def speak(args) -> list[Path]:
             print(f"{path}: {record['seconds']:.2f} s in {len(pieces)} piece{'s' * (len(pieces) > 1)}"
                   f"{', hit the length limit' if record['hit_limit'] else ''}", flush=True)
     return paths
+
+
+def reference_conditioning(cfg, ref_audio) -> str:
+    """The run's data.audio in words when it changes a reference given to speak, else "": training heard
+    its references conditioned, so speak conditions --ref-audio the same way, and says so."""
+    from higgs_ddp.evaluation.listening import describe_conditioning
+
+    return describe_conditioning(cfg.data.audio) if ref_audio is not None else ""
 
 
 def speak_utterance(loaded, text: str, ref_codes, sampling: Sampling, args, path: Path) -> tuple[np.ndarray, list]:
@@ -172,6 +182,7 @@ def sidecar(loaded, text: str, line: Optional[int], wave: np.ndarray, pieces: li
         "settings": {**asdict(sampling), "scene": args.scene, "chunk_chars": args.chunk_chars, "pause": args.pause},
         "reference_audio": str(args.ref_audio) if args.ref_audio is not None else None,
         "reference_text": args.ref_text,
+        "reference_conditioning": reference_conditioning(loaded.cfg, args.ref_audio) or None,  # data.audio applied
         "sample_rate": rate, "seconds": round(len(wave) / rate, 4),
         "hit_limit": any(p["hit_limit"] for p in pieces),
         "invalid_codes": sum(p["invalid_codes"] for p in pieces),

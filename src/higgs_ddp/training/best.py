@@ -26,11 +26,14 @@ class BestTracker:
         return self.metric in LOWER_IS_BETTER
 
     def update(self, step: int, value: Optional[float]) -> bool:
-        """One evaluation of the metric; True when it is a new best. A value that could not be measured
-        (None, NaN: every sample silent, say) never improves on anything."""
-        ok = value is not None and math.isfinite(value)
-        better = ok and (self.best is None or
-                         (value < self.best if LOWER_IS_BETTER[self.metric] else value > self.best))
+        """One evaluation of the metric; True when it is a new best. None is a value that could not be
+        measured (no sample long enough for the speaker encoder, say): it is neither better nor worse, so it
+        does not count towards the patience either (the caller says why it is missing). A non-finite value
+        was measured (a loss that diverged): it never improves on anything and counts."""
+        if value is None:
+            return False
+        better = math.isfinite(value) and (self.best is None or
+                                           (value < self.best if LOWER_IS_BETTER[self.metric] else value > self.best))
         if better:
             self.best, self.best_step, self.since_best = float(value), step, 0
         else:

@@ -54,6 +54,10 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class ChecksumError(CheckpointError):
+    """Weights that read but are not the ones saved with the checkpoint (a flipped bit, an edited file)."""
+
+
 def checkpoint_root(output_dir) -> Path:
     return Path(output_dir) / "checkpoints"
 
@@ -112,12 +116,15 @@ def weight_checksums(named_params: list, device=None) -> torch.Tensor:
     """Per trainable tensor: sum and sum of squares in float64, over the full tensor (collective when the
     tensors are sharded: each rank sums its rows). Cheap, and any divergence between ranks or a bad load
     changes them."""
-    rows = [torch.stack([local_part(p).detach().double().sum(), local_part(p).detach().double().pow(2).sum()])
-            for _, p in named_params]
+    rows = [_sums(local_part(p).detach()) for _, p in named_params]
     sums = torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)
     if any(is_sharded(p) for _, p in named_params):
         sums = all_reduce_sum(sums.to(device) if device is not None else sums).cpu()
     return sums
+
+
+def _sums(t: torch.Tensor) -> torch.Tensor:
+    return torch.stack([t.double().sum(), t.double().pow(2).sum()])
 
 
 def verify_ranks_agree(named_params: list, step: int, device: torch.device) -> None:
@@ -289,29 +296,45 @@ def _same_sums(a: list, b: list) -> bool:
     return all(math.isclose(x, y, rel_tol=1e-12, abs_tol=1e-12) for x, y in zip(a, b))
 
 
+def _check_sums(saved: SavedTensors, saved_sums: dict, now: dict) -> None:
+    """ChecksumError naming the file when the weights ``now`` ({name: [sum, sum of squares]}, as loaded) are
+    not the ones ``state.json`` recorded: the check of every loader (a resume, export, speak, score)."""
+    wrong = [n for n in now if n not in saved_sums or not _same_sums(saved_sums[n], now[n])]
+    wrong = wrong or sorted(set(saved_sums) ^ set(now))
+    if wrong:
+        raise ChecksumError(f"{saved.file_of(wrong[0])} is damaged (its tensors do not match the checksums saved "
+                            f"with them in {saved.path / STATE}, first: {wrong[0]})")
+
+
+def _open_weights(path: Path, state: dict, names: list, optimizer: bool = True) -> SavedTensors:
+    """The checkpoint's tensors, after checking that they are the trainable tensors ``names``."""
+    saved = SavedTensors(path, state, optimizer)
+    weights = {k for k in saved.keys() if "::" not in k}
+    missing = [n for n in names if (adapter_key(n) if getattr(saved, "adapter", False) else n) not in weights]
+    if missing or len(weights) != len(names):
+        raise CheckpointError(f"{path}: trainable tensors differ from this model's ({len(weights)} saved, "
+                              f"{len(names)} here{f', first missing: {missing[0]}' if missing else ''})")
+    return saved
+
+
+def _cannot_load(path: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: cannot load checkpoint: {' '.join(str(e).split())}")
+
+
 def load_checkpoint(path: Path, *, model, named_params: list, optimizer, scheduler, env: DistEnv) -> dict:
     """Restore weights, optimizer, scheduler and this rank's RNG, whatever strategy and number of ranks
-    wrote the checkpoint (each rank reads only its rows); returns the saved state dict."""
+    wrote the checkpoint (each rank reads only its rows); returns the saved state dict. ChecksumError (before
+    anything but the weights has changed) when the loaded weights are not the ones saved."""
     path = Path(path)
     state = read_state(path)
     try:
-        saved = SavedTensors(path, state)
-        weights = {k for k in saved.keys() if "::" not in k}
-        names = [n for n, _ in named_params]
-        missing = [n for n in names if (adapter_key(n) if getattr(saved, "adapter", False) else n) not in weights]
-        if missing or len(weights) != len(names):
-            raise CheckpointError(f"{path}: trainable tensors differ from this model's ({len(weights)} saved, "
-                                  f"{len(names)} here{f', first missing: {missing[0]}' if missing else ''})")
+        saved = _open_weights(path, state, [n for n, _ in named_params])
         with torch.no_grad():
             for n, p in named_params:
                 start, end = rows_held(p)
                 local_part(p).copy_(saved.read(n, start, end))
-        saved_sums = state["weight_checksums"]
-        now = dict(zip(names, weight_checksums(named_params, env.device).tolist()))
-        wrong = [n for n in now if n not in saved_sums or not _same_sums(saved_sums[n], now[n])]
-        if wrong or set(saved_sums) != set(now):
-            raise CheckpointError(f"{path}: loaded weights do not match the checksums saved with them "
-                                  f"(first: {(wrong or sorted(set(saved_sums) ^ set(now)))[0]}); the checkpoint is damaged")
+        now = dict(zip([n for n, _ in named_params], weight_checksums(named_params, env.device).tolist()))
+        _check_sums(saved, state["weight_checksums"], now)
         _load_optimizer(optimizer, named_params, saved, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state["world_size"] == env.world_size:
@@ -320,7 +343,26 @@ def load_checkpoint(path: Path, *, model, named_params: list, optimizer, schedul
             _set_rng_state({k[len(prefix):]: v for k, v in rng.items() if k.startswith(prefix)},
                            state["rng"][env.rank])
     except (OSError, KeyError, ValueError, SafetensorError) as e:
-        raise CheckpointError(f"{path}: cannot load checkpoint: {' '.join(str(e).split())}") from None
+        raise _cannot_load(path, e) from None
+    return state
+
+
+def verify_weights(path: Path) -> dict:
+    """What a resume checks of the weights, for the commands that read a checkpoint's weights themselves
+    (export, speak, score): every file they read reads, and every trainable tensor, read whole one at a
+    time from either layout, matches the checksum saved with it. Returns the saved state dict."""
+    path = Path(path)
+    problem = damage(path, weights_only=True)
+    if problem:
+        raise CheckpointError(problem)
+    state = read_state(path)
+    try:
+        sums = state["weight_checksums"]
+        saved = _open_weights(path, state, list(sums), optimizer=False)
+        now = {n: _sums(saved.read(n, 0, (saved.shape(n) or [0])[0])).tolist() for n in sums}
+    except (OSError, KeyError, ValueError, SafetensorError) as e:
+        raise _cannot_load(path, e) from None
+    _check_sums(saved, sums, now)
     return state
 
 
@@ -382,12 +424,20 @@ def check_resumable(path: Path, config: dict, fingerprint: dict, world_size: int
 
 
 def resume_point(output_dir, resume: str, env: Optional[DistEnv] = None) -> tuple[Optional[Path], str]:
-    """Collective: the checkpoint to continue from (None: a fresh start) and a note for the user, if any.
-    Without ``env`` (the doctor) it only looks: a damaged checkpoint is not renamed.
+    """Where the run would continue from and the note it would print, only looking (the doctor): a
+    damaged checkpoint is not renamed, and weights are not loaded (their checksums are not checked)."""
+    chosen, note, _ = resume_from(output_dir, resume, env)
+    return chosen, note
 
-    A checkpoint path only seeds a run: once output_dir has checkpoints of its own, the latest of those
-    wins, so a restarted or requeued job running the same command continues instead of starting over.
-    Of its own checkpoints, the newest whose files all read wins (see ``_newest_loadable``).
+
+def resume_from(output_dir, resume: str, env: Optional[DistEnv] = None, load=None) -> tuple[Optional[Path], str, object]:
+    """Collective: the checkpoint to continue from (None: a fresh start), a note for the user (if any) and
+    what ``load(checkpoint)`` returned (the trainer's resume; None without ``load``).
+
+    A checkpoint path only seeds a run: once output_dir has checkpoints of its own, the newest of those that
+    loads wins, so a restarted or requeued job running the same command continues instead of starting over
+    (see ``_newest_loadable``: a damaged one is passed over, whether its files do not read or its weights
+    fail their checksums as they load).
     """
     own = list(reversed(complete_checkpoints(output_dir)))  # newest first
     if resume == "never":
@@ -395,8 +445,7 @@ def resume_point(output_dir, resume: str, env: Optional[DistEnv] = None) -> tupl
             raise ConfigError(f"train.resume=never but {output_dir} already holds checkpoints (latest {own[0].name}); "
                               f"their steps would mix with this run's: use another output_dir or delete "
                               f"{checkpoint_root(output_dir)}")
-        return None, ""
-    seed_note = ""
+        return None, "", None
     if resume != "auto":
         path = Path(resume)
         if not (path / STATE).is_file():
@@ -406,26 +455,32 @@ def resume_point(output_dir, resume: str, env: Optional[DistEnv] = None) -> tupl
             problem = _agreed_damage(path)
             if problem:
                 raise CheckpointError(f"cannot resume from {path}: {problem}")
-            return path, ""
-        if own[0].resolve() != path.resolve():
-            seed_note = (f"train.resume={resume} only seeds a run without checkpoints; this output_dir has its own, "
-                         f"so it continues from the latest ({own[0].name}). To go back, delete the later checkpoints "
-                         f"or resume into a new output_dir")
+            return path, "", load(path) if load else None
     if not own:
-        return None, ""
-    chosen, note = _newest_loadable(own, output_dir, env)
-    return chosen, "\n".join(filter(None, (seed_note, note)))
+        return None, "", None
+    chosen, note, loaded = _newest_loadable(own, output_dir, env, load)
+    if resume != "auto" and chosen.resolve() != Path(resume).resolve():
+        note = "\n".join(filter(None, (
+            f"train.resume={resume} only seeds a run without checkpoints; this output_dir has its own, so it "
+            f"continues from the newest that loads ({chosen.name}). To go back, delete the later checkpoints or "
+            f"resume into a new output_dir", note)))
+    return chosen, note, loaded
 
 
-def _newest_loadable(newest_first: list, output_dir, env: Optional[DistEnv]) -> tuple[Path, str]:
-    """The newest checkpoint whose files all read, and a note naming what was passed over.
+def _newest_loadable(newest_first: list, output_dir, env: Optional[DistEnv], load) -> tuple[Path, str, object]:
+    """The newest checkpoint that loads, a note naming what was passed over, and what ``load`` returned.
 
-    A later checkpoint that a full disk or a copy cut short is renamed ``step_N.damaged`` (kept for a
-    look, no longer a checkpoint: it would hold a ``keep_last`` place and be looked at on every start).
-    Every rank reads the files and they agree on the result, so all of them load the same checkpoint."""
+    A later checkpoint that a full disk or a copy cut short (its files do not read), or whose weights do not
+    match their checksums as ``load`` loads them (a flipped bit), is renamed ``step_N.damaged`` (kept for a
+    look, no longer a checkpoint: it would hold a ``keep_last`` place and be looked at on every start). Every
+    rank reads the files and they agree on the result, so all of them load the same checkpoint. A failed
+    load has changed only the weights (``load_checkpoint``), which the next one overwrites."""
     damaged = []
     for path in newest_first:
         problem = _agreed_damage(path)
+        loaded = None
+        if not problem and load is not None:
+            loaded, problem = _load_checked(load, path)
         if not problem:
             break
         damaged.append((path, problem))
@@ -434,13 +489,23 @@ def _newest_loadable(newest_first: list, output_dir, env: Optional[DistEnv]) -> 
         raise CheckpointError(f"no checkpoint in {checkpoint_root(output_dir)} can be loaded: {listed}. Delete "
                               f"or move away the damaged ones (all of them to start over)")
     if not damaged:
-        return path, ""
+        return path, "", loaded
     if env is not None and env.is_main:
         for bad, _ in damaged:
             os.rename(bad, bad.with_name(f"{bad.name}.damaged"))
     listed = "; ".join(problem for _, problem in damaged)
     return path, (f"{listed}; resuming from {path.name}, the newest checkpoint that loads (the damaged one is "
-                  f"kept as {damaged[0][0].name}.damaged{' and older' if len(damaged) > 1 else ''})")
+                  f"kept as {damaged[0][0].name}.damaged{' and older' if len(damaged) > 1 else ''})"), loaded
+
+
+def _load_checked(load, path: Path) -> tuple[object, str]:
+    """Collective: (what ``load(path)`` returned, '') or (None, the checksum failure any rank saw)."""
+    try:
+        loaded, problem = load(path), ""
+    except ChecksumError as e:
+        loaded, problem = None, str(e)
+    problem = next((p for p in all_gather_objects(problem) if p), "")
+    return (None, problem) if problem else (loaded, "")
 
 
 def _agreed_damage(path: Path) -> str:
@@ -448,8 +513,8 @@ def _agreed_damage(path: Path) -> str:
     return next((p for p in all_gather_objects(damage(path)) if p), "")
 
 
-def _tensor_files(path: Path) -> list:
-    """The files holding a checkpoint's trainable and optimizer tensors, in either layout (shards.py)."""
+def _tensor_files(path: Path, weights_only: bool = False) -> list:
+    """The files holding a checkpoint's trainable (and optimizer) tensors, in either layout (shards.py)."""
     try:
         sharding = json.loads((path / STATE).read_text()).get("sharding")
     except (OSError, ValueError):
@@ -458,13 +523,15 @@ def _tensor_files(path: Path) -> list:
         return [path / shard_file(r) for r in range(sharding["world_size"])]
     weights = (path / "adapter" / "adapter_model.safetensors" if (path / "adapter").is_dir()
                else path / "trainable.safetensors")
-    return [weights, path / "optimizer.safetensors"]
+    return [weights] if weights_only else [weights, path / "optimizer.safetensors"]
 
 
-def damage(path: Path) -> str:
-    """'' when every file a resume reads can be read; else one line naming the first that cannot."""
+def damage(path: Path, weights_only: bool = False) -> str:
+    """'' when every file a resume reads can be read; else one line naming the first that cannot.
+    ``weights_only``: only the files that export and speak read (not the optimizer and RNG states)."""
     path = Path(path)
-    for f in (path / STATE, path / "config.yaml", *_tensor_files(path), path / "rng.safetensors"):
+    rest = [] if weights_only else [path / "rng.safetensors"]
+    for f in (path / STATE, path / "config.yaml", *_tensor_files(path, weights_only), *rest):
         try:
             if f.suffix == ".safetensors":
                 with safe_open(str(f), framework="pt"):  # the header, checked against the file's length

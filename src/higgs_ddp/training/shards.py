@@ -84,9 +84,10 @@ def adapter_key(param_name: str) -> str:
 
 class SavedTensors:
     """Rows of the trainable tensors in one checkpoint folder: ``read(key, start, end)``. Keys are
-    parameter names, and ``name::field`` for optimizer state."""
+    parameter names, and ``name::field`` for optimizer state (unless ``optimizer=False``: the weights alone,
+    for export and speak, which read no optimizer file)."""
 
-    def __init__(self, path: Path, state: dict):
+    def __init__(self, path: Path, state: dict, optimizer: bool = True):
         from safetensors import safe_open
 
         self.path = Path(path)
@@ -98,13 +99,14 @@ class SavedTensors:
         else:
             weights = ("adapter/adapter_model.safetensors" if (self.path / "adapter").is_dir()
                        else "trainable.safetensors")
-            self.weights, self.optimizer = self._open(weights), self._open("optimizer.safetensors")
+            self.weights = self._open(weights)
+            self.optimizer = self._open("optimizer.safetensors") if optimizer else None
             self.adapter = (self.path / "adapter").is_dir()
 
     def keys(self) -> set:
         if self.sharding:
             return set(self.sharding["shapes"])
-        opt = set(self.optimizer.keys())
+        opt = set(self.optimizer.keys()) if self.optimizer is not None else set()
         return opt | {k for k in self.weights.keys()}
 
     def shape(self, key: str) -> list:
@@ -112,6 +114,13 @@ class SavedTensors:
             return self.sharding["shapes"][key]
         f, k = self._where(key)
         return f.get_slice(k).get_shape()
+
+    def file_of(self, key: str) -> Path:
+        """The file holding tensor ``key`` (sharded: the folder of the rank files, which all hold rows of it)."""
+        if self.sharding:
+            return self.path / SHARD_DIR
+        weights = "adapter/adapter_model.safetensors" if self.adapter else "trainable.safetensors"
+        return self.path / ("optimizer.safetensors" if "::" in key else weights)
 
     def _where(self, key: str):
         if "::" in key:

@@ -324,20 +324,41 @@ class Trainer:
         sharded weights every rank takes part in gathering them to rank 0, one tensor at a time."""
         return self.save_weights("final")
 
-    def evaluated(self, step: int, value) -> None:
+    def evaluated(self, step: int, value, why: str = "") -> None:
         """One evaluation of eval.best_by (the same value on every rank): best/ rewritten when it improved
-        (collective), the evaluations without improvement counted towards eval.early_stop_patience."""
+        (collective), the evaluations without improvement counted towards eval.early_stop_patience. A value
+        that could not be measured (None; ``why`` says why) is warned about and counts for nothing."""
         from tqdm import tqdm
 
         t = self.tracker
+        if value is None:
+            if self.env.is_main:
+                tqdm.write(f"step {step}: warning: eval.best_by={t.metric} could not be measured "
+                           f"({why or 'no sample gave a value'}); this evaluation does not count"
+                           + (f" towards eval.early_stop_patience={t.patience}" if t.patience else "")
+                           + f" and best/ is not written; {t.describe()}")
+            return
         if t.update(step, value):
             path = self.save_best(step)
             if self.env.is_main:
                 tqdm.write(f"step {step}: new {t.describe()}; weights in {path}")
         elif self.env.is_main and t.patience:
-            shown = "not measured" if value is None else f"{value:.4f}"
-            tqdm.write(f"step {step}: {t.metric} {shown}, no better than the {t.describe()} "
+            tqdm.write(f"step {step}: {t.metric} {value:.4f}, no better than the {t.describe()} "
                        f"({t.since_best} of eval.early_stop_patience={t.patience})")
+
+    def best_folder(self) -> Path | None:
+        """``output_dir/best`` when it holds the tracker's best (it may not: no value was ever measured, or a
+        resume from another run's checkpoint whose best/ stayed there); None otherwise, so that no message
+        names a folder that was not written."""
+        import json
+
+        t, best = self.tracker, Path(self.cfg.output_dir) / "best"
+        try:
+            saved = json.loads((best / "best.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return best if t.best_step is not None and (saved.get("metric"), saved.get("step")) == (t.metric, t.best_step) \
+            else None
 
     def save_best(self, step: int) -> Path:
         """``best/``: the weights as they are now, in final/'s formats, with ``best.json`` saying why.
