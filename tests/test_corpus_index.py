@@ -254,3 +254,15 @@ def test_resume_from_the_index_equals_the_straight_run(tmp_path, capsys, extra):
     assert (tmp_path / "straight" / "cache" / "index").is_dir()
     assert rows(tmp_path / "resumed") == rows(tmp_path / "straight" / "run")[3:]
     assert_same_weights(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "straight" / "run"))
+
+
+def test_an_index_sent_to_a_spawned_worker_is_mapped_again_not_copied(corpus, tmp_path, tokenizer):
+    import pickle
+
+    cfg = config(corpus, tmp_path)
+    fresh(corpus)
+    load(cfg, tokenizer)
+    warm = load(cfg, tokenizer)
+    blob = pickle.dumps(warm.train)
+    assert len(blob) < 20_000  # the header, not the columns
+    same_records(warm.train, pickle.loads(blob))

@@ -277,6 +277,12 @@ class CorpusIndex:
         self.num_codebooks = header["num_codebooks"]
         self._mapped: OrderedDict = OrderedDict()
 
+    def __getstate__(self):  # a DataLoader worker started by spawn maps the files again, copies nothing
+        return {"folder": self.folder, "header": self.header}
+
+    def __setstate__(self, state):
+        self.__init__(state["folder"], state["header"])
+
     @property
     def nbytes(self) -> int:
         return sum(int(a.nbytes) for a in self.cols.values())
