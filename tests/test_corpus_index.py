@@ -95,6 +95,7 @@ def test_index_start_yields_the_full_loads_batches(corpus, tmp_path, tokenizer, 
     assert len(warm.val) > 0
     assert fingerprint(warm.train) == fingerprint(full.train) == fingerprint(list(warm.train))
     assert warm.report["train_audio_hours"] == full.report["train_audio_hours"]
+    assert warm.report["references"] == full.report["references"] and warm.report["problems"] == full.report["problems"]
     for world in (1, 2):
         for rank in range(world):
             same_batches(rank_batches(full, cfg, rank, world, 60), rank_batches(warm, cfg, rank, world, 60))

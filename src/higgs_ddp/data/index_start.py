@@ -33,6 +33,9 @@ def _summary(report: dict) -> dict:
     return out
 
 
+FULL_REPORT_BYTES = 16 << 20
+
+
 class IndexedStart:
     def __init__(self, cfg: Config, env: DistEnv, tokenizer, mc, quiet: bool, cache: str, report_path: Path):
         self.cfg, self.env, self.mc, self.quiet, self.report_path = cfg, env, mc, quiet, report_path
@@ -73,12 +76,18 @@ class IndexedStart:
         index = CorpusIndex(self.folder, header)
         n_train, n = header["train_samples"], header["samples"]
         fp = header.get("fingerprint")
-        data = Data(IndexedRecords(index, 0, n_train, fp), IndexedRecords(index, n_train, n, None),
-                    dict(header["summary"]))
+        # The whole report (every problem and reference pair) where it is small; past that, per-sample lists
+        # would be what the index avoids holding: the summary, and where the whole report is.
+        details = self.folder / "report.json"
+        full = json.loads(details.read_text()) if self.env.is_main or details.stat().st_size <= FULL_REPORT_BYTES \
+            else None
+        report = full if full is not None and details.stat().st_size <= FULL_REPORT_BYTES \
+            else {**header["summary"], "details": str(details)}
+        data = Data(IndexedRecords(index, 0, n_train, fp), IndexedRecords(index, n_train, n, None), report)
         phases.mark("index map")
         data.report["startup_seconds"] = phases.seconds
+        data.report["index"] = str(self.folder)
         if self.env.is_main:
-            full = json.loads((self.folder / "report.json").read_text())
             full["startup_seconds"], full["index"] = phases.seconds, str(self.folder)
             self.report_path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.report_path, full)
