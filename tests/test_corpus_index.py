@@ -230,9 +230,8 @@ def test_damaged_or_foreign_index_is_named_and_rebuilt(corpus, tmp_path, tokeniz
         with pytest.raises(DataError, match="too short for the codec"):
             load(cfg, tokenizer, quiet=False)
         assert f"code file {shard} is missing or changed" in capsys.readouterr().out
-    finally:
-        if shard.exists():
-            shard.write_bytes(blob)
+    finally:  # put back (the full load deleted it): the module's later tests use this corpus
+        shard.write_bytes(blob)
 
 
 @pytest.mark.parametrize("extra", [(), ("data.max_tokens_per_batch=400",)], ids=["fixed", "token-budget"])
