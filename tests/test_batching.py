@@ -301,3 +301,61 @@ def test_another_layout_resumes_at_the_same_micro_batch(old, new, kind):
 def test_position_is_epoch_and_micro_batches_into_it():
     s = StepBatchSampler(40, 2, 2, 0, 2, seed=0, shuffle=True)  # 20 micro-batches, 5 steps of 4 per epoch
     assert [s.position(k) for k in (0, 3, 5, 7)] == [(0, 0), (0, 12), (1, 0), (1, 8)]
+
+
+# ------------------------------------------------------- the plans as arrays (issue 31) = the per-clip plans
+
+
+def _per_clip_step_plan(n, mbs, seed, epoch, shuffle):
+    """StepBatchSampler.plan as it was written before the plans became arrays: the reference."""
+    import torch
+
+    from higgs_ddp.data.batching import epoch_generator
+
+    order = torch.randperm(n, generator=epoch_generator(seed, epoch)) if shuffle else torch.arange(n)
+    return [order[i:i + mbs].tolist() for i in range(0, (n // mbs) * mbs, mbs)]
+
+
+def _per_clip_budget_plan(lengths, max_tokens, window, seed, epoch, shuffle):
+    """TokenBudgetBatchSampler.plan as it was written before (Python lists, one sample at a time)."""
+    import torch
+
+    from higgs_ddp.data.batching import epoch_generator
+
+    g = epoch_generator(seed, epoch)
+    n = len(lengths)
+    order = torch.randperm(n, generator=g).tolist() if shuffle else list(range(n))
+    batches = []
+    for start in range(0, n, window):
+        chunk = sorted(order[start:start + window], key=lambda i: -lengths[i])
+        current, longest = [], 0
+        for i in chunk:
+            if current and max(longest, lengths[i]) * (len(current) + 1) > max_tokens:
+                batches.append(current)
+                current, longest = [], 0
+            current.append(i)
+            longest = max(longest, lengths[i])
+        if current:
+            batches.append(current)
+    if shuffle:
+        batches = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+    return batches
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_array_plans_equal_the_per_clip_plans(shuffle):
+    import numpy as np
+
+    for n, mbs, seed in ((37, 4, 0), (200, 3, 7), (1000, 8, 2)):
+        s = StepBatchSampler(n, mbs, 1, 0, 1, seed, shuffle)
+        for epoch in range(3):
+            assert list(s.plan(epoch)) == _per_clip_step_plan(n, mbs, seed, epoch, shuffle)
+    for n, budget, seed, lo, hi in ((300, 900, 1, 20, 300), (3000, 700, 4, 5, 40), (500, 400, 9, 30, 31)):
+        lengths = _lengths(n, seed)
+        lengths = [lo + x % (hi - lo) for x in lengths]  # ties (few distinct lengths) and many per batch
+        s = TokenBudgetBatchSampler(np.asarray(lengths), budget, 1, 0, 1, seed, shuffle)
+        assert s.window == max(1, s.WINDOW_BATCHES * (budget // sorted(lengths)[n // 2]))
+        s.window = min(s.window, n // 3 + 1)  # several windows, so window edges are tested too
+        for epoch in range(3):
+            s._cache = {}
+            assert list(s.plan(epoch)) == _per_clip_budget_plan(lengths, budget, s.window, seed, epoch, shuffle)

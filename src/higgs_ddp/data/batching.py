@@ -10,8 +10,10 @@ layout continues at the same micro-batch of the same epoch (``resume_at``).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from higgs_ddp.data.dataset import DataError
@@ -36,6 +38,25 @@ def check_step_fits(num_samples: int, micro_batch_size: int, grad_accum_steps: i
             f"the data has {num_samples} samples but one optimizer step needs {need} "
             f"(ranks {world_size} x train.grad_accum_steps {grad_accum_steps} x train.micro_batch_size "
             f"{micro_batch_size})")
+
+
+class Plan(Sequence):
+    """An epoch's micro-batches, each a list only when it is used: micro-batch i is order[starts[i]:ends[i]].
+    A plan over millions of samples is then a few arrays, not millions of Python ints in lists."""
+
+    def __init__(self, order: np.ndarray, starts: np.ndarray, ends: np.ndarray):
+        self.order, self.starts, self.ends = order, starts, ends
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.order[self.starts[i]:self.ends[i]].tolist()
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
 
 
 class _StepSampler(torch.utils.data.Sampler):
@@ -101,9 +122,10 @@ class StepBatchSampler(_StepSampler):
 
     def plan(self, epoch: int) -> list:
         """Every whole micro-batch of the epoch's order, whatever the layout (steps use whole blocks)."""
-        order = torch.randperm(self.n, generator=epoch_generator(self.seed, epoch)) if self.shuffle \
-            else torch.arange(self.n)
-        return [order[i:i + self.mbs].tolist() for i in range(0, self.plan_length(epoch) * self.mbs, self.mbs)]
+        order = torch.randperm(self.n, generator=epoch_generator(self.seed, epoch)).numpy() if self.shuffle \
+            else np.arange(self.n)
+        starts = np.arange(self.plan_length(epoch), dtype=np.int64) * self.mbs
+        return Plan(order, starts, starts + self.mbs)
 
     def plan_length(self, epoch: int) -> int:
         return self.n // self.mbs
@@ -121,11 +143,12 @@ class TokenBudgetBatchSampler(_StepSampler):
     def __init__(self, lengths: list, max_tokens: int, grad_accum_steps: int, rank: int, world_size: int,
                  seed: int, shuffle: bool, start_step: int = 0):
         super().__init__(grad_accum_steps, rank, world_size, seed, shuffle, start_step)
-        self.lengths, self.max_tokens = [int(n) for n in lengths], max_tokens
-        longest = max(self.lengths)
+        self.lengths, self.max_tokens = np.asarray(lengths, dtype=np.int64), max_tokens  # (a mapped column: no copy)
+        longest = int(self.lengths.max())
         if longest > max_tokens:
             raise BatchingError(f"a sample needs {longest} positions, more than data.max_tokens_per_batch={max_tokens}")
-        typical = sorted(self.lengths)[len(self.lengths) // 2]
+        half = len(self.lengths) // 2
+        typical = int(np.partition(self.lengths, half)[half])  # the median (the upper one of an even count)
         self.window = max(1, self.WINDOW_BATCHES * (max_tokens // typical))
         self._cache: dict = {}
         have = len(self.plan(0))
@@ -139,20 +162,26 @@ class TokenBudgetBatchSampler(_StepSampler):
             return self._cache[epoch]
         g = epoch_generator(self.seed, epoch)
         n = len(self.lengths)
-        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
-        batches = []
-        for start in range(0, n, self.window):
-            chunk = sorted(order[start:start + self.window], key=lambda i: -self.lengths[i])  # stable
-            current, longest = [], 0
-            for i in chunk:
-                if current and max(longest, self.lengths[i]) * (len(current) + 1) > self.max_tokens:
-                    batches.append(current)
-                    current, longest = [], 0
-                current.append(i)
-                longest = max(longest, self.lengths[i])
-            if current:
-                batches.append(current)
+        order = torch.randperm(n, generator=g).numpy() if self.shuffle else np.arange(n)
+        # Each window of the shuffled order sorted longest first, ties kept in shuffled order (stable).
+        lengths = self.lengths[order]
+        window = np.arange(n, dtype=np.int64) // self.window
+        by_length = np.argsort(window * (int(lengths.max()) + 1) - lengths, kind="stable")
+        order, lengths = order[by_length], lengths[by_length]
+        # Greedy packing: in a window sorted longest first, a micro-batch's first sample is its longest, so
+        # it takes max_tokens // that length samples (at least 1), or what is left of the window.
+        fits = self.max_tokens // np.maximum(lengths, 1)
+        starts = []
+        for w in range(0, n, self.window):
+            p, end = w, min(w + self.window, n)
+            while p < end:
+                starts.append(p)
+                p = min(p + int(fits[p]), end)
+        starts = np.asarray(starts, dtype=np.int64)
+        ends = np.append(starts[1:], n)
         if self.shuffle:
-            batches = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+            shuffled = torch.randperm(len(starts), generator=g).numpy()
+            starts, ends = starts[shuffled], ends[shuffled]
+        batches = Plan(order, starts, ends)
         self._cache = {epoch: batches}  # only the current epoch is kept
         return batches

@@ -21,7 +21,9 @@ import os
 import sys
 import time
 import uuid
+import weakref
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -156,6 +158,26 @@ class CodeCache:
         return ShardWriter(self)
 
 
+# id(a mapped shard's bytes) -> (weak reference to them, the shard's path): where a view's codes live on disk,
+# for the corpus index (corpus_index.py), which points at the shards instead of copying the codes.
+_MAPPED: dict = {}
+
+
+def _remember(raw: np.ndarray, path: Path) -> None:
+    key = id(raw)
+    _MAPPED[key] = (weakref.ref(raw, lambda _: _MAPPED.pop(key, None)), path)
+
+
+def code_source(arr: np.ndarray) -> Optional[tuple]:
+    """(shard path, byte offset of ``arr``'s first element in it) for codes ``map_shard`` mapped (or any view
+    of them); None for codes held in memory (a .npy codes file)."""
+    base = arr.base
+    hit = _MAPPED.get(id(base)) if base is not None else None
+    if hit is None or hit[0]() is not base:
+        return None
+    return hit[1], arr.ctypes.data - base.ctypes.data
+
+
 def map_shard(path: Path) -> dict[str, np.ndarray]:
     """A safetensors shard of int16 tensors, mapped (no file descriptor kept open, unlike Python's mmap:
     thousands of shards stay within the open-file limit) and cut into numpy views by its header.
@@ -179,6 +201,7 @@ def map_shard(path: Path) -> dict[str, np.ndarray]:
                 or start + b > size or (start + a) % 2):
             raise SafetensorError(f"{path}: tensor {key} is not where its header says ({info})")
         out[key] = raw[start + a:start + b].view(np.int16).reshape(shape[0], shape[1])
+    _remember(raw, path)
     return out
 
 

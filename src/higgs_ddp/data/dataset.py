@@ -12,7 +12,6 @@ import gc
 import hashlib
 import sys
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -22,9 +21,11 @@ import torch
 from higgs_ddp.config import Config, ConfigError
 from higgs_ddp.data.audio import AudioProblem, DurationRule, frame_energy
 from higgs_ddp.data.code_cache import write_json_atomic
+from higgs_ddp.data.index_start import IndexedStart
 from higgs_ddp.data.manifest import Entry, Problem, read_manifest
 from higgs_ddp.data.phases import Phases
 from higgs_ddp.data.prompt import Sample, check_audio_count
+from higgs_ddp.data.records import Data, Record, fingerprint  # noqa: F401 (where they were, for their users)
 from higgs_ddp.data.references import Pairing, pair_same_speaker, without_reference
 from higgs_ddp.data.token_cache import TokenCache, entry_key
 from higgs_ddp.runtime.distributed import DistEnv, barrier
@@ -34,25 +35,6 @@ MAX_LISTED = 50
 
 class DataError(ValueError):
     """Bad input data; the message lists every problem, one line each, naming file and line."""
-
-
-@dataclass
-class Record:
-    """One usable sample, tokenized once, stored compactly (int32 ids, int16 codes)."""
-
-    where: str
-    id: str
-    input_ids: np.ndarray
-    label_ids: np.ndarray
-    codes: list
-    positions: int  # sequence positions the model sees (text + expanded audio): the batching cost
-    seconds: float  # audio duration, 0 for .npy codes of unknown rate
-    speaker: Optional[str] = None
-
-    def sample(self) -> Sample:
-        return Sample(torch.from_numpy(self.input_ids.astype(np.int64)),
-                      torch.from_numpy(self.label_ids.astype(np.int64)),
-                      [torch.from_numpy(c.astype(np.int64)) for c in self.codes], self.id)
 
 
 class ManifestDataset(torch.utils.data.Dataset):
@@ -66,8 +48,10 @@ class ManifestDataset(torch.utils.data.Dataset):
         return self.records[idx].sample()
 
     @property
-    def lengths(self) -> list:
-        return [r.positions for r in self.records]
+    def lengths(self) -> np.ndarray:
+        if hasattr(self.records, "lengths"):  # a prepared index's column: no record is built
+            return self.records.lengths
+        return np.fromiter((r.positions for r in self.records), np.int64, len(self.records))
 
 
 def load_codes_file(path: Path, shown: str, num_codebooks: int, codebook_size: int) -> np.ndarray:
@@ -310,27 +294,6 @@ def _in_val(sample_id: str, fraction: float) -> bool:
     return h / 2**64 < fraction
 
 
-def fingerprint(records: list) -> dict:
-    """What a checkpoint remembers of its training data: the order of samples and every token and code
-    matters to the result, the file paths do not."""
-    ids, content = hashlib.sha256(), hashlib.sha256()
-    for sample_id in sorted(r.id for r in records):  # the set of samples, whatever their order
-        ids.update(sample_id.encode() + b"\0")
-    for r in records:
-        content.update(r.id.encode() + b"\0")
-        for arr in (r.input_ids, r.label_ids, *r.codes):
-            content.update(np.ascontiguousarray(arr).tobytes())
-            content.update(str(arr.shape).encode())
-    return {"samples": len(records), "ids": ids.hexdigest()[:16], "content": content.hexdigest()[:16]}
-
-
-@dataclass
-class Data:
-    train: list
-    val: list
-    report: dict
-
-
 DEMO_DATA = "runs/tiny/data"  # where `make demo` writes the demo's corpus (Makefile: demo-data)
 
 
@@ -356,8 +319,13 @@ def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = 
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _load_data(cfg, env, tokenizer, model_config, quiet,
-                          Path(report_path or Path(cfg.output_dir) / "data_report.json"))
+        report_path = Path(report_path or Path(cfg.output_dir) / "data_report.json")
+        start = IndexedStart(cfg, env, tokenizer, model_config, quiet, cache_dir(cfg), report_path)
+        data = start.open()
+        if data is None:
+            data = _load_data(cfg, env, tokenizer, model_config, quiet, report_path)
+            start.save(data)
+        return data
     finally:
         if enabled:
             gc.enable()

@@ -232,7 +232,7 @@ class Trainer:
         total = sum(p.numel() for p in self.model.parameters())
         model = (f"random HiggsAudioModel, {total / 1e6:,.1f}M parameters" if m.init == "random"
                  else f"{m.path}" + (f" @ {m.revision[:10]}" if m.revision else "") + f", {total / 1e9:.2f}B parameters")
-        positions = sum(self.dataset.lengths)
+        positions = int(self.dataset.lengths.sum())
         val = f"; validation {len(self.val_dataset)} samples" if len(self.val_dataset) else "; no validation set"
         per_micro = (f"up to {d.max_tokens_per_batch} positions" if d.max_tokens_per_batch
                      else f"{t.micro_batch_size} samples")

@@ -102,11 +102,115 @@ def build_corpus(root: Path, n: int, codec: str, num_codebooks: int = 8, codeboo
 
 
 def forget_derived(root: Path) -> None:
-    """What a start-up derives and keeps (file hashes, tokenized prompts) goes; the codes stay: a cold start."""
+    """What a start-up derives and keeps (file hashes, tokenized prompts, the corpus index) goes; the codes stay:
+    a cold start."""
     cache = root / ".higgs_codes"
     (cache / "hashes.json").unlink(missing_ok=True)
     shutil.rmtree(cache / "tokens", ignore_errors=True)
+    shutil.rmtree(cache / "index", ignore_errors=True)
 
 
 def disk_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+# ---- corpora past what the full path can build: written directly in the prepared format (issue 31) ----
+
+PREPARED_ABOVE = 100_000  # --data-scale N above this: the corpus is written as a corpus index
+PROMPTS = 64  # distinct transcripts (tokenized for real); clip i speaks prompt i % PROMPTS
+SHORT_FRAMES = (4, 13)  # codes per clip, frames: short (the index is what scales, not the codes)
+CHUNK = 1_000_000
+
+
+def _ascii(strings) -> np.ndarray:
+    return np.frombuffer("".join(strings).encode(), np.uint8)
+
+
+def _string_column(n: int, make) -> tuple:
+    """(bytes, offsets) of n strings made a chunk at a time (``make(range)`` -> list of str)."""
+    parts, lengths = [], []
+    for a in range(0, n, CHUNK):
+        chunk = make(range(a, min(a + CHUNK, n)))
+        parts.append(_ascii(chunk))
+        lengths.append(np.fromiter(map(len, chunk), np.int64, len(chunk)))
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(np.concatenate(lengths), out=offsets[1:])
+    return np.concatenate(parts), offsets
+
+
+def build_prepared_corpus(root: Path, n: int, cfg, mc, tokenizer, val_fraction: float, seed: int = 0) -> dict:
+    """A corpus of ``n`` clips as a start finds it after preparing: a real manifest (texts repeat every PROMPTS
+    clips), its audio folders (empty: the files are never read on a warm start, and 10M inodes are not made
+    here), short random codes in plain int16 files, and the corpus index pointing into them, under the key a
+    start with ``cfg`` computes. The prompts' tokens are the tokenizer's own; positions follow from them."""
+    from higgs_ddp.data import corpus_index as ci
+    from higgs_ddp.data.dataset import _in_val, cache_dir, count_positions
+    from higgs_ddp.data.prompt import build_chatml, chatml_ids
+    from higgs_ddp.data.token_cache import tokenizer_key
+
+    done = root / "corpus.json"
+    want = {"clips": n, "prepared": True, "num_codebooks": mc.audio_num_codebooks, "seed": seed,
+            "val_fraction": val_fraction}
+    if done.is_file() and json.loads(done.read_text()).get("spec") == want:
+        return json.loads(done.read_text())
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    C, K = mc.audio_num_codebooks, mc.audio_codebook_size
+    texts = _sentences(rng, rng.uniform(MIN_SECONDS, MAX_SECONDS, PROMPTS))
+    prompt = [chatml_ids(tokenizer, build_chatml(t)) for t in texts]
+    assert all(a == 1 for _, _, a in prompt)
+    ids = tokenizer.convert_tokens_to_ids
+    base = np.array([count_positions(np.asarray(i), [0], ids("<|AUDIO|>"), ids("<|AUDIO_OUT|>"), C,
+                                     mc.use_delay_pattern, mc.encode_audio_in_tokens) for i, _, _ in prompt])
+    frames = rng.integers(*SHORT_FRAMES, n).astype(np.int64)
+    which = np.arange(n) % PROMPTS
+    manifest = root / "manifest.jsonl"
+    with open(manifest, "w") as f:  # simple lines, as data_corpus writes them for the full path
+        for a in range(0, n, CHUNK):
+            f.write("".join(f'{{"text": "{texts[i % PROMPTS]}", "audio": "wavs/{i // 1000:05d}/{i:08d}.wav", '
+                            f'"speaker": "speaker{i % 40:02d}", "id": "clip{i:08d}"}}\n' for i in range(a, min(a + CHUNK, n))))
+    folders = [root / "wavs" / f"{k:05d}" for k in range((n + 999) // 1000)]
+    for d in folders:
+        d.mkdir(parents=True)
+    # Rows in load_data's order: the training clips, then those data.val_fraction moves to validation.
+    in_val = np.fromiter((_in_val(f"clip{i:08d}", val_fraction) for i in range(n)), bool, n) if val_fraction \
+        else np.zeros(n, bool)
+    rows = np.concatenate([np.flatnonzero(~in_val), np.flatnonzero(in_val)])
+    code_dir = root / ".higgs_codes" / "bench-codes"
+    code_dir.mkdir(parents=True)
+    code_files, file_of, offset_of = [], np.zeros(n, np.int32), np.zeros(n, np.int64)
+    for a in range(0, n, CHUNK):  # clip i's codes: C x frames[i], row after row, clips end to end
+        idx = rows[a:a + CHUNK]
+        sizes = C * frames[idx]
+        path = code_dir / f"codes-{a // CHUNK:04d}.bin"
+        rng.integers(0, K, int(sizes.sum()), dtype=np.int16).tofile(path)
+        code_files.append(str(path))
+        file_of[a:a + len(idx)] = len(code_files) - 1
+        offset_of[a:a + len(idx)] = 2 * (np.cumsum(sizes) - sizes)
+    tok_len = np.array([len(i) for i, _, _ in prompt], np.int64)
+    cols = {
+        "positions": base[which[rows]] + frames[rows], "seconds": frames[rows] / FRAME_RATE,
+        "speaker": (rows % 40).astype(np.int32), "tok_start": (np.cumsum(tok_len) - tok_len)[which[rows]],
+        "tok_len": tok_len[which[rows]], "input_ids": np.concatenate([np.asarray(i, np.int32) for i, _, _ in prompt]),
+        "label_ids": np.concatenate([np.asarray(lab, np.int32) for _, lab, _ in prompt]),
+        "audio_offsets": np.arange(n + 1, dtype=np.int64), "code_file": file_of, "code_offset": offset_of,
+        "code_stride": frames[rows].astype(np.int32), "code_frames": frames[rows].astype(np.int32),
+    }
+    cols["id_bytes"], cols["id_offsets"] = _string_column(n, lambda r: [f"clip{rows[j]:08d}" for j in r])
+    cols["where_bytes"], cols["where_offsets"] = _string_column(n, lambda r: [f"{manifest}:{rows[j] + 1}" for j in r])
+    n_train = int((~in_val).sum())
+    hours = float(cols["seconds"][:n_train].sum() / 3600)
+    report = {"policy": cfg.data.on_error, "manifests": [str(manifest)], "val_manifests": [], "entries": n,
+              "train_samples": n_train, "val_samples": n - n_train, "skipped": 0, "skipped_by_reason": {},
+              "train_audio_hours": hours, "references": {"mode": cfg.data.reference}, "problems": []}
+    meta = {"samples": n, "train_samples": n_train, "code_files": code_files, "speakers": [f"speaker{s:02d}" for s in range(40)],
+            "num_codebooks": C, "manifests": ci.manifest_signature([str(manifest)]),
+            "folders": ci.folder_signature(folders), "fingerprint": None, "summary": report}
+    cache = cache_dir(cfg)
+    ci.write_index(Path(cache) / "index" / ci.index_key(cfg, mc, tokenizer_key(tokenizer), cache), cols, meta, report)
+    info = {"spec": want, "audio_hours": hours * n / max(n_train, 1), "code_bytes": int(2 * C * frames.sum()),
+            "seconds": time.perf_counter() - t0}
+    done.write_text(json.dumps(info))
+    return info

@@ -9,7 +9,11 @@ cache). A start is what ``train`` does before its first step: load the tokenizer
 ``load_data`` (manifest, file hashes, code cache, tokens, lengths, split), the batching plan, DDP, the
 optimizer, and one optimizer step. The last line is one JSON object: per start, the time to the first
 step and its phases (rank 0's), the slowest rank's time, the data fingerprint's time, and each rank's
-resident memory for the dataset against the bytes of the codes and token ids it holds.
+resident memory for the dataset against the bytes of the codes and token ids it holds (and its private
+memory from before ``load_data`` to after the first step: the batching plan, model and optimizer included).
+
+Above PREPARED_ABOVE clips the corpus is written directly as a corpus index (data_corpus.build_prepared_corpus:
+the full path would take hours to build it), and only the warm start is measured.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from pathlib import Path
 
 from higgs_ddp.config import Config
 from higgs_ddp.runtime.distributed import DistEnv, all_gather_objects, barrier
-from higgs_ddp.tools.bench.data_corpus import build_corpus, corpus_dir, disk_bytes, forget_derived
+from higgs_ddp.tools.bench.data_corpus import (PREPARED_ABOVE, build_corpus, build_prepared_corpus, corpus_dir,
+                                                disk_bytes, forget_derived)
 
 
 def resident() -> dict:
@@ -45,11 +50,15 @@ def release_free_memory() -> None:
         pass
 
 
-def dataset_bytes(records: list) -> int:
+def dataset_bytes(data) -> int:
     """The bytes of codes and token ids the records hold, each array's bytes once (ids may share one;
-    codes are views into their mapped shards)."""
+    codes are views into their mapped shards); from a corpus index, its columns' bytes."""
+    from higgs_ddp.data.corpus_index import IndexedRecords
+
+    if isinstance(data.train, IndexedRecords):
+        return data.train.index.nbytes
     seen, total = set(), 0
-    for r in records:
+    for r in data.train + data.val:
         for arr in (r.input_ids, r.label_ids, *r.codes):
             where = (arr.__array_interface__["data"][0], arr.nbytes)
             if where not in seen:
@@ -78,16 +87,21 @@ def one_start(cfg: Config, env: DistEnv) -> dict:
     batches = trainer.batches()
     trainer.train_step([next(batches) for _ in range(cfg.train.grad_accum_steps)])
     first_step = time.perf_counter() - t0
+    stepped = resident()  # with the batching plan, the model, the optimizer and one step: an upper bound
     batches.close()
     t_fp = time.perf_counter()
-    fingerprint(data.train)
-    t_fp = time.perf_counter() - t_fp
-    held = dataset_bytes(data.train + data.val)
+    if hasattr(data.train, "fingerprint") and data.train.fingerprint() is None:
+        t_fp = None  # a corpus written as an index by the benchmark: computed at the first checkpoint
+    else:
+        fingerprint(data.train)
+        t_fp = time.perf_counter() - t_fp
+    held = dataset_bytes(data)
     out = {
         "first_step_s": first_step, "load_data_s": t_data, "setup_s": t_setup,
         "phases_s": dict(data.report["startup_seconds"]), "fingerprint_s": t_fp,
         "dataset_bytes": held, "rss_anon_delta_bytes": after["anon"] - before["anon"],
         "rss_file_delta_bytes": after["file"] - before["file"],
+        "rss_anon_to_first_step_bytes": stepped["anon"] - before["anon"],
         "samples": len(data.train) + len(data.val),
     }
     del trainer, data, batches
@@ -98,21 +112,28 @@ def one_start(cfg: Config, env: DistEnv) -> dict:
 def run(cfg: Config, env: DistEnv, clips: int, source: str = "") -> dict:
     from higgs_ddp.model import load_tokenizer, model_config
 
-    mc = model_config(cfg, load_tokenizer(cfg))
+    tokenizer = load_tokenizer(cfg)
+    mc = model_config(cfg, tokenizer)
     root = corpus_dir(cfg.output_dir, clips)
-    if env.is_main:
-        build_corpus(root, clips, cfg.data.codec, mc.audio_num_codebooks, mc.audio_codebook_size, cfg.train.seed)
-        forget_derived(root)
-        print(f"data-scale: corpus of {clips} clips in {root}", flush=True)
-    barrier()
+    prepared = clips > PREPARED_ABOVE  # past what the full path builds in reasonable time: the index directly
     cfg.data.manifest, cfg.data.val_manifest = [str(root / "manifest.jsonl")], []
     cfg.data.cache_dir = str(root / ".higgs_codes")
+    if env.is_main:
+        if prepared:
+            build_prepared_corpus(root, clips, cfg, mc, tokenizer, cfg.data.val_fraction, cfg.train.seed)
+        else:
+            build_corpus(root, clips, cfg.data.codec, mc.audio_num_codebooks, mc.audio_codebook_size, cfg.train.seed)
+            forget_derived(root)
+        print(f"data-scale: corpus of {clips} clips in {root}" + (" (written as a corpus index)" if prepared else ""),
+              flush=True)
+    barrier()
     cfg.output_dir = str(root / "run")
     starts = {}
-    for name in ("cold", "warm"):
+    for name in ("warm",) if prepared else ("cold", "warm"):
         ranks = all_gather_objects(one_start(cfg, env))
         starts[name] = {**ranks[0], "first_step_s_slowest_rank": max(r["first_step_s"] for r in ranks),
-                        "rss_anon_delta_bytes_per_rank": [r["rss_anon_delta_bytes"] for r in ranks]}
+                        "rss_anon_delta_bytes_per_rank": [r["rss_anon_delta_bytes"] for r in ranks],
+                        "rss_anon_to_first_step_bytes_per_rank": [r["rss_anon_to_first_step_bytes"] for r in ranks]}
         if env.is_main:
             print(f"data-scale: {name} start, first step after {starts[name]['first_step_s']:.1f} s", flush=True)
     info = __import__("json").loads((root / "corpus.json").read_text())
@@ -123,7 +144,7 @@ def run(cfg: Config, env: DistEnv, clips: int, source: str = "") -> dict:
         if env.device.type == "cpu" else str(env.device), "world_size": env.world_size,
         "audio_hours": info["audio_hours"], "corpus_build_s": info["seconds"],
         "cache_bytes": {"total": disk_bytes(cache), "tokens": disk_bytes(tokens) if tokens.is_dir() else 0},
-        "cold": starts["cold"], "warm": starts["warm"],
+        **starts,
     }
 
 
@@ -135,13 +156,13 @@ def table_rows(results: list) -> str:
     """BENCHMARKS.md rows from data-scale JSON results: one row per corpus size and start."""
     rows = []
     for r in results:
-        for name in ("cold", "warm"):
+        for name in [k for k in ("cold", "warm") if k in r]:
             s = r[name]
             phases = ", ".join(f"{k} {v:.1f}" for k, v in s["phases_s"].items() if v >= 0.05)
             rss = max(s["rss_anon_delta_bytes_per_rank"])
             rows.append(
                 f"| {r['data_scale']:,} | {r['audio_hours']:,.0f} h | {name} | {s['first_step_s']:.1f} s "
                 f"({s['first_step_s_slowest_rank']:.1f} s) | {s['load_data_s']:.1f} s: {phases} | "
-                f"{s['fingerprint_s']:.2f} s | {_mb(rss)} / {_mb(s['dataset_bytes'])} = {rss / s['dataset_bytes']:.2f}× | "
+                f"{'-' if s['fingerprint_s'] is None else format(s['fingerprint_s'], '.2f') + ' s'} | {_mb(rss)} / {_mb(s['dataset_bytes'])} = {rss / s['dataset_bytes']:.2f}× | "
                 f"{_mb(r['cache_bytes']['total'])} ({_mb(r['cache_bytes']['tokens'])} tokens) |")
     return "\n".join(rows)
