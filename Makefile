@@ -14,7 +14,7 @@ PYVER  ?= 3.12
 DEMO_PROCS ?= $(shell [ "$$(nvidia-smi -L 2>/dev/null | wc -l)" = 1 ] && echo 1 || echo 2)
 # make demo on top of configs/tiny.yaml (the tests use it as it is), so that what the model speaks shows what it
 # learned, how long a text lasts: 160 clips (the tests write 48), 800 steps, and LoRA on the output heads too: on a
-# random base with frozen heads the adapters never made a code or the stop confident (it spoke one frame)
+# random base with frozen heads the adapters never made a code or the stop confident (without: 0.04 s for 37 characters)
 DEMO_SAMPLES ?= 160
 DEMO_ARGS ?= train.max_steps=800 'lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,audio_lm_head,text_lm_head]'
 # two texts of the corpus's words that are not in it, a short one and a long one
