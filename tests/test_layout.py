@@ -14,7 +14,7 @@ from higgs_ddp.cli import COMMANDS
 PKG = ROOT / "src" / "higgs_ddp"
 # Bottom to top: what a layer may import is at its level or below (lazy imports inside functions included).
 LAYERS = [
-    ("higgs_ddp.config", "higgs_ddp.dual_loss"),  # leaves
+    ("higgs_ddp.config", "higgs_ddp.dual_loss", "higgs_ddp.errors"),  # leaves
     ("higgs_ddp.runtime",),  # the process group and how a process ends
     ("higgs_ddp.data",),  # manifest -> audio -> codes -> prompts -> dataset -> batches
     ("higgs_ddp.model",),  # HiggsAudioModel built, wrapped for a training mode, HiggsForward
@@ -192,3 +192,42 @@ def test_every_option_of_every_command_says_what_it_is(command, capsys, monkeypa
             elif not action.help:
                 bare.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
     assert bare == []
+
+
+def test_every_error_of_the_package_is_a_higgs_error():
+    """One error base: each exception class the package defines derives from errors.HiggsError, which every
+    command prints as one line (exit 2) and nothing else is printed so. Outside it: the standalone loss's
+    AlignmentError (dual_loss.py imports nothing of ours) and the corpus index's internal signal to rebuild."""
+    import importlib
+
+    from higgs_ddp.errors import HiggsError
+
+    outside = {"higgs_ddp.dual_loss.AlignmentError", "higgs_ddp.data.corpus_index.IndexInvalid"}
+    found = []
+    for path in PKG.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                cls = getattr(importlib.import_module(module_name(path)), node.name)
+                if isinstance(cls, type) and issubclass(cls, BaseException):
+                    found.append((f"{module_name(path)}.{node.name}", cls))
+    assert len(found) > 20
+    assert [name for name, cls in found if not issubclass(cls, HiggsError) and name not in outside] == []
+
+
+@pytest.mark.parametrize("command", ["speak", "score"])
+def test_a_bug_keeps_its_traceback_and_only_user_errors_are_one_line(command, tmp_path, monkeypatch, capsys):
+    """speak and score caught every ValueError and OSError: a bug inside torch read as a user's mistake, with
+    no traceback. Now only a HiggsError is one line; a ValueError from below propagates."""
+    import importlib
+
+    from higgs_ddp.cli import main
+
+    tool = importlib.import_module(f"higgs_ddp.tools.{command}")
+
+    def bug(*args, **kwargs):
+        raise ValueError("a bug deep inside torch")
+
+    monkeypatch.setattr(tool, command, bug)
+    with pytest.raises(ValueError, match="a bug deep inside torch"):
+        main([command, "--model", str(tmp_path), "--prompts", str(tmp_path / "p.jsonl")]
+             if command == "score" else [command, "--model", str(tmp_path), "--text", "hi", "--out", str(tmp_path / "o.wav")])

@@ -57,9 +57,9 @@ def prepare(argv=None) -> int:
 
     Decode, resample and encode the training (and validation) audio of a config into its code cache, the
     ranks sharing the work; training does the same first, so this only moves that work ahead of time."""
-    from higgs_ddp.config import ConfigError, load_config
-    from higgs_ddp.data.codec import CodecError
-    from higgs_ddp.data.dataset import DataError, cache_dir, load_data
+    from higgs_ddp.config import load_config
+    from higgs_ddp.data.dataset import cache_dir, load_data
+    from higgs_ddp.errors import HiggsError
     from higgs_ddp.model import load_tokenizer, model_config
     from higgs_ddp.runtime.distributed import barrier, cleanup, setup_distributed
     from higgs_ddp.runtime.shared_fs import SharedFilesystemError
@@ -78,7 +78,7 @@ def prepare(argv=None) -> int:
         load_data(cfg, env, tokenizer, model_config(cfg, tokenizer),
                   report_path=Path(cache_dir(cfg)) / "prepare_report.json")  # prints the summary and the report
         barrier()
-    except (ConfigError, DataError, CodecError, SharedFilesystemError) as e:
+    except HiggsError as e:
         if env is None or env.is_main or isinstance(e, SharedFilesystemError):  # other nodes must hear it too
             print(f"higgs-ddp: error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -265,7 +265,12 @@ def main(argv=None) -> int:
             return launch_ranks(cmd)
     module, function = command.target.split(":")
     sys.argv[0] = f"higgs-ddp {name}"  # argparse's prog in usage and errors
-    return getattr(importlib.import_module(module), function)(rest)
+    from higgs_ddp.errors import HiggsError, report
+
+    try:
+        return getattr(importlib.import_module(module), function)(rest)
+    except HiggsError as e:  # a user error a command left to us: one line; anything else keeps its traceback
+        return report(e)
 
 
 def console() -> None:

@@ -21,6 +21,8 @@ from typing import Any, Optional
 
 import yaml
 
+from higgs_ddp.errors import HiggsError
+
 OFFICIAL_REPO = "bosonai/higgs-audio-v2-generation-3B-base"
 # The hub repo was rewritten for transformers>=5.3; this revision is the format boson_multimodal loads.
 OFFICIAL_REVISION = "10840182ca4ad5d9d9113b60b9bb3c1ef1ba3f84"
@@ -46,7 +48,7 @@ def pinned_revision(repo: Optional[str], revision: Optional[str]) -> Optional[st
     return revision if revision is not None else PINNED_REVISIONS.get(repo)
 
 
-class ConfigError(ValueError):
+class ConfigError(HiggsError, ValueError):
     pass
 
 

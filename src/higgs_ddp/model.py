@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from higgs_ddp.config import Config, ConfigError, check_lora_targets
+from higgs_ddp.errors import error_line
 
 SPECIAL_IDS = {  # HiggsAudioConfig field -> token it must name in the tokenizer
     "audio_in_token_idx": "<|AUDIO|>",
@@ -33,6 +34,16 @@ def _import_higgs():
     return HiggsAudioConfig, HiggsAudioModel
 
 
+@contextlib.contextmanager
+def _loading(key: str, name: str):
+    """transformers and the hub raise OSError, over several lines, for a model or tokenizer that is not there
+    (offline, a typo, no access): the setting that named it, in one line."""
+    try:
+        yield
+    except OSError as e:
+        raise ConfigError(f"{key}={name} cannot be loaded: {error_line(e)}") from None
+
+
 def load_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
@@ -44,7 +55,8 @@ def load_tokenizer(cfg: Config):
     if not name:
         raise ConfigError("model.tokenizer is required when model.path is not set")
     rev = cfg.model.revision if name == cfg.model.path else None
-    return AutoTokenizer.from_pretrained(name, revision=rev)
+    with _loading("model.tokenizer" if cfg.model.tokenizer else "model.path", name):
+        return AutoTokenizer.from_pretrained(name, revision=rev)
 
 
 def _random_config(cfg: Config, tokenizer):
@@ -75,7 +87,8 @@ def model_config(cfg: Config, tokenizer):
     HiggsAudioConfig, _ = _import_higgs()
     if cfg.model.init == "random":
         return _random_config(cfg, tokenizer)
-    return HiggsAudioConfig.from_pretrained(cfg.model.path, revision=cfg.model.revision)
+    with _loading("model.path", cfg.model.path):
+        return HiggsAudioConfig.from_pretrained(cfg.model.path, revision=cfg.model.revision)
 
 
 def check_tokenizer(model_config, tokenizer) -> None:
@@ -109,8 +122,9 @@ def build_model(cfg: Config, tokenizer, dtype: torch.dtype = torch.float32, devi
         if device is not None:
             model = model.to(device)
     else:
-        model = HiggsAudioModel.from_pretrained(cfg.model.path, revision=cfg.model.revision, torch_dtype=dtype,
-                                                attn_implementation=cfg.model.attn_implementation)
+        with _loading("model.path", cfg.model.path):
+            model = HiggsAudioModel.from_pretrained(cfg.model.path, revision=cfg.model.revision, torch_dtype=dtype,
+                                                    attn_implementation=cfg.model.attn_implementation)
     if model.audio_tower is not None:  # audio understanding only; TTS fine-tuning never runs it
         model.audio_tower.requires_grad_(False)
     return model

@@ -20,14 +20,11 @@ if __name__ == "__main__" and not __package__:
     sys.path = [p for p in sys.path if os.path.abspath(p or ".") != here]
     sys.path.insert(0, os.path.dirname(here))
 
-from higgs_ddp.config import Config, ConfigError, load_config  # noqa: E402
-from higgs_ddp.data.codec import CodecError  # noqa: E402
-from higgs_ddp.data.dataset import DataError  # noqa: E402
+from higgs_ddp.config import Config, load_config  # noqa: E402
 from higgs_ddp.dual_loss import AlignmentError  # noqa: E402
+from higgs_ddp.errors import HiggsError  # noqa: E402
 from higgs_ddp.runtime.distributed import barrier, cleanup, exit_process, setup_distributed  # noqa: E402
-from higgs_ddp.runtime.rendezvous import RendezvousConfigError  # noqa: E402
 from higgs_ddp.runtime.shared_fs import SharedFilesystemError  # noqa: E402
-from higgs_ddp.training.checkpoint import CheckpointError  # noqa: E402
 
 
 def train(cfg: Config) -> dict:
@@ -35,6 +32,7 @@ def train(cfg: Config) -> dict:
 
     from higgs_ddp.evaluation.listening import progress_fields
 
+    from higgs_ddp.data.dataset import check_manifests
     from higgs_ddp.training.checkpoint import remove_stale_temporaries, resume_from
     from higgs_ddp.training.preemption import StopRequest, signal_name, write_failure, write_status
     from higgs_ddp.training.run_lock import hold_output_dir
@@ -46,6 +44,7 @@ def train(cfg: Config) -> dict:
     held = False  # this run holds output_dir: only then may it write there, a failure included
     with StopRequest() as stop:  # from here on SIGTERM / SIGUSR1 mean: finish the step, save, exit
         try:
+            check_manifests(cfg)  # a missing manifest makes no folder
             lock = hold_output_dir(cfg.output_dir, env)  # before anything is written there (rank 0 holds it)
             held = True
             trainer = Trainer(cfg, env)  # setup
@@ -216,12 +215,9 @@ def between_steps(trainer, log, step: int) -> dict:
 
 
 def user_errors() -> tuple:
-    """The errors that end a run with our one-line message; anything else is a bug (a traceback)."""
-    from higgs_ddp.training.runlog import RunLogError
-    from higgs_ddp.training.trainer import TrainingError
-
-    return (ConfigError, DataError, AlignmentError, TrainingError, CodecError, CheckpointError, RunLogError,
-            SharedFilesystemError, RendezvousConfigError)
+    """The errors that end a run with our one-line message; anything else is a bug (a traceback). The
+    standalone loss's AlignmentError is one: dual_loss.py imports nothing of ours, so it is named here."""
+    return (HiggsError, AlignmentError)
 
 
 def failure_reason(e: BaseException) -> str:

@@ -15,11 +15,13 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from higgs_ddp.errors import HiggsError
+
 MIN_SAMPLE_RATE = 4_000  # below this nothing intelligible survives
 MAX_SAMPLE_RATE = 384_000  # the highest rate real recorders write
 
 
-class AudioProblem(ValueError):
+class AudioProblem(HiggsError, ValueError):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason

@@ -25,12 +25,13 @@ from typing import Optional
 import torch
 
 from higgs_ddp.config import OFFICIAL_CODEC, OFFICIAL_CODEC_REVISION, pinned_revision
+from higgs_ddp.errors import HiggsError
 
 TINY = "tiny"
 PIPELINE_VERSION = 1  # bump when decoding / down-mixing / resampling changes what gets encoded
 
 
-class CodecError(RuntimeError):
+class CodecError(HiggsError, RuntimeError):
     pass
 
 

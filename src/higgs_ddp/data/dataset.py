@@ -29,11 +29,12 @@ from higgs_ddp.data.records import Data, Record, fingerprint  # noqa: F401 (wher
 from higgs_ddp.data.references import Pairing, pair_same_speaker, without_reference
 from higgs_ddp.data.token_cache import TokenCache, entry_key
 from higgs_ddp.runtime.distributed import DistEnv, barrier
+from higgs_ddp.errors import HiggsError
 
 MAX_LISTED = 50
 
 
-class DataError(ValueError):
+class DataError(HiggsError, ValueError):
     """Bad input data; the message lists every problem, one line each, naming file and line."""
 
 
@@ -297,6 +298,16 @@ def _in_val(sample_id: str, fraction: float) -> bool:
 DEMO_DATA = "runs/tiny/data"  # where `make demo` writes the demo's corpus (Makefile: demo-data)
 
 
+def check_manifests(cfg: Config) -> None:
+    """The manifests are there: nothing to skip to otherwise, so this is refused before any work (train calls
+    it before it takes the run's folder, so that nothing is made there)."""
+    if not cfg.data.manifest:
+        raise ConfigError("data.manifest is required (one path or a list)")
+    missing = [m for m in [*cfg.data.manifest, *cfg.data.val_manifest] if not Path(m).is_file()]
+    if missing:
+        raise DataError(missing_manifests(missing))
+
+
 def missing_manifests(paths: list) -> str:
     """One line: which manifests are not there, where a relative path was looked for, and for the demo's
     (configs/tiny.yaml run before `make demo`, or from another folder) what writes it."""
@@ -332,12 +343,8 @@ def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = 
 
 
 def _load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool, report_path: Path) -> Data:
+    check_manifests(cfg)
     d = cfg.data
-    if not d.manifest:
-        raise ConfigError("data.manifest is required (one path or a list)")
-    missing = [m for m in [*d.manifest, *d.val_manifest] if not Path(m).is_file()]
-    if missing:  # nothing to skip to: refused before any work, and before the run's folder is made
-        raise DataError(missing_manifests(missing))
     C, K = model_config.audio_num_codebooks, model_config.audio_codebook_size
     phases = Phases()
     problems, train_e, val_e = [], [], []

@@ -35,6 +35,7 @@ from typing import Callable, Iterator, Optional, Union
 
 from higgs_ddp.data.audio import AudioProblem, check_header
 from higgs_ddp.data.manifest import Problem
+from higgs_ddp.errors import HiggsError
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".aiff", ".aif")
 AUDIO_COLUMNS = ("audio_file", "audio", "file_name", "audio_path", "audio_filepath", "path", "file", "filename",
@@ -44,7 +45,7 @@ SPEAKER_COLUMNS = ("speaker_name", "speaker", "speaker_id", "spk", "spk_id")
 ID_COLUMNS = ("id", "utt_id", "utterance_id")
 
 
-class LayoutError(ValueError):
+class LayoutError(HiggsError, ValueError):
     """The source as a whole cannot be read (no such folder, layout not recognised): one line, exit 2."""
 
 

@@ -32,6 +32,7 @@ from typing import Optional
 from boson_multimodal.data_types import AudioContent, ChatMLSample, Message, TextContent
 
 from higgs_ddp.data.prompt import build_chatml
+from higgs_ddp.errors import HiggsError
 
 SIMPLE_FIELDS = {"text": str, "audio": str, "audio_codes": str, "ref_audio": str, "ref_audio_codes": str,
                  "ref_text": str, "scene": str, "speaker": str, "id": str}
@@ -49,7 +50,7 @@ class Problem:
         return f"{self.where}: {self.message}"
 
 
-class LineProblem(ValueError):
+class LineProblem(HiggsError, ValueError):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason

@@ -50,6 +50,7 @@ from higgs_ddp.data.audio import AudioProblem, DurationRule, read_audio, resampl
 from higgs_ddp.data.prompt import build_chatml, tokenize_chatml
 from higgs_ddp.evaluation.detectors import ClipChecks, check_clip, summarize
 from higgs_ddp.runtime import precision
+from higgs_ddp.errors import InputError
 
 STOP_STRINGS = ["<|end_of_text|>", "<|eot_id|>"]  # the engine's defaults
 ENGINE_KV_CACHE_LENGTHS = (1024, 4096, 8192)  # HiggsAudioServeEngine's default static cache buckets
@@ -78,16 +79,16 @@ class Sampling:
         """ValueError (one line) for a setting generation cannot use. ``name``: how the user set a field
         (speak's and score's flags: ``flag_name``)."""
         if not self.temperature >= 0:
-            raise ValueError(f"{name('temperature')} must be >= 0 (0: greedy), got {self.temperature}")
+            raise InputError(f"{name('temperature')} must be >= 0 (0: greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"{name('top_p')} must be in (0, 1], got {self.top_p}")
+            raise InputError(f"{name('top_p')} must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"{name('top_k')} must be >= 1 (or unset), got {self.top_k}")
+            raise InputError(f"{name('top_k')} must be >= 1 (or unset), got {self.top_k}")
         if self.ras_win_len < 0 or self.ras_win_max_num_repeat < 1:
-            raise ValueError(f"{name('ras_win_len')} must be >= 0 (0: off) and {name('ras_win_max_num_repeat')} "
+            raise InputError(f"{name('ras_win_len')} must be >= 0 (0: off) and {name('ras_win_max_num_repeat')} "
                              f">= 1, got {self.ras_win_len} and {self.ras_win_max_num_repeat}")
         if not self.max_audio_seconds > 0:
-            raise ValueError(f"{name('max_audio_seconds')} must be > 0 (generation needs a limit), "
+            raise InputError(f"{name('max_audio_seconds')} must be > 0 (generation needs a limit), "
                              f"got {self.max_audio_seconds}")
 
 
@@ -167,7 +168,7 @@ def read_reference(path, what: str, max_seconds: float, min_seconds: float, audi
             return decode_for_codec(Path(path), str(path), rule, audio, codec_rate)
         wave, sr = read_audio(Path(path), str(path), max_seconds, min_seconds)
     except AudioProblem as e:
-        raise ValueError(f"{what}: {e}") from None
+        raise InputError(f"{what}: {e}") from None
     return torch.from_numpy(wave), sr
 
 
@@ -202,7 +203,7 @@ def _reference_wave(cfg: Config, i: int, prompt: dict, min_seconds: float, codec
     ref = prompt.get("reference_audio")
     if not ref:
         if prompt.get("reference_text"):
-            raise ValueError(f"{key} has a reference_text but no reference_audio")
+            raise InputError(f"{key} has a reference_text but no reference_audio")
         return None
     return read_reference(ref, f"{key}.reference_audio", cfg.data.max_audio_seconds, min_seconds, cfg.data.audio,
                           codec_rate)
@@ -231,7 +232,7 @@ def prepare_inputs(tokenizer, mc, text: str, ref_text: Optional[str], ref_codes:
     from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample
 
     if mc.encode_whisper_embed and ref_codes is not None:
-        raise ValueError("this model embeds reference audio with Whisper features, which listening samples "
+        raise InputError("this model embeds reference audio with Whisper features, which listening samples "
                          "and speak do not compute")
     chatml = build_chatml(text, scene, ref_text, with_reference=ref_codes is not None, with_target=False)
     sample = tokenize_chatml(tokenizer, chatml, [ref_codes] if ref_codes is not None else [], "eval prompt")
@@ -432,7 +433,7 @@ def check_codec(raw_model, codec) -> None:
     mc = raw_model.config
     if codec.num_codebooks != mc.audio_num_codebooks or (
             codec.codebook_size is not None and codec.codebook_size != mc.audio_codebook_size):
-        raise ValueError(f"the codec {codec.identity} has {codec.num_codebooks} codebooks of {codec.codebook_size}, "
+        raise InputError(f"the codec {codec.identity} has {codec.num_codebooks} codebooks of {codec.codebook_size}, "
                          f"the model {mc.audio_num_codebooks} of {mc.audio_codebook_size}")
 
 

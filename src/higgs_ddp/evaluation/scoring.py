@@ -16,6 +16,7 @@ from typing import Optional
 import numpy as np
 
 from higgs_ddp.config import Config
+from higgs_ddp.errors import InputError
 
 
 def locate(name: str, key: str) -> str:
@@ -25,18 +26,18 @@ def locate(name: str, key: str) -> str:
     if path.is_dir():
         folder = path
     elif name.startswith((".", "/", "~")) or path.suffix or name.count("/") > 1:
-        raise ValueError(f"{key}: {name} is not a folder")
+        raise InputError(f"{key}: {name} is not a folder")
     else:
         from huggingface_hub import constants, snapshot_download
         try:
             folder = Path(snapshot_download(name, local_files_only=True))
         except Exception:  # noqa: BLE001 - not cached (or a malformed id): either way, not here
-            raise ValueError(
+            raise InputError(
                 f"{key}: {name} is neither a folder nor in the Hugging Face cache ({constants.HF_HUB_CACHE}); "
                 f"a run never downloads weights: get them first with `huggingface-cli download {name}` (or copy "
                 f"that cache from a machine with network), or set {key} to a folder holding them") from None
     if not (folder / "config.json").is_file():
-        raise ValueError(f"{key}: {folder} holds no config.json (a transformers model folder is needed)")
+        raise InputError(f"{key}: {folder} holds no config.json (a transformers model folder is needed)")
     return str(folder)
 
 
@@ -44,7 +45,7 @@ def check_resemblyzer(key: str = "eval.speaker_model") -> None:
     import importlib.util
 
     if importlib.util.find_spec("resemblyzer") is None:
-        raise ValueError(f"{key}=resemblyzer needs the resemblyzer package (its encoder weights come "
+        raise InputError(f"{key}=resemblyzer needs the resemblyzer package (its encoder weights come "
                          "with it): pip install 'higgs-ddp[voice]' (or pip install resemblyzer)")
 
 
@@ -125,7 +126,7 @@ class Scorer:
             try:
                 wave, sr = read_audio(Path(path), path, 0.0, 0.0)
             except AudioProblem as e:
-                raise ValueError(f"speaker reference {path}: {e}") from None
+                raise InputError(f"speaker reference {path}: {e}") from None
             self._references[path] = self.encoder.embedding(wave, sr)
         return self._references[path]
 

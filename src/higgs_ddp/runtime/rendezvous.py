@@ -14,12 +14,14 @@ from __future__ import annotations
 import os
 import re
 
+from higgs_ddp.errors import HiggsError
+
 ENV = "HIGGS_RDZV_TIMEOUT"
 DEFAULT_S = 300  # a Slurm allocation's nodes start their steps within seconds; 5 minutes is generous
 CONNECT_S = 60  # c10d's read_timeout: connecting to the endpoint and every store operation (torchrun's default)
 
 
-class RendezvousConfigError(ValueError):
+class RendezvousConfigError(HiggsError, ValueError):
     pass
 
 

@@ -17,6 +17,8 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from higgs_ddp.errors import HiggsError
+
 if TYPE_CHECKING:  # (imported where used: `higgs-ddp train` checks a folder with unwritable before torch loads)
     from higgs_ddp.runtime.distributed import DistEnv
 
@@ -25,7 +27,7 @@ if TYPE_CHECKING:  # (imported where used: `higgs-ddp train` checks a folder wit
 VISIBLE_WITHIN_S = 5.0
 
 
-class SharedFilesystemError(RuntimeError):
+class SharedFilesystemError(HiggsError, RuntimeError):
     """A directory that must be shared is not the same on every rank; every rank raises it."""
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from higgs_ddp.errors import HiggsError
+
 WORDS = "the quick brown fox jumps over a lazy dog while seven small birds sing at dawn".split()
 
 
@@ -57,7 +59,12 @@ def _write(out: Path, rel: str, text: str, audio: bool, num_codebooks: int, code
 
 
 def _texts(samples: int, rng) -> list:
-    return [" ".join(rng.choice(WORDS, size=int(rng.integers(2, 5)))) for _ in range(samples)]
+    """Distinct texts: one text is one recording (the same tones, byte for byte), and a recording in both the
+    training and the validation split is refused as a leak (make demo validates on a fifth of the clips)."""
+    texts: dict = {}
+    while len(texts) < samples:
+        texts.setdefault(" ".join(rng.choice(WORDS, size=int(rng.integers(2, 5)))), None)
+    return list(texts)
 
 
 def write_ljspeech_demo(out_dir, samples: int = 48, seed: int = 0) -> Path:
@@ -95,7 +102,7 @@ def write_demo_corpus(out_dir, samples: int = 48, num_codebooks: int = 4, codebo
     return manifest
 
 
-class CompareError(ValueError):
+class CompareError(HiggsError, ValueError):
     """What --compare cannot read (one line)."""
 
 

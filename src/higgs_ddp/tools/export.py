@@ -21,19 +21,19 @@ import argparse
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from higgs_ddp.config import Config, ConfigError
-from higgs_ddp.tools.weights import ModelPathError, Trained, trained_weights
+from higgs_ddp.config import Config
+from higgs_ddp.tools.weights import Trained, trained_weights
+from higgs_ddp.errors import HiggsError, report
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-class ExportError(RuntimeError):
+class ExportError(HiggsError, RuntimeError):
     pass
 
 
@@ -207,9 +207,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         print(export(args.checkpoint, args.out, args.merge, args.dtype), flush=True)
-    except (ExportError, ModelPathError, ConfigError, OSError) as e:
-        # OSErrors from the hub / transformers span several lines; the first one names the problem.
-        print(f"higgs-ddp: error: {(str(e).splitlines() or [type(e).__name__])[0]}", file=sys.stderr,
-              flush=True)
-        return 2
+    except HiggsError as e:
+        return report(e)
     return 0

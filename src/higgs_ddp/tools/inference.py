@@ -20,6 +20,7 @@ import torch
 from higgs_ddp.config import Config, ConfigError, load_config
 from higgs_ddp.tools.export import ExportError, merged_model
 from higgs_ddp.tools.weights import ModelPathError, model_kind, read_config, resolve, trained_weights, weights_step
+from higgs_ddp.errors import InputError
 
 __all__ = ["ModelPathError", "Loaded", "default_device", "load_for_inference", "model_kind"]
 
@@ -55,9 +56,9 @@ def load_for_inference(path, device=None, codec=None) -> Loaded:
     try:
         device = torch.device(device) if device is not None else default_device()
     except RuntimeError as e:  # "Expected one of cpu, cuda, ... device type at start of device string: ..."
-        raise ValueError(f"device {device!r}: {str(e).splitlines()[0]}") from None
+        raise InputError(f"device {device!r}: {str(e).splitlines()[0]}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} asked for, but no GPU is visible to torch")
+        raise InputError(f"device {device} asked for, but no GPU is visible to torch")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # as the tensors placed there name it
     try:

@@ -20,16 +20,17 @@ import argparse
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from higgs_ddp.errors import HiggsError, report
 
 METRICS = "metrics.jsonl"
 DEFAULT_OUT = "training.png"
 
 
-class PlotError(ValueError):
+class PlotError(HiggsError, ValueError):
     pass
 
 
@@ -276,11 +277,13 @@ def plot_run(run_dir, out=None) -> Path:
     if out.is_dir():
         out = out / DEFAULT_OUT
     fig = figure(run_dir, splits["train"], splits["val"], splits["samples"])
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")  # an image viewer never sees a half-written file
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(tmp, format=out.suffix.lstrip(".") or "png")
         os.replace(tmp, out)
+    except (OSError, ValueError) as e:  # an unwritable --out, an unknown image format (matplotlib's ValueError)
+        raise PlotError(f"--out {out} cannot be written: {' '.join(str(e).split())}") from None
     finally:
         tmp.unlink(missing_ok=True)  # after a failed write or rename: no stray temporary
     return out
@@ -294,11 +297,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         path = plot_run(args.run_dir, args.out)
-    except PlotError as e:
-        print(f"higgs-ddp: error: {e}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as e:  # an unwritable --out, an unknown image format
-        print(f"higgs-ddp: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    except HiggsError as e:
+        return report(e)
     print(path)
     return 0

@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Optional
 
 from higgs_ddp.evaluation.listening import Sampling, flag_name
+from higgs_ddp.errors import HiggsError, report
 
 COLUMNS = (("samples", "samples", "{}"), ("stopped", "stopped_samples", "{}"), ("silent", "silent_samples", "{}"),
            ("seconds", "seconds", "{:.2f}"), ("chars/s", "chars_per_second", "{:.1f}"), ("WER", "wer", "{:.3f}"),
            ("CER", "cer", "{:.3f}"), ("SIM", "speaker_sim", "{:.3f}"))
 
 
-class ScoreError(ValueError):
+class ScoreError(HiggsError, ValueError):
     pass
 
 
@@ -157,6 +158,12 @@ def score(args) -> dict:
 
     sampling = Sampling(temperature=args.temperature, max_audio_seconds=args.max_audio_seconds, seed=args.seed)
     sampling.check(flag_name)
+    if args.out is not None:  # before minutes of loading and speaking, not after
+        from higgs_ddp.runtime.shared_fs import unwritable
+
+        why = unwritable(args.out)
+        if why:
+            raise ScoreError(f"--out {args.out} cannot be written ({why})")
     prompts = read_prompts(args.prompts)
     eval_cfg = Config().eval  # the scorer's settings, checked as a run checks them
     eval_cfg.asr_model, eval_cfg.speaker_model, eval_cfg.language = args.asr_model, args.speaker_model, args.language
@@ -223,13 +230,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from higgs_ddp.tools.inference import ModelPathError
 
     args = parser().parse_args(argv)
     try:
         score(args)
-    except (ScoreError, ModelPathError, ValueError, OSError) as e:
-        message = (str(e).splitlines() or [type(e).__name__])[0]
-        print(f"higgs-ddp: error: {message}", file=sys.stderr, flush=True)
-        return 2
+    except HiggsError as e:  # and only that: a ValueError from torch is a bug, with its traceback
+        return report(e)
     return 0

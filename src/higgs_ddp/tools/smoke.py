@@ -38,10 +38,12 @@ from pathlib import Path
 
 import numpy as np
 
+from higgs_ddp.errors import HiggsError
+
 GB = 1e9
 
 
-class SmokeError(RuntimeError):
+class SmokeError(HiggsError, RuntimeError):
     pass
 
 

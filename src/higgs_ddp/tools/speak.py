@@ -30,13 +30,14 @@ import numpy as np
 
 from higgs_ddp.data.manifest import reference_problem
 from higgs_ddp.evaluation.listening import Sampling, flag_name
+from higgs_ddp.errors import HiggsError, report
 
 # A sentence ends at . ! ? or … (closing quotes and brackets stay with it) before white space, or right
 # after the full-width marks of Chinese and Japanese, which take no space.
 SENTENCE_END = re.compile(r"(?<=[.!?…][\"'”’)\]])\s+|(?<=[.!?…])\s+|(?<=[。！？])")
 
 
-class SpeakError(ValueError):
+class SpeakError(HiggsError, ValueError):
     pass
 
 
@@ -96,6 +97,8 @@ def _write_atomically(path: Path, write) -> None:
     try:
         write(tmp)
         tmp.replace(path)
+    except OSError as e:  # checked writable before the model loaded; a full disk since
+        raise SpeakError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -246,13 +249,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from higgs_ddp.tools.inference import ModelPathError
 
     args = parser().parse_args(argv)
     try:
         speak(args)
-    except (SpeakError, ModelPathError, ValueError, OSError) as e:  # ValueError: references, settings
-        message = (str(e).splitlines() or [type(e).__name__])[0]
-        print(f"higgs-ddp: error: {message}", file=sys.stderr, flush=True)
-        return 2
+    except HiggsError as e:  # and only that: a ValueError from torch is a bug, with its traceback
+        return report(e)
     return 0

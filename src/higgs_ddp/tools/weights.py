@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Optional
 
 from higgs_ddp.config import Config, ConfigError, load_config
+from higgs_ddp.errors import HiggsError
 
 
-class ModelPathError(ValueError):
+class ModelPathError(HiggsError, ValueError):
     """``path`` is none of the accepted kinds, or its files cannot be used (one line)."""
 
 

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from higgs_ddp.config import Config, ConfigError, resume_neutral_keys
 from higgs_ddp.runtime.distributed import DistEnv, all_gather_objects, all_reduce_sum
+from higgs_ddp.errors import HiggsError
 from higgs_ddp.training.shards import (
     SHARD_DIR,
     SavedTensors,
@@ -50,7 +51,7 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE = "state.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(HiggsError, RuntimeError):
     pass
 
 

@@ -11,8 +11,10 @@ import math
 import time
 from pathlib import Path
 
+from higgs_ddp.errors import HiggsError
 
-class RunLogError(RuntimeError):
+
+class RunLogError(HiggsError, RuntimeError):
     pass
 
 

@@ -31,9 +31,10 @@ from higgs_ddp.training.parallel import build_strategy
 from higgs_ddp.training.perf import compile_decoder_layers, enable_activation_checkpointing, enable_tf32
 from higgs_ddp.training.preemption import leave_stop_signals_to_parent
 from higgs_ddp.training.shards import gather_full
+from higgs_ddp.errors import HiggsError
 
 
-class TrainingError(RuntimeError):
+class TrainingError(HiggsError, RuntimeError):
     pass
 
 
