@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 import uuid
@@ -30,14 +29,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from higgs_ddp.runtime.files import atomic_file, write_json_atomic
+
 SHARD_ENTRIES = 256
 SHARD_SECONDS = 60.0  # also flush this often, so a slow GPU loses little on interruption
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
 
 
 def sha256_file(path: Path) -> str:
@@ -224,9 +219,9 @@ class ShardWriter:
         if not self.buffer:
             return
         name = f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.safetensors"
-        tmp = self.cache.dir / f".{name}.tmp"
-        save_file(self.buffer, str(tmp), metadata={"codec": self.cache.identity, "seconds": json.dumps(self.seconds)})
-        os.replace(tmp, self.cache.dir / name)  # a shard exists whole or not at all
+        with atomic_file(self.cache.dir / name) as tmp:  # a shard exists whole or not at all
+            save_file(self.buffer, str(tmp), metadata={"codec": self.cache.identity,
+                                                       "seconds": json.dumps(self.seconds)})
         for k, t in self.buffer.items():
             self.cache.entries[k] = [name, self.seconds[k], t.shape[1]]
         self.written += len(self.buffer)

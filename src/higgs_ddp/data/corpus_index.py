@@ -47,9 +47,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,7 +57,8 @@ import numpy as np
 import torch
 
 from higgs_ddp.data.manifest import read_manifest
-from higgs_ddp.data.code_cache import code_source, sha256_file, write_json_atomic
+from higgs_ddp.data.code_cache import code_source, sha256_file
+from higgs_ddp.runtime.files import atomic_folder, write_json_atomic
 from higgs_ddp.data.records import Record
 
 FORMAT = 1
@@ -181,10 +180,7 @@ def write_index(folder: Path, cols: dict, meta: dict, report: dict, write_codes=
     ``meta``: the header's other fields (code_files as paths; their sizes are taken here); ``write_codes``:
     writes codes.bin into the folder it is given, when the index holds codes of its own."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir()
-    try:
+    with atomic_folder(folder) as tmp:
         if write_codes is not None:
             write_codes(tmp)
         specs = {}
@@ -199,13 +195,6 @@ def write_index(folder: Path, cols: dict, meta: dict, report: dict, write_codes=
         write_json_atomic(tmp / "report.json", report)
         header = {**meta, "format": FORMAT, "columns": specs, "code_files": files, "built_ns": time.time_ns()}
         write_json_atomic(tmp / "header.json", header)
-        old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.old")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---- reading ----

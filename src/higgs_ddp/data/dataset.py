@@ -20,7 +20,7 @@ import torch
 
 from higgs_ddp.config import Config, ConfigError
 from higgs_ddp.data.audio import AudioProblem, DurationRule, frame_energy
-from higgs_ddp.data.code_cache import write_json_atomic
+from higgs_ddp.runtime.files import write_json_atomic
 from higgs_ddp.data.index_start import IndexedStart
 from higgs_ddp.data.manifest import Entry, Problem, read_manifest
 from higgs_ddp.data.phases import Phases

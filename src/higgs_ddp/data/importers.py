@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Callable, Iterator, Optional, Union
 from higgs_ddp.data.audio import AudioProblem, check_header
 from higgs_ddp.data.manifest import Problem
 from higgs_ddp.errors import HiggsError
+from higgs_ddp.runtime.files import atomic_file
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".aiff", ".aif")
 AUDIO_COLUMNS = ("audio_file", "audio", "file_name", "audio_path", "audio_filepath", "path", "file", "filename",
@@ -583,13 +583,8 @@ def write_manifest(rows: list, out) -> Path:
     """The rows as JSONL, all at once: a temporary file beside ``out``, then renamed over it."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(out) as tmp, tmp.open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return out
 
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from higgs_ddp.config import Config
-from higgs_ddp.data.code_cache import write_json_atomic
+from higgs_ddp.runtime.files import write_json_atomic
 from higgs_ddp.data.corpus_index import (OWN_CODES, CorpusIndex, IndexedRecords, IndexInvalid, audio_folders,
                                          check_index, folder_signature, index_key, manifest_signature,
                                          record_columns, write_index)

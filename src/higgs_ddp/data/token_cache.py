@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import uuid
 from importlib.metadata import version
 from pathlib import Path
@@ -30,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from higgs_ddp.data.prompt import chatml_ids
+from higgs_ddp.runtime.files import atomic_file
 
 FORMAT = 1
 KEY_BYTES = 16
@@ -109,13 +109,12 @@ class TokenCache:
                  "audio": np.asarray(audio, dtype=np.int32), "keys": np.stack(keys)}
         if self.dir is not None:
             name = f"part-{uuid.uuid4().hex}.safetensors"
-            tmp = self.dir / f".{name}.tmp"
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
-                save_file(shard, str(tmp))
-                os.replace(tmp, self.dir / name)  # a shard exists whole or not at all
+                with atomic_file(self.dir / name) as tmp:  # a shard exists whole or not at all
+                    save_file(shard, str(tmp))
             except OSError:  # a read-only data folder: kept in memory only (the other ranks tokenize it too)
-                tmp.unlink(missing_ok=True)
+                pass
         s = len(self.shards)
         self.shards.append(shard)
         self.index.update((bytes(k), (s, i)) for i, k in enumerate(keys))

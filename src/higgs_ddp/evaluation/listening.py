@@ -31,7 +31,6 @@ runs in inference mode, every module gets its train/eval flag back, and no cache
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -51,6 +50,7 @@ from higgs_ddp.data.prompt import build_chatml, tokenize_chatml
 from higgs_ddp.evaluation.detectors import ClipChecks, check_clip, summarize
 from higgs_ddp.runtime import precision
 from higgs_ddp.errors import InputError
+from higgs_ddp.runtime.files import write_json_atomic
 
 STOP_STRINGS = ["<|end_of_text|>", "<|eot_id|>"]  # the engine's defaults
 ENGINE_KV_CACHE_LENGTHS = (1024, 4096, 8192)  # HiggsAudioServeEngine's default static cache buckets
@@ -515,9 +515,7 @@ def write_samples(raw_model, tokenizer, codec, cfg: Config, step: int, out_dir: 
                     for i, r in enumerate(results)],
         "summary": sample_summary(results),
     }
-    tmp = folder / "samples.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(folder / "samples.json")
+    write_json_atomic(folder / "samples.json", record, indent=2)
     return results
 
 

@@ -27,8 +27,9 @@ from typing import Optional
 import torch
 
 from higgs_ddp.config import Config
-from higgs_ddp.tools.weights import Trained, trained_weights
 from higgs_ddp.errors import HiggsError, report
+from higgs_ddp.runtime.files import atomic_folder
+from higgs_ddp.tools.weights import Trained, trained_weights
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -159,11 +160,8 @@ def _export(trained: Trained, out: Path, merge: bool, dtype: str) -> str:
         tokenizer = load_tokenizer(cfg)
     except OSError as e:
         raise ExportError(f"cannot load the tokenizer: {str(e).splitlines()[0]}") from None
-    # Build in a sibling folder and rename at the end: a failed export leaves no half-written OUT.
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    # Built in a sibling folder and renamed at the end: a failed export leaves no half-written OUT.
+    with atomic_folder(out) as tmp:
         if merge:
             target = output_dtype(cfg, tokenizer, dtype)
             model = merged_model(trained.folder, cfg, tokenizer, target, adapter=trained.adapter)
@@ -173,10 +171,10 @@ def _export(trained: Trained, out: Path, merge: bool, dtype: str) -> str:
             what = f"merged {info['dtype']} HiggsAudioModel"
         else:
             if trained.adapter is not None:  # (final/ and best/ hold their tokenizer and best.json beside it)
-                shutil.copytree(trained.adapter, tmp, ignore=shutil.ignore_patterns("tokenizer", "best.json"))
+                shutil.copytree(trained.adapter, tmp, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("tokenizer", "best.json"))
                 what = "peft adapter (load it onto the base with PeftModel.from_pretrained, or use --merge)"
             else:
-                tmp.mkdir()
                 shutil.copy2(trained.folder / "trainable.safetensors", tmp / "trainable.safetensors")
                 what = "trainable tensors only (--merge writes a full model folder)"
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
@@ -184,11 +182,6 @@ def _export(trained: Trained, out: Path, merge: bool, dtype: str) -> str:
         # higgs-ddp speak reads the codec and precision there, for a merged folder too.
         shutil.copy2(trained.config_file, tmp / "config.yaml")
         (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     at = f" step {step}" if step is not None else ""
     return f"exported {cfg.train.mode} {trained.kind}{at} -> {out}: {what}, {size / 2**20:.1f} MiB"

@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from higgs_ddp.errors import HiggsError, report
+from higgs_ddp.runtime.files import atomic_file
 
 METRICS = "metrics.jsonl"
 DEFAULT_OUT = "training.png"
@@ -277,15 +277,12 @@ def plot_run(run_dir, out=None) -> Path:
     if out.is_dir():
         out = out / DEFAULT_OUT
     fig = figure(run_dir, splits["train"], splits["val"], splits["samples"])
-    tmp = out.with_name(f".{out.name}.tmp")  # an image viewer never sees a half-written file
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, format=out.suffix.lstrip(".") or "png")
-        os.replace(tmp, out)
+        with atomic_file(out) as tmp:  # an image viewer never sees a half-written file
+            fig.savefig(tmp, format=out.suffix.lstrip(".") or "png")
     except (OSError, ValueError) as e:  # an unwritable --out, an unknown image format (matplotlib's ValueError)
         raise PlotError(f"--out {out} cannot be written: {' '.join(str(e).split())}") from None
-    finally:
-        tmp.unlink(missing_ok=True)  # after a failed write or rename: no stray temporary
     return out
 
 

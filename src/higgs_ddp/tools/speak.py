@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from dataclasses import asdict
@@ -31,6 +30,7 @@ import numpy as np
 from higgs_ddp.data.manifest import reference_problem
 from higgs_ddp.evaluation.listening import Sampling, flag_name
 from higgs_ddp.errors import HiggsError, report
+from higgs_ddp.runtime.files import atomic_file
 
 # A sentence ends at . ! ? or … (closing quotes and brackets stay with it) before white space, or right
 # after the full-width marks of Chinese and Japanese, which take no space.
@@ -93,14 +93,11 @@ def output_paths(out: Path, texts: list) -> list[Path]:
 
 
 def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        write(tmp)
-        tmp.replace(path)
+        with atomic_file(path) as tmp:
+            write(tmp)
     except OSError as e:  # checked writable before the model loaded; a full disk since
         raise SpeakError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def speak(args) -> list[Path]:

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from higgs_ddp.data.code_cache import write_json_atomic
+from higgs_ddp.runtime.files import write_json_atomic
 from higgs_ddp.runtime.distributed import all_reduce_max
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
