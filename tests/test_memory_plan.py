@@ -1,5 +1,5 @@
 """The memory arithmetic the run checks before building any weight (training/memory_plan.py): counts equal
-the built model's, the 5.8B numbers are the README's, and a run that cannot fit is refused in one line
+the built model's, the 5.8B numbers are docs/speed-and-memory.md's, and a run that cannot fit is refused in one line
 that names a setting that fits."""
 
 import pytest

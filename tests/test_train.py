@@ -90,7 +90,7 @@ def test_the_demo_config_from_another_folder_says_what_writes_its_manifest_and_m
 
 def test_ctrl_c_is_a_hard_stop_that_status_json_records_as_failed(tmp_path, capsys):
     """A real SIGINT to this process mid-run: exit 130 with its one line, and status.json "failed" with that
-    reason, as the README's "Stopping and preemption" says (it once said "running")."""
+    reason, as docs/checkpoints.md's "Stopping and preemption" says (it once said "running")."""
     import json
     import os
     import signal
@@ -115,8 +115,8 @@ def test_ctrl_c_is_a_hard_stop_that_status_json_records_as_failed(tmp_path, caps
     assert "higgs-ddp: error: interrupted (SIGINT): " in capsys.readouterr().err
     got = json.loads(status.read_text())
     assert got["state"] == "failed" and got["error"].startswith("interrupted (SIGINT)"), got
-    readme = " ".join((ROOT / "README.md").read_text().split())
-    assert "`status.json` says `\"failed\"`, with that reason as its `error`" in readme
+    doc = " ".join((ROOT / "docs" / "checkpoints.md").read_text().split())
+    assert "`status.json` says `\"failed\"`, with that reason as its `error`" in doc
 
 
 def test_bad_config_key_is_one_clear_line(tmp_path, capsys):

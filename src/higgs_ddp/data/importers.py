@@ -308,7 +308,7 @@ def read_higgs_json(src: Path, speaker: Optional[str]) -> Iterator[Item]:
             continue
         if "ref_speakers" in s:
             yield Problem(where, "unsupported", "multi-speaker \"ref_speakers\" samples: write them as ChatML "
-                          "manifest lines (README: ChatML form)")
+                          "manifest lines (docs/data.md: ChatML form)")
             continue
         if isinstance(s.get("transcript_file"), str):
             text = _transcript(folder / s["transcript_file"], s["transcript_file"])

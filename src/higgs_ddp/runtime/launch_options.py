@@ -16,4 +16,4 @@ LAUNCH_HELP = (
     "  --nproc-per-node N    processes on this machine, one per GPU (default: 1, no torchrun)\n"
     + textwrap.fill(", ".join(LAUNCH_OPTIONS[1:] + LAUNCH_FLAGS), 100, initial_indent="  ", subsequent_indent="  ")
     + "\n"
-    "                        torchrun's own, passed on to it (several nodes: README, \"Several nodes\")")
+    "                        torchrun's own, passed on to it (several nodes: docs/distributed.md)")
