@@ -191,7 +191,8 @@ def test_speak_and_the_samples_hear_a_reference_as_training_encoded_it(tmp_path,
     in training's code cache; speak says it conditioned it."""
     from conftest import tiny_config
 
-    from higgs_ddp.evaluation.listening import Sampling, _encode_reference, generation_state, speak_text
+    from higgs_ddp.evaluation.generation import Sampling, generation_state, speak_text
+    from higgs_ddp.evaluation.listening import _encode_reference
     from higgs_ddp.tools.inference import load_for_inference
     from higgs_ddp.tools.speak import _write_wav
     from higgs_ddp.tools.speak import main as speak

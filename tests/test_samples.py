@@ -11,7 +11,8 @@ import torch
 from conftest import tiny_config
 
 from higgs_ddp.data.codec import load_codec
-from higgs_ddp.evaluation.listening import check_prompts, generate_codes, write_samples
+from higgs_ddp.evaluation.generation import generate_codes
+from higgs_ddp.evaluation.listening import check_prompts, write_samples
 from higgs_ddp.model import apply_training_mode, build_model, load_tokenizer, unwrap
 
 MAX_SECONDS = 0.2  # 5 frames at 25 frames/s: the tiny codec decodes slowly on CPU
@@ -173,7 +174,8 @@ def test_same_codes_as_the_inference_engine(tmp_path, codec):
     from transformers.cache_utils import StaticCache
 
     from higgs_ddp.data.prompt import build_chatml
-    from higgs_ddp.evaluation.listening import _collator, _encode_reference, max_new_tokens
+    from higgs_ddp.evaluation.generation import _collator, max_new_tokens
+    from higgs_ddp.evaluation.listening import _encode_reference
 
     cfg, tok, _, raw = setup(tmp_path, "eval.max_audio_seconds=1.0")
     prompt = cfg.eval.prompts[1]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, tiny_config
 
-from higgs_ddp.evaluation.listening import Sampling
+from higgs_ddp.evaluation.generation import Sampling
 from higgs_ddp.tools.inference import ModelPathError, load_for_inference, model_kind
 
 
@@ -40,7 +40,7 @@ def codec():
 
 def codes_of(loaded, text="hello there", seed=3):
     """The (delayed) audio stream the loaded model generates for ``text``, as speak generates it."""
-    from higgs_ddp.evaluation.listening import Sampling, generation_state, speak_text
+    from higgs_ddp.evaluation.generation import Sampling, generation_state, speak_text
 
     with generation_state(loaded.model, seed):
         return speak_text(loaded.model, loaded.tokenizer, loaded.codec, loaded.cfg, text,

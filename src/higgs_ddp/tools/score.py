@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from higgs_ddp.evaluation.listening import Sampling, flag_name
+from higgs_ddp.evaluation.generation import Sampling, flag_name
 from higgs_ddp.errors import HiggsError, report
 
 COLUMNS = (("samples", "samples", "{}"), ("stopped", "stopped_samples", "{}"), ("silent", "silent_samples", "{}"),
@@ -76,14 +76,8 @@ def score_model(loaded, prompts: list[dict], sampling: Sampling, scorer, out: Op
     import soundfile as sf
 
     from higgs_ddp.evaluation.detectors import check_clip
-    from higgs_ddp.evaluation.listening import (
-        SampleResult,
-        check_codec,
-        generation_state,
-        reference_codes,
-        sample_summary,
-        speak_text,
-    )
+    from higgs_ddp.evaluation.generation import check_codec, generation_state, reference_codes, speak_text
+    from higgs_ddp.evaluation.listening import SampleResult, sample_summary
 
     model, codec, cfg = loaded.model, loaded.codec, loaded.cfg
     check_codec(model, codec)
@@ -152,7 +146,7 @@ def unmeasured_notes(rows: list[tuple[str, dict]]) -> list[str]:
 
 def score(args) -> dict:
     from higgs_ddp.config import Config
-    from higgs_ddp.evaluation.listening import describe_conditioning
+    from higgs_ddp.evaluation.generation import describe_conditioning
     from higgs_ddp.evaluation.scoring import Scorer, check_models
     from higgs_ddp.tools.inference import default_device, load_for_inference
 
@@ -175,7 +169,7 @@ def score(args) -> dict:
     problems = check_models(holder, names)  # before any model loads (minutes): a missing one fails at once
     for p in prompts:
         if p.get("reference_audio"):
-            from higgs_ddp.evaluation.listening import read_reference
+            from higgs_ddp.evaluation.generation import read_reference
             read_reference(p["reference_audio"], f"{args.prompts}:{p['line']}: reference_audio", 0, 0)
     if problems:
         raise ScoreError("; ".join(problems))

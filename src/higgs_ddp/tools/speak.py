@@ -3,7 +3,7 @@
     higgs-ddp speak --model runs/my_voice --text "Hello there. How are you?" --out hello.wav
     higgs-ddp speak --model exported/merged --text-file lines.txt --ref-audio me.wav --ref-text "..." --out out/
 
-Generation is the listening samples' own (evaluation/listening.py ``speak_text``): boson_multimodal's
+Generation is the listening samples' own (evaluation/generation.py ``speak_text``): boson_multimodal's
 inference engine step for step, with its sampling settings and defaults. Long text is split at sentence
 boundaries into pieces of at most --chunk-chars characters, each piece spoken with the same seed (and the
 same reference), and the pieces joined with --pause seconds of silence. Without a reference the model picks
@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 
 from higgs_ddp.data.manifest import reference_problem
-from higgs_ddp.evaluation.listening import Sampling, flag_name
+from higgs_ddp.evaluation.generation import Sampling, flag_name
 from higgs_ddp.errors import HiggsError, report
 from higgs_ddp.runtime.files import atomic_file
 
@@ -103,7 +103,7 @@ def _write_atomically(path: Path, write) -> None:
 def speak(args) -> list[Path]:
     """Everything after the arguments are parsed; -> the WAVs written. SpeakError / ModelPathError /
     ValueError: one line for the user."""
-    from higgs_ddp.evaluation.listening import check_codec, generation_state, read_reference, reference_codes
+    from higgs_ddp.evaluation.generation import check_codec, generation_state, read_reference, reference_codes
     from higgs_ddp.runtime.shared_fs import unwritable
     from higgs_ddp.tools.inference import load_for_inference
 
@@ -151,7 +151,7 @@ def speak(args) -> list[Path]:
 def reference_conditioning(cfg, ref_audio) -> str:
     """The run's data.audio in words when it changes a reference given to speak, else "": training heard
     its references conditioned, so speak conditions --ref-audio the same way, and says so."""
-    from higgs_ddp.evaluation.listening import describe_conditioning
+    from higgs_ddp.evaluation.generation import describe_conditioning
 
     return describe_conditioning(cfg.data.audio) if ref_audio is not None else ""
 
@@ -159,7 +159,7 @@ def reference_conditioning(cfg, ref_audio) -> str:
 def speak_utterance(loaded, text: str, ref_codes, sampling: Sampling, args, path: Path) -> tuple[np.ndarray, list]:
     """One utterance, piece by piece through the listening samples' ``speak_text``, joined with pauses;
     -> (wave, one record per piece). A piece that hit the length limit or held invalid codes is reported."""
-    from higgs_ddp.evaluation.listening import speak_text
+    from higgs_ddp.evaluation.generation import speak_text
 
     codec = loaded.codec
     silence = np.zeros(round(args.pause * codec.sample_rate), dtype=np.float32)
