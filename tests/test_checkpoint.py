@@ -281,6 +281,10 @@ def digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+def fields(tree, prefix="") -> set:
+    return set().union(*(fields(v, f"{prefix}{k}.") for k, v in tree.items())) if isinstance(tree, dict) else {prefix}
+
+
 def test_a_checkpoint_written_by_d70f823_resumes_bit_exactly(tmp_path, monkeypatch):
     """Its step 2 checkpoint, resumed by today's code, ends with the weights of d70f823's uninterrupted run.
     Negative control: the same resume without the RNG state (LoRA dropout draws from it) ends elsewhere."""
@@ -291,6 +295,11 @@ def test_a_checkpoint_written_by_d70f823_resumes_bit_exactly(tmp_path, monkeypat
     train(tiny_config(tmp_path / "resumed", *D70F823, f"train.resume={seed}"))
     assert [r["step"] for r in read_metrics(tmp_path / "resumed" / "run")] == [3, 4]
     assert digest(tmp_path / "resumed" / "run" / "final") == expected["final_adapter_sha256"]
+    # and today's checkpoints have the same files and the same state.json fields (nested keys) as d70f823's
+    now = tmp_path / "resumed" / "run" / "checkpoints" / "step_000004"
+    files = [{str(f.relative_to(d)) for f in d.rglob("*") if f.is_file() and f.name != "README.md"} for d in (now, seed)]
+    assert files[0] == files[1]
+    assert fields(json.loads((now / "state.json").read_text())) == fields(json.loads((seed / "state.json").read_text()))
 
     monkeypatch.setattr(ckpt, "_set_rng_state", lambda tensors, plain: None)
     train(tiny_config(tmp_path / "no_rng", *D70F823, f"train.resume={seed}"))
