@@ -50,7 +50,7 @@ def main():
     if "checkpoint" in flags:
         from higgs_ddp.training.checkpoint import CheckpointError
         try:
-            trainer.save_checkpoint(1)
+            trainer.save_checkpoint()  # after its one step
         except CheckpointError as e:
             error = str(e)
     if env.is_main:

@@ -4,8 +4,10 @@ Exactness: N steps straight == N/2, then a fresh process resuming from the N/2 c
 LoRA dropout is on, so the RNG state has to come back too, not just weights and optimizer.
 """
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -260,3 +262,45 @@ def test_resume_modes_and_damaged_checkpoints(tmp_path, straight):
     save_file(w, str(path))
     with pytest.raises(CheckpointError, match="do not match the checksums saved with them"):
         train(tiny_config(tmp_path / "c", *COMMON, f"train.resume={damaged}"))
+
+
+# A checkpoint written by the code of commit d70f823, before checkpointed state was registered (state.py):
+# the on-disk format has not changed since, so it resumes bit-exactly (tests/fixtures/checkpoint_d70f823/make.py
+# says how it was made). The corpus is conftest.tiny_config's, written afresh: its fingerprint is in state.json.
+FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint_d70f823"
+D70F823 = ("train.max_steps=4", "train.save_every=2", "train.keep_last=0", "train.lr=5e-3", "train.warmup_steps=1",
+           "train.seed=11", "lora.dropout=0.1", "lora.r=2")
+
+
+def digest(folder: Path) -> str:
+    """sha256 over a final/ adapter's tensors (names and bytes): equal only for bit-identical weights."""
+    weights, h = load_file(str(folder / "adapter_model.safetensors")), hashlib.sha256()
+    for k in sorted(weights):
+        h.update(k.encode())
+        h.update(weights[k].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def fields(tree, prefix="") -> set:
+    return set().union(*(fields(v, f"{prefix}{k}.") for k, v in tree.items())) if isinstance(tree, dict) else {prefix}
+
+
+def test_a_checkpoint_written_by_d70f823_resumes_bit_exactly(tmp_path, monkeypatch):
+    """Its step 2 checkpoint, resumed by today's code, ends with the weights of d70f823's uninterrupted run.
+    Negative control: the same resume without the RNG state (LoRA dropout draws from it) ends elsewhere."""
+    expected = json.loads((FIXTURE / "uninterrupted.json").read_text())
+    assert expected["overrides"] == list(D70F823)
+    seed = tmp_path / "seed" / "step_000002"
+    shutil.copytree(FIXTURE / "step_000002", seed)
+    train(tiny_config(tmp_path / "resumed", *D70F823, f"train.resume={seed}"))
+    assert [r["step"] for r in read_metrics(tmp_path / "resumed" / "run")] == [3, 4]
+    assert digest(tmp_path / "resumed" / "run" / "final") == expected["final_adapter_sha256"]
+    # and today's checkpoints have the same files and the same state.json fields (nested keys) as d70f823's
+    now = tmp_path / "resumed" / "run" / "checkpoints" / "step_000004"
+    files = [{str(f.relative_to(d)) for f in d.rglob("*") if f.is_file() and f.name != "README.md"} for d in (now, seed)]
+    assert files[0] == files[1]
+    assert fields(json.loads((now / "state.json").read_text())) == fields(json.loads((seed / "state.json").read_text()))
+
+    monkeypatch.setattr(ckpt, "_set_rng_state", lambda tensors, plain: None)
+    train(tiny_config(tmp_path / "no_rng", *D70F823, f"train.resume={seed}"))
+    assert digest(tmp_path / "no_rng" / "run" / "final") != expected["final_adapter_sha256"]

@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:
@@ -81,11 +82,7 @@ def train(cfg: Config) -> dict:
                 r = trainer.train_step(micro)
                 done = step
                 dt = time.perf_counter() - t0
-                last = {"step": step, "loss": r.loss, "text_loss": r.text_loss, "audio_loss": r.audio_loss,
-                        "per_codebook_loss": r.per_codebook_loss, "lr": lr, "grad_norm": r.grad_norm,
-                        "tokens": r.tokens, "samples": r.samples, "padding_fraction": r.padding_fraction,
-                        "text_targets": r.text_targets, "audio_targets": r.audio_targets,
-                        "tokens_per_s": r.tokens / dt, "step_time_s": dt, "skipped": r.skipped,
+                last = {"step": step, **asdict(r), "lr": lr, "tokens_per_s": r.tokens / dt, "step_time_s": dt,
                         "skipped_steps": trainer.skipped_steps, **trainer.memory()}
                 evaluated = between_steps(trainer, log, step)  # validation, listening samples, best/
                 val, heard = evaluated["val"] or val, evaluated["samples"] or heard
@@ -99,12 +96,12 @@ def train(cfg: Config) -> dict:
                                     lr=f"{lr:.2e}", tok_s=f"{r.tokens / dt:,.0f}")
                     bar.update(1)
                 if t.save_every and step % t.save_every == 0 and step < t.max_steps:
-                    saved = save(trainer, step)
+                    saved = save(trainer)
             bar.close()
             # The workers end before the last save: a worker's death can no longer raise inside it.
             batches.close()
             if done > saved:  # the step the run stopped after, or the last one
-                saved = save(trainer, done)
+                saved = save(trainer)
             if signum:
                 if env.is_main:
                     write_status(cfg.output_dir, "stopped", done, signal=signal_name(signum))
@@ -161,12 +158,13 @@ def next_micro_batches(batches, n: int, stop) -> list | None:
         return None
 
 
-def save(trainer, step: int) -> int:
-    path = trainer.save_checkpoint(step)
+def save(trainer) -> int:
+    """A checkpoint after the steps the trainer has taken; returns their number."""
+    path = trainer.save_checkpoint()
     if trainer.env.is_main:
         from tqdm import tqdm
-        tqdm.write(f"step {step}: checkpoint {path}")
-    return step
+        tqdm.write(f"step {trainer.step}: checkpoint {path}")
+    return trainer.step
 
 
 def between_steps(trainer, log, step: int) -> dict:

@@ -11,9 +11,11 @@
         state.json               step, data position, scheduler, counters, python/numpy RNG per rank,
                                  data fingerprint, weight checksums: written last
 
-Only tensors (safetensors) and JSON/YAML are read back: loading a checkpoint unpickles nothing. A
-checkpoint is assembled in a hidden ``.tmp-*`` folder and renamed into place, so a crash while saving
-leaves the previous one intact, and a folder named ``step_N`` is always complete.
+What the files hold is the state the trainer registers (``Trainer.states``; training/state.py says how a
+state chooses its place and how to add one). Only tensors (safetensors) and JSON/YAML are read back:
+loading a checkpoint unpickles nothing. A checkpoint is assembled in a hidden ``.tmp-*`` folder and renamed
+into place, so a crash while saving leaves the previous one intact, and a folder named ``step_N`` is always
+complete.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from higgs_ddp.training.shards import (
     rows_held,
     shard_file,
 )
+from higgs_ddp.training.state import Tensors
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE = "state.json"
@@ -147,37 +150,84 @@ def verify_ranks_agree(named_params: list, step: int, device: torch.device) -> N
             f"differ, first: {bad[0]}): gradients were not synchronised; stopping without saving")
 
 
-def _optimizer_tensors(optimizer, names_by_param: dict) -> tuple[dict, dict]:
-    """This rank's rows of every optimizer tensor, keyed ``name::field``, and the JSON-able rest."""
-    sd = optimizer.state_dict()
-    order = [names_by_param[p] for g in optimizer.param_groups for p in g["params"]]
-    tensors = {f"{order[i]}::{key}": v for i, st in sd["state"].items() for key, v in st.items()}
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"param_names": order, "param_groups": groups}
+class ModelState:
+    """The trainable tensors (``state_dict``: {name: tensor}, this rank's rows under FSDP). The checkpoint
+    writes them as the PEFT ``adapter/`` or ``trainable.safetensors`` (or in the shard files) and records
+    their checksums, which a load checks before any other state is loaded."""
+    rows = True
+
+    def __init__(self, model, named_params: list):
+        self.model, self.named_params = model, named_params
+
+    def state_dict(self) -> Tensors:
+        return Tensors(dict(self.named_params))
+
+    def load_state_dict(self, saved: Tensors) -> None:
+        with torch.no_grad():
+            for n, p in self.named_params:
+                start, end = rows_held(p)
+                local_part(p).copy_(saved.tensors.read(n, start, end))
+
+
+class OptimizerState:
+    """AdamW's moments and step counts (tensors keyed ``name::field``, this rank's rows) and, as JSON, the
+    parameter order and the param groups."""
+    rows = True
+
+    def __init__(self, optimizer, named_params: list):
+        self.optimizer, self.named_params = optimizer, named_params
+
+    def state_dict(self) -> Tensors:
+        sd = self.optimizer.state_dict()
+        names = {p: n for n, p in self.named_params}
+        order = [names[p] for g in self.optimizer.param_groups for p in g["params"]]
+        tensors = {f"{order[i]}::{key}": v for i, st in sd["state"].items() for key, v in st.items()}
+        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+        return Tensors(tensors, {"param_names": order, "param_groups": groups})
+
+    def load_state_dict(self, saved: Tensors) -> None:
+        params, names = dict(self.named_params), {id(p): n for n, p in self.named_params}
+        order = [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+        if order != saved.json["param_names"]:
+            raise CheckpointError("the checkpoint's optimizer was built for other trainable parameters")
+        index = {n: i for i, n in enumerate(order)}
+        state: dict = {}
+        for key in sorted(k for k in saved.tensors.keys() if "::" in k):
+            name, field = key.rsplit("::", 1)
+            p = params[name]
+            if list(saved.tensors.shape(key)) == list(p.shape):  # moments: this rank's rows, placed like the weight
+                start, end = rows_held(p)
+                value = like(p, saved.tensors.read(key, start, end).to(local_part(p).device))
+            else:  # AdamW's step count: a scalar, the same on every rank
+                value = saved.tensors.read(key, 0, 0)
+            state.setdefault(index[name], {})[field] = value
+        groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in saved.json["param_groups"]]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+class RngState:
+    """Every rank's generators (collective: ``state_dict`` gathers them): torch's as tensors keyed
+    ``rank{r}.torch_cpu`` (and ``.torch_cuda``), python's and numpy's as JSON, one entry per rank. Restored
+    only with as many ranks as saved them (otherwise a resume says so)."""
+    rows = False
+
+    def __init__(self, env: DistEnv):
+        self.env = env
+
+    def state_dict(self) -> Tensors:
+        ranks = all_gather_objects(_rng_state())  # small
+        return Tensors({f"rank{r}.{k}": v.contiguous() for r, (t, _) in enumerate(ranks) for k, v in t.items()},
+                       [plain for _, plain in ranks])
+
+    def load_state_dict(self, saved: Tensors) -> None:
+        if len(saved.json) == self.env.world_size:
+            prefix = f"rank{self.env.rank}."
+            _set_rng_state({k[len(prefix):]: v for k, v in saved.tensors.items() if k.startswith(prefix)},
+                           saved.json[self.env.rank])
 
 
 def _local_cpu(tensors: dict) -> dict:
     return {k: local_part(v).detach().cpu().contiguous() for k, v in tensors.items()}
-
-
-def _load_optimizer(optimizer, named_params: list, saved: SavedTensors, meta: dict) -> None:
-    params, names = dict(named_params), {id(p): n for n, p in named_params}
-    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    if order != meta["param_names"]:
-        raise CheckpointError("the checkpoint's optimizer was built for other trainable parameters")
-    index = {n: i for i, n in enumerate(order)}
-    state: dict = {}
-    for key in sorted(k for k in saved.keys() if "::" in k):
-        name, field = key.rsplit("::", 1)
-        p = params[name]
-        if list(saved.shape(key)) == list(p.shape):  # moments: this rank's rows, placed like the weight
-            start, end = rows_held(p)
-            value = like(p, saved.read(key, start, end).to(local_part(p).device))
-        else:  # AdamW's step count: a scalar, the same on every rank
-            value = saved.read(key, 0, 0)
-        state.setdefault(index[name], {})[field] = value
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def _rng_state() -> tuple[dict, dict]:
@@ -210,26 +260,29 @@ def _agree(error: str, env: DistEnv, what: str) -> None:
         raise CheckpointError(error or f"another rank could not write {what}")
 
 
-def save_checkpoint(output_dir, step: int, *, model, named_params: list, optimizer, scheduler, state: dict,
-                    config: dict, env: DistEnv, keep_last: int) -> Path:
-    """Collective: every rank calls it. Rank 0 writes the checkpoint; with sharded weights each rank also
-    writes its own rows. All ranks learn whether that worked."""
-    verify_ranks_agree(named_params, step, env.device)
-    sums = weight_checksums(named_params, env.device)
-    rng = all_gather_objects(_rng_state())  # small; every rank's generators
+def _weights(states: dict) -> ModelState:
+    return next(s for s in states.values() if isinstance(s, ModelState))
+
+
+def save_checkpoint(output_dir, step: int, states: dict, *, config: dict, env: DistEnv, keep_last: int) -> Path:
+    """Collective: every rank calls it. Rank 0 writes the checkpoint of ``states`` (the registry, state.py);
+    with sharded weights each rank also writes its own rows. All ranks learn whether that worked."""
+    weights = _weights(states)
+    verify_ranks_agree(weights.named_params, step, env.device)
+    sums = weight_checksums(weights.named_params, env.device)
+    saved = {k: s.state_dict() for k, s in states.items()}  # collective (the RNG of every rank)
+    rows = {k: v for k, s in states.items() if getattr(s, "rows", False) for k, v in saved[k].tensors.items()}
     root = checkpoint_root(output_dir)
     final = root / f"step_{step:06d}"
     tmp = final.with_name(all_gather_objects(f".tmp-{final.name}-{os.getpid()}")[0])  # rank 0's name
-    sharded = any(is_sharded(p) for _, p in named_params)
-    names_by_param = {p: n for n, p in named_params}
-    opt_tensors, opt_meta = _optimizer_tensors(optimizer, names_by_param)
+    sharded = any(is_sharded(p) for _, p in weights.named_params)
     error = ""
     if env.is_main:
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / SHARD_DIR if sharded else tmp).mkdir(parents=True)
-            if sharded and hasattr(model, "peft_config"):  # peft's adapter files, less the tensors (in shards/)
-                model.save_pretrained(str(tmp / "adapter"), safe_serialization=True, state_dict={})
+            if sharded and hasattr(weights.model, "peft_config"):  # peft's adapter files, less the tensors (in shards/)
+                weights.model.save_pretrained(str(tmp / "adapter"), safe_serialization=True, state_dict={})
                 (tmp / "adapter" / "adapter_model.safetensors").unlink()
         except OSError as e:
             error = f"could not write checkpoint {final}: {e}"
@@ -237,19 +290,19 @@ def save_checkpoint(output_dir, step: int, *, model, named_params: list, optimiz
     if sharded:  # each rank its rows: nothing is gathered
         try:
             f = tmp / shard_file(env.rank)
-            save_file(_local_cpu({**dict(named_params), **opt_tensors}), str(f))
+            save_file(_local_cpu(rows), str(f))
             _fsync(f)
         except (OSError, RuntimeError) as e:
             error = f"could not write {tmp / shard_file(env.rank)} (rank {env.rank}): {e}"
         _agree(error, env, f"checkpoint {final}")
     if env.is_main:
         try:
-            if not sharded:
-                _write_replicated(tmp, model, named_params, opt_tensors)
-            sharding = ({"world_size": env.world_size,
-                         "shapes": {k: list(v.shape) for k, v in {**dict(named_params), **opt_tensors}.items()}}
-                        if sharded else None)
-            _write_rest(tmp, final, step, scheduler, state, config, rng, opt_meta, named_params, sums, sharding)
+            _write_tensors(tmp, states, saved, sharded)
+            layout = {"world_size": env.world_size,
+                      "weight_checksums": {n: s for (n, _), s in zip(weights.named_params, sums.tolist())},
+                      **({"sharding": {"world_size": env.world_size,
+                                       "shapes": {k: list(v.shape) for k, v in rows.items()}}} if sharded else {})}
+            _write_rest(tmp, final, config, {**_json_parts(saved), **layout})
             for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
                 _remove(old)
         except Exception as e:  # noqa: BLE001 -- any failure must reach the other ranks, not leave them waiting
@@ -258,26 +311,31 @@ def save_checkpoint(output_dir, step: int, *, model, named_params: list, optimiz
     return final
 
 
-def _write_replicated(tmp: Path, model, named_params, opt_tensors) -> None:
+def _json_parts(saved: dict) -> dict:
+    """What goes into state.json: each state's JSON value (a Tensors' JSON part, when it has one)."""
+    parts = {k: (v.json if isinstance(v, Tensors) else v) for k, v in saved.items()}
+    return {k: v for k, v in parts.items() if v is not None}
+
+
+def _write_tensors(tmp: Path, states: dict, saved: dict, sharded: bool) -> None:
+    """Rank 0's tensor files: ``{key}.safetensors`` for each state with tensors, but the weights as the PEFT
+    ``adapter/`` or ``trainable.safetensors``, and nothing of the row states when they are in shards/."""
     from peft import PeftModel
 
-    if isinstance(model, PeftModel):
-        model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
-    else:
-        save_file(_local_cpu(dict(named_params)), str(tmp / "trainable.safetensors"))
-    save_file(_local_cpu(opt_tensors), str(tmp / "optimizer.safetensors"))
+    for key, s in states.items():
+        if not isinstance(saved[key], Tensors) or (sharded and getattr(s, "rows", False)):
+            continue
+        if isinstance(s, ModelState) and isinstance(s.model, PeftModel):
+            s.model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+        else:
+            name = "trainable" if isinstance(s, ModelState) else key
+            save_file(_local_cpu(saved[key].tensors), str(tmp / f"{name}.safetensors"))
 
 
-def _write_rest(tmp: Path, final: Path, step, scheduler, state, config, rng, opt_meta, named_params, sums,
-                sharding) -> None:
-    save_file({f"rank{r}.{k}": v.contiguous() for r, (t, _) in enumerate(rng) for k, v in t.items()},
-              str(tmp / "rng.safetensors"))
+def _write_rest(tmp: Path, final: Path, config: dict, state: dict) -> None:
+    """config.yaml and state.json (last), then the folder made durable and renamed into place."""
     (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    full = {**state, "step": step, "world_size": len(rng), "optimizer": opt_meta,
-            "scheduler": scheduler.state_dict(), "rng": [plain for _, plain in rng],
-            "weight_checksums": {n: s for (n, _), s in zip(named_params, sums.tolist())},
-            **({"sharding": sharding} if sharding else {})}
-    (tmp / STATE).write_text(json.dumps(full, indent=1))
+    (tmp / STATE).write_text(json.dumps(state, indent=1))
     _fsync_tree(tmp)
     if final.exists():  # the same step saved again (e.g. a rerun that had nothing left to do)
         _remove(final)
@@ -322,30 +380,39 @@ def _cannot_load(path: Path, e: Exception) -> CheckpointError:
     return CheckpointError(f"{path}: cannot load checkpoint: {' '.join(str(e).split())}")
 
 
-def load_checkpoint(path: Path, *, model, named_params: list, optimizer, scheduler, env: DistEnv) -> dict:
-    """Restore weights, optimizer, scheduler and this rank's RNG, whatever strategy and number of ranks
-    wrote the checkpoint (each rank reads only its rows); returns the saved state dict. ChecksumError (before
-    anything but the weights has changed) when the loaded weights are not the ones saved."""
+def load_checkpoint(path: Path, states: dict, env: DistEnv) -> tuple[dict, dict]:
+    """Restore every registered state (state.py), whatever strategy and number of ranks wrote the checkpoint
+    (each rank reads only its rows); returns the saved state dict and each state's note ({key: note}, where
+    there is one). The weights come first: ChecksumError, before any other state has changed, when they are
+    not the ones saved."""
     path = Path(path)
     state = read_state(path)
+    weights = _weights(states)
+    names = [n for n, _ in weights.named_params]
     try:
-        saved = _open_weights(path, state, [n for n, _ in named_params])
-        with torch.no_grad():
-            for n, p in named_params:
-                start, end = rows_held(p)
-                local_part(p).copy_(saved.read(n, start, end))
-        now = dict(zip([n for n, _ in named_params], weight_checksums(named_params, env.device).tolist()))
-        _check_sums(saved, state["weight_checksums"], now)
-        _load_optimizer(optimizer, named_params, saved, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["world_size"] == env.world_size:
-            rng = load_file(str(path / "rng.safetensors"))
-            prefix = f"rank{env.rank}."
-            _set_rng_state({k[len(prefix):]: v for k, v in rng.items() if k.startswith(prefix)},
-                           state["rng"][env.rank])
+        rows = _open_weights(path, state, names)
+        weights.load_state_dict(Tensors(rows))
+        now = dict(zip(names, weight_checksums(weights.named_params, env.device).tolist()))
+        _check_sums(rows, state["weight_checksums"], now)
+        notes = {}
+        for key, s in states.items():
+            if s is not weights:
+                notes[key] = s.load_state_dict(_saved_value(path, state, key, getattr(s, "rows", None), rows))
     except (OSError, KeyError, ValueError, SafetensorError) as e:
         raise _cannot_load(path, e) from None
-    return state
+    return state, {k: v for k, v in notes.items() if v}
+
+
+def _saved_value(path: Path, state: dict, key: str, rows, weights: SavedTensors):
+    """What ``load_state_dict`` gets for ``key``: its JSON value; for a state with tensors (``rows`` True:
+    rows of the trainable tensors, read from either layout; False: its own file) ``Tensors``; None when the
+    checkpoint was written before the state existed."""
+    if rows is None:
+        return state.get(key)
+    if rows:
+        return Tensors(weights, state.get(key))
+    f = path / f"{key}.safetensors"
+    return Tensors(load_file(str(f)), state.get(key)) if f.is_file() or key in state else None
 
 
 def verify_weights(path: Path) -> dict:

@@ -24,14 +24,15 @@ from higgs_ddp.runtime import precision
 from higgs_ddp.runtime.distributed import DistEnv, all_reduce_sum
 from higgs_ddp.runtime.shared_fs import check_shared_directory, describe_nodes
 from higgs_ddp.training.best import BestTracker
-from higgs_ddp.training.checkpoint import _fsync_tree, check_resumable, load_checkpoint, save_checkpoint
+from higgs_ddp.training.checkpoint import (ModelState, OptimizerState, RngState, _fsync_tree, check_resumable,
+                                           load_checkpoint, save_checkpoint)
 from higgs_ddp.training.memory_plan import check_memory
 from higgs_ddp.training.optim import build_optimizer, build_scheduler
 from higgs_ddp.training.parallel import build_strategy
 from higgs_ddp.training.perf import compile_decoder_layers, enable_activation_checkpointing, enable_tf32
 from higgs_ddp.training.preemption import leave_stop_signals_to_parent
 from higgs_ddp.training.shards import gather_full
-from higgs_ddp.errors import HiggsError
+from higgs_ddp.training.state import Attributes, DataPosition
 
 
 class TrainingError(HiggsError, RuntimeError):
@@ -80,7 +81,8 @@ class Trainer:
         if cfg.eval.every and not len(self.val_dataset):
             raise ConfigError("eval.every needs a validation set: data.val_manifest or data.val_fraction")
         if cfg.eval.prompts:  # every rank: they must all stop, or the others would wait at a collective
-            from higgs_ddp.evaluation.listening import check_prompts
+            from higgs_ddp.errors import HiggsError
+from higgs_ddp.evaluation.listening import check_prompts
             problems = check_prompts(cfg)  # now, not hours later at the first sample
             if problems:
                 raise ConfigError("; ".join(problems))
@@ -143,6 +145,20 @@ class Trainer:
         self.verified = False  # the first step checks label convention and target counts
         self.bad_in_row = 0
         self.skipped_steps = 0
+        self.step = 0  # optimizer steps taken or skipped: where the schedule and the data stand
+        # Everything a checkpoint saves and a resume restores, registered once (training/state.py says how to
+        # add more: one object with state_dict/load_state_dict, one line here). Loaded in this order: the
+        # weights first (a checksum failure leaves the rest untouched), the step before the data position.
+        self.states = {
+            "model": ModelState(self.model, self.named_params),
+            "step": Attributes(self, "step"),
+            "data": DataPosition(self.sampler, lambda: self.data_fingerprint, lambda: self.step),
+            "counters": Attributes(self, "bad_in_row", "skipped_steps", "alignment", "verified"),
+            "best": self.tracker,
+            "optimizer": OptimizerState(self.optimizer, self.named_params),
+            "scheduler": self.scheduler,
+            "rng": RngState(env),
+        }
 
     @property
     def autocast(self) -> torch.autocast:
@@ -168,27 +184,17 @@ class Trainer:
     def data_fingerprint(self) -> dict:
         return fingerprint(self.data.train)
 
-    def save_checkpoint(self, step: int) -> Path:
-        epoch, micro = self.sampler.position(step)
-        state = {"data": {**self.data_fingerprint, "epoch": epoch, "micro_batches_into_epoch": micro},
-                 "counters": {"bad_in_row": self.bad_in_row, "skipped_steps": self.skipped_steps,
-                              "alignment": self.alignment, "verified": self.verified},
-                 "best": self.tracker.state_dict()}
-        return save_checkpoint(self.cfg.output_dir, step, model=self.model, named_params=self.named_params,
-                               optimizer=self.optimizer, scheduler=self.scheduler, state=state,
-                               config=self.cfg.to_dict(), env=self.env, keep_last=self.cfg.train.keep_last)
+    def save_checkpoint(self) -> Path:
+        """Collective: ``checkpoints/step_N`` of every registered state, N the steps taken."""
+        return save_checkpoint(self.cfg.output_dir, self.step, self.states, config=self.cfg.to_dict(), env=self.env,
+                               keep_last=self.cfg.train.keep_last)
 
     def resume(self, path: Path) -> int:
         """Continue from a checkpoint: weights, optimizer, schedule, data position, RNG. Returns its step."""
         t = self.cfg.train
         check_resumable(path, self.cfg.to_dict(), self.data_fingerprint, self.env.world_size, t.resume_accept)
-        state = load_checkpoint(path, model=self.model, named_params=self.named_params, optimizer=self.optimizer,
-                                scheduler=self.scheduler, env=self.env)
-        step, data = state["step"], state["data"]
-        if "micro_batches_into_epoch" in data:
-            self.sampler.resume_at(step, data["epoch"], data["micro_batches_into_epoch"])
-        else:  # saved before positions were kept in micro-batches: by step, right for the same layout
-            self.sampler.start_step = step
+        state, notes = load_checkpoint(path, self.states, self.env)
+        step = self.step
         if state["world_size"] != self.env.world_size and self.env.is_main:
             epoch, micro = self.sampler.position(step)
             print(f"resume: {state['world_size']} ranks saved this checkpoint, {self.env.world_size} run now "
@@ -197,10 +203,7 @@ class Trainer:
                   flush=True)
         if step > t.max_steps:
             raise ConfigError(f"{path} is at step {step}, past train.max_steps={t.max_steps}")
-        c = state["counters"]
-        self.bad_in_row, self.skipped_steps = c["bad_in_row"], c["skipped_steps"]
-        self.alignment, self.verified = c["alignment"], c["verified"]
-        note = self.tracker.load_state_dict(state.get("best")) or self._best_folder_after_resume(Path(path))
+        note = notes.get("best") or self._best_folder_after_resume(Path(path))
         if note and self.env.is_main:
             print(f"resume: {note}", flush=True)
         return step
@@ -322,8 +325,11 @@ class Trainer:
             raise TrainingError(
                 f"{self.bad_in_row} optimizer steps in a row had a non-finite loss or gradient "
                 f"(last: loss={loss}, grad_norm={grad_norm}); stopping. Lower train.lr or check the data.")
-        return StepResult(loss, text_loss, audio_loss, per_cb, grad_norm, int(g_text), int(g_audio),
-                          int(g_tokens), int(g_samples), 1.0 - g_tokens / max(g_padded, 1), not finite)
+        self.step += 1
+        return StepResult(loss=loss, text_loss=text_loss, audio_loss=audio_loss, per_codebook_loss=per_cb,
+                          grad_norm=grad_norm, text_targets=int(g_text), audio_targets=int(g_audio),
+                          tokens=int(g_tokens), samples=int(g_samples),
+                          padding_fraction=1.0 - g_tokens / max(g_padded, 1), skipped=not finite)
 
     def save_final(self) -> Path:
         """The trained tensors, whole, in the formats export and the inference engine read. Collective: with
