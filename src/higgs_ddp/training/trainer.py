@@ -19,6 +19,7 @@ from higgs_ddp.data.collator import Batch, HiggsCollator
 from higgs_ddp.data.dataset import Data, ManifestDataset, cache_dir, fingerprint, load_data
 from higgs_ddp.data.prefetch import Prefetcher
 from higgs_ddp.dual_loss import compute_dual_loss
+from higgs_ddp.errors import HiggsError
 from higgs_ddp.model import HiggsForward, build_for_training, load_tokenizer, model_config, text_head, unwrap
 from higgs_ddp.runtime import precision
 from higgs_ddp.runtime.distributed import DistEnv, all_reduce_sum
@@ -81,8 +82,7 @@ class Trainer:
         if cfg.eval.every and not len(self.val_dataset):
             raise ConfigError("eval.every needs a validation set: data.val_manifest or data.val_fraction")
         if cfg.eval.prompts:  # every rank: they must all stop, or the others would wait at a collective
-            from higgs_ddp.errors import HiggsError
-from higgs_ddp.evaluation.listening import check_prompts
+            from higgs_ddp.evaluation.listening import check_prompts
             problems = check_prompts(cfg)  # now, not hours later at the first sample
             if problems:
                 raise ConfigError("; ".join(problems))
