@@ -210,6 +210,7 @@ def test_resume_compares_every_key_but_those_marked_resume_neutral_on_their_fiel
     import copy
 
     from higgs_ddp.config import Config, resume_neutral_keys, valid_keys
+    from higgs_ddp.training.resume_policy import resume_differences
 
     saved = Config().to_dict()
     state, fingerprint = {"data": {"content": "c", "ids": "i"}, "world_size": 1}, {"content": "c", "ids": "i"}
@@ -223,7 +224,7 @@ def test_resume_compares_every_key_but_those_marked_resume_neutral_on_their_fiel
         for part in path:
             node = node[part]
         node[name] = "changed"
-        assert (key in ckpt.resume_differences(saved, now, state, fingerprint, 1)) == (key not in neutral), key
+        assert (key in resume_differences(saved, now, state, fingerprint, 1)) == (key not in neutral), key
 
 
 def test_changed_data_content_is_named(tmp_path, straight):

@@ -35,8 +35,9 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from higgs_ddp.config import Config, ConfigError, resume_neutral_keys
+from higgs_ddp.config import ConfigError
 from higgs_ddp.runtime.distributed import DistEnv, all_gather_objects, all_reduce_sum
+from higgs_ddp.runtime.files import fsync_path, fsync_tree
 from higgs_ddp.errors import HiggsError
 from higgs_ddp.training.shards import (
     SHARD_DIR,
@@ -98,20 +99,8 @@ def remove_stale_temporaries(output_dir) -> None:
     if root.is_dir():
         for p in root.glob(".tmp-*"):
             shutil.rmtree(p, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    # Data on disk before the rename makes the checkpoint visible: a power cut can't expose empty files.
-    for p in sorted(path.rglob("*")) + [path]:
-        _fsync(p)
+    for p in Path(output_dir).glob(".*.tmp"):  # a final/ or best/ (files.atomic_folder) cut short
+        shutil.rmtree(p, ignore_errors=True)
 
 
 # --- the pieces -------------------------------------------------------------------------------------
@@ -291,7 +280,7 @@ def save_checkpoint(output_dir, step: int, states: dict, *, config: dict, env: D
         try:
             f = tmp / shard_file(env.rank)
             save_file(_local_cpu(rows), str(f))
-            _fsync(f)
+            fsync_path(f)
         except (OSError, RuntimeError) as e:
             error = f"could not write {tmp / shard_file(env.rank)} (rank {env.rank}): {e}"
         _agree(error, env, f"checkpoint {final}")
@@ -336,11 +325,11 @@ def _write_rest(tmp: Path, final: Path, config: dict, state: dict) -> None:
     """config.yaml and state.json (last), then the folder made durable and renamed into place."""
     (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (tmp / STATE).write_text(json.dumps(state, indent=1))
-    _fsync_tree(tmp)
+    fsync_tree(tmp)  # data on disk before the rename makes the checkpoint visible
     if final.exists():  # the same step saved again (e.g. a rerun that had nothing left to do)
         _remove(final)
     os.rename(tmp, final)
-    _fsync(final.parent)  # the rename itself
+    fsync_path(final.parent)  # the rename itself
 
 
 def read_state(path: Path) -> dict:
@@ -432,63 +421,6 @@ def verify_weights(path: Path) -> dict:
         raise _cannot_load(path, e) from None
     _check_sums(saved, sums, now)
     return state
-
-
-# --- what must match to resume --------------------------------------------------------------------
-
-# Keys that cannot change what a step computes (where things live, how often to log or save, speed and
-# memory settings, validation): each is marked on its field in config.py.
-NO_EFFECT = resume_neutral_keys()
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and prefix + k != "model.config":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def resume_differences(saved_config: dict, config: dict, saved_state: dict, fingerprint: dict,
-                       world_size: int) -> dict:
-    """What differs between a checkpoint and this run in ways that would change the result:
-    {key: "then -> now"}; keys are config keys, ``data`` and ``world_size``."""
-    # A key this version added is missing from an older checkpoint's config: it ran with what is now the key's
-    # default. A key this version removed affects nothing any more. So: this version's keys, defaults beneath.
-    then, now = {**_flat(Config().to_dict()), **_flat(saved_config)}, _flat(config)
-    diffs = {k: f"{then.get(k)!r} -> {now[k]!r}" for k in sorted(now)
-             if k not in NO_EFFECT and then.get(k) != now[k]}
-    old = saved_state.get("data", {})
-    if old.get("content") != fingerprint["content"]:
-        if old.get("ids") == fingerprint["ids"]:
-            diffs["data"] = ("the same sample ids, but in another order or with different tokens or audio codes "
-                             "(reordered manifest, edited text or audio, another tokenizer or codec?)")
-        else:
-            diffs["data"] = f"{old.get('samples')} training samples -> {fingerprint['samples']}, not the same set"
-    if saved_state.get("world_size") != world_size:
-        diffs["world_size"] = (f"{saved_state.get('world_size')} -> {world_size} ranks (samples per step and the "
-                               f"ranks' RNG differ)")
-    return diffs
-
-
-def check_resumable(path: Path, config: dict, fingerprint: dict, world_size: int, accept: list) -> None:
-    state = read_state(path)
-    try:
-        saved_config = yaml.safe_load((Path(path) / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise CheckpointError(f"{path}: cannot read config.yaml: {e}") from None
-    diffs = resume_differences(saved_config, config, state, fingerprint, world_size)
-    if "all" in accept:
-        return
-    blocking = {k: v for k, v in diffs.items() if k not in accept}
-    if blocking:
-        lines = "; ".join(f"{k}: {v}" for k, v in blocking.items())
-        keys = ",".join(blocking)
-        raise ConfigError(f"cannot resume from {path}: this run differs from it in ways that change the "
-                          f"result: {lines}. Resume anyway with train.resume_accept=[{keys}], or start a new "
-                          f"run in another output_dir")
 
 
 def resume_point(output_dir, resume: str, env: Optional[DistEnv] = None) -> tuple[Optional[Path], str]:

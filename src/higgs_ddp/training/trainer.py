@@ -22,16 +22,18 @@ from higgs_ddp.dual_loss import compute_dual_loss
 from higgs_ddp.errors import HiggsError
 from higgs_ddp.model import HiggsForward, build_for_training, load_tokenizer, model_config, text_head, unwrap
 from higgs_ddp.runtime import precision
+from higgs_ddp.runtime.files import atomic_folder
 from higgs_ddp.runtime.distributed import DistEnv, all_reduce_sum
 from higgs_ddp.runtime.shared_fs import check_shared_directory, describe_nodes
 from higgs_ddp.training.best import BestTracker
-from higgs_ddp.training.checkpoint import (ModelState, OptimizerState, RngState, _fsync_tree, check_resumable,
+from higgs_ddp.training.checkpoint import (ModelState, OptimizerState, RngState,
                                            load_checkpoint, save_checkpoint)
 from higgs_ddp.training.memory_plan import check_memory
 from higgs_ddp.training.optim import build_optimizer, build_scheduler
 from higgs_ddp.training.parallel import build_strategy
 from higgs_ddp.training.perf import compile_decoder_layers, enable_activation_checkpointing, enable_tf32
 from higgs_ddp.training.preemption import leave_stop_signals_to_parent
+from higgs_ddp.training.resume_policy import check_resumable
 from higgs_ddp.training.shards import gather_full
 from higgs_ddp.training.state import Attributes, DataPosition
 
@@ -385,26 +387,17 @@ class Trainer:
         state = gather_full(self.named_params, keep=self.env.is_main, device=self.env.device)
         if not self.env.is_main:
             return out
-        import shutil
-        tmp, old = out.with_name(f".tmp-{name}"), out.with_name(f".old-{name}")
-        for leftover in (tmp, old):
-            shutil.rmtree(leftover, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        if self.cfg.train.mode == "lora":
-            self.model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state)
-        else:
-            from safetensors.torch import save_file
-            save_file(state, str(tmp / "trainable.safetensors"), metadata={"mode": self.cfg.train.mode})
-            self.raw.config.save_pretrained(str(tmp))
-        self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        if note is not None:
-            import json
-            (tmp / f"{name}.json").write_text(json.dumps(note, indent=1) + "\n")
-        _fsync_tree(tmp)
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic_folder(out, durable=True) as tmp:
+            if self.cfg.train.mode == "lora":
+                self.model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state)
+            else:
+                from safetensors.torch import save_file
+                save_file(state, str(tmp / "trainable.safetensors"), metadata={"mode": self.cfg.train.mode})
+                self.raw.config.save_pretrained(str(tmp))
+            self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            if note is not None:
+                import json
+                (tmp / f"{name}.json").write_text(json.dumps(note, indent=1) + "\n")
         return out
 
 

@@ -1,7 +1,7 @@
 """The run's own start-up checks, called with what the doctor knows instead of a loaded model and data.
 
 Each check here calls the function the run calls (``config.check_machine``, ``config.check_lora_targets``,
-``batching.check_step_fits``, ``checkpoint.resume_point`` / ``check_resumable``), so the doctor's verdict
+``batching.check_step_fits``, ``checkpoint.resume_point`` / ``resume_policy.check_resumable``), so the doctor's verdict
 is the run's. Where the run needs something the doctor does not load, the doctor brings the nearest
 thing: the model built on the meta device (no weights), the samples the manifests list, the
 checkpoint's own data fingerprint (the data itself is compared when the run has loaded it).
@@ -132,9 +132,10 @@ def check_batch(cfg, entries: dict) -> list:
 
 def check_resume(cfg) -> list:
     """Where the run would continue from (checkpoint.resume_point) and whether it would be allowed to
-    (checkpoint.check_resumable, with the checkpoint's own data fingerprint and rank count: those two
+    (resume_policy.check_resumable, with the checkpoint's own data fingerprint and rank count: those two
     are compared once the run has loaded its data and started its ranks)."""
-    from higgs_ddp.training.checkpoint import CheckpointError, check_resumable, read_state, resume_point
+    from higgs_ddp.training.checkpoint import CheckpointError, read_state, resume_point
+    from higgs_ddp.training.resume_policy import check_resumable
 
     try:
         ckpt, note = resume_point(cfg.output_dir, cfg.train.resume)
