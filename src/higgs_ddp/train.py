@@ -180,7 +180,7 @@ def between_steps(trainer, log, step: int) -> dict:
     e, last_step = cfg.eval, step == cfg.train.max_steps
     val, summary = {}, {}
     if len(trainer.val_dataset) and (last_step or (e.every and step % e.every == 0)):
-        val = {"step": step, **evaluate(trainer)}
+        val = {"step": step, **evaluate(trainer.validatable())}
         if env.is_main:
             log.val(val)
             acc = ", ".join(f"{a:.2f}" for a in val["per_codebook_acc"])

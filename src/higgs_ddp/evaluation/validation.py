@@ -4,9 +4,32 @@ would weigh a rank's tokens by how many samples it happened to get)."""
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from typing import Callable
 
-from higgs_ddp.runtime.distributed import all_reduce_max, all_reduce_sum
+import torch
+from torch import nn
+
+from higgs_ddp.runtime.distributed import DistEnv, all_reduce_max, all_reduce_sum
+
+
+@dataclass
+class Validatable:
+    """What a validation pass needs of the model being trained, and nothing more (the trainer's
+    ``validatable()`` makes one): how many validation samples there are, how to batch some of them, how to
+    score a batch without gradients, and the module whose train/eval flag turns dropout off."""
+
+    env: DistEnv
+    samples: int
+    micro_batch_size: int
+    max_batches: int  # per rank, 0: all
+    num_codebooks: int
+    text_weight: float
+    audio_weight: float
+    batch: Callable  # [indices] -> Batch on the device
+    score: Callable  # Batch -> DualLoss (with per-codebook hits), no gradients, under the run's autocast
+    collective_forward: bool  # a forward involves the other ranks (FSDP): every rank runs as many
+    model: nn.Module
 
 
 def validation_chunks(size: int, rank: int, world: int, micro_batch_size: int, max_batches: int = 0) -> list:
@@ -27,22 +50,18 @@ def lockstep(chunks: list, collective: bool, device) -> list:
 
 
 @torch.no_grad()
-def evaluate(trainer) -> dict:
+def evaluate(v: Validatable) -> dict:
     """One validation pass with the model as it is now; every rank returns the same global result."""
-    env, cfg = trainer.env, trainer.cfg
-    C = trainer.raw.config.audio_num_codebooks
-    module = trainer.strategy.eval_module(trainer.wrapped)  # no gradients: no DDP bookkeeping
+    env, C = v.env, v.num_codebooks
     # text sum, text targets, audio sum, audio targets, samples, then per codebook: sums, targets, hits
     sums = torch.zeros(5 + 3 * C, dtype=torch.float64, device=env.device)
-    was_training = trainer.model.training
-    trainer.model.eval()  # no dropout
+    was_training = v.model.training
+    v.model.eval()  # no dropout
     try:
-        chunks = validation_chunks(len(trainer.val_dataset), env.rank, env.world_size, cfg.train.micro_batch_size,
-                                   cfg.eval.max_batches)
-        for chunk, counted in lockstep(chunks, trainer.strategy.collective_forward, env.device):
-            b = trainer.collator([trainer.val_dataset[i] for i in chunk]).to(env.device, non_blocking=True)
-            with trainer.autocast:
-                dl = trainer.loss(module(**b.model_inputs()), b, check=False, accuracy=True)
+        chunks = validation_chunks(v.samples, env.rank, env.world_size, v.micro_batch_size, v.max_batches)
+        for chunk, counted in lockstep(chunks, v.collective_forward, env.device):
+            b = v.batch(chunk)
+            dl = v.score(b)
             if not counted:
                 continue
             sums += torch.cat([
@@ -52,13 +71,12 @@ def evaluate(trainer) -> dict:
                 dl.per_codebook_loss_sum.double(), dl.per_codebook_tokens.double(),
                 dl.per_codebook_correct.double()])
     finally:
-        trainer.model.train(was_training)
+        v.model.train(was_training)
     sums = all_reduce_sum(sums).tolist()
     text_sum, text_n, audio_sum, audio_n, samples = sums[:5]
     cb_sum, cb_n, cb_hit = sums[5:5 + C], sums[5 + C:5 + 2 * C], sums[5 + 2 * C:]
-    t = cfg.train
     text_loss, audio_loss = text_sum / max(text_n, 1), audio_sum / max(audio_n, 1)
-    return {"split": "val", "loss": t.text_weight * text_loss + t.audio_weight * audio_loss,
+    return {"split": "val", "loss": v.text_weight * text_loss + v.audio_weight * audio_loss,
             "text_loss": text_loss, "audio_loss": audio_loss,
             "per_codebook_loss": [s / max(n, 1) for s, n in zip(cb_sum, cb_n)],
             "per_codebook_acc": [h / max(n, 1) for h, n in zip(cb_hit, cb_n)],

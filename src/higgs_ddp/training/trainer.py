@@ -20,6 +20,7 @@ from higgs_ddp.data.dataset import Data, ManifestDataset, cache_dir, fingerprint
 from higgs_ddp.data.prefetch import Prefetcher
 from higgs_ddp.dual_loss import compute_dual_loss
 from higgs_ddp.errors import HiggsError
+from higgs_ddp.evaluation.validation import Validatable
 from higgs_ddp.model import HiggsForward, build_for_training, load_tokenizer, model_config, text_head, unwrap
 from higgs_ddp.runtime import precision
 from higgs_ddp.runtime.files import atomic_folder
@@ -263,6 +264,22 @@ class Trainer:
     @property
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.params)
+
+    def validatable(self) -> Validatable:
+        """The narrow view of this trainer that evaluation/validation.py scores (its only way in)."""
+        module = self.strategy.eval_module(self.wrapped)  # no gradients: no DDP bookkeeping
+
+        def batch(indices: list) -> Batch:
+            return self.collator([self.val_dataset[i] for i in indices]).to(self.env.device, non_blocking=True)
+
+        def score(b: Batch):
+            with self.autocast:
+                return self.loss(module(**b.model_inputs()), b, check=False, accuracy=True)
+
+        t = self.cfg.train
+        return Validatable(self.env, len(self.val_dataset), t.micro_batch_size, self.cfg.eval.max_batches,
+                           self.raw.config.audio_num_codebooks, t.text_weight, t.audio_weight, batch, score,
+                           self.strategy.collective_forward, self.model)
 
     def loss(self, out: dict, b: Batch, check: bool, accuracy: bool = False):
         t = self.cfg.train
