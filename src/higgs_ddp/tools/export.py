@@ -30,6 +30,7 @@ from higgs_ddp.config import Config
 from higgs_ddp.errors import HiggsError, report
 from higgs_ddp.runtime.files import atomic_folder
 from higgs_ddp.tools.weights import Trained, trained_weights
+from higgs_ddp.runtime.layout import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, CONFIG, EXPORT_RECORD, TRAINABLE
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -72,14 +73,14 @@ def merged_model(ckpt: Path, cfg: Config, tokenizer, dtype: torch.dtype = torch.
         from peft import set_peft_model_state_dict
 
         model = build_for_training(cfg, tokenizer, dtype)  # the base in dtype, the adapter in fp32
-        adapter = ckpt / "adapter" if adapter is None else adapter
-        saved = json.loads((adapter / "adapter_config.json").read_text())
+        adapter = ckpt / ADAPTER_DIR if adapter is None else adapter
+        saved = json.loads((adapter / ADAPTER_CONFIG).read_text())
         want = {"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "target_modules": sorted(cfg.lora.target_modules)}
         got = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
                "target_modules": sorted(saved.get("target_modules") or [])}
         if got != want:  # the scale alpha/r is not in the tensors: a mismatch would merge silently wrong
             raise ExportError(f"adapter_config.json {got} disagrees with config.yaml's lora section {want}")
-        state = _load_safetensors(adapter / "adapter_model.safetensors")
+        state = _load_safetensors(adapter / ADAPTER_WEIGHTS)
         try:
             result = set_peft_model_state_dict(model, state)
         except RuntimeError as e:  # shape mismatches
@@ -92,7 +93,7 @@ def merged_model(ckpt: Path, cfg: Config, tokenizer, dtype: torch.dtype = torch.
     model = apply_training_mode(build_model(cfg, tokenizer, dtype=dtype), cfg)
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
-    path = ckpt / "trainable.safetensors"
+    path = ckpt / TRAINABLE
     try:  # one tensor at a time: a full fine-tune's file is as large as the model itself
         with safe_open(str(path), "pt") as f, torch.no_grad():
             keys = set(f.keys())
@@ -175,13 +176,13 @@ def _export(trained: Trained, out: Path, merge: bool, dtype: str) -> str:
                                 ignore=shutil.ignore_patterns("tokenizer", "best.json"))
                 what = "peft adapter (load it onto the base with PeftModel.from_pretrained, or use --merge)"
             else:
-                shutil.copy2(trained.folder / "trainable.safetensors", tmp / "trainable.safetensors")
+                shutil.copy2(trained.folder / TRAINABLE, tmp / TRAINABLE)
                 what = "trainable tensors only (--merge writes a full model folder)"
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
         # Rebuilding the base for unmerged weights needs the run's model section (random init: all of it);
         # higgs-ddp speak reads the codec and precision there, for a merged folder too.
-        shutil.copy2(trained.config_file, tmp / "config.yaml")
-        (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+        shutil.copy2(trained.config_file, tmp / CONFIG)
+        (tmp / EXPORT_RECORD).write_text(json.dumps(info, indent=2) + "\n")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     at = f" step {step}" if step is not None else ""
     return f"exported {cfg.train.mode} {trained.kind}{at} -> {out}: {what}, {size / 2**20:.1f} MiB"

@@ -21,6 +21,7 @@ from higgs_ddp.config import Config, ConfigError, load_config
 from higgs_ddp.tools.export import ExportError, merged_model
 from higgs_ddp.tools.weights import ModelPathError, model_kind, read_config, resolve, trained_weights, weights_step
 from higgs_ddp.errors import InputError
+from higgs_ddp.runtime.layout import CONFIG
 
 __all__ = ["ModelPathError", "Loaded", "default_device", "load_for_inference", "model_kind"]
 
@@ -104,8 +105,8 @@ def _load_merged(path: Path):
     from higgs_ddp.model import _import_higgs, check_tokenizer
 
     where = ["model.init=pretrained", f"model.path={path}", "model.revision=null", "model.tokenizer=null"]
-    if (path / "config.yaml").is_file():
-        cfg = read_config(path / "config.yaml", *where, "model.config=null")
+    if (path / CONFIG).is_file():
+        cfg = read_config(path / CONFIG, *where, "model.config=null")
     else:
         try:
             cfg = load_config(None, where)

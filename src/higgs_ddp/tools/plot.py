@@ -25,8 +25,8 @@ from typing import Optional
 
 from higgs_ddp.errors import HiggsError, report
 from higgs_ddp.runtime.files import atomic_file
+from higgs_ddp.runtime.layout import METRICS
 
-METRICS = "metrics.jsonl"
 DEFAULT_OUT = "training.png"
 
 

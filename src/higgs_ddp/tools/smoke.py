@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from higgs_ddp.errors import HiggsError
+from higgs_ddp.runtime.layout import METRICS
 
 GB = 1e9
 
@@ -144,7 +145,7 @@ def phase(name: str, argv: list, log: Path) -> dict:
 
 
 def losses(run_dir: Path) -> list:
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    rows = [json.loads(ln) for ln in (run_dir / METRICS).read_text().splitlines() if ln.strip()]
     return [(r["step"], r["loss"]) for r in rows if r.get("split", "train") == "train" and "loss" in r]
 
 

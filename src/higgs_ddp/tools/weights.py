@@ -25,6 +25,8 @@ from typing import Optional
 
 from higgs_ddp.config import Config, ConfigError, load_config
 from higgs_ddp.errors import HiggsError
+from higgs_ddp.runtime.layout import (ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINTS, CONFIG, EXPORT_RECORD, STATE,
+                                      STATUS, TRAINABLE)
 
 
 class ModelPathError(HiggsError, ValueError):
@@ -49,16 +51,16 @@ def model_kind(path: Path) -> str:
         raise ModelPathError(f"model path {path} not found")
     if not path.is_dir():
         raise ModelPathError(f"model path {path} is a file; give a run folder, a checkpoint, or an export folder")
-    if (path / "state.json").is_file():
+    if (path / STATE).is_file():
         return "checkpoint"
-    if (path / "adapter_config.json").is_file() or (path / "trainable.safetensors").is_file():
-        if (path / "config.yaml").is_file():
-            return "adapter export" if (path / "adapter_config.json").is_file() else "trainable export"
-        if (path.parent / "config.yaml").is_file():
+    if (path / ADAPTER_CONFIG).is_file() or (path / TRAINABLE).is_file():
+        if (path / CONFIG).is_file():
+            return "adapter export" if (path / ADAPTER_CONFIG).is_file() else "trainable export"
+        if (path.parent / CONFIG).is_file():
             return "final"
     if (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
         return "merged"
-    if (path / "config.yaml").is_file() and ((path / "checkpoints").is_dir() or (path / "final").is_dir()):
+    if (path / CONFIG).is_file() and ((path / CHECKPOINTS).is_dir() or (path / "final").is_dir()):
         return "run"
     raise ModelPathError(f"model path {path} is none of: a run folder (config.yaml with checkpoints/ or final/), "
                          f"a checkpoint (state.json), a run's final/ or best/, an export folder (adapter_config.json "
@@ -71,7 +73,7 @@ def run_weights(run: Path) -> Path:
 
     final = run / "final"
     try:
-        finished = json.loads((run / "status.json").read_text()).get("state") == "finished"
+        finished = json.loads((run / STATUS).read_text()).get("state") == "finished"
     except (OSError, ValueError, AttributeError):
         finished = False
     if finished and final.is_dir():
@@ -91,7 +93,7 @@ def resolve(path: Path) -> tuple[str, Path]:
     if kind == "run":
         path = run_weights(path)
         kind = model_kind(path)
-    if kind == "final" and (path.parent / "state.json").is_file():  # a checkpoint's adapter/ folder
+    if kind == "final" and (path.parent / STATE).is_file():  # a checkpoint's adapter/ folder
         path, kind = path.parent, "checkpoint"
     return kind, path
 
@@ -107,7 +109,7 @@ def weights_step(source: Path, kind: str) -> Optional[int]:
     if (source / "best.json").is_file():  # a run's best/ (eval.best_by): the step it was kept at
         record = source / "best.json"
     else:
-        record = source.parent / "status.json" if kind == "final" else source / "export.json"
+        record = source.parent / STATUS if kind == "final" else source / EXPORT_RECORD
     try:
         return json.loads(record.read_text()).get("step")
     except (OSError, ValueError, AttributeError):
@@ -123,9 +125,9 @@ def trained_weights(path: Path, scratch: Path):
         raise ModelPathError(f"{path} is a merged model folder (config.json + weights), not trained weights to "
                              f"export: load it as it is")
     if kind != "checkpoint":
-        config_file = path.parent / "config.yaml" if kind == "final" else path / "config.yaml"
+        config_file = path.parent / CONFIG if kind == "final" else path / CONFIG
         cfg = read_config(config_file)
-        lora = (path / "adapter_config.json").is_file()
+        lora = (path / ADAPTER_CONFIG).is_file()
         if lora != (cfg.train.mode == "lora"):
             raise ModelPathError(f"{path} holds {'an adapter' if lora else 'trainable tensors'} but its config says "
                                  f"train.mode={cfg.train.mode}")
@@ -133,8 +135,8 @@ def trained_weights(path: Path, scratch: Path):
         return
     with unsharded(path, verified_state(path), scratch) as view:
         cfg = read_checkpoint(view)
-        yield Trained(kind, path, view, view / "adapter" if cfg.train.mode == "lora" else None,
-                      view / "config.yaml", cfg, weights_step(path, kind))
+        yield Trained(kind, path, view, view / ADAPTER_DIR if cfg.train.mode == "lora" else None,
+                      view / CONFIG, cfg, weights_step(path, kind))
 
 
 def verified_state(ckpt: Path) -> dict:
@@ -156,11 +158,11 @@ def read_config(file: Path, *overrides: str) -> Config:
 
 def read_checkpoint(ckpt: Path) -> Config:
     """The run config of a checkpoint folder (replicated layout), after checking the weights its mode needs."""
-    if not (ckpt / "config.yaml").is_file():
+    if not (ckpt / CONFIG).is_file():
         raise ModelPathError(f"{ckpt} has no config.yaml (not a higgs-ddp checkpoint folder?)")
-    cfg = read_config(ckpt / "config.yaml")
-    need = (["adapter/adapter_model.safetensors", "adapter/adapter_config.json"] if cfg.train.mode == "lora"
-            else ["trainable.safetensors"])
+    cfg = read_config(ckpt / CONFIG)
+    need = ([f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}", f"{ADAPTER_DIR}/{ADAPTER_CONFIG}"] if cfg.train.mode == "lora"
+            else [TRAINABLE])
     missing = [n for n in need if not (ckpt / n).is_file()]
     if missing:
         raise ModelPathError(f"{ckpt} (train.mode={cfg.train.mode}) has no {' and no '.join(missing)}")

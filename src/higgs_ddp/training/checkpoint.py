@@ -50,9 +50,10 @@ from higgs_ddp.training.shards import (
     shard_file,
 )
 from higgs_ddp.training.state import Tensors
+from higgs_ddp.runtime.layout import (ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINTS, CONFIG, OPTIMIZER, RNG, STATE,
+                                      weights_name)
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
-STATE = "state.json"
 
 
 class CheckpointError(HiggsError, RuntimeError):
@@ -64,7 +65,7 @@ class ChecksumError(CheckpointError):
 
 
 def checkpoint_root(output_dir) -> Path:
-    return Path(output_dir) / "checkpoints"
+    return Path(output_dir) / CHECKPOINTS
 
 
 def step_of(path: Path) -> Optional[int]:
@@ -271,8 +272,8 @@ def save_checkpoint(output_dir, step: int, states: dict, *, config: dict, env: D
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / SHARD_DIR if sharded else tmp).mkdir(parents=True)
             if sharded and hasattr(weights.model, "peft_config"):  # peft's adapter files, less the tensors (in shards/)
-                weights.model.save_pretrained(str(tmp / "adapter"), safe_serialization=True, state_dict={})
-                (tmp / "adapter" / "adapter_model.safetensors").unlink()
+                weights.model.save_pretrained(str(tmp / ADAPTER_DIR), safe_serialization=True, state_dict={})
+                (tmp / ADAPTER_DIR / ADAPTER_WEIGHTS).unlink()
         except OSError as e:
             error = f"could not write checkpoint {final}: {e}"
     _agree(error, env, f"checkpoint {final}")
@@ -315,7 +316,7 @@ def _write_tensors(tmp: Path, states: dict, saved: dict, sharded: bool) -> None:
         if not isinstance(saved[key], Tensors) or (sharded and getattr(s, "rows", False)):
             continue
         if isinstance(s, ModelState) and isinstance(s.model, PeftModel):
-            s.model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+            s.model.save_pretrained(str(tmp / ADAPTER_DIR), safe_serialization=True)
         else:
             name = "trainable" if isinstance(s, ModelState) else key
             save_file(_local_cpu(saved[key].tensors), str(tmp / f"{name}.safetensors"))
@@ -323,7 +324,7 @@ def _write_tensors(tmp: Path, states: dict, saved: dict, sharded: bool) -> None:
 
 def _write_rest(tmp: Path, final: Path, config: dict, state: dict) -> None:
     """config.yaml and state.json (last), then the folder made durable and renamed into place."""
-    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (tmp / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
     (tmp / STATE).write_text(json.dumps(state, indent=1))
     fsync_tree(tmp)  # data on disk before the rename makes the checkpoint visible
     if final.exists():  # the same step saved again (e.g. a rerun that had nothing left to do)
@@ -521,17 +522,16 @@ def _tensor_files(path: Path, weights_only: bool = False) -> list:
         sharding = None  # damage() names state.json itself first
     if sharding:
         return [path / shard_file(r) for r in range(sharding["world_size"])]
-    weights = (path / "adapter" / "adapter_model.safetensors" if (path / "adapter").is_dir()
-               else path / "trainable.safetensors")
-    return [weights] if weights_only else [weights, path / "optimizer.safetensors"]
+    weights = path / weights_name(path)
+    return [weights] if weights_only else [weights, path / OPTIMIZER]
 
 
 def damage(path: Path, weights_only: bool = False) -> str:
     """'' when every file a resume reads can be read; else one line naming the first that cannot.
     ``weights_only``: only the files that export and speak read (not the optimizer and RNG states)."""
     path = Path(path)
-    rest = [] if weights_only else [path / "rng.safetensors"]
-    for f in (path / STATE, path / "config.yaml", *_tensor_files(path, weights_only), *rest):
+    rest = [] if weights_only else [path / RNG]
+    for f in (path / STATE, path / CONFIG, *_tensor_files(path, weights_only), *rest):
         try:
             if f.suffix == ".safetensors":
                 with safe_open(str(f), framework="pt"):  # the header, checked against the file's length

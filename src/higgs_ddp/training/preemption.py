@@ -24,6 +24,7 @@ import torch
 
 from higgs_ddp.runtime.files import write_json_atomic
 from higgs_ddp.runtime.distributed import all_reduce_max
+from higgs_ddp.runtime.layout import STATUS
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -88,7 +89,7 @@ def signal_name(signum: int) -> str:
 
 def write_status(output_dir, state: str, step: Optional[int], **extra) -> None:
     """``running`` | ``stopped`` (resume to continue) | ``finished`` | ``failed`` (with ``error``)."""
-    write_json_atomic(Path(output_dir) / "status.json", {"state": state, "step": step, **extra})
+    write_json_atomic(Path(output_dir) / STATUS, {"state": state, "step": step, **extra})
 
 
 def write_failure(output_dir, step: Optional[int], error: str) -> None:

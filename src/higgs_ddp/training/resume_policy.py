@@ -11,6 +11,7 @@ import yaml
 
 from higgs_ddp.config import Config, ConfigError, resume_neutral_keys
 from higgs_ddp.training.checkpoint import CheckpointError, read_state
+from higgs_ddp.runtime.layout import CONFIG
 
 # Keys that cannot change what a step computes (where things live, how often to log or save, speed and
 # memory settings, validation): each is marked on its field in config.py.
@@ -52,7 +53,7 @@ def resume_differences(saved_config: dict, config: dict, saved_state: dict, fing
 def check_resumable(path: Path, config: dict, fingerprint: dict, world_size: int, accept: list) -> None:
     state = read_state(path)
     try:
-        saved_config = yaml.safe_load((Path(path) / "config.yaml").read_text())
+        saved_config = yaml.safe_load((Path(path) / CONFIG).read_text())
     except (OSError, yaml.YAMLError) as e:
         raise CheckpointError(f"{path}: cannot read config.yaml: {e}") from None
     diffs = resume_differences(saved_config, config, state, fingerprint, world_size)

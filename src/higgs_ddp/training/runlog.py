@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from higgs_ddp.errors import HiggsError
+from higgs_ddp.runtime.layout import METRICS
 
 
 class RunLogError(HiggsError, RuntimeError):
@@ -67,7 +68,7 @@ class RunLog:
 
     def __init__(self, output_dir: str, resume_step: int, tensorboard: bool):
         self.dir = Path(output_dir)
-        self.metrics = MetricsLog(self.dir / "metrics.jsonl", resume_step)
+        self.metrics = MetricsLog(self.dir / METRICS, resume_step)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 
 import torch
+from higgs_ddp.runtime.layout import ADAPTER_DIR, ADAPTER_WEIGHTS, CONFIG, OPTIMIZER, TRAINABLE, holds_adapter
 
 SHARD_DIR = "shards"
 
@@ -97,11 +98,11 @@ class SavedTensors:
             n = self.sharding["world_size"]
             self.files = [self._open(shard_file(r)) for r in range(n)]
         else:
-            weights = ("adapter/adapter_model.safetensors" if (self.path / "adapter").is_dir()
+            weights = ("adapter/adapter_model.safetensors" if holds_adapter(self.path)
                        else "trainable.safetensors")
             self.weights = self._open(weights)
-            self.optimizer = self._open("optimizer.safetensors") if optimizer else None
-            self.adapter = (self.path / "adapter").is_dir()
+            self.optimizer = self._open(OPTIMIZER) if optimizer else None
+            self.adapter = holds_adapter(self.path)
 
     def keys(self) -> set:
         if self.sharding:
@@ -119,8 +120,8 @@ class SavedTensors:
         """The file holding tensor ``key`` (sharded: the folder of the rank files, which all hold rows of it)."""
         if self.sharding:
             return self.path / SHARD_DIR
-        weights = "adapter/adapter_model.safetensors" if self.adapter else "trainable.safetensors"
-        return self.path / ("optimizer.safetensors" if "::" in key else weights)
+        weights = f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}" if self.adapter else TRAINABLE
+        return self.path / (OPTIMIZER if "::" in key else weights)
 
     def _where(self, key: str):
         if "::" in key:
@@ -158,13 +159,13 @@ def consolidate(ckpt: Path, state: dict, dest: Path) -> None:
 
     saved = SavedTensors(ckpt, state)
     weights = sorted(k for k in saved.keys() if "::" not in k)
-    adapter = (Path(ckpt) / "adapter").is_dir()  # rank 0 writes the PEFT adapter_config.json there
+    adapter = holds_adapter(ckpt)  # rank 0 writes the PEFT adapter_config.json there
     tensors = {(adapter_key(k) if adapter else k): saved.read(k, 0, (saved.shape(k) or [0])[0]).contiguous()
                for k in weights}
     dest.mkdir(parents=True, exist_ok=True)
     if adapter:
-        shutil.copytree(Path(ckpt) / "adapter", dest / "adapter")
-        save_file(tensors, str(dest / "adapter" / "adapter_model.safetensors"))
+        shutil.copytree(Path(ckpt) / ADAPTER_DIR, dest / ADAPTER_DIR)
+        save_file(tensors, str(dest / ADAPTER_DIR / ADAPTER_WEIGHTS))
     else:
-        save_file(tensors, str(dest / "trainable.safetensors"))
-    shutil.copy2(Path(ckpt) / "config.yaml", dest / "config.yaml")
+        save_file(tensors, str(dest / TRAINABLE))
+    shutil.copy2(Path(ckpt) / CONFIG, dest / CONFIG)

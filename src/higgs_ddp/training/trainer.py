@@ -37,6 +37,7 @@ from higgs_ddp.training.preemption import leave_stop_signals_to_parent
 from higgs_ddp.training.resume_policy import check_resumable
 from higgs_ddp.training.shards import gather_full
 from higgs_ddp.training.state import Attributes, DataPosition
+from higgs_ddp.runtime.layout import CONFIG, TRAINABLE
 
 
 class TrainingError(HiggsError, RuntimeError):
@@ -409,7 +410,7 @@ class Trainer:
                 self.model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state)
             else:
                 from safetensors.torch import save_file
-                save_file(state, str(tmp / "trainable.safetensors"), metadata={"mode": self.cfg.train.mode})
+                save_file(state, str(tmp / TRAINABLE), metadata={"mode": self.cfg.train.mode})
                 self.raw.config.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
             if note is not None:
@@ -421,4 +422,4 @@ class Trainer:
 def write_run_files(cfg: Config) -> None:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (out / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
