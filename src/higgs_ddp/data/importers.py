@@ -421,7 +421,7 @@ def _sample_clip(sample: Sample, shard: Path, shown: str, dest: Path, speaker: O
     except UnicodeDecodeError as e:
         return Problem(json_where, "bad_utf8", f"not valid UTF-8 text (byte {e.start})")
     except json.JSONDecodeError as e:
-        return Problem(json_where, "invalid_json", f"invalid JSON ({e.msg} at line {e.lineno} column {e.colno})")
+        return Problem(json_where, "invalid_json", f"invalid JSON ({e.msg}: line {e.lineno} column {e.colno})")
     if not isinstance(obj, dict):
         return Problem(json_where, "not_an_object", "the JSON must be an object")
     text = _json_text(obj)
