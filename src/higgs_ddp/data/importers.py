@@ -465,8 +465,8 @@ FORMATS = {
     "higgs-json": Format(read_higgs_json, "metadata.json samples (train-higgs-audio, Mixomo's GUI)"),
     "swift": Format(read_swift, "ms-swift JSONL: messages + audios"),
     "audiofolder": Format(read_audiofolder, "Hugging Face audiofolder: metadata.csv/.jsonl with file_name"),
-    "webdataset": Format(read_webdataset, "WebDataset .tar shards (a file, a folder, 'shards/s-{000000..000009}.tar'"
-                         "): KEY.mp3|flac|wav + KEY.json, Emilia; the audio is extracted beside --out", extracts=True),
+    "webdataset": Format(read_webdataset, "WebDataset .tar shards (a file, a folder, 's-{000..009}.tar'): "
+                         "KEY.mp3|flac|wav + KEY.json (Emilia)", extracts=True),
 }
 COLUMN_FORMATS = ("csv", "audiofolder")  # the formats that take text_column
 
