@@ -20,6 +20,10 @@ Layouts (``SRC`` is a folder unless said otherwise):
 - ``swift``: an ms-swift JSONL file (``messages`` + ``audios``): one audio, its transcript the text turn
 - ``audiofolder``: a Hugging Face ``audiofolder`` (``metadata.csv`` or ``metadata.jsonl`` with ``file_name`` and
   a text column, at the top or in split folders)
+- ``webdataset``: WebDataset tar shards (a .tar, a folder of them, or a brace pattern ``s-{000000..000009}.tar``),
+  each sample ``KEY.mp3|flac|wav`` + ``KEY.json`` (``text`` or ``transcript``, ``speaker``, ``id``): the Emilia
+  layout. The one format that writes files: the rest of the pipeline reads audio by path, so each sample's
+  audio is extracted beside the manifest, ``<shard stem>/<KEY>.<ext>`` (``tar_shards`` says how shards are read)
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Callable, Iterator, Optional, Union
 
 from higgs_ddp.data.audio import AudioProblem, check_header
 from higgs_ddp.data.manifest import Problem
+from higgs_ddp.data.tar_shards import Damage, Sample, ShardError, is_pattern, read_shard, shard_paths
 from higgs_ddp.errors import HiggsError
 from higgs_ddp.runtime.files import atomic_file
 
@@ -367,10 +372,88 @@ def read_swift(src: Path, speaker: Optional[str]) -> Iterator[Item]:
                    str(obj["id"]) if obj.get("id") is not None else None)
 
 
+def _json_text(obj: dict) -> Union[str, tuple]:
+    """The transcript of a sample's JSON (``text``, or ``transcript``), or (reason, message)."""
+    text = obj.get("text", obj.get("transcript"))
+    if text is None:
+        return "missing_field", "no \"text\" (or \"transcript\")"
+    if not isinstance(text, str):
+        return "wrong_type", f"\"text\" must be a string, got {type(text).__name__}"
+    return text if text.strip() else ("empty_text", "the transcript is empty")
+
+
+def _json_name(obj: dict, key: str) -> Optional[str]:
+    value = obj.get(key)
+    return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value) else None
+
+
+def _extract(data: bytes, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_file(path) as tmp:
+            tmp.write_bytes(data)
+    except OSError as e:  # a full disk: the import as a whole cannot go on
+        raise LayoutError(f"{path}: cannot be written ({e.strerror or e})") from None
+
+
+def _sample_clip(sample: Sample, shard: Path, shown: str, dest: Path, speaker: Optional[str], seen: dict) -> Item:
+    """One shard sample as a Clip whose audio is extracted to ``dest/<shard stem>/<KEY>.<ext>``, or its Problem
+    (named ``shard:member``). ``seen``: key -> the shard it was first read in."""
+    audio = [ext for ext in sample.members if "." + ext.lower() in AUDIO_SUFFIXES]
+    json_ext = next((ext for ext in sample.members if ext.lower() == "json"), None)
+    first = audio[0] if audio else json_ext or next(iter(sample.members))
+    where = f"{shown}:{sample.name(first)}"
+    if sample.key in seen:
+        return Problem(where, "duplicate_key", f"key {sample.key!r} is already a sample of {seen[sample.key]}")
+    seen[sample.key] = shown
+    if sample.key.startswith("/") or ".." in sample.key.split("/"):  # it names where its audio is written
+        return Problem(where, "unsafe_name", f"key {sample.key!r} would be extracted outside {shard.stem}/")
+    if not audio:
+        return Problem(where, "no_audio", f"no audio member ({sample.name('mp3')}, .flac, .wav, ...)")
+    if len(audio) > 1:
+        return Problem(where, "several_audio", f"{len(audio)} audio members ("
+                       f"{', '.join(sample.name(e) for e in audio)}); a sample has one")
+    if json_ext is None:
+        return Problem(where, "no_json", f"no {sample.name('json')} member (the transcript)")
+    json_where = f"{shown}:{sample.name(json_ext)}"
+    try:
+        obj = json.loads(sample.members[json_ext].decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        return Problem(json_where, "bad_utf8", f"not valid UTF-8 text (byte {e.start})")
+    except json.JSONDecodeError as e:
+        return Problem(json_where, "invalid_json", f"invalid JSON ({e.msg}: line {e.lineno} column {e.colno})")
+    if not isinstance(obj, dict):
+        return Problem(json_where, "not_an_object", "the JSON must be an object")
+    text = _json_text(obj)
+    if isinstance(text, tuple):
+        return Problem(json_where, *text)
+    target = dest / shard.stem / sample.name(audio[0])
+    _extract(sample.members[audio[0]], target)
+    # Language and duration are not kept: a manifest line has no field for the one, the header gives the other.
+    return Clip(where, target, text, _json_name(obj, "speaker") or speaker,
+                _json_name(obj, "id") or f"{shard.stem}/{sample.key}")
+
+
+def read_webdataset(src: Path, speaker: Optional[str], dest: Path) -> Iterator[Item]:
+    try:
+        shards, root = shard_paths(str(src))
+    except ShardError as e:
+        raise LayoutError(str(e)) from None
+    seen: dict = {}
+    for shard in shards:
+        shown = _shown(shard, root)
+        for item in read_shard(shard):
+            if isinstance(item, Damage):
+                yield Problem(f"{shown}:{item.member}" if item.member else shown, item.reason, item.message)
+            else:
+                yield _sample_clip(item, shard, shown, dest, speaker, seen)
+
+
 @dataclass(frozen=True)
 class Format:
     read: Callable  # (src, speaker, **options) -> Iterator[Item]
     summary: str
+    extracts: bool = False  # reads archives: also takes ``dest``, the folder to write their audio into
 
 
 FORMATS = {
@@ -382,6 +465,8 @@ FORMATS = {
     "higgs-json": Format(read_higgs_json, "metadata.json samples (train-higgs-audio, Mixomo's GUI)"),
     "swift": Format(read_swift, "ms-swift JSONL: messages + audios"),
     "audiofolder": Format(read_audiofolder, "Hugging Face audiofolder: metadata.csv/.jsonl with file_name"),
+    "webdataset": Format(read_webdataset, "WebDataset .tar shards (a file, a folder, 's-{000..009}.tar'): "
+                         "KEY.mp3|flac|wav + KEY.json (Emilia)", extracts=True),
 }
 COLUMN_FORMATS = ("csv", "audiofolder")  # the formats that take text_column
 
@@ -453,8 +538,12 @@ def check_layout(src: Path, fmt: str) -> None:
 
 def _looks(src: Path) -> list:
     """The formats ``src`` could be, by the files that mark each layout (cheap: a few globs, first lines)."""
+    if not src.exists():
+        return ["webdataset"] if is_pattern(str(src)) else []
     if src.is_file():
         name, suffix = src.name.lower(), src.suffix.lower()
+        if suffix == ".tar":
+            return ["webdataset"]
         first = _first_line(src)
         if suffix == ".jsonl":
             try:
@@ -490,11 +579,17 @@ def _looks(src: Path) -> list:
         found.append("vctk")
     if _any(src, "*.lab", "*/*.lab"):
         found.append("fish")
+    if _any(src, "*.tar", "*/*.tar"):  # Emilia: a folder per language (EN/EN-B000000.tar)
+        found.append("webdataset")
     return found
 
 
+def _exists(src: Path) -> bool:
+    return src.exists() or is_pattern(str(src))  # a brace pattern's shards are listed (and checked) by its reader
+
+
 def detect(src: Path) -> str:
-    if not src.exists():
+    if not _exists(src):
         raise LayoutError(f"{src}: not found")
     found = _looks(src)
     if len(found) == 1:
@@ -524,9 +619,10 @@ def _rel(path: Path, base: str) -> str:
 def import_corpus(src, fmt: str, out, speaker: Optional[str] = None, max_seconds: float = 0.0,
                   **options) -> Imported:
     """Read ``src`` in layout ``fmt`` ("auto": ``detect``) into rows for a manifest at ``out``; every clip's
-    audio (and reference) header checked, empty texts and repeated ids reported. Nothing is written."""
+    audio (and reference) header checked, empty texts and repeated ids reported. Nothing is written, except the
+    audio a format that reads archives extracts into the manifest's folder."""
     src, base = Path(src), os.path.abspath(Path(out).parent)
-    if not src.exists():
+    if not _exists(src):
         raise LayoutError(f"{src}: not found")
     fmt = detect(src) if fmt == "auto" else fmt
     if fmt not in FORMATS:
@@ -535,7 +631,9 @@ def import_corpus(src, fmt: str, out, speaker: Optional[str] = None, max_seconds
     if options and fmt not in COLUMN_FORMATS:
         raise LayoutError(f"{', '.join('--' + k.replace('_', '-') for k in options)} applies to the "
                           f"{' and '.join(COLUMN_FORMATS)} formats, not {fmt}")
-    root = src if src.is_dir() else src.parent
+    root = Path(base) if FORMATS[fmt].extracts else src if src.is_dir() else src.parent  # what paths are shown from
+    if FORMATS[fmt].extracts:
+        options["dest"] = Path(base)
     checked: dict = {}  # path -> seconds, or the AudioProblem: a shared reference is read once
 
     def audio_seconds(path: Path):

@@ -2,6 +2,7 @@
 
     higgs-ddp manifest import --format ljspeech LJSpeech-1.1 --out data/train.jsonl
     higgs-ddp manifest import SRC --out data/train.jsonl              # --format auto: recognised from SRC
+    higgs-ddp manifest import 'shards/emilia-{000000..000009}.tar' --out data/train.jsonl   # webdataset
     higgs-ddp manifest stats data/train.jsonl [--config configs/higgs_v2_3b_lora.yaml]
 
 (also ``python -m higgs_ddp manifest ...`` and ``python -m higgs_ddp.manifest ...``)
@@ -10,7 +11,9 @@ import reads the audio headers only (duration, rate), so 100k clips take seconds
 data check would refuse (missing or unreadable audio, empty text, repeated id, ...) is one line
 ``file:line: what``. With ``--on-error error`` (the default) nothing is written if there is any; with
 ``--on-error skip`` the rest is written and the skipped clips counted by reason. The manifest appears all
-at once (written beside, then renamed), its paths relative to itself.
+at once (written beside, then renamed), its paths relative to itself. webdataset shards are the one source
+whose audio is written out: each sample's audio member goes to ``<manifest folder>/<shard stem>/<KEY>.<ext>``
+as it is read (a brace pattern in quotes, or the shell expands it first).
 """
 
 from __future__ import annotations
@@ -94,9 +97,13 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="action", required=True)
     i = sub.add_parser("import", help="write a manifest from a corpus in another tool's layout",
                        description="Write a manifest from a corpus in another tool's layout.\n\n"
-                       "    higgs-ddp manifest import --format ljspeech LJSpeech-1.1 --out data/train.jsonl",
+                       "    higgs-ddp manifest import --format ljspeech LJSpeech-1.1 --out data/train.jsonl\n"
+                       "    higgs-ddp manifest import 'shards/emilia-{000000..000009}.tar' --out data/train.jsonl\n\n"
+                       "webdataset: each sample's audio is extracted to <--out's folder>/<shard stem>/<KEY>.<ext>; "
+                       "quote a brace pattern.",
                        epilog=_formats_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    i.add_argument("src", help="the corpus: a folder, or a file for csv and swift")
+    i.add_argument("src", help="the corpus: a folder, or a file for csv and swift; for webdataset a .tar shard, "
+                   "a folder of them, or a brace pattern ('s-{000000..000009}.tar', quoted)")
     i.add_argument("--out", required=True, help="the manifest to write (JSONL)")
     i.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="the layout (default: auto)")
     i.add_argument("--on-error", default="error", choices=["error", "skip"],
