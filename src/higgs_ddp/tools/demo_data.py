@@ -174,6 +174,12 @@ def main(argv=None) -> int:
             print(f"higgs-ddp: error: {e}", file=sys.stderr, flush=True)
             return 2
         return 0
+    from higgs_ddp.runtime.shared_fs import unwritable
+
+    why = unwritable(a.out_dir)
+    if why:
+        print(f"higgs-ddp: error: {a.out_dir} cannot be written ({why})", file=sys.stderr, flush=True)
+        return 2
     if a.codes:
         print(write_demo_corpus(a.out_dir, a.samples, a.codebooks, a.codebook_size))
     else:

@@ -143,6 +143,11 @@ def export(path: Path, out: Path, merge: bool = False, dtype: str = "auto") -> s
     merged model (weights.py), a checkpoint checked as a resume checks it."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"output {out} already exists and is not an empty folder")
+    from higgs_ddp.runtime.shared_fs import unwritable
+
+    why = unwritable(out.parent)  # before minutes of merging, not after
+    if why:
+        raise ExportError(f"--out {out} cannot be written ({why})")
     with trained_weights(path, out.parent / f".{out.name}.unsharded-{os.getpid()}") as trained:
         return _export(trained, out, merge, dtype)
 
