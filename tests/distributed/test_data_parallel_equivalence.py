@@ -7,34 +7,16 @@ because the loss is normalised by the global count of supervised tokens (text an
 
 import pytest
 import torch
-import yaml
-from conftest import read_metrics, tiny_config, torchrun
-from safetensors.torch import load_file
+from helpers import EQUIVALENCE_RUN, read_metrics, run_two_ranks, tiny_config, weights
 
 from higgs_ddp.train import train
 
 pytestmark = pytest.mark.slow
 
-COMMON = ("train.max_steps=3", "train.lr=5e-3", "train.warmup_steps=1", "train.seed=7")
-
-
-def weights(run, mode):
-    name = "adapter_model.safetensors" if mode == "lora" else "trainable.safetensors"
-    return load_file(str(run / "final" / name))
-
 
 def run_in_process(tmp_path, name, mode, *overrides):
-    cfg = tiny_config(tmp_path / name, f"train.mode={mode}", *COMMON, *overrides)
+    cfg = tiny_config(tmp_path / name, f"train.mode={mode}", *EQUIVALENCE_RUN, *overrides)
     train(cfg)
-    return tmp_path / name / "run"
-
-
-def run_two_ranks(tmp_path, name, mode, *overrides):
-    cfg = tiny_config(tmp_path / name, f"train.mode={mode}", *COMMON, *overrides)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg.to_dict()))
-    proc = torchrun(2, "--config", path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp_path / name / "run"
 
 
@@ -62,7 +44,7 @@ def test_batch2_equals_accumulation2_equals_two_ranks(tmp_path, mode):
         assert [x["audio_targets"] for x in m] == [x["audio_targets"] for x in r], name
     # The weights did move, so equality above is not vacuous.
     from higgs_ddp.model import apply_training_mode, build_model, load_tokenizer
-    cfg = tiny_config(tmp_path / "fresh", f"train.mode={mode}", *COMMON)
+    cfg = tiny_config(tmp_path / "fresh", f"train.mode={mode}", *EQUIVALENCE_RUN)
     tok = load_tokenizer(cfg)
     fresh = apply_training_mode(build_model(cfg, tok), cfg)
     if mode == "full":

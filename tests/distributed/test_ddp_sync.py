@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import ROOT, tiny_config
+from helpers import ROOT, tiny_config
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 """train.parallel=fsdp (FSDP2, 2 gloo ranks) trains exactly what DDP and one process train.
 
 - 2 ranks x accumulation 2 under fsdp == 1 process with the same global batch, for lora and full: losses,
-  gradient norms and final weights within the DDP tests' tolerances (test_equivalence.py).
+  gradient norms and final weights within the DDP tests' tolerances (test_data_parallel_equivalence.py).
 - Uneven data: text only on one rank and audio on the other, validation included (test_mixed_turns.py).
 - Checkpoints are sharded (each rank writes its rows) and resume exactly; they load on another number of
   ranks and into DDP, and a DDP checkpoint loads under fsdp.
@@ -16,10 +16,11 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import ROOT, TORCHRUN_ENV, read_metrics, tiny_config, torchrun
+from helpers import (
+    ROOT, TORCHRUN_ENV, assert_same_weights, final_weights, mix_manifest, mixed_val_manifest, read_metrics, rows,
+    tiny_config, torchrun, weights,
+)
 from safetensors.torch import load_file
-from test_checkpoint import assert_same_weights, final_weights, rows
-from test_equivalence import weights
 
 pytestmark = pytest.mark.slow
 
@@ -107,8 +108,6 @@ def assert_same_exports(sharded, replicated, tmp_path, mode):
 def test_uneven_data_text_only_rank_and_audio_rank_under_fsdp(tmp_path):
     """Rank 0 holds only samples without audio out, rank 1 only TTS ones; FSDP's reduce-scatter needs the
     same gradient set on both. Validation runs too (a forward is a collective under FSDP)."""
-    from test_mixed_turns import mix_manifest, mixed_val_manifest
-
     common = ("train.mode=full", "data.shuffle=false", "train.micro_batch_size=1", "train.max_steps=4",
               "train.lr=5e-3", "train.warmup_steps=1", "data.num_workers=1")
 

@@ -1,4 +1,6 @@
-"""Two "nodes" on this machine: two `higgs-ddp train` launchers (torchrun underneath) meeting at a c10d
+"""Two launchers on this machine as two nodes train bit-identically what one node's 2 ranks train, and fail in one line.
+
+Two "nodes" on this machine: two `higgs-ddp train` launchers (torchrun underneath) meeting at a c10d
 rendezvous on a loopback address, one rank each.
 
 - Every rank checks at start that it sees rank 0's output_dir (and code cache): a node given another
@@ -16,7 +18,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,15 +25,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, TORCHRUN_ENV, tiny_config
+from helpers import (
+    FSDP, ROOT, TORCHRUN_ENV, assert_same_user_path_outputs, assert_same_weights, children, final_weights, free_port,
+    rows, tiny_config, torchrun, wait_for, workers, write_config, write_user_config,
+)
 from safetensors import safe_open
-from test_checkpoint import assert_same_weights, final_weights, rows
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def node_cmd(node_rank: int, port: int, config, *overrides, nproc=1, launch=()) -> list:
@@ -176,8 +173,6 @@ def test_two_nodes_train_what_one_node_trains_on_the_users_path(tmp_path, uninte
     """DataLoader workers, validation, listening samples, TensorBoard, token budgets, WAV clips encoded on the
     way in: two launchers as two nodes end with the standalone 2-rank run's weights, metrics, samples and
     TensorBoard scalars, the same files (rank 0 wrote them, once), and a code cache both nodes encoded."""
-    from test_faults import assert_same_user_path_outputs, write_user_config
-
     config = write_user_config(tmp_path, "run")
     run_as_two_nodes(config, tmp_path)
     run = tmp_path / "run" / "run"
@@ -195,9 +190,6 @@ def test_two_nodes_train_what_one_node_trains_on_the_users_path(tmp_path, uninte
 def test_two_nodes_train_what_one_node_trains_under_fsdp(tmp_path):
     """train.parallel=fsdp across the two nodes: each rank writes its own shard of every checkpoint. (24 steps,
     two epochs and six checkpoints: the fault tests' 160 are for a signal to land mid-run.)"""
-    from conftest import torchrun
-    from test_faults import FSDP, write_config
-
     short = (*FSDP, "train.max_steps=24")
     reference = torchrun(2, "--config", write_config(tmp_path, "ref", *short))
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -214,8 +206,6 @@ def test_two_nodes_train_what_one_node_trains_under_fsdp(tmp_path):
 
 def launcher_workers(launcher_pid: int) -> dict:
     """rank -> pid of the training processes under a `higgs-ddp train` launcher (its child is torchrun)."""
-    from test_faults import children, workers
-
     return {rank: pid for torchrun in children(launcher_pid) for rank, pid in workers(torchrun).items()}
 
 
@@ -224,8 +214,6 @@ def test_a_node_whose_rank_is_killed_restarts_with_the_other_and_ends_exactly(tm
     """--max-restarts 1 on both nodes; node 1's training process is SIGKILLed after the second checkpoint. Its
     launcher restarts it, node 0's launcher sees a node waiting and restarts its own rank too, and the run
     resumes from the last checkpoint: the same weights, metrics, samples and scalars as never stopping."""
-    from test_faults import assert_same_user_path_outputs, wait_for, write_user_config
-
     config = write_user_config(tmp_path, "run")
     run = tmp_path / "run" / "run"
     port = free_port()

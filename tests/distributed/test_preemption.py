@@ -1,4 +1,6 @@
-"""Faults under torchrun with 2 gloo ranks: a stop signal to every process of the job step (as Slurm sends
+"""Stop signals, a killed rank or worker, diverged ranks under torchrun: an uninterrupted run's weights, or a loud stop.
+
+Faults under torchrun with 2 gloo ranks: a stop signal to every process of the job step (as Slurm sends
 it), to torchrun's process group or to one rank; a worker killed outright; ranks whose weights diverged.
 Each ends with the same weights as an uninterrupted run, or stops loudly.
 
@@ -17,58 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, TORCHRUN_ENV, read_metrics, tiny_config, torchrun, torchrun_cmd
-from test_checkpoint import assert_same_weights, final_weights, rows
+from helpers import (
+    FSDP, MAX_STEPS, ROOT, TORCHRUN_ENV, assert_same_user_path_outputs, assert_same_weights, children, final_weights,
+    rows, tiny_config, torchrun, torchrun_cmd, wait_for, workers, write_config, write_user_config,
+)
 
 pytestmark = pytest.mark.slow
-
-MAX_STEPS = 160  # about 5 s at ~30 steps/s: long enough that a fault surely lands mid-run
-COMMON = (f"train.max_steps={MAX_STEPS}", "train.save_every=4", "train.keep_last=2", "train.lr=5e-3",
-          "train.warmup_steps=1", "train.seed=5", "lora.dropout=0.1", "train.micro_batch_size=1")
-
-
-def write_config(tmp_path, name, *overrides, audio=False) -> Path:
-    cfg = tiny_config(tmp_path / name, *COMMON, *overrides, samples=24, audio=audio)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg.to_dict()))
-    return path
-
-
-def write_user_config(tmp_path, name) -> Path:
-    """What a user runs, at tiny size: configs/tiny.yaml's validation, listening samples (one prompt with a
-    reference voice) and TensorBoard, which tests/conftest.py turns off, plus token-budget batches and WAV
-    clips encoded by the codec on the way in."""
-    ref = tmp_path / name / "data" / "clips" / "0000_ref.wav"  # write_demo_corpus's reference clip
-    return write_config(tmp_path, name, *USER_PATH, "eval.prompts=[{text: hello there}, {text: say this, "
-                        f"reference_audio: '{ref}', reference_text: the fox}}]", audio=True)
-
-
-USER_PATH = ("data.num_workers=2", "data.val_fraction=0.2", "eval.every=40", "eval.samples_every=80",
-             "eval.max_audio_seconds=0.2", "logging.tensorboard=true", "data.max_tokens_per_batch=400")
-
-
-def children(pid: int) -> list:
-    found = []
-    for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(d.name))
-        except (OSError, ValueError):
-            continue
-    return found
-
-
-def workers(launcher_pid: int) -> dict:
-    """rank -> pid of torchrun's worker processes."""
-    found = {}
-    for pid in children(launcher_pid):
-        try:
-            env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
-        except OSError:
-            continue
-        if "RANK" in env:
-            found[int(env["RANK"])] = pid
-    return found
 
 
 def step_processes(launcher_pid: int) -> list:
@@ -88,15 +44,6 @@ def start_step(config, launcher=()) -> subprocess.Popen:
     cmd = ["bash", "-c", 'trap "" USR1; exec "$@"', "torchrun-step", *torchrun_cmd(2, "--config", config, launcher=launcher)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=TORCHRUN_ENV,
                             cwd=ROOT, start_new_session=True)
-
-
-def wait_for(predicate, what, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def logged_steps(run: Path) -> int:
@@ -177,14 +124,6 @@ def test_a_worker_that_dies_while_stopping_is_left_to_the_next_fetch():
         kill_the_worker(stopping=False)
 
 
-def uninterrupted_run(tmp_path_factory, name: str, write) -> Path:
-    """The reference: ``write(folder, "ref")``'s config run on 2 ranks without interruption."""
-    tmp = tmp_path_factory.mktemp(name)
-    proc = torchrun(2, "--config", write(tmp, "ref"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "ref" / "run"
-
-
 def signal_the_step(proc, how: str, sig: signal.Signals, num_workers: int) -> None:
     if how == "rank1":  # the other rank learns it through the all-reduce
         os.kill(workers(proc.pid)[1], sig)
@@ -206,35 +145,6 @@ def assert_only_torchrun_complained(out: str, returncode: int, torchrun_signalle
         assert out.count("Traceback") == 1 and "SignalException" in out and returncode == 1, out[-3000:]
     else:
         assert "Traceback" not in out and returncode == 0, out[-3000:]
-
-
-def records(run: Path) -> list:
-    """metrics.jsonl without its timings: train and validation rows."""
-    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "step_time_s")} for r in read_metrics(run)]
-
-
-def assert_same_user_path_outputs(run: Path, ref: Path) -> None:
-    """Validation rows, listening samples and TensorBoard scalars as if the run had never stopped."""
-    assert records(run) == records(ref)
-    assert {"train", "val"} <= {r["split"] for r in records(run)}  # and "samples" rows where they are scored
-    steps = sorted(p.name for p in (ref / "samples").iterdir())
-    assert steps and sorted(p.name for p in (run / "samples").iterdir()) == steps
-    for step in steps:
-        for wav in sorted((ref / "samples" / step).glob("*.wav")):
-            assert (run / "samples" / step / wav.name).read_bytes() == wav.read_bytes(), f"{step}/{wav.name}"
-        listed = [json.loads((r / "samples" / step / "samples.json").read_text())["samples"] for r in (run, ref)]
-        for s in listed[0] + listed[1]:
-            s.pop("generate_seconds"), s.pop("reference_audio")  # a timing; a path in each run's own folder
-        assert listed[0] == listed[1]
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    scalars = []
-    for r in (run, ref):
-        events = EventAccumulator(str(r / "tensorboard"))
-        events.Reload()
-        scalars.append({tag: [(e.step, e.value) for e in events.Scalars(tag)]
-                        for tag in ("train/loss", "train/grad_norm", "val/loss")})
-    assert [s for s, _ in scalars[0]["train/loss"]] == list(range(1, MAX_STEPS + 1))  # none twice, none lost
-    assert scalars[0] == scalars[1]
 
 
 STOPS = [  # signal, sent to, DataLoader workers, the user's whole path
@@ -342,9 +252,6 @@ def test_a_stop_signal_to_the_higgs_ddp_command_stops_the_ranks_cleanly(tmp_path
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     assert_same_weights(final_weights(run), final_weights(uninterrupted))
     assert rows(run) == rows(uninterrupted)
-
-
-FSDP = ("train.parallel=fsdp", "data.num_workers=1")
 
 
 # extended: the stop machinery is the ddp runs' above, fsdp's exact resume test_fsdp's, both together the nodes'

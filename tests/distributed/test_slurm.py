@@ -1,4 +1,6 @@
-"""The launch scripts under a real Slurm cluster of two nodes on this machine (slurmctld, two slurmd in
+"""A real two-node Slurm runs launch/multi_node.sbatch, preempts and requeues it, and it resumes exactly.
+
+The launch scripts under a real Slurm cluster of two nodes on this machine (slurmctld, two slurmd in
 namespaces of their own, higgs-node1 and higgs-node2, and munge, brought up by tests/slurm/local_slurm.sh):
 launch/multi_node.sbatch, unchanged but for its GPU lines given on the command line (--gpus-per-node=0,
 NPROC=1: one CPU process per node), runs one torchrun per node joined by its c10d rendezvous, and
@@ -12,7 +14,7 @@ its checkpoint and ends with exactly the weights and losses of an uninterrupted 
   save, the job is requeued, waits for the high job, and restarts.
 
 Both signals reach every process of the job step, DataLoader workers included: the runs have them (the
-preemption runs the user's whole path: test_faults.write_user_config).
+preemption runs the user's whole path: helpers.write_user_config).
 
 Needs root (slurmd and munged); installs the Slurm packages with apt if they are missing.
 """
@@ -28,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
-from test_checkpoint import assert_same_weights, final_weights, rows
-from test_faults import MAX_STEPS, assert_same_user_path_outputs, write_config, write_user_config
-from test_multinode import free_port
+from helpers import (
+    MAX_STEPS, ROOT, assert_same_user_path_outputs, assert_same_weights, final_weights, free_port, rows, write_config,
+    write_user_config,
+)
 
 from higgs_ddp.training.checkpoint import complete_checkpoints
 

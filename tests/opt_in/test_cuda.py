@@ -1,4 +1,6 @@
-"""What only a GPU runs: pinned batches copied on a side stream, bf16 autocast on CUDA with fp32 trainable
+"""What only a GPU runs (marked cuda): pinned batches, bf16 autocast, fused AdamW, NCCL, exact CUDA resume.
+
+What only a GPU runs: pinned batches copied on a side stream, bf16 autocast on CUDA with fp32 trainable
 weights and AdamW state, fused AdamW, an NCCL process group, the CUDA generator in checkpoints and an exact
 resume, and the memory figure logged from ``max_memory_allocated``. Marked ``cuda``: skipped without a CUDA
 device (conftest), run by ``pytest -m cuda`` (``make gpu-acceptance``)."""
@@ -10,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, read_metrics, tiny_config
+from helpers import ROOT, TINY, TORCHRUN_ENV, read_metrics, tiny_config
 from safetensors.torch import load_file
 
 from higgs_ddp.data.prefetch import Prefetcher
@@ -154,8 +156,6 @@ def test_peak_gpu_memory_is_logged(tmp_path):
 def test_more_ranks_per_node_than_gpus_is_one_line(tmp_path):
     """make demo starts 2 ranks; on a 1-GPU machine rank 1 would ask for cuda:1. Every rank refuses first, and
     the run ends with the one line that says what to start instead."""
-    from conftest import TINY, TORCHRUN_ENV
-
     env = {**TORCHRUN_ENV, "CUDA_VISIBLE_DEVICES": "0"}  # one GPU visible, two ranks asked for
     proc = subprocess.run([sys.executable, "-m", "higgs_ddp", "train", "--nproc-per-node", "2", "--config", str(TINY),
                            f"output_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=ROOT, env=env,

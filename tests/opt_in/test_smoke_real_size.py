@@ -1,4 +1,6 @@
-"""`higgs-ddp smoke` at the real vocabulary, head and codebook sizes with 2 decoder layers (1.2B parameters,
+"""`higgs-ddp smoke` at the real vocabulary and head sizes trains, resumes and exports (marked smoke).
+
+`higgs-ddp smoke` at the real vocabulary, head and codebook sizes with 2 decoder layers (1.2B parameters,
 2.4 GB in bf16): the boson-format folder loaded through model.path, LoRA in bf16 with activation
 checkpointing and the deferred head, resume, both exports, the merged folder loaded back.
 
@@ -10,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 pytestmark = pytest.mark.smoke
 

@@ -1,4 +1,6 @@
-"""higgs-ddp score: two checkpoints of a tiny LoRA run speak the same prompts with the same seed, through the
+"""`higgs-ddp score` compares two checkpoints' speech through real toy Whisper and WavLM; bad prompts are one line.
+
+higgs-ddp score: two checkpoints of a tiny LoRA run speak the same prompts with the same seed, through the
 real Whisper and WavLM classes at toy sizes; a table on stdout, every number in scores.json; bad prompts
 are one line, exit 2."""
 
@@ -7,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import tiny_config
+from helpers import tiny_config
 from eval_models import tiny_wavlm, tiny_whisper
 
 from higgs_ddp.tools.score import main as score_main

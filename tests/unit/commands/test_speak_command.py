@@ -1,4 +1,6 @@
-"""higgs-ddp speak and tools.inference.load_for_inference, on a tiny LoRA run trained here for two steps:
+"""`higgs-ddp speak` loads the same weights from every kind of model path and speaks the same codes.
+
+higgs-ddp speak and tools.inference.load_for_inference, on a tiny LoRA run trained here for two steps:
 every kind of model path loads the same weights and speaks the same codes; bad input is one line, exit 2."""
 
 import json
@@ -9,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, tiny_config
+from helpers import ROOT, flip_byte, make_checkpoint, steer, tiny_config, torchrun
 
 from higgs_ddp.evaluation.generation import Sampling
 from higgs_ddp.tools.inference import ModelPathError, load_for_inference, model_kind
@@ -76,8 +78,6 @@ def test_a_run_its_checkpoint_adapter_and_merged_export_load_the_same_weights_an
 def test_trainable_tensors_load_from_a_checkpoint_an_export_and_a_final_folder(tmp_path, codec):
     """audio_ffn (as full): trainable.safetensors in a checkpoint, an unmerged export and final/ (config.json,
     the run's config.yaml beside it) all give the trained model."""
-    from test_export import make_checkpoint
-
     from higgs_ddp.tools.export import export
 
     _, _, trained_model, ckpt = make_checkpoint(tmp_path, "audio_ffn")
@@ -149,8 +149,6 @@ def test_the_same_seed_gives_the_same_audio(trained, tmp_path, capsys):
 
 def test_a_piece_that_never_ends_is_cut_at_the_limit_and_reported(trained, codec, tmp_path, capsys):
     """The audio head's stream EOS never wins (a hook on the real model): every piece runs to the limit."""
-    from test_samples import steer
-
     from higgs_ddp.tools.speak import parser, sidecar, speak_utterance
 
     loaded = load_for_inference(trained / "merged", device="cpu", codec=codec)
@@ -292,7 +290,6 @@ def test_out_with_text_is_the_wav_file_and_another_name_is_refused(tmp_path, cap
 def test_an_fsdp_sharded_checkpoint_loads_the_weights_of_its_final_folder(tmp_path, codec):
     """Two gloo ranks under fsdp: the checkpoint holds each rank's rows (shards/), assembled on loading."""
     import yaml
-    from conftest import torchrun
 
     cfg = tiny_config(tmp_path, "train.parallel=fsdp", "train.max_steps=2", "train.lr=1e-2", "train.warmup_steps=1",
                       "train.micro_batch_size=1", samples=4)
@@ -315,8 +312,6 @@ def test_an_fsdp_sharded_checkpoint_loads_the_weights_of_its_final_folder(tmp_pa
 def test_a_damaged_checkpoint_is_refused_by_every_loader_in_one_line_naming_the_file(trained, tmp_path, capsys):
     """One bit flipped in the adapter's data (the file still reads): export, export --merge, speak and score
     check the weights against the checksums in state.json, as a resume does, and refuse it."""
-    from test_resume_faults import flip_byte
-
     from higgs_ddp.tools.export import main as export_main
     from higgs_ddp.tools.score import main as score_main
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT, read_metrics, tiny_config, torchrun
+from helpers import ROOT, read_metrics, tiny_config, torchrun
 
 from higgs_ddp.model import HiggsForward, apply_training_mode, build_model, load_tokenizer
 from higgs_ddp.runtime.distributed import DistEnv

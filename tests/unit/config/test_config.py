@@ -1,4 +1,4 @@
-"""Tests for higgs_ddp.config: YAML + dotted overrides, typed and checked."""
+"""higgs_ddp.config: YAML + dotted overrides, typed and checked."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from helpers import ROOT, tiny_config
 
 from higgs_ddp.config import (
     OFFICIAL_REPO,
@@ -18,7 +20,7 @@ from higgs_ddp.config import (
     valid_keys,
 )
 
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS_DIR = ROOT / "configs"
 
 # Smallest model section that passes the model checks without a model path.
 RANDOM_MODEL = {"init": "random", "config": {"text_config": {"hidden_size": 64, "num_hidden_layers": 2}}}
@@ -346,8 +348,6 @@ def test_flash_attention_without_the_package_names_it():
 ])
 def test_the_run_stops_with_the_same_one_line_check(tmp_path, override, message):
     """train() reaches check_machine / check_lora_targets before anything trains (here: the tiny model)."""
-    from conftest import tiny_config
-
     from higgs_ddp.train import train
 
     with pytest.raises(ConfigError, match=message):
@@ -510,8 +510,6 @@ def test_the_key_reference_names_every_key_and_only_real_ones():
     """The key reference in docs/configuration.md cannot drift from the fields: each row's keys (``a`` / ``b`` pairs,
     ``section.*``) are config keys, and every config key is in a row."""
     import re
-
-    from conftest import ROOT
 
     from higgs_ddp.config import valid_keys
 

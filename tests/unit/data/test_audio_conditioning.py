@@ -1,4 +1,6 @@
-"""data.audio: loudness (measured by pyloudnorm, ITU-R BS.1770), the peak limit, silence trimming and the
+"""Loudness, peak limit, trimming and duration limits are applied before the codec, and key the code cache.
+
+data.audio: loudness (measured by pyloudnorm, ITU-R BS.1770), the peak limit, silence trimming and the
 duration limits, applied by prepare before the codec; the code cache key changes with them and only with
 them. Real WAV files, the tiny real codec."""
 
@@ -12,7 +14,7 @@ import pyloudnorm
 import pytest
 import soundfile as sf
 import torch
-from conftest import QUIET, TINY
+from helpers import QUIET, TINY, tiny_config
 
 from higgs_ddp.config import AudioConditioning, ConfigError, load_config
 from higgs_ddp.data import prepare
@@ -189,8 +191,6 @@ CONDITIONED = ("data.audio.loudness_lufs=-20", "data.audio.peak_dbfs=-3", "data.
 def test_speak_and_the_samples_hear_a_reference_as_training_encoded_it(tmp_path, capsys):
     """With data.audio on, a reference file becomes the same codes in the listening samples and in speak as
     in training's code cache; speak says it conditioned it."""
-    from conftest import tiny_config
-
     from higgs_ddp.evaluation.generation import Sampling, generation_state, speak_text
     from higgs_ddp.evaluation.listening import _encode_reference
     from higgs_ddp.tools.inference import load_for_inference

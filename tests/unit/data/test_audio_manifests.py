@@ -1,4 +1,6 @@
-"""Audio manifests end to end with the tiny real codec (boson's HiggsAudioTokenizer at toy size): every bad
+"""Audio manifests through the tiny real codec: bad input by file and line, skips, the code cache, references.
+
+Audio manifests end to end with the tiny real codec (boson's HiggsAudioTokenizer at toy size): every bad
 input named by file and line, the skip policy and its report, the code cache (incremental, resumable,
 content-addressed), voice-clone reference placement against the inference engine, ChatML lines."""
 
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import QUIET, TINY
+from helpers import QUIET, ROOT, TINY, tiny_config
 
 from higgs_ddp.config import load_config
 from higgs_ddp.data import code_cache, prepare
@@ -436,8 +438,6 @@ def test_a_codec_in_the_rewritten_hub_format_is_one_line_naming_the_pinned_revis
     HiggsAudioTokenizer(**config) refuses with a TypeError deep inside the codec: every way of reaching the
     codec (the loader, its rates, its shortest clip, prepare, the doctor) says instead, in one line, which
     revision loads."""
-    from conftest import tiny_config
-
     from higgs_ddp.cli import prepare
     from higgs_ddp.config import OFFICIAL_CODEC_REVISION
     from higgs_ddp.data.codec import CodecError, codec_rates, min_input_seconds, save_tiny_codec_folder
@@ -476,7 +476,6 @@ def test_two_ranks_share_the_encoding_and_agree_with_one(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT
 
     base = tmp_path / "ds"
     m = _corpus(base, n=8)
@@ -505,7 +504,6 @@ def test_two_ranks_share_the_encoding_and_agree_with_one(tmp_path):
 
 def test_unreachable_codec_is_one_line_from_the_cli(tmp_path, monkeypatch, capsys):
     import huggingface_hub.constants
-    from conftest import tiny_config
 
     from higgs_ddp.cli import prepare as main
 

@@ -1,4 +1,6 @@
-"""The distributed batch samplers: step-aligned fixed-size batches and length-aware token-budget batches,
+"""Both batch samplers (fixed size, token budget) are identical on every rank, deterministic and resumable.
+
+The distributed batch samplers: step-aligned fixed-size batches and length-aware token-budget batches,
 identical on every rank, deterministic, resumable by step."""
 
 from __future__ import annotations

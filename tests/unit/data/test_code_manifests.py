@@ -1,4 +1,6 @@
-"""Manifests of codes (.npy) through higgs_ddp.data.dataset: every bad line reported as file:line, the error /
+"""Manifests of .npy codes: every bad line reported as file:line, skips, validation splits, ChatML lines.
+
+Manifests of codes (.npy) through higgs_ddp.data.dataset: every bad line reported as file:line, the error /
 skip policy and its report, several manifests, the validation split, and ChatML lines."""
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import QUIET, TINY
+from helpers import QUIET, TINY
 
 from higgs_ddp.config import load_config
 from higgs_ddp.data.dataset import DataError, Record, load_data

@@ -1,4 +1,6 @@
-"""The prepared corpus index (issue 31, data/corpus_index.py): a warm start maps columns instead of loading
+"""The prepared corpus index gives a warm start the cold start's samples, batches and resume; damage is one line.
+
+The prepared corpus index (issue 31, data/corpus_index.py): a warm start maps columns instead of loading
 the data the full way, and gives the same samples, the same batches in the same order, the same fingerprint
 and the same exact resume; what changed since the index was built is noticed, a damaged or foreign index is
 named in one line and rebuilt."""
@@ -11,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import QUIET, TINY, tiny_config
+from helpers import QUIET, RESUME_RUN, TINY, assert_same_weights, final_weights, rows, tiny_config
 
 from higgs_ddp.config import load_config
 from higgs_ddp.data import corpus_index
@@ -238,17 +240,15 @@ def test_damaged_or_foreign_index_is_named_and_rebuilt(corpus, tmp_path, tokeniz
 def test_resume_from_the_index_equals_the_straight_run(tmp_path, capsys, extra):
     """6 steps straight (the full way: it writes the index), then a run resumed at step 3 whose data comes
     from the index (.npy codes: kept in the index's own codes.bin) ends with the same losses and weights."""
-    from test_checkpoint import COMMON, assert_same_weights, final_weights, rows
-
     from higgs_ddp.train import train
 
-    straight = tiny_config(tmp_path / "straight", *COMMON, *extra)
+    straight = tiny_config(tmp_path / "straight", *RESUME_RUN, *extra)
     train(straight)
     assert "no prepared index" in capsys.readouterr().out
     half = tmp_path / "straight" / "run" / "checkpoints" / "step_000003"
     resumed = load_config(str(TINY), [f"output_dir={tmp_path / 'resumed'}", f"data.manifest={straight.data.manifest[0]}",
                                       f"data.cache_dir={straight.data.cache_dir}", "data.num_workers=0", *QUIET,
-                                      *COMMON, *extra, f"train.resume={half}"])
+                                      *RESUME_RUN, *extra, f"train.resume={half}"])
     train(resumed)
     assert "from the prepared index" in capsys.readouterr().out
     assert (tmp_path / "straight" / "cache" / "index").is_dir()

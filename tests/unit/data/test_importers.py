@@ -1,4 +1,6 @@
-"""Importers (`higgs-ddp manifest import`): each layout other TTS tools use, built small in tmp_path with real
+"""Each `higgs-ddp manifest import` layout reads into a manifest training accepts; bad clips are file:line.
+
+Importers (`higgs-ddp manifest import`): each layout other TTS tools use, built small in tmp_path with real
 WAV/FLAC files, read into a manifest the training data check accepts; `--format auto` tells each apart or
 says which it cannot; every bad clip is one `file:line: what` line (or counted under --on-error skip); the
 output appears whole; headers only are read. And `manifest stats` with its warnings."""
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import ROOT
+from helpers import ROOT
 
 from higgs_ddp.data.audio import AudioProblem, read_audio
 from higgs_ddp.data.importers import LayoutError, detect, import_corpus, write_manifest
@@ -350,7 +352,7 @@ def test_a_csv_without_an_audio_column_names_its_header(tmp_path, capsys):
 
 def test_python_m_higgs_ddp_manifest_imports_the_demo_folder(tmp_path):
     """`make demo`'s first steps: the demo's LJSpeech-style folder, imported by the module entry point the issue
-    names (tests/test_train.py trains on the result)."""
+    names (tests/unit/commands/test_train_command.py trains on the result)."""
     src = write_ljspeech_demo(tmp_path / "data", samples=6)
     out = tmp_path / "data" / "manifest.jsonl"
     proc = subprocess.run([sys.executable, "-m", "higgs_ddp.manifest", "import", "--format", "ljspeech", str(src),

@@ -1,4 +1,6 @@
-"""data.reference=same_speaker: each sample's reference is another clip of its speaker, chosen from (seed, id)
+"""data.reference=same_speaker picks another clip of the speaker, deterministically, never a copy.
+
+data.reference=same_speaker: each sample's reference is another clip of its speaker, chosen from (seed, id)
 alone: never itself, never a copy or near copy (judged on codes), within data.reference_seconds (long clips
 cut at a pause), deterministic (reloads, ranks, resumes), reported where it cannot be done; and training on
 it equals training on the same pairs written out as a `given` manifest.
@@ -17,7 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import QUIET, TINY, read_metrics, torchrun
+from helpers import QUIET, TINY, read_metrics, torchrun
 from safetensors.torch import load_file
 
 from higgs_ddp.config import load_config
@@ -246,8 +248,8 @@ def test_same_speaker_resumes_exactly(paired_run):
 
 @pytest.mark.slow
 def test_two_ranks_pick_the_same_pairs_as_one(paired_run):
-    """2 ranks x 1 sample == 1 process x 2 samples (test_equivalence.py) holds only if both ranks built the
-    same pairs as the single process."""
+    """2 ranks x 1 sample == 1 process x 2 samples (test_data_parallel_equivalence.py) holds only if both ranks built
+    the same pairs as the single process."""
     import yaml
 
     tmp, run, _ = paired_run

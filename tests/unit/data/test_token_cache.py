@@ -1,4 +1,6 @@
-"""The data path at scale (issue 15): a warm start reads tokenized prompts from the cache instead of
+"""The token cache: a warm start gives a cold start's samples, order and fingerprint; changes retokenize.
+
+The data path at scale (issue 15): a warm start reads tokenized prompts from the cache instead of
 tokenizing, and gives the same samples, in the same order, with the same fingerprint as a cold start;
 a changed tokenizer or prompt is tokenized again. And the benchmark's synthetic corpus is what the
 training path reads (its codes found under the keys training computes). No timing is asserted."""
@@ -11,7 +13,7 @@ import sys
 import numpy as np
 import torch
 import pytest
-from conftest import QUIET, ROOT, TINY, TORCHRUN_ENV
+from helpers import QUIET, ROOT, TINY, TORCHRUN_ENV
 
 from higgs_ddp.config import load_config
 from higgs_ddp.data import token_cache

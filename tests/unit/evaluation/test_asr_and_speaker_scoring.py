@@ -1,11 +1,13 @@
-"""WER/CER with Seed-TTS-eval's normalisation against hand-worked strings, and the ASR and speaker paths
+"""WER/CER against hand-worked strings, and ASR and speaker similarity through real toy Whisper and WavLM.
+
+WER/CER with Seed-TTS-eval's normalisation against hand-worked strings, and the ASR and speaker paths
 through transformers' real Whisper and WavLM classes at tiny random sizes, loaded as eval.asr_model and
 eval.speaker_model name them."""
 
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import tiny_config
+from helpers import tiny_config, torchrun
 from eval_models import tiny_wavlm, tiny_whisper
 
 from higgs_ddp.evaluation.asr import character_error_rate, error_rate, normalize
@@ -80,7 +82,6 @@ def test_missing_weights_stop_every_rank_at_start_with_one_line(tmp_path):
     """Two ranks: both check at start (neither waits for the other at a collective), the run exits 2 with
     one line naming the model, before any step."""
     import yaml
-    from conftest import torchrun
 
     cfg = tiny_config(tmp_path, "eval.asr_model=openai/whisper-tiny-not-cached", samples=4)
     path = tmp_path / "cfg.yaml"

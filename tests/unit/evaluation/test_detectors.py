@@ -1,4 +1,6 @@
-"""The cheap detectors on synthetic clips with known answers: silence, a tone, a clipped tone, a clip cut
+"""The cheap detectors find silence, a tone, clipping, a clip cut short and one that never stopped.
+
+The cheap detectors on synthetic clips with known answers: silence, a tone, a clipped tone, a clip cut
 short, a clip that never stopped."""
 
 import numpy as np

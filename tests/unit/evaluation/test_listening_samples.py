@@ -1,4 +1,6 @@
-"""Listening samples: the tiny model (LoRA-injected, as the trainer holds it) speaks eval.prompts through
+"""Listening samples: the tiny model speaks eval.prompts through the inference path, stopping at EOS.
+
+Listening samples: the tiny model (LoRA-injected, as the trainer holds it) speaks eval.prompts through
 boson_multimodal's generation path, decoded by the tiny codec, on CPU."""
 
 import json
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import tiny_config
+from helpers import steer, tiny_config
 
 from higgs_ddp.data.codec import load_codec
 from higgs_ddp.evaluation.generation import generate_codes
@@ -34,28 +36,6 @@ def setup(tmp_path, *overrides, with_reference=True):
     model = apply_training_mode(build_model(cfg, tok), cfg)  # LoRA: the adapter layers are inside the raw model
     model.train()
     return cfg, tok, model, unwrap(model)
-
-
-def steer(raw, bonus):
-    """A forward hook on the audio head: ``bonus(step)`` -> {stream token id: logit added} for the audio
-    step ``step`` (1 = the first frame column after the stream BOS); a value is one number for every
-    codebook or a list, one per codebook."""
-    mc = raw.config
-    calls = SimpleNamespace(n=0, prompt_rows=[])
-
-    def hook(module, args, out):
-        if out.shape[0] != 1:  # the prompt's forward (reference audio positions), not a decoding step
-            calls.prompt_rows.append(out.shape[0])
-            return out
-        calls.n += 1
-        logits = out.view(1, mc.audio_num_codebooks, mc.audio_codebook_size + 2).clone()
-        for token, value in bonus(calls.n).items():
-            logits[0, :, token] += torch.as_tensor(value, dtype=logits.dtype)
-        return logits.view_as(out)
-
-    handle = raw.audio_decoder_proj.audio_lm_head.register_forward_hook(hook)
-    handle.calls = calls
-    return handle
 
 
 def test_samples_are_written_and_a_model_that_never_stops_is_reported(tmp_path, codec):

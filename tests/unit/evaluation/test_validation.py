@@ -1,4 +1,6 @@
-"""Validation, listening samples and TensorBoard: 2 ranks report exactly what 1 rank does (token-weighted
+"""Validation on 2 ranks equals 1 rank, leaves training unchanged, and TensorBoard holds the logged numbers.
+
+Validation, listening samples and TensorBoard: 2 ranks report exactly what 1 rank does (token-weighted
 reduction; prompts shared out by rank), evaluating does not change the training, the rows are in
 metrics.jsonl with a split, and TensorBoard holds the same numbers."""
 
@@ -9,25 +11,13 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
-from conftest import read_metrics, tiny_config, torchrun
+from helpers import listening_prompts, read_metrics, tiny_config, torchrun, val_rows
 from safetensors.torch import load_file
 
 from higgs_ddp.config import ConfigError
 from higgs_ddp.train import train
 
 COMMON = ("train.max_steps=2", "train.warmup_steps=1", "train.seed=7", "data.val_fraction=0.3", "eval.every=1")
-
-
-def val_rows(run):
-    return [r for r in read_metrics(run) if r.get("split") == "val"]
-
-
-def listening_prompts(tmp_path) -> list:
-    """Three prompts (2 ranks share them unevenly), one cloning a reference clip."""
-    ref = tmp_path / "ref.wav"
-    sf.write(str(ref), 0.1 * np.sin(np.arange(12_000) * 0.05).astype(np.float32), 24_000)
-    return [{"text": "hello there"}, {"text": "say this", "reference_audio": str(ref), "reference_text": "a tone"},
-            {"text": "and a third"}]
 
 
 @pytest.mark.slow

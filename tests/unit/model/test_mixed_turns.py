@@ -1,4 +1,6 @@
-"""Samples whose learned turns are text only, or whose audio is input only, mixed with TTS samples.
+"""Text-only and audio-in-only turns still give every trainable weight a gradient, and 2 ranks equal 1.
+
+Samples whose learned turns are text only, or whose audio is input only, mixed with TTS samples.
 
 Such a micro-batch has no audio-out position, so the model's audio head scores nothing and (with no audio
 at all) the audio codebook embeddings are never used. The loss must still report C per-codebook zeros,
@@ -6,50 +8,11 @@ and every trainable weight must still get a gradient: DDP without find_unused_pa
 needs every rank to produce the same gradient set on every backward, whatever its data.
 """
 
-import json
 
 import pytest
 import torch
 import yaml
-from conftest import read_metrics, tiny_config, torchrun
-from test_equivalence import weights
-
-TEXT_ONLY = {"messages": [{"role": "system", "content": "Answer briefly."},
-                          {"role": "user", "content": "what is the river"},
-                          {"role": "assistant", "content": "a quiet river runs home"}]}
-
-
-def audio_in_only(codes: str) -> dict:
-    return {"messages": [{"role": "system", "content": "Transcribe the audio."},
-                         {"role": "user", "content": {"type": "audio", "audio_url": codes}},
-                         {"role": "assistant", "content": "seven small birds"}]}
-
-
-def mix_manifest(manifest, kinds=("text", "audio_in")) -> list[str]:
-    """Rewrite a demo manifest of .npy codes so that every even line is a sample without audio out (text
-    only, or audio in with a text answer, in turn) and every odd line a TTS sample. With shuffle off and
-    micro-batches of 1, rank 0 of 2 then gets the samples without audio out and rank 1 the TTS ones."""
-    tts = [json.loads(line) for line in manifest.read_text().splitlines()]
-    lines, kinds_written = [], []
-    for i, rec in enumerate(tts):
-        kind = kinds[i % len(kinds)]
-        other = TEXT_ONLY if kind == "text" else audio_in_only(rec["audio_codes"])
-        lines += [json.dumps({"id": f"{kind}{i}", **other}), json.dumps(rec)]
-        kinds_written += [kind, "tts"]
-    manifest.write_text("\n".join(lines) + "\n")
-    return kinds_written
-
-
-def mixed_val_manifest(folder, samples: int):
-    """A validation set of its own (other clips, other ids: validation may not share training's), mixed
-    like the training set: 2 * samples lines."""
-    from higgs_ddp.tools.demo_data import write_demo_corpus
-
-    manifest = write_demo_corpus(folder, samples=samples, seed=1, with_reference_every=0)
-    mix_manifest(manifest)
-    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
-    manifest.write_text("".join(json.dumps({**rec, "id": f"val-{rec['id']}"}) + "\n" for rec in lines))
-    return manifest
+from helpers import mix_manifest, mixed_val_manifest, read_metrics, tiny_config, torchrun, weights
 
 
 def trainer_on_mixed_data(tmp_path, mode, *overrides):

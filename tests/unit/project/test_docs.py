@@ -1,11 +1,13 @@
-"""The documentation's links hold: every relative link in README.md, DEVELOPERS.md, BENCHMARKS.md and docs/*.md
+"""Every relative link in README.md, DEVELOPERS.md, BENCHMARKS.md and docs/ leads to a file and heading.
+
+The documentation's links hold: every relative link in README.md, DEVELOPERS.md, BENCHMARKS.md and docs/*.md
 names a file that exists and, with a #anchor into a markdown file, a heading of that file, by GitHub's anchor
 rules (lowercase; spaces to '-'; punctuation other than '-' and '_' dropped; a repeated heading gets -1, -2...)."""
 
 import re
 from pathlib import Path
 
-from conftest import ROOT
+from helpers import ROOT
 
 FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.M | re.S)  # a fenced block, from its fence to the closing one
 CODE = re.compile(r"`[^`]*`")  # an inline code span

@@ -1,4 +1,6 @@
-"""The package's layout is its architecture: lower layers never import higher ones, no module imports
+"""The package's layers, its commands, and the tests' own tree (helpers in one module, the index in docs/tests.md).
+
+The package's layout is its architecture: lower layers never import higher ones, no module imports
 itself back through others, dual_loss.py stands alone, and every tool is one `higgs-ddp` command."""
 
 import ast
@@ -7,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from helpers import INDEX_END, INDEX_START, ROOT, TORCHRUN_ENV, module_index, tiny_config
 
 from higgs_ddp.cli import COMMANDS
 
@@ -35,7 +37,7 @@ def layer(name: str) -> int:
     for i, prefixes in enumerate(LAYERS):
         if any(name == p or name.startswith(p + ".") for p in prefixes if p != "higgs_ddp") or name in prefixes:
             return i
-    raise AssertionError(f"{name} is in no layer of tests/test_layout.py")
+    raise AssertionError(f"{name} is in no layer of tests/unit/project/test_layout.py")
 
 
 def imports(path: Path) -> set:
@@ -130,9 +132,8 @@ def test_launch_options_go_to_torchrun():
 @pytest.mark.slow
 def test_a_failed_launched_run_ends_with_its_one_line_error(tmp_path):
     """higgs-ddp train --nproc-per-node 2 starts torchrun; the ranks' error comes last, below torchrun's report.
-    (An error the config alone shows never gets that far: tests/test_run_folder.py.)"""
+    (An error the config alone shows never gets that far: tests/unit/training/test_run_folder.py.)"""
     import yaml
-    from conftest import TORCHRUN_ENV, tiny_config
 
     nowhere = tmp_path / "nowhere"  # a resume path is looked at by the ranks, not by the config
     config = tmp_path / "config.yaml"
@@ -231,3 +232,39 @@ def test_a_bug_keeps_its_traceback_and_only_user_errors_are_one_line(command, tm
     with pytest.raises(ValueError, match="a bug deep inside torch"):
         main([command, "--model", str(tmp_path), "--prompts", str(tmp_path / "p.jsonl")]
              if command == "score" else [command, "--model", str(tmp_path), "--text", "hi", "--out", str(tmp_path / "o.wav")])
+
+
+# The tests' own tree (docs/tests.md says where a test lives).
+TESTS = ROOT / "tests"
+TEST_MODULES = sorted(TESTS.rglob("test_*.py"))
+
+
+def imported_modules(path: Path) -> list:
+    tree = ast.parse(path.read_text())
+    return ([a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+            + [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module])
+
+
+def test_no_test_module_imports_another_or_conftest():
+    """What tests share is in tests/helpers.py (fixtures in conftest.py, which pytest loads by itself): moving or
+    renaming a test module breaks no other."""
+    found = [f"{path.relative_to(ROOT)} imports {name}"
+             for path in [*TEST_MODULES, TESTS / "helpers.py", TESTS / "conftest.py", *TESTS.glob("fixtures/**/*.py")]
+             for name in imported_modules(path) if name.split(".")[0] == "conftest" or name.startswith("test_")]
+    assert not found, "\n".join(found)
+
+
+def test_every_test_module_says_what_it_proves_in_one_line():
+    """The first line of each module's docstring, a sentence of its own: docs/tests.md lists it."""
+    bad = []
+    for path in TEST_MODULES:
+        lines = (ast.get_docstring(ast.parse(path.read_text())) or "").splitlines()
+        if not lines or not lines[0].endswith(".") or (len(lines) > 1 and lines[1]):
+            bad.append(str(path.relative_to(ROOT)))
+    assert not bad, "a docstring whose first line is not a sentence of its own:\n" + "\n".join(bad)
+
+
+def test_docs_tests_md_lists_every_test_module():
+    text = (ROOT / "docs" / "tests.md").read_text()
+    listed = text[text.index(INDEX_START) + len(INDEX_START):text.index(INDEX_END)]
+    assert listed == module_index(), "docs/tests.md's index is not the test modules' docstrings: python tests/helpers.py"

@@ -1,4 +1,6 @@
-"""The benchmark: its JSON line, its FLOPs count against the formula worked out by hand, and the memory
+"""The benchmark's JSON line, its FLOPs count against the formula by hand, and the memory each switch saves.
+
+The benchmark: its JSON line, its FLOPs count against the formula worked out by hand, and the memory
 that activation checkpointing and the supervised-only text head save (counted tensor by tensor, on CPU).
 No timing is asserted: speed belongs in BENCHMARKS.md, not in a test."""
 
@@ -8,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TORCHRUN_ENV, tiny_config
+from helpers import ROOT, TORCHRUN_ENV, tiny_config
 
 from higgs_ddp.config import load_config
 from higgs_ddp.runtime.distributed import DistEnv

@@ -1,4 +1,6 @@
-"""The benchmark's peer (a transformers.Trainer with its own compute_loss, as the public Higgs trainers
+"""The benchmark's peer (a transformers.Trainer) sees the same model and data: its first loss is ours.
+
+The benchmark's peer (a transformers.Trainer with its own compute_loss, as the public Higgs trainers
 write it) trains, counts tokens like us, frees its model, and sees the same model and data as our
 Trainer: its first micro-batch loss is ours."""
 
@@ -7,7 +9,7 @@ import weakref
 
 import pytest
 import transformers
-from conftest import tiny_config
+from helpers import tiny_config
 
 from higgs_ddp.model import load_tokenizer, model_config
 from higgs_ddp.runtime.distributed import DistEnv

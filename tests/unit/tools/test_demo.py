@@ -1,4 +1,6 @@
-"""`make demo`'s ending: what the trained tiny model speaks lasts as long as its text, as the corpus's clips do,
+"""`make demo`'s ending: what the trained tiny model speaks lasts as long as its text, and --compare says so.
+
+`make demo`'s ending: what the trained tiny model speaks lasts as long as its text, as the corpus's clips do,
 and the last line (`higgs-ddp demo-data --compare`) says so from the files."""
 
 import json
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import QUIET, ROOT, TINY
+from helpers import QUIET, ROOT, TINY
 
 from higgs_ddp.tools.demo_data import main as demo_data
 from higgs_ddp.tools.demo_data import text_to_wave

@@ -1,4 +1,4 @@
-"""Tests for higgs_ddp.tools.doctor: real checks on this machine, and each failure it must name with its fix.
+"""`higgs-ddp doctor`: real checks on this machine, and each failure it must name with its fix.
 
 The doctor runs in-process through ``main(argv)``; its output is checked line by line (every line is one
 status line, a FAIL never spans lines). Hub checks run against a throwaway HF cache with HF_HUB_OFFLINE=1,
@@ -19,8 +19,8 @@ import torch
 
 from higgs_ddp.config import OFFICIAL_CODEC, OFFICIAL_CODEC_REVISION, OFFICIAL_REPO, OFFICIAL_REVISION, ConfigError, load_config
 from higgs_ddp.tools import doctor
+from helpers import QUIET, ROOT, tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 STATUS = re.compile(r"^(OK   |WARN |FAIL )\S")
 
@@ -336,8 +336,6 @@ def test_eval_prompts(capsys, tmp_path, tiny_args):
 @pytest.fixture(scope="module")
 def one_step_run(tmp_path_factory) -> list:
     """A real run of one step that saved a checkpoint; returns the doctor's arguments for its config."""
-    from conftest import QUIET, tiny_config
-
     from higgs_ddp.train import train
 
     tmp = tmp_path_factory.mktemp("resume")

@@ -1,4 +1,6 @@
-"""higgs_ddp.tools.export: a merged folder computes exactly what base + trained weights compute, loads with
+"""An export computes exactly what base + trained weights compute and loads in the inference engine.
+
+higgs_ddp.tools.export: a merged folder computes exactly what base + trained weights compute, loads with
 HiggsAudioModel.from_pretrained and the inference engine, and every bad input is one line and exit code 2."""
 
 import json
@@ -8,44 +10,13 @@ import sys
 
 import pytest
 import torch
-import yaml
-from conftest import ROOT, tiny_config
+from helpers import EARLY, ROOT, flip_byte, make_checkpoint, tiny_config
 from safetensors.torch import load_file, save_file
 
 from higgs_ddp.data.collator import HiggsCollator
 from higgs_ddp.data.prompt import tokenize_sample
-from higgs_ddp.model import HiggsForward, apply_training_mode, build_model, load_tokenizer
+from higgs_ddp.model import HiggsForward, build_model, load_tokenizer
 from higgs_ddp.tools.export import main
-
-
-def make_checkpoint(tmp_path, mode="lora", *overrides):
-    """A checkpoint folder as training writes it (less the optimizer and RNG states, which export does not
-    read), with trained weights stood in for by seeded noise and their checksums in state.json."""
-    from higgs_ddp.training.checkpoint import weight_checksums
-
-    cfg = tiny_config(tmp_path, f"train.mode={mode}", *overrides, samples=2)
-    tok = load_tokenizer(cfg)
-    model = apply_training_mode(build_model(cfg, tok), cfg)
-    ckpt = tmp_path / "run" / "checkpoints" / "step_000120"
-    ckpt.mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if mode == "lora" and "lora_B" in name:  # B starts at zero: the adapter would be a no-op
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-            elif mode != "lora" and p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    if mode == "lora":
-        model.save_pretrained(str(ckpt / "adapter"), safe_serialization=True)
-    else:
-        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                  str(ckpt / "trainable.safetensors"))
-    (ckpt / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    sums = dict(zip([n for n, _ in trainable], weight_checksums(trainable).tolist()))
-    (ckpt / "state.json").write_text(json.dumps({"step": 120, "weight_checksums": sums}))
-    shutil.rmtree(tmp_path / "data")  # export must not need the training data
-    return cfg, tok, model, ckpt
 
 
 def batch(tok, config):
@@ -258,8 +229,6 @@ def test_export_of_a_trained_run_is_the_trained_model(tmp_path):
 
 def test_a_flipped_bit_in_full_fine_tuned_weights_is_refused(tmp_path, capsys):
     """trainable.safetensors (train.mode=full): the merge checks its tensors against state.json's checksums."""
-    from test_resume_faults import flip_byte
-
     _, _, _, ckpt = make_checkpoint(tmp_path, "full")
     assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "before"), "--merge"]) == 0  # it was intact
     flip_byte(ckpt / "trainable.safetensors")
@@ -272,8 +241,6 @@ def test_a_flipped_bit_in_full_fine_tuned_weights_is_refused(tmp_path, capsys):
 def test_a_runs_best_and_final_folders_export_as_speak_loads_them(tmp_path):
     """export --checkpoint RUN/best (eval.best_by) and RUN/final: the run's config.yaml beside them, the step
     each was kept at, and the weights speak loads from them."""
-    from test_best import EARLY
-
     from higgs_ddp.tools.inference import load_for_inference
     from higgs_ddp.train import train
 

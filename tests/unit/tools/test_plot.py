@@ -1,4 +1,4 @@
-"""Tests for higgs_ddp.tools.plot: metrics.jsonl -> a 4-panel PNG, and one-line errors for bad files."""
+"""`higgs-ddp plot`: metrics.jsonl -> a 4-panel PNG, and one-line errors for bad files."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from higgs_ddp.tools.plot import PlotError, ema, plot_run, read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

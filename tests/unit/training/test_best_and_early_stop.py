@@ -1,4 +1,6 @@
-"""eval.best_by and eval.early_stop_patience: best/ holds the weights of the best evaluation in final/'s
+"""best/ holds the best evaluation's weights, early stopping stops, and both resume exactly.
+
+eval.best_by and eval.early_stop_patience: best/ holds the weights of the best evaluation in final/'s
 formats, the run stops when the metric has not improved for N evaluations, and both come back exactly on
 resume. Scoring the listening samples (detectors, Whisper, WavLM) draws no training randomness."""
 
@@ -8,18 +10,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import read_metrics, tiny_config
+from helpers import EARLY, read_metrics, tiny_config
 from eval_models import tiny_wavlm, tiny_whisper
 from safetensors.torch import load_file
 
 from higgs_ddp.config import ConfigError
 from higgs_ddp.train import train
 from higgs_ddp.training.best import BestTracker
-
-# lr 0.05: the validation loss improves at steps 1 and 2, then gets worse at step 3 (measured)
-EARLY = ("train.max_steps=10", "train.save_every=1", "train.keep_last=0", "train.lr=0.05", "train.warmup_steps=1",
-         "train.seed=11", "lora.dropout=0.1", "data.val_fraction=0.3", "eval.every=1", "eval.best_by=val_loss",
-         "eval.early_stop_patience=1")
 
 
 def adapter(folder):

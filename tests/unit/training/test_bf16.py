@@ -1,4 +1,6 @@
-"""train.precision=bf16 on CPU: the GPU's numerics (bf16 autocast, a bf16 frozen base, trainable weights and
+"""train.precision=bf16 on CPU: bf16 matmuls, fp32 trainable state, equivalence and exact resume within tolerances.
+
+train.precision=bf16 on CPU: the GPU's numerics (bf16 autocast, a bf16 frozen base, trainable weights and
 AdamW state in fp32) under CPU autocast, through the same tests the fp32 suite runs.
 
 Tolerances. bf16 keeps 8 significant bits: one rounding is off by up to 2^-9 ~ 2e-3 relative, one unit in
@@ -30,11 +32,10 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
-from conftest import read_metrics, tiny_config
+from helpers import (
+    PLAIN, assert_same, first_step, listening_prompts, read_metrics, run_two_ranks, tiny_config, val_rows, weights,
+)
 from safetensors.torch import load_file
-from test_equivalence import run_two_ranks, weights
-from test_eval import listening_prompts, val_rows
-from test_perf import PLAIN, assert_same, first_step
 
 from higgs_ddp import dual_loss
 from higgs_ddp.runtime.distributed import DistEnv
@@ -46,7 +47,7 @@ BF16 = "train.precision=bf16"
 # process's norm by the machine's SIMD reduction order; with clipping on (the norm here is above 1) the clip
 # factor then differs in its last bit and every weight by 1-3 ulp (measured on an AMD EPYC; an earlier
 # machine happened to agree), so the bit-for-bit comparisons below would be luck. Clipping is the same code
-# in every precision; tests/test_fsdp.py checks the sharded norm against one process's.
+# in every precision; tests/distributed/test_fsdp.py checks the sharded norm against one process's.
 COMMON = ("train.max_grad_norm=0", "train.max_steps=3", "train.lr=5e-3", "train.warmup_steps=1", "train.seed=7", BF16)
 LOSS_REL, GRAD_NORM_REL, UPDATE_REL = 3e-3, 5e-3, 4e-2
 

@@ -1,10 +1,9 @@
-"""Checkpoints and exact resume, in one process (the multi-process faults are in test_faults.py).
+"""Checkpoints and exact resume, in one process (the multi-process faults are in distributed/test_preemption.py).
 
 Exactness: N steps straight == N/2, then a fresh process resuming from the N/2 checkpoint, then N/2.
 LoRA dropout is on, so the RNG state has to come back too, not just weights and optimizer.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import read_metrics, tiny_config
+from helpers import (
+    D70F823, FIXTURES, RESUME_RUN, assert_same_weights, digest, final_weights, read_metrics, rows, tiny_config,
+)
 from safetensors.torch import load_file
 
 from higgs_ddp.config import ConfigError
@@ -24,32 +25,12 @@ from higgs_ddp.train import train
 from higgs_ddp.training import checkpoint as ckpt
 from higgs_ddp.training.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
 
-COMMON = ("train.max_steps=6", "train.save_every=3", "train.keep_last=0", "train.lr=5e-3",
-          "train.warmup_steps=1", "train.seed=11", "lora.dropout=0.1")
-SAME = ("loss", "text_loss", "audio_loss", "per_codebook_loss", "grad_norm", "lr", "tokens", "audio_targets")
-
-
-def final_weights(run: Path) -> dict:
-    folder = run / "final"
-    name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").exists() else "trainable.safetensors"
-    return load_file(str(folder / name))
-
-
-def assert_same_weights(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-def rows(run: Path) -> list:
-    return [{k: m[k] for k in ("step", *SAME)} for m in read_metrics(run)]
-
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """6 steps straight (lora), checkpoints at 3 and 6."""
     tmp = tmp_path_factory.mktemp("straight")
-    train(tiny_config(tmp, *COMMON))
+    train(tiny_config(tmp, *RESUME_RUN))
     return tmp / "run"
 
 
@@ -77,10 +58,10 @@ def test_resume_from_half_way_equals_straight(tmp_path, straight, mode, extra):
     if mode == "lora" and not extra:
         ref = straight
     else:
-        train(tiny_config(tmp_path / "straight", *COMMON, f"train.mode={mode}", *extra))
+        train(tiny_config(tmp_path / "straight", *RESUME_RUN, f"train.mode={mode}", *extra))
         ref = tmp_path / "straight" / "run"
     half = ref / "checkpoints" / "step_000003"
-    cfg = tiny_config(tmp_path / "resumed", *COMMON, f"train.mode={mode}", *extra, f"train.resume={half}")
+    cfg = tiny_config(tmp_path / "resumed", *RESUME_RUN, f"train.mode={mode}", *extra, f"train.resume={half}")
     train(cfg)
     resumed = tmp_path / "resumed" / "run"
     assert_same_weights(final_weights(resumed), final_weights(ref))
@@ -92,14 +73,14 @@ def test_resume_from_half_way_equals_straight(tmp_path, straight, mode, extra):
         assert rows(resumed) == rows(ref)[3:]
         assert_same_weights(final_weights(resumed), final_weights(ref))
     # Saving itself changes nothing: a run that never saved mid-way ends at the same weights.
-    train(tiny_config(tmp_path / "nosave", *COMMON, f"train.mode={mode}", *extra, "train.save_every=0"))
+    train(tiny_config(tmp_path / "nosave", *RESUME_RUN, f"train.mode={mode}", *extra, "train.save_every=0"))
     assert_same_weights(final_weights(tmp_path / "nosave" / "run"), final_weights(ref))
 
 
 def test_stop_signal_then_same_command_resumes_exactly(tmp_path, straight):
     """SIGUSR1 mid-run: the step finishes, a checkpoint is saved, status says stopped; running the same
     command again resumes by itself and ends where the uninterrupted run ended."""
-    cfg = tiny_config(tmp_path, *COMMON, "train.max_steps=30", "train.save_every=0")
+    cfg = tiny_config(tmp_path, *RESUME_RUN, "train.max_steps=30", "train.save_every=0")
     run = tmp_path / "run"
 
     def send_when_training():
@@ -122,14 +103,14 @@ def test_stop_signal_then_same_command_resumes_exactly(tmp_path, straight):
 
     train(cfg)  # the same command
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
-    train(tiny_config(tmp_path / "ref", *COMMON, "train.max_steps=30", "train.save_every=0"))
+    train(tiny_config(tmp_path / "ref", *RESUME_RUN, "train.max_steps=30", "train.save_every=0"))
     ref = tmp_path / "ref" / "run"
     assert_same_weights(final_weights(run), final_weights(ref))
     assert rows(run) == rows(ref)  # rows after the stop were dropped and redone, none twice
 
 
 def test_keep_last_and_leftovers_of_a_killed_save(tmp_path):
-    cfg = tiny_config(tmp_path, *COMMON, "train.save_every=1", "train.keep_last=2")
+    cfg = tiny_config(tmp_path, *RESUME_RUN, "train.save_every=1", "train.keep_last=2")
     run = tmp_path / "run"
     train(cfg)
     assert [p.name for p in complete_checkpoints(run)] == ["step_000005", "step_000006"]
@@ -144,7 +125,7 @@ def test_keep_last_and_leftovers_of_a_killed_save(tmp_path):
 
 
 def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
-    cfg = tiny_config(tmp_path, *COMMON)
+    cfg = tiny_config(tmp_path, *RESUME_RUN)
     run = tmp_path / "run"
     real = ckpt.save_file
 
@@ -170,16 +151,16 @@ def test_resume_refuses_what_would_change_the_result(tmp_path, straight):
     half = straight / "checkpoints" / "step_000003"
     resume = f"train.resume={half}"
     with pytest.raises(ConfigError) as e:
-        train(tiny_config(tmp_path / "lr", *COMMON, resume, "train.lr=1e-3", "lora.r=4"))
+        train(tiny_config(tmp_path / "lr", *RESUME_RUN, resume, "train.lr=1e-3", "lora.r=4"))
     msg = str(e.value)
     assert "lora.r: 8 -> 4" in msg and "train.lr: 0.005 -> 0.001" in msg
     assert "train.resume_accept=[lora.r,train.lr]" in msg and "\n" not in msg
     with pytest.raises(ConfigError, match=r"data: 16 training samples -> 18, not the same set"):
-        train(tiny_config(tmp_path / "more", *COMMON, resume, samples=18))
+        train(tiny_config(tmp_path / "more", *RESUME_RUN, resume, samples=18))
     # Where things live and how often to save change nothing.
-    train(tiny_config(tmp_path / "moved", *COMMON, resume, "train.save_every=2", "data.num_workers=1"))
+    train(tiny_config(tmp_path / "moved", *RESUME_RUN, resume, "train.save_every=2", "data.num_workers=1"))
     # Accepting a difference by name resumes (a longer schedule, here).
-    train(tiny_config(tmp_path / "longer", *COMMON, resume, "train.max_steps=8",
+    train(tiny_config(tmp_path / "longer", *RESUME_RUN, resume, "train.max_steps=8",
                       "train.resume_accept=[train.max_steps]"))
     assert latest_checkpoint(tmp_path / "longer" / "run").name == "step_000008"
 
@@ -196,8 +177,8 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_as_if_it_had_the_default
     del saved["train"]["loss_alignment"], saved["train"]["fsdp"], saved["data"]["audio"]  # not written "then"
     (old / "config.yaml").write_text(yaml.safe_dump(saved))
     with pytest.raises(ConfigError, match=r"train.loss_alignment: 'auto' -> 'shifted'"):  # a real change: named
-        train(tiny_config(tmp_path / "changed", *COMMON, f"train.resume={old}", "train.loss_alignment=shifted"))
-    train(tiny_config(tmp_path / "same", *COMMON, f"train.resume={old}"))
+        train(tiny_config(tmp_path / "changed", *RESUME_RUN, f"train.resume={old}", "train.loss_alignment=shifted"))
+    train(tiny_config(tmp_path / "same", *RESUME_RUN, f"train.resume={old}"))
     assert read_metrics(tmp_path / "same" / "run")[-1]["step"] == 6
     assert final_weights(tmp_path / "same" / "run").keys() == final_weights(straight).keys()
     for k, v in final_weights(straight).items():
@@ -228,7 +209,7 @@ def test_resume_compares_every_key_but_those_marked_resume_neutral_on_their_fiel
 
 def test_changed_data_content_is_named(tmp_path, straight):
     half = straight / "checkpoints" / "step_000003"
-    cfg = tiny_config(tmp_path, *COMMON, f"train.resume={half}")
+    cfg = tiny_config(tmp_path, *RESUME_RUN, f"train.resume={half}")
     manifest = Path(cfg.data.manifest[0])
     lines = manifest.read_text().splitlines()
     first = json.loads(lines[0])
@@ -243,9 +224,9 @@ def test_changed_data_content_is_named(tmp_path, straight):
 
 def test_resume_modes_and_damaged_checkpoints(tmp_path, straight):
     with pytest.raises(ConfigError, match="not a complete checkpoint folder"):
-        train(tiny_config(tmp_path / "a", *COMMON, f"train.resume={tmp_path / 'nowhere'}"))
+        train(tiny_config(tmp_path / "a", *RESUME_RUN, f"train.resume={tmp_path / 'nowhere'}"))
     # never: refuses to mix a fresh run's steps with an earlier run's checkpoints.
-    cfg = tiny_config(tmp_path / "b", *COMMON, "train.max_steps=3")
+    cfg = tiny_config(tmp_path / "b", *RESUME_RUN, "train.max_steps=3")
     train(cfg)
     cfg.train.resume = "never"
     with pytest.raises(ConfigError, match="train.resume=never but .* already holds checkpoints"):
@@ -261,24 +242,13 @@ def test_resume_modes_and_damaged_checkpoints(tmp_path, straight):
     from safetensors.torch import save_file
     save_file(w, str(path))
     with pytest.raises(CheckpointError, match="do not match the checksums saved with them"):
-        train(tiny_config(tmp_path / "c", *COMMON, f"train.resume={damaged}"))
+        train(tiny_config(tmp_path / "c", *RESUME_RUN, f"train.resume={damaged}"))
 
 
 # A checkpoint written by the code of commit d70f823, before checkpointed state was registered (state.py):
 # the on-disk format has not changed since, so it resumes bit-exactly (tests/fixtures/checkpoint_d70f823/make.py
 # says how it was made). The corpus is conftest.tiny_config's, written afresh: its fingerprint is in state.json.
-FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint_d70f823"
-D70F823 = ("train.max_steps=4", "train.save_every=2", "train.keep_last=0", "train.lr=5e-3", "train.warmup_steps=1",
-           "train.seed=11", "lora.dropout=0.1", "lora.r=2")
-
-
-def digest(folder: Path) -> str:
-    """sha256 over a final/ adapter's tensors (names and bytes): equal only for bit-identical weights."""
-    weights, h = load_file(str(folder / "adapter_model.safetensors")), hashlib.sha256()
-    for k in sorted(weights):
-        h.update(k.encode())
-        h.update(weights[k].contiguous().numpy().tobytes())
-    return h.hexdigest()
+FIXTURE = FIXTURES / "checkpoint_d70f823"
 
 
 def fields(tree, prefix="") -> set:

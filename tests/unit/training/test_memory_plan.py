@@ -1,9 +1,11 @@
-"""The memory arithmetic the run checks before building any weight (training/memory_plan.py): counts equal
+"""The memory arithmetic equals the built model's counts, and a run that cannot fit is refused in one line.
+
+The memory arithmetic the run checks before building any weight (training/memory_plan.py): counts equal
 the built model's, the 5.8B numbers are docs/speed-and-memory.md's, and a run that cannot fit is refused in one line
 that names a setting that fits."""
 
 import pytest
-from conftest import ROOT, tiny_config
+from helpers import ROOT, tiny_config
 
 from higgs_ddp.config import ConfigError, load_config
 from higgs_ddp.model import build_for_training, load_tokenizer, model_config

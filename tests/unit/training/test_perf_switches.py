@@ -1,48 +1,14 @@
-"""The speed and memory switches change nothing but speed and memory: activation checkpointing, the
+"""Activation checkpointing, the supervised-only text head and torch.compile leave loss and gradients unchanged.
+
+The speed and memory switches change nothing but speed and memory: activation checkpointing, the
 text head applied only to supervised rows (chunked or not) and torch.compile give the same loss and
 the same gradients as the plain model, through the real Trainer on the tiny HiggsAudioModel."""
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import PLAIN, assert_same, first_step
 
 from higgs_ddp.dual_loss import compute_dual_loss, head_cross_entropy_sum
-from higgs_ddp.runtime.distributed import DistEnv
-from higgs_ddp.training.trainer import Trainer
-
-PLAIN = ("train.text_logits=all", "train.activation_checkpointing=false")
-
-
-def first_step(tmp_path, name, *overrides, mode="lora"):
-    """Loss parts and gradients of the first micro-batch, with LoRA dropout on (so the RNG matters)."""
-    cfg = tiny_config(tmp_path / name, f"train.mode={mode}", "lora.dropout=0.2", "train.micro_batch_size=2",
-                      *overrides)
-    trainer = Trainer(cfg, DistEnv())
-    batch = next(iter(trainer.loader))
-    calls = []
-    head = trainer.raw.audio_decoder_proj.text_lm_head
-    # Output shapes of the text head (while deferred inside the model it passes hidden states through).
-    handle = head.register_forward_hook(lambda m, args, out: calls.append(tuple(out.shape)))
-    torch.manual_seed(0)
-    with trainer.autocast:  # the trainer's numerics (fp32 here; test_bf16.py passes train.precision=bf16)
-        out = trainer.wrapped(**batch.model_inputs())
-        dl = trainer.loss(out, batch, check=True)
-    dl.loss.backward()
-    handle.remove()
-    grads = {n: p.grad.clone() for n, p in trainer.named_params}
-    return dl, grads, calls, trainer
-
-
-def assert_same(a, b, exact=True):
-    (dl_a, g_a), (dl_b, g_b) = a, b
-    # Not exact: a matmul over a subset of rows sums in another order than over all of them (~1e-7 relative).
-    check = torch.equal if exact else (lambda x, y: torch.allclose(x, y, rtol=1e-5, atol=1e-6))
-    for part in ("loss", "text_loss", "audio_loss", "per_codebook_loss"):
-        assert check(getattr(dl_a, part).detach(), getattr(dl_b, part).detach()), part
-    assert (int(dl_a.text_tokens), int(dl_a.audio_tokens)) == (int(dl_b.text_tokens), int(dl_b.audio_tokens))
-    assert g_a.keys() == g_b.keys()
-    for k in g_a:
-        assert check(g_a[k], g_b[k]), k
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])

@@ -1,4 +1,6 @@
-"""Resuming from what a kill, a full disk or a user leaves behind: damaged checkpoint files, a cut-off
+"""Resuming after a kill, a full disk or a user: damaged checkpoints, metrics and cache shards, another world size.
+
+Resuming from what a kill, a full disk or a user leaves behind: damaged checkpoint files, a cut-off
 metrics line, a damaged code-cache shard, a moved validation manifest, another world size; and a
 status.json that tells a crash from a live run."""
 
@@ -8,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, tiny_config, torchrun
+from helpers import flip_byte, read_metrics, tiny_config, torchrun
 from safetensors.torch import load_file
 
 from higgs_ddp.train import main, train
@@ -53,14 +55,6 @@ def copy_run(straight: Path, tmp_path: Path) -> Path:
 
 def truncate(path: Path, keep: int) -> None:
     path.write_bytes(path.read_bytes()[:keep])
-
-
-def flip_byte(path: Path) -> None:
-    """One bit flipped in the last byte of a safetensors file's data (the sign and exponent byte of its last
-    fp32 value): the file still reads, only its weights' checksums can tell."""
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0x01
-    path.write_bytes(bytes(data))
 
 
 # --------------------------------------------------------------------------- damaged checkpoint files

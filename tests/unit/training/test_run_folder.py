@@ -1,4 +1,6 @@
-"""Where runs and commands write: one run at a time in an output_dir (a lock that a killed run does not leave
+"""One run per output_dir (a lock a killed run does not leave), and an unwritable folder is one line.
+
+Where runs and commands write: one run at a time in an output_dir (a lock that a killed run does not leave
 behind), and a folder that cannot be written is one line before any expensive work, never a traceback.
 
 Tests run as root, whom permission bits do not stop: a folder is made unwritable by putting it under a regular
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 import soundfile
 import yaml
-from conftest import ROOT, TINY, TORCHRUN_ENV, tiny_config
+from helpers import ROOT, TINY, TORCHRUN_ENV, tiny_config
 
 LOCK_FILE = "run.lock"  # training/run_lock.py
 ENV = {**TORCHRUN_ENV, "PYTHONPATH": str(ROOT / "src")}
