@@ -1,4 +1,4 @@
-"""Run under torchrun by test_ddp.py: one optimizer step of the real Trainer on 2 gloo ranks that see
+"""Run under torchrun by test_ddp_sync.py: one optimizer step of the real Trainer on 2 gloo ranks that see
 different data, then report a checksum of every rank's trainable parameters.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/rank_sync_worker.py CONFIG OUT.json [bypass] [checkpoint]

@@ -240,7 +240,7 @@ def _unused_audio_embedding(raw: nn.Module, inputs: dict) -> torch.Tensor:
     gradient while a rank with audio gets one: DDP (without find_unused_parameters) and FSDP2 need every
     rank to produce the same set of gradients on every backward. An empty slice backpropagates an exact
     zero gradient, so the update is the one the batch asks for. Every other trainable weight is reached
-    by a text-only batch already (measured: tests/test_mixed_turns.py checks all of them)."""
+    by a text-only batch already (measured: tests/unit/model/test_mixed_turns.py checks all of them)."""
     codes = [inputs.get("audio_in_ids"), inputs.get("audio_out_ids")]
     if any(c is not None and c.numel() > 0 for c in codes):
         return torch.zeros((), device=raw.audio_codebook_embeddings.weight.device)

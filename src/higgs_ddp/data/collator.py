@@ -2,7 +2,7 @@
 stream BOS/EOS, right padding to a multiple of 8), built directly on the requested device, plus the
 target counts the trainer needs before the forward.
 
-``tests/test_collator.py`` checks field-for-field parity with the official collator.
+``tests/unit/data/test_collator.py`` checks field-for-field parity with the official collator.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ __all__ = [
     "check_eval_models",
     "Dims", "OFFICIAL_DIMS", "checkpoint_need", "check_disk", "check_resume", "check_device", "check_lora",
     "check_batch", "is_benchmark",
-    "_existing_parent", "_guarded",  # used by tests/test_doctor.py
+    "_existing_parent", "_guarded",  # used by tests/unit/tools/test_doctor.py
 ]
 
 

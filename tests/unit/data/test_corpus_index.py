@@ -1,0 +1,268 @@
+"""The prepared corpus index gives a warm start the cold start's samples, batches and resume; damage is one line.
+
+The prepared corpus index (issue 31, data/corpus_index.py): a warm start maps columns instead of loading
+the data the full way, and gives the same samples, the same batches in the same order, the same fingerprint
+and the same exact resume; what changed since the index was built is noticed, a damaged or foreign index is
+named in one line and rebuilt."""
+
+import itertools
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from helpers import QUIET, RESUME_RUN, TINY, assert_same_weights, final_weights, rows, tiny_config
+
+from higgs_ddp.config import load_config
+from higgs_ddp.data import corpus_index
+from higgs_ddp.data.batching import StepBatchSampler, TokenBudgetBatchSampler
+from higgs_ddp.data.corpus_index import IndexedRecords
+from higgs_ddp.data.dataset import DataError, ManifestDataset, fingerprint, load_data
+from higgs_ddp.model import model_config
+from higgs_ddp.runtime.distributed import DistEnv
+from higgs_ddp.tools.bench.data_corpus import build_corpus
+
+CLIPS = 300
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """WAV files whose codes are in the code cache (4 codebooks of 64: the tiny model), 40 speakers."""
+    root = tmp_path_factory.mktemp("index") / "corpus"
+    build_corpus(root, CLIPS, "tiny", num_codebooks=4, codebook_size=64)
+    return root
+
+
+def config(corpus, tmp_path, *overrides):
+    return load_config(str(TINY), [*QUIET, f"output_dir={tmp_path / 'run'}", f"data.manifest={corpus / 'manifest.jsonl'}",
+                                   f"data.cache_dir={corpus / '.higgs_codes'}", "data.val_fraction=0.2", *overrides])
+
+
+def load(cfg, tokenizer, quiet=True):
+    return load_data(cfg, DistEnv(), tokenizer, model_config(cfg, tokenizer), quiet=quiet)
+
+
+def fresh(corpus):
+    shutil.rmtree(corpus / ".higgs_codes" / "index", ignore_errors=True)
+
+
+def index_folder(corpus):
+    (folder,) = (corpus / ".higgs_codes" / "index").iterdir()
+    return folder
+
+
+def same_records(a, b) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert (x.id, x.where, x.positions, x.seconds, x.speaker) == (y.id, y.where, y.positions, y.seconds, y.speaker)
+        assert np.array_equal(x.input_ids, y.input_ids) and np.array_equal(x.label_ids, y.label_ids)
+        assert len(x.codes) == len(y.codes) and all(np.array_equal(c, d) for c, d in zip(x.codes, y.codes))
+
+
+def rank_batches(data, cfg, rank, world, micro_batches):
+    """This rank's first micro-batches as the trainer builds them (its sampler over the dataset's lengths)."""
+    ds = ManifestDataset(data.train)
+    if cfg.data.max_tokens_per_batch:
+        sampler = TokenBudgetBatchSampler(ds.lengths, cfg.data.max_tokens_per_batch, 2, rank, world, cfg.train.seed, True)
+    else:
+        sampler = StepBatchSampler(len(ds), 4, 2, rank, world, cfg.train.seed, True)
+    return [[ds[i] for i in mb] for mb in itertools.islice(iter(sampler), micro_batches)]
+
+
+def same_batches(a, b) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert [s.sample_id for s in x] == [s.sample_id for s in y]
+        for s, t in zip(x, y):
+            assert torch.equal(s.input_ids, t.input_ids) and torch.equal(s.label_ids, t.label_ids)
+            assert len(s.audio_codes) == len(t.audio_codes)
+            assert all(torch.equal(c, d) for c, d in zip(s.audio_codes, t.audio_codes))
+
+
+@pytest.mark.parametrize("extra", [(), ("data.max_tokens_per_batch=1200",), ("data.reference=same_speaker",)],
+                         ids=["fixed", "token-budget", "same-speaker"])
+def test_index_start_yields_the_full_loads_batches(corpus, tmp_path, tokenizer, capsys, extra):
+    cfg = config(corpus, tmp_path, *extra)
+    fresh(corpus)
+    full = load(cfg, tokenizer, quiet=False)
+    assert isinstance(full.train, list) and "no prepared index" in capsys.readouterr().out
+    warm = load(cfg, tokenizer, quiet=False)
+    out = capsys.readouterr().out
+    assert isinstance(warm.train, IndexedRecords) and "from the prepared index" in out, out
+    if "same_speaker" in str(extra):
+        assert "references: " in out and sum(len(r.codes) == 2 for r in full.train) > CLIPS // 2
+    same_records(full.train, warm.train)
+    same_records(full.val, warm.val)
+    assert len(warm.val) > 0
+    assert fingerprint(warm.train) == fingerprint(full.train) == fingerprint(list(warm.train))
+    assert warm.report["train_audio_hours"] == full.report["train_audio_hours"]
+    assert warm.report["references"] == full.report["references"] and warm.report["problems"] == full.report["problems"]
+    for world in (1, 2):
+        for rank in range(world):
+            same_batches(rank_batches(full, cfg, rank, world, 60), rank_batches(warm, cfg, rank, world, 60))
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["index"] == str(index_folder(corpus)) and report["train_samples"] == len(full.train)
+
+
+def test_index_points_into_the_code_shards(corpus, tmp_path, tokenizer):
+    """The codes are not copied: the index names code-cache shards and holds no codes of its own."""
+    cfg = config(corpus, tmp_path)
+    fresh(corpus)
+    load(cfg, tokenizer)
+    header = json.loads((index_folder(corpus) / "header.json").read_text())
+    assert header["code_files"] and all(".higgs_codes" in c["path"] and "part-" in c["path"]
+                                        for c in header["code_files"])
+    assert not (index_folder(corpus) / corpus_index.OWN_CODES).exists()
+
+
+def test_a_warm_start_parses_no_manifest_and_builds_no_record(corpus, tmp_path, tokenizer, monkeypatch):
+    cfg = config(corpus, tmp_path)
+    fresh(corpus)
+    load(cfg, tokenizer)
+    from higgs_ddp.data import dataset, manifest
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a warm start parsed a manifest")
+
+    monkeypatch.setattr(manifest, "read_manifest", refused)
+    monkeypatch.setattr(dataset, "read_manifest", refused)
+    built = []
+    monkeypatch.setattr(corpus_index.CorpusIndex, "record",
+                        lambda self, i, real=corpus_index.CorpusIndex.record: built.append(i) or real(self, i))
+    warm = load(cfg, tokenizer)
+    ds = ManifestDataset(warm.train)
+    TokenBudgetBatchSampler(ds.lengths, 1200, 1, 0, 2, 0, True)
+    assert built == []  # the plan came from the lengths column
+    ds[5]
+    assert built == [5]
+
+
+def test_changes_since_the_index_was_built_are_noticed(corpus, tmp_path, tokenizer, capsys):
+    cfg = config(corpus, tmp_path)
+    fresh(corpus)
+    load(cfg, tokenizer)
+    manifest = corpus / "manifest.jsonl"
+    wav, other, third = sorted((corpus / "wavs" / "0000").glob("*.wav"))[:3]  # (the codes of each are cached)
+
+    def start(quiet=False):
+        capsys.readouterr()
+        data = load(cfg, tokenizer, quiet=quiet)
+        return data, capsys.readouterr().out
+
+    data, out = start()
+    assert isinstance(data.train, IndexedRecords)
+    # A manifest edited (its mtime moves): rebuilt, the edit is in the samples.
+    lines = manifest.read_text().splitlines()
+    first = json.loads(lines[0])
+    manifest.write_text("\n".join([json.dumps({**first, "text": first["text"] + " Again."}), *lines[1:]]) + "\n")
+    data, out = start()
+    assert f"manifest {manifest} changed" in out and isinstance(data.train, list)
+    edited = next(r for r in data.train + data.val if r.id == first["id"])
+    data, out = start()
+    assert isinstance(data.train, IndexedRecords)
+    assert len(next(r for r in list(data.train) + list(data.val) if r.id == first["id"]).input_ids) == len(edited.input_ids)
+    # The same size and mtime, other bytes: unseen by the clock, so a manifest changed within 2 s before the
+    # index was written is compared by its hash (the index is made to look written just after the manifest).
+    header_path = index_folder(corpus) / "header.json"
+    st = os.stat(manifest)
+    header_path.write_text(json.dumps({**json.loads(header_path.read_text()), "built_ns": st.st_mtime_ns + 1}))
+    data, out = start()
+    assert isinstance(data.train, IndexedRecords)  # the same bytes: still valid
+    manifest.write_text(manifest.read_text().replace(" Again.", " Agaim."))
+    os.utime(manifest, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (os.stat(manifest).st_size, os.stat(manifest).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    data, out = start()
+    assert f"manifest {manifest} changed" in out
+    # An audio file replaced by writing a new file and renaming it over the old one: its folder's mtime moves.
+    start()
+    tmp = wav.with_name("new.tmp")
+    tmp.write_bytes(other.read_bytes())
+    os.replace(tmp, wav)
+    data, out = start()
+    assert f"audio folder {wav.parent} changed" in out and isinstance(data.train, list)
+    by_id = {r.id: r for r in data.train + data.val}
+    assert np.array_equal(by_id[f"clip{int(wav.stem):07d}"].codes[0], by_id[f"clip{int(other.stem):07d}"].codes[0])
+    data, out = start()
+    assert isinstance(data.train, IndexedRecords)
+    # What is documented as not seen: an audio file rewritten in place (same name, folder untouched).
+    folder_mtime = os.stat(wav.parent).st_mtime_ns
+    wav.write_bytes(third.read_bytes())
+    assert os.stat(wav.parent).st_mtime_ns == folder_mtime
+    data, out = start()
+    assert isinstance(data.train, IndexedRecords)
+
+
+def test_damaged_or_foreign_index_is_named_and_rebuilt(corpus, tmp_path, tokenizer, capsys):
+    cfg = config(corpus, tmp_path)
+    fresh(corpus)
+    full = load(cfg, tokenizer)
+    folder = index_folder(corpus)
+    column = folder / "positions.npy"
+
+    def start():
+        capsys.readouterr()
+        data = load(cfg, tokenizer, quiet=False)
+        return data, capsys.readouterr().out
+
+    column.write_bytes(column.read_bytes()[:-40])  # cut short: never read as zeros
+    data, out = start()
+    assert f"index file {column} is damaged" in out and isinstance(data.train, list)
+    assert out.count(str(column)) == 1 and "wrote the prepared index" in out
+    data, out = start()
+    same_records(full.train, data.train)
+    (folder / "header.json").write_text("{\"format\": 1, \"colu")
+    data, out = start()
+    assert f"index file {folder / 'header.json'} is damaged" in out and isinstance(data.train, list)
+    header = json.loads((folder / "header.json").read_text())
+    (folder / "header.json").write_text(json.dumps({**header, "format": 0}))
+    data, out = start()
+    line = next(x for x in out.splitlines() if "format" in x)
+    assert f"index {folder} was written in index format 0, this version reads format {corpus_index.FORMAT}" in line
+    data, out = start()
+    assert isinstance(data.train, IndexedRecords)
+    same_records(full.train, data.train)
+    # A code shard the index points into, cut short by a copy: named, and the data loaded the full way (whose
+    # code cache then deletes the shard and would encode its clips again: these placeholders are too short).
+    shard = sorted((corpus / ".higgs_codes").rglob("part-*.safetensors"))[0]
+    blob = shard.read_bytes()
+    try:
+        shard.write_bytes(blob[:-10])
+        capsys.readouterr()
+        with pytest.raises(DataError, match="too short for the codec"):
+            load(cfg, tokenizer, quiet=False)
+        assert f"code file {shard} is missing or changed" in capsys.readouterr().out
+    finally:  # put back (the full load deleted it): the module's later tests use this corpus
+        shard.write_bytes(blob)
+
+
+@pytest.mark.parametrize("extra", [(), ("data.max_tokens_per_batch=400",)], ids=["fixed", "token-budget"])
+def test_resume_from_the_index_equals_the_straight_run(tmp_path, capsys, extra):
+    """6 steps straight (the full way: it writes the index), then a run resumed at step 3 whose data comes
+    from the index (.npy codes: kept in the index's own codes.bin) ends with the same losses and weights."""
+    from higgs_ddp.train import train
+
+    straight = tiny_config(tmp_path / "straight", *RESUME_RUN, *extra)
+    train(straight)
+    assert "no prepared index" in capsys.readouterr().out
+    half = tmp_path / "straight" / "run" / "checkpoints" / "step_000003"
+    resumed = load_config(str(TINY), [f"output_dir={tmp_path / 'resumed'}", f"data.manifest={straight.data.manifest[0]}",
+                                      f"data.cache_dir={straight.data.cache_dir}", "data.num_workers=0", *QUIET,
+                                      *RESUME_RUN, *extra, f"train.resume={half}"])
+    train(resumed)
+    assert "from the prepared index" in capsys.readouterr().out
+    assert (tmp_path / "straight" / "cache" / "index").is_dir()
+    assert rows(tmp_path / "resumed") == rows(tmp_path / "straight" / "run")[3:]
+    assert_same_weights(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "straight" / "run"))
+
+
+def test_an_index_sent_to_a_spawned_worker_is_mapped_again_not_copied(corpus, tmp_path, tokenizer):
+    import pickle
+
+    cfg = config(corpus, tmp_path)
+    fresh(corpus)
+    load(cfg, tokenizer)
+    warm = load(cfg, tokenizer)
+    blob = pickle.dumps(warm.train)
+    assert len(blob) < 20_000  # the header, not the columns
+    same_records(warm.train, pickle.loads(blob))

@@ -1,0 +1,119 @@
+"""The benchmark's JSON line, its FLOPs count against the formula by hand, and the memory each switch saves.
+
+The benchmark: its JSON line, its FLOPs count against the formula worked out by hand, and the memory
+that activation checkpointing and the supervised-only text head save (counted tensor by tensor, on CPU).
+No timing is asserted: speed belongs in BENCHMARKS.md, not in a test."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import ROOT, TORCHRUN_ENV, tiny_config
+
+from higgs_ddp.config import load_config
+from higgs_ddp.runtime.distributed import DistEnv
+from higgs_ddp.tools.bench.flops import step_flops, weight_costs
+from higgs_ddp.tools.bench.memtrack import LiveTensorBytes
+
+FIELDS = {"tokens_per_s", "step_time_s", "peak_memory_bytes", "flops_per_token", "mfu", "overhead",
+          "data_rate_ratio", "peer_ratio", "peer"}
+
+
+def test_bench_prints_one_json_line_with_every_field(tmp_path):
+    cmd = [sys.executable, "-m", "higgs_ddp", "bench", "--config", "configs/bench_tiny.yaml", "bench.seq_len=256",
+           "bench.samples=16", "bench.warmup_steps=1", "bench.steps=2", "train.micro_batch_size=2",
+           f"output_dir={tmp_path / 'out'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=TORCHRUN_ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The run card says what the benchmark does: its samples and steps, not train.max_steps; no output folder.
+    card = {line.split()[0]: line.split(None, 1)[1] for line in proc.stdout.split("\n\n")[0].splitlines()[1:8]}
+    assert card["data"].startswith("16 synthetic samples of 256 positions (85% audio")
+    assert card["schedule"].startswith("1 warm-up + 2 timed steps (bench.warmup_steps, bench.steps)")
+    assert "1000" not in card["schedule"] and card["schedule"].endswith("the peer's transformers.Trainer loop")
+    assert card["output"] == "none: nothing is written; the result is the last line printed (JSON)"
+    assert not (tmp_path / "out").exists()
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert FIELDS <= result.keys()
+    assert result["tokens_per_s"] > 0 and result["step_time_s"] > 0 and result["overhead"] > 0
+    assert result["mfu"] is None and result["device"] == "cpu"  # no bf16 peak to compare with on a CPU
+    assert result["peak_memory_bytes"] > 0 and result["peer"]["tokens_per_s"] > 0
+    assert result["peer_ratio"] == pytest.approx(result["tokens_per_s"] / result["peer"]["tokens_per_s"])
+    # 2 samples x 256 positions per step: the token count is exact.
+    assert result["tokens_per_s"] * result["step_time_s"] == pytest.approx(512)
+
+
+def test_bench_config_error_is_one_line():
+    proc = subprocess.run([sys.executable, "-m", "higgs_ddp", "bench", "--config", "configs/bench_tiny.yaml",
+                           "bench.sequence=3"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "bench.sequence" in proc.stderr
+
+
+def test_flops_of_the_3b_architecture_match_the_formula_by_hand():
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+    from peft import LoraConfig, get_peft_model
+
+    from higgs_ddp.data.collator import Batch
+    from higgs_ddp.model import load_tokenizer, model_config
+
+    cfg = load_config(str(ROOT / "configs" / "bench_3b.yaml"))
+    with torch.device("meta"):
+        model = HiggsAudioModel(model_config(cfg, load_tokenizer(cfg)))
+        model.requires_grad_(False)
+    costs = weight_costs(model)
+    H, L, V, FF, kv, hd = 3072, 28, 128256, 8192, 8, 128
+    attn = L * (H * H + 2 * H * kv * hd + H * H)
+    ffn = L * 3 * H * FF
+    assert costs["attention"] == 4 * attn and costs["text_ffn"] == costs["audio_ffn"] == 4 * ffn
+    assert costs["text_head"] == 4 * H * V and costs["audio_head"] == 4 * H * 8 * 1026
+
+    # One sample of 2048 positions, 1800 of them audio, 5 supervised text targets.
+    empty = torch.zeros(0, dtype=torch.long)
+    batch = Batch(input_ids=empty, attention_mask=empty, label_ids=empty, audio_in_ids=None, audio_in_ids_start=None,
+                  audio_out_ids=torch.zeros(8, 1800, dtype=torch.long), audio_out_ids_start=empty,
+                  audio_out_ids_start_group_loc=empty, label_audio_ids=empty, text_targets=5, audio_targets=0,
+                  num_positions=2048, padded_positions=2048, num_samples=1)
+    want = (2048 * 4 * (attn + ffn) + 1800 * 4 * H * 8 * 1026 + 5 * 4 * H * V
+            + 2048 * 12 * L * 24 * hd * 2048)
+    assert step_flops(costs, L, 24 * hd, [batch]) == want
+    # ~13.5 GFLOPs per position for LoRA at 2048: 4·N of the backbone plus attention.
+    assert 13e9 < want / 2048 < 14e9
+
+    lora = get_peft_model(model, LoraConfig(r=16, target_modules=["q_proj"]))
+    trained = weight_costs(lora)["attention"] - 4 * attn  # 6 per trained LoRA parameter, on top
+    assert trained == 6 * L * 16 * (H + H)
+
+
+def test_live_tensor_bytes_counts_what_is_alive_at_once():
+    with LiveTensorBytes() as live:
+        a = torch.ones(1000, 1000)  # 4 MB
+        b = a * 2  # 8 MB alive
+        del b
+        c = a[:10]  # a view: no new storage
+        a += 1  # in place: no new storage
+    assert live.peak == 8_000_000 and live.live == 4_000_000
+    del a, c
+
+
+def step_peak(tmp_path, name, *overrides) -> int:
+    from higgs_ddp.training.trainer import Trainer
+
+    cfg = tiny_config(tmp_path / name, "train.micro_batch_size=4", "model.config.text_config.vocab_size=32000",
+                      "model.config.text_config.hidden_size=128", "model.config.text_config.num_hidden_layers=4",
+                      "model.config.text_config.intermediate_size=256", *overrides)
+    trainer = Trainer(cfg, DistEnv())
+    batch = next(iter(trainer.loader))
+    with LiveTensorBytes() as live:
+        trainer.train_step([batch])
+    return live.peak
+
+
+def test_activation_checkpointing_and_supervised_text_logits_cut_peak_memory(tmp_path):
+    plain = step_peak(tmp_path, "plain", "train.text_logits=all")
+    ckpt = step_peak(tmp_path, "ckpt", "train.text_logits=all", "train.activation_checkpointing=true")
+    sup = step_peak(tmp_path, "sup", "train.text_logits=supervised")
+    both = step_peak(tmp_path, "both", "train.text_logits=supervised", "train.activation_checkpointing=true")
+    assert sup < plain / 4  # (B, T, 32000) logits and their gradient were most of it
+    assert ckpt < plain and both < 0.8 * sup  # with the head gone, the layers' activations dominate
