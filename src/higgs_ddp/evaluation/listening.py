@@ -18,6 +18,7 @@ import torch.distributed as dist
 from higgs_ddp.config import Config
 from higgs_ddp.evaluation.detectors import ClipChecks, check_clip, summarize
 from higgs_ddp.evaluation.generation import check_codec, encode_reference, generation_state, read_reference, speak_text
+from higgs_ddp.data.manifest import reference_problem
 from higgs_ddp.errors import InputError
 from higgs_ddp.runtime.files import write_json_atomic
 
@@ -64,9 +65,12 @@ def _reference_wave(cfg: Config, i: int, prompt: dict, min_seconds: float, codec
     and conditioned as training data is)."""
     key = f"eval.prompts[{i}]"
     ref = prompt.get("reference_audio")
+    # the manifest's rule and speak's: a reference is its audio and its words
+    problem = reference_problem(bool(ref), prompt.get("reference_text"), f"{key}.reference_audio",
+                                f"{key}.reference_text")
+    if problem:
+        raise InputError(f"{key}: {problem[1]}")
     if not ref:
-        if prompt.get("reference_text"):
-            raise InputError(f"{key} has a reference_text but no reference_audio")
         return None
     return read_reference(ref, f"{key}.reference_audio", cfg.data.max_audio_seconds, min_seconds, cfg.data.audio,
                           codec_rate)

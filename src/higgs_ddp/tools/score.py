@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from higgs_ddp.evaluation.generation import Sampling, flag_name
+from higgs_ddp.data.manifest import reference_problem
 from higgs_ddp.errors import HiggsError, report
 
 COLUMNS = (("samples", "samples", "{}"), ("stopped", "stopped_samples", "{}"), ("silent", "silent_samples", "{}"),
@@ -59,8 +60,10 @@ def read_prompts(path: Path) -> list[dict]:
         if unknown:
             raise ScoreError(f"{path}:{n}: unknown key(s) {sorted(unknown)}; a prompt has "
                              f"{', '.join(EvalConfig.PROMPT_KEYS)}")
-        if prompt.get("reference_text") and not prompt.get("reference_audio"):
-            raise ScoreError(f"{path}:{n}: reference_text needs reference_audio")
+        problem = reference_problem(bool(prompt.get("reference_audio")), prompt.get("reference_text"),
+                                    "reference_audio", "reference_text")
+        if problem:  # the manifest's rule and speak's
+            raise ScoreError(f"{path}:{n}: {problem[1]}")
         for key in ("reference_audio", "speaker_audio"):
             if prompt.get(key):
                 prompt[key] = str(path.parent / prompt[key])

@@ -68,6 +68,10 @@ def test_bad_prompts_are_one_line(setup, tmp_path, capsys):
     assert "speaker_audio" in capsys.readouterr().err
     assert score_main(["--model", str(tmp / "run"), "--prompts", str(tmp_path / "none.jsonl")]) == 2
     assert capsys.readouterr().err.strip() == f"higgs-ddp: error: --prompts {tmp_path / 'none.jsonl'} not found"
+    bad.write_text('{"text": "x", "reference_audio": "ref.wav"}\n')  # a reference is its audio and its words
+    assert score_main(["--model", str(tmp / "run"), "--prompts", str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == (f"higgs-ddp: error: {bad}:1: a reference needs both its audio "
+                                               f"(reference_audio) and its transcript (reference_text)")
 
 
 def test_errors_name_the_flag_and_the_prompts_line_the_user_typed(tmp_path, capsys):

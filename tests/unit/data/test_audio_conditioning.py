@@ -215,7 +215,7 @@ def test_speak_and_the_samples_hear_a_reference_as_training_encoded_it(tmp_path,
     want = torch.as_tensor(trained.codes[ref.path]).long()
 
     loaded = load_for_inference(tmp_path / "run", "cpu")
-    samples = _encode_reference(loaded.cfg, 0, {"text": "hi", "reference_audio": str(ref.path)}, loaded.codec)
+    samples = _encode_reference(loaded.cfg, 0, {"text": "hi", "reference_audio": str(ref.path), "reference_text": "hi"}, loaded.codec)
     assert torch.equal(samples.long(), want)
 
     out = tmp_path / "spoken.wav"

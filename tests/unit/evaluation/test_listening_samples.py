@@ -209,15 +209,18 @@ def test_unusable_reference_audio_is_a_one_line_error(tmp_path, codec):
     missing = tmp_path / "nope" / "ref.wav"
     garbage = tmp_path / "garbage.wav"
     garbage.write_bytes(b"not a wav file at all")
-    cfg.eval.prompts = [{"text": "hi", "reference_audio": str(missing)},
-                        {"text": "hi", "reference_audio": str(garbage)},
+    cfg.eval.prompts = [{"text": "hi", "reference_audio": str(missing), "reference_text": "hi"},
+                        {"text": "hi", "reference_audio": str(garbage), "reference_text": "hi"},
                         {"text": "hi", "reference_text": "words without audio"},
+                        {"text": "hi", "reference_audio": str(missing)},  # audio without its words: one rule
                         {"text": "fine"}]
     problems = check_prompts(cfg)
-    assert len(problems) == 3 and all("\n" not in p for p in problems)
+    assert len(problems) == 4 and all("\n" not in p for p in problems)
     assert str(missing) in problems[0] and "not found" in problems[0] and problems[0].startswith("eval.prompts[0]")
     assert str(garbage) in problems[1] and "eval.prompts[2]" in problems[2]
-    cfg.eval.prompts = [{"text": "fine"}, {"text": "hi", "reference_audio": str(missing)}]
+    assert problems[3] == ("eval.prompts[3]: a reference needs both its audio (eval.prompts[3].reference_audio) "
+                           "and its transcript (eval.prompts[3].reference_text)")
+    cfg.eval.prompts = [{"text": "fine"}, {"text": "hi", "reference_audio": str(missing), "reference_text": "hi"}]
     with pytest.raises(ValueError) as e:
         write_samples(raw, tok, codec, cfg, 1, tmp_path / "samples")
     assert str(missing) in str(e.value) and "\n" not in str(e.value)
