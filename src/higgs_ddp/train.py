@@ -38,7 +38,8 @@ def train(cfg: Config) -> dict:
     from higgs_ddp.training.preemption import StopRequest, signal_name, write_failure, write_status
     from higgs_ddp.training.run_lock import hold_output_dir
     from higgs_ddp.training.runlog import RunLog
-    from higgs_ddp.training.trainer import Trainer, write_run_files
+    from higgs_ddp.training.run_files import write_run_files
+    from higgs_ddp.training.trainer import Trainer
 
     env = setup_distributed()
     log = batches = step = lock = None  # step: the one a failure happened at (None: before the first)

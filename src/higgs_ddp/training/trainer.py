@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from higgs_ddp.config import Config, ConfigError, check_machine
 from higgs_ddp.data.batching import StepBatchSampler, TokenBudgetBatchSampler
@@ -23,7 +22,6 @@ from higgs_ddp.errors import HiggsError
 from higgs_ddp.evaluation.validation import Validatable
 from higgs_ddp.model import HiggsForward, build_for_training, load_tokenizer, model_config, text_head, unwrap
 from higgs_ddp.runtime import precision
-from higgs_ddp.runtime.files import atomic_folder
 from higgs_ddp.runtime.distributed import DistEnv, all_reduce_sum
 from higgs_ddp.runtime.shared_fs import check_shared_directory, describe_nodes
 from higgs_ddp.training.best import BestTracker
@@ -35,9 +33,9 @@ from higgs_ddp.training.parallel import build_strategy
 from higgs_ddp.training.perf import compile_decoder_layers, enable_activation_checkpointing, enable_tf32
 from higgs_ddp.training.preemption import leave_stop_signals_to_parent
 from higgs_ddp.training.resume_policy import check_resumable
+from higgs_ddp.training.run_files import save_weights
 from higgs_ddp.training.shards import gather_full
 from higgs_ddp.training.state import Attributes, DataPosition
-from higgs_ddp.runtime.layout import CONFIG, TRAINABLE
 
 
 class TrainingError(HiggsError, RuntimeError):
@@ -399,27 +397,9 @@ class Trainer:
         return self.save_weights("best", {"metric": t.metric, "value": t.best, "step": step})
 
     def save_weights(self, name: str, note: dict | None = None) -> Path:
-        """``{output_dir}/{name}/`` in final/'s formats, replaced as a whole: it is written beside and renamed,
-        so a crash leaves the previous one (best/ is rewritten during the run)."""
-        out = Path(self.cfg.output_dir) / name
+        """``{output_dir}/{name}/`` in final/'s formats (run_files.save_weights); rank 0 writes it."""
         state = gather_full(self.named_params, keep=self.env.is_main, device=self.env.device)
-        if not self.env.is_main:
-            return out
-        with atomic_folder(out, durable=True) as tmp:
-            if self.cfg.train.mode == "lora":
-                self.model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state)
-            else:
-                from safetensors.torch import save_file
-                save_file(state, str(tmp / TRAINABLE), metadata={"mode": self.cfg.train.mode})
-                self.raw.config.save_pretrained(str(tmp))
-            self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            if note is not None:
-                import json
-                (tmp / f"{name}.json").write_text(json.dumps(note, indent=1) + "\n")
+        out = Path(self.cfg.output_dir) / name
+        if self.env.is_main:
+            save_weights(out, self.model, state, self.cfg.train.mode, self.raw.config, self.tokenizer, note)
         return out
-
-
-def write_run_files(cfg: Config) -> None:
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
