@@ -406,3 +406,22 @@ def write_tests_index(doc: Path = ROOT / "docs" / "tests.md") -> None:
 
 if __name__ == "__main__":
     write_tests_index()
+
+
+def cached_corpus(tmp_path_factory, name: str, clips: int) -> Path:
+    """WAV files whose codes are already in the code cache, in the tiny model's shape (4 codebooks of 64):
+    the data-at-scale bench's synthetic corpus, encoded by nobody."""
+    from higgs_ddp.tools.bench.data_corpus import build_corpus
+
+    root = tmp_path_factory.mktemp(name) / "corpus"
+    build_corpus(root, clips, "tiny", num_codebooks=4, codebook_size=64)
+    return root
+
+
+def cached_corpus_config(corpus: Path, tmp_path: Path, *overrides):
+    """configs/tiny.yaml on a ``cached_corpus``, with a validation fifth."""
+    from higgs_ddp.config import load_config
+
+    return load_config(str(TINY), [*QUIET, f"output_dir={tmp_path / 'run'}", f"data.manifest={corpus / 'manifest.jsonl'}",
+                                   f"data.cache_dir={corpus / '.higgs_codes'}", "data.val_fraction=0.2", *overrides])
+

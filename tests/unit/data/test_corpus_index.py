@@ -13,7 +13,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import QUIET, RESUME_RUN, TINY, assert_same_weights, final_weights, rows, tiny_config
+from helpers import (QUIET, RESUME_RUN, TINY, assert_same_weights, cached_corpus, cached_corpus_config, final_weights, rows,
+                     tiny_config)
 
 from higgs_ddp.config import load_config
 from higgs_ddp.data import corpus_index
@@ -22,7 +23,6 @@ from higgs_ddp.data.corpus_index import IndexedRecords
 from higgs_ddp.data.dataset import DataError, ManifestDataset, fingerprint, load_data
 from higgs_ddp.model import model_config
 from higgs_ddp.runtime.distributed import DistEnv
-from higgs_ddp.tools.bench.data_corpus import build_corpus
 
 CLIPS = 300
 
@@ -30,14 +30,10 @@ CLIPS = 300
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """WAV files whose codes are in the code cache (4 codebooks of 64: the tiny model), 40 speakers."""
-    root = tmp_path_factory.mktemp("index") / "corpus"
-    build_corpus(root, CLIPS, "tiny", num_codebooks=4, codebook_size=64)
-    return root
+    return cached_corpus(tmp_path_factory, "index", CLIPS)
 
 
-def config(corpus, tmp_path, *overrides):
-    return load_config(str(TINY), [*QUIET, f"output_dir={tmp_path / 'run'}", f"data.manifest={corpus / 'manifest.jsonl'}",
-                                   f"data.cache_dir={corpus / '.higgs_codes'}", "data.val_fraction=0.2", *overrides])
+config = cached_corpus_config
 
 
 def load(cfg, tokenizer, quiet=True):

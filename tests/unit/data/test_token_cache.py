@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import torch
 import pytest
-from helpers import QUIET, ROOT, TINY, TORCHRUN_ENV
+from helpers import QUIET, ROOT, TINY, TORCHRUN_ENV, cached_corpus, cached_corpus_config
 
 from higgs_ddp.config import load_config
 from higgs_ddp.data import token_cache
@@ -22,7 +22,7 @@ from higgs_ddp.data.prompt import build_chatml, tokenize_chatml
 from higgs_ddp.data.tiny_tokenizer import build_tiny_tokenizer
 from higgs_ddp.model import model_config
 from higgs_ddp.runtime.distributed import DistEnv
-from higgs_ddp.tools.bench.data_corpus import build_corpus, forget_derived
+from higgs_ddp.tools.bench.data_corpus import forget_derived
 
 CLIPS = 40
 
@@ -30,14 +30,10 @@ CLIPS = 40
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A cached corpus in the tiny model's code shape (4 codebooks of 64), encoded by nobody."""
-    root = tmp_path_factory.mktemp("scale") / "corpus"
-    build_corpus(root, CLIPS, "tiny", num_codebooks=4, codebook_size=64)
-    return root
+    return cached_corpus(tmp_path_factory, "scale", CLIPS)
 
 
-def config(corpus, tmp_path, *overrides):
-    return load_config(str(TINY), [*QUIET, f"output_dir={tmp_path / 'run'}", f"data.manifest={corpus / 'manifest.jsonl'}",
-                                   f"data.cache_dir={corpus / '.higgs_codes'}", "data.val_fraction=0.2", *overrides])
+config = cached_corpus_config
 
 
 def load(cfg, tokenizer):

@@ -13,13 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import soundfile
 import yaml
-from helpers import ROOT, TINY, TORCHRUN_ENV, tiny_config
+from helpers import ROOT, TINY, TORCHRUN_ENV, tiny_config, wait_for
 
 LOCK_FILE = "run.lock"  # training/run_lock.py
 ENV = {**TORCHRUN_ENV, "PYTHONPATH": str(ROOT / "src")}
@@ -45,15 +44,6 @@ def logged_steps(run_dir: Path) -> int:
     return path.read_text().count("\n") if path.exists() else 0
 
 
-def wait_for(predicate, what, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_a_second_run_into_a_held_output_dir_is_refused_and_a_killed_run_frees_it(tmp_path):
     """Two identical commands: the second, alone or launched on 2 ranks, is refused in one line naming the first
     (host, pid, start) and touches nothing of it; once the first is SIGKILLed the same command gets in at once
@@ -63,7 +53,7 @@ def test_a_second_run_into_a_held_output_dir_is_refused_and_a_killed_run_frees_i
     cmd = higgs_ddp("train", "--config", config)
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
     try:
-        wait_for(lambda: logged_steps(out) >= 6 or first.poll() is not None, "the first run's step 6")
+        wait_for(lambda: logged_steps(out) >= 6 or first.poll() is not None, "the first run's step 6", timeout=180)
         first.send_signal(signal.SIGSTOP)  # it holds the folder, frozen mid-run (past its checkpoint at step 5)
         assert first.poll() is None, first.stdout.read()[-3000:]
         before = {p: (out / p).read_bytes() for p in ("status.json", "metrics.jsonl", LOCK_FILE)}
