@@ -8,6 +8,10 @@ Computing cross-entropy between ``logits[t]`` and ``labels[t]`` therefore teache
 its input (near-zero loss, silent audio). The correct ("shifted") loss predicts position t+1 from t.
 The "aligned" path exists for labels that were shifted already, and is refused for labels that equal
 the inputs.
+
+One selection of supervised targets serves every reduction: ``compute_dual_loss`` sums their negative
+log-likelihoods over the batch (the supervised loss), ``sequence_logps`` sums their log-probabilities per
+sample (a candidate's sequence log-probability, what preference losses such as DPO compare).
 """
 
 from __future__ import annotations
@@ -107,32 +111,96 @@ def _check(name, what, labels, ignore_index):
         raise ValueError(f"{name}: label {value} outside [0, {what}) (and not ignore_index={ignore_index})")
 
 
-def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    # Only supervised rows reach here, so the float32 upcast costs (targets, V), not (B*T, V).
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log p(target) per row. Only supervised rows reach here, so the float32 upcast costs (targets, V),
+    not (B*T, V)."""
+    return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
-def _head_ce_sum(head: Callable, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return _ce_sum(head(hidden), targets)
+def _head_nll(head: Callable, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return _nll(head(hidden), targets)
 
 
-def head_cross_entropy_sum(head: Callable, hidden: torch.Tensor, targets: torch.Tensor,
-                           chunk_rows: int = 0) -> torch.Tensor:
-    """sum CE(head(hidden), targets) over rows, ``chunk_rows`` rows at a time (0: all at once).
+def head_cross_entropy(head: Callable, hidden: torch.Tensor, targets: torch.Tensor,
+                       chunk_rows: int = 0) -> torch.Tensor:
+    """CE(head(hidden), targets) per row (n,), ``chunk_rows`` rows at a time (0: all at once).
 
     With several chunks each one is checkpointed: its (rows, V) logits and softmax are recomputed in
     backward instead of kept, so at most one chunk's logits is alive at any time."""
     n = hidden.shape[0]
-    if not chunk_rows or n <= chunk_rows:  # (n == 0 gives 0, still connected to the head's weights)
-        return _head_ce_sum(head, hidden, targets)
-    total = hidden.new_zeros((), dtype=torch.float32)
+    if not chunk_rows or n <= chunk_rows:  # (n == 0 gives (0,), still connected to the head's weights)
+        return _head_nll(head, hidden, targets)
+    parts = []
     for i in range(0, n, chunk_rows):
         h, y = hidden[i:i + chunk_rows], targets[i:i + chunk_rows]
         if torch.is_grad_enabled():
-            total = total + checkpoint(_head_ce_sum, head, h, y, use_reentrant=False)
+            parts.append(checkpoint(_head_nll, head, h, y, use_reentrant=False))
         else:
-            total = total + _head_ce_sum(head, h, y)
-    return total
+            parts.append(_head_nll(head, h, y))
+    return torch.cat(parts)
+
+
+def head_cross_entropy_sum(head: Callable, hidden: torch.Tensor, targets: torch.Tensor,
+                           chunk_rows: int = 0) -> torch.Tensor:
+    """sum CE(head(hidden), targets) over rows, chunked as ``head_cross_entropy`` does."""
+    return head_cross_entropy(head, hidden, targets, chunk_rows).sum()
+
+
+@dataclass
+class _Streams:
+    """Both streams checked, with the label convention decided: what every reduction here starts from."""
+    scored: torch.Tensor  # (B, T, V) logits, or (B, T, H) final hidden states when text_head is set
+    labels: torch.Tensor  # (B, T) expanded_labels
+    text_head: Optional[Callable]
+    chunk_rows: int
+    audio_logits: Optional[torch.Tensor]  # (N, C, K)
+    label_audio_ids: Optional[torch.Tensor]  # (C, N)
+    boundary: Optional[torch.Tensor]  # (N,) segment ends followed by another segment; None: no audio
+    num_cb: int
+    path: str  # "shifted" or "aligned"
+    ignore_index: int
+
+
+@dataclass
+class _Targets:
+    """One stream's supervised targets, in one order: -log p of each and where it sits."""
+    nll: torch.Tensor  # (M,) float32, differentiable
+    row: torch.Tensor  # (M,) text: the batch row; audio: the column of the audio concatenation
+    codebook: Optional[torch.Tensor] = None  # (M,) audio only
+    supervised: Optional[torch.Tensor] = None  # (C, N') audio only: the mask the targets were taken from
+    logits: Optional[torch.Tensor] = None  # (N', C, K) audio only: the scored positions (for accuracy)
+    labels: Optional[torch.Tensor] = None  # (C, N') audio only
+
+
+def _prepare(logits, expanded_labels, audio_logits, label_audio_ids, expanded_input_ids, audio_out_ids,
+             alignment, ignore_index, audio_out_ids_start, validate, text_hidden, text_head, text_vocab_size,
+             chunk_rows) -> _Streams:
+    """The inputs checked and the label convention decided (or verified)."""
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
+    text_vocab_size = _text_vocab_size(logits, text_hidden, text_head, text_vocab_size)
+    scored = logits if logits is not None else text_hidden  # (B, T, V) logits or (B, T, H) states
+    has_audio = audio_logits is not None and label_audio_ids is not None and label_audio_ids.numel() > 0
+    n_audio = label_audio_ids.shape[-1] if has_audio else 0
+    if has_audio and audio_logits.shape[0] != n_audio:
+        raise ValueError(f"audio_logits has {audio_logits.shape[0]} positions, label_audio_ids {n_audio}")
+    if audio_out_ids_start is None and audio_out_ids is not None and has_audio:
+        audio_out_ids_start = torch.nonzero(audio_out_ids[0] == audio_logits.shape[-1] - 2).flatten()
+    boundary = _segment_last_columns(n_audio, audio_out_ids_start, scored.device) if has_audio else None
+
+    if validate:
+        _check("expanded_labels", text_vocab_size, expanded_labels, ignore_index)
+        if has_audio:
+            _check("label_audio_ids", audio_logits.shape[-1], label_audio_ids, ignore_index)
+
+    path = _alignment_path(alignment, expanded_labels, expanded_input_ids,
+                           label_audio_ids if has_audio else None, audio_out_ids, ignore_index, boundary)
+    # The codebook count comes from the model's audio head, which has it whether or not this batch holds
+    # audio: a text-only batch reports C zeros, so per-codebook sums add up across batches.
+    num_cb = (audio_logits.shape[1] if audio_logits is not None and audio_logits.dim() == 3
+              else label_audio_ids.shape[0] if label_audio_ids is not None and label_audio_ids.dim() == 2 else 0)
+    return _Streams(scored, expanded_labels, text_head, chunk_rows, audio_logits,
+                    label_audio_ids if has_audio else None, boundary, num_cb, path, ignore_index)
 
 
 def compute_dual_loss(
@@ -171,42 +239,26 @@ def compute_dual_loss(
     Four steps: the inputs checked, the label convention decided (or verified), each stream's summed loss,
     and the sums assembled into means.
     """
-    if alignment not in ALIGNMENTS:
-        raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
-    text_vocab_size = _text_vocab_size(logits, text_hidden, text_head, text_vocab_size)
-    scored = logits if logits is not None else text_hidden  # (B, T, V) logits or (B, T, H) states
-    device = scored.device
-    has_audio = audio_logits is not None and label_audio_ids is not None and label_audio_ids.numel() > 0
-    n_audio = label_audio_ids.shape[-1] if has_audio else 0
-    if has_audio and audio_logits.shape[0] != n_audio:
-        raise ValueError(f"audio_logits has {audio_logits.shape[0]} positions, label_audio_ids {n_audio}")
-    if audio_out_ids_start is None and audio_out_ids is not None and has_audio:
-        audio_out_ids_start = torch.nonzero(audio_out_ids[0] == audio_logits.shape[-1] - 2).flatten()
-    boundary = _segment_last_columns(n_audio, audio_out_ids_start, device) if has_audio else None
-
-    if validate:
-        _check("expanded_labels", text_vocab_size, expanded_labels, ignore_index)
-        if has_audio:
-            _check("label_audio_ids", audio_logits.shape[-1], label_audio_ids, ignore_index)
-
-    path = _alignment_path(alignment, expanded_labels, expanded_input_ids,
-                           label_audio_ids if has_audio else None, audio_out_ids, ignore_index, boundary)
-    text_sum, text_tokens = _text_sum(scored, expanded_labels, path, ignore_index, text_head, chunk_rows)
-    # The codebook count comes from the model's audio head, which has it whether or not this batch holds
-    # audio: a text-only batch reports C zeros, so per-codebook sums add up across batches.
-    num_cb = (audio_logits.shape[1] if audio_logits is not None and audio_logits.dim() == 3
-              else label_audio_ids.shape[0] if label_audio_ids is not None and label_audio_ids.dim() == 2 else 0)
-    if has_audio:
-        audio_sum, per_cb_sum, per_cb_tokens, per_cb_correct = _audio_sums(
-            audio_logits, label_audio_ids, boundary, path, ignore_index, num_cb, accuracy)
+    st = _prepare(logits, expanded_labels, audio_logits, label_audio_ids, expanded_input_ids, audio_out_ids,
+                  alignment, ignore_index, audio_out_ids_start, validate, text_hidden, text_head, text_vocab_size,
+                  chunk_rows)
+    text, text_tokens = _text_targets(st)
+    device, num_cb = st.scored.device, st.num_cb
+    if st.boundary is not None:
+        audio_sum, per_cb_sum, per_cb_tokens, per_cb_correct = _audio_sums(_audio_targets(st), num_cb, accuracy)
     else:
-        # Keep the graph connected so every rank's backward touches the audio head (DDP needs it).
-        audio_sum = audio_logits.sum() * 0.0 if audio_logits is not None else scored.new_zeros(())
+        audio_sum = _no_audio(st)
         per_cb_sum = torch.zeros(num_cb, device=device)
         per_cb_tokens = torch.zeros(num_cb, dtype=torch.long, device=device)
         per_cb_correct = torch.zeros(num_cb, dtype=torch.long, device=device)
-    return _assemble(text_sum, text_tokens, audio_sum, per_cb_sum, per_cb_tokens,
-                     per_cb_correct if accuracy else None, path, text_weight, audio_weight)
+    return _assemble(text.nll.sum(), text_tokens, audio_sum, per_cb_sum, per_cb_tokens,
+                     per_cb_correct if accuracy else None, st.path, text_weight, audio_weight)
+
+
+def _no_audio(st: _Streams) -> torch.Tensor:
+    """0 for a batch without audio targets, still connected to the graph so that every rank's backward
+    touches the audio head (DDP needs it)."""
+    return st.audio_logits.sum() * 0.0 if st.audio_logits is not None else st.scored.new_zeros(())
 
 
 def _text_vocab_size(logits, text_hidden, text_head, text_vocab_size) -> int:
@@ -257,34 +309,54 @@ def _alignment_path(alignment, expanded_labels, expanded_input_ids, label_audio_
     return alignment
 
 
-def _text_sum(scored, expanded_labels, path, ignore_index, text_head, chunk_rows):
-    """The text stream's summed CE and its supervised-target count."""
-    if path == "shifted":
-        t_scored, t_labels = scored[:, :-1], expanded_labels[:, 1:]
-    else:
-        t_scored, t_labels = scored, expanded_labels
-    t_sup = t_labels != ignore_index
-    if text_head is None:
-        return _ce_sum(t_scored[t_sup], t_labels[t_sup]), t_sup.sum()
-    return head_cross_entropy_sum(text_head, t_scored[t_sup], t_labels[t_sup], chunk_rows), t_sup.sum()
+def _text_labels(labels: torch.Tensor, path: str) -> torch.Tensor:
+    """The label each scored text position t is trained on: t+1's (shifted) or its own (aligned)."""
+    return labels[:, 1:] if path == "shifted" else labels
 
 
-def _audio_sums(audio_logits, label_audio_ids, boundary, path, ignore_index, num_cb, accuracy):
-    """The audio stream: every codebook is its own classification over K = codebook_size + 2 (BOS, EOS).
-    The stream EOS (K - 1) is an ordinary target: without it the model never learns to stop. Returns the
-    summed CE, per-codebook sums, counts and (accuracy) top-1 hits."""
+def _audio_mask(label_audio_ids: torch.Tensor, boundary: torch.Tensor, path: str,
+                ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels, supervised), both (C, N'): the label each scored audio position is trained on and whether
+    it is a target, i.e. supervised and inside the position's own segment. Every codebook is its own
+    target; the stream EOS (K - 1) is an ordinary one: without it the model never learns to stop."""
     keep = ~boundary  # positions whose prediction stays inside their own segment
     if path == "shifted":
-        a_logits, a_labels, keep = audio_logits[:-1], label_audio_ids[:, 1:], keep[:-1]
+        a_labels, keep = label_audio_ids[:, 1:], keep[:-1]
     else:
-        a_logits, a_labels = audio_logits, label_audio_ids
-    a_sup = (a_labels != ignore_index) & keep.unsqueeze(0)  # (C, N')
-    per_cb_sum = torch.stack([_ce_sum(a_logits[a_sup[k], k], a_labels[k][a_sup[k]]) for k in range(num_cb)])
+        a_labels = label_audio_ids
+    return a_labels, (a_labels != ignore_index) & keep.unsqueeze(0)
+
+
+def _text_targets(st: _Streams) -> tuple[_Targets, torch.Tensor]:
+    """The text stream's supervised targets (row = batch row) and their count."""
+    t_labels = _text_labels(st.labels, st.path)
+    t_scored = st.scored[:, :t_labels.shape[1]]
+    t_sup = t_labels != st.ignore_index
+    rows, targets = t_sup.nonzero()[:, 0], t_labels[t_sup]
+    if st.text_head is None:
+        nll = _nll(t_scored[t_sup], targets)
+    else:
+        nll = head_cross_entropy(st.text_head, t_scored[t_sup], targets, st.chunk_rows)
+    return _Targets(nll, rows), t_sup.sum()
+
+
+def _audio_targets(st: _Streams) -> _Targets:
+    """The audio stream's supervised targets, codebook-major (row = column of the audio concatenation)."""
+    a_labels, a_sup = _audio_mask(st.label_audio_ids, st.boundary, st.path, st.ignore_index)
+    a_logits = st.audio_logits[:a_labels.shape[1]]
+    codebook, column = a_sup.nonzero(as_tuple=True)
+    nll = _nll(a_logits[column, codebook], a_labels[codebook, column])
+    return _Targets(nll, column, codebook, a_sup, a_logits, a_labels)
+
+
+def _audio_sums(audio: _Targets, num_cb: int, accuracy: bool):
+    """The audio stream's summed CE, per-codebook sums (detached) and counts, and (accuracy) top-1 hits."""
+    per_cb_sum = audio.nll.new_zeros(num_cb).index_add(0, audio.codebook, audio.nll.detach())
     per_cb_correct = None
     if accuracy:  # top-1 hits where a target is supervised, per codebook
-        hits = (a_logits.detach().argmax(-1).transpose(0, 1) == a_labels) & a_sup  # (C, N')
+        hits = (audio.logits.detach().argmax(-1).transpose(0, 1) == audio.labels) & audio.supervised  # (C, N')
         per_cb_correct = hits.sum(dim=1)
-    return per_cb_sum.sum(), per_cb_sum, a_sup.sum(dim=1), per_cb_correct
+    return audio.nll.sum(), per_cb_sum, audio.supervised.sum(dim=1), per_cb_correct
 
 
 def _assemble(text_sum, text_tokens, audio_sum, per_cb_sum, per_cb_tokens, per_cb_correct, path,
@@ -316,16 +388,115 @@ def count_targets(label_ids: torch.Tensor, label_audio_ids: Optional[torch.Tenso
                   ignore_index: int = -100, path: str = "shifted") -> tuple[int, int]:
     """Supervised (text, audio) targets a batch will contribute, computed from the collated batch
     before the forward: the trainer needs the global counts to normalise before the first backward."""
-    if path == "shifted":
-        text = int((label_ids[:, 1:] != ignore_index).sum())
-    else:
-        text = int((label_ids != ignore_index).sum())
+    text = int((_text_labels(label_ids, path) != ignore_index).sum())
     if label_audio_ids is None or label_audio_ids.numel() == 0:
         return text, 0
-    n = label_audio_ids.shape[-1]
-    keep = ~_segment_last_columns(n, audio_out_ids_start, label_audio_ids.device)
-    if path == "shifted":
-        sup = (label_audio_ids[:, 1:] != ignore_index) & keep[:-1]
+    boundary = _segment_last_columns(label_audio_ids.shape[-1], audio_out_ids_start, label_audio_ids.device)
+    return text, int(_audio_mask(label_audio_ids, boundary, path, ignore_index)[1].sum())
+
+
+# ---- Per-sample sums: a candidate's sequence log-probability (what DPO compares) ----
+
+
+@dataclass
+class SequenceLogps:
+    """Per sample of the batch: sum of log p(target) over its supervised targets, and their count."""
+    logps: torch.Tensor  # (B,) float32, text + audio, differentiable
+    tokens: torch.Tensor  # (B,) int64: targets in that sum (for the length-normalised variant)
+    text_logps: torch.Tensor  # (B,) the text stream's part
+    audio_logps: torch.Tensor  # (B,) the audio stream's part (every codebook)
+    text_tokens: torch.Tensor  # (B,)
+    audio_tokens: torch.Tensor  # (B,)
+    path: str
+
+
+def audio_column_samples(n: int, audio_out_ids_start: Optional[torch.Tensor],
+                         audio_out_ids_start_group_loc: Optional[torch.Tensor], batch_size: int,
+                         device=None) -> torch.Tensor:
+    """(n,) the batch row of every column of the audio-out concatenation (C, n).
+
+    Segment s spans columns starts[s] .. starts[s+1] - 1 and belongs to batch row group_loc[s], one entry
+    per audio-out segment (as our collator builds ``audio_out_ids_start_group_loc``)."""
+    starts, group = audio_out_ids_start, audio_out_ids_start_group_loc
+    if starts is None or group is None:
+        raise ValueError("per-sample sums need audio_out_ids_start and audio_out_ids_start_group_loc "
+                         "(the batch row of every audio-out segment)")
+    device = device if device is not None else starts.device
+    starts, group = starts.to(device).long(), group.to(device).long()
+    if starts.shape != group.shape:
+        raise ValueError(f"{starts.numel()} audio-out segment starts but {group.numel()} group locations: "
+                         f"audio_out_ids_start_group_loc needs one batch row per segment")
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    if starts.numel() == 0 or int(starts[0]) != 0 or bool((starts[1:] <= starts[:-1]).any()) or int(starts[-1]) >= n:
+        raise ValueError(f"audio_out_ids_start must rise from 0 within the {n} audio columns, got {starts.tolist()}")
+    if bool(((group < 0) | (group >= batch_size)).any()):
+        raise ValueError(f"audio_out_ids_start_group_loc names rows outside the batch of {batch_size}: "
+                         f"{group.tolist()}")
+    segment = torch.searchsorted(starts, torch.arange(n, device=device), right=True) - 1
+    return group[segment]
+
+
+def sequence_logps(
+    logits: Optional[torch.Tensor],
+    expanded_labels: torch.Tensor,
+    audio_logits: Optional[torch.Tensor],
+    label_audio_ids: Optional[torch.Tensor],
+    *,
+    audio_out_ids_start: Optional[torch.Tensor],
+    audio_out_ids_start_group_loc: Optional[torch.Tensor],
+    expanded_input_ids: Optional[torch.Tensor] = None,
+    audio_out_ids: Optional[torch.Tensor] = None,
+    alignment: str = "auto",
+    ignore_index: int = -100,
+    validate: bool = True,
+    text_hidden: Optional[torch.Tensor] = None,
+    text_head: Optional[Callable] = None,
+    text_vocab_size: Optional[int] = None,
+    chunk_rows: int = 0,
+) -> SequenceLogps:
+    """Each sample's sequence log-probability: the sum of log p(target) over exactly the targets
+    ``compute_dual_loss`` trains on (same inputs, same checks, same alignment), per batch row.
+
+    Text targets belong to their row of ``expanded_labels``; audio targets to the sample of their segment
+    (``audio_out_ids_start_group_loc``, one batch row per segment of the concatenation). Unweighted:
+    a candidate's log-probability counts every target once, whatever the supervised loss weights are.
+    ``-logps.sum()`` equals ``text_loss_sum + audio_loss_sum`` of the same batch."""
+    st = _prepare(logits, expanded_labels, audio_logits, label_audio_ids, expanded_input_ids, audio_out_ids,
+                  alignment, ignore_index, audio_out_ids_start, validate, text_hidden, text_head, text_vocab_size,
+                  chunk_rows)
+    batch = st.labels.shape[0]
+    text, _ = _text_targets(st)
+    text_logps, text_tokens = _per_sample(text.nll, text.row, batch)
+    if st.boundary is not None:
+        audio = _audio_targets(st)
+        rows = audio_column_samples(st.label_audio_ids.shape[-1], audio_out_ids_start,
+                                    audio_out_ids_start_group_loc, batch, st.scored.device)
+        audio_logps, audio_tokens = _per_sample(audio.nll, rows[audio.row], batch)
     else:
-        sup = (label_audio_ids != ignore_index) & keep
-    return text, int(sup.sum())
+        audio_logps = text_logps.new_zeros(batch) + _no_audio(st)
+        audio_tokens = torch.zeros(batch, dtype=torch.long, device=st.scored.device)
+    return SequenceLogps(text_logps + audio_logps, text_tokens + audio_tokens, text_logps, audio_logps,
+                         text_tokens, audio_tokens, st.path)
+
+
+def _per_sample(nll: torch.Tensor, rows: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) sums of log p = -nll by batch row, and (B,) counts."""
+    return nll.new_zeros(batch).index_add(0, rows, -nll), torch.bincount(rows, minlength=batch)
+
+
+def count_sample_targets(label_ids: torch.Tensor, label_audio_ids: Optional[torch.Tensor], audio_out_ids_start,
+                         audio_out_ids_start_group_loc, ignore_index: int = -100,
+                         path: str = "shifted") -> torch.Tensor:
+    """(B,) supervised targets per sample, from the collated batch before the forward (``count_targets``
+    per sample): e.g. the chosen candidates' token count that normalises a supervised term globally."""
+    batch = label_ids.shape[0]
+    counts = (_text_labels(label_ids, path) != ignore_index).sum(dim=1)
+    if label_audio_ids is None or label_audio_ids.numel() == 0:
+        return counts
+    n = label_audio_ids.shape[-1]
+    boundary = _segment_last_columns(n, audio_out_ids_start, label_audio_ids.device)
+    _, sup = _audio_mask(label_audio_ids, boundary, path, ignore_index)
+    rows = audio_column_samples(n, audio_out_ids_start, audio_out_ids_start_group_loc, batch,
+                                label_audio_ids.device)[:sup.shape[1]]
+    return counts.index_add(0, rows, sup.sum(dim=0))
