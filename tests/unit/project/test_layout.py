@@ -1,7 +1,7 @@
 """The package's layers, its commands, and the tests' own tree (helpers in one module, the index in docs/tests.md).
 
 The package's layout is its architecture: lower layers never import higher ones, no module imports
-itself back through others, dual_loss.py stands alone, and every tool is one `higgs-ddp` command."""
+itself back through others, the losses (dual_loss.py, dpo_loss.py) stand alone, and every tool is one `higgs-ddp` command."""
 
 import ast
 import subprocess
@@ -16,7 +16,7 @@ from higgs_ddp.cli import COMMANDS
 PKG = ROOT / "src" / "higgs_ddp"
 # Bottom to top: what a layer may import is at its level or below (lazy imports inside functions included).
 LAYERS = [
-    ("higgs_ddp.config", "higgs_ddp.dual_loss", "higgs_ddp.errors"),  # leaves
+    ("higgs_ddp.config", "higgs_ddp.dual_loss", "higgs_ddp.dpo_loss", "higgs_ddp.errors"),  # leaves
     ("higgs_ddp.runtime",),  # the process group and how a process ends
     ("higgs_ddp.data",),  # manifest -> audio -> codes -> prompts -> dataset -> batches
     ("higgs_ddp.model",),  # HiggsAudioModel built, wrapped for a training mode, HiggsForward
@@ -82,8 +82,9 @@ def test_no_import_cycles():
     assert not cycles, "\n".join(cycles)
 
 
-def test_dual_loss_depends_on_torch_only():
-    tree = ast.parse((PKG / "dual_loss.py").read_text())
+@pytest.mark.parametrize("loss", ["dual_loss.py", "dpo_loss.py"])
+def test_dual_loss_depends_on_torch_only(loss):
+    tree = ast.parse((PKG / loss).read_text())
     roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert roots <= {"torch", "__future__", "dataclasses", "typing"}, roots
