@@ -185,6 +185,32 @@ def test_each_samples_log_probability_is_the_same_in_a_batch_and_alone(setup):
             assert torch.equal(one.audio_tokens, together.audio_tokens[i:i + 1])
 
 
+def test_the_deferred_text_head_and_a_batch_without_audio_give_the_same_log_probabilities(setup):
+    """train.text_logits=supervised: the head applied to the scored rows only (in chunks) changes nothing; a
+    text-only batch has zero audio log-probability but stays connected to the audio head (DDP needs it)."""
+    from higgs_ddp.model import HiggsForward, text_head
+
+    policy, _, tokenizer, collator = setup
+    batch = collator(candidates(tokenizer))
+    plain = forward(policy, batch)
+    want = logps(plain, batch)
+    out = HiggsForward(policy.model, defer_text_head=True)(**batch.model_inputs())
+    got = sequence_logps(None, out["expanded_labels"], out["audio_logits"], batch.label_audio_ids,
+                         audio_out_ids_start=batch.audio_out_ids_start,
+                         audio_out_ids_start_group_loc=batch.audio_out_ids_start_group_loc, alignment="shifted",
+                         text_hidden=out["text_hidden"], text_head=text_head(policy.model), chunk_rows=2)
+    torch.testing.assert_close(got.logps, want.logps)
+    assert torch.equal(got.tokens, want.tokens)
+
+    no_audio = sequence_logps(plain["logits"], plain["expanded_labels"], plain["audio_logits"][:0],
+                              batch.label_audio_ids[:, :0], audio_out_ids_start=batch.audio_out_ids_start[:0],
+                              audio_out_ids_start_group_loc=batch.audio_out_ids_start_group_loc[:0],
+                              alignment="shifted")
+    torch.testing.assert_close(no_audio.logps, want.text_logps)
+    assert not no_audio.audio_logps.any() and not no_audio.audio_tokens.any()
+    assert no_audio.audio_logps.requires_grad
+
+
 def test_micro_batches_over_the_global_pair_count_equal_the_full_batch(setup):
     """What the trainer relies on: each micro-batch's sums divided by the global pair (and chosen-target)
     counts, added up, give the full batch's mean loss and gradient, however the pairs are split."""
