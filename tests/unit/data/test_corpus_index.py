@@ -13,8 +13,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import (QUIET, RESUME_RUN, TINY, assert_same_weights, cached_corpus, cached_corpus_config, final_weights, rows,
-                     tiny_config)
+from helpers import (QUIET, RESUME_RUN, TINY, assert_same_weights, cached_corpus, cached_corpus_config,
+                     cached_corpus_overrides, final_weights, rows, tiny_config)
 
 from higgs_ddp.config import load_config
 from higgs_ddp.data import corpus_index
@@ -112,10 +112,8 @@ def test_index_points_into_the_code_shards(corpus, tmp_path, tokenizer):
     assert not (index_folder(corpus) / corpus_index.OWN_CODES).exists()
 
 
-def test_a_warm_start_parses_no_manifest_and_builds_no_record(corpus, tmp_path, tokenizer, monkeypatch):
-    cfg = config(corpus, tmp_path)
-    fresh(corpus)
-    load(cfg, tokenizer)
+def no_manifest_parse(monkeypatch) -> list:
+    """From here on a manifest parse fails the test; -> the list of rows the index builds records of."""
     from higgs_ddp.data import dataset, manifest
 
     def refused(*args, **kwargs):
@@ -126,12 +124,44 @@ def test_a_warm_start_parses_no_manifest_and_builds_no_record(corpus, tmp_path, 
     built = []
     monkeypatch.setattr(corpus_index.CorpusIndex, "record",
                         lambda self, i, real=corpus_index.CorpusIndex.record: built.append(i) or real(self, i))
+    return built
+
+
+def test_a_warm_start_parses_no_manifest_and_builds_no_record(corpus, tmp_path, tokenizer, monkeypatch):
+    cfg = config(corpus, tmp_path)
+    fresh(corpus)
+    load(cfg, tokenizer)
+    built = no_manifest_parse(monkeypatch)
     warm = load(cfg, tokenizer)
     ds = ManifestDataset(warm.train)
     TokenBudgetBatchSampler(ds.lengths, 1200, 1, 0, 2, 0, True)
     assert built == []  # the plan came from the lengths column
     ds[5]
     assert built == [5]
+
+
+def test_prepare_writes_the_index_the_first_training_start_maps(corpus, tmp_path, monkeypatch, capsys):
+    """`higgs-ddp prepare` leaves the index behind: the first training start after it is warm (no manifest
+    parsed, no record built for the plan) and yields the batches a full load yields."""
+    from higgs_ddp.cli import prepare
+    from higgs_ddp.model import load_tokenizer
+    from higgs_ddp.train import train
+
+    argv = cached_corpus_overrides(corpus, tmp_path, "data.max_tokens_per_batch=1200", "train.max_steps=1")
+    cfg = load_config(str(TINY), argv)
+    tokenizer = load_tokenizer(cfg)  # the command's own (the session fixture's is narrower: another index key)
+    fresh(corpus)
+    full = load(cfg, tokenizer)
+    fresh(corpus)
+    assert prepare(["--config", str(TINY), *argv]) == 0
+    assert "wrote the prepared index" in capsys.readouterr().out
+    built = no_manifest_parse(monkeypatch)
+    warm = load(cfg, tokenizer)
+    assert isinstance(warm.train, IndexedRecords) and built == []
+    for rank in range(2):
+        same_batches(rank_batches(full, cfg, rank, 2, 40), rank_batches(warm, cfg, rank, 2, 40))
+    train(cfg)
+    assert "from the prepared index" in capsys.readouterr().out
 
 
 def test_changes_since_the_index_was_built_are_noticed(corpus, tmp_path, tokenizer, capsys):
