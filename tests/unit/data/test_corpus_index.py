@@ -25,12 +25,19 @@ from higgs_ddp.model import model_config
 from higgs_ddp.runtime.distributed import DistEnv
 
 CLIPS = 300
+BIG = 10_000
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """WAV files whose codes are in the code cache (4 codebooks of 64: the tiny model), 40 speakers."""
     return cached_corpus(tmp_path_factory, "index", CLIPS)
+
+
+@pytest.fixture(scope="module")
+def big_corpus(tmp_path_factory):
+    """The same at 10k clips (issue 31's size for the equivalence proof)."""
+    return cached_corpus(tmp_path_factory, "index10k", BIG)
 
 
 config = cached_corpus_config
@@ -57,14 +64,16 @@ def same_records(a, b) -> None:
         assert len(x.codes) == len(y.codes) and all(np.array_equal(c, d) for c, d in zip(x.codes, y.codes))
 
 
-def rank_batches(data, cfg, rank, world, micro_batches):
-    """This rank's first micro-batches as the trainer builds them (its sampler over the dataset's lengths)."""
+def rank_batches(data, cfg, rank, world, micro_batches=None):
+    """This rank's first micro-batches as the trainer builds them (its sampler over the dataset's lengths);
+    None: two epochs' worth (the second reshuffled)."""
     ds = ManifestDataset(data.train)
     if cfg.data.max_tokens_per_batch:
         sampler = TokenBudgetBatchSampler(ds.lengths, cfg.data.max_tokens_per_batch, 2, rank, world, cfg.train.seed, True)
     else:
         sampler = StepBatchSampler(len(ds), 4, 2, rank, world, cfg.train.seed, True)
-    return [[ds[i] for i in mb] for mb in itertools.islice(iter(sampler), micro_batches)]
+    count = 2 * len(sampler) if micro_batches is None else micro_batches  # len: this rank's per epoch
+    return [[ds[i] for i in mb] for mb in itertools.islice(iter(sampler), count)]
 
 
 def same_batches(a, b) -> None:
@@ -76,9 +85,13 @@ def same_batches(a, b) -> None:
             assert all(torch.equal(c, d) for c, d in zip(s.audio_codes, t.audio_codes))
 
 
-@pytest.mark.parametrize("extra", [(), ("data.max_tokens_per_batch=1200",), ("data.reference=same_speaker",)],
-                         ids=["fixed", "token-budget", "same-speaker"])
-def test_index_start_yields_the_full_loads_batches(corpus, tmp_path, tokenizer, capsys, extra):
+VARIANTS = pytest.mark.parametrize("extra", [(), ("data.max_tokens_per_batch=1200",), ("data.reference=same_speaker",)],
+                                   ids=["fixed", "token-budget", "same-speaker"])
+
+
+def index_equals_full_load(corpus, tmp_path, tokenizer, capsys, extra, micro_batches) -> None:
+    """The full load (which writes the index), then a start from the index: the same samples, report and
+    fingerprint, and each rank's first ``micro_batches`` (None: two epochs) the same for 1 and 2 ranks."""
     cfg = config(corpus, tmp_path, *extra)
     fresh(corpus)
     full = load(cfg, tokenizer, quiet=False)
@@ -87,7 +100,7 @@ def test_index_start_yields_the_full_loads_batches(corpus, tmp_path, tokenizer, 
     out = capsys.readouterr().out
     assert isinstance(warm.train, IndexedRecords) and "from the prepared index" in out, out
     if "same_speaker" in str(extra):
-        assert "references: " in out and sum(len(r.codes) == 2 for r in full.train) > CLIPS // 2
+        assert "references: " in out and sum(len(r.codes) == 2 for r in full.train) > len(full.train) // 2
     same_records(full.train, warm.train)
     same_records(full.val, warm.val)
     assert len(warm.val) > 0
@@ -96,9 +109,22 @@ def test_index_start_yields_the_full_loads_batches(corpus, tmp_path, tokenizer, 
     assert warm.report["references"] == full.report["references"] and warm.report["problems"] == full.report["problems"]
     for world in (1, 2):
         for rank in range(world):
-            same_batches(rank_batches(full, cfg, rank, world, 60), rank_batches(warm, cfg, rank, world, 60))
+            same_batches(rank_batches(full, cfg, rank, world, micro_batches),
+                         rank_batches(warm, cfg, rank, world, micro_batches))
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["index"] == str(index_folder(corpus)) and report["train_samples"] == len(full.train)
+
+
+@VARIANTS
+def test_index_start_yields_the_full_loads_batches(corpus, tmp_path, tokenizer, capsys, extra):
+    index_equals_full_load(corpus, tmp_path, tokenizer, capsys, extra, 60)
+
+
+@pytest.mark.extended
+@VARIANTS
+def test_at_10k_clips_the_index_start_yields_the_full_loads_batches(big_corpus, tmp_path, tokenizer, capsys, extra):
+    """Issue 31's proof at its size: 10k clips, two whole epochs of batches per rank, 1 and 2 ranks."""
+    index_equals_full_load(big_corpus, tmp_path, tokenizer, capsys, extra, None)
 
 
 def test_index_points_into_the_code_shards(corpus, tmp_path, tokenizer):
