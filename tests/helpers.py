@@ -418,10 +418,15 @@ def cached_corpus(tmp_path_factory, name: str, clips: int) -> Path:
     return root
 
 
+def cached_corpus_overrides(corpus: Path, tmp_path: Path, *overrides) -> list:
+    """The overrides of configs/tiny.yaml for a ``cached_corpus``, with a validation fifth (a command's argv)."""
+    return [*QUIET, f"output_dir={tmp_path / 'run'}", f"data.manifest={corpus / 'manifest.jsonl'}",
+            f"data.cache_dir={corpus / '.higgs_codes'}", "data.val_fraction=0.2", *overrides]
+
+
 def cached_corpus_config(corpus: Path, tmp_path: Path, *overrides):
     """configs/tiny.yaml on a ``cached_corpus``, with a validation fifth."""
     from higgs_ddp.config import load_config
 
-    return load_config(str(TINY), [*QUIET, f"output_dir={tmp_path / 'run'}", f"data.manifest={corpus / 'manifest.jsonl'}",
-                                   f"data.cache_dir={corpus / '.higgs_codes'}", "data.val_fraction=0.2", *overrides])
+    return load_config(str(TINY), cached_corpus_overrides(corpus, tmp_path, *overrides))
 

@@ -35,7 +35,8 @@ class Command:
 
 COMMANDS = {
     "train": Command("higgs_ddp.train:main", "fine-tune (the same run as torchrun src/higgs_ddp/train.py)", True),
-    "prepare": Command("higgs_ddp.cli:prepare", "encode a config's audio into the code cache before training", True),
+    "prepare": Command("higgs_ddp.cli:prepare", "encode a config's audio into the code cache and write the "
+                       "prepared index before training", True),
     "export": Command("higgs_ddp.tools.export:main", "a checkpoint's weights as an adapter, tensors or a merged model"),
     "doctor": Command("higgs_ddp.tools.doctor:main", "check a config, its data, the machine and the resume before a run"),
     "plot": Command("higgs_ddp.tools.plot:main", "a run's curves (losses, validation, accuracy, lr, speed) as a PNG"),
@@ -56,7 +57,9 @@ def prepare(argv=None) -> int:
     """higgs-ddp prepare [--nproc-per-node N] --config FILE [dotted.key=value ...]
 
     Decode, resample and encode the training (and validation) audio of a config into its code cache, the
-    ranks sharing the work; training does the same first, so this only moves that work ahead of time."""
+    ranks sharing the work, tokenize its prompts and write the prepared index ({cache_dir}/index/): the first
+    training start after it maps the index instead of loading the data. Training does the same first when
+    nothing is prepared, so this only moves that work ahead of time."""
     from higgs_ddp.config import load_config
     from higgs_ddp.data.dataset import cache_dir, load_data
     from higgs_ddp.errors import HiggsError

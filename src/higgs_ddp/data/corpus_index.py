@@ -56,7 +56,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from higgs_ddp.data.manifest import read_manifest
 from higgs_ddp.data.code_cache import code_source, sha256_file
 from higgs_ddp.runtime.files import atomic_folder, write_json_atomic
 from higgs_ddp.data.records import Record
@@ -109,16 +108,6 @@ def folder_signature(folders) -> dict:
         except OSError:  # a folder that does not exist (yet): its files were reported missing
             out[f] = None
     return out
-
-
-def audio_folders(cfg) -> set:
-    """The folders of every file the manifests name (a second parse, at build time only)."""
-    d, folders = cfg.data, set()
-    for path in list(d.manifest) + list(d.val_manifest):
-        entries, _ = read_manifest(path, d.root, d.allow_outside_root)
-        for e in entries:
-            folders.update(r.path.parent for r in e.audio)
-    return folders
 
 
 # ---- writing ----

@@ -334,15 +334,21 @@ def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = 
         start = IndexedStart(cfg, env, tokenizer, model_config, quiet, cache_dir(cfg), report_path)
         data = start.open()
         if data is None:
-            data = _load_data(cfg, env, tokenizer, model_config, quiet, report_path)
+            data = _load_data(cfg, env, tokenizer, model_config, quiet, report_path, start.folders)
+            phases = Phases()
             start.save(data)
+            phases.mark("index write")  # (rank 0's; the other ranks wait for it at their next collective)
+            for key, times in (("startup_seconds", phases.seconds), ("startup_cpu_seconds", phases.cpu_seconds)):
+                data.report[key].update(times)
         return data
     finally:
         if enabled:
             gc.enable()
 
 
-def _load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool, report_path: Path) -> Data:
+def _load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool, report_path: Path,
+               folders: set) -> Data:
+    """The full way; ``folders`` gets the folder of every file the manifests name (the index's signature)."""
     check_manifests(cfg)
     d = cfg.data
     C, K = model_config.audio_num_codebooks, model_config.audio_codebook_size
@@ -351,6 +357,7 @@ def _load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool, 
     for paths, into in ((d.manifest, train_e), (d.val_manifest, val_e)):
         for path in paths:
             entries, bad = read_manifest(path, d.root, d.allow_outside_root)
+            folders.update(r.path.parent for e in entries for r in e.audio)
             into += entries
             problems += bad
     parsed = len(train_e) + len(val_e)
@@ -399,6 +406,7 @@ def _load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool, 
     }
     phases.mark("split")
     report["startup_seconds"] = phases.seconds  # (without the report's own writing)
+    report["startup_cpu_seconds"] = phases.cpu_seconds
     if env.is_main:
         report_path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(report_path, report)

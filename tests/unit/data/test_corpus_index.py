@@ -13,8 +13,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import (QUIET, RESUME_RUN, TINY, assert_same_weights, cached_corpus, cached_corpus_config, final_weights, rows,
-                     tiny_config)
+from helpers import (QUIET, RESUME_RUN, TINY, assert_same_weights, cached_corpus, cached_corpus_config,
+                     cached_corpus_overrides, final_weights, rows, tiny_config)
 
 from higgs_ddp.config import load_config
 from higgs_ddp.data import corpus_index
@@ -25,12 +25,19 @@ from higgs_ddp.model import model_config
 from higgs_ddp.runtime.distributed import DistEnv
 
 CLIPS = 300
+BIG = 10_000
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """WAV files whose codes are in the code cache (4 codebooks of 64: the tiny model), 40 speakers."""
     return cached_corpus(tmp_path_factory, "index", CLIPS)
+
+
+@pytest.fixture(scope="module")
+def big_corpus(tmp_path_factory):
+    """The same at 10k clips (issue 31's size for the equivalence proof)."""
+    return cached_corpus(tmp_path_factory, "index10k", BIG)
 
 
 config = cached_corpus_config
@@ -57,14 +64,16 @@ def same_records(a, b) -> None:
         assert len(x.codes) == len(y.codes) and all(np.array_equal(c, d) for c, d in zip(x.codes, y.codes))
 
 
-def rank_batches(data, cfg, rank, world, micro_batches):
-    """This rank's first micro-batches as the trainer builds them (its sampler over the dataset's lengths)."""
+def rank_batches(data, cfg, rank, world, micro_batches=None):
+    """This rank's first micro-batches as the trainer builds them (its sampler over the dataset's lengths);
+    None: two epochs' worth (the second reshuffled)."""
     ds = ManifestDataset(data.train)
     if cfg.data.max_tokens_per_batch:
         sampler = TokenBudgetBatchSampler(ds.lengths, cfg.data.max_tokens_per_batch, 2, rank, world, cfg.train.seed, True)
     else:
         sampler = StepBatchSampler(len(ds), 4, 2, rank, world, cfg.train.seed, True)
-    return [[ds[i] for i in mb] for mb in itertools.islice(iter(sampler), micro_batches)]
+    count = 2 * len(sampler) if micro_batches is None else micro_batches  # len: this rank's per epoch
+    return [[ds[i] for i in mb] for mb in itertools.islice(iter(sampler), count)]
 
 
 def same_batches(a, b) -> None:
@@ -76,9 +85,13 @@ def same_batches(a, b) -> None:
             assert all(torch.equal(c, d) for c, d in zip(s.audio_codes, t.audio_codes))
 
 
-@pytest.mark.parametrize("extra", [(), ("data.max_tokens_per_batch=1200",), ("data.reference=same_speaker",)],
-                         ids=["fixed", "token-budget", "same-speaker"])
-def test_index_start_yields_the_full_loads_batches(corpus, tmp_path, tokenizer, capsys, extra):
+VARIANTS = pytest.mark.parametrize("extra", [(), ("data.max_tokens_per_batch=1200",), ("data.reference=same_speaker",)],
+                                   ids=["fixed", "token-budget", "same-speaker"])
+
+
+def index_equals_full_load(corpus, tmp_path, tokenizer, capsys, extra, micro_batches) -> None:
+    """The full load (which writes the index), then a start from the index: the same samples, report and
+    fingerprint, and each rank's first ``micro_batches`` (None: two epochs) the same for 1 and 2 ranks."""
     cfg = config(corpus, tmp_path, *extra)
     fresh(corpus)
     full = load(cfg, tokenizer, quiet=False)
@@ -87,7 +100,7 @@ def test_index_start_yields_the_full_loads_batches(corpus, tmp_path, tokenizer, 
     out = capsys.readouterr().out
     assert isinstance(warm.train, IndexedRecords) and "from the prepared index" in out, out
     if "same_speaker" in str(extra):
-        assert "references: " in out and sum(len(r.codes) == 2 for r in full.train) > CLIPS // 2
+        assert "references: " in out and sum(len(r.codes) == 2 for r in full.train) > len(full.train) // 2
     same_records(full.train, warm.train)
     same_records(full.val, warm.val)
     assert len(warm.val) > 0
@@ -96,9 +109,39 @@ def test_index_start_yields_the_full_loads_batches(corpus, tmp_path, tokenizer, 
     assert warm.report["references"] == full.report["references"] and warm.report["problems"] == full.report["problems"]
     for world in (1, 2):
         for rank in range(world):
-            same_batches(rank_batches(full, cfg, rank, world, 60), rank_batches(warm, cfg, rank, world, 60))
+            same_batches(rank_batches(full, cfg, rank, world, micro_batches),
+                         rank_batches(warm, cfg, rank, world, micro_batches))
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["index"] == str(index_folder(corpus)) and report["train_samples"] == len(full.train)
+
+
+@VARIANTS
+def test_index_start_yields_the_full_loads_batches(corpus, tmp_path, tokenizer, capsys, extra):
+    index_equals_full_load(corpus, tmp_path, tokenizer, capsys, extra, 60)
+
+
+@pytest.mark.extended
+@VARIANTS
+def test_at_10k_clips_the_index_start_yields_the_full_loads_batches(big_corpus, tmp_path, tokenizer, capsys, extra):
+    """Issue 31's proof at its size: 10k clips, two whole epochs of batches per rank, 1 and 2 ranks."""
+    index_equals_full_load(big_corpus, tmp_path, tokenizer, capsys, extra, None)
+
+
+def test_the_full_load_parses_each_manifest_once_and_writing_the_index_none(corpus, tmp_path, tokenizer, monkeypatch):
+    """The index's folder signature comes from the load's own parse (a second one cost rank 0 alone 3.5 s at
+    100k clips); the index's writing is a phase of the start-up, timed by the wall clock and the CPU."""
+    from higgs_ddp.data import dataset
+
+    cfg = config(corpus, tmp_path)
+    fresh(corpus)
+    parsed, real = [], dataset.read_manifest
+    for module in (dataset, corpus_index):
+        monkeypatch.setattr(module, "read_manifest", lambda path, *a: parsed.append(path) or real(path, *a),
+                            raising=False)
+    data = load(cfg, tokenizer)
+    assert parsed == list(cfg.data.manifest) and index_folder(corpus).is_dir()
+    assert "index write" in data.report["startup_seconds"]
+    assert data.report["startup_seconds"].keys() == data.report["startup_cpu_seconds"].keys()
 
 
 def test_index_points_into_the_code_shards(corpus, tmp_path, tokenizer):
@@ -112,10 +155,8 @@ def test_index_points_into_the_code_shards(corpus, tmp_path, tokenizer):
     assert not (index_folder(corpus) / corpus_index.OWN_CODES).exists()
 
 
-def test_a_warm_start_parses_no_manifest_and_builds_no_record(corpus, tmp_path, tokenizer, monkeypatch):
-    cfg = config(corpus, tmp_path)
-    fresh(corpus)
-    load(cfg, tokenizer)
+def no_manifest_parse(monkeypatch) -> list:
+    """From here on a manifest parse fails the test; -> the list of rows the index builds records of."""
     from higgs_ddp.data import dataset, manifest
 
     def refused(*args, **kwargs):
@@ -126,12 +167,44 @@ def test_a_warm_start_parses_no_manifest_and_builds_no_record(corpus, tmp_path, 
     built = []
     monkeypatch.setattr(corpus_index.CorpusIndex, "record",
                         lambda self, i, real=corpus_index.CorpusIndex.record: built.append(i) or real(self, i))
+    return built
+
+
+def test_a_warm_start_parses_no_manifest_and_builds_no_record(corpus, tmp_path, tokenizer, monkeypatch):
+    cfg = config(corpus, tmp_path)
+    fresh(corpus)
+    load(cfg, tokenizer)
+    built = no_manifest_parse(monkeypatch)
     warm = load(cfg, tokenizer)
     ds = ManifestDataset(warm.train)
     TokenBudgetBatchSampler(ds.lengths, 1200, 1, 0, 2, 0, True)
     assert built == []  # the plan came from the lengths column
     ds[5]
     assert built == [5]
+
+
+def test_prepare_writes_the_index_the_first_training_start_maps(corpus, tmp_path, monkeypatch, capsys):
+    """`higgs-ddp prepare` leaves the index behind: the first training start after it is warm (no manifest
+    parsed, no record built for the plan) and yields the batches a full load yields."""
+    from higgs_ddp.cli import prepare
+    from higgs_ddp.model import load_tokenizer
+    from higgs_ddp.train import train
+
+    argv = cached_corpus_overrides(corpus, tmp_path, "data.max_tokens_per_batch=1200", "train.max_steps=1")
+    cfg = load_config(str(TINY), argv)
+    tokenizer = load_tokenizer(cfg)  # the command's own (the session fixture's is narrower: another index key)
+    fresh(corpus)
+    full = load(cfg, tokenizer)
+    fresh(corpus)
+    assert prepare(["--config", str(TINY), *argv]) == 0
+    assert "wrote the prepared index" in capsys.readouterr().out
+    built = no_manifest_parse(monkeypatch)
+    warm = load(cfg, tokenizer)
+    assert isinstance(warm.train, IndexedRecords) and built == []
+    for rank in range(2):
+        same_batches(rank_batches(full, cfg, rank, 2, 40), rank_batches(warm, cfg, rank, 2, 40))
+    train(cfg)
+    assert "from the prepared index" in capsys.readouterr().out
 
 
 def test_changes_since_the_index_was_built_are_noticed(corpus, tmp_path, tokenizer, capsys):

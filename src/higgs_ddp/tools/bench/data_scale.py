@@ -8,7 +8,8 @@ starts twice, in this process: *cold* (codes cached, nothing else) and *warm* (a
 cache). A start is what ``train`` does before its first step: load the tokenizer, build the model,
 ``load_data`` (manifest, file hashes, code cache, tokens, lengths, split), the batching plan, DDP, the
 optimizer, and one optimizer step. The last line is one JSON object: per start, the time to the first
-step and its phases (rank 0's), the slowest rank's time, the data fingerprint's time, and each rank's
+step and its phases (rank 0's), the slowest rank's time, each rank's ``load_data`` time and CPU seconds (by
+phase: how the work splits over ranks, whatever else the machine runs), the data fingerprint's time, each rank's
 resident memory for the dataset against the bytes of the codes and token ids it holds (and its private
 memory from before ``load_data`` to after the first step: the batching plan, model and optimizer included).
 
@@ -98,7 +99,8 @@ def one_start(cfg: Config, env: DistEnv) -> dict:
     held = dataset_bytes(data)
     out = {
         "first_step_s": first_step, "load_data_s": t_data, "setup_s": t_setup,
-        "phases_s": dict(data.report["startup_seconds"]), "fingerprint_s": t_fp,
+        "phases_s": dict(data.report["startup_seconds"]), "phases_cpu_s": dict(data.report["startup_cpu_seconds"]),
+        "load_data_cpu_s": sum(data.report["startup_cpu_seconds"].values()), "fingerprint_s": t_fp,
         "dataset_bytes": held, "rss_anon_delta_bytes": after["anon"] - before["anon"],
         "rss_file_delta_bytes": after["file"] - before["file"],
         "rss_anon_to_first_step_bytes": stepped["anon"] - before["anon"],
@@ -132,6 +134,10 @@ def run(cfg: Config, env: DistEnv, clips: int, source: str = "") -> dict:
     for name in ("warm",) if prepared else ("cold", "warm"):
         ranks = all_gather_objects(one_start(cfg, env))
         starts[name] = {**ranks[0], "first_step_s_slowest_rank": max(r["first_step_s"] for r in ranks),
+                        "load_data_s_per_rank": [r["load_data_s"] for r in ranks],
+                        # CPU seconds: what the ranks' wall times would be on cores free of other work
+                        "load_data_cpu_s_per_rank": [r["load_data_cpu_s"] for r in ranks],
+                        "phases_cpu_s_per_rank": [r["phases_cpu_s"] for r in ranks],
                         "rss_anon_delta_bytes_per_rank": [r["rss_anon_delta_bytes"] for r in ranks],
                         "rss_anon_to_first_step_bytes_per_rank": [r["rss_anon_to_first_step_bytes"] for r in ranks]}
         if env.is_main:
