@@ -18,12 +18,12 @@ from typing import Optional
 import torch
 
 from higgs_ddp.config import Config, ConfigError, load_config
-from higgs_ddp.tools.export import ExportError, merged_model
-from higgs_ddp.tools.weights import ModelPathError, model_kind, read_config, resolve, trained_weights, weights_step
 from higgs_ddp.errors import InputError
 from higgs_ddp.runtime.layout import CONFIG
+from higgs_ddp.tools.export import ExportError, merged_model
+from higgs_ddp.tools.weights import ModelPathError, read_config, resolve, trained_weights, weights_step
 
-__all__ = ["ModelPathError", "Loaded", "default_device", "load_for_inference", "model_kind"]
+__all__ = ["Loaded", "default_device", "load_for_inference"]
 
 
 @dataclass

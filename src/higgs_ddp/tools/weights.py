@@ -173,6 +173,8 @@ def read_checkpoint(ckpt: Path) -> Config:
 def unsharded(ckpt: Path, state: dict, scratch: Path):
     """``ckpt`` itself, or (written by fsdp: each rank's rows in shards/) ``scratch`` holding its trainable
     weights whole in the replicated layout, removed afterwards."""
+    from safetensors import SafetensorError
+
     from higgs_ddp.training.shards import consolidate
 
     if not state.get("sharding"):
@@ -182,7 +184,7 @@ def unsharded(ckpt: Path, state: dict, scratch: Path):
     try:
         try:
             consolidate(ckpt, state, scratch)
-        except Exception as e:  # safetensors' own error type: a shard cut short since it was checked
+        except (SafetensorError, OSError) as e:  # a shard cut short since it was checked; a bug keeps its traceback
             raise ModelPathError(f"cannot read the shards of {ckpt}: {' '.join(str(e).split())}") from None
         yield scratch
     finally:

@@ -14,7 +14,8 @@ import torch
 from helpers import ROOT, flip_byte, make_checkpoint, steer, tiny_config, torchrun
 
 from higgs_ddp.evaluation.generation import Sampling
-from higgs_ddp.tools.inference import ModelPathError, load_for_inference, model_kind
+from higgs_ddp.tools.inference import load_for_inference
+from higgs_ddp.tools.weights import ModelPathError, model_kind
 
 
 @pytest.fixture(scope="module")
