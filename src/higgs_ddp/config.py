@@ -140,6 +140,8 @@ class ModelConfig(Section):
     tokenizer: Optional[str] = None  # path/hub id; "tiny" builds the offline byte tokenizer
     # boson_multimodal's decoder layers know these three (LLAMA_ATTENTION_CLASSES)
     attn_implementation: str = choice("sdpa", "eager", "flash_attention_2")
+    # "nf4": train.mode=lora's frozen decoder-layer linear weights stored in 4 bits (torchao's NF4; quantize.py)
+    quantize: str = choice("none", "nf4")
 
     def check_rules(self) -> None:
         if self.init == "random" and not self.config:
@@ -410,6 +412,10 @@ class Config:
         if self.eval.every and not (self.data.val_manifest or self.data.val_fraction):
             raise ConfigError(f"eval.every needs a validation set: data.val_manifest or data.val_fraction "
                               f"(or eval.every=0), got eval.every={self.eval.every} without either")
+        if self.model.quantize != "none" and self.train.mode != "lora":
+            raise ConfigError(f"model.quantize={self.model.quantize} quantises the frozen base of train.mode=lora; "
+                              f"train.mode={self.train.mode} trains the base weights themselves: set "
+                              f"model.quantize=none")
 
 
 def marked_keys(mark: str, value=True, cls=Config, prefix="", section_neutral=False) -> set[str]:
@@ -584,6 +590,9 @@ def check_machine(cfg: Config, device: str) -> None:
     if cfg.train.parallel == "fsdp" and cfg.train.fsdp.cpu_offload and device != "cuda":
         raise ConfigError("train.fsdp.cpu_offload=true needs GPUs (it moves the shards from GPU to host memory); "
                           "on CPU they are in host memory already: set it to false")
+    if cfg.model.quantize == "nf4" and importlib.util.find_spec("torchao") is None:
+        raise ConfigError("model.quantize=nf4 needs the torchao package, which is not installed: "
+                          "pip install torchao==0.18.0, or set model.quantize=none")
     if cfg.model.attn_implementation == "flash_attention_2":
         if importlib.util.find_spec("flash_attn") is None:
             raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package, which is "

@@ -157,13 +157,19 @@ def apply_training_mode(model, cfg: Config):
     return get_peft_model(model, lora)
 
 
-def build_for_training(cfg: Config, tokenizer, dtype: torch.dtype, device=None) -> nn.Module:
+def build_for_training(cfg: Config, tokenizer, dtype: torch.dtype, device=None, quantize: bool = True) -> nn.Module:
     """The model a run trains: built, wrapped for train.mode, with the trainable weights in fp32 (under bf16
-    autocast too) so that their updates and AdamW state keep full precision."""
+    autocast too) so that their updates and AdamW state keep full precision. With model.quantize=nf4 (and
+    ``quantize``) the frozen decoder-layer linears are then stored in NF4 (quantize.py); export passes
+    ``quantize=False``: it merges into the full-precision base."""
     model = apply_training_mode(build_model(cfg, tokenizer, dtype=dtype, device=device), cfg)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    if quantize and cfg.model.quantize == "nf4":
+        from higgs_ddp.quantize import quantize_base
+
+        quantize_base(unwrap(model), device)
     return model
 
 

@@ -72,7 +72,9 @@ def merged_model(ckpt: Path, cfg: Config, tokenizer, dtype: torch.dtype = torch.
     if cfg.train.mode == "lora":
         from peft import set_peft_model_state_dict
 
-        model = build_for_training(cfg, tokenizer, dtype)  # the base in dtype, the adapter in fp32
+        # The base in dtype, the adapter in fp32; never the NF4-rounded base a model.quantize=nf4 run trained on:
+        # the adapter is merged into the original weights (docs/speed-and-memory.md says why).
+        model = build_for_training(cfg, tokenizer, dtype, quantize=False)
         adapter = ckpt / ADAPTER_DIR if adapter is None else adapter
         saved = json.loads((adapter / ADAPTER_CONFIG).read_text())
         want = {"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "target_modules": sorted(cfg.lora.target_modules)}

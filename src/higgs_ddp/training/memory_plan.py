@@ -7,6 +7,11 @@ weights, and their gradients in backward). With ``train.fsdp.cpu_offload`` the s
 and only the gathered unit is on the GPU. Activations are not modelled: they depend on the sequence length
 and activation checkpointing (BENCHMARKS.md measures them), so a plan that fits can still run out.
 
+With model.quantize=nf4 (quantize.py) each frozen decoder-layer linear weight costs 4 bits plus its scales: an
+int8 per 64 weights, a second-level scale (the base's dtype) per 64 x 256 weights, and per tensor the scales'
+mean and a 16-entry code table. In bf16 that is 0.5 + 1/64 + 2/16384 = 0.51575 bytes a weight; the rest of the
+frozen base (embeddings, heads, norms) keeps 2.
+
     higgs-ddp bench --config configs/bench_3b.yaml --memory-table     # the table for the 5.8B model
 """
 
@@ -26,6 +31,16 @@ class ParameterCounts:
     total: int
     trainable: int
     largest_unit: int  # parameters of the largest FSDP unit: a decoder layer, the embeddings or the heads
+    # model.quantize=nf4: frozen weights stored in NF4, their int8 scales (one per 64), their second-level
+    # scales, and how many tensors (each also holds a mean and a 16-entry table in the base dtype)
+    nf4: int = 0
+    nf4_blocks: int = 0
+    nf4_scaler_blocks: int = 0
+    nf4_tensors: int = 0
+
+    def nf4_bytes(self, dtype_bytes: int) -> int:
+        return (self.nf4 // 2 + self.nf4_blocks
+                + (self.nf4_scaler_blocks + 17 * self.nf4_tensors) * dtype_bytes)
 
 
 @dataclass(frozen=True)
@@ -35,6 +50,7 @@ class MemoryPlan:
     frozen_bytes: float  # per GPU
     trainable_bytes: float  # weights + gradients + AdamW moments, per GPU
     gathered_bytes: float  # FSDP: one unit gathered whole, with its gradients
+    nf4_bytes: float = 0.0  # of frozen_bytes, the NF4 weights' (model.quantize=nf4)
 
     @property
     def per_gpu_bytes(self) -> float:
@@ -42,8 +58,9 @@ class MemoryPlan:
 
     def describe(self) -> str:
         extra = f" + {self.gathered_bytes / GB:.1f} gathered" if self.gathered_bytes else ""
+        nf4 = f" (of which {self.nf4_bytes / GB:.2f} NF4)" if self.nf4_bytes else ""
         return (f"{self.per_gpu_bytes / GB:.1f} GB of model state per GPU ({self.parallel} on {self.world_size}: "
-                f"{self.frozen_bytes / GB:.1f} frozen + {self.trainable_bytes / GB:.1f} trained{extra}; "
+                f"{self.frozen_bytes / GB:.1f} frozen{nf4} + {self.trainable_bytes / GB:.1f} trained{extra}; "
                 f"activations not counted)")
 
 
@@ -62,22 +79,31 @@ def count_parameters(cfg: Config, model_config) -> ParameterCounts:
     raw = unwrap(model)
     units = [*raw.layers, raw.embed_tokens, raw.audio_decoder_proj]
     largest = max(sum(p.numel() for p in u.parameters()) for u in units)
-    return ParameterCounts(total, trainable, largest)
+    if cfg.model.quantize != "nf4" or cfg.train.mode != "lora":
+        return ParameterCounts(total, trainable, largest)
+    from higgs_ddp.quantize import BLOCK, scaler_block, targets
+
+    sizes = [m.weight.numel() for _, m in targets(raw)]
+    return ParameterCounts(total, trainable, largest, nf4=sum(sizes), nf4_blocks=sum(n // BLOCK for n in sizes),
+                           nf4_scaler_blocks=sum(n // BLOCK // scaler_block(n) for n in sizes),
+                           nf4_tensors=len(sizes))
 
 
 def plan(counts: ParameterCounts, cfg: Config, world_size: int, bf16: bool) -> MemoryPlan:
     t = cfg.train
-    frozen = (counts.total - counts.trainable) * (2 if bf16 else 4)
+    dtype_bytes = 2 if bf16 else 4
+    nf4 = counts.nf4_bytes(dtype_bytes)
+    frozen = (counts.total - counts.trainable - counts.nf4) * dtype_bytes + nf4
     trained = counts.trainable * 16
     if t.parallel != "fsdp" or (world_size == 1 and not t.fsdp.cpu_offload):
-        return MemoryPlan("ddp" if world_size > 1 else "one device", world_size, frozen, trained, 0.0)
+        return MemoryPlan("ddp" if world_size > 1 else "one device", world_size, frozen, trained, 0.0, nf4)
     # The unit's weights as gathered (bf16: the policy's, or frozen weights stored in bf16), and in backward
     # the fp32 gradients of its trained share.
     weight = 2 if t.fsdp.mixed_precision == "bf16" or (bf16 and counts.trainable < counts.total) else 4
     gathered = counts.largest_unit * (weight + 4 * counts.trainable / counts.total)
     if t.fsdp.cpu_offload:
         return MemoryPlan("fsdp, cpu_offload", world_size, 0.0, 0.0, gathered)
-    return MemoryPlan("fsdp", world_size, frozen / world_size, trained / world_size, gathered)
+    return MemoryPlan("fsdp", world_size, frozen / world_size, trained / world_size, gathered, nf4 / world_size)
 
 
 def check_fits(memory_plan: MemoryPlan, gpu_bytes: float, cfg: Config, counts: ParameterCounts, bf16: bool) -> None:
@@ -122,6 +148,8 @@ def check_memory(cfg: Config, env, model_config, bf16: bool) -> None:
 
 def table(cfg: Config, model_config, gpu_counts=(1, 2, 4, 8)) -> str:
     """BENCHMARKS.md's rows: GB of model state per GPU, bf16 weights, for each mode x strategy x GPU count."""
+    cfg = copy.deepcopy(cfg)
+    cfg.model.quantize = "none"  # the rows below say where it is on
     rows = ["| mode | strategy | " + " | ".join(f"{n} GPU{'s' if n > 1 else ''}" for n in gpu_counts) + " |",
             "|---|---|" + "---|" * len(gpu_counts)]
     for mode in ("full", "audio_ffn", "lora"):
@@ -130,4 +158,11 @@ def table(cfg: Config, model_config, gpu_counts=(1, 2, 4, 8)) -> str:
             c = _with(cfg, mode=mode, parallel=parallel)
             cells = [f"{plan(counts, c, n, bf16=True).per_gpu_bytes / GB:.1f}" for n in gpu_counts]
             rows.append(f"| {mode} | {parallel} | " + " | ".join(cells) + " |")
+    nf4 = _with(cfg, mode="lora")
+    nf4.model.quantize = "nf4"
+    counts = count_parameters(nf4, model_config)
+    for parallel in ("ddp", "fsdp"):
+        c = _with(nf4, parallel=parallel)
+        cells = [f"{plan(counts, c, n, bf16=True).per_gpu_bytes / GB:.1f}" for n in gpu_counts]
+        rows.append(f"| lora, model.quantize=nf4 | {parallel} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

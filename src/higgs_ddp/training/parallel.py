@@ -76,6 +76,13 @@ class Replicated(Strategy):
     def wrap(self, forward: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        from higgs_ddp.quantize import is_nf4
+
+        # DDP broadcasts rank 0's weights at the start, plain tensors only: the NF4 weights stay out of it (every
+        # rank rounded the same base the same way; quantize.py).
+        nf4 = [n for n, p in forward.named_parameters() if is_nf4(p)]
+        if nf4:
+            DDP._set_params_and_buffers_to_ignore_for_model(forward, nf4)
         ids = [self.env.local_rank] if self.env.device.type == "cuda" else None
         return DDP(forward, device_ids=ids, find_unused_parameters=self.cfg.train.find_unused_parameters)
 

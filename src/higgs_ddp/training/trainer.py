@@ -21,6 +21,7 @@ from higgs_ddp.dual_loss import compute_dual_loss
 from higgs_ddp.errors import HiggsError
 from higgs_ddp.evaluation.validation import Validatable
 from higgs_ddp.model import HiggsForward, build_for_training, load_tokenizer, model_config, text_head, unwrap
+from higgs_ddp.quantize import check as check_quantize
 from higgs_ddp.runtime import precision
 from higgs_ddp.runtime.distributed import DistEnv, all_reduce_sum
 from higgs_ddp.runtime.shared_fs import check_shared_directory, describe_nodes
@@ -62,6 +63,7 @@ class Trainer:
         self.cfg, self.env = cfg, env
         t = cfg.train
         check_machine(cfg, env.device.type)  # flash-attn and CPU offload need a GPU
+        check_quantize(cfg, env.device.type, env.world_size)  # model.quantize=nf4: torchao, FSDP rank counts
         hosts = check_shared_directory(cfg.output_dir, "output_dir", env)  # before anything is written there
         if data is None and (cfg.data.cache_dir or cfg.data.manifest):  # it prepares its data: the code cache,
             # checked now, not after the model has loaded (no manifest: load_data says so)

@@ -19,7 +19,7 @@ LAYERS = [
     ("higgs_ddp.config", "higgs_ddp.dual_loss", "higgs_ddp.dpo_loss", "higgs_ddp.errors"),  # leaves
     ("higgs_ddp.runtime",),  # the process group and how a process ends
     ("higgs_ddp.data",),  # manifest -> audio -> codes -> prompts -> dataset -> batches
-    ("higgs_ddp.model",),  # HiggsAudioModel built, wrapped for a training mode, HiggsForward
+    ("higgs_ddp.model", "higgs_ddp.quantize"),  # HiggsAudioModel built, wrapped for a training mode, HiggsForward
     ("higgs_ddp.evaluation",),  # validation, listening samples
     ("higgs_ddp.training",),  # trainer, optimizer, parallel strategy, checkpoints, stops, logs
     ("higgs_ddp.tools",),  # export, plot, doctor, bench, demo data
