@@ -249,6 +249,19 @@ def make_checkpoint(tmp_path, mode="lora", *overrides):
     return cfg, tok, model, ckpt
 
 
+def two_samples(tok, config):
+    """A collated batch of two TTS samples (one with a scene and a reference voice), random codes, seeded."""
+    from higgs_ddp.data.collator import HiggsCollator
+    from higgs_ddp.data.prompt import tokenize_sample
+
+    g = torch.Generator().manual_seed(1)
+    C, CB = config.audio_num_codebooks, config.audio_codebook_size
+    samples = [tokenize_sample(tok, "hello there", torch.randint(0, CB, (C, 9), generator=g)),
+               tokenize_sample(tok, "a b c", torch.randint(0, CB, (C, 5), generator=g), scene="a room",
+                               ref_text="ref", ref_codes=torch.randint(0, CB, (C, 7), generator=g))]
+    return HiggsCollator.for_model(config)(samples)
+
+
 # Steering what the tiny model speaks (unit/evaluation/test_listening_samples.py, also speak).
 def steer(raw, bonus):
     """A forward hook on the audio head: ``bonus(step)`` -> {stream token id: logit added} for the audio
