@@ -89,3 +89,10 @@ def quantize_base(raw: nn.Module, device=None) -> int:
 def is_nf4(tensor) -> bool:
     module = sys.modules.get("torchao.quantization.quantize_.workflows.nf4.nf4_tensor")
     return module is not None and isinstance(tensor, module.NF4Tensor)
+
+
+def storage_parts(tensor) -> list:
+    """The plain tensors holding ``tensor``'s bytes: an NF4 weight's codes, scales and table, else itself."""
+    if not is_nf4(tensor):
+        return [tensor]
+    return [getattr(tensor, name) for name in tensor.__tensor_flatten__()[0]]

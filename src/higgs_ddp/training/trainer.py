@@ -22,6 +22,7 @@ from higgs_ddp.errors import HiggsError
 from higgs_ddp.evaluation.validation import Validatable
 from higgs_ddp.model import HiggsForward, build_for_training, load_tokenizer, model_config, text_head, unwrap
 from higgs_ddp.quantize import check as check_quantize
+from higgs_ddp.quantize import is_nf4
 from higgs_ddp.runtime import precision
 from higgs_ddp.runtime.distributed import DistEnv, all_reduce_sum
 from higgs_ddp.runtime.shared_fs import check_shared_directory, describe_nodes
@@ -125,6 +126,8 @@ class Trainer:
             generator=torch.Generator().manual_seed(t.seed))
 
         perf = []  # what rank 0 reports in the run card
+        if cfg.model.quantize == "nf4":
+            perf.append(f"NF4 base ({sum(map(is_nf4, self.raw.parameters()))} frozen linear weights)")
         if env.device.type == "cuda":
             enable_tf32()
         if t.activation_checkpointing:

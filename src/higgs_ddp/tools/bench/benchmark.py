@@ -100,7 +100,9 @@ def tensor_bytes(trainer) -> int:
     seen, total = set(), 0
     tensors = [*trainer.model.parameters(), *trainer.model.buffers()]
     tensors += [v for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    for t in map(local_part, tensors):
+    from higgs_ddp.quantize import storage_parts
+
+    for t in (part for t in map(local_part, tensors) for part in storage_parts(t)):  # NF4: its inner tensors
         key = t.untyped_storage().data_ptr()
         if key not in seen:
             seen.add(key)
