@@ -1,5 +1,4 @@
-"""A LoRA run over an NF4 base (model.quantize=nf4) trains the same on 2 ranks as on 1, resumes exactly after a kill,
-and tracks the full-precision-base run's loss.
+"""NF4-base LoRA: 2 ranks == 1 process, exact resume after a kill, the loss near the full-precision base's.
 
 One reference: 10 steps in one process, batch 2, a checkpoint every 3. Against it: 2 gloo ranks of batch 1 under
 ddp and under fsdp (FSDP2 shards the 4-bit weights through torchao's NF4 hooks), within the DDP tests' tolerances

@@ -1,5 +1,4 @@
-"""model.quantize=nf4 stores the frozen decoder-layer linears in NF4, refuses in one line what it cannot do, and
-export merges the adapter into the full-precision base.
+"""model.quantize=nf4 quantises the frozen decoder linears only, refuses bad runs in one line, exports full precision.
 
 What is quantised (every frozen linear of the decoder layers; embeddings, heads and LoRA weights are not), the
 one-line refusals before any weight is built (another train.mode, torchao missing, an FSDP rank count the 4-bit

@@ -1,5 +1,4 @@
-"""The memory plan's NF4 rows equal the built model's bytes and arithmetic worked out by hand, and the doctor and the
-run's check print and enforce them.
+"""The memory plan's NF4 rows equal the built model's bytes and hand arithmetic; the doctor and the run enforce them.
 
 model.quantize=nf4 (quantize.py): 4 bits a weight, an int8 scale per 64 weights, a second-level scale per 64 x 256
 weights and per tensor a mean and a 16-entry table, in the base's dtype. The tiny model's planned NF4 bytes are the
