@@ -25,7 +25,7 @@ import sys
 
 from torch import nn
 
-from higgs_ddp.config import Config, ConfigError, check_machine
+from higgs_ddp.config import Config, ConfigError
 
 BLOCK = 64  # weights per first-level (int8) scale
 SCALER_BLOCK = 256  # first-level scales per second-level scale, at most
@@ -60,14 +60,14 @@ def targets(raw: nn.Module) -> list:
     return found
 
 
-def check(cfg: Config, device: str, world_size: int = 1) -> None:
-    """One line, before any weight is built, for a run model.quantize=nf4 cannot do."""
+def check(cfg: Config, world_size: int = 1) -> None:
+    """One line, before any weight is built, for a run model.quantize=nf4 cannot do (``config.check_machine``
+    refuses it where torchao is not installed)."""
     if cfg.model.quantize != "nf4":
         return
     if cfg.train.mode != "lora":  # also Config.validate's rule; repeated for configs built in code
         raise ConfigError(f"model.quantize=nf4 quantises the frozen base of train.mode=lora; train.mode="
                           f"{cfg.train.mode} trains the base weights themselves: set model.quantize=none")
-    check_machine(cfg, device)  # torchao installed
     if cfg.train.parallel == "fsdp" and world_size > 1 and SHARDS % world_size:
         raise ConfigError(f"model.quantize=nf4 under train.parallel=fsdp shards each 4-bit weight evenly over "
                           f"1, 2, 4 or {SHARDS} ranks, not {world_size}: use train.parallel=ddp")

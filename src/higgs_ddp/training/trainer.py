@@ -64,7 +64,7 @@ class Trainer:
         self.cfg, self.env = cfg, env
         t = cfg.train
         check_machine(cfg, env.device.type)  # flash-attn and CPU offload need a GPU
-        check_quantize(cfg, env.device.type, env.world_size)  # model.quantize=nf4: torchao, FSDP rank counts
+        check_quantize(cfg, env.world_size)  # model.quantize=nf4: its mode, FSDP rank counts
         hosts = check_shared_directory(cfg.output_dir, "output_dir", env)  # before anything is written there
         if data is None and (cfg.data.cache_dir or cfg.data.manifest):  # it prepares its data: the code cache,
             # checked now, not after the model has loaded (no manifest: load_data says so)

@@ -47,10 +47,10 @@ def test_what_nf4_cannot_do_is_one_line_before_any_weight(tmp_path, monkeypatch)
                             "the base weights themselves: set model.quantize=none")
     cfg = load_config(str(TINY), ["model.quantize=nf4", "train.parallel=fsdp"])
     with pytest.raises(ConfigError) as e:
-        check(cfg, "cpu", 3)
+        check(cfg, 3)
     assert str(e.value) == ("model.quantize=nf4 under train.parallel=fsdp shards each 4-bit weight evenly over 1, 2, "
                             "4 or 8 ranks, not 3: use train.parallel=ddp")
-    check(cfg, "cpu", 2)  # 2 ranks split every NF4 weight evenly
+    check(cfg, 2)  # 2 ranks split every NF4 weight evenly
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else find_spec(name, *a))
     with pytest.raises(ConfigError) as e:
