@@ -63,5 +63,6 @@ def test_a_run_that_cannot_fit_is_refused_naming_what_fits(real_size):
 def test_the_table_has_every_mode_and_strategy(real_size):
     cfg, mc, _ = real_size
     rows = mp.table(cfg, mc).splitlines()
-    assert len(rows) == 2 + 3 * 2
+    assert len(rows) == 2 + 3 * 2 + 2  # and LoRA over an NF4 base (test_memory_plan_nf4.py), ddp and fsdp
     assert rows[2].startswith("| full | ddp | 92.3 |")
+    assert rows[8].startswith("| lora, model.quantize=nf4 | ddp | 4.9 |")
