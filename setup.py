@@ -27,6 +27,7 @@ setup(
         "jiwer>=4,<5",
         "zhon>=2",
         "zhconv>=1.4",
+        "torchao==0.18.0",  # train.optimizer=adamw8bit (its AdamW8bit; training/optim.py)
     ],
     # voice: eval.speaker_model=resemblyzer, a speaker encoder whose weights come inside the wheel (offline)
     extras_require={"test": ["pytest>=8"], "voice": ["resemblyzer==0.1.4"]},

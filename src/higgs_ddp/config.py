@@ -247,6 +247,9 @@ class TrainConfig(Section):
     warmup_steps: int = ranged(50, 0)
     weight_decay: float = ranged(0.0, 0)
     betas: list = field(default_factory=lambda: [0.9, 0.95])  # AdamW's (beta1, beta2), each in [0, 1)
+    # "adamw": fp32 moments (8 bytes per trained parameter) | "adamw8bit": torchao's 8-bit moments (~2 bytes;
+    # training/optim.py), what lets full fine-tuning fit one 80 GB GPU (docs/speed-and-memory.md)
+    optimizer: str = choice("adamw", "adamw8bit")
     max_grad_norm: float = ranged(1.0, 0, note="0: no clipping")
     seed: int = 1234
     # "auto": bf16 on GPU, fp32 on CPU | "bf16": bf16 autocast on either (on a CPU: the GPU's numerics, to
@@ -293,6 +296,9 @@ class TrainConfig(Section):
             raise ConfigError("train.text_weight and train.audio_weight are both 0: nothing would be learned")
         if not self.resume:
             raise ConfigError("train.resume must be auto, never or a checkpoint folder")
+        if self.optimizer == "adamw8bit" and self.parallel == "fsdp":
+            raise ConfigError("train.optimizer=adamw8bit works under train.parallel=ddp (or one process), not fsdp: "
+                              "its 8-bit blocks would follow each shard's split; use ddp, or adamw with fsdp")
 
 
 @dataclass
@@ -584,6 +590,12 @@ def check_machine(cfg: Config, device: str) -> None:
     if cfg.train.parallel == "fsdp" and cfg.train.fsdp.cpu_offload and device != "cuda":
         raise ConfigError("train.fsdp.cpu_offload=true needs GPUs (it moves the shards from GPU to host memory); "
                           "on CPU they are in host memory already: set it to false")
+    if cfg.train.optimizer == "adamw8bit" and importlib.util.find_spec("torchao") is None:
+        raise ConfigError("train.optimizer=adamw8bit needs torchao, which is not installed: pip install "
+                          "torchao==0.18.0, or use train.optimizer=adamw")
+    if cfg.train.optimizer == "adamw8bit" and device not in ("cuda", "cpu"):
+        raise ConfigError(f"train.optimizer=adamw8bit runs on a CUDA GPU or the CPU, not {device}; "
+                          f"use train.optimizer=adamw")
     if cfg.model.attn_implementation == "flash_attention_2":
         if importlib.util.find_spec("flash_attn") is None:
             raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package, which is "
