@@ -53,9 +53,16 @@ def _adamw8bit_class():
         def step(self, closure=None):
             if not self.eager:
                 return super().step(closure)
-            # Dynamo disabled for this call only: torchao's torch.compile(fn)(...) then calls fn itself.
-            with torch._dynamo.config.patch(disable=True):
-                return super().step(closure)
+            # Dynamo disabled for this call only: torchao's torch.compile(fn)(...) then calls fn itself. On one
+            # intra-op thread: its many small element-wise ops (no reductions but a max, so the same result)
+            # ran 10x slower on two threads of a busy 2-core machine (0.17 s against 2 s a step, tiny model).
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with torch._dynamo.config.patch(disable=True):
+                    return super().step(closure)
+            finally:
+                torch.set_num_threads(threads)
 
     return AdamW8bitState
 
