@@ -83,8 +83,8 @@ export out py
 once="bench.find_largest_micro_batch=false"
 short="bench.warmup_steps=1 bench.steps=3"
 steps=(
-    "preflight|20|5|preflight"
-    "cuda_tests|90|30|$py -m pytest -m cuda -q -p no:cacheprovider tests"
+    "preflight|30|10|preflight"
+    "cuda_tests|80|30|$py -m pytest -m cuda -q -p no:cacheprovider tests"
     "tiny_bf16|120|60|tiny_bf16"
     "lora_5.8b|120|60|bench_row $once bench.steps=6"
     "nf4_lora|60|40|bench_row model.quantize=nf4 bench.peer=false $once bench.steps=6"

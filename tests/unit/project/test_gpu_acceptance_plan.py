@@ -36,7 +36,7 @@ def test_steps_run_most_valuable_first_within_the_budget():
     assert [r[0] for r in rows] == ORDER
     runs = [worst_case(r) for r in rows]
     assert sum(s for s in runs if s) <= 480  # 8 minutes, whatever each step takes
-    assert runs[:4] == [20, 90, 120, 120]  # the CUDA tests, the tiny run and the LoRA row get their whole limit
+    assert runs[:4] == [30, 80, 120, 120]  # the CUDA tests, the tiny run and the LoRA row get their whole limit
     assert runs[-1] == 70  # the full fine-tuning row gets what is left
     assert "bench.build_on_device=true" in (ROOT / "launch" / "gpu_acceptance.sh").read_text()
     # The NF4 row only where model.quantize exists (it lands separately).
@@ -45,7 +45,7 @@ def test_steps_run_most_valuable_first_within_the_budget():
     assert ("skip: model.quantize is not in this version's config" in nf4) != has_quantize
     # A smaller budget: later steps are cut to what is left, and skipped below their minimum.
     small = [worst_case(r) for r in plan(budget=250)]
-    assert small[:3] == [20, 90, 120] and small[3] is None and sum(s for s in small if s) <= 250
+    assert small[:3] == [30, 80, 120] and small[3] is None and sum(s for s in small if s) <= 250
 
 
 def test_make_wheels_lists_only_what_the_gpu_image_lacks():
