@@ -32,7 +32,7 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet -e '.[test,voice]'
 	touch $(STAMP)
 
-wheels: install  ## make wheels [PYVER=3.12]: where PyPI is reachable, fetch into wheels/ what a GPU machine without a registry lacks
+wheels: install  ## make wheels [PYVER=3.12]: where PyPI is reachable, fetch into wheels/ only what the GPU image lacks (<= 48 MiB, printed)
 	launch/fetch_wheels.sh $(WHEELS) $(PYVER)
 
 install-offline:  ## on such a GPU machine: .venv from wheels/ over its own torch/torchaudio [PYTHON=python3]
@@ -50,7 +50,7 @@ demo-data: install  ## the demo's corpus in runs/tiny/data, which configs/tiny.y
 	$(VENV)/bin/higgs-ddp demo-data runs/tiny/data --samples $(DEMO_SAMPLES)
 	$(VENV)/bin/higgs-ddp manifest import --format ljspeech runs/tiny/data --out runs/tiny/data/manifest.jsonl --speaker tones
 
-gpu-acceptance: install  ## on a GPU (after make install-offline): CUDA tests, tiny bf16 run, GPU benchmarks, ~8 min
+gpu-acceptance:  ## on a lent GPU, first thing: installs from wheels/ if needed, then <= 8 min, most valuable first, results in $$OUT
 	launch/gpu_acceptance.sh
 
 prepare: install  ## make prepare GPUS=8 CONFIG=...: encode the audio into the code cache (training does it too)

@@ -27,7 +27,7 @@ setup(
         "jiwer>=4,<5",
         "zhon>=2",
         "zhconv>=1.4",
-        "torchao==0.18.0",  # model.quantize=nf4: the NF4 tensor (quantize.py)
+        "torchao==0.18.0",  # model.quantize=nf4 (its NF4 tensor; quantize.py), train.optimizer=adamw8bit (training/optim.py)
     ],
     # voice: eval.speaker_model=resemblyzer, a speaker encoder whose weights come inside the wheel (offline)
     extras_require={"test": ["pytest>=8"], "voice": ["resemblyzer==0.1.4"]},

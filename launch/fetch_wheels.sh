@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Usage: launch/fetch_wheels.sh [DEST=wheels] [PYVER=3.12]
+#        launch/fetch_wheels.sh --list [PYVER=3.12]   # only print what would be carried (no download)
 # Run where PyPI is reachable. Puts into DEST the wheels that launch/install_offline.sh needs to
 # install this project on the GPU machines: Linux x86_64, Python 3.12, no package registry, and
 # an image that already holds torch/torchaudio (CUDA builds) and a big numeric stack. The device
@@ -7,8 +8,11 @@
 # we cannot use is carried; the rest is named in DEST/preinstalled.txt and checked there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+list=0
+if [ "${1:-}" = "--list" ]; then list=1; shift; set -- wheels "$@"; fi
 DEST=${1:-wheels}
 PYVER=${2:-3.12}
+LIMIT_MIB=${LIMIT_MIB:-48}  # what the device tool carries per call is 64 MiB, the rest of the tree included
 PY=.venv/bin/python  # its pinned versions are the tested ones; `make install` makes it
 [ -x "$PY" ] || { echo "fetch_wheels: no .venv; run 'make install' first" >&2; exit 1; }
 mkdir -p "$DEST"
@@ -18,6 +22,13 @@ EXCLUDE='^(torch|torchaudio|triton|nvidia-.*|cuda-.*)$'
 # Big (~170 MiB of wheels with their deps), on the GPU image, and only loosely pinned by what we install
 # (e.g. librosa: scipy>=1.6, numba>=0.51; huggingface-hub: hf-xet<2), so the image's copies do.
 SYSTEM='numpy scipy llvmlite numba pandas matplotlib scikit-learn pillow grpcio sympy hf-xet'
+# On the GPU image too, as the dependencies of its transformers 5.x, peft and torch, in versions that satisfy
+# ours (transformers 4.46's own pins are looser than 5.x's for these): used as they are, never carried.
+# Not here, so carried: transformers itself (<4.47 for boson-multimodal), tokenizers (<0.21) and huggingface-hub
+# (<1.0), which 4.46 needs older than 5.x's; peft (its version on the image is not known to be <0.22).
+IMAGE='safetensors tqdm pyyaml regex requests filelock fsspec packaging typing-extensions jinja2 markupsafe
+networkx accelerate psutil certifi idna urllib3 charset-normalizer'
+IMAGE=$(echo $IMAGE)
 # Requirements declared but never imported by boson_multimodal/dac/audiotools (grep and a
 # runtime import check); ~55 MiB with their deps (jieba 18, botocore 13, ruff 11, ipython 8).
 # Their wheels get these Requires-Dist lines removed and the version tagged +offline.
@@ -28,7 +39,7 @@ EXTRA="pip==$("$PY" -m pip --version | cut -d' ' -f2) setuptools==80.9.0 wheel==
 
 # Walk the installed metadata from higgs-ddp[test] down, evaluating markers for the *target*
 # Python (the local .venv may be another one), pinning each package at the .venv's version.
-want=$("$PY" - "$PYVER" "$EXCLUDE" "$SYSTEM" "$TRIM" <<'EOF'
+want=$("$PY" - "$PYVER" "$EXCLUDE" "$SYSTEM $IMAGE" "$TRIM" <<'EOF'
 import re, sys, importlib.metadata as md
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name as cn
@@ -62,6 +73,11 @@ missing=$(grep -o '^MISSING:.*' <<<"$want" | cut -d: -f2 | tr '\n' ' ' || true)
 [ -z "$missing" ] || { echo "fetch_wheels: needed on Python $PYVER but not in .venv: $missing" >&2; exit 1; }
 extra_names=$(printf '%s\n' $EXTRA | cut -d= -f1 | paste -sd'|')
 want=$({ grep -viE "^($extra_names)==" <<<"$want" || true; printf '%s\n' $EXTRA; })
+if [ $list -eq 1 ]; then
+    printf '%s\n' $want
+    echo "# preinstalled (not carried): torch torchaudio $SYSTEM $IMAGE"
+    exit 0
+fi
 
 pyv=${PYVER/./}
 plat=()  # torch 2.11 itself needs glibc >= 2.28, so any manylinux up to 2_28 runs there
@@ -149,5 +165,11 @@ for f in "$DEST"/*.whl; do
 done
 for f in "${keep[@]}"; do b=$(basename "$f"); echo "${b%%-*}==$(cut -d- -f2 <<<"$b")"; done |
     sort -f >"$DEST/requirements.txt"
-printf '%s\n' torch torchaudio $SYSTEM >"$DEST/preinstalled.txt"
-echo "fetch_wheels: ${#keep[@]} wheels for Python $PYVER in $DEST ($(du -sh "$DEST" | cut -f1)); expects preinstalled: torch torchaudio $SYSTEM"
+printf '%s\n' torch torchaudio $SYSTEM $IMAGE >"$DEST/preinstalled.txt"
+bytes=$(cat "${keep[@]}" | wc -c)
+mib=$("$PY" -c "print(f'{$bytes / 2**20:.1f}')")
+echo "fetch_wheels: ${#keep[@]} wheels for Python $PYVER in $DEST, $mib MiB (limit $LIMIT_MIB); expects preinstalled: torch torchaudio $SYSTEM $IMAGE"
+for f in "${keep[@]}"; do printf '%8.2f MiB  %s\n' "$("$PY" -c "import os,sys; print(os.path.getsize(sys.argv[1]) / 2**20)" "$f")" "$(basename "$f")"; done | sort -rn | head -8
+if [ "$bytes" -gt $(( LIMIT_MIB * 1048576 )) ]; then
+    echo "fetch_wheels: $mib MiB is over the $LIMIT_MIB MiB that fit beside the tree in one device call" >&2; exit 1
+fi

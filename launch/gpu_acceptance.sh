@@ -1,54 +1,43 @@
 #!/usr/bin/env bash
-# The first thing to run on a GPU machine (after `make install-offline` where there is no registry):
-#   make gpu-acceptance            # = bash launch/gpu_acceptance.sh [OUT_DIR=runs/gpu_acceptance]
-# In one go, about 8 minutes on one H100/H200, each step under its own time limit (it never hangs):
-#   1. preflight     a CUDA device that torch sees
-#   2. cuda tests    pytest -m cuda: pinned batches + side-stream prefetch, bf16 autocast with fp32 weights,
-#                    fused AdamW, NCCL, CUDA RNG in checkpoints and exact resume, max_memory_allocated
-#   3. tiny bf16     configs/tiny.yaml trained on the GPU in bf16 (1 process): prepare with the codec on
-#                    the GPU, training, validation, listening samples, checkpoints; the loss must fall
-#   4. benchmarks    launch/bench_suite.sh gpu: the BENCHMARKS.md GPU rows (full 5.8B architecture)
-# It stops at the first step that fails or runs out of time, and says which, loudly. It writes OUT_DIR/:
-#   results.jsonl   one JSON line per benchmark; `higgs-ddp bench --table OUT_DIR/results.jsonl`
-#                   (= python -m higgs_ddp bench --table ...) prints them as BENCHMARKS.md rows
-#   rows.md         those rows, printed at the end too;  summary.txt  each step's result and seconds
-#   *.log           each step's full output;  tiny/  the tiny run (metrics.jsonl, samples/, checkpoints/)
-set -euo pipefail
+# The first thing to run on a GPU machine lent for a short while (15 minutes in all, at most 10 per command):
+#   make gpu-acceptance                       # = bash launch/gpu_acceptance.sh [OUT_DIR]
+#   bash launch/gpu_acceptance.sh --dry-run   # the plan: each step, its time limit, whether it would run
+# OUT_DIR: $OUT when set (the device tool brings it back), else runs/gpu_acceptance.
+#
+# On a machine without a registry it first installs .venv from wheels/ (`make wheels` made them where PyPI is
+# reachable; launch/install_offline.sh), unless .venv is installed already. Then, most valuable first, each step
+# under its own limit AND the global budget (BUDGET_S, 480 s: whatever the steps before left is all a step
+# gets; a step that would get less than its minimum is skipped and says so):
+#   preflight     a CUDA device that torch sees, with bf16
+#   cuda_tests    pytest -m cuda: pinned batches + side-stream prefetch, bf16 autocast, fused AdamW, NCCL,
+#                 CUDA RNG in checkpoints and exact resume, max_memory_allocated
+#   tiny_bf16     configs/tiny.yaml trained on the GPU in bf16: prepare, training, validation, listening
+#                 samples, checkpoints; the loss must fall
+#   lora_5.8b     the 5.8B LoRA benchmark row (MFU, tokens/s, peak memory, peer ratio): the random model
+#                 drawn on the GPU (bench.build_on_device), not on the CPU
+#   nf4_lora      the same with the 4-bit base (model.quantize=nf4), only where that key exists
+#   largest_mb    the largest micro-batch of 2,048 positions that fits (LoRA, activation checkpointing)
+#   full_1gpu     full fine-tuning on this one GPU with 8-bit AdamW moments, if time is left
+# A step that fails does not stop the next (each measures something else); the exit code says if any did.
+# Every result is written as soon as it exists, so a run cut off from outside still returns what it measured:
+#   OUT_DIR/results.jsonl   one JSON line per benchmark row (`higgs-ddp bench --table OUT_DIR/results.jsonl`)
+#   OUT_DIR/summary.txt     one line per step: ok / FAILED / TIMED OUT / skipped, with seconds
+#   OUT_DIR/NAME.log        each step's output;  OUT_DIR/tiny/  the tiny run;  OUT_DIR/rows.md  the table
+set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-runs/gpu_acceptance}
+dry=0
+if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
+out=${1:-${OUT:-runs/gpu_acceptance}}
 py=${PY:-.venv/bin/python}
 export PY=$py
-mkdir -p "$out"
-rm -rf "$out/tiny" "$out/results.jsonl" "$out/log.txt" "$out/rows.md" "$out/summary.txt"  # a rerun starts over
-t_all=$(date +%s)
+budget=${BUDGET_S:-480}
+wheels=${WHEELS:-wheels}
+t_start=$(date +%s)
+failed=0
 
-step() {  # step NAME LIMIT_SECONDS COMMAND...: run it, its output to the terminal and OUT_DIR/NAME.log
-    local name=$1 limit=$2 t0 rc
-    shift 2
-    t0=$(date +%s)
-    echo "==== gpu_acceptance: $name (limit ${limit}s) $(date -u +%H:%M:%SZ)"
-    set +e
-    timeout --kill-after=20 "$limit" "$@" 2>&1 | tee "$out/$name.log"
-    rc=${PIPESTATUS[0]}
-    set -e
-    local took=$(( $(date +%s) - t0 ))
-    if [ "$rc" -ne 0 ]; then
-        local why="exit code $rc"
-        { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && why="TIMED OUT after ${limit}s"
-        echo "FAILED $name: $why (${took}s)" >> "$out/summary.txt"
-        {
-            echo
-            echo "########################################################################"
-            echo "#### gpu_acceptance FAILED at step '$name': $why"
-            echo "#### its output: $out/$name.log    (steps so far: $out/summary.txt)"
-            echo "########################################################################"
-        } >&2
-        exit 1
-    fi
-    echo "ok     $name (${took}s)" >> "$out/summary.txt"
-}
-
-step preflight 60 "$py" -c '
+# What the steps run (functions, exported for the `bash -c` each step runs in).
+preflight() {
+    "$py" -c '
 import torch
 assert torch.cuda.is_available(), "torch sees no CUDA device (CUDA_VISIBLE_DEVICES, driver, a CPU build of torch?)"
 p = torch.cuda.get_device_properties(0)
@@ -56,11 +45,12 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device
       f"({p.total_memory / 2**30:.0f} GiB), bf16 {torch.cuda.is_bf16_supported()}")
 assert torch.cuda.is_bf16_supported(), "this GPU has no bf16: the runs here use it"
 '
-
-step cuda_tests 150 "$py" -m pytest -m cuda -q -p no:cacheprovider tests
-
-# make demo's own data steps (synthetic LJSpeech-style WAVs, imported), then one GPU process in bf16.
-read -r -d '' check_tiny <<'EOF' || true
+}
+tiny_bf16() {  # make demo's own data steps, then one GPU process in bf16, then what it must have done
+    make --no-print-directory demo-data || return 1
+    "$py" -m higgs_ddp train --nproc-per-node 1 --config configs/tiny.yaml "output_dir=$out/tiny" \
+        train.precision=bf16 train.max_steps=60 train.save_every=30 eval.every=30 || return 1
+    "$py" - "$out/tiny" <<'CHECK'
 import json, pathlib, sys
 run = pathlib.Path(sys.argv[1])
 rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
@@ -77,17 +67,107 @@ samples = sorted((run / "samples").rglob("*.wav"))
 assert samples, "no listening samples"
 print(f"tiny bf16 on the GPU: loss {first:.3f} -> {last:.3f}, validation {val[-1]['loss']:.3f}, "
       f"peak {train[-1]['gpu_memory_gb']:.2f} GB, {len(samples)} listening samples")
+CHECK
+}
+bench_row() {  # one benchmark of the 5.8B architecture; its JSON line into results.jsonl the moment it exists
+    local line
+    line=$("$py" -m higgs_ddp bench --config configs/bench_3b.yaml bench.build_on_device=true "$@" |
+           tee /dev/stderr | tail -n 1) || return 1
+    echo "$line" >> "$out/results.jsonl"
+}
+export -f preflight tiny_bf16 bench_row
+export out py
+
+# The steps, most valuable first: NAME|LIMIT_S|MIN_S|COMMAND. The limits may add up to more than the budget:
+# the last steps then get what is left, or are skipped.
+once="bench.find_largest_micro_batch=false"
+short="bench.warmup_steps=1 bench.steps=3"
+steps=(
+    "preflight|30|10|preflight"
+    "cuda_tests|80|30|$py -m pytest -m cuda -q -p no:cacheprovider tests"
+    "tiny_bf16|120|60|tiny_bf16"
+    "lora_5.8b|120|60|bench_row $once bench.steps=6"
+    "nf4_lora|60|40|bench_row model.quantize=nf4 bench.peer=false $once bench.steps=6"
+    "largest_mb|60|40|bench_row bench.peer=false bench.find_largest_micro_batch=true $short"
+    "full_1gpu|120|60|bench_row train.mode=full train.optimizer=adamw8bit bench.peer=false $once $short"
+)
+
+has_key() {  # has_key SECTION.KEY: the config knows it (model.quantize lands on another branch)
+    PYTHONPATH=src "$py" - "$1" <<'EOF' 2>/dev/null  # this tree's config, whatever .venv points at
+import dataclasses, sys
+from higgs_ddp.config import Config
+section, key = sys.argv[1].split(".")
+field = {f.name: f for f in dataclasses.fields(Config)}[section]
+sys.exit(0 if key in {f.name for f in dataclasses.fields(field.default_factory())} else 1)
 EOF
-step tiny_data 90 make --no-print-directory demo-data
-step tiny_bf16 150 "$py" -m higgs_ddp train --nproc-per-node 1 --config configs/tiny.yaml "output_dir=$out/tiny" \
-    train.precision=bf16 train.max_steps=60 train.save_every=30 eval.every=30
-step tiny_check 30 "$py" -c "$check_tiny" "$out/tiny"
+}
 
-# Each benchmark appends its JSON line to OUT_DIR/results.jsonl as it finishes (kept if a later one fails).
-step benchmarks 330 bash launch/bench_suite.sh gpu "$out"
+condition() {  # why a step is left out ('' when it runs)
+    case $1 in
+    nf4_lora) has_key model.quantize || echo "model.quantize is not in this version's config" ;;
+    esac
+}
 
-"$py" -m higgs_ddp bench --table "$out/results.jsonl" > "$out/rows.md"
-echo "==== gpu_acceptance: all steps passed in $(( $(date +%s) - t_all ))s"
+if [ $dry -eq 1 ]; then
+    echo "gpu_acceptance plan: budget ${budget}s, results in $out"
+    [ -f "$wheels/requirements.txt" ] && echo "install  from $wheels/ unless .venv is installed (not in the budget)"
+    # "worst case": what the step gets when every step before it used its whole limit.
+    total=0
+    for s in "${steps[@]}"; do
+        IFS='|' read -r name limit min cmd <<<"$s"
+        why=$(condition "$name")
+        if [ -n "$why" ]; then
+            printf '%-12s limit %4ss  min %3ss  skip: %s\n' "$name" "$limit" "$min" "$why"; continue
+        fi
+        gets=$(( budget - total < limit ? budget - total : limit ))
+        [ $gets -lt 0 ] && gets=0
+        [ $gets -ge "$min" ] && worst="worst case ${gets}s" || worst="worst case skipped (${gets}s left)"
+        printf '%-12s limit %4ss  min %3ss  %s: %s\n' "$name" "$limit" "$min" "$worst" "$cmd"
+        [ $gets -ge "$min" ] && total=$(( total + gets ))
+    done
+    exit 0
+fi
+
+mkdir -p "$out"
+rm -rf "$out/tiny" "$out/results.jsonl" "$out/rows.md" "$out/summary.txt"  # a rerun starts over
+note() { echo "$*" | tee -a "$out/summary.txt"; }
+
+installed() { compgen -G ".venv/.installed-*" >/dev/null && [ -x "$py" ]; }
+if ! installed; then
+    [ -f "$wheels/requirements.txt" ] || { echo "gpu_acceptance: no .venv and no $wheels/ to install it from: run 'make wheels' where PyPI is reachable and bring $wheels/ along" >&2; exit 1; }
+    t0=$(date +%s)
+    if timeout 100 launch/install_offline.sh "$wheels" 2>&1 | tee "$out/install.log"; then
+        note "ok      install ($(( $(date +%s) - t0 ))s, not in the budget)"
+    else
+        note "FAILED  install: see $out/install.log"; exit 1
+    fi
+    t_start=$(date +%s)  # the budget is for the steps
+fi
+
+for s in "${steps[@]}"; do
+    IFS='|' read -r name limit min cmd <<<"$s"
+    why=$(condition "$name")
+    if [ -n "$why" ]; then note "skipped $name: $why"; continue; fi
+    left=$(( budget - ($(date +%s) - t_start) ))
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt "$min" ]; then note "skipped $name: ${left}s of the budget left, it needs ${min}s"; continue; fi
+    echo "==== gpu_acceptance: $name (limit ${limit}s, ${left}s of the budget left) $(date -u +%H:%M:%SZ)"
+    t0=$(date +%s)
+    timeout --kill-after=10 "$limit" bash -c "$cmd" > >(tee "$out/$name.log") 2>&1
+    rc=$?
+    took=$(( $(date +%s) - t0 ))
+    if [ $rc -eq 0 ]; then
+        note "ok      $name (${took}s)"
+    else
+        failed=1
+        { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && note "TIMEOUT $name after ${limit}s: see $out/$name.log" ||
+            note "FAILED  $name: exit code $rc (${took}s): see $out/$name.log"
+    fi
+done
+
+if [ -s "$out/results.jsonl" ]; then
+    "$py" -m higgs_ddp bench --table "$out/results.jsonl" > "$out/rows.md" 2>/dev/null && cat "$out/rows.md"
+fi
+echo "==== gpu_acceptance: $(( $(date +%s) - t_start ))s of ${budget}s"
 cat "$out/summary.txt"
-echo "BENCHMARKS.md rows ($out/rows.md, from $out/results.jsonl):"
-cat "$out/rows.md"
+exit $failed

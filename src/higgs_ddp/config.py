@@ -249,6 +249,9 @@ class TrainConfig(Section):
     warmup_steps: int = ranged(50, 0)
     weight_decay: float = ranged(0.0, 0)
     betas: list = field(default_factory=lambda: [0.9, 0.95])  # AdamW's (beta1, beta2), each in [0, 1)
+    # "adamw": fp32 moments (8 bytes per trained parameter) | "adamw8bit": torchao's 8-bit moments (~2 bytes;
+    # training/optim.py), what lets full fine-tuning fit one 80 GB GPU (docs/speed-and-memory.md)
+    optimizer: str = choice("adamw", "adamw8bit")
     max_grad_norm: float = ranged(1.0, 0, note="0: no clipping")
     seed: int = 1234
     # "auto": bf16 on GPU, fp32 on CPU | "bf16": bf16 autocast on either (on a CPU: the GPU's numerics, to
@@ -295,6 +298,9 @@ class TrainConfig(Section):
             raise ConfigError("train.text_weight and train.audio_weight are both 0: nothing would be learned")
         if not self.resume:
             raise ConfigError("train.resume must be auto, never or a checkpoint folder")
+        if self.optimizer == "adamw8bit" and self.parallel == "fsdp":
+            raise ConfigError("train.optimizer=adamw8bit works under train.parallel=ddp (or one process), not fsdp: "
+                              "its 8-bit blocks would follow each shard's split; use ddp, or adamw with fsdp")
 
 
 @dataclass
@@ -386,6 +392,9 @@ class BenchConfig(Section):  # higgs-ddp bench: random samples of one length, no
     peer: bool = True  # also time the transformers.Trainer loop of the public Higgs trainers, side by side
     peak_tflops: float = ranged(0.0, 0, note="0: look the GPU up in a table")  # the device's dense bf16 peak for MFU
     find_largest_micro_batch: bool = False  # GPU: double the micro-batch until out of memory
+    # model.init=random drawn on the run's device (the GPU: seconds for 5.8B, where the CPU takes minutes); not
+    # the CPU draw that export rebuilds from the seed, so for benchmarks only (configs/bench_3b.yaml)
+    build_on_device: bool = False
 
 
 @dataclass
@@ -593,6 +602,12 @@ def check_machine(cfg: Config, device: str) -> None:
     if cfg.model.quantize == "nf4" and importlib.util.find_spec("torchao") is None:
         raise ConfigError("model.quantize=nf4 needs the torchao package, which is not installed: "
                           "pip install torchao==0.18.0, or set model.quantize=none")
+    if cfg.train.optimizer == "adamw8bit" and importlib.util.find_spec("torchao") is None:
+        raise ConfigError("train.optimizer=adamw8bit needs torchao, which is not installed: pip install "
+                          "torchao==0.18.0, or use train.optimizer=adamw")
+    if cfg.train.optimizer == "adamw8bit" and device not in ("cuda", "cpu"):
+        raise ConfigError(f"train.optimizer=adamw8bit runs on a CUDA GPU or the CPU, not {device}; "
+                          f"use train.optimizer=adamw")
     if cfg.model.attn_implementation == "flash_attention_2":
         if importlib.util.find_spec("flash_attn") is None:
             raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package, which is "

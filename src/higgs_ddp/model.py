@@ -117,7 +117,10 @@ def build_model(cfg: Config, tokenizer, dtype: torch.dtype = torch.float32, devi
         # Drawn by the CPU generator whatever the device: export rebuilds this base on the CPU from the seed,
         # and the CUDA generator would draw another one (the merge would land on it). The price is the
         # CPU's time to draw them: noticeable only for a billions-of-weights random model (the benchmark).
-        with torch.device("cpu"):
+        # bench.build_on_device: drawn where it will run, by that device's generator (another draw than the
+        # CPU's: a benchmark's weights are never exported), and never held on the CPU at all.
+        where = device if device is not None and cfg.bench.build_on_device else "cpu"
+        with torch.device(where):
             model = HiggsAudioModel(config).to(dtype)
         if device is not None:
             model = model.to(device)

@@ -79,7 +79,7 @@ def train(cfg: Config) -> dict:
                 signum = stop.agreed(env.device)
                 if signum:
                     break
-                lr = trainer.optimizer.param_groups[0]["lr"]
+                lr = float(trainer.optimizer.param_groups[0]["lr"])  # a tensor under adamw8bit
                 r = trainer.train_step(micro)
                 done = step
                 dt = time.perf_counter() - t0

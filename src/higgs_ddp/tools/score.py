@@ -26,6 +26,7 @@ from typing import Optional
 from higgs_ddp.evaluation.generation import Sampling, flag_name
 from higgs_ddp.data.manifest import reference_problem
 from higgs_ddp.errors import HiggsError, report
+from higgs_ddp.tools.inference import DTYPE_CHOICES, DTYPE_HELP, dtype_name
 
 COLUMNS = (("samples", "samples", "{}"), ("stopped", "stopped_samples", "{}"), ("silent", "silent_samples", "{}"),
            ("seconds", "seconds", "{:.2f}"), ("chars/s", "chars_per_second", "{:.1f}"), ("WER", "wer", "{:.3f}"),
@@ -185,7 +186,7 @@ def score(args) -> dict:
                                "temperature": sampling.temperature,
                                "max_audio_seconds": sampling.max_audio_seconds, "models": []}, None
     for n, model_path in enumerate(args.model):
-        loaded = load_for_inference(model_path, device, codec=codec)
+        loaded = load_for_inference(model_path, device, codec=codec, dtype=args.dtype)
         codec = loaded.codec  # the next model of the same run reuses it
         conditioning = describe_conditioning(loaded.cfg.data.audio) if any(
             p.get("reference_audio") for p in prompts) else ""
@@ -196,7 +197,8 @@ def score(args) -> dict:
                           str(args.prompts))
         rows.append((str(model_path), got["summary"]))
         report["models"].append({"path": str(model_path), "kind": loaded.kind, "source": str(loaded.source),
-                                 "step": loaded.step, "reference_conditioning": conditioning or None, **got})
+                                 "step": loaded.step, "dtype": dtype_name(loaded.dtype),
+                                 "reference_conditioning": conditioning or None, **got})
         del loaded
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -223,6 +225,7 @@ def parser() -> argparse.ArgumentParser:
                    help="a clip that reaches it did not stop by itself (default %(default)s)")
     p.add_argument("--out", type=Path, help="folder for the WAVs and scores.json")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when there is one)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     return p
 
 

@@ -31,6 +31,7 @@ from higgs_ddp.data.manifest import reference_problem
 from higgs_ddp.evaluation.generation import Sampling, flag_name
 from higgs_ddp.errors import HiggsError, report
 from higgs_ddp.runtime.files import atomic_file
+from higgs_ddp.tools.inference import DTYPE_CHOICES, DTYPE_HELP, dtype_name
 
 # A sentence ends at . ! ? or … (closing quotes and brackets stay with it) before white space, or right
 # after the full-width marks of Chinese and Japanese, which take no space.
@@ -126,7 +127,7 @@ def speak(args) -> list[Path]:
     if args.ref_audio is not None:  # before the model loads (it can take minutes): a wrong path fails at once
         read_reference(args.ref_audio, "--ref-audio", 0, 0)
 
-    loaded = load_for_inference(args.model, args.device)
+    loaded = load_for_inference(args.model, args.device, dtype=args.dtype)
     check_codec(loaded.model, loaded.codec)
     print(f"speaking with {loaded.describe()}", flush=True)
     conditioning = reference_conditioning(loaded.cfg, args.ref_audio)
@@ -190,7 +191,7 @@ def sidecar(loaded, text: str, line: Optional[int], wave: np.ndarray, pieces: li
     return {
         "text": text, **({"text_file": str(args.text_file), "line": line} if line is not None else {}),
         "model": {"path": str(args.model), "kind": loaded.kind, "source": str(loaded.source), "step": loaded.step,
-                  "mode": loaded.cfg.train.mode},
+                  "mode": loaded.cfg.train.mode, "dtype": dtype_name(loaded.dtype)},
         "seed": sampling.seed,
         "settings": {**asdict(sampling), "scene": args.scene, "chunk_chars": args.chunk_chars, "pause": args.pause},
         "reference_audio": str(args.ref_audio) if args.ref_audio is not None else None,
@@ -242,6 +243,7 @@ def parser() -> argparse.ArgumentParser:
                         "(default %(default)s)")
     p.add_argument("--pause", type=float, default=0.2, help="seconds of silence between pieces (default %(default)s)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when there is one)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     return p
 
 

@@ -39,6 +39,8 @@ from higgs_ddp.config import ConfigError
 from higgs_ddp.runtime.distributed import DistEnv, all_gather_objects, all_reduce_sum
 from higgs_ddp.runtime.files import fsync_path, fsync_tree
 from higgs_ddp.errors import HiggsError
+from higgs_ddp.training.optim import (is_quantized_state, plain_scalars, quantized_parts, rebuild_quantized,
+                                     tensor_scalars)
 from higgs_ddp.training.shards import (
     SHARD_DIR,
     SavedTensors,
@@ -160,8 +162,9 @@ class ModelState:
 
 
 class OptimizerState:
-    """AdamW's moments and step counts (tensors keyed ``name::field``, this rank's rows) and, as JSON, the
-    parameter order and the param groups."""
+    """AdamW's moments and step counts (tensors keyed ``name::field``, this rank's rows; an 8-bit moment as
+    its parts ``name::field.codes`` / ``.scale`` / ``.qmap``, optim.py) and, as JSON, the parameter order and
+    the param groups."""
     rows = True
 
     def __init__(self, optimizer, named_params: list):
@@ -171,9 +174,15 @@ class OptimizerState:
         sd = self.optimizer.state_dict()
         names = {p: n for n, p in self.named_params}
         order = [names[p] for g in self.optimizer.param_groups for p in g["params"]]
-        tensors = {f"{order[i]}::{key}": v for i, st in sd["state"].items() for key, v in st.items()}
+        tensors = {}
+        for i, st in sd["state"].items():
+            for key, v in st.items():
+                if is_quantized_state(v):  # an 8-bit moment as plain tensors: name::exp_avg.codes, .scale, .qmap
+                    tensors.update({f"{order[i]}::{key}.{part}": t for part, t in quantized_parts(v).items()})
+                else:
+                    tensors[f"{order[i]}::{key}"] = v
         groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-        return Tensors(tensors, {"param_names": order, "param_groups": groups})
+        return Tensors(tensors, {"param_names": order, "param_groups": plain_scalars(groups)})
 
     def load_state_dict(self, saved: Tensors) -> None:
         params, names = dict(self.named_params), {id(p): n for n, p in self.named_params}
@@ -185,13 +194,24 @@ class OptimizerState:
         for key in sorted(k for k in saved.tensors.keys() if "::" in k):
             name, field = key.rsplit("::", 1)
             p = params[name]
-            if list(saved.tensors.shape(key)) == list(p.shape):  # moments: this rank's rows, placed like the weight
+            shape = list(saved.tensors.shape(key))
+            if shape == list(p.shape):  # moments (and 8-bit codes): this rank's rows, placed like the weight
                 start, end = rows_held(p)
                 value = like(p, saved.tensors.read(key, start, end).to(local_part(p).device))
-            else:  # AdamW's step count: a scalar, the same on every rank
+            elif not shape:  # AdamW's step count: a scalar, the same on every rank
                 value = saved.tensors.read(key, 0, 0)
+            else:  # an 8-bit moment's block scales and code map (replicated only: config.py refuses FSDP)
+                value = saved.tensors.read(key, 0, shape[0])
             state.setdefault(index[name], {})[field] = value
+        eight_bit = hasattr(self.optimizer, "block_size")  # torchao's; torch's AdamW gets fp32 moments back
+        for i, st in state.items():
+            p = params[order[i]]
+            for moment in {f.split(".")[0] for f in st if "." in f}:
+                parts = {f.split(".", 1)[1]: st.pop(f) for f in [f for f in st if f.startswith(moment + ".")]}
+                value = rebuild_quantized(parts, local_part(p))
+                st[moment] = value if eight_bit else value.dequantize()
         groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in saved.json["param_groups"]]
+        groups = tensor_scalars(groups, self.optimizer.param_groups)  # torchao's lr is a tensor
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

@@ -1,11 +1,14 @@
 """Model state per GPU by arithmetic, before any weight is built: will this run fit?
 
 Per parameter: a frozen weight costs 2 bytes under bf16 (4 in fp32); a trainable one 16 (its fp32 weight,
-fp32 gradient and AdamW's two fp32 moments). Under DDP every GPU holds all of it; under FSDP each of N GPUs
+fp32 gradient and AdamW's two fp32 moments), or 10.03 with ``train.optimizer=adamw8bit`` (each moment a uint8
+code and an fp32 scale per 256 values: 1 + 4/256 bytes; the few tensors under 4096 values that keep fp32
+moments, norms and biases, are under 0.01 % of the model and not counted). Under DDP every GPU holds all of it; under FSDP each of N GPUs
 holds 1/N of it (frozen weights too), plus the largest sharding unit gathered whole while it computes (its
 weights, and their gradients in backward). With ``train.fsdp.cpu_offload`` the shards live in host memory
 and only the gathered unit is on the GPU. Activations are not modelled: they depend on the sequence length
 and activation checkpointing (BENCHMARKS.md measures them), so a plan that fits can still run out.
+``speak`` and ``score`` hold the merged model's weights: 2 bytes each in bf16 (a GPU's default), 4 in fp32.
 
 With model.quantize=nf4 (quantize.py) each frozen decoder-layer linear weight costs 4 bits plus its scales: an
 int8 per 64 weights, a second-level scale (the base's dtype) per 64 x 256 weights, and per tensor the scales'
@@ -24,6 +27,18 @@ from dataclasses import dataclass
 from higgs_ddp.config import Config, ConfigError
 
 GB = 1e9
+# Bytes per trained parameter besides its fp32 weight and fp32 gradient (8): AdamW's two moments.
+MOMENT_BYTES = {"adamw": 8.0, "adamw8bit": 2 * (1 + 4 / 256)}
+
+
+def trained_bytes(cfg: Config) -> float:
+    """Bytes of one trained parameter: fp32 weight + fp32 gradient + the optimizer's two moments."""
+    return 8 + MOMENT_BYTES[cfg.train.optimizer]
+
+
+def inference_bytes(total_parameters: int, dtype: str) -> float:
+    """What speak / score hold of the merged model: every weight in ``dtype`` (activations not counted)."""
+    return total_parameters * (2 if dtype == "bf16" else 4)
 
 
 @dataclass(frozen=True)
@@ -51,6 +66,7 @@ class MemoryPlan:
     trainable_bytes: float  # weights + gradients + AdamW moments, per GPU
     gathered_bytes: float  # FSDP: one unit gathered whole, with its gradients
     nf4_bytes: float = 0.0  # of frozen_bytes, the NF4 weights' (model.quantize=nf4)
+    optimizer: str = "adamw"
 
     @property
     def per_gpu_bytes(self) -> float:
@@ -59,8 +75,9 @@ class MemoryPlan:
     def describe(self) -> str:
         extra = f" + {self.gathered_bytes / GB:.1f} gathered" if self.gathered_bytes else ""
         nf4 = f" (of which {self.nf4_bytes / GB:.2f} NF4)" if self.nf4_bytes else ""
+        moments = " with 8-bit AdamW moments" if self.optimizer == "adamw8bit" else ""
         return (f"{self.per_gpu_bytes / GB:.1f} GB of model state per GPU ({self.parallel} on {self.world_size}: "
-                f"{self.frozen_bytes / GB:.1f} frozen{nf4} + {self.trainable_bytes / GB:.1f} trained{extra}; "
+                f"{self.frozen_bytes / GB:.1f} frozen{nf4} + {self.trainable_bytes / GB:.1f} trained{moments}{extra}; "
                 f"activations not counted)")
 
 
@@ -94,16 +111,18 @@ def plan(counts: ParameterCounts, cfg: Config, world_size: int, bf16: bool) -> M
     dtype_bytes = 2 if bf16 else 4
     nf4 = counts.nf4_bytes(dtype_bytes)
     frozen = (counts.total - counts.trainable - counts.nf4) * dtype_bytes + nf4
-    trained = counts.trainable * 16
+    trained = counts.trainable * trained_bytes(cfg)
     if t.parallel != "fsdp" or (world_size == 1 and not t.fsdp.cpu_offload):
-        return MemoryPlan("ddp" if world_size > 1 else "one device", world_size, frozen, trained, 0.0, nf4)
+        return MemoryPlan("ddp" if world_size > 1 else "one device", world_size, frozen, trained, 0.0, nf4,
+                          t.optimizer)
     # The unit's weights as gathered (bf16: the policy's, or frozen weights stored in bf16), and in backward
     # the fp32 gradients of its trained share.
     weight = 2 if t.fsdp.mixed_precision == "bf16" or (bf16 and counts.trainable < counts.total) else 4
     gathered = counts.largest_unit * (weight + 4 * counts.trainable / counts.total)
     if t.fsdp.cpu_offload:
         return MemoryPlan("fsdp, cpu_offload", world_size, 0.0, 0.0, gathered)
-    return MemoryPlan("fsdp", world_size, frozen / world_size, trained / world_size, gathered, nf4 / world_size)
+    return MemoryPlan("fsdp", world_size, frozen / world_size, trained / world_size, gathered, nf4 / world_size,
+                      t.optimizer)
 
 
 def check_fits(memory_plan: MemoryPlan, gpu_bytes: float, cfg: Config, counts: ParameterCounts, bf16: bool) -> None:
@@ -116,6 +135,15 @@ def check_fits(memory_plan: MemoryPlan, gpu_bytes: float, cfg: Config, counts: P
 
 
 def suggest(cfg: Config, counts: ParameterCounts, world_size: int, gpu_bytes: float, bf16: bool) -> str:
+    fix = _suggest_sharding(cfg, counts, gpu_bytes, bf16)
+    if cfg.train.optimizer == "adamw" and cfg.train.parallel != "fsdp":
+        eight_bit = plan(counts, _with(cfg, optimizer="adamw8bit"), world_size, bf16)
+        if eight_bit.per_gpu_bytes <= gpu_bytes:
+            fix = f"{fix}, or train.optimizer=adamw8bit would fit ({eight_bit.per_gpu_bytes / GB:.1f} GB each)"
+    return fix
+
+
+def _suggest_sharding(cfg: Config, counts: ParameterCounts, gpu_bytes: float, bf16: bool) -> str:
     whole = plan(counts, _with(cfg, parallel="fsdp"), 1, bf16)  # what all ranks together must hold
     state = whole.frozen_bytes + whole.trainable_bytes
     gathered = plan(counts, _with(cfg, parallel="fsdp"), 2, bf16).gathered_bytes
@@ -147,22 +175,33 @@ def check_memory(cfg: Config, env, model_config, bf16: bool) -> None:
 
 
 def table(cfg: Config, model_config, gpu_counts=(1, 2, 4, 8)) -> str:
-    """BENCHMARKS.md's rows: GB of model state per GPU, bf16 weights, for each mode x strategy x GPU count."""
+    """BENCHMARKS.md's rows: GB of model state per GPU, bf16 weights, for each mode x strategy x GPU count; then
+    8-bit AdamW's (ddp), LoRA over an NF4 base and, in the first column, what speak / score hold of the merged
+    model."""
     cfg = copy.deepcopy(cfg)
     cfg.model.quantize = "none"  # the rows below say where it is on
     rows = ["| mode | strategy | " + " | ".join(f"{n} GPU{'s' if n > 1 else ''}" for n in gpu_counts) + " |",
             "|---|---|" + "---|" * len(gpu_counts)]
+    eight_bit, total = [], 0
     for mode in ("full", "audio_ffn", "lora"):
         counts = count_parameters(_with(cfg, mode=mode), model_config)
         for parallel in ("ddp", "fsdp"):
-            c = _with(cfg, mode=mode, parallel=parallel)
+            c = _with(cfg, mode=mode, parallel=parallel, optimizer="adamw")
             cells = [f"{plan(counts, c, n, bf16=True).per_gpu_bytes / GB:.1f}" for n in gpu_counts]
             rows.append(f"| {mode} | {parallel} | " + " | ".join(cells) + " |")
-    nf4 = _with(cfg, mode="lora")
+        c = _with(cfg, mode=mode, parallel="ddp", optimizer="adamw8bit")  # not under fsdp (config.py)
+        cells = [f"{plan(counts, c, n, bf16=True).per_gpu_bytes / GB:.1f}" for n in gpu_counts]
+        eight_bit.append(f"| {mode} | ddp, adamw8bit | " + " | ".join(cells) + " |")
+        total = counts.total if mode == "full" else total  # the merged model: no adapter weights
+    blank = " |" * (len(gpu_counts) - 1)
+    inference = [f"| speak / score | {dtype} weights | {inference_bytes(total, dtype) / GB:.1f} |{blank}"
+                 for dtype in ("fp32", "bf16")]
+    nf4 = _with(cfg, mode="lora", optimizer="adamw")
     nf4.model.quantize = "nf4"
     counts = count_parameters(nf4, model_config)
+    nf4_rows = []
     for parallel in ("ddp", "fsdp"):
         c = _with(nf4, parallel=parallel)
         cells = [f"{plan(counts, c, n, bf16=True).per_gpu_bytes / GB:.1f}" for n in gpu_counts]
-        rows.append(f"| lora, model.quantize=nf4 | {parallel} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+        nf4_rows.append(f"| lora, model.quantize=nf4 | {parallel} | " + " | ".join(cells) + " |")
+    return "\n".join(rows + eight_bit + nf4_rows + inference)

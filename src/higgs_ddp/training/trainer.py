@@ -30,7 +30,7 @@ from higgs_ddp.training.best import BestTracker
 from higgs_ddp.training.checkpoint import (ModelState, OptimizerState, RngState,
                                            load_checkpoint, save_checkpoint)
 from higgs_ddp.training.memory_plan import check_memory
-from higgs_ddp.training.optim import build_optimizer, build_scheduler
+from higgs_ddp.training.optim import SchedulerState, build_optimizer, build_scheduler
 from higgs_ddp.training.parallel import build_strategy
 from higgs_ddp.training.perf import compile_decoder_layers, enable_activation_checkpointing, enable_tf32
 from higgs_ddp.training.preemption import leave_stop_signals_to_parent
@@ -146,7 +146,7 @@ class Trainer:
         # Collected after wrapping: FSDP2 replaces each parameter by its shard (same names).
         self.named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named_params]
-        self.optimizer = build_optimizer(self.params, t.lr, t.betas, t.weight_decay, env.device)
+        self.optimizer = build_optimizer(self.params, t.lr, t.betas, t.weight_decay, env.device, t.optimizer)
         self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
         self.alignment = t.loss_alignment
         self.verified = False  # the first step checks label convention and target counts
@@ -163,7 +163,7 @@ class Trainer:
             "counters": Attributes(self, "bad_in_row", "skipped_steps", "alignment", "verified"),
             "best": self.tracker,
             "optimizer": OptimizerState(self.optimizer, self.named_params),
-            "scheduler": self.scheduler,
+            "scheduler": SchedulerState(self.scheduler),
             "rng": RngState(env),
         }
 

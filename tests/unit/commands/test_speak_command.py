@@ -337,3 +337,29 @@ def test_a_damaged_checkpoint_is_refused_by_every_loader_in_one_line_naming_the_
         assert len(errors) == 1 and "Traceback" not in err, (name, err)
         assert f"{damaged} is damaged" in errors[0] and "checksums" in errors[0], (name, errors[0])
     assert not any(p.name in ("out", "out.wav", "scores") for p in tmp_path.iterdir())
+
+
+def test_dtype_bf16_loads_the_merged_weights_rounded_once_and_speaks(trained, codec, tmp_path):
+    """--dtype: fp32 stays the CPU's default (the reference); bf16 (a GPU's default) holds the merged weights
+    within bf16's rounding of fp32's, computes outputs of the same shapes close to fp32's, and speaks."""
+    run = trained / "run"
+    ref = load_for_inference(run, device="cpu", codec=codec)
+    assert ref.dtype == torch.float32 and "in fp32" in ref.describe()
+    assert all(p.dtype == torch.float32 for p in ref.model.parameters())
+    half = load_for_inference(run, device="cpu", codec=codec, dtype="bf16")
+    assert half.dtype == torch.bfloat16 and "in bf16" in half.describe()
+    want = dict(ref.model.named_parameters())
+    for name, p in half.model.named_parameters():
+        # The tiny base is random fp32, rounded to bf16 before the merge and the sum again after: two half-ulps,
+        # up to one ulp, 2^-7 of the tensor's largest weight (the released base is stored in bf16: one rounding there).
+        assert p.dtype == torch.bfloat16, name
+        assert float((p.float() - want[name]).abs().max()) <= 2 ** -7 * float(want[name].abs().max()), name
+    tokens = torch.tensor([[1, 5, 9, 12, 40, 7]])
+    with torch.no_grad():
+        a, b = (loaded.model(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits for loaded in (ref, half))
+    assert a.shape == b.shape and b.dtype == torch.bfloat16
+    torch.testing.assert_close(b.float(), a, rtol=0.05, atol=0.05)  # bf16 keeps ~3 significant digits
+    assert speak("--model", run, "--text", "hello there", *SHORT, "--dtype", "bf16", "--device", "cpu",
+                 "--out", tmp_path / "b.wav") == 0
+    info = json.loads((tmp_path / "b.json").read_text())
+    assert info["model"]["dtype"] == "bf16" and info["pieces"][0]["frames"] > 0 and info["invalid_codes"] == 0

@@ -117,3 +117,21 @@ def test_activation_checkpointing_and_supervised_text_logits_cut_peak_memory(tmp
     both = step_peak(tmp_path, "both", "train.text_logits=supervised", "train.activation_checkpointing=true")
     assert sup < plain / 4  # (B, T, 32000) logits and their gradient were most of it
     assert ckpt < plain and both < 0.8 * sup  # with the head gone, the layers' activations dominate
+
+
+def test_build_on_device_draws_the_random_model_where_it_runs(tmp_path):
+    """bench.build_on_device: the random model is made on the run's device (the meta device stands in for a
+    GPU here), with no CPU tensor the size of the model on the way; without it the draw is made on the CPU
+    (the one export rebuilds from the seed) and only then moved."""
+    from higgs_ddp.model import build_model, load_tokenizer
+
+    tok = load_tokenizer(tiny_config(tmp_path / "tok"))
+    peaks = {}
+    for on_device in (True, False):
+        cfg = tiny_config(tmp_path / str(on_device), f"bench.build_on_device={str(on_device).lower()}")
+        with LiveTensorBytes() as host:  # counts every tensor made off the meta device
+            model = build_model(cfg, tok, device=torch.device("meta"))
+        assert {p.device.type for p in model.parameters()} == {"meta"}
+        peaks[on_device] = host.peak
+    weights = 4 * sum(p.numel() for p in model.parameters())
+    assert peaks[False] >= weights and peaks[True] < 0.01 * weights

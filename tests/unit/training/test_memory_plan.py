@@ -63,6 +63,37 @@ def test_a_run_that_cannot_fit_is_refused_naming_what_fits(real_size):
 def test_the_table_has_every_mode_and_strategy(real_size):
     cfg, mc, _ = real_size
     rows = mp.table(cfg, mc).splitlines()
-    assert len(rows) == 2 + 3 * 2 + 2  # and LoRA over an NF4 base (test_memory_plan_nf4.py), ddp and fsdp
+    # and 8-bit AdamW per mode, LoRA over an NF4 base (test_memory_plan_nf4.py) on ddp and fsdp, speak / score
+    assert len(rows) == 2 + 3 * 2 + 3 + 2 + 2
     assert rows[2].startswith("| full | ddp | 92.3 |")
-    assert rows[8].startswith("| lora, model.quantize=nf4 | ddp | 4.9 |")
+    assert rows[11].startswith("| lora, model.quantize=nf4 | ddp | 4.9 |")
+
+
+def test_8bit_moments_and_bf16_inference_by_hand(real_size):
+    """Worked by hand: 5.77B trained weights at 4 (weight) + 4 (gradient) + 2 x (1 + 4/256) (two 8-bit moments,
+    a uint8 code each and an fp32 scale per 256) = 10.03 bytes is 57.9 GB, within the 62 GB goal for one 80 GB
+    GPU; speak / score of the merged model: 5.77B x 2 bytes = 11.5 GB in bf16, 23.1 GB in fp32."""
+    cfg, mc, counts = real_size
+    n = counts.trainable
+    cfg.train.parallel, cfg.train.fsdp.cpu_offload, cfg.train.optimizer = "ddp", False, "adamw8bit"
+    one = mp.plan(counts, cfg, 1, bf16=True)
+    assert one.trainable_bytes == n * (4 + 4 + 2 * (1 + 4 / 256))
+    assert one.per_gpu_bytes / 1e9 == pytest.approx(57.9, abs=0.05) and one.per_gpu_bytes <= 62e9
+    assert "8-bit AdamW moments" in one.describe()
+    mp.check_fits(one, 80e9, cfg, counts, True)  # fits one 80 GB GPU
+    cfg.train.optimizer = "adamw"
+    with pytest.raises(ConfigError, match=r"fsdp on 2 or more GPUs .*, or train.optimizer=adamw8bit would fit \(57.9 GB each\)"):
+        mp.check_fits(mp.plan(counts, cfg, 1, True), 80e9, cfg, counts, True)
+    assert mp.inference_bytes(counts.total, "bf16") / 1e9 == pytest.approx(11.54, abs=0.01)
+    assert mp.inference_bytes(counts.total, "fp32") == 2 * mp.inference_bytes(counts.total, "bf16")
+    rows = mp.table(cfg, mc).splitlines()
+    assert rows[8].startswith("| full | ddp, adamw8bit | 57.9 | 57.9 |")
+    assert rows[-2:] == ["| speak / score | fp32 weights | 23.1 | | | |", "| speak / score | bf16 weights | 11.5 | | | |"]
+
+
+def test_the_one_gpu_full_config_fits_its_goal(real_size):
+    """configs/higgs_v2_3b_full_1gpu.yaml (the released model, bench_3b.yaml's architecture): <= 62 GB."""
+    _, _, counts = real_size
+    cfg = load_config(str(ROOT / "configs" / "higgs_v2_3b_full_1gpu.yaml"))
+    one = mp.plan(counts, cfg, 1, bf16=True)
+    assert one.per_gpu_bytes / 1e9 == pytest.approx(57.9, abs=0.05) and one.per_gpu_bytes <= 62e9

@@ -86,5 +86,5 @@ def test_the_run_and_the_doctor_enforce_the_nf4_plan(qlora, tmp_path):
     from higgs_ddp.tools.doctor.startup import check_memory_plan
 
     tiny = tiny_config(tmp_path, "model.quantize=nf4", samples=2)
-    [result] = check_memory_plan(tiny)
+    result, _speak = check_memory_plan(tiny)  # the training plan, then speak / score's
     assert "NF4)" in result.message, result.message

@@ -122,7 +122,7 @@ def run_peer(cfg: Config, env: DistEnv, data: Data, steps: int, warmup: int) -> 
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_warning()
     tokenizer = load_tokenizer(cfg)
-    model = build_for_training(cfg, tokenizer, weight_dtype(cfg, env.device)).to(env.device)  # exactly our Trainer's model
+    model = build_for_training(cfg, tokenizer, weight_dtype(cfg, env.device), device=env.device)  # exactly our Trainer's
     raw = unwrap(model)
     if cuda:
         enable_tf32()  # ours turns it on too (process-wide flags)

@@ -53,13 +53,17 @@ def check_memory_plan(cfg) -> list:
     world = int(os.environ.get("WORLD_SIZE", torch.cuda.device_count() if cuda else 1))
     bf16 = uses_bf16(cfg, "cuda" if cuda else "cpu")
     plan = memory_plan.plan(counts, cfg, world, bf16)
+    base = counts.total - (counts.trainable if cfg.train.mode == "lora" else 0)  # the merged model: no adapter
+    gb = {d: memory_plan.inference_bytes(base, d) / memory_plan.GB for d in ("bf16", "fp32")}
+    speak = Result(OK, f"memory: speak / score of the trained model hold {gb['bf16']:.1f} GB of bf16 weights on a "
+                       f"GPU (--dtype auto), {gb['fp32']:.1f} GB in fp32 (the CPU's default, --dtype fp32)")
     if not cuda:
-        return [Result(OK, f"memory: {plan.describe()}")]
+        return [Result(OK, f"memory: {plan.describe()}"), speak]
     try:
         memory_plan.check_fits(plan, torch.cuda.get_device_properties(0).total_memory, cfg, counts, bf16)
     except ConfigError as e:
-        return [Result(WARN if not cfg.train.check_memory else FAIL, f"memory: {e}")]
-    return [Result(OK, f"memory: {plan.describe()}, within this machine's GPUs")]
+        return [Result(WARN if not cfg.train.check_memory else FAIL, f"memory: {e}"), speak]
+    return [Result(OK, f"memory: {plan.describe()}, within this machine's GPUs"), speak]
 
 
 def _module_names(raw: dict) -> list:
