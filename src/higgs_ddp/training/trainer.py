@@ -262,17 +262,24 @@ class Trainer:
         model = (f"random HiggsAudioModel, {total / 1e6:,.1f}M parameters" if m.init == "random"
                  else f"{m.path}" + (f" @ {m.revision[:10]}" if m.revision else "") + f", {total / 1e9:.2f}B parameters")
         positions = int(self.dataset.lengths.sum())
-        val = f"; validation {len(self.val_dataset)} samples" if len(self.val_dataset) else "; no validation set"
+        unit = "samples" if self.preference is None else "pairs"  # (a pair: its chosen and rejected sequences)
+        val = f"; validation {len(self.val_dataset)} {unit}" if len(self.val_dataset) else "; no validation set"
         per_micro = (f"up to {d.max_tokens_per_batch} positions" if d.max_tokens_per_batch
-                     else f"{t.micro_batch_size} samples")
+                     else f"{t.micro_batch_size} {unit}")
         per_step = t.micro_batch_size * t.grad_accum_steps * env.world_size
         epochs = t.max_steps * per_step / max(len(self.dataset), 1)
         batch = (f"{env.world_size} ranks x {t.grad_accum_steps} micro-steps x {per_micro}"
-                 + ("" if d.max_tokens_per_batch else f" = {per_step} samples per step"))
+                 + ("" if d.max_tokens_per_batch else f" = {per_step} {unit} per step"))
+        training = f"{t.mode}, {self.num_trainable:,} trainable parameters ({100 * self.num_trainable / total:.2f} %)"
+        if self.preference is not None:
+            p = self.cfg.dpo
+            training += (f"; DPO, beta {p.beta:g}" + (f", sft_weight {p.sft_weight:g}" if p.sft_weight else "")
+                         + (", length-normalised" if p.length_normalized else "")
+                         + f"; reference: {t.init_from or 'the base model'} (adapter off)")
         rows = [
             ("model", model),
-            ("training", f"{t.mode}, {self.num_trainable:,} trainable parameters ({100 * self.num_trainable / total:.2f} %)"),
-            ("data", f"{len(self.dataset)} samples, {self.data.report['train_audio_hours']:.2f} h of audio, "
+            ("training", training),
+            ("data", f"{len(self.dataset)} {unit}, {self.data.report['train_audio_hours']:.2f} h of audio, "
                      f"{positions:,} positions{val}"),
             ("batch", batch),
             ("schedule", f"{t.max_steps} steps" + ("" if d.max_tokens_per_batch else f" (~{epochs:.1f} epochs)")
