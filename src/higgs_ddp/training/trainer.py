@@ -17,7 +17,7 @@ from higgs_ddp.config import Config, ConfigError, check_machine
 from higgs_ddp.data.batching import StepBatchSampler, TokenBudgetBatchSampler
 from higgs_ddp.data.collator import Batch, HiggsCollator
 from higgs_ddp.data.dataset import Data, ManifestDataset, cache_dir, fingerprint, load_data
-from higgs_ddp.data.pair_data import PairCollator
+from higgs_ddp.data.pair_data import PairCollator, load_preference_data
 from higgs_ddp.data.prefetch import Prefetcher
 from higgs_ddp.dual_loss import compute_dual_loss
 from higgs_ddp.errors import HiggsError
@@ -90,7 +90,6 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg)
         check_memory(cfg, env, model_config(cfg, self.tokenizer), self.precision == "bf16")  # GPU: will it fit?
         if dpo and data is None:  # every pair and its codes checked before any weight is built
-            from higgs_ddp.data.pair_data import load_preference_data
             data = load_preference_data(cfg, env, self.tokenizer, model_config(cfg, self.tokenizer))
         dtype = precision.weight_dtype(cfg, env.device)
         self.model = build_for_training(cfg, self.tokenizer, dtype, device=env.device,
