@@ -37,10 +37,11 @@ def test_steps_run_most_valuable_first_within_the_budget():
     runs = [worst_case(r) for r in rows]
     assert sum(s for s in runs if s) <= 480  # 8 minutes, whatever each step takes
     assert runs[:4] == [30, 80, 120, 120]  # the CUDA tests, the tiny run and the LoRA row get their whole limit
-    assert runs[-1] == 70  # the full fine-tuning row gets what is left
-    assert "bench.build_on_device=true" in (ROOT / "launch" / "gpu_acceptance.sh").read_text()
-    # The NF4 row only where model.quantize exists (it lands separately).
+    # The NF4 row only where model.quantize exists; the full fine-tuning row gets what is left, which is below its
+    # minimum in the worst case once the NF4 row runs (it runs when the steps before it finish early)
     has_quantize = "quantize" in {f.name for f in dataclasses.fields(Config().model)}
+    assert runs[-1] == (None if has_quantize else 70)
+    assert "bench.build_on_device=true" in (ROOT / "launch" / "gpu_acceptance.sh").read_text()
     nf4 = " ".join(rows[ORDER.index("nf4_lora")])
     assert ("skip: model.quantize is not in this version's config" in nf4) != has_quantize
     # A smaller budget: later steps are cut to what is left, and skipped below their minimum.
