@@ -24,6 +24,10 @@ Layouts (``SRC`` is a folder unless said otherwise):
   each sample ``KEY.mp3|flac|wav`` + ``KEY.json`` (``text`` or ``transcript``, ``speaker``, ``id``): the Emilia
   layout. The one format that writes files: the rest of the pipeline reads audio by path, so each sample's
   audio is extracted beside the manifest, ``<shard stem>/<KEY>.<ext>`` (``tar_shards`` says how shards are read)
+- ``hf``: a Hugging Face ``datasets`` folder (``save_to_disk``'s Arrow files, every split of a ``DatasetDict``; or
+  Parquet files), one split's folder, or one .arrow/.parquet file: an ``Audio`` column + text (+ speaker, id).
+  Audio held as bytes is extracted beside the manifest, ``<the file's path>/<row>.<ext>``; audio held as a path
+  is read there (``hf_tables`` says how the files are read, and why not with ``datasets``)
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
 from higgs_ddp.data.audio import AudioProblem, check_header
+from higgs_ddp.data.hf_tables import FileDamage, TableError, columns, data_files, is_hf_folder, read_rows
 from higgs_ddp.data.manifest import Problem
 from higgs_ddp.data.tar_shards import Damage, Sample, ShardError, is_pattern, read_shard, shard_paths
 from higgs_ddp.errors import HiggsError
@@ -449,6 +454,78 @@ def read_webdataset(src: Path, speaker: Optional[str], dest: Path) -> Iterator[I
                 yield _sample_clip(item, shard, shown, dest, speaker, seen)
 
 
+def _sniffed_suffix(data: bytes) -> Optional[str]:
+    """The audio container the first bytes announce (an HF ``Audio`` value's ``path`` may be missing or say
+    nothing: ``None``, ``"audio"``)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        return ".wav"
+    if data[:4] == b"fLaC":
+        return ".flac"
+    if data[:4] == b"OggS":
+        return ".ogg"
+    if data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0):
+        return ".mp3"
+    if data[:4] == b"FORM":
+        return ".aiff"
+    return None
+
+
+def _hf_clip(row: int, cols, values: dict, file: Path, shown: str, dest: Path, speaker: Optional[str]) -> Item:
+    """One row of a datasets file as a Clip; its audio bytes (if the row holds them) extracted to
+    ``dest/<the file's path without suffix>/<row>.<ext>``."""
+    where = f"{shown}:row {row}"
+    value, text = values[cols.audio], values[cols.text]
+    if isinstance(value, dict):
+        data, name = value.get("bytes"), value.get("path")
+    else:
+        data, name = None, value
+    if text is None:
+        return Problem(where, "empty_text", f"column {cols.text!r} is null")
+    if not isinstance(text, str):
+        return Problem(where, "wrong_type", f"column {cols.text!r} must be a string, got {type(text).__name__}")
+    spk = values.get(cols.speaker) if cols.speaker else None
+    spk = str(spk) if isinstance(spk, (str, int)) and not isinstance(spk, bool) and str(spk) else speaker
+    sid = values.get(cols.id) if cols.id else None
+    sid = str(sid) if isinstance(sid, (str, int)) and not isinstance(sid, bool) and str(sid) else \
+        f"{Path(shown).with_suffix('').as_posix()}/{row}"
+    if data:
+        suffix = Path(name).suffix.lower() if isinstance(name, str) else ""
+        suffix = suffix if suffix in AUDIO_SUFFIXES else _sniffed_suffix(data)
+        if suffix is None:
+            return Problem(where, "audio_unreadable", f"column {cols.audio!r}: the bytes are not a known audio "
+                           f"format (WAV, FLAC, MP3, Ogg, AIFF)")
+        target = dest / Path(shown).with_suffix("") / f"{row:08d}{suffix}"
+        _extract(data, target)
+        return Clip(where, target, text, spk, sid)
+    if not isinstance(name, str) or not name.strip():
+        return Problem(where, "no_audio", f"column {cols.audio!r} holds neither bytes nor a path")
+    return Clip(where, file.parent / name, text, spk, sid)  # an absolute path stays as it is
+
+
+def read_hf(src: Path, speaker: Optional[str], dest: Path, text_column: Optional[str] = None) -> Iterator[Item]:
+    try:
+        files = data_files(src)
+    except TableError as e:
+        raise LayoutError(str(e)) from None
+    root = src if src.is_dir() else src.parent
+
+    def pick(where):
+        def chosen(schema):
+            try:
+                return columns(schema, where, AUDIO_COLUMNS, TEXT_COLUMNS, SPEAKER_COLUMNS, ID_COLUMNS, text_column)
+            except TableError as e:
+                raise LayoutError(str(e)) from None
+        return chosen
+
+    for file in files:
+        shown = _shown(file, root)
+        for item in read_rows(file, shown, pick(shown)):
+            if isinstance(item, FileDamage):
+                yield Problem(shown if item.row is None else f"{shown}:row {item.row}", item.reason, item.message)
+            else:
+                yield _hf_clip(*item, file, shown, dest, speaker)
+
+
 @dataclass(frozen=True)
 class Format:
     read: Callable  # (src, speaker, **options) -> Iterator[Item]
@@ -467,8 +544,10 @@ FORMATS = {
     "audiofolder": Format(read_audiofolder, "Hugging Face audiofolder: metadata.csv/.jsonl with file_name"),
     "webdataset": Format(read_webdataset, "WebDataset .tar shards (a file, a folder, 's-{000..009}.tar'): "
                          "KEY.mp3|flac|wav + KEY.json (Emilia)", extracts=True),
+    "hf": Format(read_hf, "Hugging Face datasets folder (save_to_disk Arrow, or Parquet files): an Audio column "
+                 "+ text", extracts=True),
 }
-COLUMN_FORMATS = ("csv", "audiofolder")  # the formats that take text_column
+COLUMN_FORMATS = ("csv", "audiofolder", "hf")  # the formats that take text_column
 
 
 # -------------------------------------------------------------------------------------------- detection
@@ -544,6 +623,8 @@ def _looks(src: Path) -> list:
         name, suffix = src.name.lower(), src.suffix.lower()
         if suffix == ".tar":
             return ["webdataset"]
+        if suffix in (".parquet", ".arrow"):
+            return ["hf"]
         first = _first_line(src)
         if suffix == ".jsonl":
             try:
@@ -581,6 +662,8 @@ def _looks(src: Path) -> list:
         found.append("fish")
     if _any(src, "*.tar", "*/*.tar"):  # Emilia: a folder per language (EN/EN-B000000.tar)
         found.append("webdataset")
+    if is_hf_folder(src):
+        found.append("hf")
     return found
 
 
