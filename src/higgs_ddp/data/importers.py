@@ -23,7 +23,8 @@ Layouts (``SRC`` is a folder unless said otherwise):
 - ``webdataset``: WebDataset tar shards (a .tar, a folder of them, or a brace pattern ``s-{000000..000009}.tar``),
   each sample ``KEY.mp3|flac|wav`` + ``KEY.json`` (``text`` or ``transcript``, ``speaker``, ``id``): the Emilia
   layout. The one format that writes files: the rest of the pipeline reads audio by path, so each sample's
-  audio is extracted beside the manifest, ``<shard stem>/<KEY>.<ext>`` (``tar_shards`` says how shards are read)
+  audio is extracted beside the manifest, ``<shard stem>/<KEY>.<ext>`` (``tar_shards`` says how shards are read),
+  or with ``extract=False`` (``--no-extract``) named in its shard, ``shards/s.tar#KEY.flac@OFFSET`` (``members``)
 - ``hf``: a Hugging Face ``datasets`` folder (``save_to_disk``'s Arrow files, every split of a ``DatasetDict``; or
   Parquet files), one split's folder, or one .arrow/.parquet file: an ``Audio`` column + text (+ speaker, id).
   Audio held as bytes is extracted beside the manifest, ``<the file's path>/<row>.<ext>``; audio held as a path
@@ -43,6 +44,7 @@ from typing import Callable, Iterator, Optional, Union
 from higgs_ddp.data.audio import AudioProblem, check_header
 from higgs_ddp.data.hf_tables import FileDamage, TableError, columns, data_files, is_hf_folder, read_rows
 from higgs_ddp.data.manifest import Problem
+from higgs_ddp.data.members import member_of, member_ref
 from higgs_ddp.data.tar_shards import Damage, Sample, ShardError, is_pattern, read_shard, shard_paths
 from higgs_ddp.errors import HiggsError
 from higgs_ddp.runtime.files import atomic_file
@@ -401,9 +403,11 @@ def _extract(data: bytes, path: Path) -> None:
         raise LayoutError(f"{path}: cannot be written ({e.strerror or e})") from None
 
 
-def _sample_clip(sample: Sample, shard: Path, shown: str, dest: Path, speaker: Optional[str], seen: dict) -> Item:
-    """One shard sample as a Clip whose audio is extracted to ``dest/<shard stem>/<KEY>.<ext>``, or its Problem
-    (named ``shard:member``). ``seen``: key -> the shard it was first read in."""
+def _sample_clip(sample: Sample, shard: Path, shown: str, dest: Optional[Path], speaker: Optional[str],
+                 seen: dict) -> Item:
+    """One shard sample as a Clip whose audio is extracted to ``dest/<shard stem>/<KEY>.<ext>`` (``dest`` None:
+    named in its shard, ``members.py``), or its Problem (named ``shard:member``). ``seen``: key -> the shard it
+    was first read in."""
     audio = [ext for ext in sample.members if "." + ext.lower() in AUDIO_SUFFIXES]
     json_ext = next((ext for ext in sample.members if ext.lower() == "json"), None)
     first = audio[0] if audio else json_ext or next(iter(sample.members))
@@ -411,7 +415,7 @@ def _sample_clip(sample: Sample, shard: Path, shown: str, dest: Path, speaker: O
     if sample.key in seen:
         return Problem(where, "duplicate_key", f"key {sample.key!r} is already a sample of {seen[sample.key]}")
     seen[sample.key] = shown
-    if sample.key.startswith("/") or ".." in sample.key.split("/"):  # it names where its audio is written
+    if dest is not None and (sample.key.startswith("/") or ".." in sample.key.split("/")):  # where it is written
         return Problem(where, "unsafe_name", f"key {sample.key!r} would be extracted outside {shard.stem}/")
     if not audio:
         return Problem(where, "no_audio", f"no audio member ({sample.name('mp3')}, .flac, .wav, ...)")
@@ -432,14 +436,17 @@ def _sample_clip(sample: Sample, shard: Path, shown: str, dest: Path, speaker: O
     text = _json_text(obj)
     if isinstance(text, tuple):
         return Problem(json_where, *text)
-    target = dest / shard.stem / sample.name(audio[0])
-    _extract(sample.members[audio[0]], target)
+    if dest is None:
+        target = Path(member_ref(str(shard.absolute()), sample.name(audio[0]), sample.offsets.get(audio[0])))
+    else:
+        target = dest / shard.stem / sample.name(audio[0])
+        _extract(sample.members[audio[0]], target)
     # Language and duration are not kept: a manifest line has no field for the one, the header gives the other.
     return Clip(where, target, text, _json_name(obj, "speaker") or speaker,
                 _json_name(obj, "id") or f"{shard.stem}/{sample.key}")
 
 
-def read_webdataset(src: Path, speaker: Optional[str], dest: Path) -> Iterator[Item]:
+def read_webdataset(src: Path, speaker: Optional[str], dest: Optional[Path]) -> Iterator[Item]:
     try:
         shards, root = shard_paths(str(src))
     except ShardError as e:
@@ -548,6 +555,7 @@ FORMATS = {
                  "+ text", extracts=True),
 }
 COLUMN_FORMATS = ("csv", "audiofolder", "hf")  # the formats that take text_column
+NAMES_MEMBERS = ("webdataset",)  # the formats whose audio can stay where it is, named in its archive (--no-extract)
 
 
 # -------------------------------------------------------------------------------------------- detection
@@ -695,15 +703,20 @@ class Imported:
 
 
 def _rel(path: Path, base: str) -> str:
-    """``path`` relative to the manifest's folder ``base`` (absolute). Symbolic links are kept as named."""
+    """``path`` relative to the manifest's folder ``base`` (absolute). Symbolic links are kept as named. A member
+    of a shard: its shard's path, the member's name as it is."""
+    m = member_of(path)
+    if m is not None:
+        return member_ref(_rel(m.shard, base), m.name, m.offset)
     return Path(os.path.relpath(os.path.abspath(path), base)).as_posix()
 
 
 def import_corpus(src, fmt: str, out, speaker: Optional[str] = None, max_seconds: float = 0.0,
-                  **options) -> Imported:
+                  extract: bool = True, **options) -> Imported:
     """Read ``src`` in layout ``fmt`` ("auto": ``detect``) into rows for a manifest at ``out``; every clip's
     audio (and reference) header checked, empty texts and repeated ids reported. Nothing is written, except the
-    audio a format that reads archives extracts into the manifest's folder."""
+    audio a format that reads archives extracts into the manifest's folder (``extract``; False: webdataset rows
+    name each member in its shard instead, ``members.py``)."""
     src, base = Path(src), os.path.abspath(Path(out).parent)
     if not _exists(src):
         raise LayoutError(f"{src}: not found")
@@ -715,8 +728,10 @@ def import_corpus(src, fmt: str, out, speaker: Optional[str] = None, max_seconds
         raise LayoutError(f"{', '.join('--' + k.replace('_', '-') for k in options)} applies to the "
                           f"{' and '.join(COLUMN_FORMATS)} formats, not {fmt}")
     root = Path(base) if FORMATS[fmt].extracts else src if src.is_dir() else src.parent  # what paths are shown from
+    if not extract and fmt not in NAMES_MEMBERS:
+        raise LayoutError(f"--no-extract applies to the {' and '.join(NAMES_MEMBERS)} format, not {fmt}")
     if FORMATS[fmt].extracts:
-        options["dest"] = Path(base)
+        options["dest"] = Path(base) if extract else None
     checked: dict = {}  # path -> seconds, or the AudioProblem: a shared reference is read once
 
     def audio_seconds(path: Path):

@@ -14,7 +14,8 @@ data check would refuse (missing or unreadable audio, empty text, repeated id, .
 at once (written beside, then renamed), its paths relative to itself. webdataset shards and hf folders are the
 sources whose audio is written out: each sample's audio member goes to ``<manifest folder>/<shard stem>/<KEY>.<ext>``
 as it is read (a brace pattern in quotes, or the shell expands it first); an hf row's audio bytes to
-``<manifest folder>/<data file's path>/<row>.<ext>``.
+``<manifest folder>/<data file's path>/<row>.<ext>``. With ``--no-extract`` a webdataset's audio stays in its
+shards: each line names its member, ``shards/s-000001.tar#KEY.flac@OFFSET``, and prepare reads it from there.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def run_import(a) -> int:
     if why:
         return _fail(f"--out {a.out}: {Path(a.out).parent} cannot be written ({why})")
     try:
-        got = import_corpus(a.src, a.format, a.out, a.speaker, a.max_audio_seconds, **options)
+        got = import_corpus(a.src, a.format, a.out, a.speaker, a.max_audio_seconds, not a.no_extract, **options)
     except LayoutError as e:
         return _fail(str(e))
     if got.problems and a.on_error == "error":
@@ -114,6 +115,9 @@ def main(argv=None) -> int:
     i.add_argument("--speaker", help="the speaker of clips whose layout names none (an LJSpeech folder)")
     i.add_argument("--max-audio-seconds", type=float, default=0.0,
                    help="also refuse clips longer than this, as data.max_audio_seconds does (default: no limit)")
+    i.add_argument("--no-extract", action="store_true",
+                   help="webdataset: leave the audio in its shards; each line names its member "
+                   "(shards/s-000001.tar#KEY.flac@OFFSET), which prepare reads from the shard")
     i.add_argument("--text-column", help="csv / audiofolder / hf: the column holding the transcript")
     s = sub.add_parser("stats", help="clips, hours, speakers, durations, rates, and warnings",
                        description="What a manifest holds, from the audio headers only.\n\n"
