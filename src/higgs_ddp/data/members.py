@@ -79,6 +79,13 @@ def container(path) -> Path:
     return Path(path) if m is None else m.shard
 
 
+def watched(path) -> Path:
+    """What a prepared index watches for a clip (its time, ``corpus_index.folder_signature``): the clip's folder
+    (a file added, removed or replaced there), or for a member its shard itself (rewritten in place)."""
+    m = member_of(path)
+    return Path(path).parent if m is None else m.shard
+
+
 def shares(items: list, world: int, path_of: Callable = lambda x: x) -> list:
     """``items`` (each with a path, ``path_of``) dealt to ``world`` ranks by shard: the shards in the order their
     first item comes, shard i to rank i % world, each with all its items. -> a list per rank."""

@@ -20,14 +20,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from helpers import ROOT, TINY, TORCHRUN_ENV
+from helpers import ROOT, TINY, TORCHRUN_ENV, tiny_config
 from safetensors import safe_open
 
 from higgs_ddp.data import prepare
+from higgs_ddp.data.corpus_index import IndexedRecords
+from higgs_ddp.data.dataset import load_data
 from higgs_ddp.data.audio import AudioProblem, check_header, read_audio
 from higgs_ddp.data.code_cache import FileHashes
 from higgs_ddp.data.manifest import read_manifest
 from higgs_ddp.data.members import member_of, shares
+from higgs_ddp.model import model_config
 from higgs_ddp.runtime.distributed import DistEnv
 from higgs_ddp.tools import manifest_cmd
 from higgs_ddp.tools.demo_data import text_to_wave
@@ -154,6 +157,34 @@ def test_a_member_that_cannot_be_read_is_one_line_naming_shard_and_member(tmp_pa
         ("audio_missing", "audio a-000000.tar#k9.wav: its shard a-000000.tar has no member k9.wav"),
         ("audio_missing", "audio b-000000.tar#k0.wav: its shard b-000000.tar is not found")]
     assert [r.shown for r in refs[:1]] == [f"a-000000.tar#k0.wav@{offset}"] and len(prep.codes) == 1
+
+
+def test_a_run_trains_from_the_shards_and_its_index_notices_a_shard_rewritten(tmp_path, tokenizer, capsys):
+    """A run's data load (prepare, the prepared index) on member lines; a warm start maps the index; a shard
+    rewritten in place (its folder untouched) is noticed, and the new bytes are encoded."""
+    _, out = import_in_place(tmp_path)
+    cfg = tiny_config(tmp_path, f"data.manifest={out}")
+
+    def start():
+        capsys.readouterr()
+        data = load_data(cfg, DistEnv(), tokenizer, model_config(cfg, tokenizer), quiet=False)
+        return data, capsys.readouterr().out
+
+    data, printed = start()  # cold: prepare encodes the members, the index is written
+    assert "6 encoded, 0 with problems" in printed and len(data.train) == 6
+    data, printed = start()
+    assert isinstance(data.train, IndexedRecords), printed
+    tar = tmp_path / "shards" / "emilia-000001.tar"
+    folder_mtime = os.stat(tar.parent).st_mtime_ns
+    with tar.open("r+b") as f:  # the same members at the same offsets, other sound in one of them
+        with tarfile.open(tar) as tf:
+            info = tf.getmember("s1_u0.wav")
+        f.seek(info.offset_data)
+        f.write(audio("other words")[: info.size].ljust(info.size, b"\0"))
+    assert os.stat(tar.parent).st_mtime_ns == folder_mtime
+    data, printed = start()
+    assert f"audio folder {tar} changed" in printed and isinstance(data.train, list)
+    assert "1 encoded" in printed
 
 
 def test_shards_are_dealt_whole_to_ranks_round_robin():
