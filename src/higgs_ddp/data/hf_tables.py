@@ -19,6 +19,7 @@ files are plain Arrow and Parquet, the audio plain bytes that soundfile decodes 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -179,3 +180,85 @@ def read_rows(path: Path, where: str, pick) -> Iterator[Row]:
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         yield FileDamage(row or None, "file_unreadable", "not readable as Arrow or Parquet"
                          + (" from this row on" if row else "") + f" ({text})")
+
+
+# ----------------------------------------------------------------------------------- one row, for prepare
+
+_TABLES: OrderedDict = OrderedDict()  # (path, size, mtime) -> an open file's rows (below), a few per process
+OPEN_TABLES = 4
+
+
+class _Rows:
+    """Random access to one file's Audio column. Arrow: the file mapped, its batches views of the mapping (no
+    copy); Parquet: one row group decoded at a time (the last one kept: a rank reads a file's rows in order)."""
+
+    def __init__(self, path: Path):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.path = path
+        try:
+            if path.suffix.lower() == ".parquet":
+                self.parquet = pq.ParquetFile(path)
+                schema = self.parquet.schema_arrow
+                meta = self.parquet.metadata
+                counts = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+            else:
+                self.parquet = None
+                schema, batches = _batches(path)
+                self.batches = list(batches)
+                counts = [b.num_rows for b in self.batches]
+        except (pa.ArrowException, OSError) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise TableError(f"{path.name} is not readable as Arrow or Parquet ({str(e).strip() or type(e).__name__})") \
+                from None
+        self.audio = audio_column(schema, path.name)
+        self.starts = [0]
+        for n in counts:
+            self.starts.append(self.starts[-1] + n)
+        self.group, self.group_values = None, None
+
+    def value(self, row: int):
+        import bisect
+
+        if not 0 <= row < self.starts[-1]:
+            raise TableError(f"{self.path.name} has no row {row} (it has {self.starts[-1]})")
+        g = bisect.bisect_right(self.starts, row) - 1
+        if self.parquet is None:
+            batch = self.batches[g]
+            return batch.column(batch.schema.get_field_index(self.audio))[row - self.starts[g]].as_py()
+        if self.group != g:
+            self.group_values = self.parquet.read_row_group(g, columns=[self.audio]).column(0)
+            self.group = g
+        return self.group_values[row - self.starts[g]].as_py()
+
+
+def audio_column(schema, where: str) -> str:
+    """The Audio column alone (what ``columns`` finds first), for reading rows by number."""
+    import pyarrow as pa
+
+    features = _hf_features(schema)
+    found = next((n for n in schema.names if features.get(n) == "Audio"), None) or next(
+        (n for n in schema.names if pa.types.is_struct(schema.field(n).type)
+         and {"bytes", "path"} & {f.name for f in schema.field(n).type}), None)
+    if found is None:
+        raise TableError(f"{where} has no Audio column (a struct of bytes and path)")
+    return found
+
+
+def row_audio(path: Path, row: int) -> tuple:
+    """-> (audio bytes or None, path or None) of row ``row`` of a datasets file (its Audio value)."""
+    import os
+
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _TABLES:
+        _TABLES[key] = _Rows(path)
+        while len(_TABLES) > OPEN_TABLES:
+            _TABLES.popitem(last=False)
+    _TABLES.move_to_end(key)
+    value = _TABLES[key].value(row)
+    if isinstance(value, dict):
+        return value.get("bytes"), value.get("path")
+    return None, value

@@ -28,7 +28,8 @@ Layouts (``SRC`` is a folder unless said otherwise):
 - ``hf``: a Hugging Face ``datasets`` folder (``save_to_disk``'s Arrow files, every split of a ``DatasetDict``; or
   Parquet files), one split's folder, or one .arrow/.parquet file: an ``Audio`` column + text (+ speaker, id).
   Audio held as bytes is extracted beside the manifest, ``<the file's path>/<row>.<ext>``; audio held as a path
-  is read there (``hf_tables`` says how the files are read, and why not with ``datasets``)
+  is read there (``hf_tables`` says how the files are read, and why not with ``datasets``); with
+  ``extract=False`` a row holding bytes is named by its number, ``data/train-00000.parquet#17`` (``members``)
 """
 
 from __future__ import annotations
@@ -477,9 +478,11 @@ def _sniffed_suffix(data: bytes) -> Optional[str]:
     return None
 
 
-def _hf_clip(row: int, cols, values: dict, file: Path, shown: str, dest: Path, speaker: Optional[str]) -> Item:
+def _hf_clip(row: int, cols, values: dict, file: Path, shown: str, dest: Optional[Path],
+             speaker: Optional[str]) -> Item:
     """One row of a datasets file as a Clip; its audio bytes (if the row holds them) extracted to
-    ``dest/<the file's path without suffix>/<row>.<ext>``."""
+    ``dest/<the file's path without suffix>/<row>.<ext>``, or (``dest`` None) named by the row,
+    ``<file>#<row>``."""
     where = f"{shown}:row {row}"
     value, text = values[cols.audio], values[cols.text]
     if isinstance(value, dict):
@@ -501,6 +504,8 @@ def _hf_clip(row: int, cols, values: dict, file: Path, shown: str, dest: Path, s
         if suffix is None:
             return Problem(where, "audio_unreadable", f"column {cols.audio!r}: the bytes are not a known audio "
                            f"format (WAV, FLAC, MP3, Ogg, AIFF)")
+        if dest is None:  # named in its file, by row (members.py)
+            return Clip(where, Path(member_ref(str(file.absolute()), str(row))), text, spk, sid)
         target = dest / Path(shown).with_suffix("") / f"{row:08d}{suffix}"
         _extract(data, target)
         return Clip(where, target, text, spk, sid)
@@ -509,7 +514,7 @@ def _hf_clip(row: int, cols, values: dict, file: Path, shown: str, dest: Path, s
     return Clip(where, file.parent / name, text, spk, sid)  # an absolute path stays as it is
 
 
-def read_hf(src: Path, speaker: Optional[str], dest: Path, text_column: Optional[str] = None) -> Iterator[Item]:
+def read_hf(src: Path, speaker: Optional[str], dest: Optional[Path], text_column: Optional[str] = None) -> Iterator[Item]:
     try:
         files = data_files(src)
     except TableError as e:
@@ -555,7 +560,7 @@ FORMATS = {
                  "+ text", extracts=True),
 }
 COLUMN_FORMATS = ("csv", "audiofolder", "hf")  # the formats that take text_column
-NAMES_MEMBERS = ("webdataset",)  # the formats whose audio can stay where it is, named in its archive (--no-extract)
+NAMES_MEMBERS = ("webdataset", "hf")  # the formats whose audio can stay where it is, named in its archive (--no-extract)
 
 
 # -------------------------------------------------------------------------------------------- detection
@@ -729,7 +734,7 @@ def import_corpus(src, fmt: str, out, speaker: Optional[str] = None, max_seconds
                           f"{' and '.join(COLUMN_FORMATS)} formats, not {fmt}")
     root = Path(base) if FORMATS[fmt].extracts else src if src.is_dir() else src.parent  # what paths are shown from
     if not extract and fmt not in NAMES_MEMBERS:
-        raise LayoutError(f"--no-extract applies to the {' and '.join(NAMES_MEMBERS)} format, not {fmt}")
+        raise LayoutError(f"--no-extract applies to the {' and '.join(NAMES_MEMBERS)} formats, not {fmt}")
     if FORMATS[fmt].extracts:
         options["dest"] = Path(base) if extract else None
     checked: dict = {}  # path -> seconds, or the AudioProblem: a shared reference is read once

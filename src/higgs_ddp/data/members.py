@@ -1,4 +1,5 @@
-"""Audio kept inside WebDataset tar shards, named by a path like any file's, and work shared out by shard.
+"""Audio kept inside WebDataset tar shards (or datasets files), named by a path like any file's, and work shared
+out by shard.
 
 A manifest's audio path may name a member of a shard instead of a file::
 
@@ -11,6 +12,9 @@ it. Resolved, such a reference stays a ``Path`` (``/data/shards/emilia-000001.ta
 that keys, sorts, pickles or shows audio by path works unchanged; only what opens the bytes asks
 ``member_of`` (``audio.py``, the one reading path; ``code_cache.FileHashes``, which hashes the member's bytes
 and remembers them by the shard's size and time).
+
+A row of a Hugging Face ``datasets`` file is named the same way, by its number: ``data/train-00000.parquet#17``
+(``hf_tables.row_audio`` reads its ``Audio`` value).
 
 Each shard is read by one rank: ``shares`` gives rank r the shards r, r + world, r + 2 world, ... (a file that
 is no member is its own "shard"), so N shards on W ranks are read once each whatever N % W is.
@@ -28,7 +32,8 @@ from typing import Callable, Optional
 
 from higgs_ddp.errors import HiggsError
 
-MARK = ".tar#"  # where the shard's path ends and the member's name begins
+MARK = re.compile(r"\.(tar|arrow|parquet)#")  # where the shard's path ends and the member's name begins
+TABLES = (".arrow", ".parquet")  # a datasets file: its "members" are its rows, by number (hf_tables.row_audio)
 OFFSET = re.compile(r"@(\d+)$")
 INDEXED_SHARDS = 8  # shards whose member offsets a process keeps (references written without an offset)
 
@@ -57,14 +62,15 @@ def member_ref(shard: str, name: str, offset: Optional[int] = None) -> str:
 
 def split_ref(text: str) -> tuple:
     """``shards/s.tar#KEY.flac@1536`` -> (``shards/s.tar``, ``KEY.flac@1536``); (text, None) for a plain path."""
-    i = text.find(MARK)
-    if i < 0:
+    m = MARK.search(text)
+    if m is None:
         return text, None
-    return text[: i + len(MARK) - 1], text[i + len(MARK):]
+    return text[: m.end() - 1], text[m.end():]
 
 
 def member_of(path) -> Optional[Member]:
-    """The member ``path`` names, or None for a plain file (a file whose name holds ``.tar#`` cannot be named)."""
+    """The member ``path`` names, or None for a plain file (a file whose name holds ``.tar#``, ``.arrow#`` or
+    ``.parquet#`` cannot be named)."""
     shard, rest = split_ref(str(path))
     if not rest:
         return None
@@ -139,9 +145,35 @@ def _at(f, offset: int):
         return None
 
 
+def _read_row(m: Member) -> bytes:
+    """The audio bytes of row ``m.name`` of a datasets file: held in the row, or in the file its path names."""
+    from higgs_ddp.data.hf_tables import TableError, row_audio
+
+    if not m.name.isdigit():
+        raise MemberError("audio_missing", f"{m.name!r} is not a row number of {m.shard.name}")
+    try:
+        data, path = row_audio(m.shard, int(m.name))
+    except FileNotFoundError:
+        raise MemberError("audio_missing", f"its file {m.shard.name} is not found") from None
+    except TableError as e:
+        raise MemberError("audio_unreadable", str(e)) from None
+    if data:
+        return data
+    if not path:
+        raise MemberError("audio_missing", f"row {m.name} of {m.shard.name} holds neither audio bytes nor a path")
+    try:
+        return (m.shard.parent / path).read_bytes()
+    except OSError as e:
+        raise MemberError("audio_missing" if isinstance(e, FileNotFoundError) else "audio_unreadable",
+                          f"row {m.name}'s audio file {path} cannot be read ({e.strerror or type(e).__name__})") \
+            from None
+
+
 def read_member(m: Member) -> bytes:
     """The member's bytes. Its offset, when given, is checked against the name there; a shard rewritten since
     the reference was written is searched by name instead."""
+    if m.shard.suffix in TABLES:
+        return _read_row(m)
     try:
         f = m.shard.open("rb")
     except FileNotFoundError:

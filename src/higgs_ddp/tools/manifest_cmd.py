@@ -14,8 +14,9 @@ data check would refuse (missing or unreadable audio, empty text, repeated id, .
 at once (written beside, then renamed), its paths relative to itself. webdataset shards and hf folders are the
 sources whose audio is written out: each sample's audio member goes to ``<manifest folder>/<shard stem>/<KEY>.<ext>``
 as it is read (a brace pattern in quotes, or the shell expands it first); an hf row's audio bytes to
-``<manifest folder>/<data file's path>/<row>.<ext>``. With ``--no-extract`` a webdataset's audio stays in its
-shards: each line names its member, ``shards/s-000001.tar#KEY.flac@OFFSET``, and prepare reads it from there.
+``<manifest folder>/<data file's path>/<row>.<ext>``. With ``--no-extract`` the audio stays where it is: each
+line names its tar member, ``shards/s-000001.tar#KEY.flac@OFFSET``, or its row of an hf data file,
+``data/train-00000.parquet#17``, and prepare reads it from there.
 """
 
 from __future__ import annotations
@@ -116,8 +117,9 @@ def main(argv=None) -> int:
     i.add_argument("--max-audio-seconds", type=float, default=0.0,
                    help="also refuse clips longer than this, as data.max_audio_seconds does (default: no limit)")
     i.add_argument("--no-extract", action="store_true",
-                   help="webdataset: leave the audio in its shards; each line names its member "
-                   "(shards/s-000001.tar#KEY.flac@OFFSET), which prepare reads from the shard")
+                   help="webdataset, hf: leave the audio where it is; each line names its tar member "
+                   "(shards/s-000001.tar#KEY.flac@OFFSET) or its row (data/train-00000.parquet#17), which prepare "
+                   "reads from there")
     i.add_argument("--text-column", help="csv / audiofolder / hf: the column holding the transcript")
     s = sub.add_parser("stats", help="clips, hours, speakers, durations, rates, and warnings",
                        description="What a manifest holds, from the audio headers only.\n\n"

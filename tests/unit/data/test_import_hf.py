@@ -4,18 +4,25 @@
 test time with pyarrow the way `datasets` writes them (an `Audio` column: a struct of bytes and path, the feature
 named in the schema's `huggingface` metadata), read into a manifest the training data check accepts with each row's
 audio bytes extracted byte for byte (or its path kept); `--format auto` recognises them; every problem one
-`file:row N: what` line, counted under --on-error skip."""
+`file:row N: what` line, counted under --on-error skip; with --no-extract each line names its row
+(`data/x.parquet#17`), which the audio reader, the file hashes and prepare read in place."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import soundfile as sf
 
+from higgs_ddp.data.audio import AudioProblem, read_audio
+from higgs_ddp.data.code_cache import FileHashes
 from higgs_ddp.data.importers import detect, import_corpus
 from higgs_ddp.data.manifest import read_manifest
 from higgs_ddp.tools import manifest_cmd
@@ -148,3 +155,34 @@ def test_a_table_without_audio_or_text_is_one_line(tmp_path, capsys):
     assert manifest_cmd.main(["import", str(tmp_path / "t.parquet"), "--out", str(tmp_path / "m.jsonl"),
                               "--text-column", "words"]) == 2  # then the audio path is checked: not there
     assert "t.parquet:row 0: audio a.wav not found" in capsys.readouterr().err
+
+
+def test_no_extract_names_each_row_and_the_audio_reader_reads_it_in_place(tmp_path):
+    clips = [audio(f"row {i}", ("WAV", "FLAC")[i % 2]) for i in range(5)]
+    save_to_disk(tmp_path / "ds", {"train": [{"audio": {"bytes": c, "path": None}, "text": f"row {i}"}
+                                             for i, c in enumerate(clips[:3])]})
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    pq.write_table(table([{"audio": {"bytes": c, "path": "x.wav"}, "text": f"row {i}"} for i, c in enumerate(clips)]),
+                   tmp_path / "hub" / "data" / "train-00000-of-00001.parquet", row_group_size=2)
+    for src, files in (("ds", ["train/data-00000-of-00002.arrow"] * 2 + ["train/data-00001-of-00002.arrow"]),
+                       ("hub", ["data/train-00000-of-00001.parquet"] * 5)):
+        out = tmp_path / src / "m.jsonl"
+        before = sorted(tmp_path.rglob("*"))
+        assert manifest_cmd.main(["import", "--no-extract", str(tmp_path / src), "--out", str(out)]) == 0
+        assert sorted(tmp_path.rglob("*")) == sorted([*before, out])  # nothing extracted
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        rows_in = [0, 1, 0] if src == "ds" else list(range(5))
+        assert [r["audio"] for r in rows] == [f"{f}#{i}" for f, i in zip(files, rows_in)]
+        entries, problems = read_manifest(str(out))
+        assert not problems
+        hashes = FileHashes(tmp_path / "cache")
+        for entry, clip in zip(entries, clips):
+            ref = entry.audio[0]
+            wave, _ = read_audio(ref.path, ref.shown, 0.0)
+            assert np.array_equal(wave, sf.read(io.BytesIO(clip), dtype="float32")[0])
+            assert hashes.get(ref.path) == hashlib.sha256(clip).hexdigest()  # the codes of the extracted file
+    data_file = tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"
+    for bad, message in ((f"{data_file}#9", "train-00000-of-00001.parquet has no row 9 (it has 5)"),
+                         (f"{data_file}#x", "'x' is not a row number of train-00000-of-00001.parquet")):
+        with pytest.raises(AudioProblem, match=f"^audio shown: {re.escape(message)}$"):
+            read_audio(Path(bad), "shown", 0.0)
