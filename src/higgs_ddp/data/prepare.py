@@ -73,11 +73,11 @@ def cache_identity(codec_name: str, codec_revision, audio: AudioConditioning) ->
     return codec_identity(codec_name, codec_revision) + (f"|{key}" if key else "")
 
 
-def _hash_share(paths: list, shown: dict, hashes: FileHashes, env: DistEnv):
-    """-> (this rank's share's content hashes, None where it has a problem; {path: problem}). Hashes go by
-    position in the share, not by path: pickling 100k Paths to gather them costs more than finding them."""
+def _hash_share(mine: list, shown: dict, hashes: FileHashes):
+    """-> (the content hashes of this rank's share ``mine``, None where it has a problem; {path: problem}). Hashes
+    go by position in the share, not by path: pickling 100k Paths to gather them costs more than finding them."""
     keys, problems = [], {}
-    for path in shares(paths, env.world_size)[env.rank]:  # a tar shard's members all by one rank
+    for path in mine:
         key = None
         try:
             check_path(path, shown[path])
@@ -106,8 +106,9 @@ def prepare_audio(refs: list, cache_dir: str, codec_name: str, codec_revision, m
     paths = sorted(shown)
     out = Prepared()
     hashes = FileHashes(cache_dir)
-    keys, problems, dealt = {}, {}, shares(paths, env.world_size)
-    for rank, (k, p, new) in enumerate(all_gather_objects(_hash_share(paths, shown, hashes, env) + (hashes.new,))):
+    keys, problems = {}, {}
+    dealt = shares(paths, env.world_size)  # a tar shard's members all to one rank
+    for rank, (k, p, new) in enumerate(all_gather_objects(_hash_share(dealt[env.rank], shown, hashes) + (hashes.new,))):
         keys.update((path, key) for path, key in zip(dealt[rank], k) if key is not None)
         problems.update(p)
         hashes.new.update(new)
