@@ -49,11 +49,8 @@ class MemberError(HiggsError, ValueError):
 @dataclass(frozen=True)
 class Member:
     shard: Path
-    name: str  # as the tar names it
+    name: str  # as the tar names it (a datasets file: the row's number)
     offset: Optional[int] = None  # of its (first) header block
-
-    def text(self) -> str:
-        return member_ref(str(self.shard), self.name, self.offset)
 
 
 def member_ref(shard: str, name: str, offset: Optional[int] = None) -> str:
