@@ -155,6 +155,10 @@ def test_a_table_without_audio_or_text_is_one_line(tmp_path, capsys):
     assert manifest_cmd.main(["import", str(tmp_path / "t.parquet"), "--out", str(tmp_path / "m.jsonl"),
                               "--text-column", "words"]) == 2  # then the audio path is checked: not there
     assert "t.parquet:row 0: audio a.wav not found" in capsys.readouterr().err
+    (tmp_path / "m.csv").write_text("audio_file|text\na.wav|hi\n")
+    assert manifest_cmd.main(["import", "--no-extract", str(tmp_path / "m.csv"), "--out", str(tmp_path / "m.jsonl")]) == 2
+    assert capsys.readouterr().err == ("higgs-ddp: error: --no-extract applies to the webdataset and hf formats, "
+                                       "not csv\n")
 
 
 def test_no_extract_names_each_row_and_the_audio_reader_reads_it_in_place(tmp_path):
