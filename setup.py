@@ -21,6 +21,7 @@ setup(
         "numpy",
         "soundfile",
         "pyloudnorm==0.2.0",  # data.audio.loudness_lufs: ITU-R BS.1770 loudness
+        "pyarrow>=15",  # manifest import --format hf: datasets' Arrow/Parquet files (data/hf_tables.py: why not datasets)
         "matplotlib",  # python -m higgs_ddp.plot
         "tensorboard",  # logging.tensorboard
         # eval.asr_model: WER/CER as Seed-TTS-eval scores it (jiwer; zhon's CJK punctuation; zhconv for zh)

@@ -6,6 +6,7 @@ report) and a message that names the file; nothing here prints a traceback for b
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from higgs_ddp.data.members import MemberError, member_of, read_member
 from higgs_ddp.errors import HiggsError
 
 MIN_SAMPLE_RATE = 4_000  # below this nothing intelligible survives
@@ -28,10 +30,29 @@ class AudioProblem(HiggsError, ValueError):
 
 
 def check_path(path: Path, shown: str) -> None:
-    if not path.exists():
-        raise AudioProblem("audio_missing", f"audio {shown} not found")
-    if path.is_dir():
+    """The file is there (for a member of a tar shard, ``members.py``: its shard; the member is found when read)."""
+    m = member_of(path)
+    if not (path if m is None else m.shard).exists():
+        raise AudioProblem("audio_missing", f"audio {shown} not found" if m is None else
+                           f"audio {shown}: its shard {m.shard.name} is not found")
+    if (path if m is None else m.shard).is_dir():
         raise AudioProblem("audio_is_directory", f"audio {shown} is a directory, not a file")
+
+
+def member_bytes(path: Path, shown: str) -> Optional[bytes]:
+    """The bytes of the tar member ``path`` names (``members.py``); None for a plain file, read by name."""
+    m = member_of(path)
+    if m is None:
+        return None
+    try:
+        return read_member(m)
+    except MemberError as e:
+        raise AudioProblem(e.reason, f"audio {shown}: {e}") from None
+
+
+def _source(path: Path, data: Optional[bytes]):
+    """What soundfile opens: the file by name, or a member's bytes."""
+    return str(path) if data is None else io.BytesIO(data)
 
 
 def check_header(path: Path, shown: str, max_seconds: float = 0.0, min_seconds: float = 0.0,
@@ -40,13 +61,20 @@ def check_header(path: Path, shown: str, max_seconds: float = 0.0, min_seconds: 
     info. The importer, ``manifest stats`` and the doctor stop here; ``read_audio`` goes on to decode. The
     length is judged by ``rule``, by default the codec's shortest input ``min_seconds`` and ``max_seconds``."""
     check_path(path, shown)
+    return _header(path, shown, member_bytes(path, shown), max_seconds, min_seconds, rule)
+
+
+def _header(path: Path, shown: str, data: Optional[bytes], max_seconds: float, min_seconds: float,
+            rule: Optional["DurationRule"]):
+    if data is None:
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise AudioProblem("audio_unreadable",
+                               f"audio {shown} cannot be read ({e.strerror or type(e).__name__})") from None
     try:
-        with open(path, "rb") as f:
-            f.read(1)
-    except OSError as e:
-        raise AudioProblem("audio_unreadable", f"audio {shown} cannot be read ({e.strerror or type(e).__name__})")
-    try:
-        info = sf.info(str(path))
+        info = sf.info(_source(path, data))
     except (RuntimeError, ValueError, OSError) as e:  # libsndfile does not recognise the bytes as audio
         raise AudioProblem("audio_unreadable",
                            f"audio {shown} is not a readable audio file ({_first_line(e)})") from None
@@ -57,7 +85,7 @@ def check_header(path: Path, shown: str, max_seconds: float = 0.0, min_seconds: 
     if info.frames == 0:
         raise AudioProblem("audio_empty", f"audio {shown} has no samples")
     (rule or DurationRule(min_seconds, 0.0, max_seconds)).check_file(info.frames / sr, shown)
-    short = _wav_shortfall(path)
+    short = _wav_shortfall(path, data)
     if short:
         raise AudioProblem("audio_corrupt", f"audio {shown} is truncated: its header declares {short[0]} bytes "
                            f"of audio, the file holds {short[1]}")
@@ -69,9 +97,11 @@ def read_audio(path: Path, shown: str, max_seconds: float, min_seconds: float = 
     """-> (mono float32 samples, sample rate). ``shown`` is the path as the manifest wrote it; ``min_seconds``
     is the codec's shortest input (``Codec.min_seconds``, ``codec.min_input_seconds``); ``rule`` replaces
     both (see check_header)."""
-    info = check_header(path, shown, max_seconds, min_seconds, rule)
+    check_path(path, shown)
+    data = member_bytes(path, shown)  # a member is read from its shard once
+    info = _header(path, shown, data, max_seconds, min_seconds, rule)
     try:
-        wave, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        wave, sr = sf.read(_source(path, data), dtype="float32", always_2d=True)
     except (RuntimeError, ValueError, OSError) as e:  # a valid header over garbled data
         raise AudioProblem("audio_corrupt", f"audio {shown} is corrupt ({_first_line(e)})") from None
     if wave.shape[0] == 0:
@@ -213,14 +243,14 @@ def frame_energy(wave: np.ndarray, sr: int, frame_rate: float) -> np.ndarray:
     return frame_rms(wave, max(1, round(sr / frame_rate)))
 
 
-def _wav_shortfall(path: Path):
+def _wav_shortfall(path: Path, data: Optional[bytes] = None):
     """(declared, present) data bytes of a WAV cut short; None otherwise. libsndfile quietly reads what
     is there, so a half-copied file would train as a shorter clip that no longer matches its text."""
-    with open(path, "rb") as f:
+    with (open(path, "rb") if data is None else io.BytesIO(data)) as f:
         head = f.read(12)
         if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
             return None
-        size = os.fstat(f.fileno()).st_size
+        size = os.fstat(f.fileno()).st_size if data is None else len(data)
         pos = 12
         while pos + 8 <= size:
             f.seek(pos)

@@ -29,6 +29,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from higgs_ddp.data.audio import member_bytes
+from higgs_ddp.data.members import container
 from higgs_ddp.runtime.files import atomic_file, write_json_atomic
 
 SHARD_ENTRIES = 256
@@ -44,7 +46,9 @@ def sha256_file(path: Path) -> str:
 
 
 class FileHashes:
-    """Content hashes remembered by (path, size, mtime): a second run reads no audio to find its codes."""
+    """Content hashes remembered by (path, size, mtime): a second run reads no audio to find its codes. A member
+    of a tar shard (``members.py``) is hashed by its own bytes and remembered by its shard's size and mtime: a
+    shard rewritten is hashed again, member by member."""
 
     def __init__(self, cache_dir: Path):
         self.path = Path(cache_dir) / "hashes.json"
@@ -54,14 +58,16 @@ class FileHashes:
             self.known = {}
         self.new: dict = {}
 
-    def get(self, path: Path) -> str:
-        """``path``: resolved (as the manifest reader resolves every path)."""
-        st = path.stat()
+    def get(self, path: Path, shown: Optional[str] = None) -> str:
+        """``path``: resolved (as the manifest reader resolves every path); ``shown``: as the manifest wrote it,
+        for a member that cannot be read (an AudioProblem)."""
+        st = container(path).stat()
         key = str(path)
         hit = self.known.get(key)
         if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             return hit[2]
-        digest = sha256_file(path)
+        data = member_bytes(path, shown or key)
+        digest = sha256_file(path) if data is None else hashlib.sha256(data).hexdigest()
         self.new[key] = [st.st_size, st.st_mtime_ns, digest]
         return digest
 

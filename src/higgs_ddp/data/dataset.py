@@ -23,6 +23,7 @@ from higgs_ddp.data.audio import AudioProblem, DurationRule, frame_energy
 from higgs_ddp.runtime.files import write_json_atomic
 from higgs_ddp.data.index_start import IndexedStart
 from higgs_ddp.data.manifest import Entry, Problem, read_manifest
+from higgs_ddp.data.members import watched
 from higgs_ddp.data.phases import Phases
 from higgs_ddp.data.prompt import Sample, check_audio_count
 from higgs_ddp.data.records import Data, Record, fingerprint  # noqa: F401 (where they were, for their users)
@@ -370,7 +371,7 @@ def _load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool, 
     for paths, into in ((d.manifest, train_e), (d.val_manifest, val_e)):
         for path in paths:
             entries, bad = read_manifest(path, d.root, d.allow_outside_root)
-            folders.update(r.path.parent for e in entries for r in e.audio)
+            folders.update(watched(r.path) for e in entries for r in e.audio)
             into += entries
             problems += bad
     parsed = len(train_e) + len(val_e)

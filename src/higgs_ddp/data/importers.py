@@ -23,7 +23,13 @@ Layouts (``SRC`` is a folder unless said otherwise):
 - ``webdataset``: WebDataset tar shards (a .tar, a folder of them, or a brace pattern ``s-{000000..000009}.tar``),
   each sample ``KEY.mp3|flac|wav`` + ``KEY.json`` (``text`` or ``transcript``, ``speaker``, ``id``): the Emilia
   layout. The one format that writes files: the rest of the pipeline reads audio by path, so each sample's
-  audio is extracted beside the manifest, ``<shard stem>/<KEY>.<ext>`` (``tar_shards`` says how shards are read)
+  audio is extracted beside the manifest, ``<shard stem>/<KEY>.<ext>`` (``tar_shards`` says how shards are read),
+  or with ``extract=False`` (``--no-extract``) named in its shard, ``shards/s.tar#KEY.flac@OFFSET`` (``members``)
+- ``hf``: a Hugging Face ``datasets`` folder (``save_to_disk``'s Arrow files, every split of a ``DatasetDict``; or
+  Parquet files), one split's folder, or one .arrow/.parquet file: an ``Audio`` column + text (+ speaker, id).
+  Audio held as bytes is extracted beside the manifest, ``<the file's path>/<row>.<ext>``; audio held as a path
+  is read there (``hf_tables`` says how the files are read, and why not with ``datasets``); with
+  ``extract=False`` a row holding bytes is named by its number, ``data/train-00000.parquet#17`` (``members``)
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
 from higgs_ddp.data.audio import AudioProblem, check_header
+from higgs_ddp.data.hf_tables import FileDamage, TableError, columns, data_files, is_hf_folder, read_rows
 from higgs_ddp.data.manifest import Problem
+from higgs_ddp.data.members import member_of, member_ref
 from higgs_ddp.data.tar_shards import Damage, Sample, ShardError, is_pattern, read_shard, shard_paths
 from higgs_ddp.errors import HiggsError
 from higgs_ddp.runtime.files import atomic_file
@@ -396,9 +404,11 @@ def _extract(data: bytes, path: Path) -> None:
         raise LayoutError(f"{path}: cannot be written ({e.strerror or e})") from None
 
 
-def _sample_clip(sample: Sample, shard: Path, shown: str, dest: Path, speaker: Optional[str], seen: dict) -> Item:
-    """One shard sample as a Clip whose audio is extracted to ``dest/<shard stem>/<KEY>.<ext>``, or its Problem
-    (named ``shard:member``). ``seen``: key -> the shard it was first read in."""
+def _sample_clip(sample: Sample, shard: Path, shown: str, dest: Optional[Path], speaker: Optional[str],
+                 seen: dict) -> Item:
+    """One shard sample as a Clip whose audio is extracted to ``dest/<shard stem>/<KEY>.<ext>`` (``dest`` None:
+    named in its shard, ``members.py``), or its Problem (named ``shard:member``). ``seen``: key -> the shard it
+    was first read in."""
     audio = [ext for ext in sample.members if "." + ext.lower() in AUDIO_SUFFIXES]
     json_ext = next((ext for ext in sample.members if ext.lower() == "json"), None)
     first = audio[0] if audio else json_ext or next(iter(sample.members))
@@ -406,7 +416,7 @@ def _sample_clip(sample: Sample, shard: Path, shown: str, dest: Path, speaker: O
     if sample.key in seen:
         return Problem(where, "duplicate_key", f"key {sample.key!r} is already a sample of {seen[sample.key]}")
     seen[sample.key] = shown
-    if sample.key.startswith("/") or ".." in sample.key.split("/"):  # it names where its audio is written
+    if dest is not None and (sample.key.startswith("/") or ".." in sample.key.split("/")):  # where it is written
         return Problem(where, "unsafe_name", f"key {sample.key!r} would be extracted outside {shard.stem}/")
     if not audio:
         return Problem(where, "no_audio", f"no audio member ({sample.name('mp3')}, .flac, .wav, ...)")
@@ -427,14 +437,17 @@ def _sample_clip(sample: Sample, shard: Path, shown: str, dest: Path, speaker: O
     text = _json_text(obj)
     if isinstance(text, tuple):
         return Problem(json_where, *text)
-    target = dest / shard.stem / sample.name(audio[0])
-    _extract(sample.members[audio[0]], target)
+    if dest is None:
+        target = Path(member_ref(str(shard.absolute()), sample.name(audio[0]), sample.offsets.get(audio[0])))
+    else:
+        target = dest / shard.stem / sample.name(audio[0])
+        _extract(sample.members[audio[0]], target)
     # Language and duration are not kept: a manifest line has no field for the one, the header gives the other.
     return Clip(where, target, text, _json_name(obj, "speaker") or speaker,
                 _json_name(obj, "id") or f"{shard.stem}/{sample.key}")
 
 
-def read_webdataset(src: Path, speaker: Optional[str], dest: Path) -> Iterator[Item]:
+def read_webdataset(src: Path, speaker: Optional[str], dest: Optional[Path]) -> Iterator[Item]:
     try:
         shards, root = shard_paths(str(src))
     except ShardError as e:
@@ -447,6 +460,82 @@ def read_webdataset(src: Path, speaker: Optional[str], dest: Path) -> Iterator[I
                 yield Problem(f"{shown}:{item.member}" if item.member else shown, item.reason, item.message)
             else:
                 yield _sample_clip(item, shard, shown, dest, speaker, seen)
+
+
+def _sniffed_suffix(data: bytes) -> Optional[str]:
+    """The audio container the first bytes announce (an HF ``Audio`` value's ``path`` may be missing or say
+    nothing: ``None``, ``"audio"``)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        return ".wav"
+    if data[:4] == b"fLaC":
+        return ".flac"
+    if data[:4] == b"OggS":
+        return ".ogg"
+    if data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0):
+        return ".mp3"
+    if data[:4] == b"FORM":
+        return ".aiff"
+    return None
+
+
+def _hf_clip(row: int, cols, values: dict, file: Path, shown: str, dest: Optional[Path],
+             speaker: Optional[str]) -> Item:
+    """One row of a datasets file as a Clip; its audio bytes (if the row holds them) extracted to
+    ``dest/<the file's path without suffix>/<row>.<ext>``, or (``dest`` None) named by the row,
+    ``<file>#<row>``."""
+    where = f"{shown}:row {row}"
+    value, text = values[cols.audio], values[cols.text]
+    if isinstance(value, dict):
+        data, name = value.get("bytes"), value.get("path")
+    else:
+        data, name = None, value
+    if text is None:
+        return Problem(where, "empty_text", f"column {cols.text!r} is null")
+    if not isinstance(text, str):
+        return Problem(where, "wrong_type", f"column {cols.text!r} must be a string, got {type(text).__name__}")
+    spk = values.get(cols.speaker) if cols.speaker else None
+    spk = str(spk) if isinstance(spk, (str, int)) and not isinstance(spk, bool) and str(spk) else speaker
+    sid = values.get(cols.id) if cols.id else None
+    sid = str(sid) if isinstance(sid, (str, int)) and not isinstance(sid, bool) and str(sid) else \
+        f"{Path(shown).with_suffix('').as_posix()}/{row}"
+    if data:
+        suffix = Path(name).suffix.lower() if isinstance(name, str) else ""
+        suffix = suffix if suffix in AUDIO_SUFFIXES else _sniffed_suffix(data)
+        if suffix is None:
+            return Problem(where, "audio_unreadable", f"column {cols.audio!r}: the bytes are not a known audio "
+                           f"format (WAV, FLAC, MP3, Ogg, AIFF)")
+        if dest is None:  # named in its file, by row (members.py)
+            return Clip(where, Path(member_ref(str(file.absolute()), str(row))), text, spk, sid)
+        target = dest / Path(shown).with_suffix("") / f"{row:08d}{suffix}"
+        _extract(data, target)
+        return Clip(where, target, text, spk, sid)
+    if not isinstance(name, str) or not name.strip():
+        return Problem(where, "no_audio", f"column {cols.audio!r} holds neither bytes nor a path")
+    return Clip(where, file.parent / name, text, spk, sid)  # an absolute path stays as it is
+
+
+def read_hf(src: Path, speaker: Optional[str], dest: Optional[Path], text_column: Optional[str] = None) -> Iterator[Item]:
+    try:
+        files = data_files(src)
+    except TableError as e:
+        raise LayoutError(str(e)) from None
+    root = src if src.is_dir() else src.parent
+
+    def pick(where):
+        def chosen(schema):
+            try:
+                return columns(schema, where, AUDIO_COLUMNS, TEXT_COLUMNS, SPEAKER_COLUMNS, ID_COLUMNS, text_column)
+            except TableError as e:
+                raise LayoutError(str(e)) from None
+        return chosen
+
+    for file in files:
+        shown = _shown(file, root)
+        for item in read_rows(file, shown, pick(shown)):
+            if isinstance(item, FileDamage):
+                yield Problem(shown if item.row is None else f"{shown}:row {item.row}", item.reason, item.message)
+            else:
+                yield _hf_clip(*item, file, shown, dest, speaker)
 
 
 @dataclass(frozen=True)
@@ -467,8 +556,11 @@ FORMATS = {
     "audiofolder": Format(read_audiofolder, "Hugging Face audiofolder: metadata.csv/.jsonl with file_name"),
     "webdataset": Format(read_webdataset, "WebDataset .tar shards (a file, a folder, 's-{000..009}.tar'): "
                          "KEY.mp3|flac|wav + KEY.json (Emilia)", extracts=True),
+    "hf": Format(read_hf, "Hugging Face datasets folder (save_to_disk Arrow, or Parquet files): an Audio column "
+                 "+ text", extracts=True),
 }
-COLUMN_FORMATS = ("csv", "audiofolder")  # the formats that take text_column
+COLUMN_FORMATS = ("csv", "audiofolder", "hf")  # the formats that take text_column
+NAMES_MEMBERS = ("webdataset", "hf")  # the formats whose audio can stay where it is, named in its archive (--no-extract)
 
 
 # -------------------------------------------------------------------------------------------- detection
@@ -544,6 +636,8 @@ def _looks(src: Path) -> list:
         name, suffix = src.name.lower(), src.suffix.lower()
         if suffix == ".tar":
             return ["webdataset"]
+        if suffix in (".parquet", ".arrow"):
+            return ["hf"]
         first = _first_line(src)
         if suffix == ".jsonl":
             try:
@@ -581,6 +675,8 @@ def _looks(src: Path) -> list:
         found.append("fish")
     if _any(src, "*.tar", "*/*.tar"):  # Emilia: a folder per language (EN/EN-B000000.tar)
         found.append("webdataset")
+    if is_hf_folder(src):
+        found.append("hf")
     return found
 
 
@@ -612,15 +708,20 @@ class Imported:
 
 
 def _rel(path: Path, base: str) -> str:
-    """``path`` relative to the manifest's folder ``base`` (absolute). Symbolic links are kept as named."""
+    """``path`` relative to the manifest's folder ``base`` (absolute). Symbolic links are kept as named. A member
+    of a shard: its shard's path, the member's name as it is."""
+    m = member_of(path)
+    if m is not None:
+        return member_ref(_rel(m.shard, base), m.name, m.offset)
     return Path(os.path.relpath(os.path.abspath(path), base)).as_posix()
 
 
 def import_corpus(src, fmt: str, out, speaker: Optional[str] = None, max_seconds: float = 0.0,
-                  **options) -> Imported:
+                  extract: bool = True, **options) -> Imported:
     """Read ``src`` in layout ``fmt`` ("auto": ``detect``) into rows for a manifest at ``out``; every clip's
     audio (and reference) header checked, empty texts and repeated ids reported. Nothing is written, except the
-    audio a format that reads archives extracts into the manifest's folder."""
+    audio a format that reads archives extracts into the manifest's folder (``extract``; False: webdataset rows
+    name each member in its shard instead, ``members.py``)."""
     src, base = Path(src), os.path.abspath(Path(out).parent)
     if not _exists(src):
         raise LayoutError(f"{src}: not found")
@@ -632,8 +733,10 @@ def import_corpus(src, fmt: str, out, speaker: Optional[str] = None, max_seconds
         raise LayoutError(f"{', '.join('--' + k.replace('_', '-') for k in options)} applies to the "
                           f"{' and '.join(COLUMN_FORMATS)} formats, not {fmt}")
     root = Path(base) if FORMATS[fmt].extracts else src if src.is_dir() else src.parent  # what paths are shown from
+    if not extract and fmt not in NAMES_MEMBERS:
+        raise LayoutError(f"--no-extract applies to the {' and '.join(NAMES_MEMBERS)} formats, not {fmt}")
     if FORMATS[fmt].extracts:
-        options["dest"] = Path(base)
+        options["dest"] = Path(base) if extract else None
     checked: dict = {}  # path -> seconds, or the AudioProblem: a shared reference is read once
 
     def audio_seconds(path: Path):

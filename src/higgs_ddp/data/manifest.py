@@ -5,7 +5,8 @@ Simple (one TTS sample; paths relative to the manifest)::
     {"text": "...", "audio": "clips/a.wav", "ref_audio": "clips/r.wav", "ref_text": "...",
      "scene": "...", "speaker": "...", "id": "..."}
 
-``audio_codes`` / ``ref_audio_codes`` (.npy arrays of codes) may replace ``audio`` / ``ref_audio``.
+``audio_codes`` / ``ref_audio_codes`` (.npy arrays of codes) may replace ``audio`` / ``ref_audio``. An audio path
+may name a member of a WebDataset tar shard, ``shards/s-000001.tar#KEY.flac`` (``members.py``).
 
 ChatML (boson_multimodal's ChatMLSample: multi-turn, multi-speaker)::
 
@@ -31,6 +32,7 @@ from typing import Optional
 
 from boson_multimodal.data_types import AudioContent, ChatMLSample, Message, TextContent
 
+from higgs_ddp.data.members import member_ref, split_ref
 from higgs_ddp.data.prompt import build_chatml
 from higgs_ddp.errors import HiggsError
 
@@ -95,6 +97,9 @@ class _Resolver:
     def resolve(self, rel: str) -> Path:
         """``(base / rel).resolve()``, resolving each folder once: a file that is no link resolves to its
         resolved folder / its name (one lstat instead of one per path component)."""
+        shard, member = split_ref(rel)
+        if member is not None:  # a member of a tar shard (members.py): the shard's path resolved, the name kept
+            return Path(member_ref(str(self.resolve(shard)), member))
         folder, _, name = rel.rpartition("/")
         if name in ("", ".", ".."):
             return (self.base / rel).resolve()

@@ -20,6 +20,7 @@ from higgs_ddp.config import AudioConditioning
 from higgs_ddp.data.audio import AudioProblem, DurationRule, check_path, condition, read_audio, resample
 from higgs_ddp.data.code_cache import CodeCache, FileHashes
 from higgs_ddp.data.codec import codec_identity, load_codec
+from higgs_ddp.data.members import shares
 from higgs_ddp.data.phases import Phases
 from higgs_ddp.runtime.distributed import DistEnv, all_gather_objects, barrier
 from higgs_ddp.runtime.shared_fs import check_shared_directory
@@ -72,15 +73,15 @@ def cache_identity(codec_name: str, codec_revision, audio: AudioConditioning) ->
     return codec_identity(codec_name, codec_revision) + (f"|{key}" if key else "")
 
 
-def _hash_share(paths: list, shown: dict, hashes: FileHashes, env: DistEnv):
-    """-> (this rank's share's content hashes, None where it has a problem; {path: problem}). Hashes go by
-    position in the share, not by path: pickling 100k Paths to gather them costs more than finding them."""
+def _hash_share(mine: list, shown: dict, hashes: FileHashes):
+    """-> (the content hashes of this rank's share ``mine``, None where it has a problem; {path: problem}). Hashes
+    go by position in the share, not by path: pickling 100k Paths to gather them costs more than finding them."""
     keys, problems = [], {}
-    for path in paths[env.rank::env.world_size]:
+    for path in mine:
         key = None
         try:
             check_path(path, shown[path])
-            key = hashes.get(path)
+            key = hashes.get(path, shown[path])
         except AudioProblem as e:
             problems[path] = (e.reason, str(e))
         except OSError as e:
@@ -106,8 +107,9 @@ def prepare_audio(refs: list, cache_dir: str, codec_name: str, codec_revision, m
     out = Prepared()
     hashes = FileHashes(cache_dir)
     keys, problems = {}, {}
-    for rank, (k, p, new) in enumerate(all_gather_objects(_hash_share(paths, shown, hashes, env) + (hashes.new,))):
-        keys.update((path, key) for path, key in zip(paths[rank::env.world_size], k) if key is not None)
+    dealt = shares(paths, env.world_size)  # a tar shard's members all to one rank
+    for rank, (k, p, new) in enumerate(all_gather_objects(_hash_share(dealt[env.rank], shown, hashes) + (hashes.new,))):
+        keys.update((path, key) for path, key in zip(dealt[rank], k) if key is not None)
         problems.update(p)
         hashes.new.update(new)
     if env.is_main:
@@ -120,7 +122,8 @@ def prepare_audio(refs: list, cache_dir: str, codec_name: str, codec_revision, m
     todo = sorted(rep.items())
     encoded_seconds, failed, t_enc = 0.0, {}, time.perf_counter()
     if todo:
-        mine = todo[env.rank::env.world_size]
+        # by path, a shard's new members all to one rank (cold: shard i to rank i % world, as hashing dealt them)
+        mine = shares(sorted(todo, key=lambda item: item[1]), env.world_size, lambda item: item[1])[env.rank]
         seconds, mine_failed = _encode(mine, shown, cache, codec_name, codec_revision, max_seconds, env,
                                        num_workers, quiet, len(todo), audio)
         for sec, f in all_gather_objects((seconds, mine_failed)):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -39,6 +39,7 @@ class ShardError(HiggsError, ValueError):
 class Sample:
     key: str
     members: dict  # extension as written (``flac``, ``json``) -> the member's bytes
+    offsets: dict = field(default_factory=dict)  # extension -> the byte offset of the member's header
 
     def name(self, ext: str) -> str:
         return f"{self.key}.{ext}"
@@ -176,6 +177,7 @@ def read_shard(path: Path) -> Iterator[Union[Sample, Damage]]:
                     continue
                 reading = info.name
                 current.members[ext] = tf.extractfile(info).read()
+                current.offsets[ext] = info.offset
                 reached, reading = reading, None
             whole, why = _end_is_marked(f, tf.offset), "no further member header, no end-of-archive block"
         except (tarfile.TarError, EOFError, OSError) as e:  # a cut inside a member's data, an I/O error

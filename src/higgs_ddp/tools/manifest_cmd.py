@@ -11,9 +11,12 @@ import reads the audio headers only (duration, rate), so 100k clips take seconds
 data check would refuse (missing or unreadable audio, empty text, repeated id, ...) is one line
 ``file:line: what``. With ``--on-error error`` (the default) nothing is written if there is any; with
 ``--on-error skip`` the rest is written and the skipped clips counted by reason. The manifest appears all
-at once (written beside, then renamed), its paths relative to itself. webdataset shards are the one source
-whose audio is written out: each sample's audio member goes to ``<manifest folder>/<shard stem>/<KEY>.<ext>``
-as it is read (a brace pattern in quotes, or the shell expands it first).
+at once (written beside, then renamed), its paths relative to itself. webdataset shards and hf folders are the
+sources whose audio is written out: each sample's audio member goes to ``<manifest folder>/<shard stem>/<KEY>.<ext>``
+as it is read (a brace pattern in quotes, or the shell expands it first); an hf row's audio bytes to
+``<manifest folder>/<data file's path>/<row>.<ext>``. With ``--no-extract`` the audio stays where it is: each
+line names its tar member, ``shards/s-000001.tar#KEY.flac@OFFSET``, or its row of an hf data file,
+``data/train-00000.parquet#17``, and prepare reads it from there.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def run_import(a) -> int:
     if why:
         return _fail(f"--out {a.out}: {Path(a.out).parent} cannot be written ({why})")
     try:
-        got = import_corpus(a.src, a.format, a.out, a.speaker, a.max_audio_seconds, **options)
+        got = import_corpus(a.src, a.format, a.out, a.speaker, a.max_audio_seconds, not a.no_extract, **options)
     except LayoutError as e:
         return _fail(str(e))
     if got.problems and a.on_error == "error":
@@ -100,10 +103,12 @@ def main(argv=None) -> int:
                        "    higgs-ddp manifest import --format ljspeech LJSpeech-1.1 --out data/train.jsonl\n"
                        "    higgs-ddp manifest import 'shards/emilia-{000000..000009}.tar' --out data/train.jsonl\n\n"
                        "webdataset: each sample's audio is extracted to <--out's folder>/<shard stem>/<KEY>.<ext>; "
-                       "quote a brace pattern.",
+                       "quote a brace pattern.\nhf: audio held as bytes is extracted to <--out's folder>/<the data "
+                       "file's path>/<row>.<ext>.",
                        epilog=_formats_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     i.add_argument("src", help="the corpus: a folder, or a file for csv and swift; for webdataset a .tar shard, "
-                   "a folder of them, or a brace pattern ('s-{000000..000009}.tar', quoted)")
+                   "a folder of them, or a brace pattern ('s-{000000..000009}.tar', quoted); for hf a datasets "
+                   "folder (save_to_disk, or Parquet files), one split's folder, or one .arrow/.parquet file")
     i.add_argument("--out", required=True, help="the manifest to write (JSONL)")
     i.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="the layout (default: auto)")
     i.add_argument("--on-error", default="error", choices=["error", "skip"],
@@ -111,7 +116,11 @@ def main(argv=None) -> int:
     i.add_argument("--speaker", help="the speaker of clips whose layout names none (an LJSpeech folder)")
     i.add_argument("--max-audio-seconds", type=float, default=0.0,
                    help="also refuse clips longer than this, as data.max_audio_seconds does (default: no limit)")
-    i.add_argument("--text-column", help="csv / audiofolder: the column holding the transcript")
+    i.add_argument("--no-extract", action="store_true",
+                   help="webdataset, hf: leave the audio where it is; each line names its tar member "
+                   "(shards/s-000001.tar#KEY.flac@OFFSET) or its row (data/train-00000.parquet#17), which prepare "
+                   "reads from there")
+    i.add_argument("--text-column", help="csv / audiofolder / hf: the column holding the transcript")
     s = sub.add_parser("stats", help="clips, hours, speakers, durations, rates, and warnings",
                        description="What a manifest holds, from the audio headers only.\n\n"
                        "    higgs-ddp manifest stats data/train.jsonl --config configs/higgs_v2_3b_lora.yaml",
