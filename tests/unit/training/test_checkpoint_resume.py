@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from helpers import (
-    D70F823, FIXTURES, RESUME_RUN, assert_same_weights, digest, final_weights, read_metrics, rows, tiny_config,
+    D70F823, FIXTURES, RESUME_RUN, assert_same_weights, final_weights, read_metrics, rows, tiny_config,
 )
 from safetensors.torch import load_file
 
@@ -247,9 +247,16 @@ def test_resume_modes_and_damaged_checkpoints(tmp_path, straight):
 
 
 # A checkpoint written by the code of commit d70f823, before checkpointed state was registered (state.py):
-# the on-disk format has not changed since, so it resumes bit-exactly (tests/fixtures/checkpoint_d70f823/make.py
-# says how it was made). The corpus is conftest.tiny_config's, written afresh: its fingerprint is in state.json.
+# the on-disk format has not changed since, so it resumes as a checkpoint of today's code does
+# (tests/fixtures/checkpoint_d70f823/make.py says how it was made). The corpus is conftest.tiny_config's, written
+# afresh: its fingerprint is in state.json.
 FIXTURE = FIXTURES / "checkpoint_d70f823"
+# Its weights were computed on another machine: another CPU's kernels round the last bits differently (measured
+# on an AMD EPYC: its step-2 adapter differs from this code's step 2 there by 6.6e-7, the final one by 6.7e-7,
+# and uninterrupted.json's digest, bit-exact where it was made, is not reproduced). So it is compared with a run
+# of today's code on this machine within ROUNDING; without the RNG state (LoRA dropout draws from it) the same
+# resume ends 7e-3 away, four orders of magnitude beyond.
+ROUNDING = 1e-5
 
 
 def fields(tree, prefix="") -> set:
@@ -266,16 +273,23 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_a_checkpoint_written_by_d70f823_resumes_bit_exactly(tmp_path, monkeypatch, one_thread):
-    """Its step 2 checkpoint, resumed by today's code, ends with the weights of d70f823's uninterrupted run.
-    Negative control: the same resume without the RNG state (LoRA dropout draws from it) ends elsewhere."""
+def farthest(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_a_checkpoint_written_by_d70f823_resumes_like_todays(tmp_path, monkeypatch, one_thread):
+    """Its step 2 checkpoint, resumed by today's code, ends where today's uninterrupted run ends (within the two
+    machines' rounding). Negative control: the same resume without the RNG state ends far away."""
     expected = json.loads((FIXTURE / "uninterrupted.json").read_text())
     assert expected["overrides"] == list(D70F823)
     seed = tmp_path / "seed" / "step_000002"
     shutil.copytree(FIXTURE / "step_000002", seed)
     train(tiny_config(tmp_path / "resumed", *D70F823, f"train.resume={seed}"))
     assert [r["step"] for r in read_metrics(tmp_path / "resumed" / "run")] == [3, 4]
-    assert digest(tmp_path / "resumed" / "run" / "final") == expected["final_adapter_sha256"]
+    train(tiny_config(tmp_path / "straight", *D70F823))
+    today = final_weights(tmp_path / "straight" / "run")
+    assert farthest(final_weights(tmp_path / "resumed" / "run"), today) <= ROUNDING
     # and today's checkpoints have the same files and the same state.json fields (nested keys) as d70f823's
     now = tmp_path / "resumed" / "run" / "checkpoints" / "step_000004"
     files = [{str(f.relative_to(d)) for f in d.rglob("*") if f.is_file() and f.name != "README.md"} for d in (now, seed)]
@@ -284,4 +298,4 @@ def test_a_checkpoint_written_by_d70f823_resumes_bit_exactly(tmp_path, monkeypat
 
     monkeypatch.setattr(ckpt, "_set_rng_state", lambda tensors, plain: None)
     train(tiny_config(tmp_path / "no_rng", *D70F823, f"train.resume={seed}"))
-    assert digest(tmp_path / "no_rng" / "run" / "final") != expected["final_adapter_sha256"]
+    assert farthest(final_weights(tmp_path / "no_rng" / "run"), today) > 100 * ROUNDING
