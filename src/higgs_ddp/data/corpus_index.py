@@ -164,10 +164,11 @@ def record_columns(records: list, num_codebooks: int, own_codes) -> tuple:
     return cols, list(files), list(speakers)
 
 
-def write_index(folder: Path, cols: dict, meta: dict, report: dict, write_codes=None) -> None:
+def write_index(folder: Path, cols: dict, meta: dict, report: dict, write_codes=None, finish=None) -> None:
     """Write the index whole under a temporary name, then put it in place: a reader finds all of it or none.
     ``meta``: the header's other fields (code_files as paths; their sizes are taken here); ``write_codes``:
-    writes codes.bin into the folder it is given, when the index holds codes of its own."""
+    writes codes.bin into the folder it is given, when the index holds codes of its own; ``finish``: the
+    folder written so far -> more header fields (what is computed from the index's own files)."""
     folder = Path(folder)
     with atomic_folder(folder) as tmp:
         if write_codes is not None:
@@ -182,7 +183,9 @@ def write_index(folder: Path, cols: dict, meta: dict, report: dict, write_codes=
             on_disk = tmp / OWN_CODES if p == OWN_CODES else Path(p)
             files.append({"path": p, "size": on_disk.stat().st_size})
         write_json_atomic(tmp / "report.json", report)
-        header = {**meta, "format": FORMAT, "columns": specs, "code_files": files, "built_ns": time.time_ns()}
+        more = finish(tmp, files) if finish is not None else {}
+        header = {**meta, **more, "format": FORMAT, "columns": specs, "code_files": files,
+                  "built_ns": time.time_ns()}
         write_json_atomic(tmp / "header.json", header)
 
 
