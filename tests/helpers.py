@@ -404,10 +404,6 @@ def write_tests_index(doc: Path = ROOT / "docs" / "tests.md") -> None:
     doc.write_text(head + INDEX_START + module_index() + INDEX_END + rest.split(INDEX_END, 1)[1])
 
 
-if __name__ == "__main__":
-    write_tests_index()
-
-
 def cached_corpus(tmp_path_factory, name: str, clips: int) -> Path:
     """WAV files whose codes are already in the code cache, in the tiny model's shape (4 codebooks of 64):
     the data-at-scale bench's synthetic corpus, encoded by nobody."""
@@ -430,3 +426,18 @@ def cached_corpus_config(corpus: Path, tmp_path: Path, *overrides):
 
     return load_config(str(TINY), cached_corpus_overrides(corpus, tmp_path, *overrides))
 
+
+def index_files(folder) -> dict:
+    """An index's files, byte for byte, without what differs from build to build: the header's and report's
+    times (the header as JSON)."""
+    out = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name not in ("header.json", "report.json")}
+    header = json.loads((folder / "header.json").read_text())
+    report = json.loads((folder / "report.json").read_text())
+    for d in (header, header["summary"], report):
+        for key in ("built_ns", "startup_seconds", "startup_cpu_seconds"):
+            d.pop(key, None)
+    return {**out, "header.json": header, "report.json": report}
+
+
+if __name__ == "__main__":
+    write_tests_index()

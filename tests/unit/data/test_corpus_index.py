@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import (QUIET, RESUME_RUN, TINY, assert_same_weights, cached_corpus, cached_corpus_config,
-                     cached_corpus_overrides, final_weights, rows, tiny_config)
+                     cached_corpus_overrides, final_weights, index_files, rows, tiny_config)
 
 from higgs_ddp.config import load_config
 from higgs_ddp.data import corpus_index, piece_prepare
@@ -57,18 +57,6 @@ def load_whole(cfg, tokenizer, monkeypatch, quiet=True):
 def rebuilt(out: str) -> bool:
     """The start built the index (in pieces, or the full way)."""
     return "wrote the prepared index" in out or "; joined into " in out
-
-
-def index_files(folder) -> dict:
-    """An index's files, byte for byte, without what differs from build to build: the header's and report's
-    times (the header as JSON)."""
-    out = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name not in ("header.json", "report.json")}
-    header = json.loads((folder / "header.json").read_text())
-    report = json.loads((folder / "report.json").read_text())
-    for d in (header, header["summary"], report):
-        for key in ("built_ns", "startup_seconds", "startup_cpu_seconds"):
-            d.pop(key, None)
-    return {**out, "header.json": header, "report.json": report}
 
 
 def fresh(corpus):
