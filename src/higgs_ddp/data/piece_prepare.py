@@ -1,7 +1,8 @@
 """A cold start's preparation split over the ranks, in pieces that survive an interruption (issue 31).
 
-The manifests' lines are cut into pieces of PIECE_LINES lines (rank 0 finds the line boundaries; the plan
-is the same for any number of ranks). Rank r builds pieces r, r + world, ...: it parses its lines, hashes
+The manifests' lines are cut into about PIECES pieces, of at most MAX_LINES lines (rank 0 finds the line
+boundaries; the plan is the same for any number of ranks, so a prepare resumed on another number keeps
+its pieces). Rank r builds pieces r, r + world, ...: it parses its lines, hashes
 and (where the code cache lacks them) encodes their audio, tokenizes their prompts, and measures their
 samples, everything a training sample needs that depends on its own line only, and writes the piece whole
 (``{cache_dir}/index/{key}.pieces/piece-NNNNNN.npz``, numpy arrays, no pickles) as soon as it is done. A
@@ -27,6 +28,7 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -41,7 +43,10 @@ from higgs_ddp.runtime.distributed import DistEnv, all_gather_objects, barrier
 from higgs_ddp.runtime.files import atomic_file, write_json_atomic
 
 FORMAT = 1
-PIECE_LINES = int(os.environ.get("HIGGS_DDP_PIECE_LINES", 20_000))
+MAX_LINES = 20_000
+PIECES = 64  # a corpus of fewer than PIECES * MAX_LINES lines is cut in about this many pieces: ranks share it
+# Lines per piece, where set (tuning, tests); by default from the corpus's size (``plan``).
+PIECE_LINES = int(os.environ.get("HIGGS_DDP_PIECE_LINES", 0)) or None
 # Test hook (tests/distributed/test_piece_prepare.py): seconds to sleep after writing each piece, so that a
 # test can kill a prepare between two pieces.
 PAUSE_S = float(os.environ.get("HIGGS_DDP_TEST_PIECE_PAUSE_S", 0))
@@ -75,21 +80,23 @@ def line_starts(path: str, block: int = 1 << 24) -> np.ndarray:
     return starts[starts < at] if at else starts[:0]
 
 
-def plan(cfg: Config, lines: int) -> dict:
+def plan(cfg: Config, lines: Optional[int] = None) -> dict:
     """The pieces: (manifest number, validation?, first byte, end byte, first line number), in load_data's
     order, and the manifests they cut (size, mtime)."""
     pieces, manifests = [], []
     listed = [(m, False) for m in cfg.data.manifest] + [(m, True) for m in cfg.data.val_manifest]
-    for i, (m, is_val) in enumerate(listed):
+    found = [line_starts(m) for m, _ in listed]
+    # the number of ranks plays no part: a prepare resumed on another number of ranks keeps its pieces
+    lines = lines or max(1, min(MAX_LINES, -(-sum(len(s) for s in found) // PIECES)))
+    for i, ((m, is_val), starts) in enumerate(zip(listed, found)):
         st = os.stat(m)
         manifests.append({"path": os.path.abspath(m), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-        starts = line_starts(m)
         if not len(starts):  # an empty manifest: a piece of no lines (its arrays say what it holds: nothing)
             pieces.append([i, is_val, 0, 0, 1])
         for a in range(0, len(starts), lines):
             end = int(starts[a + lines]) if a + lines < len(starts) else st.st_size
             pieces.append([i, is_val, int(starts[a]), end, a + 1])
-    return {"format": FORMAT, "manifests": manifests, "pieces": pieces}
+    return {"format": FORMAT, "manifests": manifests, "lines": lines, "pieces": pieces}
 
 
 class PieceBuilder:
@@ -101,17 +108,28 @@ class PieceBuilder:
         d = cfg.data
         self.cfg, self.env, self.tokenizer, self.mc, self.quiet = cfg, env, tokenizer, mc, quiet
         self.phases = phases
+        self.codec = None  # loaded when a piece has audio to encode, then kept for the next
+        self.stats: dict = {}
         self.listed = list(d.manifest) + list(d.val_manifest)
         self.tokens = TokenCache(cache, tokenizer)
         self.hashes = FileHashes(cache)
         self.codes = CodeCache(cache, cache_identity(d.codec, d.codec_revision, d.audio))
 
+    def _codec(self):
+        from higgs_ddp.data.codec import load_codec
+
+        if self.codec is None:
+            self.codec = load_codec(self.cfg.data.codec, self.cfg.data.codec_revision, device=self.env.device)
+        return self.codec
+
     def _prepare(self, refs: list):
         from higgs_ddp.data.prepare import prepare_local
 
         d = self.cfg.data
-        return prepare_local(refs, self.codes, self.hashes, d.codec, d.codec_revision, d.max_audio_seconds,
-                             self.env, d.num_workers, self.quiet or not self.env.is_main, d.audio)
+        prep = prepare_local(refs, self.codes, self.hashes, d.codec, d.codec_revision, d.max_audio_seconds,
+                             self.env, d.num_workers, True, d.audio, self._codec)
+        self.stats = prep.stats
+        return prep
 
     def build(self, piece: list) -> dict:
         """-> the piece's arrays: every parsed entry (what the join checks across pieces, and its record's
@@ -128,6 +146,7 @@ class PieceBuilder:
             replaced = np.array([a is not b for a, b in zip(kept, entries)], bool)
             entries = kept
         self.phases.mark("manifest")
+        self.stats = {}
         found, failed, seconds, content = _audio_codes(entries, self.cfg, self.env, mc.audio_num_codebooks,
                                                        mc.audio_codebook_size, True, Phases(), self._prepare)
         self.phases.mark("audio and codes")
@@ -169,7 +188,7 @@ class PieceBuilder:
                 "problems": {str(i): local[e.where] for i, e in enumerate(entries) if e.where in local},
                 "line_problems": [[int(p.where.rpartition(":")[2]), p.where, p.reason, p.message]
                                   for p in line_problems],
-                "folders": {f: _mtime(f) for f in sorted(folders)},
+                "folders": {f: _mtime(f) for f in sorted(folders)}, "stats": self.stats,
                 "code_sizes": {f: os.stat(f).st_size for f in files if f != "codes.bin"}}
         out["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
         return out
@@ -247,6 +266,7 @@ def build_pieces(cfg: Config, env: DistEnv, tokenizer, mc, cache: str, folder: P
         if PAUSE_S:
             time.sleep(PAUSE_S)
     if builder is not None:
+        builder.codec = None
         builder.hashes.save()  # (ranks write it in turn; one rank's new hashes may be lost: the pieces keep them)
     phases.mark("pieces kept")
     barrier()  # every piece is on disk
@@ -277,7 +297,7 @@ def prepare_index(cfg: Config, env: DistEnv, tokenizer, mc, quiet: bool, report_
             _join(cfg, env, mc, quiet, report_path, start, folder, the_plan)
             built, kept = sum(c["built"] for c in counts), sum(c["kept"] for c in counts)
             if not quiet:
-                print(f"prepare: {len(the_plan['pieces'])} piece(s) of up to {PIECE_LINES} manifest lines on "
+                print(f"prepare: {len(the_plan['pieces'])} piece(s) of up to {the_plan['lines']} manifest lines on "
                       f"{env.world_size} rank(s): {built} built" + (f", {kept} kept from an interrupted prepare"
                                                                      if kept else "")
                       + f"; joined into {start.folder} in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -311,6 +331,12 @@ def _join(cfg: Config, env: DistEnv, mc, quiet: bool, report_path: Path, start, 
                             f"it was prepared?); run `higgs-ddp prepare --config ...` again")
         pieces.append(arrays)
     phases.mark("piece read")
+    stats = [p["meta"]["stats"] for p in pieces if p["meta"]["stats"]]
+    if stats and env.is_main and not quiet:  # what prepare_audio says: the sums over the pieces
+        from higgs_ddp.data.prepare import summary_line
+
+        print(summary_line({**{k: sum(s[k] for s in stats) for k in stats[0] if k != "cache"},
+                            "cache": stats[0]["cache"]}), flush=True)
     join = Join(pieces, cfg, mc.audio_num_codebooks)
     join.overlaps()
     join.same_recordings()

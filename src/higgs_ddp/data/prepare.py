@@ -141,7 +141,7 @@ def prepare_audio(refs: list, cache_dir: str, codec_name: str, codec_revision, m
 
 def prepare_local(refs: list, cache: CodeCache, hashes: FileHashes, codec_name: str, codec_revision,
                   max_seconds: float, env: DistEnv, num_workers: int = 2, quiet: bool = False,
-                  audio: AudioConditioning = None) -> Prepared:
+                  audio: AudioConditioning = None, get_codec=None) -> Prepared:
     """prepare_audio for one process and no collective: one piece of a manifest (piece_prepare.py), whose
     rank hashes its files and encodes what the cache lacks itself. Two ranks whose pieces share a recording
     new to the cache may both encode it."""
@@ -158,7 +158,8 @@ def prepare_local(refs: list, cache: CodeCache, hashes: FileHashes, codec_name: 
     encoded_seconds, failed, t_enc = 0.0, {}, time.perf_counter()
     if todo:
         encoded_seconds, failed = _encode(todo, shown, cache, codec_name, codec_revision, max_seconds,
-                                          DistEnv(device=env.device), num_workers, quiet, len(todo), audio)
+                                          DistEnv(device=env.device), num_workers, quiet, len(todo), audio,
+                                          get_codec)
         cache.refresh()
     out = _found(refs, paths, shown, keys, problems, cache, rep, failed, audio, max_seconds)
     out.stats.update({"encoded_hours": encoded_seconds / 3600, "encode_seconds": time.perf_counter() - t_enc,
@@ -199,9 +200,10 @@ def _found(refs: list, paths: list, shown: dict, keys: dict, problems: dict, cac
 
 
 def _encode(mine: list, shown: dict, cache: CodeCache, codec_name, codec_revision, max_seconds, env: DistEnv,
-            num_workers: int, quiet: bool, total: int, audio: AudioConditioning = None):
+            num_workers: int, quiet: bool, total: int, audio: AudioConditioning = None, get_codec=None):
+    """``get_codec``: -> the codec, kept by the caller (a rank encoding piece after piece loads it once)."""
     audio = audio or AudioConditioning()
-    codec = load_codec(codec_name, codec_revision, device=env.device)
+    codec = get_codec() if get_codec else load_codec(codec_name, codec_revision, device=env.device)
     writer = cache.writer()
     items = [(path, shown[path]) for _, path in mine]
     rule = DurationRule(codec.min_seconds, audio.min_seconds, max_seconds, audio.trim_silence)
@@ -231,7 +233,7 @@ def _encode(mine: list, shown: dict, cache: CodeCache, codec_name, codec_revisio
         writer.flush()  # whatever was encoded survives an interruption
         bar.close()
     del codec
-    if env.device.type == "cuda":
+    if env.device.type == "cuda" and not get_codec:
         torch.cuda.empty_cache()
     return seconds, problems
 
