@@ -1,6 +1,7 @@
 """The prepared corpus index (issue 31): what a training start needs of its data, in plain columns beside the
 code cache, so that a warm start maps a few files instead of parsing manifests and holding a Python record
-per clip. Written once, after a start that loaded the data the full way (``load_data``); read by the next.
+per clip. Written once: joined from the pieces a cold start prepares over all ranks (piece_prepare.py), or
+after a start that loaded the data the full way (``load_data``); read by every later start.
 
     {cache_dir}/index/{key}/header.json   format, counts, the columns' shapes, change signatures, fingerprint
     {cache_dir}/index/{key}/report.json   the data report of the load that built it (rank 0 copies it)

@@ -13,6 +13,7 @@ import hashlib
 import sys
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -325,6 +326,12 @@ def missing_manifests(paths: list) -> str:
     return text
 
 
+def full_way() -> SimpleNamespace:
+    """The steps of the full way a piece takes as they are (piece_prepare.py: this module imports it)."""
+    return SimpleNamespace(audio_codes=_audio_codes, records=_records, in_val=_in_val, conclude=conclude,
+                           check_manifests=check_manifests, error=DataError)
+
+
 def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = False,
               report_path: Optional[Path] = None) -> Data:
     """The training and validation samples of ``cfg.data``; the data report goes to ``report_path``, by
@@ -338,7 +345,8 @@ def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = 
         start = IndexedStart(cfg, env, tokenizer, model_config, quiet, cache_dir(cfg), report_path)
         data = start.open()
         if data is None and start.folder is not None and piece_prepare.applies(cfg):
-            prepared = piece_prepare.prepare_index(cfg, env, tokenizer, model_config, quiet, report_path, start)
+            prepared = piece_prepare.prepare_index(cfg, env, tokenizer, model_config, quiet, report_path, start,
+                                                   full_way())
             data = start.open()
             if data is not None:  # the time of the preparation with the index's start's
                 for key, times in (("startup_seconds", prepared.seconds), ("startup_cpu_seconds",

@@ -102,12 +102,12 @@ def plan(cfg: Config, lines: Optional[int] = None) -> dict:
 class PieceBuilder:
     """One rank's pieces, built with one token cache, code cache and file-hash memory for all of them."""
 
-    def __init__(self, cfg: Config, env: DistEnv, tokenizer, mc, cache: str, quiet: bool, phases: Phases):
+    def __init__(self, cfg: Config, env: DistEnv, tokenizer, mc, cache: str, quiet: bool, phases: Phases, full):
         from higgs_ddp.data.prepare import cache_identity
 
         d = cfg.data
         self.cfg, self.env, self.tokenizer, self.mc, self.quiet = cfg, env, tokenizer, mc, quiet
-        self.phases = phases
+        self.phases, self.full = phases, full
         self.codec = None  # loaded when a piece has audio to encode, then kept for the next
         self.stats: dict = {}
         self.listed = list(d.manifest) + list(d.val_manifest)
@@ -134,9 +134,7 @@ class PieceBuilder:
     def build(self, piece: list) -> dict:
         """-> the piece's arrays: every parsed entry (what the join checks across pieces, and its record's
         row or its own problems), the records' columns, its line problems."""
-        from higgs_ddp.data.dataset import _audio_codes, _in_val, _records
-
-        d, mc = self.cfg.data, self.mc
+        d, mc, full = self.cfg.data, self.mc, self.full
         m, is_val, start, stop, first = piece
         entries, line_problems = read_manifest(self.listed[m], d.root, d.allow_outside_root, start, stop, first)
         folders = {str(r.path.parent) for e in entries for r in e.audio}
@@ -147,14 +145,14 @@ class PieceBuilder:
             entries = kept
         self.phases.mark("manifest")
         self.stats = {}
-        found, failed, seconds, content = _audio_codes(entries, self.cfg, self.env, mc.audio_num_codebooks,
+        found, failed, seconds, content = full.audio_codes(entries, self.cfg, self.env, mc.audio_num_codebooks,
                                                        mc.audio_codebook_size, True, Phases(), self._prepare)
         self.phases.mark("audio and codes")
         keys = [entry_key(e.chatml) for e in entries]
         todo = list({k: (k, e.chatml, e.id) for k, e in zip(keys, entries) if k not in self.tokens}.values())
         untokenized = self.tokens.tokenize(todo) if todo else {}
         self.phases.mark("tokens")
-        records, problems = _records(entries, keys, found, failed, seconds, self.tokens, untokenized,
+        records, problems = full.records(entries, keys, found, failed, seconds, self.tokens, untokenized,
                                      self.tokenizer, mc, d.max_tokens_per_batch)
         row_of = {r.where: i for i, r in enumerate(records)}
         own = io.BytesIO()
@@ -167,7 +165,7 @@ class PieceBuilder:
         out["e_id_b"], out["e_id_o"] = strings([e.id for e in entries])
         out["e_id_hash"] = np.array([hash64(e.id) for e in entries], np.uint64)
         out["e_id_given"] = np.array([e.id_given for e in entries], bool)
-        out["e_pick"] = np.array([bool(d.val_fraction) and _in_val(e.id, d.val_fraction) for e in entries], bool)
+        out["e_pick"] = np.array([bool(d.val_fraction) and full.in_val(e.id, d.val_fraction) for e in entries], bool)
         out["e_replaced"] = replaced
         out["e_record"] = np.array([row_of.get(e.where, -1) for e in entries], np.int64)
         out["e_line"] = np.array([int(e.where.rpartition(":")[2]) for e in entries], np.int64)
@@ -235,7 +233,7 @@ def write_piece(path: Path, arrays: dict) -> None:
 
 
 def build_pieces(cfg: Config, env: DistEnv, tokenizer, mc, cache: str, folder: Path, quiet: bool,
-                 phases: Phases) -> tuple:
+                 phases: Phases, full) -> tuple:
     """Every rank: its share of the pieces, built or kept from an interrupted run. -> (the plan, this rank's
     counts). ``folder``: where the pieces live."""
     if env.is_main:
@@ -258,7 +256,7 @@ def build_pieces(cfg: Config, env: DistEnv, tokenizer, mc, cache: str, folder: P
             kept += 1
             continue
         phases.mark("pieces kept")
-        builder = builder or PieceBuilder(cfg, env, tokenizer, mc, cache, quiet, phases)
+        builder = builder or PieceBuilder(cfg, env, tokenizer, mc, cache, quiet, phases, full)
         arrays = builder.build(pieces[i])
         write_piece(path, arrays)
         phases.mark("piece write")
@@ -277,24 +275,24 @@ def build_pieces(cfg: Config, env: DistEnv, tokenizer, mc, cache: str, folder: P
     return the_plan, {"built": built, "kept": kept}
 
 
-def prepare_index(cfg: Config, env: DistEnv, tokenizer, mc, quiet: bool, report_path: Path, start) -> dict:
+def prepare_index(cfg: Config, env: DistEnv, tokenizer, mc, quiet: bool, report_path: Path, start, full) -> Phases:
     """Every rank: build its pieces; rank 0 joins them and writes the index ``start`` (index_start.py) then
-    maps. The data's problems are reported as the full way reports them (dataset.conclude): DataError on
-    every rank where data.on_error=error refuses them, and no index. -> this rank's phases (seconds, CPU)."""
-    from higgs_ddp.data.dataset import DataError, check_manifests
+    maps. ``full``: the full way's steps that a piece takes as they are (dataset.full_way; dataset imports
+    this module). The data's problems are reported as the full way reports them (dataset.conclude):
+    DataError on every rank where data.on_error=error refuses them, and no index. -> this rank's phases."""
     from higgs_ddp.runtime.shared_fs import check_shared_directory
 
-    check_manifests(cfg)
+    full.check_manifests(cfg)
     check_shared_directory(start.cache, "data.cache_dir", env)
     folder = start.folder.with_name(start.folder.name + ".pieces")
     phases = Phases()
-    the_plan, counts = build_pieces(cfg, env, tokenizer, mc, start.cache, folder, quiet, phases)
+    the_plan, counts = build_pieces(cfg, env, tokenizer, mc, start.cache, folder, quiet, phases, full)
     counts = all_gather_objects(counts)
     failure = None
     if env.is_main:
         try:
             t0 = time.perf_counter()
-            _join(cfg, env, mc, quiet, report_path, start, folder, the_plan)
+            _join(cfg, env, mc, quiet, report_path, start, folder, the_plan, full)
             built, kept = sum(c["built"] for c in counts), sum(c["kept"] for c in counts)
             if not quiet:
                 print(f"prepare: {len(the_plan['pieces'])} piece(s) of up to {the_plan['lines']} manifest lines on "
@@ -309,13 +307,13 @@ def prepare_index(cfg: Config, env: DistEnv, tokenizer, mc, quiet: bool, report_
     if failure is not None:
         raise failure
     if message is not None:
-        raise DataError(message)
+        raise full.error(message)
     return phases
 
 
-def _join(cfg: Config, env: DistEnv, mc, quiet: bool, report_path: Path, start, folder: Path, the_plan: dict):
+def _join(cfg: Config, env: DistEnv, mc, quiet: bool, report_path: Path, start, folder: Path, the_plan: dict,
+          full):
     from higgs_ddp.data.corpus_index import OWN_CODES, CorpusIndex, IndexedRecords, write_index
-    from higgs_ddp.data.dataset import DataError, conclude
     from higgs_ddp.data.index_start import _summary
     from higgs_ddp.data.piece_join import Join
     from higgs_ddp.data.records import fingerprint
@@ -327,7 +325,7 @@ def _join(cfg: Config, env: DistEnv, mc, quiet: bool, report_path: Path, start, 
     for i, piece in enumerate(the_plan["pieces"]):
         arrays = read_piece(piece_path(folder, i), piece)
         if arrays is None:
-            raise DataError(f"prepared piece {piece_path(folder, i)} is missing or damaged (a file changed while "
+            raise full.error(f"prepared piece {piece_path(folder, i)} is missing or damaged (a file changed while "
                             f"it was prepared?); run `higgs-ddp prepare --config ...` again")
         pieces.append(arrays)
     phases.mark("piece read")
@@ -354,7 +352,7 @@ def _join(cfg: Config, env: DistEnv, mc, quiet: bool, report_path: Path, start, 
         "problems": [{"where": p.where, "reason": p.reason, "message": p.message} for p in problems],
     }
     report["startup_seconds"], report["startup_cpu_seconds"] = phases.seconds, phases.cpu_seconds
-    conclude(cfg, env, quiet, report_path, report, problems, pairing, None, n_train, len(rows) - n_train)
+    full.conclude(cfg, env, quiet, report_path, report, problems, pairing, None, n_train, len(rows) - n_train)
     cols, files, speakers, own = join.columns(rows)
     folders: dict = {}
     for p in pieces:
