@@ -150,7 +150,7 @@ class PieceBuilder:
         self.phases.mark("audio and codes")
         keys = [entry_key(e.chatml) for e in entries]
         todo = list({k: (k, e.chatml, e.id) for k, e in zip(keys, entries) if k not in self.tokens}.values())
-        untokenized = self.tokens.tokenize(todo) if todo else {}
+        untokenized = self.tokens.tokenize(todo, write=False) if todo else {}  # (the piece keeps them meanwhile)
         self.phases.mark("tokens")
         records, problems = full.records(entries, keys, found, failed, seconds, self.tokens, untokenized,
                                      self.tokenizer, mc, d.max_tokens_per_batch)
@@ -265,6 +265,7 @@ def build_pieces(cfg: Config, env: DistEnv, tokenizer, mc, cache: str, folder: P
             time.sleep(PAUSE_S)
     if builder is not None:
         builder.codec = None
+        builder.tokens.write_pending()
         builder.hashes.save()  # (ranks write it in turn; one rank's new hashes may be lost: the pieces keep them)
     phases.mark("pieces kept")
     barrier()  # every piece is on disk
@@ -272,6 +273,7 @@ def build_pieces(cfg: Config, env: DistEnv, tokenizer, mc, cache: str, folder: P
     if env.is_main and builder is not None:
         builder.codes.refresh()
         builder.codes.write_index()
+        builder.tokens.remove_damaged()  # (the other ranks' entries of them are in their new shards now)
     return the_plan, {"built": built, "kept": kept}
 
 
