@@ -10,6 +10,7 @@ No set or dict of every id is built.
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 
@@ -306,3 +307,33 @@ def _first_numbered(values: np.ndarray, names: list) -> tuple:
     out = np.full(len(values), -1, np.int64)
     out[valid] = new[values[valid]]
     return [names[j] for j in order], out
+
+
+def fingerprint_columns(cols: dict, n: int, code_files: list, num_codebooks: int) -> dict:
+    """records.fingerprint of the first ``n`` rows of an index's columns (in memory; ``code_files``: the
+    files code_file numbers, read as they are mapped), the same bytes hashed in the same order, without
+    building a record per row."""
+    import hashlib
+
+    import torch
+
+    ido, idb = cols["id_offsets"], cols["id_bytes"].tobytes()
+    names = [idb[ido[i]:ido[i + 1]] for i in range(n)]
+    ids = hashlib.sha256(b"".join(s + b"\0" for s in sorted(names)))
+    raw = [torch.from_file(str(p), shared=False, size=os.path.getsize(p), dtype=torch.uint8).numpy()
+           for p in code_files]
+    content = hashlib.sha256()
+    tok_start, tok_len, ao = cols["tok_start"].tolist(), cols["tok_len"].tolist(), cols["audio_offsets"].tolist()
+    inp, lab = cols["input_ids"], cols["label_ids"]
+    cf, co = cols["code_file"].tolist(), cols["code_offset"].tolist()
+    cs, fr = cols["code_stride"].tolist(), cols["code_frames"].tolist()
+    C = num_codebooks
+    for i in range(n):
+        a, k = tok_start[i], tok_len[i]
+        shape = f"({k},)".encode()
+        parts = [names[i], b"\0", inp[a:a + k].tobytes(), shape, lab[a:a + k].tobytes(), shape]
+        for j in range(ao[i], ao[i + 1]):
+            full = raw[cf[j]][co[j]:co[j] + 2 * C * cs[j]].view(np.int16).reshape(C, cs[j])
+            parts += [np.ascontiguousarray(full[:, :fr[j]]).tobytes(), f"({C}, {fr[j]})".encode()]
+        content.update(b"".join(parts))
+    return {"samples": n, "ids": ids.hexdigest()[:16], "content": content.hexdigest()[:16]}

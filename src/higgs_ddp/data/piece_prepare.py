@@ -315,10 +315,9 @@ def prepare_index(cfg: Config, env: DistEnv, tokenizer, mc, quiet: bool, report_
 
 def _join(cfg: Config, env: DistEnv, mc, quiet: bool, report_path: Path, start, folder: Path, the_plan: dict,
           full):
-    from higgs_ddp.data.corpus_index import OWN_CODES, CorpusIndex, IndexedRecords, write_index
+    from higgs_ddp.data.corpus_index import OWN_CODES, write_index
     from higgs_ddp.data.index_start import _summary
-    from higgs_ddp.data.piece_join import Join
-    from higgs_ddp.data.records import fingerprint
+    from higgs_ddp.data.piece_join import Join, fingerprint_columns
     from higgs_ddp.data.references import Pairing
 
     d = cfg.data
@@ -365,9 +364,8 @@ def _join(cfg: Config, env: DistEnv, mc, quiet: bool, report_path: Path, start, 
         own.tofile(tmp / OWN_CODES)
 
     def finish(tmp: Path, code_files: list) -> dict:
-        index = CorpusIndex(tmp, {"code_files": code_files, "speakers": speakers,
-                                  "num_codebooks": mc.audio_num_codebooks})
-        return {"fingerprint": fingerprint(IndexedRecords(index, 0, n_train, None))}
+        paths = [tmp / OWN_CODES if c["path"] == OWN_CODES else c["path"] for c in code_files]
+        return {"fingerprint": fingerprint_columns(cols, n_train, paths, mc.audio_num_codebooks)}
 
     meta = {"samples": len(rows), "train_samples": n_train, "code_files": files, "speakers": speakers,
             "num_codebooks": mc.audio_num_codebooks, "manifests": start.manifests, "folders": folders,
