@@ -304,11 +304,13 @@ def test_damaged_or_foreign_index_is_named_and_rebuilt(corpus, tmp_path, tokeniz
     (folder / "header.json").write_text("{\"format\": 1, \"colu")
     data, out = start()
     assert f"index file {folder / 'header.json'} is damaged" in out and rebuilt(out)
-    header = json.loads((folder / "header.json").read_text())
-    (folder / "header.json").write_text(json.dumps({**header, "format": 0}))
-    data, out = start()
-    line = next(x for x in out.splitlines() if "format" in x)
-    assert f"index {folder} was written in index format 0, this version reads format {corpus_index.FORMAT}" in line
+    for other in (0, corpus_index.FORMAT + 1):  # an older version's index, a newer one's: named, and rebuilt
+        header = json.loads((folder / "header.json").read_text())
+        (folder / "header.json").write_text(json.dumps({**header, "format": other}))
+        data, out = start()
+        line = next(x for x in out.splitlines() if "format" in x)
+        assert f"index {folder} was written in index format {other}, this version reads format " \
+               f"{corpus_index.FORMAT}" in line and rebuilt(out)
     data, out = start()
     assert isinstance(data.train, IndexedRecords)
     same_records(full.train, data.train)
