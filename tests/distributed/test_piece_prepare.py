@@ -21,6 +21,8 @@ from higgs_ddp.data.dataset import load_data
 from higgs_ddp.model import load_tokenizer, model_config
 from higgs_ddp.runtime.distributed import DistEnv
 
+pytestmark = pytest.mark.slow
+
 CLIPS, LINES = 120, 20  # 6 pieces, 3 per rank
 
 
