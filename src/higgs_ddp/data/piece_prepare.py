@@ -331,7 +331,8 @@ def _join(cfg: Config, env: DistEnv, mc, quiet: bool, report_path: Path, start, 
         pieces.append(arrays)
     phases.mark("piece read")
     stats = [p["meta"]["stats"] for p in pieces if p["meta"]["stats"]]
-    if stats and env.is_main and not quiet:  # what prepare_audio says: the sums over the pieces
+    # what prepare_audio says, summed over the pieces (a file or recording that two pieces name counts twice)
+    if stats and env.is_main and not quiet:
         from higgs_ddp.data.prepare import summary_line
 
         print(summary_line({**{k: sum(s[k] for s in stats) for k in stats[0] if k != "cache"},
