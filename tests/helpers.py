@@ -417,10 +417,6 @@ def write_tests_index(doc: Path = ROOT / "docs" / "tests.md") -> None:
     doc.write_text(head + INDEX_START + module_index() + INDEX_END + rest.split(INDEX_END, 1)[1])
 
 
-if __name__ == "__main__":
-    write_tests_index()
-
-
 def cached_corpus(tmp_path_factory, name: str, clips: int) -> Path:
     """WAV files whose codes are already in the code cache, in the tiny model's shape (4 codebooks of 64):
     the data-at-scale bench's synthetic corpus, encoded by nobody."""
@@ -477,3 +473,18 @@ def write_tiny_pairs(folder: Path, prompts: int = 8, pairs_per_prompt: int = 1, 
 
 def dpo_overrides(pairs: Path, *more) -> tuple:
     return ("train.objective=dpo", f"data.preferences={pairs}", *more)
+
+def index_files(folder) -> dict:
+    """An index's files, byte for byte, without what differs from build to build: the header's and report's
+    times (the header as JSON)."""
+    out = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name not in ("header.json", "report.json")}
+    header = json.loads((folder / "header.json").read_text())
+    report = json.loads((folder / "report.json").read_text())
+    for d in (header, header["summary"], report):
+        for key in ("built_ns", "startup_seconds", "startup_cpu_seconds"):
+            d.pop(key, None)
+    return {**out, "header.json": header, "report.json": report}
+
+
+if __name__ == "__main__":
+    write_tests_index()

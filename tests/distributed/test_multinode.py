@@ -179,11 +179,12 @@ def test_two_nodes_train_what_one_node_trains_on_the_users_path(tmp_path, uninte
     assert_same_weights(final_weights(run), final_weights(uninterrupted_user_path))
     assert_same_user_path_outputs(run, uninterrupted_user_path)
     assert run_files(run) == run_files(uninterrupted_user_path)
-    # prepare split the clips over the ranks of both nodes: one shard each, no clip twice
+    # prepare split the clips over the ranks of both nodes (in pieces: a shard per piece), no clip twice
     (cache,) = [d for d in (tmp_path / "run" / "cache").iterdir() if (d / "codec.json").is_file()]
     shards = [set(safe_open(str(p), framework="np").keys()) for p in sorted(cache.glob("part-*.safetensors"))]
-    assert len(shards) == 2 and all(shards) and not shards[0] & shards[1], [len(s) for s in shards]
-    assert len(json.loads((cache / "index.json").read_text())["entries"]) == len(shards[0] | shards[1])
+    assert len(shards) >= 2 and all(shards) and sum(map(len, shards)) == len(set().union(*shards)), \
+        [len(s) for s in shards]
+    assert len(json.loads((cache / "index.json").read_text())["entries"]) == len(set().union(*shards))
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The prepared corpus index (issue 31): what a training start needs of its data, in plain columns beside the
 code cache, so that a warm start maps a few files instead of parsing manifests and holding a Python record
-per clip. Written once, after a start that loaded the data the full way (``load_data``); read by the next.
+per clip. Written once: joined from the pieces a cold start prepares over all ranks (piece_prepare.py), or
+after a start that loaded the data the full way (``load_data``); read by every later start.
 
     {cache_dir}/index/{key}/header.json   format, counts, the columns' shapes, change signatures, fingerprint
     {cache_dir}/index/{key}/report.json   the data report of the load that built it (rank 0 copies it)
@@ -164,10 +165,11 @@ def record_columns(records: list, num_codebooks: int, own_codes) -> tuple:
     return cols, list(files), list(speakers)
 
 
-def write_index(folder: Path, cols: dict, meta: dict, report: dict, write_codes=None) -> None:
+def write_index(folder: Path, cols: dict, meta: dict, report: dict, write_codes=None, finish=None) -> None:
     """Write the index whole under a temporary name, then put it in place: a reader finds all of it or none.
     ``meta``: the header's other fields (code_files as paths; their sizes are taken here); ``write_codes``:
-    writes codes.bin into the folder it is given, when the index holds codes of its own."""
+    writes codes.bin into the folder it is given, when the index holds codes of its own; ``finish``: the
+    folder written so far -> more header fields (what is computed from the index's own files)."""
     folder = Path(folder)
     with atomic_folder(folder) as tmp:
         if write_codes is not None:
@@ -182,7 +184,9 @@ def write_index(folder: Path, cols: dict, meta: dict, report: dict, write_codes=
             on_disk = tmp / OWN_CODES if p == OWN_CODES else Path(p)
             files.append({"path": p, "size": on_disk.stat().st_size})
         write_json_atomic(tmp / "report.json", report)
-        header = {**meta, "format": FORMAT, "columns": specs, "code_files": files, "built_ns": time.time_ns()}
+        more = finish(tmp, files) if finish is not None else {}
+        header = {**meta, **more, "format": FORMAT, "columns": specs, "code_files": files,
+                  "built_ns": time.time_ns()}
         write_json_atomic(tmp / "header.json", header)
 
 

@@ -13,6 +13,7 @@ import hashlib
 import sys
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 from higgs_ddp.config import Config, ConfigError
 from higgs_ddp.data.audio import AudioProblem, DurationRule, frame_energy
 from higgs_ddp.runtime.files import write_json_atomic
+from higgs_ddp.data import piece_prepare
 from higgs_ddp.data.index_start import IndexedStart
 from higgs_ddp.data.manifest import Entry, Problem, read_manifest
 from higgs_ddp.data.members import watched
@@ -105,18 +107,21 @@ def count_positions(ids: np.ndarray, frames: list, audio_in_id: int, audio_out_i
     return n
 
 
-def _audio_codes(entries: list, cfg: Config, env: DistEnv, C: int, K: int, quiet: bool, phases: Phases):
+def _audio_codes(entries: list, cfg: Config, env: DistEnv, C: int, K: int, quiet: bool, phases: Phases,
+                 prepare=None):
     """-> (path -> codes, path -> (reason, message), path -> seconds, path -> content hash), for every audio
-    and codes file the entries name (content hashes: audio files only)."""
+    and codes file the entries name (content hashes: audio files only). ``prepare``: audio refs -> Prepared,
+    in place of prepare_audio (a piece's, piece_prepare.py: no collective, no summary printed)."""
     from higgs_ddp.data.prepare import prepare_audio, summary_line
 
     d = cfg.data
     audio_refs = [r for e in entries for r in e.audio if not r.is_codes]
     found, failed, seconds, content = {}, {}, {}, {}
     if audio_refs:
-        prep = prepare_audio(audio_refs, cache_dir(cfg), d.codec, d.codec_revision, d.max_audio_seconds, env,
-                             d.num_workers, quiet, d.audio, phases)
-        if env.is_main and not quiet:
+        prep = prepare(audio_refs) if prepare else prepare_audio(
+            audio_refs, cache_dir(cfg), d.codec, d.codec_revision, d.max_audio_seconds, env, d.num_workers, quiet,
+            d.audio, phases)
+        if env.is_main and not quiet and not prepare:
             print(summary_line(prep.stats), flush=True)
         for path, arr in prep.codes.items():
             if arr.shape[0] != C:  # the codec, not the data, is wrong: one config error, not a list
@@ -335,6 +340,12 @@ def missing_manifests(paths: list) -> str:
     return text
 
 
+def full_way() -> SimpleNamespace:
+    """The steps of the full way a piece takes as they are (piece_prepare.py: this module imports it)."""
+    return SimpleNamespace(audio_codes=_audio_codes, records=_records, in_val=_in_val, conclude=conclude,
+                           check_manifests=check_manifests, error=DataError)
+
+
 def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = False,
               report_path: Optional[Path] = None) -> Data:
     """The training and validation samples of ``cfg.data``; the data report goes to ``report_path``, by
@@ -347,6 +358,14 @@ def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = 
         report_path = Path(report_path or Path(cfg.output_dir) / "data_report.json")
         start = IndexedStart(cfg, env, tokenizer, model_config, quiet, cache_dir(cfg), report_path)
         data = start.open()
+        if data is None and start.folder is not None and piece_prepare.applies(cfg):
+            prepared = piece_prepare.prepare_index(cfg, env, tokenizer, model_config, quiet, report_path, start,
+                                                   full_way())
+            data = start.open()
+            if data is not None:  # the time of the preparation with the index's start's
+                for key, times in (("startup_seconds", prepared.seconds), ("startup_cpu_seconds",
+                                                                          prepared.cpu_seconds)):
+                    data.report[key] = {**times, **data.report[key]}
         if data is None:
             data = _load_data(cfg, env, tokenizer, model_config, quiet, report_path, start.folders)
             phases = Phases()
@@ -421,6 +440,15 @@ def _load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool, 
     phases.mark("split")
     report["startup_seconds"] = phases.seconds  # (without the report's own writing)
     report["startup_cpu_seconds"] = phases.cpu_seconds
+    conclude(cfg, env, quiet, report_path, report, problems, pairing, phases, len(train), len(val))
+    return Data(train, val, report)
+
+
+def conclude(cfg: Config, env: DistEnv, quiet: bool, report_path: Path, report: dict, problems: list,
+             pairing: Pairing, phases: Phases, n_train: int, n_val: int) -> None:
+    """The end of a load, the full way's or the pieces' join: the report written (rank 0), the problems
+    raised (data.on_error=error) or counted, a split with nothing in it refused."""
+    d = cfg.data
     if env.is_main:
         report_path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(report_path, report)
@@ -439,11 +467,10 @@ def _load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool, 
         counts = ", ".join(f"{n} {r}" for r, n in report["skipped_by_reason"].items())
         print(f"data: skipped {len(problems)} bad sample(s) ({counts}); list in {report_path}",
               flush=True)
-    if env.is_main and not quiet:
+    if env.is_main and not quiet and phases is not None:  # (None: the pieces' join; the index start says it)
         print(f"data: ready in {phases.line()}", flush=True)
-    if not train:
+    if not n_train:
         raise DataError(f"no usable training samples in {', '.join(d.manifest)}")
-    if d.val_fraction > 0 and not val:
-        raise DataError(f"data.val_fraction={d.val_fraction:g} selected none of the {len(train)} samples; "
+    if d.val_fraction > 0 and not n_val:
+        raise DataError(f"data.val_fraction={d.val_fraction:g} selected none of the {n_train} samples; "
                         f"raise it or give data.val_manifest")
-    return Data(train, val, report)

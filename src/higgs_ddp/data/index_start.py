@@ -1,5 +1,6 @@
-"""load_data's two ways in: from a valid prepared corpus index (corpus_index.py), or the full way, after which
-rank 0 writes the index for the next start.
+"""load_data's ways in: from a valid prepared corpus index (corpus_index.py); else the index is prepared in
+pieces (piece_prepare.py) and then mapped, or, where pieces do not apply, the data is loaded the full way,
+after which rank 0 writes the index for the next start.
 
 Every rank checks the index it sees; the ranks then agree (all of them use it, or none), because the full
 way holds collectives (file hashes, encoding, tokenizing) that a rank alone would wait in forever. Whatever

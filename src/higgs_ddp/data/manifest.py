@@ -203,8 +203,11 @@ def _parse_chatml(obj: dict, resolve: _Resolver, default_id: str) -> tuple:
     return chatml, audio, learned, obj.get("id", default_id), obj.get("speaker")
 
 
-def read_manifest(path: str, root: Optional[str] = None, allow_outside_root: bool = True):
-    """-> (entries, problems). ``root`` defaults to the manifest's folder."""
+def read_manifest(path: str, root: Optional[str] = None, allow_outside_root: bool = True, start: int = 0,
+                  stop: Optional[int] = None, first_line: int = 1):
+    """-> (entries, problems). ``root`` defaults to the manifest's folder. ``start``, ``stop``, ``first_line``:
+    only the lines from byte ``start`` (a line's first byte; that line is number ``first_line``) to byte
+    ``stop`` (a piece of the manifest, piece_prepare.py)."""
     manifest = Path(path)
     if not manifest.is_file():
         return [], [Problem(f"{path}", "manifest_missing", "manifest not found")]
@@ -212,7 +215,9 @@ def read_manifest(path: str, root: Optional[str] = None, allow_outside_root: boo
     resolve = _Resolver(manifest.parent, limit)
     entries, problems = [], []
     with manifest.open("rb") as f:
-        for lineno, raw_bytes in enumerate(f, start=1):
+        f.seek(start)
+        lines = f if stop is None else _until(f, stop - start)
+        for lineno, raw_bytes in enumerate(lines, start=first_line):
             where = f"{path}:{lineno}"
             try:
                 try:
@@ -237,3 +242,12 @@ def read_manifest(path: str, root: Optional[str] = None, allow_outside_root: boo
             except LineProblem as e:
                 problems.append(Problem(where, e.reason, str(e)))
     return entries, problems
+
+
+def _until(f, size: int):
+    """The lines of ``f`` from where it stands, ``size`` bytes of them."""
+    for line in f:
+        if size <= 0:
+            return
+        size -= len(line)
+        yield line

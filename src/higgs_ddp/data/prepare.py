@@ -104,7 +104,6 @@ def prepare_audio(refs: list, cache_dir: str, codec_name: str, codec_revision, m
     for r in refs:
         shown.setdefault(r.path, r.shown)
     paths = sorted(shown)
-    out = Prepared()
     hashes = FileHashes(cache_dir)
     keys, problems = {}, {}
     dealt = shares(paths, env.world_size)  # a tar shard's members all to one rank
@@ -129,10 +128,6 @@ def prepare_audio(refs: list, cache_dir: str, codec_name: str, codec_revision, m
         for sec, f in all_gather_objects((seconds, mine_failed)):
             encoded_seconds += sec
             failed.update(f)
-        for path, key in keys.items():
-            if key in failed:  # reported for every file with that content, each under its own name
-                reason, message = failed[key]
-                problems[path] = (reason, message.replace(shown[rep[key]], shown[path]))
         barrier()  # every rank's shards are on disk
         cache.refresh()
         if env.is_main:
@@ -140,7 +135,50 @@ def prepare_audio(refs: list, cache_dir: str, codec_name: str, codec_revision, m
     t_enc = time.perf_counter() - t_enc
     if todo:
         phases.mark("encode")
+    out = _found(refs, paths, shown, keys, problems, cache, rep, failed, audio, max_seconds)
+    out.stats.update({"encoded_hours": encoded_seconds / 3600, "encode_seconds": t_enc,
+                      "seconds": time.perf_counter() - t0})
+    phases.mark("code cache load")
+    return out
 
+
+def prepare_local(refs: list, cache: CodeCache, hashes: FileHashes, codec_name: str, codec_revision,
+                  max_seconds: float, env: DistEnv, num_workers: int = 2, quiet: bool = False,
+                  audio: AudioConditioning = None, get_codec=None) -> Prepared:
+    """prepare_audio for one process and no collective: one piece of a manifest (piece_prepare.py), whose
+    rank hashes its files and encodes what the cache lacks itself. Two ranks whose pieces share a recording
+    new to the cache may both encode it."""
+    t0 = time.perf_counter()
+    audio = audio or AudioConditioning()
+    shown = {}
+    for r in refs:
+        shown.setdefault(r.path, r.shown)
+    paths = sorted(shown)
+    k, problems = _hash_share(paths, shown, hashes, DistEnv())
+    keys = {path: key for path, key in zip(paths, k) if key is not None}
+    rep = {key: path for path, key in sorted(keys.items()) if key not in cache}
+    todo = sorted(rep.items())
+    encoded_seconds, failed, t_enc = 0.0, {}, time.perf_counter()
+    if todo:
+        encoded_seconds, failed = _encode(todo, shown, cache, codec_name, codec_revision, max_seconds,
+                                          DistEnv(device=env.device), num_workers, quiet, len(todo), audio,
+                                          get_codec)
+        cache.refresh()
+    out = _found(refs, paths, shown, keys, problems, cache, rep, failed, audio, max_seconds)
+    out.stats.update({"encoded_hours": encoded_seconds / 3600, "encode_seconds": time.perf_counter() - t_enc,
+                      "seconds": time.perf_counter() - t0})
+    return out
+
+
+def _found(refs: list, paths: list, shown: dict, keys: dict, problems: dict, cache: CodeCache, rep: dict,
+           failed: dict, audio: AudioConditioning, max_seconds: float) -> Prepared:
+    """The codes of every file that hashed (``keys``: path -> content) from the cache, once the new contents
+    (``rep``: content -> the file encoded for it) are encoded or ``failed``; -> Prepared (stats in part)."""
+    out = Prepared()
+    for path, key in keys.items():
+        if key in failed:  # reported for every file with that content, each under its own name
+            reason, message = failed[key]
+            problems[path] = (reason, message.replace(shown[rep[key]], shown[path]))
     usable = {path: key for path, key in keys.items() if path not in problems}
     encoded = DurationRule(0.0, audio.min_seconds, max_seconds, audio.trim_silence)  # (the codec's: when encoded)
     for path, key in usable.items():
@@ -154,22 +192,21 @@ def prepare_audio(refs: list, cache_dir: str, codec_name: str, codec_revision, m
     out.seconds = {p: cache.seconds(k) for p, k in usable.items()}
     out.problems = problems
     out.content = keys
-    phases.mark("code cache load")
     out.stats = {
         "references": len(refs), "files": len(paths),
         "distinct": len(set(keys.values())) + len(problems.keys() - keys.keys()),
         "cached": len(set(keys.values()) - rep.keys()),  # recordings, as "encoded" counts them
-        "encoded": len(todo) - len(failed), "failed": len(problems),
-        "audio_hours": sum(out.seconds.values()) / 3600, "encoded_hours": encoded_seconds / 3600,
-        "encode_seconds": t_enc, "seconds": time.perf_counter() - t0, "cache": str(cache.dir),
+        "encoded": len(rep) - len(failed), "failed": len(problems), "audio_hours": sum(out.seconds.values()) / 3600,
+        "cache": str(cache.dir),
     }
     return out
 
 
 def _encode(mine: list, shown: dict, cache: CodeCache, codec_name, codec_revision, max_seconds, env: DistEnv,
-            num_workers: int, quiet: bool, total: int, audio: AudioConditioning = None):
+            num_workers: int, quiet: bool, total: int, audio: AudioConditioning = None, get_codec=None):
+    """``get_codec``: -> the codec, kept by the caller (a rank encoding piece after piece loads it once)."""
     audio = audio or AudioConditioning()
-    codec = load_codec(codec_name, codec_revision, device=env.device)
+    codec = get_codec() if get_codec else load_codec(codec_name, codec_revision, device=env.device)
     writer = cache.writer()
     items = [(path, shown[path]) for _, path in mine]
     rule = DurationRule(codec.min_seconds, audio.min_seconds, max_seconds, audio.trim_silence)
@@ -199,7 +236,7 @@ def _encode(mine: list, shown: dict, cache: CodeCache, codec_name, codec_revisio
         writer.flush()  # whatever was encoded survives an interruption
         bar.close()
     del codec
-    if env.device.type == "cuda":
+    if env.device.type == "cuda" and not get_codec:
         torch.cuda.empty_cache()
     return seconds, problems
 

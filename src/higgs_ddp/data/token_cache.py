@@ -60,6 +60,7 @@ class TokenCache:
         self.index: dict = {}  # entry key -> (shard, row)
         self.shards: list = []  # dicts of arrays
         self.damaged: list = []
+        self.pending: list = []  # shards tokenized, not yet written (``write_pending``)
         self.refresh()
 
     def refresh(self) -> None:
@@ -86,10 +87,10 @@ class TokenCache:
         a, b = shard["offsets"][i], shard["offsets"][i + 1]
         return shard["input_ids"][a:b], shard["label_ids"][a:b], int(shard["audio"][i])
 
-    def tokenize(self, todo: list) -> dict:
+    def tokenize(self, todo: list, write: bool = True) -> dict:
         """``todo``: (key, chatml, sample id). Tokenizes them, keeps them (in a new shard on disk, where this
-        tokenizer is cached) and -> {key: message} for the conversations that cannot be tokenized (reported
-        every time, not kept)."""
+        tokenizer is cached; ``write=False``: in memory until ``write_pending``) and -> {key: message} for the
+        conversations that cannot be tokenized (reported every time, not kept)."""
         keys, ids, labels, audio, failed = [], [], [], [], {}
         for key, chatml, sample_id in todo:
             try:
@@ -107,6 +108,32 @@ class TokenCache:
         np.cumsum([len(x) for x in ids], out=offsets[1:])
         shard = {"input_ids": np.concatenate(ids), "label_ids": np.concatenate(labels), "offsets": offsets,
                  "audio": np.asarray(audio, dtype=np.int32), "keys": np.stack(keys)}
+        if not write:
+            self.pending.append(shard)
+        else:
+            self._write(shard)
+        s = len(self.shards)
+        self.shards.append(shard)
+        self.index.update((bytes(k), (s, i)) for i, k in enumerate(keys))
+        return failed
+
+    def write_pending(self) -> None:
+        """What ``tokenize(..., write=False)`` kept in memory, as one shard (a rank preparing piece after piece
+        writes one, not one per piece)."""
+        if self.pending:
+            ids, labels, offsets, shift = [], [], [np.zeros(1, np.int64)], 0
+            for shard in self.pending:
+                ids.append(shard["input_ids"])
+                labels.append(shard["label_ids"])
+                offsets.append(shard["offsets"][1:] + shift)
+                shift += int(shard["offsets"][-1])
+            self._write({"input_ids": np.concatenate(ids), "label_ids": np.concatenate(labels),
+                         "offsets": np.concatenate(offsets),
+                         "audio": np.concatenate([shard["audio"] for shard in self.pending]),
+                         "keys": np.concatenate([shard["keys"] for shard in self.pending])})
+        self.pending = []
+
+    def _write(self, shard: dict) -> None:
         if self.dir is not None:
             name = f"part-{uuid.uuid4().hex}.safetensors"
             try:
@@ -115,10 +142,6 @@ class TokenCache:
                     save_file(shard, str(tmp))
             except OSError:  # a read-only data folder: kept in memory only (the other ranks tokenize it too)
                 pass
-        s = len(self.shards)
-        self.shards.append(shard)
-        self.index.update((bytes(k), (s, i)) for i, k in enumerate(keys))
-        return failed
 
     def remove_damaged(self) -> None:
         """One process only: the shards that could not be read (their entries are in newer ones now)."""

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 from helpers import (QUIET, RESUME_RUN, TINY, assert_same_weights, cached_corpus, cached_corpus_config,
-                     cached_corpus_overrides, final_weights, rows, tiny_config)
+                     cached_corpus_overrides, final_weights, index_files, rows, tiny_config)
 
 from higgs_ddp.config import load_config
-from higgs_ddp.data import corpus_index
+from higgs_ddp.data import corpus_index, piece_prepare
 from higgs_ddp.data.batching import StepBatchSampler, TokenBudgetBatchSampler
 from higgs_ddp.data.corpus_index import IndexedRecords
 from higgs_ddp.data.dataset import DataError, ManifestDataset, fingerprint, load_data
@@ -45,6 +45,18 @@ config = cached_corpus_config
 
 def load(cfg, tokenizer, quiet=True):
     return load_data(cfg, DistEnv(), tokenizer, model_config(cfg, tokenizer), quiet=quiet)
+
+
+def load_whole(cfg, tokenizer, monkeypatch, quiet=True):
+    """The full way, in one process (the cold start before pieces, piece_prepare.py): the reference."""
+    with monkeypatch.context() as m:
+        m.setattr(piece_prepare, "applies", lambda cfg: False)
+        return load(cfg, tokenizer, quiet)
+
+
+def rebuilt(out: str) -> bool:
+    """The start built the index (in pieces, or the full way)."""
+    return "wrote the prepared index" in out or "; joined into " in out
 
 
 def fresh(corpus):
@@ -89,13 +101,21 @@ VARIANTS = pytest.mark.parametrize("extra", [(), ("data.max_tokens_per_batch=120
                                    ids=["fixed", "token-budget", "same-speaker"])
 
 
-def index_equals_full_load(corpus, tmp_path, tokenizer, capsys, extra, micro_batches) -> None:
+def index_equals_full_load(corpus, tmp_path, tokenizer, capsys, monkeypatch, extra, micro_batches) -> None:
     """The full load (which writes the index), then a start from the index: the same samples, report and
-    fingerprint, and each rank's first ``micro_batches`` (None: two epochs) the same for 1 and 2 ranks."""
+    fingerprint, and each rank's first ``micro_batches`` (None: two epochs) the same for 1 and 2 ranks; the
+    index a cold start prepares in pieces (in 3 pieces here) is the full load's, byte for byte."""
     cfg = config(corpus, tmp_path, *extra)
     fresh(corpus)
-    full = load(cfg, tokenizer, quiet=False)
+    full = load_whole(cfg, tokenizer, monkeypatch, quiet=False)
     assert isinstance(full.train, list) and "no prepared index" in capsys.readouterr().out
+    if piece_prepare.applies(cfg):
+        reference = index_files(index_folder(corpus))
+        fresh(corpus)
+        monkeypatch.setattr(piece_prepare, "PIECE_LINES", len(full.train + full.val) // 3 + 1)
+        pieced = load(cfg, tokenizer, quiet=False)
+        assert "3 piece(s)" in capsys.readouterr().out and isinstance(pieced.train, IndexedRecords)
+        assert index_files(index_folder(corpus)) == reference
     warm = load(cfg, tokenizer, quiet=False)
     out = capsys.readouterr().out
     assert isinstance(warm.train, IndexedRecords) and "from the prepared index" in out, out
@@ -116,15 +136,16 @@ def index_equals_full_load(corpus, tmp_path, tokenizer, capsys, extra, micro_bat
 
 
 @VARIANTS
-def test_index_start_yields_the_full_loads_batches(corpus, tmp_path, tokenizer, capsys, extra):
-    index_equals_full_load(corpus, tmp_path, tokenizer, capsys, extra, 60)
+def test_index_start_yields_the_full_loads_batches(corpus, tmp_path, tokenizer, capsys, monkeypatch, extra):
+    index_equals_full_load(corpus, tmp_path, tokenizer, capsys, monkeypatch, extra, 60)
 
 
 @pytest.mark.extended
 @VARIANTS
-def test_at_10k_clips_the_index_start_yields_the_full_loads_batches(big_corpus, tmp_path, tokenizer, capsys, extra):
+def test_at_10k_clips_the_index_start_yields_the_full_loads_batches(big_corpus, tmp_path, tokenizer, capsys, monkeypatch,
+                                                                   extra):
     """Issue 31's proof at its size: 10k clips, two whole epochs of batches per rank, 1 and 2 ranks."""
-    index_equals_full_load(big_corpus, tmp_path, tokenizer, capsys, extra, None)
+    index_equals_full_load(big_corpus, tmp_path, tokenizer, capsys, monkeypatch, extra, None)
 
 
 def test_the_full_load_parses_each_manifest_once_and_writing_the_index_none(corpus, tmp_path, tokenizer, monkeypatch):
@@ -138,7 +159,7 @@ def test_the_full_load_parses_each_manifest_once_and_writing_the_index_none(corp
     for module in (dataset, corpus_index):
         monkeypatch.setattr(module, "read_manifest", lambda path, *a: parsed.append(path) or real(path, *a),
                             raising=False)
-    data = load(cfg, tokenizer)
+    data = load_whole(cfg, tokenizer, monkeypatch)
     assert parsed == list(cfg.data.manifest) and index_folder(corpus).is_dir()
     assert "index write" in data.report["startup_seconds"]
     assert data.report["startup_seconds"].keys() == data.report["startup_cpu_seconds"].keys()
@@ -197,7 +218,7 @@ def test_prepare_writes_the_index_the_first_training_start_maps(corpus, tmp_path
     full = load(cfg, tokenizer)
     fresh(corpus)
     assert prepare(["--config", str(TINY), *argv]) == 0
-    assert "wrote the prepared index" in capsys.readouterr().out
+    assert rebuilt(capsys.readouterr().out)
     built = no_manifest_parse(monkeypatch)
     warm = load(cfg, tokenizer)
     assert isinstance(warm.train, IndexedRecords) and built == []
@@ -226,8 +247,8 @@ def test_changes_since_the_index_was_built_are_noticed(corpus, tmp_path, tokeniz
     first = json.loads(lines[0])
     manifest.write_text("\n".join([json.dumps({**first, "text": first["text"] + " Again."}), *lines[1:]]) + "\n")
     data, out = start()
-    assert f"manifest {manifest} changed" in out and isinstance(data.train, list)
-    edited = next(r for r in data.train + data.val if r.id == first["id"])
+    assert f"manifest {manifest} changed" in out and rebuilt(out)
+    edited = next(r for r in list(data.train) + list(data.val) if r.id == first["id"])
     data, out = start()
     assert isinstance(data.train, IndexedRecords)
     assert len(next(r for r in list(data.train) + list(data.val) if r.id == first["id"]).input_ids) == len(edited.input_ids)
@@ -249,8 +270,8 @@ def test_changes_since_the_index_was_built_are_noticed(corpus, tmp_path, tokeniz
     tmp.write_bytes(other.read_bytes())
     os.replace(tmp, wav)
     data, out = start()
-    assert f"audio folder {wav.parent} changed" in out and isinstance(data.train, list)
-    by_id = {r.id: r for r in data.train + data.val}
+    assert f"audio folder {wav.parent} changed" in out and rebuilt(out)
+    by_id = {r.id: r for r in list(data.train) + list(data.val)}
     assert np.array_equal(by_id[f"clip{int(wav.stem):07d}"].codes[0], by_id[f"clip{int(other.stem):07d}"].codes[0])
     data, out = start()
     assert isinstance(data.train, IndexedRecords)
@@ -276,18 +297,20 @@ def test_damaged_or_foreign_index_is_named_and_rebuilt(corpus, tmp_path, tokeniz
 
     column.write_bytes(column.read_bytes()[:-40])  # cut short: never read as zeros
     data, out = start()
-    assert f"index file {column} is damaged" in out and isinstance(data.train, list)
-    assert out.count(str(column)) == 1 and "wrote the prepared index" in out
+    assert f"index file {column} is damaged" in out and rebuilt(out)
+    assert out.count(str(column)) == 1
     data, out = start()
     same_records(full.train, data.train)
     (folder / "header.json").write_text("{\"format\": 1, \"colu")
     data, out = start()
-    assert f"index file {folder / 'header.json'} is damaged" in out and isinstance(data.train, list)
-    header = json.loads((folder / "header.json").read_text())
-    (folder / "header.json").write_text(json.dumps({**header, "format": 0}))
-    data, out = start()
-    line = next(x for x in out.splitlines() if "format" in x)
-    assert f"index {folder} was written in index format 0, this version reads format {corpus_index.FORMAT}" in line
+    assert f"index file {folder / 'header.json'} is damaged" in out and rebuilt(out)
+    for other in (0, corpus_index.FORMAT + 1):  # an older version's index, a newer one's: named, and rebuilt
+        header = json.loads((folder / "header.json").read_text())
+        (folder / "header.json").write_text(json.dumps({**header, "format": other}))
+        data, out = start()
+        line = next(x for x in out.splitlines() if "format" in x)
+        assert f"index {folder} was written in index format {other}, this version reads format " \
+               f"{corpus_index.FORMAT}" in line and rebuilt(out)
     data, out = start()
     assert isinstance(data.train, IndexedRecords)
     same_records(full.train, data.train)

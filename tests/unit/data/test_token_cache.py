@@ -93,7 +93,7 @@ def test_changed_tokenizer_or_prompt_is_tokenized_again(corpus, tmp_path, tokeni
     edited.write_text("\n".join([json.dumps({**first, "text": first["text"] + " Again."}), *lines[1:]]) + "\n")
     changed = load(config(corpus, tmp_path, f"data.manifest={edited}", "data.val_fraction=0"), tokenizer)
     record = next(r for r in changed.train if r.id == first["id"])
-    before = next(r for r in base.train + base.val if r.id == first["id"])
+    before = next(r for r in list(base.train) + list(base.val) if r.id == first["id"])
     assert len(record.input_ids) == len(before.input_ids) + len(" Again.")  # a byte tokenizer: 1 token per byte
 
 
