@@ -233,8 +233,9 @@ def check_index(folder: Path) -> dict:
         except OSError:
             now = None
         if now != mtime:
-            raise IndexInvalid(f"audio folder {f} changed since the index was built (a file added, removed or "
-                               f"replaced)")
+            what = ("audio folder", "a file added, removed or replaced") if f.endswith(os.sep) or os.path.isdir(f) \
+                else ("shard", "rewritten")  # data/members.watched: a member's shard itself
+            raise IndexInvalid(f"{what[0]} {f} changed since the index was built ({what[1]})")
     for c in header["code_files"]:
         path = folder / OWN_CODES if c["path"] == OWN_CODES else Path(c["path"])
         try:

@@ -36,6 +36,7 @@ from higgs_ddp.config import Config
 from higgs_ddp.data.code_cache import CodeCache, FileHashes
 from higgs_ddp.data.corpus_index import record_columns
 from higgs_ddp.data.manifest import read_manifest
+from higgs_ddp.data.members import watched
 from higgs_ddp.data.phases import Phases
 from higgs_ddp.data.references import without_reference
 from higgs_ddp.data.token_cache import TokenCache, entry_key
@@ -137,7 +138,7 @@ class PieceBuilder:
         d, mc, full = self.cfg.data, self.mc, self.full
         m, is_val, start, stop, first = piece
         entries, line_problems = read_manifest(self.listed[m], d.root, d.allow_outside_root, start, stop, first)
-        folders = {str(r.path.parent) for e in entries for r in e.audio}
+        folders = {str(watched(r.path)) for e in entries for r in e.audio}  # a member: its shard
         replaced = np.zeros(len(entries), bool)
         if d.reference != "given":
             kept = [without_reference(e) for e in entries]

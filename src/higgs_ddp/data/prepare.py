@@ -154,7 +154,7 @@ def prepare_local(refs: list, cache: CodeCache, hashes: FileHashes, codec_name: 
     for r in refs:
         shown.setdefault(r.path, r.shown)
     paths = sorted(shown)
-    k, problems = _hash_share(paths, shown, hashes, DistEnv())
+    k, problems = _hash_share(paths, shown, hashes)
     keys = {path: key for path, key in zip(paths, k) if key is not None}
     rep = {key: path for path, key in sorted(keys.items()) if key not in cache}
     todo = sorted(rep.items())
