@@ -12,8 +12,8 @@ too short or silent to embed) counts as -1, the lowest cosine.
 
 A chosen candidate must pass every filter (``Filters``): it stopped by itself, holds no codes outside the
 codebook, is not silent, and, where measured, has CER <= ``max_cer`` and speaker similarity >= ``min_sim``.
-The pair is the best candidate that passes against the worst candidate of all (NeMo Magpie-TTS's DPO
-recipe: the chosen under a CER threshold, the rejected the worst), when the chosen's reward is above the
+The pair is the best candidate that passes against the worst candidate of all that holds audio (NeMo
+Magpie-TTS's DPO recipe: the chosen under a CER threshold, the rejected the worst), when the chosen's reward is above the
 rejected's by more than ``min_margin``; otherwise the prompt has no pair, and the reason says why.
 """
 
@@ -125,15 +125,18 @@ class Choice:
 
 
 def choose_pair(candidates: list[dict], filters: Filters) -> Choice:
-    """``candidates``: each with "reward" and "rejections" (the lists above), in candidate order. The best
-    valid candidate against the worst of all; ties go to the lower index, so the choice is deterministic."""
+    """``candidates``: each with "reward", "rejections" (the lists above) and "frames", in candidate order.
+    The best valid candidate against the worst of all that hold at least one frame (a pair's codes are never
+    empty: a model that ends its audio at once shows in the rewards and counts, not as a candidate to
+    train against). Ties go to the lower index, so the choice is deterministic."""
     if len(candidates) < 2:
         return Choice(None, None, "fewer than 2 candidates")
     valid = [i for i, c in enumerate(candidates) if not c["rejections"]]
     if not valid:
         return Choice(None, None, "no candidate passes the filters for a chosen one")
     chosen = max(valid, key=lambda i: (candidates[i]["reward"], -i))
-    rejected = min(range(len(candidates)), key=lambda i: (candidates[i]["reward"], i))
+    spoken = [i for i, c in enumerate(candidates) if c["frames"] > 0]
+    rejected = min(spoken, key=lambda i: (candidates[i]["reward"], i))
     margin = candidates[chosen]["reward"] - candidates[rejected]["reward"]
     if chosen == rejected or not margin > filters.min_margin:
         return Choice(None, None, f"no candidate is worse than the best valid one by more than "

@@ -42,14 +42,13 @@ from higgs_ddp.data.manifest import reference_problem
 from higgs_ddp.errors import HiggsError, InputError, report
 from higgs_ddp.evaluation.generation import Sampling, flag_name
 from higgs_ddp.evaluation.reward import Filters, RewardConfig, Weights, choose_pair, rejections, reward
-from higgs_ddp.runtime.files import atomic_file, atomic_folder, write_json_atomic, write_text_atomic
+from higgs_ddp.runtime.files import atomic_file, write_json_atomic, write_text_atomic
 from higgs_ddp.runtime.launch_options import LAUNCH_HELP
 
-FORMAT = 1
 PROMPT_KEYS = ("id", "text", "ref_audio", "ref_text", "reference_audio", "reference_text", "speaker_audio",
                "speaker", "language", "speaking_rate")
 DEFAULT_ASR, DEFAULT_SPEAKER = "openai/whisper-large-v3", "microsoft/wavlm-base-plus-sv"
-SHARD_PAIRS = 256  # pairs per codes/part-*.safetensors
+SHARD_PAIRS = 256  # pairs per codes/part-*.safetensors (two candidates each)
 WORK, SETTINGS, IDENTITY = "work", "settings.json", "identity.json"
 
 
@@ -231,7 +230,7 @@ def check_settings(work: Path, settings: dict) -> None:
 
 def judge(record: dict, config: RewardConfig) -> tuple[list[dict], object]:
     """A prompt's candidates with their reward and rejections, and the pair chosen among them."""
-    judged = [{**c, "reward": reward(c["scores"], config.weights),
+    judged = [{**c, "reward": reward(c["scores"], config.weights), "frames": c["scores"]["frames"],
                "rejections": rejections(c["scores"], config.filters)} for c in record["candidates"]]
     return judged, choose_pair(judged, config.filters)
 
@@ -247,13 +246,18 @@ def pair_line(prompt: dict, chosen: dict, rejected: dict) -> dict:
 
 
 def assemble(out: Path, prompts: list[dict], config: RewardConfig, header: dict) -> dict:
-    """pairs.jsonl, codes/, candidates.jsonl, unpaired.jsonl and prefs.json from the work records (rank 0,
-    once every prompt is done). Pairs are chosen here, from the recorded scores: -> the counts."""
+    """candidates.jsonl, unpaired.jsonl, then pairs.jsonl, codes/ and prefs.json (data/preferences.py
+    ``write_pairs``) from the work records (rank 0, once every prompt is done). Pairs are chosen here, from
+    the recorded scores: -> the counts."""
+    import shutil
+
     from safetensors import safe_open
 
+    from higgs_ddp.data.preferences import CODES, HEADER, write_pairs
+
     work = out / WORK
-    (out / "prefs.json").unlink(missing_ok=True)  # written last: its absence says the folder is not whole
-    pairs, candidates, unpaired, codes = [], [], [], []
+    (out / HEADER).unlink(missing_ok=True)  # written last: until then the reader refuses the folder
+    pairs, candidates, unpaired, codes = [], [], [], {}
     for prompt in prompts:
         record = read_record(work, prompt)
         if record is None:
@@ -262,40 +266,26 @@ def assemble(out: Path, prompts: list[dict], config: RewardConfig, header: dict)
         judged, choice = judge(record, config)
         role = {choice.chosen: "chosen", choice.rejected: "rejected"}
         for c in judged:
-            candidates.append({"id": prompt["id"], "index": c["index"], "seed": c["seed"], "key": f"{prompt['id']}/c{c['index']}",
-                               "reward": c["reward"], "role": role.get(c["index"]), "rejections": c["rejections"],
-                               **c["scores"]})
+            candidates.append({"id": prompt["id"], "index": c["index"], "seed": c["seed"],
+                               "key": f"{prompt['id']}/c{c['index']}", "reward": c["reward"],
+                               "role": role.get(c["index"]), "rejections": c["rejections"], **c["scores"]})
         if choice.chosen is None:
             unpaired.append({"id": prompt["id"], "line": prompt["line"], "text": prompt["text"], "why": choice.why,
                              "rewards": [c["reward"] for c in judged]})
             continue
-        shard = f"codes/part-{len(pairs) // SHARD_PAIRS:05d}.safetensors"
         ends = {}
         with safe_open(str(work / record["codes"]), framework="pt") as f:
             for which, i in (("chosen", choice.chosen), ("rejected", choice.rejected)):
                 key = f"{prompt['id']}/c{i}"
-                codes.append((shard, key, f.get_tensor(f"c{i}")))
-                ends[which] = {"codes": shard, "key": key, "seed": judged[i]["seed"], "reward": judged[i]["reward"]}
+                codes[key] = f.get_tensor(f"c{i}").numpy()
+                ends[which] = {"key": key, "seed": judged[i]["seed"], "reward": judged[i]["reward"]}
         pairs.append(pair_line(prompt, ends["chosen"], ends["rejected"]))
-    write_codes(out / "codes", codes)
-    for name, lines in (("pairs.jsonl", pairs), ("candidates.jsonl", candidates), ("unpaired.jsonl", unpaired)):
+    for name, lines in (("candidates.jsonl", candidates), ("unpaired.jsonl", unpaired)):
         write_text_atomic(out / name, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
     counts = {"prompts": len(prompts), "pairs": len(pairs), "unpaired": len(unpaired)}
-    write_json_atomic(out / "prefs.json", {**header, "counts": counts}, indent=2)
+    shutil.rmtree(out / CODES, ignore_errors=True)  # an earlier build's shards: write_pairs adds, never removes
+    write_pairs(out, {**header, "counts": counts}, pairs, codes, SHARD_PAIRS * 2)
     return counts
-
-
-def write_codes(folder: Path, codes: list) -> None:
-    """The pairs' codes, int16 (num_codebooks, frames) named by key, in whole shards; the folder replaced
-    whole, so no shard of an earlier build is left behind."""
-    from safetensors.torch import save_file
-
-    shards: dict = {}
-    for shard, key, tensor in codes:
-        shards.setdefault(shard, {})[key] = tensor
-    with atomic_folder(folder) as tmp:
-        for shard, tensors in shards.items():
-            save_file(tensors, str(tmp / Path(shard).name))
 
 
 # --- the build -------------------------------------------------------------------------------------------
@@ -394,13 +384,11 @@ def _generate(args, env, todo: list, sampling: Sampling, found: dict, work: Path
 def identity(args, loaded) -> dict:
     """What the pairs' codes and tokens belong to (the reader checks these against its run): the model's
     codec, codebooks and tokenizer, and which weights generated the candidates."""
-    from higgs_ddp.data.codec import codec_identity
-    from higgs_ddp.data.token_cache import tokenizer_key
+    from higgs_ddp.data.preferences import run_identity
 
     cfg, mc = loaded.cfg, loaded.model.config
-    return {"codec": codec_identity(cfg.data.codec, cfg.data.codec_revision),
-            "num_codebooks": mc.audio_num_codebooks, "codebook_size": mc.audio_codebook_size,
-            "tokenizer": tokenizer_key(loaded.tokenizer) or cfg.model.tokenizer or cfg.model.path,
+    return {**run_identity(cfg.data.codec, cfg.data.codec_revision, loaded.tokenizer, mc.audio_num_codebooks,
+                           mc.audio_codebook_size),
             "model": {"path": str(args.model), "kind": loaded.kind, "source": str(loaded.source),
                       "step": loaded.step}}
 
@@ -417,7 +405,7 @@ def read_identity(work: Path) -> dict:
 
 def _header(args, prompts, sampling: Sampling, config: RewardConfig, found: dict, skipped: dict) -> dict:
     """prefs.json, less the model's identity: how the pairs were made."""
-    return {"format": FORMAT, "reward": config.as_dict(), "candidates": args.candidates, "seed": args.seed,
+    return {"reward": config.as_dict(), "candidates": args.candidates, "seed": args.seed,
             "sampling": asdict(sampling), "prompts": str(args.prompts),
             "scorers": {"used": {k: v for k, v in found.items() if v}, "skipped": skipped,
                         "detectors": ["stopped", "silence_fraction", "chars_per_second", "clipped_fraction",
