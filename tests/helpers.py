@@ -463,3 +463,37 @@ def prefs_files(out: Path) -> dict:
         files[p.relative_to(out).as_posix()] = {k: v.numpy().tobytes() + str(v.shape).encode()
                                                 for k, v in load_file(str(p)).items()}
     return files
+
+
+# Preference pairs for the tiny model (unit/data/test_pair_data.py, unit/training/test_dpo.py,
+# distributed/test_dpo_equivalence.py).
+def write_tiny_pairs(folder: Path, prompts: int = 8, pairs_per_prompt: int = 1, seed: int = 0,
+                     chosen_frames=(4, 8), rejected_frames=(10, 16), reference: bool = False) -> Path:
+    """A preferences folder (data/preferences.py) for configs/tiny.yaml: random codes, the chosen candidates
+    shorter than the rejected ones; ``reference``: every prompt clones a reference given as .npy codes."""
+    from higgs_ddp.data.preferences import run_identity, write_pairs
+    from higgs_ddp.data.tiny_tokenizer import build_tiny_tokenizer
+
+    rng = np.random.default_rng(seed)
+    tokenizer = build_tiny_tokenizer(vocab_size=272)  # as load_tokenizer builds configs/tiny.yaml's
+    header = {**run_identity("tiny", None, tokenizer, 4, 64), "model": "random codes", "candidates": 2,
+              "seed": seed}
+    codes, lines = {}, []
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(prompts):
+        extra = {}
+        if reference:
+            np.save(folder / f"ref{i}.npy", rng.integers(0, 64, (4, 6)).astype(np.int16))
+            extra = {"ref_audio_codes": f"ref{i}.npy", "ref_text": "quick the"}
+        for j in range(pairs_per_prompt):
+            c, r = f"p{i}/c{j}", f"p{i}/r{j}"
+            codes[c] = rng.integers(0, 64, (4, int(rng.integers(*chosen_frames))))
+            codes[r] = rng.integers(0, 64, (4, int(rng.integers(*rejected_frames))))
+            lines.append({"id": f"p{i}", "text": f"the quick fox {i} jumps", **extra,
+                          "chosen": {"key": c, "seed": 2 * j, "reward": 1.0},
+                          "rejected": {"key": r, "seed": 2 * j + 1, "reward": 0.0}})
+    return write_pairs(folder, header, lines, codes)
+
+
+def dpo_overrides(pairs: Path, *more) -> tuple:
+    return ("train.objective=dpo", f"data.preferences={pairs}", *more)

@@ -215,10 +215,16 @@ class DataConfig(Section):
     reference: str = choice("given", "same_speaker", "none", neutral=True)
     # same_speaker: [shortest, longest]
     reference_seconds: list = setting(factory=lambda: [3.0, 10.0], neutral=True)
+    # train.objective=dpo: the preference pairs, DIR/pairs.jsonl as `higgs-ddp prefs build` writes it
+    # (data/preferences.py), and optionally held-out pairs to validate on (or data.val_fraction of the prompts)
+    preferences: Optional[str] = setting(path="path")
+    val_preferences: Optional[str] = setting(path="path")
 
     def check_rules(self) -> None:
         if self.val_manifest and self.val_fraction:
             raise ConfigError("give data.val_manifest or data.val_fraction, not both")
+        if self.val_preferences and self.val_fraction:
+            raise ConfigError("give data.val_preferences or data.val_fraction, not both")
         r = self.reference_seconds
         if len(r) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in r) \
                 or not 0 < r[0] <= r[1]:
@@ -280,6 +286,13 @@ class TrainConfig(Section):
     # on a GPU, refuse a run whose weights, gradients and AdamW state alone exceed it (training/memory_plan.py)
     check_memory: bool = setting(True, neutral=True)
     fsdp: FsdpSettings = field(default_factory=FsdpSettings)
+    # "sft": supervised next-token loss on data.manifest | "dpo": preference optimisation on data.preferences
+    # (the dpo section; docs/preferences.md)
+    objective: str = choice("sft", "dpo")
+    # start from an earlier fine-tune: a run folder, checkpoint or (unmerged) export, its trained weights merged
+    # into the base as `export --merge` does; this run's train.mode then trains on top (a new adapter for lora).
+    # Under dpo that starting model is the reference.
+    init_from: Optional[str] = setting(path="path")
 
     def check_rules(self) -> None:
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
@@ -293,6 +306,18 @@ class TrainConfig(Section):
             raise ConfigError("train.text_weight and train.audio_weight are both 0: nothing would be learned")
         if not self.resume:
             raise ConfigError("train.resume must be auto, never or a checkpoint folder")
+
+
+@dataclass
+class DpoSettings(Section):  # train.objective=dpo (dpo_loss.py; docs/preferences.md)
+    NAME = "dpo"
+    # the KL strength: how far the policy may move from the reference. TRL's DPOTrainer defaults to 0.1;
+    # NeMo's Magpie-TTS recipe uses 0.01 with lr 2e-7 on a full model (smaller beta: larger moves allowed)
+    beta: float = ranged(0.1, 0, low_open=True)
+    # TRL's rpo_alpha: adds sft_weight x the chosen candidates' supervised loss (0: pure DPO)
+    sft_weight: float = ranged(0.0, 0)
+    # compare per-target log-probabilities (each candidate's sum / its targets): length does not decide alone
+    length_normalized: bool = False
 
 
 @dataclass
@@ -393,6 +418,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    dpo: DpoSettings = field(default_factory=DpoSettings)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
@@ -407,9 +433,35 @@ class Config:
         """Every range, choice and rule of the config, before any model or data is loaded."""
         for section in self.sections():
             section.validate()
-        if self.eval.every and not (self.data.val_manifest or self.data.val_fraction):
-            raise ConfigError(f"eval.every needs a validation set: data.val_manifest or data.val_fraction "
+        dpo = self.train.objective == "dpo"
+        val = (self.data.val_preferences if dpo else self.data.val_manifest) or self.data.val_fraction
+        if self.eval.every and not val:
+            first = "data.val_preferences" if dpo else "data.val_manifest"
+            raise ConfigError(f"eval.every needs a validation set: {first} or data.val_fraction "
                               f"(or eval.every=0), got eval.every={self.eval.every} without either")
+        self.check_objective()
+
+    def check_objective(self) -> None:
+        """The settings train.objective=dpo needs, and the ones it cannot use (one line each)."""
+        d, t = self.data, self.train
+        if t.objective == "sft":
+            if d.preferences or d.val_preferences:
+                raise ConfigError("data.preferences is read by train.objective=dpo only; this run is sft (it trains "
+                                  "on data.manifest): set train.objective=dpo or leave data.preferences out")
+            return
+        if not d.preferences:
+            raise ConfigError("train.objective=dpo needs data.preferences: DIR/pairs.jsonl as `higgs-ddp prefs build "
+                              "--out DIR` writes it")
+        if d.val_manifest:
+            raise ConfigError("train.objective=dpo validates on preference pairs: data.val_preferences or "
+                              "data.val_fraction, not data.val_manifest")
+        if d.max_tokens_per_batch:
+            raise ConfigError("train.objective=dpo batches pairs by train.micro_batch_size; "
+                              "data.max_tokens_per_batch is not supported with it: set it to 0")
+        if t.mode != "lora":
+            raise ConfigError(f"train.objective=dpo works with train.mode=lora (the reference is the starting model "
+                              f"with the adapter switched off); train.mode={t.mode} needs a frozen reference copy, "
+                              f"not built yet")
 
 
 def marked_keys(mark: str, value=True, cls=Config, prefix="", section_neutral=False) -> set[str]:

@@ -157,10 +157,15 @@ def apply_training_mode(model, cfg: Config):
     return get_peft_model(model, lora)
 
 
-def build_for_training(cfg: Config, tokenizer, dtype: torch.dtype, device=None) -> nn.Module:
+def build_for_training(cfg: Config, tokenizer, dtype: torch.dtype, device=None, base=None) -> nn.Module:
     """The model a run trains: built, wrapped for train.mode, with the trainable weights in fp32 (under bf16
-    autocast too) so that their updates and AdamW state keep full precision."""
-    model = apply_training_mode(build_model(cfg, tokenizer, dtype=dtype, device=device), cfg)
+    autocast too) so that their updates and AdamW state keep full precision. ``base``: the HiggsAudioModel to
+    start from instead of ``build_model``'s (train.init_from: an earlier fine-tune merged into its base)."""
+    if base is None:
+        base = build_model(cfg, tokenizer, dtype=dtype, device=device)
+    else:
+        torch.manual_seed(cfg.train.seed)  # the new adapter's init, whatever building the base drew
+    model = apply_training_mode(base, cfg)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()

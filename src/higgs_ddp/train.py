@@ -12,7 +12,6 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:
@@ -49,7 +48,7 @@ def train(cfg: Config) -> dict:
             check_manifests(cfg)  # a missing manifest makes no folder
             lock = hold_output_dir(cfg.output_dir, env)  # before anything is written there (rank 0 holds it)
             held = True
-            trainer = Trainer(cfg, env)  # setup
+            trainer = Trainer(cfg, env, base=starting_base(cfg))  # setup
             t = cfg.train
             ckpt, note, start = resume_from(cfg.output_dir, t.resume, env, load=trainer.resume)
             start = start if ckpt else 0  # what trainer.resume returned: the checkpoint's step
@@ -83,7 +82,7 @@ def train(cfg: Config) -> dict:
                 r = trainer.train_step(micro)
                 done = step
                 dt = time.perf_counter() - t0
-                last = {"step": step, **asdict(r), "lr": lr, "tokens_per_s": r.tokens / dt, "step_time_s": dt,
+                last = {"step": step, **r.row(), "lr": lr, "tokens_per_s": r.tokens / dt, "step_time_s": dt,
                         "skipped_steps": trainer.skipped_steps, **trainer.memory()}
                 evaluated = between_steps(trainer, log, step)  # validation, listening samples, best/
                 val, heard = evaluated["val"] or val, evaluated["samples"] or heard
@@ -92,7 +91,7 @@ def train(cfg: Config) -> dict:
                     if r.skipped:
                         tqdm.write(f"step {step}: non-finite loss or gradient, step skipped "
                                    f"({trainer.skipped_steps} so far)")
-                    bar.set_postfix(loss=f"{r.loss:.3f}", text=f"{r.text_loss:.3f}", audio=f"{r.audio_loss:.3f}",
+                    bar.set_postfix(loss=f"{r.loss:.3f}", **r.progress(),
                                     **({"val": f"{val['loss']:.3f}"} if val else {}), **progress_fields(heard),
                                     lr=f"{lr:.2e}", tok_s=f"{r.tokens / dt:,.0f}")
                     bar.update(1)
@@ -146,6 +145,15 @@ def train(cfg: Config) -> dict:
             cleanup()
 
 
+def starting_base(cfg: Config):
+    """train.init_from: (tokenizer, dtype) -> the earlier fine-tune merged into its base, as export --merge
+    builds it (and as export and speak rebuild this run's base); None without it."""
+    if not cfg.train.init_from:
+        return None
+    from higgs_ddp.tools.export import base_model
+    return lambda tokenizer, dtype: base_model(cfg, tokenizer, dtype)
+
+
 def next_micro_batches(batches, n: int, stop) -> list | None:
     """The step's micro-batches; None when they could not be fetched while this rank is stopping (a
     DataLoader worker died of the same signal, say): the ranks then stop before this step and save."""
@@ -175,18 +183,15 @@ def between_steps(trainer, log, step: int) -> dict:
     without. -> {"val": the validation row, "samples": the samples' summary} (rank 0; each {} when not run)."""
     from tqdm import tqdm
 
-    from higgs_ddp.evaluation.validation import evaluate
-
     cfg, env = trainer.cfg, trainer.env
     e, last_step = cfg.eval, step == cfg.train.max_steps
     val, summary = {}, {}
     if len(trainer.val_dataset) and (last_step or (e.every and step % e.every == 0)):
-        val = {"step": step, **evaluate(trainer.validatable())}
+        row, line = trainer.validate()
+        val = {"step": step, **row}
         if env.is_main:
             log.val(val)
-            acc = ", ".join(f"{a:.2f}" for a in val["per_codebook_acc"])
-            tqdm.write(f"step {step}: validation loss {val['loss']:.4f} (text {val['text_loss']:.4f}, "
-                       f"audio {val['audio_loss']:.4f}; codebook accuracy {acc})")
+            tqdm.write(f"step {step}: {line}")
         if e.best_by == "val_loss":  # all-reduced: the same number on every rank
             trainer.evaluated(step, val["loss"])
     every = e.samples_every or e.every

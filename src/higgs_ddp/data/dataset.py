@@ -141,7 +141,9 @@ def _clip_seconds(r, found: dict, seconds: dict) -> float:
 
 
 def cache_dir(cfg: Config) -> str:
-    return cfg.data.cache_dir or str(Path(cfg.data.manifest[0]).parent / ".higgs_codes")
+    """data.cache_dir, by default beside the first manifest (or, training on preference pairs, beside them)."""
+    first = cfg.data.manifest[0] if cfg.data.manifest else cfg.data.preferences
+    return cfg.data.cache_dir or str(Path(first).parent / ".higgs_codes")
 
 
 def _tokens(entries: list, cfg: Config, env: DistEnv, tokenizer) -> tuple:
@@ -300,7 +302,11 @@ DEMO_DATA = "runs/tiny/data"  # where `make demo` writes the demo's corpus (Make
 
 def check_manifests(cfg: Config) -> None:
     """The manifests are there: nothing to skip to otherwise, so this is refused before any work (train calls
-    it before it takes the run's folder, so that nothing is made there)."""
+    it before it takes the run's folder, so that nothing is made there). A run on preference pairs reads them
+    instead (pair_data.check_preferences)."""
+    if cfg.train.objective == "dpo":
+        from higgs_ddp.data.pair_data import check_preferences
+        return check_preferences(cfg)
     if not cfg.data.manifest:
         raise ConfigError("data.manifest is required (one path or a list)")
     missing = [m for m in [*cfg.data.manifest, *cfg.data.val_manifest] if not Path(m).is_file()]

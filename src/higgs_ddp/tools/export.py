@@ -26,10 +26,10 @@ from typing import Optional
 
 import torch
 
-from higgs_ddp.config import Config
+from higgs_ddp.config import Config, ConfigError
 from higgs_ddp.errors import HiggsError, report
 from higgs_ddp.runtime.files import atomic_folder
-from higgs_ddp.tools.weights import Trained, trained_weights
+from higgs_ddp.tools.weights import ModelPathError, Trained, trained_weights
 from higgs_ddp.runtime.layout import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, CONFIG, EXPORT_RECORD, TRAINABLE
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -67,12 +67,13 @@ def merged_model(ckpt: Path, cfg: Config, tokenizer, dtype: torch.dtype = torch.
     fp32 before the one rounding to ``dtype``: the same bits as merging in fp32 and casting after. (peft's
     own merge rounds the delta to the base's dtype first, then the sum: two roundings.) Trained audio_ffn /
     full weights are fp32 in the checkpoint and rounded once as they are copied in."""
-    from higgs_ddp.model import apply_training_mode, build_for_training, build_model
+    from higgs_ddp.model import apply_training_mode, build_for_training
 
     if cfg.train.mode == "lora":
         from peft import set_peft_model_state_dict
 
-        model = build_for_training(cfg, tokenizer, dtype)  # the base in dtype, the adapter in fp32
+        # the base in dtype, the adapter in fp32
+        model = build_for_training(cfg, tokenizer, dtype, base=base_model(cfg, tokenizer, dtype))
         adapter = ckpt / ADAPTER_DIR if adapter is None else adapter
         saved = json.loads((adapter / ADAPTER_CONFIG).read_text())
         want = {"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "target_modules": sorted(cfg.lora.target_modules)}
@@ -90,7 +91,7 @@ def merged_model(ckpt: Path, cfg: Config, tokenizer, dtype: torch.dtype = torch.
         return merge_lora_once(model)
     from safetensors import safe_open
 
-    model = apply_training_mode(build_model(cfg, tokenizer, dtype=dtype), cfg)
+    model = apply_training_mode(base_model(cfg, tokenizer, dtype), cfg)
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
     path = ckpt / TRAINABLE
@@ -109,6 +110,40 @@ def merged_model(ckpt: Path, cfg: Config, tokenizer, dtype: torch.dtype = torch.
     except Exception as e:  # safetensors' own error type: a truncated or foreign file
         raise ExportError(f"cannot read {path}: {e}") from None
     return model
+
+
+def base_model(cfg: Config, tokenizer, dtype: torch.dtype = torch.float32):
+    """The HiggsAudioModel a run's trained weights apply to: the config's model, or with train.init_from the
+    earlier fine-tune it started from, merged into its own base (recursively: that one may have started from
+    another). Training builds its base here too (train.py), so export and speak rebuild exactly what trained."""
+    from higgs_ddp.model import build_model
+
+    if not cfg.train.init_from:
+        return build_model(cfg, tokenizer, dtype=dtype)
+    return starting_model(Path(cfg.train.init_from), cfg, tokenizer, dtype)
+
+
+MODEL_KEYS = ("path", "revision", "init", "config", "tokenizer")  # what makes two runs' bases the same shape
+
+
+def starting_model(path: Path, cfg: Config, tokenizer, dtype: torch.dtype):
+    """train.init_from's trained weights merged into their base (as export --merge merges them), one line when
+    ``path`` holds none or was trained on another model than ``cfg``'s."""
+    import tempfile
+
+    try:
+        # Each process its own scratch folder: the ranks of a run all build the starting model.
+        with tempfile.TemporaryDirectory(prefix="higgs-init-") as tmp, \
+                trained_weights(path, Path(tmp) / "weights") as trained:
+            theirs, ours = trained.cfg.model, cfg.model
+            for key in MODEL_KEYS:
+                if getattr(theirs, key) != getattr(ours, key):
+                    raise ConfigError(f"train.init_from={path} was trained on model.{key}={getattr(theirs, key)!r}, "
+                                      f"this run's is {getattr(ours, key)!r}: its weights do not fit this model")
+            return merged_model(trained.folder, trained.cfg, tokenizer, dtype, adapter=trained.adapter)
+    except ModelPathError as e:
+        raise ConfigError(f"train.init_from: {e}" + ("; a merged model folder is a model.path"
+                                                     if "merged model folder" in str(e) else "")) from None
 
 
 @torch.no_grad()

@@ -65,6 +65,9 @@ class RunLog:
 
     SCALARS = ("loss", "text_loss", "audio_loss", "lr", "grad_norm", "tokens_per_s", "step_time_s",
                "padding_fraction", "gpu_memory_gb")
+    # train.objective=dpo's (training/preference.py), train/ and val/ alike
+    PREFERENCE = ("dpo_loss", "sft_loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                  "rewards/accuracies")
 
     def __init__(self, output_dir: str, resume_step: int, tensorboard: bool):
         self.dir = Path(output_dir)
@@ -84,7 +87,7 @@ class RunLog:
         if write:
             self.metrics.write({"split": "train", **row})
         if self.tb:
-            for key in self.SCALARS:
+            for key in self.SCALARS + self.PREFERENCE:
                 if row.get(key) is not None:
                     self.tb.add_scalar(f"train/{key}", row[key], row["step"])
             for k, v in enumerate(row.get("per_codebook_loss") or []):
@@ -95,9 +98,10 @@ class RunLog:
         if row["loss"] < self.best_val:
             self.best_val, self.best_val_step = row["loss"], row["step"]
         if self.tb:
-            for key in ("loss", "text_loss", "audio_loss"):
-                self.tb.add_scalar(f"val/{key}", row[key], row["step"])
-            for k, (loss, acc) in enumerate(zip(row["per_codebook_loss"], row["per_codebook_acc"])):
+            for key in ("loss", "text_loss", "audio_loss") + self.PREFERENCE:
+                if row.get(key) is not None:
+                    self.tb.add_scalar(f"val/{key}", row[key], row["step"])
+            for k, (loss, acc) in enumerate(zip(row.get("per_codebook_loss", []), row.get("per_codebook_acc", []))):
                 self.tb.add_scalar(f"val_codebook/loss_{k}", loss, row["step"])
                 self.tb.add_scalar(f"val_codebook/acc_{k}", acc, row["step"])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -16,6 +17,7 @@ from higgs_ddp.config import Config, ConfigError, check_machine
 from higgs_ddp.data.batching import StepBatchSampler, TokenBudgetBatchSampler
 from higgs_ddp.data.collator import Batch, HiggsCollator
 from higgs_ddp.data.dataset import Data, ManifestDataset, cache_dir, fingerprint, load_data
+from higgs_ddp.data.pair_data import PairCollator
 from higgs_ddp.data.prefetch import Prefetcher
 from higgs_ddp.dual_loss import compute_dual_loss
 from higgs_ddp.errors import HiggsError
@@ -32,6 +34,7 @@ from higgs_ddp.training.optim import build_optimizer, build_scheduler
 from higgs_ddp.training.parallel import build_strategy
 from higgs_ddp.training.perf import compile_decoder_layers, enable_activation_checkpointing, enable_tf32
 from higgs_ddp.training.preemption import leave_stop_signals_to_parent
+from higgs_ddp.training.preference import PreferenceObjective, PreferenceStep, describe_validation
 from higgs_ddp.training.resume_policy import check_resumable
 from higgs_ddp.training.run_files import save_weights
 from higgs_ddp.training.shards import gather_full
@@ -56,14 +59,28 @@ class StepResult:
     padding_fraction: float  # of the positions the model computed, the share that was padding
     skipped: bool
 
+    def row(self) -> dict:
+        """What metrics.jsonl and TensorBoard get."""
+        return dataclasses.asdict(self)
+
+    def progress(self) -> dict:
+        """The progress line's fields besides loss, lr and throughput."""
+        return {"text": f"{self.text_loss:.3f}", "audio": f"{self.audio_loss:.3f}"}
+
 
 class Trainer:
-    def __init__(self, cfg: Config, env: DistEnv, data: Data | None = None):
+    def __init__(self, cfg: Config, env: DistEnv, data: Data | None = None, base=None):
+        """``base``: (tokenizer, dtype) -> the HiggsAudioModel to start from, for train.init_from (the entry point
+        passes tools/export.base_model: the earlier fine-tune merged into its base)."""
         self.cfg, self.env = cfg, env
         t = cfg.train
         check_machine(cfg, env.device.type)  # flash-attn and CPU offload need a GPU
+        if t.init_from and base is None:
+            raise ConfigError("train.init_from is read by the training command (higgs-ddp train); this caller "
+                              "builds its own model")
+        dpo = t.objective == "dpo"
         hosts = check_shared_directory(cfg.output_dir, "output_dir", env)  # before anything is written there
-        if data is None and (cfg.data.cache_dir or cfg.data.manifest):  # it prepares its data: the code cache,
+        if data is None and (cfg.data.cache_dir or cfg.data.manifest or dpo):  # it prepares its data: the code cache,
             # checked now, not after the model has loaded (no manifest: load_data says so)
             check_shared_directory(cache_dir(cfg), "data.cache_dir", env)
         if env.is_main and env.distributed:  # what the launcher(s) made of the allocation
@@ -72,8 +89,12 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(cfg)
         check_memory(cfg, env, model_config(cfg, self.tokenizer), self.precision == "bf16")  # GPU: will it fit?
-        self.model = build_for_training(cfg, self.tokenizer, precision.weight_dtype(cfg, env.device),
-                                        device=env.device)
+        if dpo and data is None:  # every pair and its codes checked before any weight is built
+            from higgs_ddp.data.pair_data import load_preference_data
+            data = load_preference_data(cfg, env, self.tokenizer, model_config(cfg, self.tokenizer))
+        dtype = precision.weight_dtype(cfg, env.device)
+        self.model = build_for_training(cfg, self.tokenizer, dtype, device=env.device,
+                                        base=base(self.tokenizer, dtype) if t.init_from else None)
         self.raw = unwrap(self.model)
 
         mc = self.raw.config
@@ -107,7 +128,8 @@ class Trainer:
         self.data.report.setdefault("startup_seconds", {})["batching plan"] = time.perf_counter() - t_plan
         self.model.to(env.device)
         self.model.train()
-        self.collator = HiggsCollator.for_model(mc)  # workers build CPU batches; pinned, then copied
+        # workers build CPU batches; pinned, then copied. Pairs: 2P sequences a micro-batch (pair_data.py)
+        self.collator = PairCollator.for_model(mc) if dpo else HiggsCollator.for_model(mc)
         workers = cfg.data.num_workers
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenized before the workers fork
         self.loader = torch.utils.data.DataLoader(
@@ -143,6 +165,7 @@ class Trainer:
         self.params = [p for _, p in self.named_params]
         self.optimizer = build_optimizer(self.params, t.lr, t.betas, t.weight_decay, env.device)
         self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        self.preference = PreferenceObjective(self) if dpo else None  # the DPO step and validation
         self.alignment = t.loss_alignment
         self.verified = False  # the first step checks label convention and target counts
         self.bad_in_row = 0
@@ -264,6 +287,18 @@ class Trainer:
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.params)
 
+    def validate(self) -> tuple[dict, str]:
+        """One validation pass (collective) -> (its metrics row, the line that says it)."""
+        if self.preference is not None:
+            row = self.preference.evaluate()
+            return row, describe_validation(row)
+        from higgs_ddp.evaluation.validation import evaluate
+
+        row = evaluate(self.validatable())
+        acc = ", ".join(f"{a:.2f}" for a in row["per_codebook_acc"])
+        return row, (f"validation loss {row['loss']:.4f} (text {row['text_loss']:.4f}, audio {row['audio_loss']:.4f}; "
+                     f"codebook accuracy {acc})")
+
     def validatable(self) -> Validatable:
         """The narrow view of this trainer that evaluation/validation.py scores (its only way in)."""
         module = self.strategy.eval_module(self.wrapped)  # no gradients: no DDP bookkeeping
@@ -291,9 +326,18 @@ class Trainer:
             text_hidden=out.get("text_hidden"), text_head=self.text_head, chunk_rows=t.text_logits_chunk,
             accuracy=accuracy)
 
-    def train_step(self, micro: list[Batch]) -> StepResult:
+    def train_step(self, micro: list[Batch]) -> StepResult | PreferenceStep:
+        """One optimizer step on this rank's micro-batches (the objective's forwards and backwards, then the
+        update shared by every objective)."""
+        micro = [b.to(self.env.device, non_blocking=True) for b in micro]
+        if self.preference is not None:
+            loss, fields = self.preference.accumulate(micro)
+            grad_norm, finite = self.update(loss)
+            return PreferenceStep(loss=loss, grad_norm=grad_norm, skipped=not finite, **fields)
+        return self.supervised_step(micro)
+
+    def supervised_step(self, micro: list[Batch]) -> StepResult:
         env, t = self.env, self.cfg.train
-        micro = [b.to(env.device, non_blocking=True) for b in micro]
         # Global supervised-token counts over all micro-steps and ranks, known before any backward:
         # every token weighs the same however the global batch is split.
         counts = torch.tensor([[b.text_targets, b.audio_targets, b.num_positions, b.padded_positions,
@@ -320,12 +364,22 @@ class Trainer:
             sums += torch.cat([torch.stack([dl.text_loss_sum.detach(), dl.audio_loss_sum.detach()]),
                                dl.per_codebook_loss_sum, dl.per_codebook_tokens]).double()
         self.verified = True
-        grad_norm = self.strategy.clip_grad_norm_(self.params, t.max_grad_norm)
         sums = all_reduce_sum(sums)
         text_loss = (sums[0] / max(g_text, 1)).item()
         audio_loss = (sums[1] / max(g_audio, 1)).item()
         per_cb = (sums[2:2 + C] / sums[2 + C:].clamp(min=1)).tolist()
         loss = t.text_weight * text_loss + t.audio_weight * audio_loss
+        grad_norm, finite = self.update(loss)
+        return StepResult(loss=loss, text_loss=text_loss, audio_loss=audio_loss, per_codebook_loss=per_cb,
+                          grad_norm=grad_norm, text_targets=int(g_text), audio_targets=int(g_audio),
+                          tokens=int(g_tokens), samples=int(g_samples),
+                          padding_fraction=1.0 - g_tokens / max(g_padded, 1), skipped=not finite)
+
+    def update(self, loss: float) -> tuple[float, bool]:
+        """The accumulated gradients clipped and applied (or the step skipped when the loss or the gradient is
+        not finite), the schedule advanced -> (grad_norm, whether the step was applied)."""
+        t = self.cfg.train
+        grad_norm = self.strategy.clip_grad_norm_(self.params, t.max_grad_norm)
         finite = math.isfinite(loss) and math.isfinite(grad_norm)  # identical on every rank
         if finite:
             self.optimizer.step()
@@ -344,10 +398,7 @@ class Trainer:
                 f"{self.bad_in_row} optimizer steps in a row had a non-finite loss or gradient "
                 f"(last: loss={loss}, grad_norm={grad_norm}); stopping. Lower train.lr or check the data.")
         self.step += 1
-        return StepResult(loss=loss, text_loss=text_loss, audio_loss=audio_loss, per_codebook_loss=per_cb,
-                          grad_norm=grad_norm, text_targets=int(g_text), audio_targets=int(g_audio),
-                          tokens=int(g_tokens), samples=int(g_samples),
-                          padding_fraction=1.0 - g_tokens / max(g_padded, 1), skipped=not finite)
+        return grad_norm, finite
 
     def save_final(self) -> Path:
         """The trained tensors, whole, in the formats export and the inference engine read. Collective: with

@@ -170,7 +170,7 @@ def test_unknown_yaml_section(tmp_path):
     ("trian.warmup", "did you mean 'train.warmup_steps'?"),
     ("eval.zzz", "the keys of 'eval': every, max_batches, "),  # nothing near: what the section holds
     ("zzz.lr", "did you mean 'train.lr'?"),
-    ("zzz", "the top level holds: output_dir, model, data, train, lora, eval, logging, bench"),
+    ("zzz", "the top level holds: output_dir, model, data, train, lora, dpo, eval, logging, bench"),
 ])
 def test_an_unknown_key_gets_a_few_names_never_the_whole_list(key, hint):
     with pytest.raises(ConfigError) as ei:
@@ -310,6 +310,29 @@ def test_rules_between_keys():
     load_config(None, ["model.path=x", "eval.every=5", "data.val_manifest=v.jsonl"])
     with pytest.raises(ConfigError, match="train.text_weight and train.audio_weight are both 0"):
         load_config(None, ["model.path=x", "train.text_weight=0", "train.audio_weight=0"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.objective=dpo"], "train.objective=dpo needs data.preferences"),
+    (["data.preferences=p/pairs.jsonl"], "data.preferences is read by train.objective=dpo only"),
+    (["train.objective=dpo", "data.preferences=p", "data.val_manifest=v.jsonl"], "not data.val_manifest"),
+    (["train.objective=dpo", "data.preferences=p", "data.max_tokens_per_batch=512"], "max_tokens_per_batch"),
+    (["train.objective=dpo", "data.preferences=p", "train.mode=full"], "train.objective=dpo works with train.mode=lora"),
+    (["train.objective=dpo", "data.preferences=p", "eval.every=5"], "eval.every needs a validation set: "
+                                                                     "data.val_preferences"),
+    (["train.objective=dpo", "data.preferences=p", "data.val_preferences=v", "data.val_fraction=0.1"], "not both"),
+    (["train.objective=dpo", "data.preferences=p", "dpo.beta=0"], "'dpo.beta' must be > 0"),
+])
+def test_objective_rules(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["model.path=x", *overrides])
+
+
+def test_objective_defaults():
+    cfg = load_config(None, ["model.path=x", "train.objective=dpo", "data.preferences=p", "eval.every=5",
+                             "data.val_fraction=0.1"])
+    assert (cfg.dpo.beta, cfg.dpo.sft_weight, cfg.dpo.length_normalized) == (0.1, 0.0, False)
+    assert load_config(None, ["model.path=x"]).train.objective == "sft"
 
 
 def test_flash_attention_and_cpu_offload_are_checked_against_the_machine():

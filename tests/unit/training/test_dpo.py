@@ -1,0 +1,176 @@
+"""DPO training (train.objective=dpo): the loss at the start, by hand, on resume, and bad pairs before training.
+
+At the start the policy is the reference (a new LoRA adapter adds exactly zero), so the loss is log 2 and the
+implicit rewards 0. With the adapter moved, the loss and its gradient equal a computation written out here from
+the model's logits (no dual_loss, no dpo_loss). A run resumed from its half-way checkpoint ends with the
+uninterrupted run's weights and logged rows. A pairs file with a damaged shard stops `higgs-ddp train` with one
+line naming the file and line, before a step. train.init_from: the reference is the earlier fine-tune."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from helpers import (PLAIN, RESUME_RUN, assert_same_weights, dpo_overrides, final_weights, read_metrics, tiny_config,
+                     write_tiny_pairs)
+
+from higgs_ddp.runtime.distributed import DistEnv
+from higgs_ddp.model import HiggsForward, _import_higgs
+from higgs_ddp.train import main, starting_base, train
+from higgs_ddp.training.trainer import Trainer
+
+BETA = 0.5
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    """A DPO trainer on pairs that clone a reference (context audio), 2 pairs (4 sequences) a micro-batch."""
+    tmp = tmp_path_factory.mktemp("dpo")
+    pairs = write_tiny_pairs(tmp / "prefs", prompts=4, reference=True)
+    cfg = tiny_config(tmp, *dpo_overrides(pairs, f"dpo.beta={BETA}", "train.micro_batch_size=2", *PLAIN),
+                      samples=2)
+    return Trainer(cfg, DistEnv())
+
+
+def test_at_the_start_the_loss_is_log_2_and_the_rewards_0(trainer):
+    b = next(iter(trainer.loader))
+    assert b.pairs == 2 and b.num_samples == 4
+    obj = trainer.preference
+    reference = obj.reference_logps(b, check=True)
+    trainer.alignment = reference.path
+    policy = obj.logps(trainer.wrapped, b, check=False)
+    assert torch.equal(policy.logps.detach(), reference.logps)  # bit for bit: the new adapter adds exactly 0
+    assert torch.equal(reference.tokens, b.sample_targets)  # the collator's counts, known before the forward
+    dl = obj.loss(policy, reference.logps, b.pairs)
+    assert dl.losses.tolist() == pytest.approx([math.log(2)] * 2, abs=1e-7)
+    assert dl.chosen_rewards.tolist() == dl.rejected_rewards.tolist() == [0.0, 0.0]
+
+
+def hand_logps(out: dict, b) -> torch.Tensor:
+    """Each sequence's summed log-probability of its supervised targets, position by position: text label t+1
+    from logits t, audio column j+1 of a segment from audio logits j (every codebook), the stream EOS included."""
+    logits, labels = F.log_softmax(out["logits"].float(), -1), out["expanded_labels"]
+    rows = [logits.new_zeros(()) for _ in range(logits.shape[0])]
+    for i in range(logits.shape[0]):
+        for t in range(labels.shape[1] - 1):
+            if labels[i, t + 1] != -100:
+                rows[i] = rows[i] + logits[i, t, labels[i, t + 1]]
+    audio = F.log_softmax(out["audio_logits"].float(), -1)  # (N, C, K)
+    n = audio.shape[0]
+    starts = b.audio_out_ids_start.tolist() + [n]
+    for s, row in enumerate(b.audio_out_ids_start_group_loc.tolist()):
+        for j in range(starts[s], starts[s + 1] - 1):
+            for c in range(audio.shape[1]):
+                y = int(b.label_audio_ids[c, j + 1])
+                if y != -100:
+                    rows[row] = rows[row] + audio[j, c, y]
+    return torch.stack(rows)
+
+
+def test_loss_and_gradient_equal_a_hand_computation_from_the_logits(trainer):
+    b = next(iter(trainer.loader))
+    obj, P = trainer.preference, b.pairs
+    lora_b = [p for n, p in trainer.named_params if "lora_B" in n]
+    saved = [p.detach().clone() for p in lora_b]
+    try:
+        with torch.no_grad():  # the policy moved away from the reference
+            gen = torch.Generator().manual_seed(0)
+            for p in lora_b:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+        reference = obj.reference_logps(b, check=True)
+        trainer.alignment = reference.path
+        policy = obj.logps(trainer.wrapped, b, check=False)
+        dl = obj.loss(policy, reference.logps, P)
+        loss = dl.normalized(P)
+        grads = torch.autograd.grad(loss, [p for _, p in trainer.named_params])
+
+        with torch.no_grad(), trainer.model.disable_adapter():
+            ref_by_hand = hand_logps(trainer.wrapped(**b.model_inputs()), b)
+        pol_by_hand = hand_logps(trainer.wrapped(**b.model_inputs()), b)
+        margin = (pol_by_hand[:P] - ref_by_hand[:P]) - (pol_by_hand[P:] - ref_by_hand[P:])
+        by_hand = torch.stack([-F.logsigmoid(BETA * m) for m in margin]).mean()
+        hand_grads = torch.autograd.grad(by_hand, [p for _, p in trainer.named_params])
+    finally:
+        with torch.no_grad():
+            for p, s in zip(lora_b, saved):
+                p.copy_(s)
+    assert abs(float(by_hand.detach()) - math.log(2)) > 1e-2  # not the trivial point
+    # (fp32 sums of a few hundred log-probabilities in another order: ~1e-5 relative apart)
+    torch.testing.assert_close(policy.logps.detach(), pol_by_hand.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(loss.detach(), by_hand.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dl.chosen_rewards, BETA * (pol_by_hand[:P] - ref_by_hand[:P]).detach(),
+                               rtol=1e-4, atol=1e-5)
+    moved = 0
+    for (name, _), g, h in zip(trainer.named_params, grads, hand_grads):
+        torch.testing.assert_close(g, h, rtol=1e-3, atol=1e-6, msg=name)
+        moved += int(bool(g.abs().max() > 0))
+    assert moved > len(grads) // 2  # the gradient reaches the adapter
+
+
+DPO_RESUME = (*RESUME_RUN, "train.max_steps=4", "train.save_every=2", "train.micro_batch_size=2")
+
+
+def test_resume_from_half_way_equals_straight(tmp_path):
+    pairs = write_tiny_pairs(tmp_path / "prefs", prompts=6)
+    train(tiny_config(tmp_path / "straight", *dpo_overrides(pairs, *DPO_RESUME), samples=2))
+    ref = tmp_path / "straight" / "run"
+    half = ref / "checkpoints" / "step_000002"
+    train(tiny_config(tmp_path / "resumed", *dpo_overrides(pairs, *DPO_RESUME, f"train.resume={half}"), samples=2))
+    resumed = tmp_path / "resumed" / "run"
+    assert_same_weights(final_weights(resumed), final_weights(ref))
+    keys = ("step", "loss", "rewards/chosen", "rewards/margins", "rewards/accuracies", "grad_norm", "lr")
+    rows = [[{k: r[k] for k in keys} for r in read_metrics(run)] for run in (ref, resumed)]
+    assert rows[1] == rows[0][2:]
+    assert rows[0][0]["loss"] == pytest.approx(math.log(2), abs=1e-7) and rows[0][-1]["rewards/margins"] != 0
+
+
+def test_a_damaged_pairs_file_is_one_line_before_training(tmp_path, capsys):
+    pairs = write_tiny_pairs(tmp_path / "prefs", prompts=3)
+    shard = sorted((pairs.parent / "codes").glob("part-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:30])
+    cfg = tiny_config(tmp_path, *dpo_overrides(pairs), samples=2)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main(["--config", str(tmp_path / "run.yaml")]) == 2
+    err = capsys.readouterr()
+    first = err.err.splitlines()[0]
+    assert first.startswith(f"higgs-ddp: error: {pairs}:1: chosen codes codes/part-00000.safetensors: not a "
+                            f"readable shard"), first
+    assert "run card" not in err.out and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_init_from_an_sft_run_is_the_reference(tmp_path):
+    """A DPO run that starts from a supervised run: its reference (the adapter off) is that run's model, as
+    export --merge writes it; its first loss is log 2; export --merge of the DPO run rebuilds the same base."""
+    from higgs_ddp.tools.export import export, merged_model
+    from higgs_ddp.tools.weights import trained_weights
+
+    sft_cfg = tiny_config(tmp_path / "sft", "train.max_steps=2", "train.lr=5e-2", "train.warmup_steps=0", samples=4)
+    train(sft_cfg)
+    sft = tmp_path / "sft" / "run"
+    pairs = write_tiny_pairs(tmp_path / "prefs", prompts=4)
+    cfg = tiny_config(tmp_path / "dpo", *dpo_overrides(pairs, f"train.init_from={sft}", "train.max_steps=2",
+                                                      "train.micro_batch_size=2", *PLAIN), samples=2)
+    trainer = Trainer(cfg, DistEnv(), base=starting_base(cfg))  # as higgs-ddp train builds it
+    with trained_weights(sft, tmp_path / "scratch") as t:
+        sft_model = merged_model(t.folder, t.cfg, trainer.tokenizer, adapter=t.adapter)
+    b = next(iter(trainer.loader))
+    with torch.no_grad():
+        with trainer.model.disable_adapter():
+            ref = trainer.wrapped(**b.model_inputs())
+        theirs = HiggsForward(sft_model)(**b.model_inputs())
+        plain = Trainer(tiny_config(tmp_path / "plain", *dpo_overrides(pairs, "train.micro_batch_size=2", *PLAIN),
+                                    samples=2), DistEnv())
+        base = plain.wrapped(**b.model_inputs())
+    assert torch.equal(ref["audio_logits"], theirs["audio_logits"])
+    assert not torch.allclose(ref["audio_logits"], base["audio_logits"])  # the SFT run did move the model
+
+    train(cfg)
+    dpo = tmp_path / "dpo" / "run"
+    assert read_metrics(dpo)[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    export(dpo, tmp_path / "merged", merge=True)
+    merged = _import_higgs()[1].from_pretrained(str(tmp_path / "merged"))
+    with torch.no_grad():
+        exported = HiggsForward(merged)(**b.model_inputs())
+    assert not torch.allclose(exported["audio_logits"], theirs["audio_logits"])  # DPO moved it further
+    assert torch.isfinite(exported["audio_logits"]).all()
