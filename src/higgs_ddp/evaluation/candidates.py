@@ -40,14 +40,19 @@ def candidate_scores(wave, sample_rate: int, text: str, generated, scorer, promp
                      speaking_rate: Optional[float]) -> dict:
     """Every number reward.py reads, for one decoded candidate: frames, seconds, stopped, invalid_codes,
     silence_fraction, chars_per_second, clipped_fraction, rate_error (against ``speaking_rate``, the
-    speaker's chars/s, when known), and the scorer's transcript, wer, cer, speaker_sim where it has them."""
+    speaker's chars/s, when known), and the scorer's transcript, wer, cer, speaker_sim where it has them
+    (no speaker_sim for a prompt without a voice to compare with: reward.py then leaves the term out)."""
     checks = check_clip(wave, sample_rate, text, generated.hit_limit)
     scores = {"frames": int(generated.codes.shape[1]), "invalid_codes": generated.invalid_codes,
               **checks.as_dict()}
     if speaking_rate:
         scores["rate_error"] = rate_error(checks.chars_per_second, speaking_rate)
     if scorer is not None and scorer.enabled:
+        from higgs_ddp.evaluation.scoring import UNMEASURED, speaker_reference
+
         scores.update(scorer.score(wave, sample_rate, prompt))
+        if "speaker_sim" in scores and not speaker_reference(prompt):  # nothing to compare with: not a score
+            del scores["speaker_sim"], scores[UNMEASURED]
     return scores
 
 

@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from eval_models import tiny_whisper
+from eval_models import tiny_wavlm, tiny_whisper
 from helpers import PREFS_SETTINGS, prefs_files
 
 from higgs_ddp.tools.prefs import main
@@ -125,6 +125,17 @@ def test_missing_scorer_weights_are_one_line_or_skipped_when_asked(prefs_built, 
     assert list(header["scorers"]["skipped"]) == ["--speaker-model"]
     cands = lines(tmp_path / "some" / "candidates.jsonl")
     assert len(cands) == 2 and all("cer" in c and "transcript" in c and "speaker_sim" not in c for c in cands)
+    # Speaker similarity where the prompt has a voice to compare with (its speaker_audio), none where it has not.
+    two = tmp_path / "two.jsonl"
+    two.write_text("".join(prompts.read_text().splitlines(keepends=True)[2:4]).replace('"voice.wav"', json.dumps(
+        str(prompts.parent / "voice.wav"))))
+    settings[settings.index("--asr-model") + 1] = "none"
+    settings[settings.index("--speaker-model") + 1] = str(tiny_wavlm(tmp_path / "wavlm"))
+    assert build("--model", ckpt, "--prompts", two, "--out", tmp_path / "sim", *settings) == 0
+    cands = lines(tmp_path / "sim" / "candidates.jsonl")
+    assert [c["id"] for c in cands] == ["1", "1", "four", "four"]
+    assert all(-1 <= c["speaker_sim"] <= 1 for c in cands[:2] if c["speaker_sim"] is not None)
+    assert all("speaker_sim" in c for c in cands[:2]) and not any("speaker_sim" in c for c in cands[2:])
 
 
 @pytest.mark.parametrize("text, says", [
