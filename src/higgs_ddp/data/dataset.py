@@ -305,13 +305,20 @@ def check_manifests(cfg: Config) -> None:
     it before it takes the run's folder, so that nothing is made there). A run on preference pairs reads them
     instead (pair_data.check_preferences)."""
     if cfg.train.objective == "dpo":
-        from higgs_ddp.data.pair_data import check_preferences
         return check_preferences(cfg)
     if not cfg.data.manifest:
         raise ConfigError("data.manifest is required (one path or a list)")
     missing = [m for m in [*cfg.data.manifest, *cfg.data.val_manifest] if not Path(m).is_file()]
     if missing:
         raise DataError(missing_manifests(missing))
+
+
+def check_preferences(cfg: Config) -> None:
+    """train.objective=dpo: the pairs files are there (their contents: data/preferences.py, at the start)."""
+    missing = [p for p in (cfg.data.preferences, cfg.data.val_preferences) if p and not Path(p).is_file()]
+    if missing:
+        raise DataError(f"preferences file not found: {', '.join(missing)} (data.preferences names DIR/pairs.jsonl "
+                        f"as `higgs-ddp prefs build --out DIR` writes it)")
 
 
 def missing_manifests(paths: list) -> str:

@@ -19,7 +19,8 @@ import torch
 
 from higgs_ddp.config import Config
 from higgs_ddp.data.collator import Batch, HiggsCollator
-from higgs_ddp.data.dataset import DataError, _audio_codes, _in_val, count_positions, load_codes_file
+from higgs_ddp.data.dataset import (DataError, _audio_codes, _in_val, check_preferences, count_positions,
+                                    load_codes_file)
 from higgs_ddp.data.audio import AudioProblem
 from higgs_ddp.data.phases import Phases
 from higgs_ddp.data.preferences import Pair, read_pairs, run_identity
@@ -74,14 +75,6 @@ class PairCollator:
                                        b.audio_out_ids_start_group_loc)
         fields = {f.name: getattr(b, f.name) for f in dataclasses.fields(Batch)}
         return PairBatch(**fields, pairs=len(pairs), sample_targets=targets)
-
-
-def check_preferences(cfg: Config) -> None:
-    """The pairs files are there (train calls this before it takes the run's folder)."""
-    missing = [p for p in (cfg.data.preferences, cfg.data.val_preferences) if p and not Path(p).is_file()]
-    if missing:
-        raise DataError(f"preferences file not found: {', '.join(missing)} (data.preferences names DIR/pairs.jsonl "
-                        f"as `higgs-ddp prefs build --out DIR` writes it)")
 
 
 def load_preference_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = False) -> Data:

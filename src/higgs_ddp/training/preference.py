@@ -25,7 +25,7 @@ from higgs_ddp.runtime.distributed import all_reduce_sum
 SUMS = ("loss", "chosen", "rejected", "margin", "accuracy", "sft")
 
 
-class PreferenceError(HiggsError, RuntimeError):
+class DPOError(HiggsError, RuntimeError):
     pass
 
 
@@ -61,7 +61,7 @@ def reference_context(model):
     """The reference's forward: the policy with its (new) LoRA adapter switched off."""
     disable = getattr(model, "disable_adapter", None)
     if disable is None:  # config.check_objective refuses the other modes before anything is built
-        raise PreferenceError("train.objective=dpo needs train.mode=lora (the reference is the adapter switched off)")
+        raise DPOError("train.objective=dpo needs train.mode=lora (the reference is the adapter switched off)")
     return disable()
 
 
@@ -119,7 +119,7 @@ class PreferenceObjective:
             reference = self.reference_logps(b, check)
             if check:
                 if not torch.equal(reference.tokens.cpu(), b.sample_targets.cpu()):
-                    raise PreferenceError(f"the loss counted {reference.tokens.tolist()} targets per sequence, the "
+                    raise DPOError(f"the loss counted {reference.tokens.tolist()} targets per sequence, the "
                                           f"collator {b.sample_targets.tolist()}: normalisation would be wrong")
                 t.alignment = reference.path
             t.strategy.set_sync(t.wrapped, last=i == len(micro) - 1)

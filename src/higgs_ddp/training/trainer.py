@@ -17,7 +17,7 @@ from higgs_ddp.config import Config, ConfigError, check_machine
 from higgs_ddp.data.batching import StepBatchSampler, TokenBudgetBatchSampler
 from higgs_ddp.data.collator import Batch, HiggsCollator
 from higgs_ddp.data.dataset import Data, ManifestDataset, cache_dir, fingerprint, load_data
-from higgs_ddp.data.pair_data import PairCollator
+from higgs_ddp.data.pair_data import PairCollator, load_preference_data
 from higgs_ddp.data.prefetch import Prefetcher
 from higgs_ddp.dual_loss import compute_dual_loss
 from higgs_ddp.errors import HiggsError
@@ -90,7 +90,6 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg)
         check_memory(cfg, env, model_config(cfg, self.tokenizer), self.precision == "bf16")  # GPU: will it fit?
         if dpo and data is None:  # every pair and its codes checked before any weight is built
-            from higgs_ddp.data.pair_data import load_preference_data
             data = load_preference_data(cfg, env, self.tokenizer, model_config(cfg, self.tokenizer))
         dtype = precision.weight_dtype(cfg, env.device)
         self.model = build_for_training(cfg, self.tokenizer, dtype, device=env.device,
@@ -262,17 +261,24 @@ class Trainer:
         model = (f"random HiggsAudioModel, {total / 1e6:,.1f}M parameters" if m.init == "random"
                  else f"{m.path}" + (f" @ {m.revision[:10]}" if m.revision else "") + f", {total / 1e9:.2f}B parameters")
         positions = int(self.dataset.lengths.sum())
-        val = f"; validation {len(self.val_dataset)} samples" if len(self.val_dataset) else "; no validation set"
+        unit = "samples" if self.preference is None else "pairs"  # (a pair: its chosen and rejected sequences)
+        val = f"; validation {len(self.val_dataset)} {unit}" if len(self.val_dataset) else "; no validation set"
         per_micro = (f"up to {d.max_tokens_per_batch} positions" if d.max_tokens_per_batch
-                     else f"{t.micro_batch_size} samples")
+                     else f"{t.micro_batch_size} {unit}")
         per_step = t.micro_batch_size * t.grad_accum_steps * env.world_size
         epochs = t.max_steps * per_step / max(len(self.dataset), 1)
         batch = (f"{env.world_size} ranks x {t.grad_accum_steps} micro-steps x {per_micro}"
-                 + ("" if d.max_tokens_per_batch else f" = {per_step} samples per step"))
+                 + ("" if d.max_tokens_per_batch else f" = {per_step} {unit} per step"))
+        training = f"{t.mode}, {self.num_trainable:,} trainable parameters ({100 * self.num_trainable / total:.2f} %)"
+        if self.preference is not None:
+            p = self.cfg.dpo
+            training += (f"; DPO, beta {p.beta:g}" + (f", sft_weight {p.sft_weight:g}" if p.sft_weight else "")
+                         + (", length-normalised" if p.length_normalized else "")
+                         + f"; reference: {t.init_from or 'the base model'} (adapter off)")
         rows = [
             ("model", model),
-            ("training", f"{t.mode}, {self.num_trainable:,} trainable parameters ({100 * self.num_trainable / total:.2f} %)"),
-            ("data", f"{len(self.dataset)} samples, {self.data.report['train_audio_hours']:.2f} h of audio, "
+            ("training", training),
+            ("data", f"{len(self.dataset)} {unit}, {self.data.report['train_audio_hours']:.2f} h of audio, "
                      f"{positions:,} positions{val}"),
             ("batch", batch),
             ("schedule", f"{t.max_steps} steps" + ("" if d.max_tokens_per_batch else f" (~{epochs:.1f} epochs)")
