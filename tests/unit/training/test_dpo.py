@@ -4,7 +4,8 @@ At the start the policy is the reference (a new LoRA adapter adds exactly zero),
 implicit rewards 0. With the adapter moved, the loss and its gradient equal a computation written out here from
 the model's logits (no dual_loss, no dpo_loss). A run resumed from its half-way checkpoint ends with the
 uninterrupted run's weights and logged rows. A pairs file with a damaged shard stops `higgs-ddp train` with one
-line naming the file and line, before a step. train.init_from: the reference is the earlier fine-tune."""
+line naming the file and line, before a step. train.init_from: the reference is the earlier fine-tune, and a
+supervised run continues from it too."""
 
 import math
 
@@ -174,3 +175,10 @@ def test_init_from_an_sft_run_is_the_reference(tmp_path):
         exported = HiggsForward(merged)(**b.model_inputs())
     assert not torch.allclose(exported["audio_logits"], theirs["audio_logits"])  # DPO moved it further
     assert torch.isfinite(exported["audio_logits"]).all()
+
+    # A supervised run continues from it the same way: its first loss is where the earlier run ended, not
+    # where the base starts.
+    more = tiny_config(tmp_path / "more", f"train.init_from={sft}", "train.max_steps=1", samples=4)
+    train(more)
+    first = [r["loss"] for r in read_metrics(sft)]
+    assert read_metrics(tmp_path / "more" / "run")[0]["loss"] < first[0] - 0.05, first
