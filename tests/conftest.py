@@ -3,7 +3,7 @@ runs. The helpers themselves are in helpers.py."""
 
 import pytest
 
-from helpers import FSDP, uninterrupted_run, write_config, write_user_config
+from helpers import FSDP, PREFS_SETTINGS, prefs_inputs, uninterrupted_run, write_config, write_user_config
 
 
 def pytest_collection_modifyitems(config, items):
@@ -44,3 +44,16 @@ def uninterrupted_user_path(tmp_path_factory):
 def uninterrupted_fsdp(tmp_path_factory):
     """helpers.write_config's run under train.parallel=fsdp (helpers.FSDP) on 2 ranks, uninterrupted."""
     return uninterrupted_run(tmp_path_factory, "uninterrupted_fsdp", lambda tmp, name: write_config(tmp, name, *FSDP))
+
+
+@pytest.fixture(scope="session")
+def prefs_built(tmp_path_factory):
+    """``higgs-ddp prefs build`` of helpers.prefs_inputs with PREFS_SETTINGS in this process, on 1 rank ->
+    (checkpoint, prompts, out); the unit tests read it and the 2-rank build after a kill compares with it."""
+    from higgs_ddp.tools.prefs import main
+
+    tmp = tmp_path_factory.mktemp("prefs")
+    ckpt, prompts = prefs_inputs(tmp)
+    out = tmp / "out"
+    assert main(["build", "--model", str(ckpt), "--prompts", str(prompts), "--out", str(out), *PREFS_SETTINGS]) == 0
+    return ckpt, prompts, out

@@ -441,6 +441,39 @@ def cached_corpus_config(corpus: Path, tmp_path: Path, *overrides):
 
 
 
+# Preference pairs (unit/tools/test_prefs_build.py; distributed/test_prefs_build_ranks.py compares with its build).
+# Temperature 1 and 0.3 s: the tiny model then stops by itself in some candidates and not in others (measured).
+PREFS_SETTINGS = ("--candidates", "3", "--max-audio-seconds", "0.3", "--temperature", "1.0", "--seed", "7",
+                  "--asr-model", "none", "--speaker-model", "none", "--device", "cpu")
+PREFS_OUTPUTS = ("pairs.jsonl", "candidates.jsonl", "unpaired.jsonl", "prefs.json")
+
+
+def prefs_inputs(tmp_path) -> tuple:
+    """A tiny LoRA checkpoint (``make_checkpoint``) and 4 prompts: two with ids, one cloning a reference voice
+    at a known speaking rate, one without an id comparing with a speaker clip -> (checkpoint, prompts file)."""
+    _, _, _, ckpt = make_checkpoint(tmp_path)
+    voice = tmp_path / "voice.wav"
+    sf.write(str(voice), 0.1 * np.sin(np.arange(12_000) * 0.05).astype(np.float32), 24_000)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in [
+        {"id": "hello", "text": "hello there"},
+        {"id": "clone", "text": "say this", "ref_audio": "voice.wav", "ref_text": "a tone", "speaking_rate": 12},
+        {"text": "and a third one", "speaker_audio": "voice.wav", "language": "en"},
+        {"id": "four", "text": "the fourth"}]))
+    return ckpt, prompts
+
+
+def prefs_files(out: Path) -> dict:
+    """What a build wrote, by name, the codes shards' tensors included (by content: safetensors writes its
+    metadata in no fixed order): two builds of the same seeds write the same (prefs.json holds no time and
+    no output path)."""
+    files = {name: (out / name).read_text() for name in PREFS_OUTPUTS}
+    for p in sorted((out / "codes").glob("*")):
+        files[p.relative_to(out).as_posix()] = {k: v.numpy().tobytes() + str(v.shape).encode()
+                                                for k, v in load_file(str(p)).items()}
+    return files
+
+
 # Preference pairs for the tiny model (unit/data/test_pair_data.py, unit/training/test_dpo.py,
 # distributed/test_dpo_equivalence.py).
 def write_tiny_pairs(folder: Path, prompts: int = 8, pairs_per_prompt: int = 1, seed: int = 0,

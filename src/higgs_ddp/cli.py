@@ -50,6 +50,8 @@ COMMANDS = {
     "speak": Command("higgs_ddp.tools.speak:main", "text to speech with a run, checkpoint, adapter or merged export"),
     "score": Command("higgs_ddp.tools.score:main", "compare models on the same prompts: WER, speaker similarity, "
                      "silence, stopping"),
+    "prefs": Command("higgs_ddp.tools.prefs:main", "preference pairs for DPO: K candidates per prompt, scored, the "
+                     "best valid one against the worst", True),
 }
 
 
