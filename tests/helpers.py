@@ -519,5 +519,22 @@ def index_files(folder) -> dict:
     return {**out, "header.json": header, "report.json": report}
 
 
+def tar_shard(path: Path, members: list, cut: int = 0) -> Path:
+    """A WebDataset tar of ``members`` ((name, bytes), in order), as a WebDataset writer makes it; ``cut``: keep
+    only the first ``cut`` bytes (a copy cut short). (unit/data/test_import_webdataset.py, test_shard_members.py)"""
+    import io
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    if cut:
+        path.write_bytes(path.read_bytes()[:cut])
+    return path
+
+
 if __name__ == "__main__":
     write_tests_index()

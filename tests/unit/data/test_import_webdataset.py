@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
+from helpers import tar_shard as shard
 from helpers import tiny_config
 
 from higgs_ddp.data.importers import detect, import_corpus
@@ -33,20 +34,6 @@ def audio(text: str = "ab", fmt: str = "WAV") -> bytes:
 
 def meta(**fields) -> bytes:
     return json.dumps(fields).encode()
-
-
-def shard(path: Path, members: list, cut: int = 0) -> Path:
-    """A tar of ``members`` ((name, bytes), in order), as a WebDataset writer makes it; ``cut``: keep only the
-    first ``cut`` bytes (a copy cut short)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    if cut:
-        path.write_bytes(path.read_bytes()[:cut])
-    return path
 
 
 def offsets(path: Path) -> dict:

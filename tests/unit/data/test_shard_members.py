@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from helpers import ROOT, TINY, TORCHRUN_ENV, tiny_config
+from helpers import tar_shard as shard
 from safetensors import safe_open
 
 from higgs_ddp.data import prepare
@@ -40,16 +41,6 @@ def audio(text: str, fmt: str = "WAV") -> bytes:
     buf = io.BytesIO()
     sf.write(buf, text_to_wave(text), 8000, format=fmt, subtype="PCM_16")
     return buf.getvalue()
-
-
-def shard(path: Path, members: list) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
 
 
 def three_shards(root: Path, count: int = 3) -> dict:

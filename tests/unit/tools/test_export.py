@@ -10,22 +10,11 @@ import sys
 
 import pytest
 import torch
-from helpers import EARLY, ROOT, flip_byte, make_checkpoint, tiny_config
+from helpers import EARLY, ROOT, flip_byte, make_checkpoint, tiny_config, two_samples
 from safetensors.torch import load_file, save_file
 
-from higgs_ddp.data.collator import HiggsCollator
-from higgs_ddp.data.prompt import tokenize_sample
 from higgs_ddp.model import HiggsForward, build_model, load_tokenizer
 from higgs_ddp.tools.export import main
-
-
-def batch(tok, config):
-    g = torch.Generator().manual_seed(1)
-    C, CB = config.audio_num_codebooks, config.audio_codebook_size
-    samples = [tokenize_sample(tok, "hello there", torch.randint(0, CB, (C, 9), generator=g)),
-               tokenize_sample(tok, "a b c", torch.randint(0, CB, (C, 5), generator=g), scene="a room",
-                               ref_text="ref", ref_codes=torch.randint(0, CB, (C, 7), generator=g))]
-    return HiggsCollator.for_model(config)(samples)
 
 
 @torch.no_grad()
@@ -48,7 +37,7 @@ def test_merged_lora_computes_base_plus_adapter(tmp_path):
     assert main(["--checkpoint", str(ckpt), "--out", str(out), "--merge"]) == 0
     merged = higgs_from_pretrained(out)
     assert merged.dtype == torch.float32  # auto, random init
-    b = batch(tok, merged.config)
+    b = two_samples(tok, merged.config)
     want_text, want_audio = logits(peft_model, b)
     got_text, got_audio = logits(merged, b)
     torch.testing.assert_close(got_text, want_text, rtol=1e-5, atol=1e-5)
@@ -77,7 +66,7 @@ def test_merged_trainable_tensors_round_trip_exactly(tmp_path, mode):
     assert got.keys() == want.keys()
     for k in want:
         assert torch.equal(got[k], want[k]), k
-    b = batch(tok, merged.config)
+    b = two_samples(tok, merged.config)
     torch.testing.assert_close(logits(merged, b), logits(trained, b), rtol=0, atol=0)
     base = build_model(cfg, tok).state_dict()
     assert any(not torch.equal(base[k], want[k]) for k in want)
@@ -137,7 +126,7 @@ def test_unmerged_exports_copy_the_weights(tmp_path):
     assert (out / "tokenizer" / "tokenizer.json").is_file() and (out / "config.yaml").is_file()
     assert json.loads((out / "export.json").read_text())["merged"] is False
     loaded = PeftModel.from_pretrained(build_model(cfg, tok), str(out))
-    b = batch(tok, loaded.base_model.model.config)
+    b = two_samples(tok, loaded.base_model.model.config)
     torch.testing.assert_close(logits(loaded, b), logits(peft_model, b), rtol=0, atol=0)
 
 
@@ -222,7 +211,7 @@ def test_export_of_a_trained_run_is_the_trained_model(tmp_path):
     tok = load_tokenizer(cfg)
     trained = PeftModel.from_pretrained(build_model(cfg, tok), str(run / "checkpoints" / "step_000002" / "adapter"))
     merged = higgs_from_pretrained(out)
-    b = batch(tok, merged.config)
+    b = two_samples(tok, merged.config)
     for got, want in zip(logits(merged, b), logits(trained, b)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
