@@ -89,10 +89,10 @@ def load_preference_data(cfg: Config, env: DistEnv, tokenizer, model_config, qui
     phases.mark("pairs")
     pairs = train_pairs + val_pairs
     refs = _references(pairs, cfg, env, C, K, quiet, phases)
+    from higgs_ddp.data.codec import CodecError, codec_rates
     try:
-        from higgs_ddp.data.codec import codec_rates
         frame_rate = codec_rates(d.codec, d.codec_revision)[1]
-    except Exception:  # noqa: BLE001 - the seconds are reported only; a codec config not at hand costs nothing
+    except CodecError:  # the seconds are reported only: a codec config not at hand (offline) costs nothing else
         frame_rate = 0
     ids = tokenizer.convert_tokens_to_ids
     in_id, out_id = ids("<|AUDIO|>"), ids("<|AUDIO_OUT|>")
