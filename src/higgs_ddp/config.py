@@ -140,7 +140,7 @@ class ModelConfig(Section):
     tokenizer: Optional[str] = None  # path/hub id; "tiny" builds the offline byte tokenizer
     # boson_multimodal's decoder layers know these three (LLAMA_ATTENTION_CLASSES)
     attn_implementation: str = choice("sdpa", "eager", "flash_attention_2")
-    # "nf4": train.mode=lora's frozen decoder-layer linear weights stored in 4 bits (torchao's NF4; quantize.py)
+    # "nf4": train.mode=lora's frozen decoder-layer linears and text head stored in 4 bits (torchao's NF4; quantize.py)
     quantize: str = choice("none", "nf4")
 
     def check_rules(self) -> None:

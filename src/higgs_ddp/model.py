@@ -165,8 +165,8 @@ def build_for_training(cfg: Config, tokenizer, dtype: torch.dtype, device=None, 
     """The model a run trains: built, wrapped for train.mode, with the trainable weights in fp32 (under bf16
     autocast too) so that their updates and AdamW state keep full precision. ``base``: the HiggsAudioModel to
     start from instead of ``build_model``'s (train.init_from: an earlier fine-tune merged into its base). With
-    model.quantize=nf4 (and ``quantize``) the frozen decoder-layer linears are then stored in NF4 (quantize.py);
-    export passes ``quantize=False``: it merges into the full-precision base."""
+    model.quantize=nf4 (and ``quantize``) the frozen decoder-layer linears and the text head are then stored in NF4
+    (quantize.py); export passes ``quantize=False``: it merges into the full-precision base."""
     if base is None:
         base = build_model(cfg, tokenizer, dtype=dtype, device=device)
     else:

@@ -1,18 +1,22 @@
-"""``model.quantize: nf4``: the frozen base's decoder-layer linear weights stored in 4 bits (QLoRA's NF4, torchao's
-``NF4Tensor``), for ``train.mode: lora``.
+"""``model.quantize: nf4``: the frozen base's linear weights stored in 4 bits (QLoRA's NF4, torchao's ``NF4Tensor``),
+for ``train.mode: lora``.
 
 Which weights: every frozen ``nn.Linear`` inside the decoder layers (attention q/k/v/o, the text FFN, the DualFFN
-audio FFN), whether LoRA wraps it or not: 4.93B of the 5.8B model's weights. The text embeddings, the audio
-codebook embeddings and both output heads stay in the base's dtype, as torchtune's QLoRA recipes leave them: an
-embedding is a table lookup, not a matmul NF4's ``F.linear`` serves; and the heads produce the logits the loss
-scores directly, where 4-bit rounding would shift every sampled token's probability (0.84B weights, 1.7 GB in
-bf16). The LoRA weights and their AdamW state stay fp32, as without quantisation.
+audio FFN), whether LoRA wraps it or not: 4.93B of the 5.8B model's weights; and the frozen text head
+(``audio_decoder_proj.text_lm_head``, 0.39B), its own tensor in this model (HiggsAudioModel ties nothing: no
+``_tied_weights_keys``, no output-embedding hook; a head that did share the embedding's weight would stay as it is).
+The text head is the one head worth it: 0.59 GB of bf16 saved, and in TTS the loss applies it to the handful of
+supervised text positions only (the deferred head: an ``F.linear`` NF4 serves, as in the decoder layers), so its
+rounding touches the small text stream and not the audio targets that carry the training signal. The audio head
+(25M weights: every audio target's logits), the text embeddings and the audio codebook embeddings (table lookups, not
+matmuls NF4 serves) stay in the base's dtype. The LoRA weights and their AdamW state stay fp32, as without
+quantisation. Export always merges into the full-precision base, the head included.
 
 Block sizes: 64 weights per absmax scale (an int8 each, double-quantised: QLoRA's) and up to 256 scales per
 second-level scale (in the base's dtype). A weight's second-level scales must split evenly over up to ``SHARDS``
 FSDP ranks (FSDP2 shards an NF4 weight by rows, and each of its inner tensors with it): the scaler block is the
 largest power of two <= 256 that allows it. Every weight of the 5.8B model gets 256; the tiny test model's
-smaller weights get 4-16. A weight whose element count is not a multiple of 64 * SHARDS stays unquantised.
+smaller weights get 2-16. A weight whose element count is not a multiple of 64 * SHARDS stays unquantised.
 
 Under FSDP2 torchao's NF4 tensor gathers its own 4-bit shards (``fsdp_pre_all_gather``/``fsdp_post_all_gather``),
 as torchtune shards it. Under DDP the 4-bit weights are left out of DDP's start-up broadcast (it broadcasts plain
@@ -50,14 +54,20 @@ def nf4_bytes(numel: int, dtype_bytes: int) -> int:
 
 
 def targets(raw: nn.Module) -> list:
-    """(name, nn.Linear) of the weights NF4 stores: the frozen linears of the decoder layers that can be split
-    into blocks. Works on a model built on the meta device (the memory plan counts them there)."""
-    found = []
-    for name, module in raw.layers.named_modules():
-        if (isinstance(module, nn.Linear) and not module.weight.requires_grad
-                and scaler_block(module.weight.numel()) is not None):
-            found.append((f"layers.{name}", module))
+    """(name, nn.Linear) of the weights NF4 stores: the frozen linears of the decoder layers and the frozen text
+    head (or the base layer LoRA wraps it around), that can be split into blocks. Works on a model built on the
+    meta device (the memory plan counts them there)."""
+    found = [(f"layers.{name}", module) for name, module in raw.layers.named_modules() if _fits(module)]
+    tied = raw.embed_tokens.weight
+    for name, module in raw.audio_decoder_proj.named_modules():
+        if name.split(".")[0] == "text_lm_head" and _fits(module) and module.weight is not tied:
+            found.append((f"audio_decoder_proj.{name}", module))
     return found
+
+
+def _fits(module: nn.Module) -> bool:
+    return (isinstance(module, nn.Linear) and not module.weight.requires_grad
+            and scaler_block(module.weight.numel()) is not None)
 
 
 def check(cfg: Config, world_size: int = 1) -> None:

@@ -57,7 +57,7 @@ def one(tmp_path_factory, one_thread):
 def test_two_ranks_equal_one_process(tmp_path, one, parallel):
     proc = torchrun(2, "--config", write(tmp_path, parallel, "train.micro_batch_size=1", f"train.parallel={parallel}"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert f"2 x cpu, {parallel}" in proc.stdout and "NF4 base (20 frozen linear weights)" in proc.stdout
+    assert f"2 x cpu, {parallel}" in proc.stdout and "NF4 base (21 frozen linear weights)" in proc.stdout
     run = tmp_path / parallel / "run"
     w, r = final_weights(run), final_weights(one)
     assert w.keys() == r.keys()

@@ -10,10 +10,10 @@ and only the gathered unit is on the GPU. Activations are not modelled: they dep
 and activation checkpointing (BENCHMARKS.md measures them), so a plan that fits can still run out.
 ``speak`` and ``score`` hold the merged model's weights: 2 bytes each in bf16 (a GPU's default), 4 in fp32.
 
-With model.quantize=nf4 (quantize.py) each frozen decoder-layer linear weight costs 4 bits plus its scales: an
-int8 per 64 weights, a second-level scale (the base's dtype) per 64 x 256 weights, and per tensor the scales'
-mean and a 16-entry code table. In bf16 that is 0.5 + 1/64 + 2/16384 = 0.51575 bytes a weight; the rest of the
-frozen base (embeddings, heads, norms) keeps 2.
+With model.quantize=nf4 (quantize.py) each frozen decoder-layer linear weight and the text head's cost 4 bits plus
+their scales: an int8 per 64 weights, a second-level scale (the base's dtype) per 64 x 256 weights, and per tensor
+the scales' mean and a 16-entry code table. In bf16 that is 0.5 + 1/64 + 2/16384 = 0.51575 bytes a weight; the rest of the
+frozen base (embeddings, the audio head, norms) keeps 2.
 
     higgs-ddp bench --config configs/bench_3b.yaml --memory-table     # the table for the 5.8B model
 """

@@ -1,6 +1,7 @@
-"""model.quantize=nf4 quantises the frozen decoder linears only, refuses bad runs in one line, exports full precision.
+"""model.quantize=nf4 quantises the frozen decoder linears and text head, refuses bad runs in one line, exports bf16/fp32.
 
-What is quantised (every frozen linear of the decoder layers; embeddings, heads and LoRA weights are not), the
+What is quantised (every frozen linear of the decoder layers and the text head, under LoRA too; the embeddings, the
+audio head and the LoRA weights are not; a text head tied to the embeddings would not be), the
 one-line refusals before any weight is built (another train.mode, torchao missing, an FSDP rank count the 4-bit
 shards cannot split over), and export: the merged model computes what the full-precision base plus the adapter
 computes (1e-5), not what the NF4 base plus the adapter computes, which differs from it by NF4's rounding only
@@ -14,8 +15,8 @@ from helpers import TINY, make_checkpoint, tiny_config, two_samples
 from torch import nn
 
 from higgs_ddp.config import ConfigError, check_machine, load_config
-from higgs_ddp.model import HiggsForward, build_for_training, build_model, load_tokenizer, unwrap
-from higgs_ddp.quantize import check, is_nf4, scaler_block
+from higgs_ddp.model import HiggsForward, apply_training_mode, build_for_training, build_model, load_tokenizer, unwrap
+from higgs_ddp.quantize import check, is_nf4, quantize_base, scaler_block
 from higgs_ddp.tools.export import merged_model
 
 
@@ -25,19 +26,32 @@ def logits(model, b):
     return out["logits"], out["audio_logits"]
 
 
-def test_the_frozen_decoder_linears_are_nf4_and_nothing_else(tmp_path):
+def test_the_frozen_decoder_linears_and_the_text_head_are_nf4_and_nothing_else(tmp_path):
     cfg = tiny_config(tmp_path, "model.quantize=nf4", samples=2)
-    model = build_for_training(cfg, load_tokenizer(cfg), torch.float32)
-    raw = unwrap(model)
+    tok = load_tokenizer(cfg)
+    raw = unwrap(build_for_training(cfg, tok, torch.float32))
     quantised = {n for n, p in raw.named_parameters() if is_nf4(p)}
     linears = {f"{n}.weight" for n, m in raw.layers.named_modules() if isinstance(m, nn.Linear) and "lora_" not in n}
-    assert quantised == {f"layers.{n}" for n in linears} and len(quantised) == 2 * (4 + 3 + 3)  # attn, FFN, audio FFN
+    head = "audio_decoder_proj.text_lm_head.weight"
+    assert quantised == {f"layers.{n}" for n in linears} | {head}
+    assert len(quantised) == 2 * (4 + 3 + 3) + 1  # attention, FFN, audio FFN; the text head
     assert all(p.dtype == torch.float32 and p.requires_grad for n, p in raw.named_parameters() if "lora_" in n)
-    for kept in ("embed_tokens.weight", "audio_codebook_embeddings.weight", "audio_decoder_proj.text_lm_head.weight",
-                 "audio_decoder_proj.audio_lm_head.weight"):
+    for kept in ("embed_tokens.weight", "audio_codebook_embeddings.weight", "audio_decoder_proj.audio_lm_head.weight"):
         assert not is_nf4(dict(raw.named_parameters())[kept]), kept
+    # LoRA on the text head: the base layer it wraps is the 4-bit one.
+    cfg.lora.target_modules = [*cfg.lora.target_modules, "text_lm_head"]
+    raw = unwrap(build_for_training(cfg, tok, torch.float32))
+    assert is_nf4(raw.audio_decoder_proj.text_lm_head.base_layer.weight)
+    # A text head tied to the embedding table (not this model's way) stays plain: the lookup needs the table.
+    cfg.lora.target_modules = cfg.lora.target_modules[:-1]
+    model = build_model(cfg, tok)
+    model.audio_decoder_proj.text_lm_head.weight = model.embed_tokens.weight
+    quantize_base(apply_training_mode(model, cfg))
+    assert model.audio_decoder_proj.text_lm_head.weight is model.embed_tokens.weight
+    assert not is_nf4(model.embed_tokens.weight) and is_nf4(model.layers[0].mlp.up_proj.weight)
     # Block sizes: 64 a scale, second-level blocks of up to 256 that split over 8 FSDP ranks.
     assert scaler_block(3072 * 1024) == 256 and scaler_block(32 * 64) == 4 and scaler_block(100) is None
+    assert scaler_block(272 * 64) == 2 and scaler_block(128_256 * 3_072) == 256  # the text heads: tiny, 5.8B
 
 
 def test_what_nf4_cannot_do_is_one_line_before_any_weight(tmp_path, monkeypatch):
@@ -81,9 +95,9 @@ def test_export_merges_into_the_full_precision_base_not_the_nf4_one(tmp_path):
             assert 0.05 < float((p.get_original_weight() - w).norm() / w.norm()) < 0.1, name
     for w, g, q, o in zip(want, got, nf4, base):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)  # the full-precision base + the adapter, merged
-        # ... compounded through the 10 linears of the random tiny model's 2 layers: the NF4 model's logits
-        # differ from the merged model's by 0.28-0.31 of their norm (measured). A merge into the NF4 base would
-        # match them to ~1e-6; NF4 rounding wrongly applied (a wrong scale) would be off by more than their norm.
+        # ... compounded through the 10 linears of the random tiny model's 2 layers (and the text head, for the text
+        # logits): the NF4 model's logits differ from the merged model's by 0.28-0.32 of their norm (measured). A
+        # merge into the NF4 base would match them to ~1e-6; NF4 rounding wrongly applied (a wrong scale) would be off by more than their norm.
         gap = float((q - g).norm() / g.norm())
         assert 0.05 < gap < 0.45, gap
         assert float((g - o).abs().max()) > 1e-2  # and the adapter does change the output
