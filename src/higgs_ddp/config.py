@@ -417,8 +417,8 @@ class BenchConfig(Section):  # higgs-ddp bench: random samples of one length, no
     peer: bool = True  # also time the transformers.Trainer loop of the public Higgs trainers, side by side
     peak_tflops: float = ranged(0.0, 0, note="0: look the GPU up in a table")  # the device's dense bf16 peak for MFU
     find_largest_micro_batch: bool = False  # GPU: double the micro-batch until out of memory
-    # model.init=random drawn on the run's device (the GPU: seconds for 5.8B, where the CPU takes minutes); not
-    # the CPU draw that export rebuilds from the seed, so for benchmarks only (configs/bench_3b.yaml)
+    # model.init=random drawn on the run's device in its dtype (the GPU: seconds for 5.8B, where the CPU takes
+    # minutes); not the CPU draw that export rebuilds from the seed, so for benchmarks only (configs/bench_3b.yaml)
     build_on_device: bool = False
 
 

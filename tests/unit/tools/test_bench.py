@@ -121,8 +121,9 @@ def test_activation_checkpointing_and_supervised_text_logits_cut_peak_memory(tmp
 
 def test_build_on_device_draws_the_random_model_where_it_runs(tmp_path):
     """bench.build_on_device: the random model is made on the run's device (the meta device stands in for a
-    GPU here), with no CPU tensor the size of the model on the way; without it the draw is made on the CPU
-    (the one export rebuilds from the seed) and only then moved."""
+    GPU here), with no CPU tensor the size of the model on the way, and in the run's dtype (peak: the bf16
+    model); without it the draw is made on the CPU in fp32 (the one export rebuilds from the seed) and only
+    then cast and moved."""
     from higgs_ddp.model import build_model, load_tokenizer
 
     tok = load_tokenizer(tiny_config(tmp_path / "tok"))
@@ -135,3 +136,16 @@ def test_build_on_device_draws_the_random_model_where_it_runs(tmp_path):
         peaks[on_device] = host.peak
     weights = 4 * sum(p.numel() for p in model.parameters())
     assert peaks[False] >= weights and peaks[True] < 0.01 * weights
+    # Drawn in the run's dtype where it runs (the CPU stands in for the GPU): the peak is the bf16 model, not an
+    # fp32 draw cast afterwards; the same shapes as the CPU draw, initialised (another draw: not the same values).
+    cpu_drawn = build_model(cfg, tok, dtype=torch.bfloat16)
+    cfg.bench.build_on_device = True
+    with LiveTensorBytes() as live:
+        model = build_model(cfg, tok, dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert torch.get_default_dtype() == torch.float32  # restored
+    shapes = {n: p.shape for n, p in cpu_drawn.state_dict().items()}
+    assert {n: p.shape for n, p in model.state_dict().items()} == shapes
+    assert {p.dtype for p in model.state_dict().values()} == {torch.bfloat16}
+    assert weights / 2 <= live.peak < 1.01 * weights / 2
+    a, b = model.layers[0].mlp.up_proj.weight.float(), cpu_drawn.layers[0].mlp.up_proj.weight.float()
+    assert float(a.std()) == pytest.approx(float(b.std()), rel=0.1) and not torch.equal(a, b)
