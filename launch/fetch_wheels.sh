@@ -33,22 +33,35 @@ IMAGE=$(echo $IMAGE)
 # runtime import check); ~55 MiB with their deps (jieba 18, botocore 13, ruff 11, ipython 8).
 # Their wheels get these Requires-Dist lines removed and the version tagged +offline.
 TRIM='boson-multimodal:jieba,ruff,langid,boto3,s3fs descript-audiotools:ipython'
+# Our own requirements that the GPU runs never import and that would not fit: pyarrow (~40 MiB of wheel; only
+# `manifest import --format hf` imports it, lazily). Used where the image has it, else that one command is missing;
+# install_offline.sh installs the project --no-deps, so it does not ask for them.
+OPTIONAL='pyarrow'
 # pip itself (the venv is made --without-pip) and the build tools for the editable install
 # (pip builds `-e .` in an isolated env from the same wheels); torch wants setuptools<82.
 EXTRA="pip==$("$PY" -m pip --version | cut -d' ' -f2) setuptools==80.9.0 wheel==0.45.1"
 
-# Walk the installed metadata from higgs-ddp[test] down, evaluating markers for the *target*
-# Python (the local .venv may be another one), pinning each package at the .venv's version.
-want=$("$PY" - "$PYVER" "$EXCLUDE" "$SYSTEM $IMAGE" "$TRIM" <<'EOF'
-import re, sys, importlib.metadata as md
+# Walk the installed metadata from setup.py's requirements (with [test]) down, evaluating markers for the *target*
+# Python (the local .venv may be another one), pinning each package at the .venv's version. Our own requirements
+# come from setup.py, not from .venv's metadata of higgs-ddp: that is only as new as the last `pip install -e .`
+# (a pin added since, e.g. torchao's, went missing from the wheels).
+want=$("$PY" - "$PYVER" "$EXCLUDE" "$SYSTEM $IMAGE $OPTIONAL" "$TRIM" <<'EOF'
+import ast, re, sys, importlib.metadata as md
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name as cn
 pyver, excl, system, trim = sys.argv[1], re.compile(sys.argv[2]), set(sys.argv[3].split()), sys.argv[4]
+call = next(n for n in ast.walk(ast.parse(open("setup.py").read())) if isinstance(n, ast.Call)
+            and getattr(n.func, "id", "") == "setup")
+kw = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in ("install_requires", "extras_require")}
+ours = kw["install_requires"] + kw["extras_require"]["test"]
 trim = {cn(k): {cn(n) for n in v.split(",")} for k, v in (t.split(":") for t in trim.split())}
 env = dict(python_version=pyver, python_full_version=pyver + ".0", sys_platform="linux",
            platform_system="Linux", platform_machine="x86_64", os_name="posix",
            implementation_name="cpython", platform_python_implementation="CPython")
-todo, seen, out = [("higgs-ddp", frozenset({"test"}))], set(), {}
+todo, seen, out = [], set(), {}
+for r in map(Requirement, ours):
+    if not (r.marker and not r.marker.evaluate(env)) and not (excl.match(cn(r.name)) or cn(r.name) in system):
+        todo.append((r.name, frozenset(r.extras)))
 while todo:
     name, extras = todo.pop()
     if (cn(name), extras) in seen:
@@ -59,8 +72,7 @@ while todo:
     except md.PackageNotFoundError:  # e.g. a dependency only the target Python has
         out[cn(name)] = f"MISSING:{name}"
         continue
-    if cn(name) != "higgs-ddp":
-        out[cn(name)] = f"{dist.metadata['Name']}=={dist.version}"
+    out[cn(name)] = f"{dist.metadata['Name']}=={dist.version}"
     for r in map(Requirement, dist.requires or []):
         if r.marker and not any(r.marker.evaluate({**env, "extra": e}) for e in extras | {""}):
             continue
@@ -75,6 +87,7 @@ extra_names=$(printf '%s\n' $EXTRA | cut -d= -f1 | paste -sd'|')
 want=$({ grep -viE "^($extra_names)==" <<<"$want" || true; printf '%s\n' $EXTRA; })
 if [ $list -eq 1 ]; then
     printf '%s\n' $want
+    echo "# optional (not carried, used where the image has it): $OPTIONAL"
     echo "# preinstalled (not carried): torch torchaudio $SYSTEM $IMAGE"
     exit 0
 fi
@@ -166,6 +179,7 @@ done
 for f in "${keep[@]}"; do b=$(basename "$f"); echo "${b%%-*}==$(cut -d- -f2 <<<"$b")"; done |
     sort -f >"$DEST/requirements.txt"
 printf '%s\n' torch torchaudio $SYSTEM $IMAGE >"$DEST/preinstalled.txt"
+printf '%s\n' $OPTIONAL >"$DEST/optional.txt"
 bytes=$(cat "${keep[@]}" | wc -c)
 mib=$("$PY" -c "print(f'{$bytes / 2**20:.1f}')")
 echo "fetch_wheels: ${#keep[@]} wheels for Python $PYVER in $DEST, $mib MiB (limit $LIMIT_MIB); expects preinstalled: torch torchaudio $SYSTEM $IMAGE"

@@ -38,18 +38,30 @@ pipwhl=$(ls "$WHEELS"/pip-*.whl 2>/dev/null | head -1)
 # The resolver keeps every installed package that satisfies the pins (torch/torchaudio==2.11.0,
 # torchvision==0.26.0 if there) and installs the rest from WHEELS into .venv, shadowing PYTHON's
 # (e.g. transformers 5.x -> 4.46.x). --no-index: it can never fetch, so never replace torch.
-"$VPY" -m pip install -q --no-index --find-links "$WHEELS" -e '.[test]' ||
+# What fetch_wheels.sh carried, then the project itself without its requirements: those are carried, preinstalled,
+# or optional (optional.txt: never imported by a GPU run, used where the image has them).
+"$VPY" -m pip install -q --no-index --find-links "$WHEELS" -r "$WHEELS/requirements.txt" &&
+    "$VPY" -m pip install -q --no-index --find-links "$WHEELS" --no-deps -e . ||
     die "pip could not install the project from $WHEELS/ alone (see above)"
 
-"$VPY" - <<'EOF' || die "the installed environment does not import (see above)"
+"$VPY" - "$WHEELS/optional.txt" <<'EOF' || die "the installed environment does not import (see above)"
 import sys, importlib.metadata as md
-import torch, torchaudio, transformers, peft, boson_multimodal.model.higgs_audio, higgs_ddp.model
+import torch, torchaudio, transformers, peft, torchao, boson_multimodal.model.higgs_audio, higgs_ddp.model
 for m in (torch, torchaudio):  # must be the machine's CUDA builds, not a copy in .venv
     assert not m.__file__.startswith(sys.prefix), f"{m.__name__} was installed into .venv"
 print(f"install_offline: python {sys.version.split()[0]} torch {torch.__version__} "
       f"torchaudio {torchaudio.__version__} transformers {transformers.__version__} "
       f"boson_multimodal {md.version('boson_multimodal')} peft {peft.__version__} "
       f"cuda_available {torch.cuda.is_available()}")
+import os
+absent = []
+for name in open(sys.argv[1]).read().split() if os.path.exists(sys.argv[1]) else []:
+    try:
+        md.version(name)
+    except md.PackageNotFoundError:
+        absent.append(name)
+if absent:
+    print(f"install_offline: not on this machine (optional, not carried): {' '.join(absent)}")
 EOF
 # The Makefile's install stamp (same checksum of setup.py), so its targets skip `pip install`.
 touch "$VENV/.installed-$(cat setup.py | cksum | cut -d' ' -f1)"

@@ -4,7 +4,7 @@ One reference: 10 steps in one process, batch 2, a checkpoint every 3. Against i
 ddp and under fsdp (FSDP2 shards the 4-bit weights through torchao's NF4 hooks), within the DDP tests' tolerances
 (test_data_parallel_equivalence.py); the same command SIGKILLed after its step-3 checkpoint and run again, bit for
 bit; with activation checkpointing, bit for bit too; and the same run over the full-precision base, whose losses it
-stays within 3 % of (measured: up to 1.2 %). Validation and listening samples run on the NF4 model.
+stays within 3 % of (measured: up to 1.5 %). Validation and listening samples run on the NF4 model.
 """
 
 import signal
@@ -94,8 +94,8 @@ def test_a_killed_run_resumes_exactly(tmp_path, one):
 def test_the_loss_tracks_the_full_precision_base(tmp_path, one):
     train(load_config(str(write(tmp_path, "plain", "model.quantize=none"))))
     nf4, plain = [x["loss"] for x in read_metrics(one)], [x["loss"] for x in read_metrics(tmp_path / "plain" / "run")]
-    # NF4 rounds each weight by ~9 % of the layer's norm (test_quantize.py); the loss follows within 1.2 % over
-    # these 10 steps (measured), as it falls from ~10.6 to ~5.8; 3 % leaves room for other seeds.
+    # NF4 rounds each weight by ~9 % of the layer's norm (test_quantize.py); the loss follows within 1.5 % over
+    # these 10 steps (measured), as it falls from ~10.6 to ~5.3; 3 % leaves room for other seeds.
     assert nf4 == pytest.approx(plain, rel=0.03)
     assert max(abs(a - b) for a, b in zip(nf4, plain)) > 1e-3  # the base really is 4-bit
     assert nf4[-1] < 0.7 * nf4[0]  # and it learns

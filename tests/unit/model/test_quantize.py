@@ -1,4 +1,4 @@
-"""model.quantize=nf4 quantises the frozen decoder linears and text head, refuses bad runs in one line, exports bf16/fp32.
+"""model.quantize=nf4 stores the frozen decoder linears and text head in 4 bits, refuses bad runs, exports full precision.
 
 What is quantised (every frozen linear of the decoder layers and the text head, under LoRA too; the embeddings, the
 audio head and the LoRA weights are not; a text head tied to the embeddings would not be), the
