@@ -21,7 +21,8 @@
 #   full_1gpu     full fine-tuning on this one GPU with 8-bit AdamW moments, if time is left
 # A step that fails does not stop the next (each measures something else); the exit code says if any did.
 # Every result is written as soon as it exists, so a run cut off from outside still returns what it measured:
-#   OUT_DIR/results.jsonl   one JSON line per benchmark row (`higgs-ddp bench --table OUT_DIR/results.jsonl`)
+#   OUT_DIR/results.jsonl   one JSON line per benchmark row (`higgs-ddp bench --table OUT_DIR/results.jsonl`);
+#                           a row cut off in the peer's part is kept without it (bench --partial-row)
 #   OUT_DIR/summary.txt     one line per step: ok / FAILED / TIMED OUT / skipped, with seconds
 #   OUT_DIR/NAME.log        each step's output;  OUT_DIR/tiny/  the tiny run;  OUT_DIR/rows.md  the table
 set -uo pipefail
@@ -74,10 +75,11 @@ print(f"tiny bf16 on the GPU: loss {first:.3f} -> {last:.3f}, validation {val[-1
 CHECK
 }
 bench_row() {  # one benchmark of the 5.8B architecture; its JSON line into results.jsonl the moment it exists
-    local line
-    line=$("$py" -m higgs_ddp bench --config configs/bench_3b.yaml bench.build_on_device=true "$@" |
-           tee /dev/stderr | tail -n 1) || return 1
+    local line   # (and our part of it in STEP.partial.json before the peer runs: the loop keeps it if cut off)
+    line=$("$py" -m higgs_ddp bench --config configs/bench_3b.yaml --partial-row "$out/$step.partial.json" \
+           bench.build_on_device=true "$@" | tee /dev/stderr | tail -n 1) || return 1
     echo "$line" >> "$out/results.jsonl"
+    rm -f "$out/$step.partial.json"
 }
 export -f preflight tiny_bf16 bench_row
 export out py
@@ -116,7 +118,7 @@ if [ $dry -eq 1 ]; then
 fi
 
 mkdir -p "$out"
-rm -rf "$out/tiny" "$out/results.jsonl" "$out/rows.md" "$out/summary.txt"  # a rerun starts over
+rm -rf "$out/tiny" "$out/results.jsonl" "$out/rows.md" "$out/summary.txt" "$out"/*.partial.json  # a rerun starts over
 note() { echo "$*" | tee -a "$out/summary.txt"; }
 
 installed() { compgen -G ".venv/.installed-*" >/dev/null && [ -x "$py" ]; }
@@ -137,8 +139,12 @@ for s in "${steps[@]}"; do
     if [ "$limit" -lt "$min" ]; then note "skipped $name: ${left}s of the budget left, it needs ${min}s"; continue; fi
     echo "==== gpu_acceptance: $name (limit ${limit}s, ${left}s of the budget left) $(date -u +%H:%M:%SZ)"
     t0=$(date +%s)
-    timeout --kill-after=10 "$limit" bash -c "$cmd" > >(tee "$out/$name.log") 2>&1
+    step=$name timeout --kill-after=10 "$limit" bash -c "$cmd" > >(tee "$out/$name.log") 2>&1
     rc=$?
+    if [ $rc -ne 0 ] && [ -s "$out/$name.partial.json" ]; then  # cut off in the peer: our measurement stays
+        cat "$out/$name.partial.json" >> "$out/results.jsonl" && echo >> "$out/results.jsonl"
+        note "partial $name: the row without the peer's part kept in results.jsonl"
+    fi
     took=$(( $(date +%s) - t0 ))
     if [ $rc -eq 0 ]; then
         note "ok      $name (${took}s)"

@@ -22,9 +22,10 @@ FIELDS = {"tokens_per_s", "step_time_s", "peak_memory_bytes", "flops_per_token",
 
 
 def test_bench_prints_one_json_line_with_every_field(tmp_path):
+    partial = tmp_path / "partial.json"
     cmd = [sys.executable, "-m", "higgs_ddp", "bench", "--config", "configs/bench_tiny.yaml", "bench.seq_len=256",
            "bench.samples=16", "bench.warmup_steps=1", "bench.steps=2", "train.micro_batch_size=2",
-           f"output_dir={tmp_path / 'out'}"]
+           f"output_dir={tmp_path / 'out'}", "--partial-row", str(partial)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=TORCHRUN_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The run card says what the benchmark does: its samples and steps, not train.max_steps; no output folder.
@@ -32,7 +33,7 @@ def test_bench_prints_one_json_line_with_every_field(tmp_path):
     assert card["data"].startswith("16 synthetic samples of 256 positions (85% audio")
     assert card["schedule"].startswith("1 warm-up + 2 timed steps (bench.warmup_steps, bench.steps)")
     assert "1000" not in card["schedule"] and card["schedule"].endswith("the peer's transformers.Trainer loop")
-    assert card["output"] == "none: nothing is written; the result is the last line printed (JSON)"
+    assert card["output"] == f"none: nothing is written; the result is the last line printed (JSON); before the peer, also {partial}"
     assert not (tmp_path / "out").exists()
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert FIELDS <= result.keys()
@@ -42,6 +43,9 @@ def test_bench_prints_one_json_line_with_every_field(tmp_path):
     assert result["peer_ratio"] == pytest.approx(result["tokens_per_s"] / result["peer"]["tokens_per_s"])
     # 2 samples x 256 positions per step: the token count is exact.
     assert result["tokens_per_s"] * result["step_time_s"] == pytest.approx(512)
+    # --partial-row: the same row, written before the peer ran (what a run cut off in the peer keeps).
+    ours = json.loads(partial.read_text())
+    assert ours == {**result, "peer": None, "peer_ratio": None}
 
 
 def test_bench_config_error_is_one_line():

@@ -140,7 +140,7 @@ def largest_micro_batch(trainer, env, limit: int = 64):
     return best
 
 
-def bench_card(trainer, cfg: Config) -> str:
+def bench_card(trainer, cfg: Config, partial_row=None) -> str:
     """The run card, saying what the benchmark does: synthetic samples, bench.warmup_steps + bench.steps
     steps (not train.max_steps), and nothing written (not train's output_dir)."""
     b, t = cfg.bench, cfg.train
@@ -150,10 +150,13 @@ def bench_card(trainer, cfg: Config) -> str:
              f"no validation set",
         schedule=f"{b.warmup_steps} warm-up + {b.steps} timed steps (bench.warmup_steps, bench.steps), each beside a "
                  f"bare forward + backward; lr {t.lr:g}, warmup {t.warmup_steps}{peer}",
-        output="none: nothing is written; the result is the last line printed (JSON)")
+        output="none: nothing is written; the result is the last line printed (JSON)"
+               + (f"; before the peer, also {partial_row}" if partial_row and cfg.bench.peer else ""))
 
 
-def run(cfg: Config, env, source: str = "") -> dict:
+def run(cfg: Config, env, source: str = "", partial_row=None) -> dict:
+    """The result row. ``partial_row``: a file to hold it already before the peer runs (its fields then missing),
+    so that a run cut off in the peer's part still leaves what it measured of ours (launch/gpu_acceptance.sh)."""
     from higgs_ddp.model import load_tokenizer, model_config
     from higgs_ddp.tools.bench.synthetic import synthetic_data
     from higgs_ddp.training.trainer import Trainer
@@ -163,7 +166,7 @@ def run(cfg: Config, env, source: str = "") -> dict:
     data = synthetic_data(tokenizer, model_config(cfg, tokenizer), b.samples, b.seq_len, b.audio_fraction, t.seed)
     trainer = Trainer(cfg, env, data=data)
     if env.is_main:
-        print(bench_card(trainer, cfg), flush=True)
+        print(bench_card(trainer, cfg, partial_row), flush=True)
     mc = trainer.raw.config.text_config
     costs = weight_costs(trainer.model)
 
@@ -207,6 +210,10 @@ def run(cfg: Config, env, source: str = "") -> dict:
     if b.peer:
         from higgs_ddp.tools.bench.peer import run_peer
 
+        if partial_row and env.is_main:
+            from higgs_ddp.runtime.files import write_json_atomic
+
+            write_json_atomic(partial_row, {**result, "peer_ratio": None, "peer": None})
         peer = run_peer(cfg, env, data, b.steps, b.warmup_steps)
         result["peer"] = {k: peer[k] for k in ("tokens_per_s", "step_time_s", "peak_memory_bytes")}
         result["peer_ratio"] = tokens_per_s / peer["tokens_per_s"]
@@ -261,6 +268,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data-peer", type=int, metavar="N",
                         help="instead: samples/s end to end on N WAV clips, ours (encoded once) against the "
                              "peers' codec run on every fetch; the clips are written under output_dir")
+    parser.add_argument("--partial-row", metavar="FILE",
+                        help="also write the row to FILE before the peer runs (without its fields), so that a run "
+                             "cut off in the peer's part keeps what it measured")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. bench.seq_len=4096")
     args = parser.parse_intermixed_args(argv)  # overrides before or after --data-scale N
     if args.table:
@@ -303,7 +313,7 @@ def main(argv=None) -> int:
 
             result = peer_data.run(cfg, env, args.data_peer, f"{source} --data-peer {args.data_peer}")
         else:
-            result = run(cfg, env, source)
+            result = run(cfg, env, source, args.partial_row)
     finally:
         cleanup()
     if env.is_main:
