@@ -38,7 +38,7 @@ def test_steps_run_most_valuable_first_within_the_budget():
     # largest micro-batch and full fine-tuning run only when the steps before finish early.
     assert list(runs.values()) == [90, 20, 80, 120, 120, 50, None, None]
     script = (ROOT / "launch" / "gpu_acceptance.sh").read_text()
-    assert "bench.build_on_device=true" in script and 'out=${1:-${OUT:-' in script
+    assert "bench.build_on_device=true" in script and 'out=${1:-${OUT:-' in script and "--partial-row" in script
     # A smaller budget: later steps are cut to what is left, and skipped below their minimum.
     small = [worst_case(r) for r in plan(budget=250)]
     assert small[:4] == [90, 20, 80, 60] and small[4:] == [None] * 4
