@@ -17,6 +17,7 @@ from torch import nn
 
 from higgs_ddp.config import Config, ConfigError, check_lora_targets
 from higgs_ddp.errors import error_line
+from higgs_ddp.runtime.lean_imports import trim_transformers
 
 SPECIAL_IDS = {  # HiggsAudioConfig field -> token it must name in the tokenizer
     "audio_in_token_idx": "<|AUDIO|>",
@@ -30,6 +31,8 @@ SPECIAL_IDS = {  # HiggsAudioConfig field -> token it must name in the tokenizer
 def _import_higgs():
     # peft 0.21 touches torch.distributed.tensor, which torch only imports lazily.
     import torch.distributed.tensor  # noqa: F401
+
+    trim_transformers()
     from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
     return HiggsAudioConfig, HiggsAudioModel
 

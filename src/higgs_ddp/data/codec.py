@@ -26,6 +26,7 @@ import torch
 
 from higgs_ddp.config import OFFICIAL_CODEC, OFFICIAL_CODEC_REVISION, pinned_revision
 from higgs_ddp.errors import HiggsError
+from higgs_ddp.runtime.lean_imports import trim_transformers
 
 TINY = "tiny"
 PIPELINE_VERSION = 1  # bump when decoding / down-mixing / resampling changes what gets encoded
@@ -82,6 +83,7 @@ def check_codec_format(config: dict, where: str) -> None:
 
 
 def _tiny_hubert():
+    trim_transformers()
     from transformers import HubertConfig, HubertModel
 
     # HiggsAudioTokenizer hard-codes a 768-wide semantic teacher; everything else is small.
@@ -288,6 +290,7 @@ class Codec:
 
 def load_codec(name: str, revision: Optional[str] = None, device="cpu") -> Codec:
     identity = codec_identity(name, revision)
+    trim_transformers()  # before the codec's HuBERT teacher loads transformers' model classes
     if name == TINY:
         return Codec(build_tiny_tokenizer_model(device=device), identity)
     from boson_multimodal.audio_processing.higgs_audio_tokenizer import load_higgs_audio_tokenizer

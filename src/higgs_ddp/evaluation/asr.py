@@ -91,6 +91,9 @@ class Transcriber:
 
     def __init__(self, folder: str, device="cpu"):
         import torch
+        from higgs_ddp.runtime.lean_imports import trim_transformers
+
+        trim_transformers()
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
         self.device = torch.device(device)

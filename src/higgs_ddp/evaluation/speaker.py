@@ -42,6 +42,9 @@ class SpeakerEncoder:
 
     def __init__(self, folder: str, device="cpu"):
         import torch
+        from higgs_ddp.runtime.lean_imports import trim_transformers
+
+        trim_transformers()
         from transformers import AutoFeatureExtractor, WavLMForXVector
 
         self.device = torch.device(device)
