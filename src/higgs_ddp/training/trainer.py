@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -36,7 +37,8 @@ from higgs_ddp.training.optim import SchedulerState, build_optimizer, build_sche
 from higgs_ddp.training.parallel import build_strategy
 from higgs_ddp.training.perf import compile_decoder_layers, enable_activation_checkpointing, enable_tf32
 from higgs_ddp.training.preemption import leave_stop_signals_to_parent
-from higgs_ddp.training.preference import PreferenceObjective, PreferenceStep, describe_validation
+from higgs_ddp.training.preference import (AdapterOff, FrozenCopy, PreferenceObjective, PreferenceStep,
+                                          describe_validation)
 from higgs_ddp.training.resume_policy import check_resumable
 from higgs_ddp.training.run_files import save_weights
 from higgs_ddp.training.shards import gather_full
@@ -98,6 +100,10 @@ class Trainer:
         self.model = build_for_training(cfg, self.tokenizer, dtype, device=env.device,
                                         base=base(self.tokenizer, dtype) if t.init_from else None)
         self.raw = unwrap(self.model)
+        # DPO's reference for audio_ffn / full: the starting weights, copied before anything changes the policy
+        # (lora needs no copy: its reference is the adapter switched off). Not a checkpointed state: a resume
+        # builds the same starting model and copies it again.
+        start = copy.deepcopy(self.raw) if dpo and t.mode != "lora" else None
 
         mc = self.raw.config
         # Before the model moves to the GPU: preparing new audio loads the codec there for a while.
@@ -169,6 +175,8 @@ class Trainer:
         self.params = [p for _, p in self.named_params]
         self.optimizer = build_optimizer(self.params, t.lr, t.betas, t.weight_decay, env.device, t.optimizer)
         self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        self.reference = None if not dpo else (AdapterOff(self) if start is None else FrozenCopy(
+            start, self.strategy, defer_text_head=self.text_head is not None, compile=t.compile))
         self.preference = PreferenceObjective(self) if dpo else None  # the DPO step and validation
         self.alignment = t.loss_alignment
         self.verified = False  # the first step checks label convention and target counts
@@ -279,7 +287,7 @@ class Trainer:
             p = self.cfg.dpo
             training += (f"; DPO, beta {p.beta:g}" + (f", sft_weight {p.sft_weight:g}" if p.sft_weight else "")
                          + (", length-normalised" if p.length_normalized else "")
-                         + f"; reference: {t.init_from or 'the base model'} (adapter off)")
+                         + f"; reference: {t.init_from or 'the base model'} ({self.reference.describe})")
         rows = [
             ("model", model),
             ("training", training),
