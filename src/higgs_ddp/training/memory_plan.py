@@ -9,8 +9,9 @@ weights, and their gradients in backward). With ``train.fsdp.cpu_offload`` the s
 and only the gathered unit is on the GPU. Activations are not modelled: they depend on the sequence length
 and activation checkpointing (BENCHMARKS.md measures them), so a plan that fits can still run out.
 train.objective=dpo with train.mode=audio_ffn or full adds the reference, a frozen copy of the starting model in the
-policy's dtypes (training/preference.py): 4 bytes per trained parameter, the frozen ones' 2 (bf16) or 4 — under
-FSDP 1/N of it per GPU, in host memory with cpu_offload. LoRA's reference is the adapter switched off: nothing more.
+policy's dtypes (training/preference.py): 4 bytes per trained parameter; the weights the policy does not train are
+shared with it, except under FSDP, where the copy holds its own (2 bytes each in bf16, 4 in fp32) and each GPU 1/N of
+the whole copy (none with cpu_offload: host memory). LoRA's reference is the adapter switched off: nothing more.
 ``speak`` and ``score`` hold the merged model's weights: 2 bytes each in bf16 (a GPU's default), 4 in fp32.
 
 With model.quantize=nf4 (quantize.py) each frozen decoder-layer linear weight costs 4 bits plus its scales: an
@@ -112,11 +113,12 @@ def count_parameters(cfg: Config, model_config) -> ParameterCounts:
                            nf4_tensors=len(sizes))
 
 
-def reference_bytes(counts: ParameterCounts, cfg: Config, bf16: bool) -> float:
-    """DPO's frozen reference copy, whole: the starting model in the policy's dtypes (trained weights fp32)."""
+def reference_bytes(counts: ParameterCounts, cfg: Config, bf16: bool, sharded: bool) -> float:
+    """DPO's frozen reference copy, whole: the starting weights the policy trains, in fp32, and unless ``sharded``
+    (then it holds all its own) none of the others: they are the policy's tensors."""
     if cfg.train.objective != "dpo" or cfg.train.mode == "lora":
         return 0.0
-    return counts.trainable * 4 + (counts.total - counts.trainable) * (2 if bf16 else 4)
+    return counts.trainable * 4 + (counts.total - counts.trainable) * (2 if bf16 else 4) * sharded
 
 
 def plan(counts: ParameterCounts, cfg: Config, world_size: int, bf16: bool) -> MemoryPlan:
@@ -125,10 +127,9 @@ def plan(counts: ParameterCounts, cfg: Config, world_size: int, bf16: bool) -> M
     nf4 = counts.nf4_bytes(dtype_bytes)
     frozen = (counts.total - counts.trainable - counts.nf4) * dtype_bytes + nf4
     trained = counts.trainable * trained_bytes(cfg)
-    reference = reference_bytes(counts, cfg, bf16)
     if t.parallel != "fsdp" or (world_size == 1 and not t.fsdp.cpu_offload):
         return MemoryPlan("ddp" if world_size > 1 else "one device", world_size, frozen, trained, 0.0, nf4,
-                          t.optimizer, reference)
+                          t.optimizer, reference_bytes(counts, cfg, bf16, sharded=False))
     # The unit's weights as gathered (bf16: the policy's, or frozen weights stored in bf16), and in backward
     # the fp32 gradients of its trained share.
     weight = 2 if t.fsdp.mixed_precision == "bf16" or (bf16 and counts.trainable < counts.total) else 4
@@ -136,7 +137,7 @@ def plan(counts: ParameterCounts, cfg: Config, world_size: int, bf16: bool) -> M
     if t.fsdp.cpu_offload:
         return MemoryPlan("fsdp, cpu_offload", world_size, 0.0, 0.0, gathered)
     return MemoryPlan("fsdp", world_size, frozen / world_size, trained / world_size, gathered, nf4 / world_size,
-                      t.optimizer, reference / world_size)
+                      t.optimizer, reference_bytes(counts, cfg, bf16, sharded=True) / world_size)
 
 
 def check_fits(memory_plan: MemoryPlan, gpu_bytes: float, cfg: Config, counts: ParameterCounts, bf16: bool) -> None:

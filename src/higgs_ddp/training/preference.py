@@ -5,7 +5,8 @@ log-probability is ``dual_loss.sequence_logps`` (the targets the supervised loss
 The reference is the starting model (train.init_from's weights merged into the base, or the base), without
 gradients: for train.mode=lora the same model with the new adapter switched off (peft's ``disable_adapter``, no
 second copy, ``AdapterOff``); for audio_ffn and full a frozen copy of the starting weights taken before the first
-update (``FrozenCopy``), on the device under DDP, sharded like the policy under FSDP. Neither is checkpointed: a
+update (``FrozenCopy``), on the device under DDP (sharing the weights the policy does not train), sharded like
+the policy under FSDP. Neither is checkpointed: a
 resumed run builds the same starting model again.
 The loss (``dpo_loss``) is divided by the global number of pairs over all ranks and micro-steps, known before
 the first backward, so 1 rank x accumulation 2 == 2 ranks == a micro-batch of 2 pairs.
@@ -14,6 +15,7 @@ the first backward, so 1 rank x accumulation 2 == 2 ranks == a micro-batch of 2 
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +77,15 @@ class AdapterOff:
         t = self.t
         with t.model.disable_adapter():
             yield t.strategy.eval_module(t.wrapped), t.text_head
+
+
+def starting_copy(raw, share_frozen: bool):
+    """The reference's own HiggsAudioModel: a copy of ``raw`` as built, before its first update. With
+    ``share_frozen`` (the policy is not sharded) the weights the policy never trains are the policy's own tensors,
+    not copies: for audio_ffn that leaves only the audio FFN copied. Under FSDP each model's weights are sharded
+    by its own fully_shard, so nothing is shared."""
+    memo = {id(p): p for p in raw.parameters() if not p.requires_grad} if share_frozen else {}
+    return copy.deepcopy(raw, memo)
 
 
 class FrozenCopy:

@@ -78,6 +78,24 @@ def test_in_full_mode_the_reference_is_a_frozen_copy_of_the_starting_weights(tmp
     assert (moved - reference.logps).abs().max() > 1e-2  # the policy did move
 
 
+def test_the_copy_shares_the_weights_the_policy_does_not_train(tmp_path):
+    """audio_ffn: only the audio FFN is copied (equal values, other tensors); under FSDP (share_frozen=False) every
+    weight is the copy's own, for its own sharding."""
+    from higgs_ddp.model import build_for_training, load_tokenizer
+    from higgs_ddp.training.preference import starting_copy
+
+    cfg = tiny_config(tmp_path, "train.mode=audio_ffn", samples=2)
+    raw = build_for_training(cfg, load_tokenizer(cfg), torch.float32)
+    names, trained = {n for n, _ in raw.named_parameters()}, {n for n, p in raw.named_parameters() if p.requires_grad}
+    assert 0 < len(trained) < len(names)
+    for share in (True, False):
+        pairs = list(zip(raw.named_parameters(), starting_copy(raw, share_frozen=share).named_parameters()))
+        assert [n for (n, _), _ in pairs] == [n for _, (n, _) in pairs]
+        assert all(torch.equal(p, q) for (_, p), (_, q) in pairs)
+        copied = {n for (n, p), (_, q) in pairs if p is not q}
+        assert copied == (trained if share else names)
+
+
 def hand_logps(out: dict, b) -> torch.Tensor:
     """Each sequence's summed log-probability of its supervised targets, position by position: text label t+1
     from logits t, audio column j+1 of a segment from audio logits j (every codebook), the stream EOS included."""

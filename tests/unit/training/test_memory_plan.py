@@ -103,8 +103,8 @@ def test_the_one_gpu_full_config_fits_its_goal(real_size):
 
 def test_dpo_counts_its_frozen_reference_copy(real_size):
     """train.objective=dpo in full mode holds a second model, the starting weights in the policy's dtypes (all
-    trained here, so fp32): 5.77B x 4 bytes = 23.1 GB, an eighth of it per GPU under FSDP on 8; LoRA's reference is
-    the adapter switched off (nothing more)."""
+    trained here, so fp32): 5.77B x 4 bytes = 23.1 GB, an eighth of it per GPU under FSDP on 8. audio_ffn's copy
+    shares the frozen weights with the policy, except under FSDP. LoRA's reference is the adapter switched off."""
     cfg, mc, counts = real_size
     cfg = copy.deepcopy(cfg)  # (the module's fixture: the modes changed below stay here)
     cfg.train.parallel, cfg.train.fsdp.cpu_offload, cfg.train.optimizer = "ddp", False, "adamw"
@@ -122,5 +122,7 @@ def test_dpo_counts_its_frozen_reference_copy(real_size):
     cfg.train.mode = "audio_ffn"
     ffn = mp.count_parameters(cfg, mc)
     assert mp.plan(ffn, cfg, 8, bf16=True).reference_bytes == (ffn.trainable * 4 + (ffn.total - ffn.trainable) * 2) / 8
+    cfg.train.parallel = "ddp"
+    assert mp.plan(ffn, cfg, 8, bf16=True).reference_bytes == ffn.trainable * 4
     cfg.train.mode = "lora"
     assert mp.plan(mp.count_parameters(cfg, mc), cfg, 8, bf16=True).reference_bytes == 0
