@@ -6,8 +6,7 @@ The reference is the starting model (train.init_from's weights merged into the b
 gradients: for train.mode=lora the same model with the new adapter switched off (peft's ``disable_adapter``, no
 second copy, ``AdapterOff``); for audio_ffn and full a frozen copy of the starting weights taken before the first
 update (``FrozenCopy``), on the device under DDP (sharing the weights the policy does not train), sharded like
-the policy under FSDP. Neither is checkpointed: a
-resumed run builds the same starting model again.
+the policy under FSDP. Neither is checkpointed: a resumed run builds the same starting model again.
 The loss (``dpo_loss``) is divided by the global number of pairs over all ranks and micro-steps, known before
 the first backward, so 1 rank x accumulation 2 == 2 ranks == a micro-batch of 2 pairs.
 """
