@@ -473,10 +473,6 @@ class Config:
         if d.max_tokens_per_batch:
             raise ConfigError("train.objective=dpo batches pairs by train.micro_batch_size; "
                               "data.max_tokens_per_batch is not supported with it: set it to 0")
-        if t.mode != "lora":
-            raise ConfigError(f"train.objective=dpo works with train.mode=lora (the reference is the starting model "
-                              f"with the adapter switched off); train.mode={t.mode} needs a frozen reference copy, "
-                              f"not built yet")
 
 
 def marked_keys(mark: str, value=True, cls=Config, prefix="", section_neutral=False) -> set[str]:

@@ -8,6 +8,10 @@ holds 1/N of it (frozen weights too), plus the largest sharding unit gathered wh
 weights, and their gradients in backward). With ``train.fsdp.cpu_offload`` the shards live in host memory
 and only the gathered unit is on the GPU. Activations are not modelled: they depend on the sequence length
 and activation checkpointing (BENCHMARKS.md measures them), so a plan that fits can still run out.
+train.objective=dpo with train.mode=audio_ffn or full adds the reference, a frozen copy of the starting model in the
+policy's dtypes (training/preference.py): 4 bytes per trained parameter; the weights the policy does not train are
+shared with it, except under FSDP, where the copy holds its own (2 bytes each in bf16, 4 in fp32) and each GPU 1/N of
+the whole copy (none with cpu_offload: host memory). LoRA's reference is the adapter switched off: nothing more.
 ``speak`` and ``score`` hold the merged model's weights: 2 bytes each in bf16 (a GPU's default), 4 in fp32.
 
 With model.quantize=nf4 (quantize.py) each frozen decoder-layer linear weight and the text head's cost 4 bits plus
@@ -67,13 +71,16 @@ class MemoryPlan:
     gathered_bytes: float  # FSDP: one unit gathered whole, with its gradients
     nf4_bytes: float = 0.0  # of frozen_bytes, the NF4 weights' (model.quantize=nf4)
     optimizer: str = "adamw"
+    reference_bytes: float = 0.0  # DPO's frozen reference copy (audio_ffn / full), per GPU
 
     @property
     def per_gpu_bytes(self) -> float:
-        return self.frozen_bytes + self.trainable_bytes + self.gathered_bytes
+        return self.frozen_bytes + self.trainable_bytes + self.reference_bytes + self.gathered_bytes
 
     def describe(self) -> str:
         extra = f" + {self.gathered_bytes / GB:.1f} gathered" if self.gathered_bytes else ""
+        if self.reference_bytes:
+            extra = f" + {self.reference_bytes / GB:.1f} DPO reference{extra}"
         nf4 = f" (of which {self.nf4_bytes / GB:.2f} NF4)" if self.nf4_bytes else ""
         moments = " with 8-bit AdamW moments" if self.optimizer == "adamw8bit" else ""
         return (f"{self.per_gpu_bytes / GB:.1f} GB of model state per GPU ({self.parallel} on {self.world_size}: "
@@ -106,6 +113,14 @@ def count_parameters(cfg: Config, model_config) -> ParameterCounts:
                            nf4_tensors=len(sizes))
 
 
+def reference_bytes(counts: ParameterCounts, cfg: Config, bf16: bool, sharded: bool) -> float:
+    """DPO's frozen reference copy, whole: the starting weights the policy trains, in fp32, and unless ``sharded``
+    (then it holds all its own) none of the others: they are the policy's tensors."""
+    if cfg.train.objective != "dpo" or cfg.train.mode == "lora":
+        return 0.0
+    return counts.trainable * 4 + (counts.total - counts.trainable) * (2 if bf16 else 4) * sharded
+
+
 def plan(counts: ParameterCounts, cfg: Config, world_size: int, bf16: bool) -> MemoryPlan:
     t = cfg.train
     dtype_bytes = 2 if bf16 else 4
@@ -114,7 +129,7 @@ def plan(counts: ParameterCounts, cfg: Config, world_size: int, bf16: bool) -> M
     trained = counts.trainable * trained_bytes(cfg)
     if t.parallel != "fsdp" or (world_size == 1 and not t.fsdp.cpu_offload):
         return MemoryPlan("ddp" if world_size > 1 else "one device", world_size, frozen, trained, 0.0, nf4,
-                          t.optimizer)
+                          t.optimizer, reference_bytes(counts, cfg, bf16, sharded=False))
     # The unit's weights as gathered (bf16: the policy's, or frozen weights stored in bf16), and in backward
     # the fp32 gradients of its trained share.
     weight = 2 if t.fsdp.mixed_precision == "bf16" or (bf16 and counts.trainable < counts.total) else 4
@@ -122,7 +137,7 @@ def plan(counts: ParameterCounts, cfg: Config, world_size: int, bf16: bool) -> M
     if t.fsdp.cpu_offload:
         return MemoryPlan("fsdp, cpu_offload", world_size, 0.0, 0.0, gathered)
     return MemoryPlan("fsdp", world_size, frozen / world_size, trained / world_size, gathered, nf4 / world_size,
-                      t.optimizer)
+                      t.optimizer, reference_bytes(counts, cfg, bf16, sharded=True) / world_size)
 
 
 def check_fits(memory_plan: MemoryPlan, gpu_bytes: float, cfg: Config, counts: ParameterCounts, bf16: bool) -> None:
@@ -145,7 +160,7 @@ def suggest(cfg: Config, counts: ParameterCounts, world_size: int, gpu_bytes: fl
 
 def _suggest_sharding(cfg: Config, counts: ParameterCounts, gpu_bytes: float, bf16: bool) -> str:
     whole = plan(counts, _with(cfg, parallel="fsdp"), 1, bf16)  # what all ranks together must hold
-    state = whole.frozen_bytes + whole.trainable_bytes
+    state = whole.frozen_bytes + whole.trainable_bytes + whole.reference_bytes
     gathered = plan(counts, _with(cfg, parallel="fsdp"), 2, bf16).gathered_bytes
     room = gpu_bytes - gathered
     if room <= 0:

@@ -11,6 +11,9 @@
 The trainer sees only this interface, so it has no branch per strategy:
 
 - ``wrap(forward)``: the module the trainer calls (its forward is the wrapper's own: gradients synchronise).
+- ``wrap_frozen(forward)``: a model that is never trained (DPO's frozen reference): on the device as it is, or
+  under FSDP sharded with the policy's plan, so each rank holds 1/N of it; ``reshard_frozen`` frees what its
+  no-grad forward left gathered.
 - ``set_sync(wrapped, last)``: gradient synchronisation on the last micro-step only, where that saves work.
 - ``eval_module(wrapped)``: what a forward without gradients calls. ``collective_forward`` says whether such
   a forward is a collective (FSDP gathers weights in it), so every rank must run the same number of them.
@@ -49,6 +52,12 @@ class Strategy:
 
     def wrap(self, forward: nn.Module) -> nn.Module:
         return forward
+
+    def wrap_frozen(self, forward: nn.Module) -> nn.Module:
+        return forward.to(self.env.device)  # no gradients: nothing to synchronise, nothing for DDP to do
+
+    def reshard_frozen(self, wrapped: nn.Module) -> None:
+        pass
 
     def set_sync(self, wrapped: nn.Module, last: bool) -> None:
         pass
@@ -98,6 +107,20 @@ class Sharded(Strategy):
 
     name = "fsdp"
     collective_forward = True
+
+    def wrap_frozen(self, forward: nn.Module) -> nn.Module:
+        # The policy's plan and numerics (mixed precision, offload), so the reference computes what the policy
+        # computed before its first update. Its weights move to the device one unit at a time as they are sharded.
+        return self.wrap(forward)
+
+    def reshard_frozen(self, wrapped: nn.Module) -> None:
+        # The head unit and the root keep their weights gathered after a forward (reshard_after_forward=False) until
+        # the backward frees them; the frozen model has no backward.
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in wrapped.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
 
     def wrap(self, forward: nn.Module) -> nn.Module:
         import torch.distributed.tensor  # noqa: F401  (peft and FSDP2 need DTensor registered)

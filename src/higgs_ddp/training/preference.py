@@ -1,15 +1,20 @@
 """train.objective=dpo: what one optimizer step and one validation pass compute on preference pairs.
 
 A micro-batch of P pairs is one batch of 2P sequences (data/pair_data.py: chosen rows first). Each sequence's
-log-probability is ``dual_loss.sequence_logps`` (the targets the supervised loss trains on, both streams);
-the reference's comes from the same model with the LoRA adapter switched off (peft's ``disable_adapter``,
-no gradients): the starting model, train.init_from's weights merged into the base, without a second copy.
+log-probability is ``dual_loss.sequence_logps`` (the targets the supervised loss trains on, both streams).
+The reference is the starting model (train.init_from's weights merged into the base, or the base), without
+gradients: for train.mode=lora the same model with the new adapter switched off (peft's ``disable_adapter``, no
+second copy, ``AdapterOff``); for audio_ffn and full a frozen copy of the starting weights taken before the first
+update (``FrozenCopy``), on the device under DDP (sharing the weights the policy does not train), sharded like
+the policy under FSDP. Neither is checkpointed: a resumed run builds the same starting model again.
 The loss (``dpo_loss``) is divided by the global number of pairs over all ranks and micro-steps, known before
 the first backward, so 1 rank x accumulation 2 == 2 ranks == a micro-batch of 2 pairs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -57,12 +62,56 @@ class PreferenceStep:
         return {"margin": f"{self.margin:.3f}", "acc": f"{self.accuracy:.2f}"}
 
 
-def reference_context(model):
-    """The reference's forward: the policy with its (new) LoRA adapter switched off."""
-    disable = getattr(model, "disable_adapter", None)
-    if disable is None:  # config.check_objective refuses the other modes before anything is built
-        raise DPOError("train.objective=dpo needs train.mode=lora (the reference is the adapter switched off)")
-    return disable()
+class AdapterOff:
+    """train.mode=lora: the reference's forward is the policy's with its (new) LoRA adapter switched off."""
+
+    describe = "adapter off"
+
+    def __init__(self, trainer):
+        self.t = trainer
+
+    @contextlib.contextmanager
+    def active(self):
+        """-> (the module to call, the deferred text head), while the adapter is off."""
+        t = self.t
+        with t.model.disable_adapter():
+            yield t.strategy.eval_module(t.wrapped), t.text_head
+
+
+def starting_copy(raw, share_frozen: bool):
+    """The reference's own HiggsAudioModel: a copy of ``raw`` as built, before its first update. With
+    ``share_frozen`` (the policy is not sharded) the weights the policy never trains are the policy's own tensors,
+    not copies: for audio_ffn that leaves only the audio FFN copied. Under FSDP each model's weights are sharded
+    by its own fully_shard, so nothing is shared."""
+    memo = {id(p): p for p in raw.parameters() if not p.requires_grad} if share_frozen else {}
+    return copy.deepcopy(raw, memo)
+
+
+class FrozenCopy:
+    """train.mode=audio_ffn / full: the starting model's own copy, never trained, in eval mode, in the policy's
+    dtypes (its trained weights fp32, under the same autocast), so that before the first update it computes what
+    the policy computes, bit for bit. ``start``: the raw HiggsAudioModel as the policy was built (before
+    activation checkpointing and compile wrap its layers)."""
+
+    def __init__(self, start, strategy, defer_text_head: bool, compile: bool = False):
+        from higgs_ddp.model import HiggsForward, text_head
+        from higgs_ddp.training.perf import compile_decoder_layers
+
+        start.requires_grad_(False)
+        start.eval()
+        if compile:
+            compile_decoder_layers(start)
+        self.strategy = strategy
+        self.head = text_head(start) if defer_text_head else None
+        self.module = strategy.wrap_frozen(HiggsForward(start, defer_text_head=defer_text_head))
+        self.describe = "a frozen copy" + (", sharded like the policy" if strategy.collective_forward else "")
+
+    @contextlib.contextmanager
+    def active(self):
+        try:
+            yield self.module, self.head
+        finally:
+            self.strategy.reshard_frozen(self.module)
 
 
 class PreferenceObjective:
@@ -73,9 +122,12 @@ class PreferenceObjective:
         d = trainer.cfg.dpo
         self.beta, self.sft_weight, self.length_normalized = d.beta, d.sft_weight, d.length_normalized
 
-    def logps(self, module, b, check: bool):
-        """Per-sequence log-probabilities of the batch under ``module`` (the run's autocast)."""
+    def logps(self, module, b, check: bool, head=None):
+        """Per-sequence log-probabilities of the batch under ``module`` (the run's autocast); ``head``: the
+        deferred text head of ``module``'s model, when it is not the policy's (the reference copy's: it has one
+        exactly when the policy has)."""
         t = self.t
+        head = head if head is not None else t.text_head
         c = t.cfg.train
         with t.autocast:
             out = module(**b.model_inputs())
@@ -84,13 +136,12 @@ class PreferenceObjective:
                 audio_out_ids_start=b.audio_out_ids_start, audio_out_ids_start_group_loc=b.audio_out_ids_start_group_loc,
                 expanded_input_ids=out["expanded_input_ids"] if check else None,
                 audio_out_ids=b.audio_out_ids if check else None, alignment=t.alignment, validate=check,
-                text_hidden=out.get("text_hidden"), text_head=t.text_head, chunk_rows=c.text_logits_chunk)
+                text_hidden=out.get("text_hidden"), text_head=head, chunk_rows=c.text_logits_chunk)
 
     @torch.no_grad()
     def reference_logps(self, b, check: bool = False):
-        t = self.t
-        with reference_context(t.model):
-            return self.logps(t.strategy.eval_module(t.wrapped), b, check)
+        with self.t.reference.active() as (module, head):
+            return self.logps(module, b, check, head=head)
 
     def loss(self, policy, reference: torch.Tensor, P: int):
         lp = policy
@@ -153,8 +204,7 @@ class PreferenceObjective:
                                        c.eval.max_batches)
             for chunk, counted in lockstep(chunks, t.strategy.collective_forward, env.device):
                 b = t.collator([t.val_dataset[i] for i in chunk]).to(env.device)
-                with reference_context(t.model):
-                    reference = self.logps(module, b, check=False).logps
+                reference = self.reference_logps(b).logps
                 policy = self.logps(module, b, check=False)
                 dl = self.loss(policy, reference, b.pairs)
                 if counted:

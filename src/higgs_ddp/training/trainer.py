@@ -36,7 +36,8 @@ from higgs_ddp.training.optim import SchedulerState, build_optimizer, build_sche
 from higgs_ddp.training.parallel import build_strategy
 from higgs_ddp.training.perf import compile_decoder_layers, enable_activation_checkpointing, enable_tf32
 from higgs_ddp.training.preemption import leave_stop_signals_to_parent
-from higgs_ddp.training.preference import PreferenceObjective, PreferenceStep, describe_validation
+from higgs_ddp.training.preference import (AdapterOff, FrozenCopy, PreferenceObjective, PreferenceStep,
+                                          describe_validation, starting_copy)
 from higgs_ddp.training.resume_policy import check_resumable
 from higgs_ddp.training.run_files import save_weights
 from higgs_ddp.training.shards import gather_full
@@ -98,6 +99,12 @@ class Trainer:
         self.model = build_for_training(cfg, self.tokenizer, dtype, device=env.device,
                                         base=base(self.tokenizer, dtype) if t.init_from else None)
         self.raw = unwrap(self.model)
+        self.strategy = build_strategy(cfg, env)  # (it wraps the model last, after checkpointing and compile)
+        # DPO's reference for audio_ffn / full: the starting weights, copied before anything changes the policy
+        # (lora needs no copy: its reference is the adapter switched off). Not a checkpointed state: a resume
+        # builds the same starting model and copies it again.
+        start = (starting_copy(self.raw, share_frozen=not self.strategy.collective_forward)
+                 if dpo and t.mode != "lora" else None)
 
         mc = self.raw.config
         # Before the model moves to the GPU: preparing new audio loads the codec there for a while.
@@ -162,13 +169,15 @@ class Trainer:
             # The deferred head runs after DDP's forward: DDP's search for unused weights would miss it.
             raise ConfigError("train.find_unused_parameters=true with a trained text head needs "
                               "train.text_logits=all")
-        self.strategy = build_strategy(cfg, env)  # last, after checkpointing and compile (torchtitan's order)
+        # The wrapper last, after checkpointing and compile (torchtitan's order)
         self.wrapped = self.strategy.wrap(HiggsForward(self.model, defer_text_head=self.text_head is not None))
         # Collected after wrapping: FSDP2 replaces each parameter by its shard (same names).
         self.named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named_params]
         self.optimizer = build_optimizer(self.params, t.lr, t.betas, t.weight_decay, env.device, t.optimizer)
         self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        self.reference = None if not dpo else (AdapterOff(self) if start is None else FrozenCopy(
+            start, self.strategy, defer_text_head=self.text_head is not None, compile=t.compile))
         self.preference = PreferenceObjective(self) if dpo else None  # the DPO step and validation
         self.alignment = t.loss_alignment
         self.verified = False  # the first step checks label convention and target counts
@@ -279,7 +288,7 @@ class Trainer:
             p = self.cfg.dpo
             training += (f"; DPO, beta {p.beta:g}" + (f", sft_weight {p.sft_weight:g}" if p.sft_weight else "")
                          + (", length-normalised" if p.length_normalized else "")
-                         + f"; reference: {t.init_from or 'the base model'} (adapter off)")
+                         + f"; reference: {t.init_from or 'the base model'} ({self.reference.describe})")
         rows = [
             ("model", model),
             ("training", training),

@@ -317,7 +317,6 @@ def test_rules_between_keys():
     (["data.preferences=p/pairs.jsonl"], "data.preferences is read by train.objective=dpo only"),
     (["train.objective=dpo", "data.preferences=p", "data.val_manifest=v.jsonl"], "not data.val_manifest"),
     (["train.objective=dpo", "data.preferences=p", "data.max_tokens_per_batch=512"], "max_tokens_per_batch"),
-    (["train.objective=dpo", "data.preferences=p", "train.mode=full"], "train.objective=dpo works with train.mode=lora"),
     (["train.objective=dpo", "data.preferences=p", "eval.every=5"], "eval.every needs a validation set: "
                                                                      "data.val_preferences"),
     (["train.objective=dpo", "data.preferences=p", "data.val_preferences=v", "data.val_fraction=0.1"], "not both"),
@@ -333,6 +332,8 @@ def test_objective_defaults():
                              "data.val_fraction=0.1"])
     assert (cfg.dpo.beta, cfg.dpo.sft_weight, cfg.dpo.length_normalized) == (0.1, 0.0, False)
     assert load_config(None, ["model.path=x"]).train.objective == "sft"
+    for mode in ("audio_ffn", "full"):  # their reference is a frozen copy (training/preference.py)
+        load_config(None, ["model.path=x", "train.objective=dpo", "data.preferences=p", f"train.mode={mode}"])
 
 
 def test_flash_attention_and_cpu_offload_are_checked_against_the_machine():

@@ -1,7 +1,8 @@
 """DPO training (train.objective=dpo): the loss at the start, by hand, on resume, and bad pairs before training.
 
-At the start the policy is the reference (a new LoRA adapter adds exactly zero), so the loss is log 2 and the
-implicit rewards 0. With the adapter moved, the loss and its gradient equal a computation written out here from
+At the start the policy is the reference (a new LoRA adapter adds exactly zero; in train.mode=full the reference
+is a frozen copy of the starting weights, which an update leaves alone), so the loss is log 2 and the implicit
+rewards 0. With the adapter moved, the loss and its gradient equal a computation written out here from
 the model's logits (no dual_loss, no dpo_loss). A run resumed from its half-way checkpoint ends with the
 uninterrupted run's weights and logged rows. A pairs file with a damaged shard stops `higgs-ddp train` with one
 line naming the file and line, before a step. train.init_from: the reference is the earlier fine-tune, and a
@@ -46,6 +47,53 @@ def test_at_the_start_the_loss_is_log_2_and_the_rewards_0(trainer):
     dl = obj.loss(policy, reference.logps, b.pairs)
     assert dl.losses.tolist() == pytest.approx([math.log(2)] * 2, abs=1e-7)
     assert dl.chosen_rewards.tolist() == dl.rejected_rewards.tolist() == [0.0, 0.0]
+
+
+def test_in_full_mode_the_reference_is_a_frozen_copy_of_the_starting_weights(tmp_path):
+    """train.mode=full (audio_ffn is built the same way), with the deferred text head: policy == reference bit for
+    bit at the start; after an update the reference computes what it did, and none of it is trained."""
+    pairs = write_tiny_pairs(tmp_path / "prefs", prompts=4, reference=True)
+    cfg = tiny_config(tmp_path, *dpo_overrides(pairs, "train.mode=full", f"dpo.beta={BETA}",
+                                               "train.micro_batch_size=2", "train.lr=1e-2", "train.warmup_steps=0"),
+                      samples=2)
+    trainer = Trainer(cfg, DistEnv())
+    assert "reference: the base model (a frozen copy)" in trainer.run_card()
+    b = next(iter(trainer.loader))
+    obj = trainer.preference
+    reference = obj.reference_logps(b, check=True)
+    trainer.alignment = reference.path
+    policy = obj.logps(trainer.wrapped, b, check=False)
+    assert torch.equal(policy.logps.detach(), reference.logps)
+    dl = obj.loss(policy, reference.logps, b.pairs)
+    assert dl.losses.tolist() == pytest.approx([math.log(2)] * 2, abs=1e-7)
+    assert dl.chosen_rewards.tolist() == dl.rejected_rewards.tolist() == [0.0, 0.0]
+
+    trained = {id(p) for p in trainer.params}
+    frozen = list(trainer.reference.module.parameters())
+    assert len(frozen) == len(trainer.params) and not any(p.requires_grad or id(p) in trained for p in frozen)
+    step = trainer.train_step([b])
+    assert step.loss == pytest.approx(math.log(2), abs=1e-7) and not step.skipped
+    assert torch.equal(obj.reference_logps(b).logps, reference.logps)  # the update left the copy alone
+    moved = obj.logps(trainer.wrapped, b, check=False).logps.detach()
+    assert (moved - reference.logps).abs().max() > 1e-2  # the policy did move
+
+
+def test_the_copy_shares_the_weights_the_policy_does_not_train(tmp_path):
+    """audio_ffn: only the audio FFN is copied (equal values, other tensors); under FSDP (share_frozen=False) every
+    weight is the copy's own, for its own sharding."""
+    from higgs_ddp.model import build_for_training, load_tokenizer
+    from higgs_ddp.training.preference import starting_copy
+
+    cfg = tiny_config(tmp_path, "train.mode=audio_ffn", samples=2)
+    raw = build_for_training(cfg, load_tokenizer(cfg), torch.float32)
+    names, trained = {n for n, _ in raw.named_parameters()}, {n for n, p in raw.named_parameters() if p.requires_grad}
+    assert 0 < len(trained) < len(names)
+    for share in (True, False):
+        pairs = list(zip(raw.named_parameters(), starting_copy(raw, share_frozen=share).named_parameters()))
+        assert [n for (n, _), _ in pairs] == [n for _, (n, _) in pairs]
+        assert all(torch.equal(p, q) for (_, p), (_, q) in pairs)
+        copied = {n for (n, p), (_, q) in pairs if p is not q}
+        assert copied == (trained if share else names)
 
 
 def hand_logps(out: dict, b) -> torch.Tensor:
@@ -165,6 +213,12 @@ def test_init_from_an_sft_run_is_the_reference(tmp_path):
         base = plain.wrapped(**b.model_inputs())
     assert torch.equal(ref["audio_logits"], theirs["audio_logits"])
     assert not torch.allclose(ref["audio_logits"], base["audio_logits"])  # the SFT run did move the model
+    # train.mode=full from the same run: its frozen copy is that merged model too
+    full_cfg = tiny_config(tmp_path / "full", *dpo_overrides(pairs, f"train.init_from={sft}", "train.mode=full",
+                                                             "train.micro_batch_size=2", *PLAIN), samples=2)
+    full = Trainer(full_cfg, DistEnv(), base=starting_base(full_cfg))
+    with torch.no_grad():
+        assert torch.equal(full.reference.module(**b.model_inputs())["audio_logits"], theirs["audio_logits"])
 
     train(cfg)
     dpo = tmp_path / "dpo" / "run"

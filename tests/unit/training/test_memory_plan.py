@@ -4,6 +4,8 @@ The memory arithmetic the run checks before building any weight (training/memory
 the built model's, the 5.8B numbers are docs/speed-and-memory.md's, and a run that cannot fit is refused in one line
 that names a setting that fits."""
 
+import copy
+
 import pytest
 from helpers import ROOT, tiny_config
 
@@ -97,3 +99,30 @@ def test_the_one_gpu_full_config_fits_its_goal(real_size):
     cfg = load_config(str(ROOT / "configs" / "higgs_v2_3b_full_1gpu.yaml"))
     one = mp.plan(counts, cfg, 1, bf16=True)
     assert one.per_gpu_bytes / 1e9 == pytest.approx(57.9, abs=0.05) and one.per_gpu_bytes <= 62e9
+
+
+def test_dpo_counts_its_frozen_reference_copy(real_size):
+    """train.objective=dpo in full mode holds a second model, the starting weights in the policy's dtypes (all
+    trained here, so fp32): 5.77B x 4 bytes = 23.1 GB, an eighth of it per GPU under FSDP on 8. audio_ffn's copy
+    shares the frozen weights with the policy, except under FSDP. LoRA's reference is the adapter switched off."""
+    cfg, mc, counts = real_size
+    cfg = copy.deepcopy(cfg)  # (the module's fixture: the modes changed below stay here)
+    cfg.train.parallel, cfg.train.fsdp.cpu_offload, cfg.train.optimizer = "ddp", False, "adamw"
+    sft = mp.plan(counts, cfg, 8, bf16=True)
+    cfg.train.objective = "dpo"
+    ddp = mp.plan(counts, cfg, 8, bf16=True)
+    assert ddp.reference_bytes == counts.total * 4 and ddp.reference_bytes / 1e9 == pytest.approx(23.1, abs=0.05)
+    assert ddp.per_gpu_bytes == sft.per_gpu_bytes + ddp.reference_bytes and "23.1 DPO reference" in ddp.describe()
+    cfg.train.parallel = "fsdp"
+    assert mp.plan(counts, cfg, 8, bf16=True).reference_bytes == ddp.reference_bytes / 8
+    one = mp.plan(counts, cfg, 1, True)  # 92.3 + 23.1 GB: an H200 holds it, a 100 GB GPU does not
+    mp.check_fits(one, 141e9, cfg, counts, True)
+    with pytest.raises(ConfigError, match="fsdp on 2 or more GPUs"):
+        mp.check_fits(one, 100e9, cfg, counts, True)
+    cfg.train.mode = "audio_ffn"
+    ffn = mp.count_parameters(cfg, mc)
+    assert mp.plan(ffn, cfg, 8, bf16=True).reference_bytes == (ffn.trainable * 4 + (ffn.total - ffn.trainable) * 2) / 8
+    cfg.train.parallel = "ddp"
+    assert mp.plan(ffn, cfg, 8, bf16=True).reference_bytes == ffn.trainable * 4
+    cfg.train.mode = "lora"
+    assert mp.plan(mp.count_parameters(cfg, mc), cfg, 8, bf16=True).reference_bytes == 0
