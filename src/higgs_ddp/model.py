@@ -17,7 +17,7 @@ from torch import nn
 
 from higgs_ddp.config import Config, ConfigError, check_lora_targets
 from higgs_ddp.errors import error_line
-from higgs_ddp.runtime.lean_imports import trim_transformers
+from higgs_ddp.runtime.lean_imports import peft_probes_torchao_only_when_loaded, trim_transformers
 
 SPECIAL_IDS = {  # HiggsAudioConfig field -> token it must name in the tokenizer
     "audio_in_token_idx": "<|AUDIO|>",
@@ -174,6 +174,7 @@ def apply_training_mode(model, cfg: Config):
     check_lora_targets(cfg, (n for n, _ in model.named_modules()))
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=list(cfg.lora.target_modules), bias="none")
+    peft_probes_torchao_only_when_loaded()
     return get_peft_model(model, lora)
 
 

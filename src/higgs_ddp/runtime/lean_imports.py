@@ -17,3 +17,24 @@ def trim_transformers() -> None:
     for name in _UNUSED:
         if hasattr(available, f"_{name}_available"):  # another transformers may name them otherwise
             setattr(available, f"_{name}_available", False)
+
+
+def peft_probes_torchao_only_when_loaded() -> None:
+    """peft (0.17+) imports torchao, and with it torch._dynamo and triton (~4 CPU s), on every LoRA wrap just
+    to ask whether a base weight is one of torchao's tensors. No weight can be one unless torchao is already
+    imported (our NF4 base is even rounded after the wrap), so the probe first asks ``sys.modules``."""
+    import sys
+
+    try:
+        import peft.tuners.lora.torchao as probe
+    except ImportError:  # a peft without torchao support has nothing to probe
+        return
+    original = getattr(probe, "is_torchao_available", None)
+    if original is None or getattr(original, "lean", False):
+        return
+
+    def loaded_and_available() -> bool:
+        return "torchao" in sys.modules and original()
+
+    loaded_and_available.lean = True
+    probe.is_torchao_available = loaded_and_available
