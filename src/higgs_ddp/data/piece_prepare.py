@@ -278,11 +278,13 @@ def build_pieces(cfg: Config, env: DistEnv, tokenizer, mc, cache: str, folder: P
     return the_plan, {"built": built, "kept": kept}
 
 
-def prepare_index(cfg: Config, env: DistEnv, tokenizer, mc, quiet: bool, report_path: Path, start, full) -> Phases:
+def prepare_index(cfg: Config, env: DistEnv, tokenizer, mc, quiet: bool, report_path: Path, start, full,
+                  source_problems: list = ()) -> Phases:
     """Every rank: build its pieces; rank 0 joins them and writes the index ``start`` (index_start.py) then
     maps. ``full``: the full way's steps that a piece takes as they are (dataset.full_way; dataset imports
     this module). The data's problems are reported as the full way reports them (dataset.conclude):
-    DataError on every rank where data.on_error=error refuses them, and no index. -> this rank's phases."""
+    DataError on every rank where data.on_error=error refuses them, and no index. ``source_problems``: what
+    the import of shard sources left out (sources.py), reported first. -> this rank's phases."""
     from higgs_ddp.runtime.shared_fs import check_shared_directory
 
     full.check_manifests(cfg)
@@ -295,7 +297,7 @@ def prepare_index(cfg: Config, env: DistEnv, tokenizer, mc, quiet: bool, report_
     if env.is_main:
         try:
             t0 = time.perf_counter()
-            _join(cfg, env, mc, quiet, report_path, start, folder, the_plan, full)
+            _join(cfg, env, mc, quiet, report_path, start, folder, the_plan, full, list(source_problems))
             built, kept = sum(c["built"] for c in counts), sum(c["kept"] for c in counts)
             if not quiet:
                 print(f"prepare: {len(the_plan['pieces'])} piece(s) of up to {the_plan['lines']} manifest lines on "
@@ -315,7 +317,7 @@ def prepare_index(cfg: Config, env: DistEnv, tokenizer, mc, quiet: bool, report_
 
 
 def _join(cfg: Config, env: DistEnv, mc, quiet: bool, report_path: Path, start, folder: Path, the_plan: dict,
-          full):
+          full, source_problems: list):
     from higgs_ddp.data.corpus_index import OWN_CODES, write_index
     from higgs_ddp.data.index_start import _summary
     from higgs_ddp.data.piece_join import Join, fingerprint_columns
@@ -342,13 +344,14 @@ def _join(cfg: Config, env: DistEnv, mc, quiet: bool, report_path: Path, start, 
     join.overlaps()
     join.same_recordings()
     rows, n_train, problems = join.outcome()
+    problems = source_problems + problems
     pairing = Pairing(d.reference)
     if d.reference != "given":
         pairing.replaced = join.references_left_out()
     phases.mark("checks")
     report = {
         "policy": d.on_error, "manifests": list(d.manifest), "val_manifests": list(d.val_manifest),
-        "entries": join.n, "train_samples": n_train, "val_samples": len(rows) - n_train,
+        "entries": join.n + len(source_problems), "train_samples": n_train, "val_samples": len(rows) - n_train,
         "skipped": len(problems), "skipped_by_reason": dict(sorted(Counter(p.reason for p in problems).items())),
         "train_audio_hours": join.seconds_sum(rows[:n_train]) / 3600,
         "references": pairing.report(),
