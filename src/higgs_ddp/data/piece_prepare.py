@@ -129,7 +129,7 @@ class PieceBuilder:
         d = self.cfg.data
         prep = prepare_local(refs, self.codes, self.hashes, d.codec, d.codec_revision, d.max_audio_seconds,
                              self.env, d.num_workers, True, d.audio, self._codec)
-        self.stats = prep.stats
+        self.stats, self.prep = prep.stats, prep
         return prep
 
     def build(self, piece: list) -> dict:
@@ -145,7 +145,7 @@ class PieceBuilder:
             replaced = np.array([a is not b for a, b in zip(kept, entries)], bool)
             entries = kept
         self.phases.mark("manifest")
-        self.stats = {}
+        self.stats, self.prep = {}, None
         found, failed, seconds, content = full.audio_codes(entries, self.cfg, self.env, mc.audio_num_codebooks,
                                                        mc.audio_codebook_size, True, Phases(), self._prepare)
         self.phases.mark("audio and codes")
@@ -190,7 +190,26 @@ class PieceBuilder:
                 "folders": {f: _mtime(f) for f in sorted(folders)}, "stats": self.stats,
                 "code_sizes": {f: os.stat(f).st_size for f in files if f != "codes.bin"}}
         out["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+        out.update(file_arrays(self.prep))
         return out
+
+
+def file_arrays(prep) -> dict:
+    """Per audio file a piece prepared (``prep``: its Prepared, or None), what the summary line counts, so that
+    the join counts a file or recording two pieces name once (piece_join.summary_stats): hashes of its path and
+    of its content (its path where it did not hash), whether it failed, whether its content was new to the
+    cache and whether that was encoded, its usable seconds."""
+    paths = sorted({*prep.content, *prep.problems}, key=str) if prep is not None else []
+    content = prep.content if prep is not None else {}
+    return {
+        "f_path_hash": np.array([hash64(str(p)) for p in paths], np.uint64),
+        "f_key_hash": np.array([hash64(f"c:{content[p]}" if p in content else f"p:{p}") for p in paths], np.uint64),
+        "f_hashed": np.array([p in content for p in paths], bool),
+        "f_failed": np.array([p in prep.problems for p in paths], bool),
+        "f_new": np.array([content.get(p) in prep.new_contents for p in paths], bool),
+        "f_encoded": np.array([content.get(p) in prep.encoded_contents for p in paths], bool),
+        "f_seconds": np.array([prep.seconds.get(p, 0.0) for p in paths], np.float64),
+    }
 
 
 def _mtime(folder: str):
@@ -320,7 +339,7 @@ def _join(cfg: Config, env: DistEnv, mc, quiet: bool, report_path: Path, start, 
           full, source_problems: list):
     from higgs_ddp.data.corpus_index import OWN_CODES, write_index
     from higgs_ddp.data.index_start import _summary
-    from higgs_ddp.data.piece_join import Join, fingerprint_columns
+    from higgs_ddp.data.piece_join import Join, fingerprint_columns, summary_stats
     from higgs_ddp.data.references import Pairing
 
     d = cfg.data
@@ -333,13 +352,11 @@ def _join(cfg: Config, env: DistEnv, mc, quiet: bool, report_path: Path, start, 
                             f"it was prepared?); run `higgs-ddp prepare --config ...` again")
         pieces.append(arrays)
     phases.mark("piece read")
-    stats = [p["meta"]["stats"] for p in pieces if p["meta"]["stats"]]
-    # what prepare_audio says, summed over the pieces (a file or recording that two pieces name counts twice)
-    if stats and env.is_main and not quiet:
+    stats = summary_stats(pieces)
+    if stats and env.is_main and not quiet:  # what prepare_audio says, over all the pieces
         from higgs_ddp.data.prepare import summary_line
 
-        print(summary_line({**{k: sum(s[k] for s in stats) for k in stats[0] if k != "cache"},
-                            "cache": stats[0]["cache"]}), flush=True)
+        print(summary_line(stats), flush=True)
     join = Join(pieces, cfg, mc.audio_num_codebooks)
     join.overlaps()
     join.same_recordings()
