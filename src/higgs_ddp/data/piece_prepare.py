@@ -2,7 +2,8 @@
 
 The manifests' lines are cut into about PIECES pieces, of at most MAX_LINES lines (rank 0 finds the line
 boundaries; the plan is the same for any number of ranks, so a prepare resumed on another number keeps
-its pieces). Rank r builds pieces r, r + world, ...: it parses its lines, hashes
+its pieces); a cut that would split the lines of one tar shard's (or datasets file's) members moves past
+them, so that each shard is read by one rank (a piece then holds more lines, by up to a shard's). Rank r builds pieces r, r + world, ...: it parses its lines, hashes
 and (where the code cache lacks them) encodes their audio, tokenizes their prompts, and measures their
 samples, everything a training sample needs that depends on its own line only, and writes the piece whole
 (``{cache_dir}/index/{key}.pieces/piece-NNNNNN.npz``, numpy arrays, no pickles) as soon as it is done. A
@@ -24,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import time
 from collections import Counter
@@ -94,10 +96,33 @@ def plan(cfg: Config, lines: Optional[int] = None) -> dict:
         manifests.append({"path": os.path.abspath(m), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
         if not len(starts):  # an empty manifest: a piece of no lines (its arrays say what it holds: nothing)
             pieces.append([i, is_val, 0, 0, 1])
-        for a in range(0, len(starts), lines):
-            end = int(starts[a + lines]) if a + lines < len(starts) else st.st_size
-            pieces.append([i, is_val, int(starts[a]), end, a + 1])
+        with open(m, "rb") as f:
+            line = _line_reader(f, starts, st.st_size)
+            a = 0
+            while a < len(starts):
+                b = min(a + lines, len(starts))
+                shard = _shard_of(line(b - 1)) if b < len(starts) else None
+                while shard is not None and b < len(starts) and _shard_of(line(b)) == shard:
+                    b += 1  # a shard's lines stay in one piece: its tar is read by one rank, once
+                pieces.append([i, is_val, int(starts[a]), int(starts[b]) if b < len(starts) else st.st_size, a + 1])
+                a = b
     return {"format": FORMAT, "manifests": manifests, "lines": lines, "pieces": pieces}
+
+
+_SHARD = re.compile(rb'"([^"]*\.(?:tar|arrow|parquet))#')  # a line's first member's shard (members.MARK)
+
+
+def _shard_of(line: bytes):
+    """The shard a manifest line's first audio member is in, or None (a line of plain files)."""
+    m = _SHARD.search(line) if b"#" in line else None
+    return None if m is None else m.group(1)
+
+
+def _line_reader(f, starts: np.ndarray, size: int):
+    def line(k: int) -> bytes:
+        f.seek(int(starts[k]))
+        return f.read((int(starts[k + 1]) if k + 1 < len(starts) else size) - int(starts[k]))
+    return line
 
 
 class PieceBuilder:

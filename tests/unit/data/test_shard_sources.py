@@ -94,3 +94,20 @@ def test_what_is_and_is_not_a_source(tmp_path):
     check_manifests(cfg)  # a pattern: its shards are listed (and refused) when it is read
     with pytest.raises(sources.SourceError, match=r"7 of its 10 shards not found"):
         load_data(cfg, DistEnv(), None, None, quiet=True)
+
+
+def test_prepare_pieces_keep_a_shards_lines_together(tmp_path):
+    """The cold prepare's pieces (piece_prepare.plan) never split one shard's lines over two pieces (two ranks
+    would each read that tar), while a manifest of plain files is cut every N lines as before."""
+    from higgs_ddp.data import piece_prepare
+
+    src = tmp_path / "shards"
+    write_shards(src)
+    path, _ = sources.materialise(str(src), "webdataset", str(tmp_path / "c"), DistEnv(), True)
+    cfg = tiny_config(tmp_path, f"data.manifest={path}")
+    firsts = {n: [p[4] for p in piece_prepare.plan(cfg, n)["pieces"]] for n in (1, 3, 4)}
+    assert firsts == {1: [1, 3, 5], 3: [1, 5], 4: [1, 5]}  # shards on lines 1-2, 3-4, 5-6
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"text": "x", "audio": f"{i}.wav"}) + "\n" for i in range(5)))
+    cfg = tiny_config(tmp_path, f"data.manifest={plain}")
+    assert [p[4] for p in piece_prepare.plan(cfg, 2)["pieces"]] == [1, 3, 5]
