@@ -79,6 +79,11 @@ def _files(spec: str, layout: str) -> tuple:
         raise SourceError(f"data.manifest {spec}: {e}") from None
 
 
+def source_files(spec: str, layout: str) -> list:
+    """The files of source ``spec``, in its order (SourceError: none, or a shard of a pattern missing)."""
+    return _files(spec, layout)[0]
+
+
 def _signature(path: Path) -> list:
     st = os.stat(path)
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
@@ -112,7 +117,13 @@ def _part(files: list, i: int, layout: str, root: Path, manifest: Path, folder: 
 def materialise(spec: str, layout: str, cache: str, env: DistEnv, quiet: bool) -> tuple:
     """Every rank: the manifest of source ``spec`` (imported where ``source.json`` does not match its files as
     they are now, the files dealt to the ranks), and its problems. -> (manifest path, [Problem])."""
-    files, root = _files(spec, layout)
+    try:
+        files, root, listing = *_files(spec, layout), None
+    except SourceError as e:  # said on every rank, not left to one while the others wait
+        files, root, listing = [], None, str(e)
+    listing = next((f for f in all_gather_objects(listing) if f), None)
+    if listing:
+        raise SourceError(listing)
     folder = folder_of(cache, spec, layout)
     manifest, meta_path = folder / "manifest.jsonl", folder / "source.json"
     want = {"format": FORMAT, "source": os.path.abspath(spec), "layout": layout,

@@ -19,6 +19,7 @@ from helpers import tiny_config
 from higgs_ddp.data import sources
 from higgs_ddp.data.dataset import DataError, check_manifests, load_data
 from higgs_ddp.runtime.distributed import DistEnv
+from higgs_ddp.tools.doctor import inputs as doctor_inputs
 from higgs_ddp.tools.demo_data import text_to_wave
 
 
@@ -94,6 +95,12 @@ def test_what_is_and_is_not_a_source(tmp_path):
     check_manifests(cfg)  # a pattern: its shards are listed (and refused) when it is read
     with pytest.raises(sources.SourceError, match=r"7 of its 10 shards not found"):
         load_data(cfg, DistEnv(), None, None, quiet=True)
+    # the doctor lists a source's shards (reads none)
+    assert [(r.status, "7 of its 10 shards not found" in r.message) for r in doctor_inputs.check_manifests(cfg)] == \
+        [("FAIL", True)]
+    cfg = tiny_config(tmp_path, f"data.manifest={src}")
+    assert [r.line() for r in doctor_inputs.check_manifests(cfg)] == [
+        f"OK   manifest {src}: 3 WebDataset shards, imported in place by prepare (its samples are checked then)"]
 
 
 def test_prepare_pieces_keep_a_shards_lines_together(tmp_path):
