@@ -11,7 +11,8 @@ Such a source becomes an ordinary manifest of in-place members (``manifest impor
 rest of the data path (pieces, index, warm start) reads that manifest as any other.
 
 The work goes by shard: shard i is imported by rank i % world (its headers and JSON read once, by one
-rank), into its own part (``parts/NNNNNN.json``: the shard's path, size and mtime, its rows and problems),
+rank), into its own part (``parts/{hash of its path}.json``: the shard's path, size and mtime, its rows and
+problems),
 so an interrupted import keeps the shards it finished, and a later one redoes only the shards that changed.
 Rank 0 then writes the manifest (the parts in the source's order) and ``source.json``: every shard's path,
 size and mtime, and the problems. A start lists and stats the shards (no shard is read) and compares them
@@ -101,9 +102,14 @@ def folder_of(cache: str, spec: str, layout: str) -> Path:
     return Path(cache) / "sources" / key
 
 
+def part_path(folder: Path, file: Path) -> Path:
+    """A file's part, named by its path: a shard added or removed leaves the other shards' parts as they are."""
+    return folder / "parts" / (hashlib.sha256(os.path.abspath(file).encode()).hexdigest()[:16] + ".json")
+
+
 def _part(files: list, i: int, layout: str, root: Path, manifest: Path, folder: Path) -> None:
     """Import file i into its part, unless a part of that file as it is now is there."""
-    part = folder / "parts" / f"{i:06d}.json"
+    part = part_path(folder, files[i])
     sig = _signature(files[i])
     old = _read_json(part)
     if old is not None and old.get("file") == sig and old.get("format") == FORMAT:
@@ -146,15 +152,16 @@ def materialise(spec: str, layout: str, cache: str, env: DistEnv, quiet: bool) -
         if env.is_main:
             rows, problems = [], []
             for i in range(len(files)):
-                part = _read_json(folder / "parts" / f"{i:06d}.json")
+                part = _read_json(part_path(folder, files[i]))
                 if part is None or part.get("file") != want["files"][i]:  # changed while it was imported
                     failure = f"data.manifest {spec}: {files[i]} changed while it was read; run again"
                     break
                 rows += part["rows"]
                 problems += part["problems"]
             if failure is None:
-                for stale in (folder / "parts").glob("*.json"):  # a source that lost files
-                    if int(stale.stem) >= len(files):
+                current = {part_path(folder, f).name for f in files}
+                for stale in (folder / "parts").glob("*.json"):  # the parts of files the source no longer has
+                    if stale.name not in current:
                         stale.unlink(missing_ok=True)
                 write_manifest(rows, manifest)
                 write_json_atomic(meta_path, {**want, "samples": len(rows), "problems": problems})

@@ -57,24 +57,31 @@ def test_shards_are_dealt_to_ranks_by_shard_and_parts_survive(tmp_path):
     write_shards(src)
     pattern = str(src / "emilia-{000000..000002}.tar")
     folder = sources.folder_of(str(tmp_path / "c"), pattern, "webdataset")
+    part = [sources.part_path(folder, src / f"emilia-{s:06d}.tar") for s in range(3)]
     sources.materialise(pattern, "webdataset", str(tmp_path / "c"), DistEnv(rank=1, world_size=2), True)
-    assert sorted(p.name for p in (folder / "parts").iterdir()) == ["000001.json"]
+    assert list((folder / "parts").iterdir()) == [part[1]]
     assert not (folder / "manifest.jsonl").exists()
-    before = os.stat(folder / "parts" / "000001.json").st_mtime_ns
+    before = os.stat(part[1]).st_mtime_ns
     path, problems = sources.materialise(pattern, "webdataset", str(tmp_path / "c"), DistEnv(rank=0, world_size=2),
                                          True)
-    assert os.stat(folder / "parts" / "000001.json").st_mtime_ns == before  # kept, not read again
+    assert os.stat(part[1]).st_mtime_ns == before  # kept, not read again
     rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
     assert [r["id"] for r in rows] == [f"emilia-{s:06d}/s{s}_u{i}" for s in range(3) for i in range(2)]
     assert all("#" in r["audio"] for r in rows)
     assert [(p.where, p.reason) for p in problems] == [("emilia-000001.tar:s1_bad.wav", "no_json")]
-    # shard 2 rewritten: its part alone is imported again, the manifest rewritten
-    kept = {p.name: os.stat(p).st_mtime_ns for p in (folder / "parts").iterdir()}
+    # shard 2 rewritten: its part alone is imported again, the manifest rewritten; a shard added: its part alone
+    kept = {p: os.stat(p).st_mtime_ns for p in part}
     write_shard(src, 2, samples=1)
     path, _ = sources.materialise(pattern, "webdataset", str(tmp_path / "c"), DistEnv(), True)
-    now = {p.name: os.stat(p).st_mtime_ns for p in (folder / "parts").iterdir()}
-    assert [name for name in sorted(now) if now[name] != kept[name]] == ["000002.json"]
+    assert [p for p in part if os.stat(p).st_mtime_ns != kept[p]] == [part[2]]
     assert len(Path(path).read_text().splitlines()) == 5
+    sources.materialise(str(src), "webdataset", str(tmp_path / "c"), DistEnv(), True)  # the folder as the source
+    folder = sources.folder_of(str(tmp_path / "c"), str(src), "webdataset")
+    kept = {p: os.stat(p).st_mtime_ns for p in (folder / "parts").iterdir()}
+    write_shard(src, 3)
+    path, _ = sources.materialise(str(src), "webdataset", str(tmp_path / "c"), DistEnv(), True)
+    assert {p: os.stat(p).st_mtime_ns for p in kept} == kept and len(list((folder / "parts").iterdir())) == 4
+    assert len(Path(path).read_text().splitlines()) == 7
 
 
 def test_what_is_and_is_not_a_source(tmp_path):
