@@ -22,7 +22,7 @@ import torch
 from higgs_ddp.config import Config, ConfigError
 from higgs_ddp.data.audio import AudioProblem, DurationRule, frame_energy
 from higgs_ddp.runtime.files import write_json_atomic
-from higgs_ddp.data import piece_prepare
+from higgs_ddp.data import piece_prepare, sources
 from higgs_ddp.data.index_start import IndexedStart
 from higgs_ddp.data.manifest import Entry, Problem, read_manifest
 from higgs_ddp.data.members import watched
@@ -314,7 +314,12 @@ def check_manifests(cfg: Config) -> None:
         return check_preferences(cfg)
     if not cfg.data.manifest:
         raise ConfigError("data.manifest is required (one path or a list)")
-    missing = [m for m in [*cfg.data.manifest, *cfg.data.val_manifest] if not Path(m).is_file()]
+    listed = [*cfg.data.manifest, *cfg.data.val_manifest]
+    folders = [m for m in listed if Path(m).is_dir() and sources.source_layout(m) is None]
+    if folders:
+        raise DataError(f"data.manifest {folders[0]}: a folder, but neither WebDataset .tar shards nor a Hugging "
+                        f"Face datasets folder (other layouts: `higgs-ddp manifest import`)")
+    missing = [m for m in listed if not Path(m).is_file() and sources.source_layout(m) is None]
     if missing:
         raise DataError(missing_manifests(missing))
 
@@ -356,18 +361,21 @@ def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = 
     gc.disable()
     try:
         report_path = Path(report_path or Path(cfg.output_dir) / "data_report.json")
+        check_manifests(cfg)
+        # shards or a datasets folder named as a manifest: their manifest of in-place members (sources.py)
+        cfg, source_problems = sources.resolve(cfg, env, quiet, cache_dir(cfg))
         start = IndexedStart(cfg, env, tokenizer, model_config, quiet, cache_dir(cfg), report_path)
         data = start.open()
         if data is None and start.folder is not None and piece_prepare.applies(cfg):
             prepared = piece_prepare.prepare_index(cfg, env, tokenizer, model_config, quiet, report_path, start,
-                                                   full_way())
+                                                   full_way(), source_problems)
             data = start.open()
             if data is not None:  # the time of the preparation with the index's start's
                 for key, times in (("startup_seconds", prepared.seconds), ("startup_cpu_seconds",
                                                                           prepared.cpu_seconds)):
                     data.report[key] = {**times, **data.report[key]}
         if data is None:
-            data = _load_data(cfg, env, tokenizer, model_config, quiet, report_path, start.folders)
+            data = _load_data(cfg, env, tokenizer, model_config, quiet, report_path, start.folders, source_problems)
             phases = Phases()
             start.save(data)
             phases.mark("index write")  # (rank 0's; the other ranks wait for it at their next collective)
@@ -380,13 +388,14 @@ def load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool = 
 
 
 def _load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool, report_path: Path,
-               folders: set) -> Data:
-    """The full way; ``folders`` gets the folder of every file the manifests name (the index's signature)."""
+               folders: set, source_problems: list = ()) -> Data:
+    """The full way; ``folders`` gets the folder of every file the manifests name (the index's signature);
+    ``source_problems``: what the import of shard sources left out (sources.py), reported first."""
     check_manifests(cfg)
     d = cfg.data
     C, K = model_config.audio_num_codebooks, model_config.audio_codebook_size
     phases = Phases()
-    problems, train_e, val_e = [], [], []
+    problems, train_e, val_e = list(source_problems), [], []
     for paths, into in ((d.manifest, train_e), (d.val_manifest, val_e)):
         for path in paths:
             entries, bad = read_manifest(path, d.root, d.allow_outside_root)
@@ -430,7 +439,7 @@ def _load_data(cfg: Config, env: DistEnv, tokenizer, model_config, quiet: bool, 
         train = [r for r, v in zip(train, picked) if not v]
     report = {
         "policy": d.on_error, "manifests": list(d.manifest), "val_manifests": list(d.val_manifest),
-        "entries": parsed,
+        "entries": parsed + len(source_problems),
         "train_samples": len(train), "val_samples": len(val),
         "skipped": len(problems), "skipped_by_reason": dict(sorted(Counter(p.reason for p in problems).items())),
         "train_audio_hours": sum(r.seconds for r in train) / 3600,

@@ -447,11 +447,14 @@ def _sample_clip(sample: Sample, shard: Path, shown: str, dest: Optional[Path], 
                 _json_name(obj, "id") or f"{shard.stem}/{sample.key}")
 
 
-def read_webdataset(src: Path, speaker: Optional[str], dest: Optional[Path]) -> Iterator[Item]:
+def read_webdataset(src: Path, speaker: Optional[str], dest: Optional[Path], root: Optional[Path] = None) -> Iterator[Item]:
+    """``root``: the folder the shards are named from (default: the source's own; data/sources.py reads a larger
+    source's shards one at a time, named as the whole source names them)."""
     try:
-        shards, root = shard_paths(str(src))
+        shards, own_root = shard_paths(str(src))
     except ShardError as e:
         raise LayoutError(str(e)) from None
+    root = root or own_root
     seen: dict = {}
     for shard in shards:
         shown = _shown(shard, root)
@@ -514,12 +517,14 @@ def _hf_clip(row: int, cols, values: dict, file: Path, shown: str, dest: Optiona
     return Clip(where, file.parent / name, text, spk, sid)  # an absolute path stays as it is
 
 
-def read_hf(src: Path, speaker: Optional[str], dest: Optional[Path], text_column: Optional[str] = None) -> Iterator[Item]:
+def read_hf(src: Path, speaker: Optional[str], dest: Optional[Path], text_column: Optional[str] = None,
+            root: Optional[Path] = None) -> Iterator[Item]:
+    """``root``: as read_webdataset's (a row's default id is its file's path from it)."""
     try:
         files = data_files(src)
     except TableError as e:
         raise LayoutError(str(e)) from None
-    root = src if src.is_dir() else src.parent
+    root = root or (src if src.is_dir() else src.parent)
 
     def pick(where):
         def chosen(schema):
@@ -717,11 +722,12 @@ def _rel(path: Path, base: str) -> str:
 
 
 def import_corpus(src, fmt: str, out, speaker: Optional[str] = None, max_seconds: float = 0.0,
-                  extract: bool = True, **options) -> Imported:
+                  extract: bool = True, shown_root: Optional[Path] = None, **options) -> Imported:
     """Read ``src`` in layout ``fmt`` ("auto": ``detect``) into rows for a manifest at ``out``; every clip's
     audio (and reference) header checked, empty texts and repeated ids reported. Nothing is written, except the
     audio a format that reads archives extracts into the manifest's folder (``extract``; False: webdataset rows
-    name each member in its shard instead, ``members.py``)."""
+    name each member in its shard instead, ``members.py``). ``shown_root``: (webdataset, hf) the folder problems
+    and default ids name the files from, where ``src`` is one file of a larger source."""
     src, base = Path(src), os.path.abspath(Path(out).parent)
     if not _exists(src):
         raise LayoutError(f"{src}: not found")
@@ -737,6 +743,8 @@ def import_corpus(src, fmt: str, out, speaker: Optional[str] = None, max_seconds
         raise LayoutError(f"--no-extract applies to the {' and '.join(NAMES_MEMBERS)} formats, not {fmt}")
     if FORMATS[fmt].extracts:
         options["dest"] = Path(base) if extract else None
+    if shown_root is not None:  # one file of a larger source (data/sources.py): named as the whole source names it
+        options["root"] = Path(shown_root)
     checked: dict = {}  # path -> seconds, or the AudioProblem: a shared reference is read once
 
     def audio_seconds(path: Path):

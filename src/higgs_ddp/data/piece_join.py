@@ -309,6 +309,27 @@ def _first_numbered(values: np.ndarray, names: list) -> tuple:
     return [names[j] for j in order], out
 
 
+def summary_stats(pieces: list) -> dict:
+    """prepare_audio's stats (prepare.summary_line) over all the pieces: a file that two pieces name (a reference
+    clip, a member of a shard cut by a piece boundary) counted once, a recording once, a recording encoded by
+    one piece and found cached by a later one counted as encoded. {} where no piece prepared audio."""
+    stats = [p["meta"]["stats"] for p in pieces if p["meta"]["stats"]]
+    if not stats:
+        return {}
+    summed = {k: sum(s[k] for s in stats) for k in stats[0] if k != "cache"}
+    if any("f_path_hash" not in p for p in pieces):  # a piece of an earlier version: its sums (may count twice)
+        return {**summed, "cache": stats[0]["cache"]}
+    cat = functools.partial(_cat, pieces)
+    path, key, hashed = cat("f_path_hash"), cat("f_key_hash"), cat("f_hashed")
+    _, first = np.unique(path, return_index=True)  # each file once
+    return {**summed, "cache": stats[0]["cache"],
+            "files": len(first), "distinct": len(np.unique(key)),
+            "cached": len(np.setdiff1d(key[hashed], key[cat("f_new")])),
+            "encoded": len(np.unique(key[cat("f_encoded")])),
+            "failed": int(cat("f_failed")[first].sum()),
+            "audio_hours": float(cat("f_seconds")[first].sum()) / 3600}
+
+
 def fingerprint_columns(cols: dict, n: int, code_files: list, num_codebooks: int) -> dict:
     """records.fingerprint of the first ``n`` rows of an index's columns (in memory; ``code_files``: the
     files code_file numbers, read as they are mapped), the same bytes hashed in the same order, without

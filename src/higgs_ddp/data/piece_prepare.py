@@ -2,7 +2,8 @@
 
 The manifests' lines are cut into about PIECES pieces, of at most MAX_LINES lines (rank 0 finds the line
 boundaries; the plan is the same for any number of ranks, so a prepare resumed on another number keeps
-its pieces). Rank r builds pieces r, r + world, ...: it parses its lines, hashes
+its pieces); a cut that would split the lines of one tar shard's (or datasets file's) members moves past
+them, so that each shard is read by one rank (a piece then holds more lines, by up to a shard's). Rank r builds pieces r, r + world, ...: it parses its lines, hashes
 and (where the code cache lacks them) encodes their audio, tokenizes their prompts, and measures their
 samples, everything a training sample needs that depends on its own line only, and writes the piece whole
 (``{cache_dir}/index/{key}.pieces/piece-NNNNNN.npz``, numpy arrays, no pickles) as soon as it is done. A
@@ -24,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import time
 from collections import Counter
@@ -94,10 +96,33 @@ def plan(cfg: Config, lines: Optional[int] = None) -> dict:
         manifests.append({"path": os.path.abspath(m), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
         if not len(starts):  # an empty manifest: a piece of no lines (its arrays say what it holds: nothing)
             pieces.append([i, is_val, 0, 0, 1])
-        for a in range(0, len(starts), lines):
-            end = int(starts[a + lines]) if a + lines < len(starts) else st.st_size
-            pieces.append([i, is_val, int(starts[a]), end, a + 1])
+        with open(m, "rb") as f:
+            line = _line_reader(f, starts, st.st_size)
+            a = 0
+            while a < len(starts):
+                b = min(a + lines, len(starts))
+                shard = _shard_of(line(b - 1)) if b < len(starts) else None
+                while shard is not None and b < len(starts) and _shard_of(line(b)) == shard:
+                    b += 1  # a shard's lines stay in one piece: its tar is read by one rank, once
+                pieces.append([i, is_val, int(starts[a]), int(starts[b]) if b < len(starts) else st.st_size, a + 1])
+                a = b
     return {"format": FORMAT, "manifests": manifests, "lines": lines, "pieces": pieces}
+
+
+_SHARD = re.compile(rb'"([^"]*\.(?:tar|arrow|parquet))#')  # a line's first member's shard (members.MARK)
+
+
+def _shard_of(line: bytes):
+    """The shard a manifest line's first audio member is in, or None (a line of plain files)."""
+    m = _SHARD.search(line) if b"#" in line else None
+    return None if m is None else m.group(1)
+
+
+def _line_reader(f, starts: np.ndarray, size: int):
+    def line(k: int) -> bytes:
+        f.seek(int(starts[k]))
+        return f.read((int(starts[k + 1]) if k + 1 < len(starts) else size) - int(starts[k]))
+    return line
 
 
 class PieceBuilder:
@@ -129,7 +154,7 @@ class PieceBuilder:
         d = self.cfg.data
         prep = prepare_local(refs, self.codes, self.hashes, d.codec, d.codec_revision, d.max_audio_seconds,
                              self.env, d.num_workers, True, d.audio, self._codec)
-        self.stats = prep.stats
+        self.stats, self.prep = prep.stats, prep
         return prep
 
     def build(self, piece: list) -> dict:
@@ -145,7 +170,7 @@ class PieceBuilder:
             replaced = np.array([a is not b for a, b in zip(kept, entries)], bool)
             entries = kept
         self.phases.mark("manifest")
-        self.stats = {}
+        self.stats, self.prep = {}, None
         found, failed, seconds, content = full.audio_codes(entries, self.cfg, self.env, mc.audio_num_codebooks,
                                                        mc.audio_codebook_size, True, Phases(), self._prepare)
         self.phases.mark("audio and codes")
@@ -190,7 +215,26 @@ class PieceBuilder:
                 "folders": {f: _mtime(f) for f in sorted(folders)}, "stats": self.stats,
                 "code_sizes": {f: os.stat(f).st_size for f in files if f != "codes.bin"}}
         out["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+        out.update(file_arrays(self.prep))
         return out
+
+
+def file_arrays(prep) -> dict:
+    """Per audio file a piece prepared (``prep``: its Prepared, or None), what the summary line counts, so that
+    the join counts a file or recording two pieces name once (piece_join.summary_stats): hashes of its path and
+    of its content (its path where it did not hash), whether it failed, whether its content was new to the
+    cache and whether that was encoded, its usable seconds."""
+    paths = sorted({*prep.content, *prep.problems}, key=str) if prep is not None else []
+    content = prep.content if prep is not None else {}
+    return {
+        "f_path_hash": np.array([hash64(str(p)) for p in paths], np.uint64),
+        "f_key_hash": np.array([hash64(f"c:{content[p]}" if p in content else f"p:{p}") for p in paths], np.uint64),
+        "f_hashed": np.array([p in content for p in paths], bool),
+        "f_failed": np.array([p in prep.problems for p in paths], bool),
+        "f_new": np.array([content.get(p) in prep.new_contents for p in paths], bool),
+        "f_encoded": np.array([content.get(p) in prep.encoded_contents for p in paths], bool),
+        "f_seconds": np.array([prep.seconds.get(p, 0.0) for p in paths], np.float64),
+    }
 
 
 def _mtime(folder: str):
@@ -278,11 +322,13 @@ def build_pieces(cfg: Config, env: DistEnv, tokenizer, mc, cache: str, folder: P
     return the_plan, {"built": built, "kept": kept}
 
 
-def prepare_index(cfg: Config, env: DistEnv, tokenizer, mc, quiet: bool, report_path: Path, start, full) -> Phases:
+def prepare_index(cfg: Config, env: DistEnv, tokenizer, mc, quiet: bool, report_path: Path, start, full,
+                  source_problems: list = ()) -> Phases:
     """Every rank: build its pieces; rank 0 joins them and writes the index ``start`` (index_start.py) then
     maps. ``full``: the full way's steps that a piece takes as they are (dataset.full_way; dataset imports
     this module). The data's problems are reported as the full way reports them (dataset.conclude):
-    DataError on every rank where data.on_error=error refuses them, and no index. -> this rank's phases."""
+    DataError on every rank where data.on_error=error refuses them, and no index. ``source_problems``: what
+    the import of shard sources left out (sources.py), reported first. -> this rank's phases."""
     from higgs_ddp.runtime.shared_fs import check_shared_directory
 
     full.check_manifests(cfg)
@@ -295,7 +341,7 @@ def prepare_index(cfg: Config, env: DistEnv, tokenizer, mc, quiet: bool, report_
     if env.is_main:
         try:
             t0 = time.perf_counter()
-            _join(cfg, env, mc, quiet, report_path, start, folder, the_plan, full)
+            _join(cfg, env, mc, quiet, report_path, start, folder, the_plan, full, list(source_problems))
             built, kept = sum(c["built"] for c in counts), sum(c["kept"] for c in counts)
             if not quiet:
                 print(f"prepare: {len(the_plan['pieces'])} piece(s) of up to {the_plan['lines']} manifest lines on "
@@ -315,10 +361,10 @@ def prepare_index(cfg: Config, env: DistEnv, tokenizer, mc, quiet: bool, report_
 
 
 def _join(cfg: Config, env: DistEnv, mc, quiet: bool, report_path: Path, start, folder: Path, the_plan: dict,
-          full):
+          full, source_problems: list):
     from higgs_ddp.data.corpus_index import OWN_CODES, write_index
     from higgs_ddp.data.index_start import _summary
-    from higgs_ddp.data.piece_join import Join, fingerprint_columns
+    from higgs_ddp.data.piece_join import Join, fingerprint_columns, summary_stats
     from higgs_ddp.data.references import Pairing
 
     d = cfg.data
@@ -331,24 +377,23 @@ def _join(cfg: Config, env: DistEnv, mc, quiet: bool, report_path: Path, start, 
                             f"it was prepared?); run `higgs-ddp prepare --config ...` again")
         pieces.append(arrays)
     phases.mark("piece read")
-    stats = [p["meta"]["stats"] for p in pieces if p["meta"]["stats"]]
-    # what prepare_audio says, summed over the pieces (a file or recording that two pieces name counts twice)
-    if stats and env.is_main and not quiet:
+    stats = summary_stats(pieces)
+    if stats and env.is_main and not quiet:  # what prepare_audio says, over all the pieces
         from higgs_ddp.data.prepare import summary_line
 
-        print(summary_line({**{k: sum(s[k] for s in stats) for k in stats[0] if k != "cache"},
-                            "cache": stats[0]["cache"]}), flush=True)
+        print(summary_line(stats), flush=True)
     join = Join(pieces, cfg, mc.audio_num_codebooks)
     join.overlaps()
     join.same_recordings()
     rows, n_train, problems = join.outcome()
+    problems = source_problems + problems
     pairing = Pairing(d.reference)
     if d.reference != "given":
         pairing.replaced = join.references_left_out()
     phases.mark("checks")
     report = {
         "policy": d.on_error, "manifests": list(d.manifest), "val_manifests": list(d.val_manifest),
-        "entries": join.n, "train_samples": n_train, "val_samples": len(rows) - n_train,
+        "entries": join.n + len(source_problems), "train_samples": n_train, "val_samples": len(rows) - n_train,
         "skipped": len(problems), "skipped_by_reason": dict(sorted(Counter(p.reason for p in problems).items())),
         "train_audio_hours": join.seconds_sum(rows[:n_train]) / 3600,
         "references": pairing.report(),

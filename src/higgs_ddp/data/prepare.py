@@ -33,6 +33,8 @@ class Prepared:
     problems: dict = field(default_factory=dict)  # resolved path -> (reason, message)
     content: dict = field(default_factory=dict)  # resolved path -> sha256 of its bytes (every file that hashed)
     stats: dict = field(default_factory=dict)
+    new_contents: set = field(default_factory=set)  # contents the cache lacked (encoded, or failed to)
+    encoded_contents: set = field(default_factory=set)  # of them, those encoded
 
 
 class _Decode(torch.utils.data.Dataset):
@@ -192,6 +194,7 @@ def _found(refs: list, paths: list, shown: dict, keys: dict, problems: dict, cac
     out.seconds = {p: cache.seconds(k) for p, k in usable.items()}
     out.problems = problems
     out.content = keys
+    out.new_contents, out.encoded_contents = set(rep), set(rep) - set(failed)
     out.stats = {
         "references": len(refs), "files": len(paths),
         "distinct": len(set(keys.values())) + len(problems.keys() - keys.keys()),

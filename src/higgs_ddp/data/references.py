@@ -175,56 +175,111 @@ def _excluded_by(clip: Entry, sample: Entry, pool: Callable[[Entry], bool], foun
     return "near_identical"  # the same file, or codes that near_identical() matched
 
 
+# pick_same_speaker's outcome per clip
+NOT_PAIRABLE, NO_SPEAKER, SINGLE_CLIP, NO_CANDIDATE, PAIRED = range(5)
+
+
+def pick_same_speaker(speaker: np.ndarray, ids: list, target: np.ndarray, frames: np.ndarray, pool: np.ndarray,
+                      pairable: np.ndarray, seed: int, lo: int, hi: int, same: Callable[[int, int], bool]) -> tuple:
+    """The references of the module's text over columns, one row per clip: ``speaker`` (a number per speaker,
+    -1: none), ``ids``, ``target`` (a number per learned file: the same file, the same number), ``frames`` (of
+    its codes), ``pool`` (a training clip that may serve), ``pairable`` (a simple line whose target has codes);
+    ``same(i, j)``: clips i and j are near-identical (``near_identical`` on their codes). The clips are grouped
+    by speaker with one sort (offsets per speaker; no per-speaker Python list of the corpus); each sample ranks
+    only its own speaker's clips. -> (reference row per clip, -1 for none; outcome per clip: PAIRED,
+    NO_CANDIDATE, SINGLE_CLIP, NO_SPEAKER or NOT_PAIRABLE)."""
+    n = len(speaker)
+    ref = np.full(n, -1, np.int64)
+    outcome = np.where(pairable, np.where(speaker >= 0, SINGLE_CLIP, NO_SPEAKER), NOT_PAIRABLE).astype(np.int8)
+    rows = np.flatnonzero(pairable & (speaker >= 0))
+    order = rows[np.argsort(speaker[rows], kind="stable")]  # by speaker, each speaker's clips in corpus order
+    if not len(order):
+        return ref, outcome
+    starts = np.flatnonzero(np.r_[True, speaker[order][1:] != speaker[order][:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        if b - a == 1:
+            continue
+        clips = order[a:b]
+        usable = clips[pool[clips] & (frames[clips] >= lo)]
+        rows_ = list(zip(usable.tolist(), [ids[j].encode() for j in usable.tolist()], (frames[usable] > hi).tolist(),
+                         target[usable].tolist()))
+        for i in clips.tolist():
+            me, mine = ids[i].encode(), int(target[i])
+            prefix = hashlib.sha256(b"%d\0%s\0" % (seed, me))  # rank(seed, me, c): the digest of prefix + c
+
+            def ranked(c: bytes) -> bytes:
+                h = prefix.copy()
+                h.update(c)
+                return h.digest()
+
+            candidates = [(long_, ranked(c), j) for j, c, long_, t in rows_ if c != me and t != mine]
+            pick = None
+            if candidates:  # the first in rank order, as a rule; near copies push to the next (rare: then a sort)
+                best = min(candidates)
+                pick = best[2] if not same(i, best[2]) else next(
+                    (j for _, _, j in sorted(candidates)[1:] if not same(i, j)), None)
+            if pick is None:
+                outcome[i] = NO_CANDIDATE
+            else:
+                ref[i], outcome[i] = pick, PAIRED
+    return ref, outcome
+
+
 def pair_same_speaker(entries: list, found: dict, pool: Callable[[Entry], bool], seed: int, lo: int, hi: int,
                       frame_rate: float, energy: Callable, pairing: Pairing) -> list:
     """Each simple entry whose target has codes (``found``) with a reference chosen as the module says;
     ``pool(e)``: e is a training clip that may serve; ``energy(audio_ref)``: per-frame energy or None;
-    ``lo``/``hi``: data.reference_seconds in frames."""
+    ``lo``/``hi``: data.reference_seconds in frames. (The choice: ``pick_same_speaker``, over columns.)"""
     def target(e: Entry):
         return e.learned[0] if e.text is not None and e.learned else None
 
-    speakers: dict = {}
-    for e in entries:
-        if e.speaker and target(e) is not None and target(e).path in found:
-            speakers.setdefault(e.speaker, []).append(e)
-    pairing.single_clip_speakers = sorted(s for s, clips in speakers.items() if len(clips) == 1)
+    pairable = np.array([target(e) is not None and target(e).path in found for e in entries], bool)
+    names: dict = {}
+    speaker = np.array([names.setdefault(e.speaker, len(names)) if e.speaker and ok else -1
+                        for e, ok in zip(entries, pairable)], np.int64)
+    files: dict = {}
+    tgt = np.array([files.setdefault(target(e).path, len(files)) if ok else -1 for e, ok in zip(entries, pairable)],
+                   np.int64)
+    frames = np.array([found[target(e).path].shape[1] if ok else 0 for e, ok in zip(entries, pairable)], np.int64)
+    in_pool = np.array([bool(ok) and pool(e) for e, ok in zip(entries, pairable)], bool)
+
+    def same(i: int, j: int) -> bool:
+        return near_identical(found[target(entries[i]).path], found[target(entries[j]).path])
+
+    refs, outcome = pick_same_speaker(speaker, [e.id for e in entries], tgt, frames, in_pool, pairable, seed, lo,
+                                      hi, same)
+    counts = np.bincount(speaker[speaker >= 0], minlength=len(names))
+    pairing.single_clip_speakers = sorted(s for s, k in names.items() if counts[k] == 1)
+    by_speaker: dict = {}  # (only where a sample found no candidate: which clips were excluded, and why)
     cuts: dict = {}
     out = []
-    for e in entries:
-        t = target(e)
-        if t is None or t.path not in found:
-            out.append(e)
-            continue
-        if not e.speaker:
+    for i, e in enumerate(entries):
+        if outcome[i] == NO_SPEAKER:
             pairing.no_speaker += 1
-            out.append(e)
-            continue
-        if len(speakers[e.speaker]) == 1:
-            out.append(e)
-            continue
-        own = found[t.path]
-        candidates = sorted((c for c in speakers[e.speaker] if pool(c) and c.id != e.id
-                             and target(c).path != t.path and found[target(c).path].shape[1] >= lo),
-                            key=lambda c: (found[target(c).path].shape[1] > hi, rank(seed, e.id, c.id)))
-        ref = next((c for c in candidates if not near_identical(own, found[target(c).path])), None)
-        if ref is None:
+        if outcome[i] == NO_CANDIDATE:
+            if not by_speaker:
+                for j in np.flatnonzero(speaker >= 0).tolist():
+                    by_speaker.setdefault(speaker[j], []).append(entries[j])
             pairing.no_candidate += 1
-            for reason in {_excluded_by(c, e, pool, found, lo) for c in speakers[e.speaker] if c.id != e.id}:
+            for reason in {_excluded_by(c, e, pool, found, lo) for c in by_speaker[speaker[i]] if c.id != e.id}:
                 pairing.excluded_by[reason] += 1
+        if outcome[i] != PAIRED:
             out.append(e)
             continue
+        ref = entries[refs[i]]
         r = target(ref)
         total = found[r.path].shape[1]
-        frames = None
+        frames_kept = None
         ref_text = ref.text
         if total > hi:
             if r.path not in cuts:
                 cuts[r.path] = cut_frame(energy(r), total, lo, hi, frame_rate)
-            frames = cuts[r.path]
-            ref_text = cut_transcript(ref.text, frames / total)
+            frames_kept = cuts[r.path]
+            ref_text = cut_transcript(ref.text, frames_kept / total)
             pairing.cut += 1
         pairing.paired += 1
         pairing.pairs.append({"sample": e.id, "reference": ref.id, "reference_file": r.shown,
-                              "frames": frames, "ref_text": ref_text})
-        out.append(with_reference(e, ref, frames, ref_text))
+                              "frames": frames_kept, "ref_text": ref_text})
+        out.append(with_reference(e, ref, frames_kept, ref_text))
     return out

@@ -190,3 +190,29 @@ def test_no_extract_names_each_row_and_the_audio_reader_reads_it_in_place(tmp_pa
                          (f"{data_file}#x", "'x' is not a row number of train-00000-of-00001.parquet")):
         with pytest.raises(AudioProblem, match=f"^audio shown: {re.escape(message)}$"):
             read_audio(Path(bad), "shown", 0.0)
+
+
+def test_a_datasets_folder_named_as_data_manifest_gives_the_imports_rows_and_problems(tmp_path):
+    """data/sources.py reads a datasets folder file by file (a DatasetDict's splits; the Hub's Parquet files, one
+    cut short) into the rows and problems `manifest import --no-extract` gives for the whole folder: the same
+    default ids (the file's path from the folder), the same `file:row N` names."""
+    from higgs_ddp.data import sources
+    from higgs_ddp.runtime.distributed import DistEnv
+
+    save_to_disk(tmp_path / "ds", {"train": [{"audio": {"bytes": audio(f"r{i}"), "path": None}, "text": f"row {i}"}
+                                             for i in range(3)],
+                                   "test": [{"audio": {"bytes": audio("t"), "path": None}, "text": "t"}]})
+    parquet_corpus(tmp_path / "hub")
+    for src in (tmp_path / "ds", tmp_path / "hub"):
+        assert sources.source_layout(str(src)) == "hf"
+        whole = import_corpus(src, "hf", tmp_path / "m.jsonl", extract=False)
+        path, problems = sources.materialise(str(src), "hf", str(tmp_path / "c"), DistEnv(), True)
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+        def absolute(rows, base):
+            return [{**r, "audio": str((base / r["audio"]).resolve())} for r in rows]
+
+        assert absolute(rows, Path(path).parent) == absolute(whole.rows, tmp_path) and rows
+        assert [(p.where, p.reason) for p in problems] == [(p.where, p.reason) for p in whole.problems]
+        assert (rows[0]["id"], bool(problems)) == (("train/data-00000-of-00002/0", False) if src.name == "ds" else
+                                                   ("u0", True))

@@ -4,7 +4,8 @@ The checks across pieces (data/piece_join.py) compare 64-bit hashes and confirm 
 strings. A corpus with every kind of overlap (an id repeated in training, a validation id that is a
 training id, ids repeated in validation, a validation line learning a training clip's file or a copy of
 its bytes, a line without an id; data.val_manifest, or data.val_fraction's picks) is prepared in pieces of 4 lines and must give the
-full way's records and report; then again with every id, path and content hashed to the same value.
+full way's records and report; then again with every id, path and content hashed to the same value. The
+summary line of pieces that share a file counts it once, as the full way does.
 """
 
 import json
@@ -116,3 +117,25 @@ def test_a_piece_of_another_format_is_built_again(corpus, tmp_path, tokenizer, m
     shutil.rmtree(folder)
     again = summary(load_data(cfg, DistEnv(), tokenizer, model_config(cfg, tokenizer), quiet=True))
     assert again == first and not pieces.exists()
+
+
+def test_the_summary_line_counts_a_file_two_pieces_name_once(corpus, tmp_path, tokenizer, monkeypatch, capsys):
+    """prepare's summary line in pieces of 4 lines is the full way's on a corpus whose pieces share a file (a
+    clip learned twice: lines 7 and 15, pieces 2 and 4): one file, one recording, not two."""
+    rows = [json.loads(x) for x in (corpus / "train.jsonl").read_text().splitlines()]
+    rows = [{**r, "audio": str(corpus / r["audio"])} for r in rows[:14] + rows[-1:]]
+    (tmp_path / "twice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def line() -> str:
+        cfg = cached_corpus_config(corpus, tmp_path, f"data.manifest={tmp_path / 'twice.jsonl'}",
+                                   "data.val_fraction=0", "data.reference=none")
+        shutil.rmtree(corpus / ".higgs_codes" / "index", ignore_errors=True)
+        capsys.readouterr()
+        load_data(cfg, DistEnv(), tokenizer, model_config(cfg, tokenizer), quiet=False)
+        return next(x for x in capsys.readouterr().out.splitlines() if " audio references to " in x)
+
+    monkeypatch.setattr(piece_prepare, "PIECE_LINES", 4)
+    pieces = line()
+    monkeypatch.setattr(piece_prepare, "applies", lambda cfg: False)
+    assert pieces == line()
+    assert "15 audio references to 14 files (14 distinct recordings): 14 cached" in pieces, pieces

@@ -26,7 +26,8 @@ from safetensors import safe_open
 
 from higgs_ddp.data import prepare
 from higgs_ddp.data.corpus_index import IndexedRecords
-from higgs_ddp.data.dataset import load_data
+from higgs_ddp.data.dataset import DataError, load_data
+from higgs_ddp.data.records import fingerprint
 from higgs_ddp.data.audio import AudioProblem, check_header, read_audio
 from higgs_ddp.data.code_cache import FileHashes
 from higgs_ddp.data.manifest import read_manifest
@@ -152,7 +153,8 @@ def test_a_member_that_cannot_be_read_is_one_line_naming_shard_and_member(tmp_pa
 
 def test_a_run_trains_from_the_shards_and_its_index_notices_a_shard_rewritten(tmp_path, tokenizer, capsys):
     """A run's data load (prepare, the prepared index) on member lines; a warm start maps the index; a shard
-    rewritten in place (its folder untouched) is noticed, and the new bytes are encoded."""
+    rewritten in place (its folder untouched) is noticed, and the new bytes are encoded. Then the same shards
+    named directly as data.manifest (no import step) load the same samples."""
     _, out = import_in_place(tmp_path)
     cfg = tiny_config(tmp_path, f"data.manifest={out}")
 
@@ -176,6 +178,28 @@ def test_a_run_trains_from_the_shards_and_its_index_notices_a_shard_rewritten(tm
     data, printed = start()
     assert f"shard {tar} changed since the index was built (rewritten)" in printed
     assert "1 encoded" in printed
+
+    # The shards named directly (data.manifest: a brace pattern, data/sources.py), one more shard holding a sample
+    # without its JSON: the samples of the imported manifest (every code cached), the problem by shard and member
+    shard(tmp_path / "shards" / "emilia-000003.tar", [("s3_bad.wav", audio("no words"))])
+    pattern = str(tmp_path / "shards" / "emilia-{000000..000003}.tar")
+    cfg = tiny_config(tmp_path, f"data.manifest={pattern}", "data.on_error=skip")
+    direct, printed = start()
+    assert "4 shard(s) read into" in printed and "6 sample(s), 1 left out" in printed and " 0 encoded" in printed
+    assert fingerprint(direct.train) == fingerprint(data.train)
+    assert direct.report["skipped_by_reason"] == {"no_json": 1}
+    assert direct.report["problems"][0]["where"] == "emilia-000003.tar:s3_bad.wav"
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir())[-1] == "train.jsonl"  # nothing extracted
+    again, printed = start()  # warm: no shard read, the index mapped, the problem still counted
+    assert "read into" not in printed and isinstance(again.train, IndexedRecords), printed
+    assert again.report["skipped_by_reason"] == {"no_json": 1}
+    shard(tmp_path / "shards" / "emilia-000003.tar", [("s3_bad.flac", audio("no words"))])  # rewritten
+    again, printed = start()
+    assert "4 shard(s) read into" in printed and "changed since the index was built" in printed, printed
+    assert again.report["problems"][0]["where"] == "emilia-000003.tar:s3_bad.flac"
+    cfg = tiny_config(tmp_path, f"data.manifest={pattern}", "data.on_error=error")
+    with pytest.raises(DataError, match=r"^1 problem\(s\) in the data, the first: emilia-000003.tar:s3_bad.flac: "):
+        start()
 
 
 def test_shards_are_dealt_whole_to_ranks_round_robin():

@@ -29,6 +29,10 @@ def check_manifests(cfg, seen: Optional[dict] = None) -> list:
     out, exists = [], {}
     for what, path in _manifest_paths(cfg):
         p = Path(path)
+        layout = _source_layout(path)
+        if layout is not None:  # shards or a datasets folder: imported by prepare (data/sources.py)
+            out.append(_check_source(what, path, layout))
+            continue
         if not p.is_file():
             out.append(Result(FAIL, f"{what} {path}: not found: check data.{what.replace(' ', '_')} (a relative "
                                     f"path is taken from the working directory, then from the config file's folder)"))
@@ -67,6 +71,26 @@ def check_manifests(cfg, seen: Optional[dict] = None) -> list:
             out.append(Result(OK, f"{what} {path}: {len(entries)} sample{'s' * (len(entries) > 1)}, every line "
                                   f"parses, every file it names exists"))
     return out
+
+
+def _source_layout(path: str) -> Optional[str]:
+    from higgs_ddp.data.sources import source_layout
+
+    return source_layout(path)
+
+
+def _check_source(what: str, path: str, layout: str) -> Result:
+    """A source named as a manifest: its files are listed (none is read: prepare imports them, and reports
+    every bad sample by shard and member)."""
+    from higgs_ddp.data.sources import SourceError, source_files
+
+    try:
+        files = source_files(path, layout)
+    except SourceError as e:
+        return Result(FAIL, f"{what} {e}")
+    kind = "WebDataset shard" if layout == "webdataset" else "datasets file"
+    return Result(OK, f"{what} {path}: {len(files)} {kind}{'s' * (len(files) > 1)}, imported in place by prepare "
+                      f"(its samples are checked then)")
 
 
 def check_audio_headers(cfg, seen: dict) -> list:
