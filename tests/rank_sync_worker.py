@@ -2,8 +2,11 @@
 different data, then report a checksum of every rank's trainable parameters.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/rank_sync_worker.py CONFIG OUT.json [bypass] [checkpoint]
+    python -m torch.distributed.run --nproc_per_node 2 tests/rank_sync_worker.py --each OUT.json NAME=CONFIG[+FLAG]...
 
-``checkpoint`` then tries to save a checkpoint and reports the error it raised, if any.
+``checkpoint`` then tries to save a checkpoint and reports the error it raised, if any. ``--each`` runs several
+such steps one after the other in the same processes (one start-up for all: most of a tiny run's cost) and
+writes {NAME: result}.
 """
 
 import json
@@ -19,9 +22,26 @@ from higgs_ddp.training.trainer import Trainer
 
 
 def main():
-    config, out, *flags = sys.argv[1:]
-    cfg = load_config(config)
     env = setup_distributed()
+    if sys.argv[1] == "--each":
+        out, jobs = sys.argv[2], sys.argv[3:]
+        results = {}
+        for job in jobs:
+            name, spec = job.split("=", 1)
+            config, *flags = spec.split("+")
+            results[name] = step(config, flags, env)
+    else:
+        config, out, *flags = sys.argv[1:]
+        results = step(config, flags, env)
+    if env.is_main:
+        json.dump(results, open(out, "w"))
+    barrier()
+    cleanup()
+
+
+def step(config: str, flags: list, env) -> dict:
+    """One optimizer step of the Trainer built from CONFIG; the result as rank 0 reports it (others: {})."""
+    cfg = load_config(config)
     trainer = Trainer(cfg, env)
     if "bypass" in flags:
         # What public Higgs trainers did: call the wrapped module directly, skipping DDP's forward.
@@ -53,12 +73,8 @@ def main():
             trainer.save_checkpoint()  # after its one step
         except CheckpointError as e:
             error = str(e)
-    if env.is_main:
-        diff = max(float((g - gathered[0]).abs().max()) for g in gathered)
-        json.dump({"max_param_diff": diff, "same_data": data[0] == data[1], "checkpoint_error": error, **extra},
-                  open(out, "w"))
-    barrier()
-    cleanup()
+    diff = max(float((g - gathered[0]).abs().max()) for g in gathered)
+    return {"max_param_diff": diff, "same_data": data[0] == data[1], "checkpoint_error": error, **extra}
 
 
 if __name__ == "__main__":

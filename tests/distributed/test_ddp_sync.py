@@ -17,15 +17,21 @@ from helpers import ROOT, tiny_config
 pytestmark = pytest.mark.slow
 
 
-def run_worker(tmp_path, *flags, mode="lora"):
-    cfg = tiny_config(tmp_path, f"train.mode={mode}", "train.micro_batch_size=2", "train.lr=1e-2",
-                      "train.warmup_steps=1", "data.shuffle=false")
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg.to_dict()))
-    out = tmp_path / "result.json"
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory):
+    """One step each of lora, full and lora calling the wrapped module directly, in one 2-rank start."""
+    tmp = tmp_path_factory.mktemp("ddp_sync")
+    jobs = []
+    for name, mode, flags in (("lora", "lora", ""), ("full", "full", ""), ("bypass", "lora", "+bypass")):
+        cfg = tiny_config(tmp / name, f"train.mode={mode}", "train.micro_batch_size=2", "train.lr=1e-2",
+                          "train.warmup_steps=1", "data.shuffle=false")
+        path = tmp / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg.to_dict()))
+        jobs.append(f"{name}={path}{flags}")
+    out = tmp / "result.json"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(ROOT / "tests" / "rank_sync_worker.py"), str(path), str(out), *flags],
+         str(ROOT / "tests" / "rank_sync_worker.py"), "--each", str(out), *jobs],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
         env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -33,14 +39,14 @@ def run_worker(tmp_path, *flags, mode="lora"):
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
-def test_ranks_stay_identical_after_a_step(tmp_path, mode):
-    r = run_worker(tmp_path, mode=mode)
+def test_ranks_stay_identical_after_a_step(steps, mode):
+    r = steps[mode]
     assert not r["same_data"], "the ranks must see different samples for this test to mean anything"
     assert r["max_param_diff"] == 0.0
 
 
-def test_bypassing_ddp_forward_desynchronises_ranks(tmp_path):
-    r = run_worker(tmp_path, "bypass")
+def test_bypassing_ddp_forward_desynchronises_ranks(steps):
+    r = steps["bypass"]
     assert not r["same_data"]
     assert r["max_param_diff"] > 1e-6
 
