@@ -163,7 +163,9 @@ class PieceBuilder:
         d, mc, full = self.cfg.data, self.mc, self.full
         m, is_val, start, stop, first = piece
         entries, line_problems = read_manifest(self.listed[m], d.root, d.allow_outside_root, start, stop, first)
-        folders = {str(watched(r.path)) for e in entries for r in e.audio}  # a member: its shard
+        # a member: its shard; a plain file (no "#": members.watched's own test): its folder, without a Path each
+        folders = {os.path.dirname(p) if "#" not in p else str(watched(p))
+                   for p in {str(r.path) for e in entries for r in e.audio}}
         replaced = np.zeros(len(entries), bool)
         if d.reference != "given":
             kept = [without_reference(e) for e in entries]
@@ -257,18 +259,24 @@ def read_piece(path: Path, piece: list):
         meta = json.loads(arrays["meta"].tobytes())
     except (OSError, ValueError, KeyError, EOFError):
         return None
+    arrays["meta"] = meta
+    return arrays if current(arrays, piece) else None
+
+
+def current(arrays: dict, piece: list) -> bool:
+    """Whether a piece's arrays still hold: of this plan and format, its folders and code shards unchanged."""
+    meta = arrays["meta"]
     if meta.get("format") != FORMAT or meta.get("piece") != piece:
-        return None
+        return False
     if any(_mtime(f) != t for f, t in meta["folders"].items()):
-        return None
+        return False
     for f, size in meta["code_sizes"].items():
         try:
             if os.stat(f).st_size != size:
-                return None
+                return False
         except OSError:
-            return None
-    arrays["meta"] = meta
-    return arrays
+            return False
+    return True
 
 
 def write_piece(path: Path, arrays: dict) -> None:
@@ -280,7 +288,7 @@ def write_piece(path: Path, arrays: dict) -> None:
 def build_pieces(cfg: Config, env: DistEnv, tokenizer, mc, cache: str, folder: Path, quiet: bool,
                  phases: Phases, full) -> tuple:
     """Every rank: its share of the pieces, built or kept from an interrupted run. -> (the plan, this rank's
-    counts). ``folder``: where the pieces live."""
+    counts, the pieces it built if it is rank 0: {number: arrays}). ``folder``: where the pieces live."""
     if env.is_main:
         new = plan(cfg, PIECE_LINES)
         try:
@@ -295,6 +303,7 @@ def build_pieces(cfg: Config, env: DistEnv, tokenizer, mc, cache: str, folder: P
     pieces = the_plan["pieces"]
     builder = None
     built = kept = 0
+    mine: dict = {}  # rank 0: the pieces it built, as the join reads them (it holds every piece then anyway)
     for i in range(env.rank, len(pieces), env.world_size):
         path = piece_path(folder, i)
         if path.exists() and read_piece(path, pieces[i]) is not None:
@@ -304,6 +313,8 @@ def build_pieces(cfg: Config, env: DistEnv, tokenizer, mc, cache: str, folder: P
         builder = builder or PieceBuilder(cfg, env, tokenizer, mc, cache, quiet, phases, full)
         arrays = builder.build(pieces[i])
         write_piece(path, arrays)
+        if env.is_main:
+            mine[i] = {**arrays, "meta": json.loads(arrays["meta"].tobytes())}
         phases.mark("piece write")
         built += 1
         if PAUSE_S:
@@ -319,7 +330,7 @@ def build_pieces(cfg: Config, env: DistEnv, tokenizer, mc, cache: str, folder: P
         builder.codes.refresh()
         builder.codes.write_index()
         builder.tokens.remove_damaged()  # (the other ranks' entries of them are in their new shards now)
-    return the_plan, {"built": built, "kept": kept}
+    return the_plan, {"built": built, "kept": kept}, mine
 
 
 def prepare_index(cfg: Config, env: DistEnv, tokenizer, mc, quiet: bool, report_path: Path, start, full,
@@ -335,13 +346,13 @@ def prepare_index(cfg: Config, env: DistEnv, tokenizer, mc, quiet: bool, report_
     check_shared_directory(start.cache, "data.cache_dir", env)
     folder = start.folder.with_name(start.folder.name + ".pieces")
     phases = Phases()
-    the_plan, counts = build_pieces(cfg, env, tokenizer, mc, start.cache, folder, quiet, phases, full)
+    the_plan, counts, mine = build_pieces(cfg, env, tokenizer, mc, start.cache, folder, quiet, phases, full)
     counts = all_gather_objects(counts)
     failure = None
     if env.is_main:
         try:
             t0 = time.perf_counter()
-            _join(cfg, env, mc, quiet, report_path, start, folder, the_plan, full, list(source_problems))
+            _join(cfg, env, mc, quiet, report_path, start, folder, the_plan, full, mine, list(source_problems))
             built, kept = sum(c["built"] for c in counts), sum(c["kept"] for c in counts)
             if not quiet:
                 print(f"prepare: {len(the_plan['pieces'])} piece(s) of up to {the_plan['lines']} manifest lines on "
@@ -361,7 +372,7 @@ def prepare_index(cfg: Config, env: DistEnv, tokenizer, mc, quiet: bool, report_
 
 
 def _join(cfg: Config, env: DistEnv, mc, quiet: bool, report_path: Path, start, folder: Path, the_plan: dict,
-          full, source_problems: list):
+          full, mine: dict, source_problems: list):
     from higgs_ddp.data.corpus_index import OWN_CODES, write_index
     from higgs_ddp.data.index_start import _summary
     from higgs_ddp.data.piece_join import Join, fingerprint_columns, summary_stats
@@ -371,7 +382,8 @@ def _join(cfg: Config, env: DistEnv, mc, quiet: bool, report_path: Path, start, 
     phases = Phases()
     pieces = []
     for i, piece in enumerate(the_plan["pieces"]):
-        arrays = read_piece(piece_path(folder, i), piece)
+        arrays = mine.pop(i, None)  # its own are not read back, but checked as a read one is
+        arrays = (arrays if current(arrays, piece) else None) if arrays else read_piece(piece_path(folder, i), piece)
         if arrays is None:
             raise full.error(f"prepared piece {piece_path(folder, i)} is missing or damaged (a file changed while "
                             f"it was prepared?); run `higgs-ddp prepare --config ...` again")

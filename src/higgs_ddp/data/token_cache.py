@@ -11,7 +11,7 @@ pre-tokenizer and post-processor, its added and special tokens), the version of 
 builds the prompt, and FORMAT. An entry's key hashes its ChatML conversation: roles, texts, the system
 prompt and scene, where the audio sits. A changed tokenizer, system prompt or transcript is therefore
 tokenized again, never served stale. Tokenizing is most of a cold start (measured: 10k clips, 18.8 of
-25.8 s in one process), so on a cold start each rank tokenizes a share and writes it as a shard (whole, then renamed),
+25.8 s in one process; less since prompts are tokenized in batches, prompt_batch.py), so on a cold start each rank tokenizes a share and writes it as a shard (whole, then renamed),
 and every rank then reads all of them.
 """
 
@@ -28,11 +28,12 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from higgs_ddp.data.prompt import chatml_ids
+from higgs_ddp.data.prompt_batch import chatml_ids_batch
 from higgs_ddp.runtime.files import atomic_file
 
 FORMAT = 1
 KEY_BYTES = 16
+BATCH = 4096  # conversations tokenized in one call of the tokenizer (prompt_batch.py)
 
 
 def tokenizer_key(tokenizer) -> Optional[str]:
@@ -92,29 +93,31 @@ class TokenCache:
         tokenizer is cached; ``write=False``: in memory until ``write_pending``) and -> {key: message} for the
         conversations that cannot be tokenized (reported every time, not kept)."""
         keys, ids, labels, audio, failed = [], [], [], [], {}
-        for key, chatml, sample_id in todo:
-            try:
-                i, lab, n_audio = chatml_ids(self.tokenizer, chatml, sample_id)
-            except ValueError as e:
-                failed[key] = str(e)
-                continue
-            keys.append(np.frombuffer(key, dtype=np.uint8))
-            ids.append(np.asarray(i, dtype=np.int32))
-            labels.append(np.asarray(lab, dtype=np.int32))
-            audio.append(n_audio)
+        for a in range(0, len(todo), BATCH):  # (a batch's tokens as Python ints meanwhile: bounded)
+            part = todo[a:a + BATCH]
+            for (key, _, _), got in zip(part, chatml_ids_batch(self.tokenizer, [(c, i) for _, c, i in part])):
+                if isinstance(got, ValueError):
+                    failed[key] = str(got)
+                    continue
+                keys.append(key)
+                ids += got[0]
+                labels += got[1]
+                audio.append((len(got[0]), got[2]))
         if not keys:
             return failed
-        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-        np.cumsum([len(x) for x in ids], out=offsets[1:])
-        shard = {"input_ids": np.concatenate(ids), "label_ids": np.concatenate(labels), "offsets": offsets,
-                 "audio": np.asarray(audio, dtype=np.int32), "keys": np.stack(keys)}
+        offsets = np.zeros(len(keys) + 1, dtype=np.int64)
+        lengths, n_audio = np.array(audio, dtype=np.int64).reshape(-1, 2).T
+        np.cumsum(lengths, out=offsets[1:])
+        shard = {"input_ids": np.array(ids, dtype=np.int32), "label_ids": np.array(labels, dtype=np.int32),
+                 "offsets": offsets, "audio": n_audio.astype(np.int32),
+                 "keys": np.frombuffer(b"".join(keys), np.uint8).reshape(-1, KEY_BYTES)}
         if not write:
             self.pending.append(shard)
         else:
             self._write(shard)
         s = len(self.shards)
         self.shards.append(shard)
-        self.index.update((bytes(k), (s, i)) for i, k in enumerate(keys))
+        self.index.update((k, (s, i)) for i, k in enumerate(keys))
         return failed
 
     def write_pending(self) -> None:

@@ -72,3 +72,25 @@ def test_voice_clone_prompt_matches_inference(tokenizer, tmp_path):
     assert torch.equal(batch.audio_out_ids[:, :ref_cols], want["audio_out_ids"])
     assert (batch.label_audio_ids[:, :ref_cols] == -100).all(), "the reference must never be a target"
     assert (sample.label_ids[:n] == -100).all()
+
+
+def test_prompts_tokenized_in_a_batch_are_boson_s_own(tokenizer):
+    """prompt_batch builds, in one tokenizer call, what prepare_chatml_sample builds one by one: every turn
+    kind, supervised or not, repeated texts."""
+    from boson_multimodal.data_types import AudioContent, ChatMLSample, Message, TextContent
+
+    from higgs_ddp.data.prompt import chatml_ids
+    from higgs_ddp.data.prompt_batch import chatml_ids_batch, walk
+
+    multi = ChatMLSample(messages=[
+        Message("system", "Be brief."), Message("user", ["Say", TextContent("it"), AudioContent("a.npy")]),
+        Message("assistant", "Sure.", recipient="tool"), Message("assistant", AudioContent("b.npy")),
+        Message("user", "Again, with é and 語."), Message("assistant", [AudioContent("c.npy"), "done"])],
+        start_index=3)
+    samples = [build_chatml("Hello there."), build_chatml("Hi.", scene="A quiet room", ref_text="Ref words.",
+                                                          with_reference=True), multi,
+               build_chatml("Hello there."), ChatMLSample(messages=multi.messages)]  # every turn supervised
+    assert all(walk(s) is not None for s in samples)  # built by the batch, not boson's function one by one
+    got = chatml_ids_batch(tokenizer, [(s, f"s{i}") for i, s in enumerate(samples)])
+    for i, (sample, mine) in enumerate(zip(samples, got)):
+        assert mine == chatml_ids(tokenizer, sample, f"s{i}"), i

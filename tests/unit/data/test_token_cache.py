@@ -68,7 +68,7 @@ def test_warm_start_reads_the_tokens_cold_start_made(corpus, tmp_path, tokenizer
     def no_tokenizing(*args):
         raise AssertionError("a warm start tokenized a prompt")
 
-    monkeypatch.setattr(token_cache, "chatml_ids", no_tokenizing)
+    monkeypatch.setattr(token_cache, "chatml_ids_batch", no_tokenizing)
     warm = load(cfg, tokenizer)
     same_samples(cold, warm)
     assert fingerprint(warm.train) == fingerprint(cold.train)

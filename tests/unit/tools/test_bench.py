@@ -153,3 +153,27 @@ def test_build_on_device_draws_the_random_model_where_it_runs(tmp_path):
     assert weights / 2 <= live.peak < 1.01 * weights / 2
     a, b = model.layers[0].mlp.up_proj.weight.float(), cpu_drawn.layers[0].mlp.up_proj.weight.float()
     assert float(a.std()) == pytest.approx(float(b.std()), rel=0.1) and not torch.equal(a, b)
+
+
+@pytest.mark.extended
+def test_data_scale_cold_above_the_index_size_prepares_audio_files(tmp_path, monkeypatch):
+    """--data-scale past the size written as an index: with --cold the corpus is audio files and short cached
+    codes that a cold start prepares (then a warm one maps); without it only the warm start runs."""
+    import numpy as np
+
+    from higgs_ddp.tools.bench import data_scale
+    from higgs_ddp.tools.bench.data_corpus import SHORT_FRAMES
+
+    monkeypatch.setattr(data_scale, "PREPARED_ABOVE", 16)
+
+    def run(name, cold):
+        cfg = load_config(str(ROOT / "configs" / "bench_data_scale.yaml"),
+                          [f"output_dir={tmp_path / name}", "data.val_fraction=0"])
+        return data_scale.run(cfg, DistEnv(), 24, cold=cold)
+
+    r = run("cold", True)
+    assert r["cold"]["samples"] == r["warm"]["samples"] == 24 and r["cold"]["load_after"] >= 0
+    (frames,) = (tmp_path / "cold").rglob("index/*/code_frames.npy")
+    assert np.all((np.load(frames) >= SHORT_FRAMES[0]) & (np.load(frames) < SHORT_FRAMES[1]))
+    assert len(list((tmp_path / "cold").rglob("*.wav"))) == 24
+    assert "cold" not in run("index", False) and not list((tmp_path / "index").rglob("*.wav"))

@@ -265,6 +265,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data-scale", type=int, metavar="N",
                         help="instead: start-up to the first step on a synthetic corpus of N cached clips "
                              "(cold and warm, phase by phase), written under output_dir")
+    parser.add_argument("--cold", action="store_true",
+                        help="with --data-scale above 100k clips: write audio files and cached codes and time the "
+                             "cold start's preparation too (without it the corpus is written as a prepared index)")
     parser.add_argument("--data-peer", type=int, metavar="N",
                         help="instead: samples/s end to end on N WAV clips, ours (encoded once) against the "
                              "peers' codec run on every fetch; the clips are written under output_dir")
@@ -307,7 +310,8 @@ def main(argv=None) -> int:
         if args.data_scale is not None:
             from higgs_ddp.tools.bench import data_scale
 
-            result = data_scale.run(cfg, env, args.data_scale, f"{source} --data-scale {args.data_scale}")
+            result = data_scale.run(cfg, env, args.data_scale, f"{source} --data-scale {args.data_scale}"
+                                    + (" --cold" if args.cold else ""), cold=args.cold)
         elif args.data_peer is not None:
             from higgs_ddp.tools.bench import peer_data
 

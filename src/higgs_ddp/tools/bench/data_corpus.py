@@ -65,10 +65,14 @@ def _sentences(rng: np.random.Generator, seconds: np.ndarray) -> list:
 
 
 def build_corpus(root: Path, n: int, codec: str, num_codebooks: int = 8, codebook_size: int = 1024,
-                 seed: int = 0) -> dict:
-    """Write the corpus under ``root`` (manifest.jsonl, wavs/, .higgs_codes/) unless it is there already."""
+                 seed: int = 0, short: bool = False) -> dict:
+    """Write the corpus under ``root`` (manifest.jsonl, wavs/, .higgs_codes/) unless it is there already.
+    ``short``: codes of SHORT_FRAMES frames (a cold start at 1M clips: the disk is the index's and the
+    tokens', not the codes'); the transcripts are as long as 2-15 s of speech all the same."""
     done = root / "corpus.json"
     want = {"clips": n, "codec": codec, "num_codebooks": num_codebooks, "codebook_size": codebook_size, "seed": seed}
+    if short:
+        want["short"] = True
     if done.is_file() and json.loads(done.read_text()).get("spec") == want:
         return json.loads(done.read_text())
     shutil.rmtree(root, ignore_errors=True)
@@ -76,6 +80,8 @@ def build_corpus(root: Path, n: int, codec: str, num_codebooks: int = 8, codeboo
     rng = np.random.default_rng(seed)
     frames = rng.integers(int(MIN_SECONDS * FRAME_RATE), int(MAX_SECONDS * FRAME_RATE) + 1, n)
     texts = _sentences(rng, frames / FRAME_RATE)
+    if short:
+        frames = rng.integers(*SHORT_FRAMES, n)
     cache = CodeCache(root / ".higgs_codes", codec_identity(codec))
     writer = cache.writer()
     lines = []

@@ -14,7 +14,9 @@ resident memory for the dataset against the bytes of the codes and token ids it 
 memory from before ``load_data`` to after the first step: the batching plan, model and optimizer included).
 
 Above PREPARED_ABOVE clips the corpus is written directly as a corpus index (data_corpus.build_prepared_corpus:
-the full path would take hours to build it), and only the warm start is measured.
+minutes at 10M clips), and only the warm start is measured; with ``--cold`` it is written as below that size
+(a WAV file per clip, its codes cached, short ones), and the cold start prepares it: 1M clips take about 10
+minutes to write and 4 GB of disk.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from __future__ import annotations
 import ctypes
 import datetime
 import gc
+import os
+import resource
 import time
 from pathlib import Path
 
@@ -75,6 +79,7 @@ def one_start(cfg: Config, env: DistEnv) -> dict:
 
     release_free_memory()
     barrier()  # the ranks start together
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg)
     mc = model_config(cfg, tokenizer)
@@ -105,26 +110,33 @@ def one_start(cfg: Config, env: DistEnv) -> dict:
         "rss_file_delta_bytes": after["file"] - before["file"],
         "rss_anon_to_first_step_bytes": stepped["anon"] - before["anon"],
         "samples": len(data.train) + len(data.val),
+        # the machine's 1-minute load average around this start (other jobs share the cores); this process's
+        # peak resident memory so far (a cold start's join on rank 0 holds every piece for a while)
+        "load_before": load_before, "load_after": os.getloadavg()[0],
+        "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     del trainer, data, batches
     release_free_memory()
     return out
 
 
-def run(cfg: Config, env: DistEnv, clips: int, source: str = "") -> dict:
+def run(cfg: Config, env: DistEnv, clips: int, source: str = "", cold: bool = False) -> dict:
+    """``cold``: above PREPARED_ABOVE clips too, a corpus of audio files and cached codes (short ones) that the
+    cold start prepares, as below it."""
     from higgs_ddp.model import load_tokenizer, model_config
 
     tokenizer = load_tokenizer(cfg)
     mc = model_config(cfg, tokenizer)
     root = corpus_dir(cfg.output_dir, clips)
-    prepared = clips > PREPARED_ABOVE  # past what the full path builds in reasonable time: the index directly
+    prepared = clips > PREPARED_ABOVE and not cold  # past what the full path builds quickly: the index directly
     cfg.data.manifest, cfg.data.val_manifest = [str(root / "manifest.jsonl")], []
     cfg.data.cache_dir = str(root / ".higgs_codes")
     if env.is_main:
         if prepared:
             build_prepared_corpus(root, clips, cfg, mc, tokenizer, cfg.data.val_fraction, cfg.train.seed)
         else:
-            build_corpus(root, clips, cfg.data.codec, mc.audio_num_codebooks, mc.audio_codebook_size, cfg.train.seed)
+            build_corpus(root, clips, cfg.data.codec, mc.audio_num_codebooks, mc.audio_codebook_size, cfg.train.seed,
+                         short=clips > PREPARED_ABOVE)
             forget_derived(root)
         print(f"data-scale: corpus of {clips} clips in {root}" + (" (written as a corpus index)" if prepared else ""),
               flush=True)
@@ -139,7 +151,8 @@ def run(cfg: Config, env: DistEnv, clips: int, source: str = "") -> dict:
                         "load_data_cpu_s_per_rank": [r["load_data_cpu_s"] for r in ranks],
                         "phases_cpu_s_per_rank": [r["phases_cpu_s"] for r in ranks],
                         "rss_anon_delta_bytes_per_rank": [r["rss_anon_delta_bytes"] for r in ranks],
-                        "rss_anon_to_first_step_bytes_per_rank": [r["rss_anon_to_first_step_bytes"] for r in ranks]}
+                        "rss_anon_to_first_step_bytes_per_rank": [r["rss_anon_to_first_step_bytes"] for r in ranks],
+                        "max_rss_bytes_per_rank": [r["max_rss_bytes"] for r in ranks]}
         if env.is_main:
             print(f"data-scale: {name} start, first step after {starts[name]['first_step_s']:.1f} s", flush=True)
     info = __import__("json").loads((root / "corpus.json").read_text())
