@@ -5,9 +5,15 @@
                                      tokens depend on, and how the pairs were made
     DIR/pairs.jsonl                 one pair per line: {"id", "text", optional "ref_audio" / "ref_audio_codes"
                                      + "ref_text", "scene", "speaker", "language", "chosen": {"codes", "key",
-                                     "seed", "reward"}, "rejected": {...}}
+                                     "seed", "reward", "stopped"}, "rejected": {...}}
     DIR/codes/part-*.safetensors    int16 (codebooks, frames) tensors named by a candidate's "key": codes as the
                                      codec returns them (no delay pattern, no stream BOS/EOS columns)
+
+A candidate's "stopped" (optional, true or false) says whether it ended by itself (the stream EOS) or was cut
+at the generation limit: a cut one is not taught to end where its codes end (no stream EOS target, no text
+target after its audio; collator.py). Without the field a candidate counts as stopped (a pairs file written
+by hand holds whole recordings; one built before prefs build recorded it is assembled again, without
+generating anything, by running the same prefs build command).
 
 Paths in pairs.jsonl are relative to its folder (absolute ones allowed). Everything is checked before any
 weight is built, and every problem is one line ``FILE:LINE: what``: a damaged pairs file must not cost a job
@@ -56,6 +62,7 @@ class Candidate:
     key: str
     seed: Optional[int] = None
     reward: Optional[float] = None
+    stopped: Optional[bool] = None  # None: not recorded (trained as stopped; see the module's docstring)
     codes: Optional[np.ndarray] = None  # (codebooks, frames) int16, once loaded (a view into the mapped shard)
 
 
@@ -134,12 +141,14 @@ def _candidate(obj, role: str, base: Path) -> Candidate:
     for k in ("codes", "key"):
         if not isinstance(obj.get(k), str) or not obj[k].strip():
             raise _Problem(f"{role}.{k} is missing or not a non-empty string")
-    seed, reward = obj.get("seed"), obj.get("reward")
+    seed, reward, stopped = obj.get("seed"), obj.get("reward"), obj.get("stopped")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise _Problem(f"{role}.seed must be an integer, got {seed!r}")
     if reward is not None and (not isinstance(reward, (int, float)) or isinstance(reward, bool)):
         raise _Problem(f"{role}.reward must be a number, got {reward!r}")
-    return Candidate((base / obj["codes"]).resolve(), obj["codes"], obj["key"], seed, reward)
+    if stopped is not None and not isinstance(stopped, bool):
+        raise _Problem(f"{role}.stopped must be true or false, got {stopped!r}")
+    return Candidate((base / obj["codes"]).resolve(), obj["codes"], obj["key"], seed, reward, stopped)
 
 
 def _parse(obj, base: Path, where: str) -> Pair:
@@ -304,7 +313,7 @@ def write_pairs(out_dir, header: dict, pairs: list, codes: dict, shard_entries: 
 
     ``header``: at least IDENTITY (``run_identity``), plus whatever says how the pairs were made ("model",
     "reward", "candidates", "seed"); "format" is added. ``pairs``: one dict per line as the format has it,
-    each candidate with its "key" (and "seed", "reward"); a candidate whose key is in ``codes`` (key ->
+    each candidate with its "key" (and "seed", "reward", "stopped"); a candidate whose key is in ``codes`` (key ->
     (codebooks, frames) integers) gets "codes", the shard it is written to here (``shard_entries`` a shard);
     one without it must name its shard already (a builder that wrote its own with ``write_code_shard``).
     The pairs file and the header are written whole; the result is read back by ``read_pairs`` unchanged."""

@@ -278,7 +278,8 @@ def assemble(out: Path, prompts: list[dict], config: RewardConfig, header: dict)
             for which, i in (("chosen", choice.chosen), ("rejected", choice.rejected)):
                 key = f"{prompt['id']}/c{i}"
                 codes[key] = f.get_tensor(f"c{i}").numpy()
-                ends[which] = {"key": key, "seed": judged[i]["seed"], "reward": judged[i]["reward"]}
+                ends[which] = {"key": key, "seed": judged[i]["seed"], "reward": judged[i]["reward"],
+                               "stopped": bool(judged[i]["scores"]["stopped"])}  # a cut one is not taught to end
         pairs.append(pair_line(prompt, ends["chosen"], ends["rejected"]))
     for name, lines in (("candidates.jsonl", candidates), ("unpaired.jsonl", unpaired)):
         write_text_atomic(out / name, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))

@@ -3,10 +3,12 @@
 At the start the policy is the reference (a new LoRA adapter adds exactly zero), so the loss is log 2 and the
 implicit rewards 0. With the adapter moved, the loss and its gradient equal a computation written out here from
 the model's logits (no dual_loss, no dpo_loss). A run resumed from its half-way checkpoint ends with the
-uninterrupted run's weights and logged rows. A pairs file with a damaged shard stops `higgs-ddp train` with one
+uninterrupted run's weights and logged rows. A rejected candidate cut at the generation limit has no end target
+(stream EOS, text after its audio), and its log-probability is the hand computation less those terms. A pairs file with a damaged shard stops `higgs-ddp train` with one
 line naming the file and line, before a step. train.init_from: the reference is the earlier fine-tune, and a
 supervised run continues from it too."""
 
+import dataclasses
 import math
 
 import pytest
@@ -26,9 +28,10 @@ BETA = 0.5
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
-    """A DPO trainer on pairs that clone a reference (context audio), 2 pairs (4 sequences) a micro-batch."""
+    """A DPO trainer on pairs that clone a reference (context audio), 2 pairs (4 sequences) a micro-batch; the
+    second prompt's rejected candidate was cut at the generation limit."""
     tmp = tmp_path_factory.mktemp("dpo")
-    pairs = write_tiny_pairs(tmp / "prefs", prompts=4, reference=True)
+    pairs = write_tiny_pairs(tmp / "prefs", prompts=4, reference=True, cut=(1,))
     cfg = tiny_config(tmp, *dpo_overrides(pairs, f"dpo.beta={BETA}", "train.micro_batch_size=2", *PLAIN),
                       samples=2)
     return Trainer(cfg, DistEnv())
@@ -107,6 +110,47 @@ def test_loss_and_gradient_equal_a_hand_computation_from_the_logits(trainer):
         torch.testing.assert_close(g, h, rtol=1e-3, atol=1e-6, msg=name)
         moved += int(bool(g.abs().max() > 0))
     assert moved > len(grads) // 2  # the gradient reaches the adapter
+
+
+def test_a_cut_candidate_has_no_end_targets(trainer):
+    records = trainer.dataset.records
+    cut = next(r for r in records if r.stopped == (True, False))
+    assert cut.id.endswith("(rejected cut)") and sum(r.stopped != (True, True) for r in records) == 1
+    other = next(r for r in records if r.stopped == (True, True))
+    whole = dataclasses.replace(cut, stopped=(True, True))
+    b_cut, b_whole = (trainer.collator([x.sample(), other.sample()]) for x in (cut, whole))
+    row = 2  # rows: the 2 chosen candidates, then the cut pair's rejected one
+    C, eos = b_whole.label_audio_ids.shape[0], trainer.raw.config.audio_stream_eos_id
+
+    audio = b_cut.label_audio_ids != b_whole.label_audio_ids  # exactly one stream EOS per codebook left out
+    assert int(audio.sum()) == C and bool((audio.sum(1) == 1).all())
+    assert set(b_whole.label_audio_ids[audio].tolist()) == {eos} and set(b_cut.label_audio_ids[audio].tolist()) == {-100}
+    columns = audio.nonzero()[:, 1]
+    starts = b_cut.audio_out_ids_start.tolist()
+    segment = max(s for s in range(len(starts)) if starts[s] <= int(columns.min()))
+    assert b_cut.audio_out_ids_start_group_loc[segment] == row  # the rejected candidate's own segment
+    text = b_cut.label_ids != b_whole.label_ids  # and the text after its audio: <|audio_eos|>, <|eot_id|>
+    assert text.nonzero()[:, 0].unique().tolist() == [row]
+    assert trainer.tokenizer.convert_ids_to_tokens(b_whole.label_ids[text].tolist()) == ["<|audio_eos|>", "<|eot_id|>"]
+    assert (b_cut.label_ids[row] >= 0).sum() == 1  # only <|audio_out_bos|> is left of its text targets
+    assert b_cut.sample_targets.tolist() == (b_whole.sample_targets - torch.tensor([0, 0, C + 2, 0])).tolist()
+
+    with torch.no_grad():
+        out = trainer.wrapped(**b_whole.model_inputs())
+        logps = trainer.preference.logps(trainer.wrapped, b_cut, check=True)
+        expanded = trainer.wrapped(**b_cut.model_inputs())["expanded_labels"]
+    assert not set(expanded[row].tolist()) & set(b_whole.label_ids[text].tolist())
+    by_hand = hand_logps(out, b_whole)
+    # the end targets' own terms, by hand: each codebook's EOS from the column before it, and the text targets
+    audio_lp = F.log_softmax(out["audio_logits"].float(), -1)
+    ends = sum(audio_lp[int(j) - 1, c, eos] for c, j in audio.nonzero().tolist())
+    labels, text_lp = out["expanded_labels"][row], F.log_softmax(out["logits"][row].float(), -1)
+    dropped = set(b_whole.label_ids[text].tolist())
+    ends = ends + sum(text_lp[t - 1, labels[t]] for t in range(1, labels.shape[0]) if int(labels[t]) in dropped)
+    expected = by_hand.clone()
+    expected[row] -= ends
+    torch.testing.assert_close(logps.logps, expected, rtol=1e-5, atol=1e-4)
+    assert logps.tokens.tolist() == b_cut.sample_targets.tolist()
 
 
 DPO_RESUME = (*RESUME_RUN, "train.max_steps=4", "train.save_every=2", "train.micro_batch_size=2")
