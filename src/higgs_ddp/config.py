@@ -470,9 +470,6 @@ class Config:
         if d.val_manifest:
             raise ConfigError("train.objective=dpo validates on preference pairs: data.val_preferences or "
                               "data.val_fraction, not data.val_manifest")
-        if d.max_tokens_per_batch:
-            raise ConfigError("train.objective=dpo batches pairs by train.micro_batch_size; "
-                              "data.max_tokens_per_batch is not supported with it: set it to 0")
         if t.mode != "lora":
             raise ConfigError(f"train.objective=dpo works with train.mode=lora (the reference is the starting model "
                               f"with the adapter switched off); train.mode={t.mode} needs a frozen reference copy, "

@@ -3,6 +3,7 @@ built into two samples of that same prompt (the ChatML conversation, delay patte
 supervised sample, ``prompt.build_chatml`` + ``HiggsCollator``), and a micro-batch of P pairs collated as one
 batch of 2P sequences: the P chosen first, then the P rejected in the same order. A candidate that was cut at
 the generation limit (its "stopped" false) has no end targets: no stream EOS, no text after its audio.
+With data.max_tokens_per_batch the token budget packs whole pairs (``PairRecord.positions``).
 
 The pairs file is read and checked by ``preferences.read_pairs`` (one line naming the file and line for any
 problem); references given as audio are encoded through the code cache, as a manifest's are.
@@ -43,7 +44,7 @@ class PairRecord:
     input_ids: np.ndarray
     label_ids: np.ndarray
     codes: list  # [reference codes?] + [chosen, rejected]
-    positions: int  # both samples' positions: the pair's batching cost
+    positions: int  # its batching cost: 2 x the longer sequence (what the pair takes padded; never split)
     seconds: float
     stopped: tuple = (True, True)  # (chosen, rejected) ended by themselves; False: cut, no end targets
 
@@ -99,7 +100,7 @@ def load_preference_data(cfg: Config, env: DistEnv, tokenizer, model_config, qui
     ids = tokenizer.convert_tokens_to_ids
     in_id, out_id = ids("<|AUDIO|>"), ids("<|AUDIO_OUT|>")
     prompts: dict = {}
-    train, val = [], []
+    train, val, too_long = [], [], []
     for n, pair in enumerate(pairs):
         chatml = build_chatml(pair.text, pair.scene, pair.ref_text, with_reference=pair.ref is not None)
         key = repr(chatml)
@@ -113,9 +114,14 @@ def load_preference_data(cfg: Config, env: DistEnv, tokenizer, model_config, qui
         context = [refs[pair.ref.path]] if pair.ref is not None else []
         codes = context + [pair.chosen.codes, pair.rejected.codes]
         check_audio_count(n_audio, len(codes) - 1, pair.id)
-        positions = sum(count_positions(input_ids, [c.shape[1] for c in context + [target]], in_id, out_id, C,
-                                        mc.use_delay_pattern, mc.encode_audio_in_tokens)
-                        for target in codes[-2:])
+        # A pair's two sequences sit in one micro-batch padded to the longest: a token budget
+        # (data.max_tokens_per_batch, padded positions) counts the pair as twice its longer sequence.
+        positions = 2 * max(count_positions(input_ids, [c.shape[1] for c in context + [target]], in_id, out_id, C,
+                                            mc.use_delay_pattern, mc.encode_audio_in_tokens)
+                            for target in codes[-2:])
+        if d.max_tokens_per_batch and positions > d.max_tokens_per_batch:
+            too_long.append(f"{pair.where}: the pair needs {positions} positions (its two sequences of up to "
+                            f"{positions // 2}), more than data.max_tokens_per_batch={d.max_tokens_per_batch}")
         frames = pair.chosen.codes.shape[1] + pair.rejected.codes.shape[1]
         stopped = (pair.chosen.stopped is not False, pair.rejected.stopped is not False)
         # A cut candidate trains on other targets than a stopped one: its id says so, and with it the data
@@ -126,6 +132,8 @@ def load_preference_data(cfg: Config, env: DistEnv, tokenizer, model_config, qui
         listed_val = n >= len(train_pairs)
         (val if listed_val or (d.val_fraction and _in_val(pair.id, d.val_fraction)) else train).append(record)
     phases.mark("pairs tokenized")
+    if too_long:  # a pair is never split, nor left out unsaid: raise the budget or drop the pair from the file
+        raise DataError(too_long[0] + (f" ({len(too_long) - 1} more pair(s) too long)" if len(too_long) > 1 else ""))
     if not train:
         raise DataError(f"no training pairs in {d.preferences}" + (f" (data.val_fraction={d.val_fraction:g} took "
                                                                    f"them all)" if d.val_fraction else ""))

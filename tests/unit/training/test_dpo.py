@@ -4,10 +4,13 @@ At the start the policy is the reference (a new LoRA adapter adds exactly zero),
 implicit rewards 0. With the adapter moved, the loss and its gradient equal a computation written out here from
 the model's logits (no dual_loss, no dpo_loss). A run resumed from its half-way checkpoint ends with the
 uninterrupted run's weights and logged rows. A rejected candidate cut at the generation limit has no end target
-(stream EOS, text after its audio), and its log-probability is the hand computation less those terms. A pairs file with a damaged shard stops `higgs-ddp train` with one
+(stream EOS, text after its audio), and its log-probability is the hand computation less those terms. A token
+budget (data.max_tokens_per_batch) packs whole pairs, and micro-batches of unequal pair counts give the gradient
+of the same pairs in one batch. A pairs file with a damaged shard stops `higgs-ddp train` with one
 line naming the file and line, before a step. train.init_from: the reference is the earlier fine-tune, and a
 supervised run continues from it too."""
 
+import copy
 import dataclasses
 import math
 
@@ -18,6 +21,9 @@ import yaml
 from helpers import (PLAIN, RESUME_RUN, assert_same_weights, dpo_overrides, final_weights, read_metrics, tiny_config,
                      write_tiny_pairs)
 
+from higgs_ddp.data.batching import TokenBudgetBatchSampler
+from higgs_ddp.data.dataset import DataError
+from higgs_ddp.data.pair_data import load_preference_data
 from higgs_ddp.runtime.distributed import DistEnv
 from higgs_ddp.model import HiggsForward, _import_higgs
 from higgs_ddp.train import main, starting_base, train
@@ -151,6 +157,47 @@ def test_a_cut_candidate_has_no_end_targets(trainer):
     expected[row] -= ends
     torch.testing.assert_close(logps.logps, expected, rtol=1e-5, atol=1e-4)
     assert logps.tokens.tolist() == b_cut.sample_targets.tolist()
+
+
+def test_a_token_budget_packs_whole_pairs_and_the_loss_is_by_the_global_pair_count(trainer):
+    lengths = trainer.dataset.lengths
+    budget = 3 * int(lengths.max())  # the longest pair and two more, then what is left: unequal micro-batches
+    plan = [list(mb) for mb in TokenBudgetBatchSampler(lengths, budget, 1, 0, 1, seed=0, shuffle=True).plan(0)]
+    assert sorted(i for mb in plan for i in mb) == list(range(len(trainer.dataset)))  # every pair once, whole
+    for mb in plan:
+        b = trainer.collator([trainer.dataset[i] for i in mb])
+        P = len(mb)
+        # a pair's cost is what its two sequences take padded: the budget holds for what the model computes
+        assert b.pairs == P and b.num_samples == 2 * P and b.padded_positions == max(lengths[mb]) * P <= budget
+        assert torch.equal(b.input_ids[:P], b.input_ids[P:])  # row i and P + i: one pair's prompt
+    small, large = min(plan, key=len), max(plan, key=len)
+    assert len(small) < len(large)  # else the normalisation below is not tested
+
+    obj = trainer.preference
+
+    def step(micro):
+        trainer.model.zero_grad(set_to_none=True)
+        loss, row = obj.accumulate([trainer.collator([trainer.dataset[i] for i in mb]) for mb in micro])
+        return loss, row, [p.grad.clone() for _, p in trainer.named_params]
+
+    obj.sft_weight = 0.5  # the supervised term's normalisation (by the chosen candidates' targets) too
+    try:
+        loss, row, grads = step([small, large])  # the trainer's accumulation over two unequal micro-batches
+        loss1, row1, grads1 = step([small + large])  # the same pairs as one batch
+    finally:
+        obj.sft_weight = trainer.cfg.dpo.sft_weight
+        trainer.model.zero_grad(set_to_none=True)
+    assert row["pairs"] == row1["pairs"] == len(small) + len(large)
+    assert loss == pytest.approx(loss1, rel=1e-5) and row["sft_loss"] == pytest.approx(row1["sft_loss"], rel=1e-5)
+    for g, h in zip(grads, grads1):
+        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-7)
+    assert max(float(g.abs().max()) for g in grads) > 0
+
+    cfg = copy.deepcopy(trainer.cfg)  # a pair longer than the budget is refused, naming its line
+    cfg.data.max_tokens_per_batch = int(lengths.max()) - 1
+    with pytest.raises(DataError, match=r"pairs.jsonl:\d+: the pair needs \d+ positions .* more than "
+                                        r"data.max_tokens_per_batch="):
+        load_preference_data(cfg, DistEnv(), trainer.tokenizer, trainer.raw.config, quiet=True)
 
 
 DPO_RESUME = (*RESUME_RUN, "train.max_steps=4", "train.save_every=2", "train.micro_batch_size=2")
