@@ -25,7 +25,7 @@ from higgs_ddp.data.dataset import (DataError, _audio_codes, _in_val, check_pref
                                     load_codes_file)
 from higgs_ddp.data.audio import AudioProblem
 from higgs_ddp.data.phases import Phases
-from higgs_ddp.data.preferences import Pair, read_pairs, run_identity
+from higgs_ddp.data.preferences import Pair, read_run_pairs, run_identity
 from higgs_ddp.data.prompt import Sample, build_chatml, check_audio_count, chatml_ids
 from higgs_ddp.data.records import Data
 from higgs_ddp.dual_loss import count_sample_targets
@@ -87,8 +87,7 @@ def load_preference_data(cfg: Config, env: DistEnv, tokenizer, model_config, qui
     check_preferences(cfg)
     expected = run_identity(d.codec, d.codec_revision, tokenizer, C, K)
     phases = Phases()
-    train_pairs = read_pairs(d.preferences, expected)[1]
-    val_pairs = read_pairs(d.val_preferences, expected)[1] if d.val_preferences else []
+    train_pairs, val_pairs = read_run_pairs(d.preferences, d.val_preferences, expected)
     phases.mark("pairs")
     pairs = train_pairs + val_pairs
     refs = _references(pairs, cfg, env, C, K, quiet, phases)

@@ -100,7 +100,8 @@ def run_identity(codec: str, codec_revision: Optional[str], tokenizer, num_codeb
 
 
 def read_header(pairs_path, expected: Optional[dict] = None) -> dict:
-    """prefs.json beside ``pairs_path``, checked; with ``expected`` (``run_identity``) its identity must match."""
+    """prefs.json beside ``pairs_path``, checked; with ``expected`` (``run_identity``, or some of its keys) its
+    identity must match."""
     path = Path(pairs_path).parent / HEADER
     if not path.is_file():
         raise PreferenceError(f"{path}: not found (a preferences folder holds {HEADER} beside {PAIRS}, as "
@@ -121,7 +122,7 @@ def read_header(pairs_path, expected: Optional[dict] = None) -> dict:
             raise PreferenceError(f"{path}: {k} must be a positive integer, got {header[k]!r}")
     if expected is not None:
         for k in IDENTITY:
-            if header[k] != expected[k]:
+            if k in expected and header[k] != expected[k]:
                 raise PreferenceError(f"{path}: {k} is {header[k]!r}, this run's is {expected[k]!r}: the pairs were "
                                       f"made for another {_what(k)}; build them again with this run's model and codec")
     return header
@@ -234,6 +235,23 @@ def read_pairs(pairs_path, expected: Optional[dict] = None, load_codes: bool = T
     if load_codes:
         _fail(path, load_pair_codes(pairs, header["num_codebooks"], header["codebook_size"]))
     return header, pairs
+
+
+def read_run_pairs(preferences, val_preferences=None, expected: Optional[dict] = None) -> tuple[list, list]:
+    """A DPO run's pairs, data.preferences and data.val_preferences, each read and checked by ``read_pairs``
+    -> (train pairs, validation pairs). The trainer calls it with the run's whole identity before any weight
+    is built; ``higgs-ddp train`` before it starts torchrun, with the codec's alone (``launch_identity``): one
+    problem is then one line, not one per rank inside torchrun's report."""
+    train = read_pairs(preferences, expected)[1]
+    val = read_pairs(val_preferences, expected)[1] if val_preferences else []
+    return train, val
+
+
+def launch_identity(codec: str, codec_revision: Optional[str]) -> dict:
+    """What of ``run_identity`` is known without loading the tokenizer or the model's config: the codec."""
+    from higgs_ddp.data.codec import codec_identity
+
+    return {"codec": codec_identity(codec, codec_revision)}
 
 
 def load_pair_codes(pairs: list, num_codebooks: int, codebook_size: int) -> list:

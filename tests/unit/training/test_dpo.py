@@ -7,7 +7,7 @@ uninterrupted run's weights and logged rows. A rejected candidate cut at the gen
 (stream EOS, text after its audio), and its log-probability is the hand computation less those terms. A token
 budget (data.max_tokens_per_batch) packs whole pairs, and micro-batches of unequal pair counts give the gradient
 of the same pairs in one batch. A pairs file with a damaged shard stops `higgs-ddp train` with one
-line naming the file and line, before a step. train.init_from: the reference is the earlier fine-tune, and a
+line naming the file and line, before a step (under --nproc-per-node before torchrun starts a rank). train.init_from: the reference is the earlier fine-tune, and a
 supervised run continues from it too."""
 
 import copy
@@ -21,6 +21,7 @@ import yaml
 from helpers import (PLAIN, RESUME_RUN, assert_same_weights, dpo_overrides, final_weights, read_metrics, tiny_config,
                      write_tiny_pairs)
 
+from higgs_ddp.cli import main as cli
 from higgs_ddp.data.batching import TokenBudgetBatchSampler
 from higgs_ddp.data.dataset import DataError
 from higgs_ddp.data.pair_data import load_preference_data
@@ -223,12 +224,22 @@ def test_a_damaged_pairs_file_is_one_line_before_training(tmp_path, capsys):
     shard.write_bytes(shard.read_bytes()[:30])
     cfg = tiny_config(tmp_path, *dpo_overrides(pairs), samples=2)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    line = f"higgs-ddp: error: {pairs}:1: chosen codes codes/part-00000.safetensors: not a readable shard"
+    # Under a launcher the same check runs before torchrun starts a rank: one line, no run folder
+    assert cli(["train", "--nproc-per-node", "2", "--config", str(tmp_path / "run.yaml")]) == 2
+    err = capsys.readouterr()
+    assert err.err.splitlines()[0].startswith(line) and not err.out, err
+    assert not (tmp_path / "run").exists()
     assert main(["--config", str(tmp_path / "run.yaml")]) == 2
     err = capsys.readouterr()
     first = err.err.splitlines()[0]
-    assert first.startswith(f"higgs-ddp: error: {pairs}:1: chosen codes codes/part-00000.safetensors: not a "
-                            f"readable shard"), first
+    assert first.startswith(line), first
     assert "run card" not in err.out and not (tmp_path / "run" / "checkpoints").exists()
+    # pairs of another codec: the launcher knows the codec's identity without loading anything
+    header = pairs.parent / "prefs.json"
+    header.write_text(header.read_text().replace('"codec": "tiny:', '"codec": "other:'))
+    assert cli(["train", "--nproc-per-node", "2", "--config", str(tmp_path / "run.yaml")]) == 2
+    assert capsys.readouterr().err.startswith(f"higgs-ddp: error: {header}: codec is 'other:")
 
 
 def test_init_from_an_sft_run_is_the_reference(tmp_path):
