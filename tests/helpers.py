@@ -477,9 +477,12 @@ def prefs_files(out: Path) -> dict:
 # Preference pairs for the tiny model (unit/data/test_pair_data.py, unit/training/test_dpo.py,
 # distributed/test_dpo_equivalence.py).
 def write_tiny_pairs(folder: Path, prompts: int = 8, pairs_per_prompt: int = 1, seed: int = 0,
-                     chosen_frames=(4, 8), rejected_frames=(10, 16), reference: bool = False) -> Path:
+                     chosen_frames=(4, 8), rejected_frames=(10, 16), reference: bool = False,
+                     cut: tuple = ()) -> Path:
     """A preferences folder (data/preferences.py) for configs/tiny.yaml: random codes, the chosen candidates
-    shorter than the rejected ones; ``reference``: every prompt clones a reference given as .npy codes."""
+    shorter than the rejected ones; ``reference``: every prompt clones a reference given as .npy codes;
+    ``cut``: the prompts (by index) whose rejected candidates were cut at the limit ("stopped": false; the
+    others do not say, as files written before the field)."""
     from higgs_ddp.data.preferences import run_identity, write_pairs
     from higgs_ddp.data.tiny_tokenizer import build_tiny_tokenizer
 
@@ -500,7 +503,8 @@ def write_tiny_pairs(folder: Path, prompts: int = 8, pairs_per_prompt: int = 1, 
             codes[r] = rng.integers(0, 64, (4, int(rng.integers(*rejected_frames))))
             lines.append({"id": f"p{i}", "text": f"the quick fox {i} jumps", **extra,
                           "chosen": {"key": c, "seed": 2 * j, "reward": 1.0},
-                          "rejected": {"key": r, "seed": 2 * j + 1, "reward": 0.0}})
+                          "rejected": {"key": r, "seed": 2 * j + 1, "reward": 0.0,
+                                       **({"stopped": False} if i in cut else {})}})
     return write_pairs(folder, header, lines, codes)
 
 

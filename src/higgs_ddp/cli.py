@@ -94,9 +94,9 @@ def prepare(argv=None) -> int:
 
 def check_before_launch(name: str, rest: list) -> str | None:
     """What every rank of train or prepare would refuse at once, found here before torchrun starts them (the
-    config; for train, an output_dir it cannot write or that another run holds): one line and exit 2, not each rank's error
-    inside torchrun's report. -> the error, or None. Arguments this cannot read are left to the ranks.
-    (No torch here: it would add its import time to every launch.)"""
+    config; for train, an output_dir it cannot write or that another run holds, and a DPO run's pairs files): one
+    line and exit 2, not each rank's error inside torchrun's report. -> the error, or None. Arguments this cannot
+    read are left to the ranks. (No torch here but for DPO's pairs: it would add its import time to every launch.)"""
     from higgs_ddp.config import ConfigError, load_config
 
     if name not in ("train", "prepare"):
@@ -114,7 +114,21 @@ def check_before_launch(name: str, rest: list) -> str | None:
     if name == "train":
         from higgs_ddp.training.run_lock import refusal
 
-        return refusal(cfg.output_dir)
+        return refusal(cfg.output_dir) or (pairs_problem(cfg) if cfg.train.objective == "dpo" else None)
+    return None
+
+
+def pairs_problem(cfg) -> str | None:
+    """The pairs files checked as the trainer checks them (``read_run_pairs``), but for the tokenizer and the
+    model's codebooks, which the ranks load and compare before any weight is built."""
+    from higgs_ddp.data.preferences import launch_identity, read_run_pairs
+    from higgs_ddp.errors import HiggsError
+
+    try:
+        read_run_pairs(cfg.data.preferences, cfg.data.val_preferences,
+                       launch_identity(cfg.data.codec, cfg.data.codec_revision))
+    except HiggsError as e:
+        return str(e)
     return None
 
 

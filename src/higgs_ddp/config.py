@@ -470,9 +470,6 @@ class Config:
         if d.val_manifest:
             raise ConfigError("train.objective=dpo validates on preference pairs: data.val_preferences or "
                               "data.val_fraction, not data.val_manifest")
-        if d.max_tokens_per_batch:
-            raise ConfigError("train.objective=dpo batches pairs by train.micro_batch_size; "
-                              "data.max_tokens_per_batch is not supported with it: set it to 0")
 
 
 def marked_keys(mark: str, value=True, cls=Config, prefix="", section_neutral=False) -> set[str]:

@@ -108,6 +108,10 @@ class HiggsCollator:
             out_mask = ids == self.audio_out
             train_flags = (labels[out_mask] >= 0).tolist()  # read before the placeholder labels are masked
             labels[out_mask] = IGNORE
+            last_out = len(train_flags) - 1
+            if not s.stopped and last_out >= 0:
+                # A cut segment: what follows it (<|audio_eos|>, <|eot_id|>) says the audio ended there; it did not
+                labels[int(out_mask.nonzero()[-1]) + 1:] = IGNORE
             out_k, pos = 0, n - len(audio_slots)
             for slot, codes in zip(audio_slots, s.audio_codes):
                 codes = codes[:C].to(dev, dtype=torch.long)
@@ -118,7 +122,9 @@ class HiggsCollator:
                     continue
                 outs.append(self._stream(codes, self.bos, self.eos, self.bos, self.eos))
                 pos += outs[-1].shape[1]
-                lab = self._stream(codes, IGNORE, self.eos, IGNORE, IGNORE)
+                # the stream EOS is a target only where the audio ended by itself
+                end = IGNORE if not s.stopped and out_k == last_out else self.eos
+                lab = self._stream(codes, IGNORE, end, IGNORE, IGNORE)
                 if not train_flags[out_k]:
                     lab = torch.full_like(lab, IGNORE)  # context audio (e.g. a voice reference)
                 out_labels.append(lab)

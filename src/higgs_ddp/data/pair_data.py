@@ -1,7 +1,9 @@
 """Preference pairs as training samples: each pair's prompt tokenized once, its chosen and rejected candidates
 built into two samples of that same prompt (the ChatML conversation, delay pattern and stream EOS of every
 supervised sample, ``prompt.build_chatml`` + ``HiggsCollator``), and a micro-batch of P pairs collated as one
-batch of 2P sequences: the P chosen first, then the P rejected in the same order.
+batch of 2P sequences: the P chosen first, then the P rejected in the same order. A candidate that was cut at
+the generation limit (its "stopped" false) has no end targets: no stream EOS, no text after its audio.
+With data.max_tokens_per_batch the token budget packs whole pairs (``PairRecord.positions``).
 
 The pairs file is read and checked by ``preferences.read_pairs`` (one line naming the file and line for any
 problem); references given as audio are encoded through the code cache, as a manifest's are.
@@ -23,7 +25,7 @@ from higgs_ddp.data.dataset import (DataError, _audio_codes, _in_val, check_pref
                                     load_codes_file)
 from higgs_ddp.data.audio import AudioProblem
 from higgs_ddp.data.phases import Phases
-from higgs_ddp.data.preferences import Pair, read_pairs, run_identity
+from higgs_ddp.data.preferences import Pair, read_run_pairs, run_identity
 from higgs_ddp.data.prompt import Sample, build_chatml, check_audio_count, chatml_ids
 from higgs_ddp.data.records import Data
 from higgs_ddp.dual_loss import count_sample_targets
@@ -42,15 +44,16 @@ class PairRecord:
     input_ids: np.ndarray
     label_ids: np.ndarray
     codes: list  # [reference codes?] + [chosen, rejected]
-    positions: int  # both samples' positions: the pair's batching cost
+    positions: int  # its batching cost: 2 x the longer sequence (what the pair takes padded; never split)
     seconds: float
+    stopped: tuple = (True, True)  # (chosen, rejected) ended by themselves; False: cut, no end targets
 
     def sample(self) -> tuple[Sample, Sample]:
         ids, labels = (torch.from_numpy(a.astype(np.int64)) for a in (self.input_ids, self.label_ids))
         context = [torch.from_numpy(c.astype(np.int64)) for c in self.codes[:-2]]
         chosen, rejected = (torch.from_numpy(c.astype(np.int64)) for c in self.codes[-2:])
-        return (Sample(ids, labels, context + [chosen], f"{self.id}:chosen"),
-                Sample(ids, labels, context + [rejected], f"{self.id}:rejected"))
+        return (Sample(ids, labels, context + [chosen], f"{self.id}:chosen", self.stopped[0]),
+                Sample(ids, labels, context + [rejected], f"{self.id}:rejected", self.stopped[1]))
 
 
 @dataclass
@@ -84,8 +87,7 @@ def load_preference_data(cfg: Config, env: DistEnv, tokenizer, model_config, qui
     check_preferences(cfg)
     expected = run_identity(d.codec, d.codec_revision, tokenizer, C, K)
     phases = Phases()
-    train_pairs = read_pairs(d.preferences, expected)[1]
-    val_pairs = read_pairs(d.val_preferences, expected)[1] if d.val_preferences else []
+    train_pairs, val_pairs = read_run_pairs(d.preferences, d.val_preferences, expected)
     phases.mark("pairs")
     pairs = train_pairs + val_pairs
     refs = _references(pairs, cfg, env, C, K, quiet, phases)
@@ -97,7 +99,7 @@ def load_preference_data(cfg: Config, env: DistEnv, tokenizer, model_config, qui
     ids = tokenizer.convert_tokens_to_ids
     in_id, out_id = ids("<|AUDIO|>"), ids("<|AUDIO_OUT|>")
     prompts: dict = {}
-    train, val = [], []
+    train, val, too_long = [], [], []
     for n, pair in enumerate(pairs):
         chatml = build_chatml(pair.text, pair.scene, pair.ref_text, with_reference=pair.ref is not None)
         key = repr(chatml)
@@ -111,25 +113,39 @@ def load_preference_data(cfg: Config, env: DistEnv, tokenizer, model_config, qui
         context = [refs[pair.ref.path]] if pair.ref is not None else []
         codes = context + [pair.chosen.codes, pair.rejected.codes]
         check_audio_count(n_audio, len(codes) - 1, pair.id)
-        positions = sum(count_positions(input_ids, [c.shape[1] for c in context + [target]], in_id, out_id, C,
-                                        mc.use_delay_pattern, mc.encode_audio_in_tokens)
-                        for target in codes[-2:])
+        # A pair's two sequences sit in one micro-batch padded to the longest: a token budget
+        # (data.max_tokens_per_batch, padded positions) counts the pair as twice its longer sequence.
+        positions = 2 * max(count_positions(input_ids, [c.shape[1] for c in context + [target]], in_id, out_id, C,
+                                            mc.use_delay_pattern, mc.encode_audio_in_tokens)
+                            for target in codes[-2:])
+        if d.max_tokens_per_batch and positions > d.max_tokens_per_batch:
+            too_long.append(f"{pair.where}: the pair needs {positions} positions (its two sequences of up to "
+                            f"{positions // 2}), more than data.max_tokens_per_batch={d.max_tokens_per_batch}")
         frames = pair.chosen.codes.shape[1] + pair.rejected.codes.shape[1]
-        record = PairRecord(pair.where, pair.name, pair.id, input_ids, label_ids, codes, positions,
-                            frames / frame_rate if frame_rate else 0.0)
+        stopped = (pair.chosen.stopped is not False, pair.rejected.stopped is not False)
+        # A cut candidate trains on other targets than a stopped one: its id says so, and with it the data
+        # fingerprint a checkpoint keeps (files without the flag keep their ids).
+        name = pair.name + "".join(f" ({role} cut)" for role, s in zip(("chosen", "rejected"), stopped) if not s)
+        record = PairRecord(pair.where, name, pair.id, input_ids, label_ids, codes, positions,
+                            frames / frame_rate if frame_rate else 0.0, stopped)
         listed_val = n >= len(train_pairs)
         (val if listed_val or (d.val_fraction and _in_val(pair.id, d.val_fraction)) else train).append(record)
     phases.mark("pairs tokenized")
+    if too_long:  # a pair is never split, nor left out unsaid: raise the budget or drop the pair from the file
+        raise DataError(too_long[0] + (f" ({len(too_long) - 1} more pair(s) too long)" if len(too_long) > 1 else ""))
     if not train:
         raise DataError(f"no training pairs in {d.preferences}" + (f" (data.val_fraction={d.val_fraction:g} took "
                                                                    f"them all)" if d.val_fraction else ""))
     if d.val_fraction and not val:
         raise DataError(f"data.val_fraction={d.val_fraction:g} selected none of the {len(train)} pairs' prompts; "
                         f"raise it or give data.val_preferences")
+    unrecorded = sum(getattr(p, r).stopped is None for p in pairs for r in ("chosen", "rejected"))
     report = {"objective": "dpo", "preferences": d.preferences, "val_preferences": d.val_preferences,
               "train_samples": len(train), "val_samples": len(val), "train_pairs": len(train),
               "val_pairs": len(val), "prompts": len({r.prompt for r in train}),
               "train_audio_hours": sum(r.seconds for r in train) / 3600, "skipped": 0, "problems": [],
+              "cut_candidates": sum(not s for r in train + val for s in r.stopped),
+              "candidates_without_stopped": unrecorded,
               "startup_seconds": phases.seconds, "startup_cpu_seconds": phases.cpu_seconds}
     if env.is_main:
         path = Path(cfg.output_dir) / "data_report.json"
@@ -138,6 +154,12 @@ def load_preference_data(cfg: Config, env: DistEnv, tokenizer, model_config, qui
         if not quiet:
             print(f"data: {len(train)} preference pairs of {report['prompts']} prompts"
                   + (f", {len(val)} held out" if val else "") + f"; ready in {phases.line()}", flush=True)
+            if unrecorded:
+                print(f"data: note: {unrecorded} candidate(s) in {d.preferences}"
+                      + (f" / {d.val_preferences}" if d.val_preferences else "")
+                      + " do not say whether they stopped by themselves (\"stopped\"): each is trained as ending "
+                        "where its codes end; pairs from higgs-ddp prefs build get it by running the same build "
+                        "again (it reuses the generated candidates)", flush=True)
     return Data(train, val, report)
 
 

@@ -5,9 +5,15 @@
                                      tokens depend on, and how the pairs were made
     DIR/pairs.jsonl                 one pair per line: {"id", "text", optional "ref_audio" / "ref_audio_codes"
                                      + "ref_text", "scene", "speaker", "language", "chosen": {"codes", "key",
-                                     "seed", "reward"}, "rejected": {...}}
+                                     "seed", "reward", "stopped"}, "rejected": {...}}
     DIR/codes/part-*.safetensors    int16 (codebooks, frames) tensors named by a candidate's "key": codes as the
                                      codec returns them (no delay pattern, no stream BOS/EOS columns)
+
+A candidate's "stopped" (optional, true or false) says whether it ended by itself (the stream EOS) or was cut
+at the generation limit: a cut one is not taught to end where its codes end (no stream EOS target, no text
+target after its audio; collator.py). Without the field a candidate counts as stopped (a pairs file written
+by hand holds whole recordings; one built before prefs build recorded it is assembled again, without
+generating anything, by running the same prefs build command).
 
 Paths in pairs.jsonl are relative to its folder (absolute ones allowed). Everything is checked before any
 weight is built, and every problem is one line ``FILE:LINE: what``: a damaged pairs file must not cost a job
@@ -56,6 +62,7 @@ class Candidate:
     key: str
     seed: Optional[int] = None
     reward: Optional[float] = None
+    stopped: Optional[bool] = None  # None: not recorded (trained as stopped; see the module's docstring)
     codes: Optional[np.ndarray] = None  # (codebooks, frames) int16, once loaded (a view into the mapped shard)
 
 
@@ -93,7 +100,8 @@ def run_identity(codec: str, codec_revision: Optional[str], tokenizer, num_codeb
 
 
 def read_header(pairs_path, expected: Optional[dict] = None) -> dict:
-    """prefs.json beside ``pairs_path``, checked; with ``expected`` (``run_identity``) its identity must match."""
+    """prefs.json beside ``pairs_path``, checked; with ``expected`` (``run_identity``, or some of its keys) its
+    identity must match."""
     path = Path(pairs_path).parent / HEADER
     if not path.is_file():
         raise PreferenceError(f"{path}: not found (a preferences folder holds {HEADER} beside {PAIRS}, as "
@@ -114,7 +122,7 @@ def read_header(pairs_path, expected: Optional[dict] = None) -> dict:
             raise PreferenceError(f"{path}: {k} must be a positive integer, got {header[k]!r}")
     if expected is not None:
         for k in IDENTITY:
-            if header[k] != expected[k]:
+            if k in expected and header[k] != expected[k]:
                 raise PreferenceError(f"{path}: {k} is {header[k]!r}, this run's is {expected[k]!r}: the pairs were "
                                       f"made for another {_what(k)}; build them again with this run's model and codec")
     return header
@@ -134,12 +142,14 @@ def _candidate(obj, role: str, base: Path) -> Candidate:
     for k in ("codes", "key"):
         if not isinstance(obj.get(k), str) or not obj[k].strip():
             raise _Problem(f"{role}.{k} is missing or not a non-empty string")
-    seed, reward = obj.get("seed"), obj.get("reward")
+    seed, reward, stopped = obj.get("seed"), obj.get("reward"), obj.get("stopped")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise _Problem(f"{role}.seed must be an integer, got {seed!r}")
     if reward is not None and (not isinstance(reward, (int, float)) or isinstance(reward, bool)):
         raise _Problem(f"{role}.reward must be a number, got {reward!r}")
-    return Candidate((base / obj["codes"]).resolve(), obj["codes"], obj["key"], seed, reward)
+    if stopped is not None and not isinstance(stopped, bool):
+        raise _Problem(f"{role}.stopped must be true or false, got {stopped!r}")
+    return Candidate((base / obj["codes"]).resolve(), obj["codes"], obj["key"], seed, reward, stopped)
 
 
 def _parse(obj, base: Path, where: str) -> Pair:
@@ -227,6 +237,23 @@ def read_pairs(pairs_path, expected: Optional[dict] = None, load_codes: bool = T
     return header, pairs
 
 
+def read_run_pairs(preferences, val_preferences=None, expected: Optional[dict] = None) -> tuple[list, list]:
+    """A DPO run's pairs, data.preferences and data.val_preferences, each read and checked by ``read_pairs``
+    -> (train pairs, validation pairs). The trainer calls it with the run's whole identity before any weight
+    is built; ``higgs-ddp train`` before it starts torchrun, with the codec's alone (``launch_identity``): one
+    problem is then one line, not one per rank inside torchrun's report."""
+    train = read_pairs(preferences, expected)[1]
+    val = read_pairs(val_preferences, expected)[1] if val_preferences else []
+    return train, val
+
+
+def launch_identity(codec: str, codec_revision: Optional[str]) -> dict:
+    """What of ``run_identity`` is known without loading the tokenizer or the model's config: the codec."""
+    from higgs_ddp.data.codec import codec_identity
+
+    return {"codec": codec_identity(codec, codec_revision)}
+
+
 def load_pair_codes(pairs: list, num_codebooks: int, codebook_size: int) -> list:
     """Every candidate's codes, mapped from their shards (each shard once) and checked -> the problems,
     ``FILE:LINE: what`` each."""
@@ -304,7 +331,7 @@ def write_pairs(out_dir, header: dict, pairs: list, codes: dict, shard_entries: 
 
     ``header``: at least IDENTITY (``run_identity``), plus whatever says how the pairs were made ("model",
     "reward", "candidates", "seed"); "format" is added. ``pairs``: one dict per line as the format has it,
-    each candidate with its "key" (and "seed", "reward"); a candidate whose key is in ``codes`` (key ->
+    each candidate with its "key" (and "seed", "reward", "stopped"); a candidate whose key is in ``codes`` (key ->
     (codebooks, frames) integers) gets "codes", the shard it is written to here (``shard_entries`` a shard);
     one without it must name its shard already (a builder that wrote its own with ``write_code_shard``).
     The pairs file and the header are written whole; the result is read back by ``read_pairs`` unchanged."""

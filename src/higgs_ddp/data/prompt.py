@@ -48,6 +48,9 @@ class Sample:
     label_ids: torch.Tensor  # (L,) int64, -100 where not supervised
     audio_codes: list = field(default_factory=list)  # (C, T) int64 per <|AUDIO|>/<|AUDIO_OUT|>, in order
     sample_id: str = ""
+    # False: the last audio-out segment was cut (a candidate that hit the generation limit), so it is not
+    # taught to end there: no stream EOS target, no text target after it (the collator leaves them out).
+    stopped: bool = True
 
 
 def chatml_ids(tokenizer, chatml: ChatMLSample, sample_id: str = "") -> tuple[list, list, int]:

@@ -7,7 +7,9 @@ Reads ``RUN_DIR/metrics.jsonl`` (one JSON object per optimizer step; validation 
 (b) per-codebook validation accuracy (or, without validation rows, per-codebook train loss);
 (c) learning rate; (d) throughput in tokens/s; and, when the run scored listening samples (``split``
 = samples rows): (e) the share of samples that stopped by themselves and that are silent, with the mean
-silence and clipped fractions; (f) WER, CER and speaker similarity.
+silence and clipped fractions; (f) WER, CER and speaker similarity; and, for a DPO run (rows with
+``rewards/*``), two more: the implicit rewards of the chosen and rejected candidates with their margin, and
+the preference accuracy, train (EMA) and validation.
 
 It renders with matplotlib's Agg canvas and never touches pyplot, so it runs on a headless node and can
 be called from a live training process (``plot_run``) without changing its matplotlib backend. A step
@@ -225,6 +227,46 @@ def _score_panel(ax, samples: Series) -> None:
     ax.set_title("(f) listening samples: intelligibility and voice")
 
 
+# A DPO run's rows (training/preference.py, TRL's names): what the rewards panel draws
+REWARDS = (("rewards/chosen", "chosen", "C2"), ("rewards/rejected", "rejected", "C3"),
+           ("rewards/margins", "margin (chosen - rejected)", "C0"))
+ACCURACY = "rewards/accuracies"
+
+
+def has_rewards(train: Series, val: Series) -> bool:
+    return any(s.has(key) for s in (train, val) for key in (*(k for k, _, _ in REWARDS), ACCURACY))
+
+
+def _train_and_val(ax, train: Series, val: Series, key: str, label: str, color: str) -> None:
+    """A training column faint with its EMA, and the validation points dashed."""
+    if train.has(key):
+        ys = train.col(key)
+        _line(ax, train.steps(), ys, color=color, lw=0.8, alpha=0.35)
+        _line(ax, train.steps(), ema(ys), color=color, lw=2.0, label=f"train {label} (EMA)")
+    if val.has(key):
+        ax.plot(val.steps(), val.col(key), color=color, lw=1.4, ls="--", marker="o", ms=4, label=f"val {label}")
+
+
+def _reward_panel(ax, train: Series, val: Series, letter: str) -> None:
+    for key, label, color in REWARDS:
+        _train_and_val(ax, train, val, key, label, color)
+    ax.axhline(0.0, color="0.5", lw=0.8)  # the reference's own level: where every reward starts
+    ax.legend(fontsize=7)
+    ax.set_title(f"({letter}) DPO implicit rewards: beta x (log pi - log ref)")
+    ax.set_ylabel("reward")
+
+
+def _accuracy_panel(ax, train: Series, val: Series, letter: str) -> None:
+    _train_and_val(ax, train, val, ACCURACY, "accuracy", "C4")
+    if not ax.lines:
+        _no_data(ax, ACCURACY)
+    else:
+        ax.legend(fontsize=7)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title(f"({letter}) DPO preference accuracy (chosen reward > rejected)")
+    ax.set_ylabel("share of pairs")
+
+
 def _title(run_dir: Path, train: Series, val: Series) -> str:
     parts = [str(run_dir)]
     if train.rows:
@@ -237,22 +279,29 @@ def _title(run_dir: Path, train: Series, val: Series) -> str:
 
 
 def figure(run_dir: Path, train: Series, val: Series, samples: Optional[Series] = None):
-    """The four panels (six with scored listening samples), on a matplotlib Figure of its own (Agg canvas,
-    no pyplot)."""
+    """The four panels (two more with scored listening samples, two more for a DPO run's rewards), on a
+    matplotlib Figure of its own (Agg canvas, no pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter
 
     heard = samples is not None and bool(samples.rows)
-    fig = Figure(figsize=(13, 12.5 if heard else 8.5), dpi=100, layout="constrained")
+    dpo = has_rewards(train, val)
+    rows = 2 + heard + dpo
+    fig = Figure(figsize=(13, 4.25 * rows), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    (a, b), (c, d), *more = fig.subplots(3 if heard else 2, 2, sharex=True)
-    if more:
+    (a, b), (c, d), *more = fig.subplots(rows, 2, sharex=True)
+    letters = iter("efgh")
+    if heard:
         _detector_panel(more[0][0], samples)
         _score_panel(more[0][1], samples)
-        for ax in more[0]:
-            ax.grid(True, alpha=0.3)
-            ax.set_xlabel("optimizer step")
+        next(letters), next(letters)
+    if dpo:
+        _reward_panel(more[-1][0], train, val, next(letters))
+        _accuracy_panel(more[-1][1], train, val, next(letters))
+    for ax in (ax for row in more for ax in row):
+        ax.grid(True, alpha=0.3)
+        ax.set_xlabel("optimizer step")
     _loss_panel(a, train, val)
     _codebook_panel(b, train, val)
     _line_panel(c, train, "lr", "(c) learning rate", "lr", smooth=False)

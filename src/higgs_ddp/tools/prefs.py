@@ -14,7 +14,8 @@ and has CER <= 0.01 where CER is measured; the rejected one is the worst of all.
 --prompts is JSONL, one prompt per line: "text" and optionally "id" (default: the line number), "ref_audio"
 + "ref_text" (a voice to clone; score's "reference_audio" + "reference_text" are read too), "speaker_audio"
 (a clip of the voice the candidates should have), "speaker", "language", and "speaking_rate" (the
-speaker's characters per second in their corpus). Relative paths are relative to the file.
+speaker's characters per second in their corpus; --rates-from MANIFEST measures it, per speaker, for the
+prompts that name a "speaker" and give none). Relative paths are relative to the file.
 
 --out gets pairs.jsonl (what training's data.preferences reads), codes/ (the pairs' codes), candidates.jsonl
 (every candidate with every score, chosen or not, and why not), unpaired.jsonl (each prompt without a
@@ -278,7 +279,8 @@ def assemble(out: Path, prompts: list[dict], config: RewardConfig, header: dict)
             for which, i in (("chosen", choice.chosen), ("rejected", choice.rejected)):
                 key = f"{prompt['id']}/c{i}"
                 codes[key] = f.get_tensor(f"c{i}").numpy()
-                ends[which] = {"key": key, "seed": judged[i]["seed"], "reward": judged[i]["reward"]}
+                ends[which] = {"key": key, "seed": judged[i]["seed"], "reward": judged[i]["reward"],
+                               "stopped": bool(judged[i]["scores"]["stopped"])}  # a cut one is not taught to end
         pairs.append(pair_line(prompt, ends["chosen"], ends["rejected"]))
     for name, lines in (("candidates.jsonl", candidates), ("unpaired.jsonl", unpaired)):
         write_text_atomic(out / name, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
@@ -307,6 +309,7 @@ def build(args) -> dict:
                 max_silence=args.max_silence, min_margin=args.min_margin))
     config.check()
     prompts = read_prompts(args.prompts)
+    rates = _corpus_rates(args, prompts)
     found, skipped = find_scorers(args)  # before the model loads (minutes): a missing scorer fails at once
     _check_audio(args.prompts, prompts, bool(found["speaker_model"]))
     env = setup_distributed()
@@ -333,11 +336,30 @@ def build(args) -> dict:
     if not env.is_main:
         return {}
     header = {**_header(args, prompts, sampling, config, found, skipped), **read_identity(work)}
+    if rates is not None:  # where the speaking rates of prompts without one came from
+        header["speaking_rates"] = {"from": str(args.rates_from), "speakers": rates.rates, "clips": rates.clips}
     counts = assemble(args.out, prompts, config, header)
     print(f"prefs build: {counts['pairs']} pairs from {counts['prompts']} prompts; {counts['unpaired']} "
           f"without a valid pair (listed in {args.out / 'unpaired.jsonl'} with why); {args.out / 'pairs.jsonl'}",
           flush=True)
     return counts
+
+
+def _corpus_rates(args, prompts: list):
+    """--rates-from: each speaker's rate measured in the manifest, given to the prompts without one (in
+    place, before their fingerprints are taken) -> the CorpusRates, or None without the option."""
+    if args.rates_from is None:
+        return None
+    from higgs_ddp.evaluation.speaking_rate import corpus_rates, fill_rates
+
+    rates = corpus_rates(args.rates_from)
+    given, unknown = fill_rates(prompts, rates)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"prefs build: speaking rates of {rates.describe()}; {given} prompt(s) take their speaker's"
+              + (f"; not in it: speaker(s) {', '.join(map(repr, unknown[:5]))}"
+                 + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "") + " (no rate term for their prompts)"
+                 if unknown else ""), flush=True)
+    return rates
 
 
 def _check_audio(path: Path, prompts: list, with_speaker: bool) -> None:
@@ -469,6 +491,10 @@ def parser() -> argparse.ArgumentParser:
                    help="let a candidate that hit --max-audio-seconds be chosen (default: it must stop by itself)")
     p.add_argument("--min-margin", type=float, default=f.min_margin,
                    help="the chosen's reward must exceed the rejected's by more than this (default %(default)s)")
+    p.add_argument("--rates-from", type=Path, metavar="MANIFEST",
+                   help="a manifest of the speakers' own clips: each speaker's characters per second (the median "
+                        "of their clips, from the audio headers) is the speaking_rate of the prompts that name the "
+                        "speaker and give none (default: only the prompts' own)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: each rank's GPU when there is one)")
     return top
 

@@ -316,7 +316,6 @@ def test_rules_between_keys():
     (["train.objective=dpo"], "train.objective=dpo needs data.preferences"),
     (["data.preferences=p/pairs.jsonl"], "data.preferences is read by train.objective=dpo only"),
     (["train.objective=dpo", "data.preferences=p", "data.val_manifest=v.jsonl"], "not data.val_manifest"),
-    (["train.objective=dpo", "data.preferences=p", "data.max_tokens_per_batch=512"], "max_tokens_per_batch"),
     (["train.objective=dpo", "data.preferences=p", "eval.every=5"], "eval.every needs a validation set: "
                                                                      "data.val_preferences"),
     (["train.objective=dpo", "data.preferences=p", "data.val_preferences=v", "data.val_fraction=0.1"], "not both"),

@@ -54,6 +54,7 @@ def test_written_pairs_read_back(tmp_path, identity):
         np.testing.assert_array_equal(p.chosen.codes, codes[p.chosen.key])
         np.testing.assert_array_equal(p.rejected.codes, codes[p.rejected.key])
         assert p.chosen.codes.dtype == np.int16 and (p.chosen.seed, p.chosen.reward) == (10 * int(p.id[1:]) + 1, 0.9)
+        assert (p.chosen.stopped, p.rejected.stopped) == (None, None)  # not recorded: trained as stopped
     line = json.loads(path.read_text().splitlines()[0])
     assert line["chosen"]["codes"].startswith("codes/part-") and "codes" not in pair_lines(1)[0]["chosen"]
 
@@ -92,6 +93,8 @@ def one_line(path, match):
      '"rejected": {"codes": "c", "key": "b"}}', "needs both its audio"),
     ('{"id": "x", "text": "t", "chosen": {"codes": "c", "key": "a"}, "rejected": {"codes": "c", "key": "a"}}',
      "the same candidate"),
+    ('{"id": "x", "text": "t", "chosen": {"codes": "c", "key": "a"}, "rejected": {"codes": "c", "key": "b", '
+     '"stopped": "no"}}', "rejected.stopped must be true or false"),
 ])
 def test_malformed_lines_name_file_and_line(tmp_path, identity, line, match):
     path, _ = written(tmp_path, identity, n=2)

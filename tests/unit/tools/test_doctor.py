@@ -19,7 +19,7 @@ import torch
 
 from higgs_ddp.config import OFFICIAL_CODEC, OFFICIAL_CODEC_REVISION, OFFICIAL_REPO, OFFICIAL_REVISION, ConfigError, load_config
 from higgs_ddp.tools import doctor
-from helpers import QUIET, ROOT, tiny_config
+from helpers import QUIET, ROOT, dpo_overrides, tiny_config, write_tiny_pairs
 
 TINY = ROOT / "configs" / "tiny.yaml"
 STATUS = re.compile(r"^(OK   |WARN |FAIL )\S")
@@ -121,6 +121,30 @@ def test_this_machine_with_the_tiny_config_passes(capsys, tiny_args):
     assert "fill an optimizer step of 2 per rank" in one(lines, "OK   batch: ")
     disk = one(lines, "OK   disk: ")
     assert "3 checkpoints" in disk and "25,600 trainable parameters" in disk  # tiny LoRA, keep_last 2 + 1
+
+
+def test_a_dpo_config_reports_its_pairs_and_their_problems(tmp_path):
+    """The config's checks (main's environment lines are the other tests'): the pairs instead of manifests."""
+    pairs = write_tiny_pairs(tmp_path / "prefs", prompts=3, cut=(1,))
+    cfg = load_config(TINY, [f"output_dir={tmp_path / 'run'}", "eval.prompts=[]", *dpo_overrides(pairs)])
+    lines = [r.line() for name, check in doctor.config_checks(cfg) if name != "lora"  # (it builds the model)
+             for r in doctor._guarded(name, check)]
+    assert not any(line.startswith("FAIL") or "manifest" in line for line in lines), lines
+    assert one(lines, f"OK   preferences {pairs}: ") == (
+        f"OK   preferences {pairs}: 3 pairs of 3 prompt(s), 1 cut candidate(s); every line parses, every candidate's "
+        f"codes read; made for this run's codec, tokenizer and codebooks")
+    assert one(lines, f"WARN preferences {pairs}: 5 candidate(s) do not say whether they stopped")
+    # the run's own split: configs/tiny.yaml's data.val_fraction holds one of the three prompts out
+    assert "2 training pairs fill an optimizer step of 2 per rank" in one(lines, "OK   batch: ")
+    header = pairs.parent / "prefs.json"
+    header.write_text(header.read_text().replace('"num_codebooks": 4', '"num_codebooks": 8'))
+    (pairs.parent / "codes" / "part-00000.safetensors").write_bytes(b"damaged")
+    assert [r.line() for r in doctor.check_preferences(cfg)] == [
+        f"FAIL preferences: {header}: num_codebooks is 8, this run's is 4: the pairs were made for another model; "
+        f"build them again with this run's model and codec: fix it, or build the pairs again (higgs-ddp prefs build)"]
+    header.write_text(header.read_text().replace('"num_codebooks": 8', '"num_codebooks": 4'))
+    assert doctor.check_preferences(cfg)[0].line().startswith(
+        f"FAIL preferences: {pairs}:1: chosen codes codes/part-00000.safetensors: not a readable shard")
 
 
 def test_environment_only_without_a_config(capsys):

@@ -1,4 +1,4 @@
-"""`higgs-ddp plot`: metrics.jsonl -> a 4-panel PNG, and one-line errors for bad files."""
+"""`higgs-ddp plot`: metrics.jsonl -> a 4-panel PNG (more for listening samples and DPO rewards), one-line errors."""
 
 from __future__ import annotations
 
@@ -205,3 +205,29 @@ def test_scored_listening_samples_get_two_more_panels(tmp_path):
     assert plot_run(tmp_path / "run").read_bytes().startswith(PNG_MAGIC)
     # without sample rows: the four panels as before
     assert len(figure(tmp_path / "run", splits["train"], splits["val"]).axes) == 4
+
+
+def test_a_dpo_run_gets_a_rewards_and_an_accuracy_panel(tmp_path):
+    from higgs_ddp.tools.plot import figure, read_splits
+
+    def dpo_row(step, split=None, margin=0.0):
+        row = {"step": step, "loss": math.log(2) - margin / 4, "rewards/chosen": margin / 2,
+               "rewards/rejected": -margin / 2, "rewards/margins": margin, "rewards/accuracies": min(1.0, margin)}
+        return {**row, "split": split} if split else row
+
+    rows = [dpo_row(s, margin=0.1 * (s - 1)) for s in range(1, 9)] + [dpo_row(4, "val", 0.2), dpo_row(8, "val", 0.5)]
+    write_metrics(tmp_path / "run", rows)
+    splits = read_splits(tmp_path / "run" / "metrics.jsonl")
+    fig = figure(tmp_path / "run", splits["train"], splits["val"], splits["samples"])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(fig.axes) == 6 and titles[4].startswith("(e) DPO implicit rewards") and titles[5].startswith("(f)")
+    drawn = {line.get_label(): list(line.get_ydata()) for line in fig.axes[4].lines}
+    assert drawn["val margin (chosen - rejected)"] == [0.2, 0.5] and drawn["val chosen"] == [0.1, 0.25]
+    assert {"train chosen (EMA)", "train rejected (EMA)", "train margin (chosen - rejected) (EMA)"} <= set(drawn)
+    accuracy = {line.get_label(): list(line.get_ydata()) for line in fig.axes[5].lines}
+    assert accuracy["val accuracy"] == [0.2, 0.5] and fig.axes[5].get_ylim() == (-0.05, 1.05)
+    with_samples = figure(tmp_path / "run", splits["train"], splits["val"],
+                          read_splits(write_metrics(tmp_path / "heard", rows + [
+                              {"step": 4, "split": "samples", "samples": 2, "stopped_samples": 1}]))["samples"])
+    assert [ax.get_title()[:3] for ax in with_samples.axes][4:] == ["(e)", "(f)", "(g)", "(h)"]
+    assert len(figure(tmp_path / "run", splits["train"], splits["val"]).axes) == 6

@@ -56,6 +56,8 @@ def test_the_pairs_read_back_and_every_candidate_is_recorded(prefs_built):
         rejected = next(c for c in mine if c["role"] == "rejected")
         assert (pair.chosen.key, pair.rejected.key) == (chosen["key"], rejected["key"])
         assert chosen["rejections"] == [] and chosen["stopped"]  # the default filters
+        # each end's detector verdict is in the pair: a cut candidate is not trained to end (collator.py)
+        assert (pair.chosen.stopped, pair.rejected.stopped) == (True, rejected["stopped"])
         assert chosen["reward"] == max(c["reward"] for c in mine if not c["rejections"])
         assert rejected["reward"] == min(c["reward"] for c in mine if c["frames"])
         assert chosen["reward"] > rejected["reward"]

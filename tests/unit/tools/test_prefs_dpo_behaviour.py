@@ -5,8 +5,10 @@ The issue's behaviour test, end to end on the tiny model: a LoRA checkpoint spea
 hit the length limit); a 20-step DPO run from that checkpoint (train.init_from) on the pairs makes more of
 144 seeded generations stop by themselves than the checkpoint did, and the same run on the pairs with
 chosen and rejected swapped (the negative control) makes fewer. Every step is seeded: the numbers are the
-same on every run (measured: 0.424 for the checkpoint, 0.583 after DPO on the pairs, 0.340 on the swapped
-pairs; 8 minutes, 5.5 CPU-minutes, on 2 cores at a load of 6-9: hence extended)."""
+same on every run (measured while a cut rejected candidate was still taught to end where it was cut: 0.424 for
+the checkpoint, 0.583 after DPO on the pairs, 0.340 on the swapped pairs; 8 minutes, 5.5 CPU-minutes, on 2
+cores at a load of 6-9: hence extended. Since the pairs record "stopped" and a cut candidate has no end target,
+it passes again, 21 minutes at a load of 10-12; those rates were not recorded)."""
 
 import json
 import shutil

@@ -4,10 +4,15 @@ At the start the policy is the reference (a new LoRA adapter adds exactly zero; 
 is a frozen copy of the starting weights, which an update leaves alone), so the loss is log 2 and the implicit
 rewards 0. With the adapter moved, the loss and its gradient equal a computation written out here from
 the model's logits (no dual_loss, no dpo_loss). A run resumed from its half-way checkpoint ends with the
-uninterrupted run's weights and logged rows. A pairs file with a damaged shard stops `higgs-ddp train` with one
-line naming the file and line, before a step. train.init_from: the reference is the earlier fine-tune, and a
+uninterrupted run's weights and logged rows. A rejected candidate cut at the generation limit has no end target
+(stream EOS, text after its audio), and its log-probability is the hand computation less those terms. A token
+budget (data.max_tokens_per_batch) packs whole pairs, and micro-batches of unequal pair counts give the gradient
+of the same pairs in one batch. A pairs file with a damaged shard stops `higgs-ddp train` with one
+line naming the file and line, before a step (under --nproc-per-node before torchrun starts a rank). train.init_from: the reference is the earlier fine-tune, and a
 supervised run continues from it too."""
 
+import copy
+import dataclasses
 import math
 
 import pytest
@@ -17,6 +22,10 @@ import yaml
 from helpers import (PLAIN, RESUME_RUN, assert_same_weights, dpo_overrides, final_weights, read_metrics, tiny_config,
                      write_tiny_pairs)
 
+from higgs_ddp.cli import main as cli
+from higgs_ddp.data.batching import TokenBudgetBatchSampler
+from higgs_ddp.data.dataset import DataError
+from higgs_ddp.data.pair_data import load_preference_data
 from higgs_ddp.runtime.distributed import DistEnv
 from higgs_ddp.model import HiggsForward, _import_higgs
 from higgs_ddp.train import main, starting_base, train
@@ -27,9 +36,10 @@ BETA = 0.5
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
-    """A DPO trainer on pairs that clone a reference (context audio), 2 pairs (4 sequences) a micro-batch."""
+    """A DPO trainer on pairs that clone a reference (context audio), 2 pairs (4 sequences) a micro-batch; the
+    second prompt's rejected candidate was cut at the generation limit."""
     tmp = tmp_path_factory.mktemp("dpo")
-    pairs = write_tiny_pairs(tmp / "prefs", prompts=4, reference=True)
+    pairs = write_tiny_pairs(tmp / "prefs", prompts=4, reference=True, cut=(1,))
     cfg = tiny_config(tmp, *dpo_overrides(pairs, f"dpo.beta={BETA}", "train.micro_batch_size=2", *PLAIN),
                       samples=2)
     return Trainer(cfg, DistEnv())
@@ -157,6 +167,88 @@ def test_loss_and_gradient_equal_a_hand_computation_from_the_logits(trainer):
     assert moved > len(grads) // 2  # the gradient reaches the adapter
 
 
+def test_a_cut_candidate_has_no_end_targets(trainer):
+    records = trainer.dataset.records
+    cut = next(r for r in records if r.stopped == (True, False))
+    assert cut.id.endswith("(rejected cut)") and sum(r.stopped != (True, True) for r in records) == 1
+    other = next(r for r in records if r.stopped == (True, True))
+    whole = dataclasses.replace(cut, stopped=(True, True))
+    b_cut, b_whole = (trainer.collator([x.sample(), other.sample()]) for x in (cut, whole))
+    row = 2  # rows: the 2 chosen candidates, then the cut pair's rejected one
+    C, eos = b_whole.label_audio_ids.shape[0], trainer.raw.config.audio_stream_eos_id
+
+    audio = b_cut.label_audio_ids != b_whole.label_audio_ids  # exactly one stream EOS per codebook left out
+    assert int(audio.sum()) == C and bool((audio.sum(1) == 1).all())
+    assert set(b_whole.label_audio_ids[audio].tolist()) == {eos} and set(b_cut.label_audio_ids[audio].tolist()) == {-100}
+    columns = audio.nonzero()[:, 1]
+    starts = b_cut.audio_out_ids_start.tolist()
+    segment = max(s for s in range(len(starts)) if starts[s] <= int(columns.min()))
+    assert b_cut.audio_out_ids_start_group_loc[segment] == row  # the rejected candidate's own segment
+    text = b_cut.label_ids != b_whole.label_ids  # and the text after its audio: <|audio_eos|>, <|eot_id|>
+    assert text.nonzero()[:, 0].unique().tolist() == [row]
+    assert trainer.tokenizer.convert_ids_to_tokens(b_whole.label_ids[text].tolist()) == ["<|audio_eos|>", "<|eot_id|>"]
+    assert (b_cut.label_ids[row] >= 0).sum() == 1  # only <|audio_out_bos|> is left of its text targets
+    assert b_cut.sample_targets.tolist() == (b_whole.sample_targets - torch.tensor([0, 0, C + 2, 0])).tolist()
+
+    with torch.no_grad():
+        out = trainer.wrapped(**b_whole.model_inputs())
+        logps = trainer.preference.logps(trainer.wrapped, b_cut, check=True)
+        expanded = trainer.wrapped(**b_cut.model_inputs())["expanded_labels"]
+    assert not set(expanded[row].tolist()) & set(b_whole.label_ids[text].tolist())
+    by_hand = hand_logps(out, b_whole)
+    # the end targets' own terms, by hand: each codebook's EOS from the column before it, and the text targets
+    audio_lp = F.log_softmax(out["audio_logits"].float(), -1)
+    ends = sum(audio_lp[int(j) - 1, c, eos] for c, j in audio.nonzero().tolist())
+    labels, text_lp = out["expanded_labels"][row], F.log_softmax(out["logits"][row].float(), -1)
+    dropped = set(b_whole.label_ids[text].tolist())
+    ends = ends + sum(text_lp[t - 1, labels[t]] for t in range(1, labels.shape[0]) if int(labels[t]) in dropped)
+    expected = by_hand.clone()
+    expected[row] -= ends
+    torch.testing.assert_close(logps.logps, expected, rtol=1e-5, atol=1e-4)
+    assert logps.tokens.tolist() == b_cut.sample_targets.tolist()
+
+
+def test_a_token_budget_packs_whole_pairs_and_the_loss_is_by_the_global_pair_count(trainer):
+    lengths = trainer.dataset.lengths
+    budget = 3 * int(lengths.max())  # the longest pair and two more, then what is left: unequal micro-batches
+    plan = [list(mb) for mb in TokenBudgetBatchSampler(lengths, budget, 1, 0, 1, seed=0, shuffle=True).plan(0)]
+    assert sorted(i for mb in plan for i in mb) == list(range(len(trainer.dataset)))  # every pair once, whole
+    for mb in plan:
+        b = trainer.collator([trainer.dataset[i] for i in mb])
+        P = len(mb)
+        # a pair's cost is what its two sequences take padded: the budget holds for what the model computes
+        assert b.pairs == P and b.num_samples == 2 * P and b.padded_positions == max(lengths[mb]) * P <= budget
+        assert torch.equal(b.input_ids[:P], b.input_ids[P:])  # row i and P + i: one pair's prompt
+    small, large = min(plan, key=len), max(plan, key=len)
+    assert len(small) < len(large)  # else the normalisation below is not tested
+
+    obj = trainer.preference
+
+    def step(micro):
+        trainer.model.zero_grad(set_to_none=True)
+        loss, row = obj.accumulate([trainer.collator([trainer.dataset[i] for i in mb]) for mb in micro])
+        return loss, row, [p.grad.clone() for _, p in trainer.named_params]
+
+    obj.sft_weight = 0.5  # the supervised term's normalisation (by the chosen candidates' targets) too
+    try:
+        loss, row, grads = step([small, large])  # the trainer's accumulation over two unequal micro-batches
+        loss1, row1, grads1 = step([small + large])  # the same pairs as one batch
+    finally:
+        obj.sft_weight = trainer.cfg.dpo.sft_weight
+        trainer.model.zero_grad(set_to_none=True)
+    assert row["pairs"] == row1["pairs"] == len(small) + len(large)
+    assert loss == pytest.approx(loss1, rel=1e-5) and row["sft_loss"] == pytest.approx(row1["sft_loss"], rel=1e-5)
+    for g, h in zip(grads, grads1):
+        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-7)
+    assert max(float(g.abs().max()) for g in grads) > 0
+
+    cfg = copy.deepcopy(trainer.cfg)  # a pair longer than the budget is refused, naming its line
+    cfg.data.max_tokens_per_batch = int(lengths.max()) - 1
+    with pytest.raises(DataError, match=r"pairs.jsonl:\d+: the pair needs \d+ positions .* more than "
+                                        r"data.max_tokens_per_batch="):
+        load_preference_data(cfg, DistEnv(), trainer.tokenizer, trainer.raw.config, quiet=True)
+
+
 DPO_RESUME = (*RESUME_RUN, "train.max_steps=4", "train.save_every=2", "train.micro_batch_size=2")
 
 
@@ -180,12 +272,22 @@ def test_a_damaged_pairs_file_is_one_line_before_training(tmp_path, capsys):
     shard.write_bytes(shard.read_bytes()[:30])
     cfg = tiny_config(tmp_path, *dpo_overrides(pairs), samples=2)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    line = f"higgs-ddp: error: {pairs}:1: chosen codes codes/part-00000.safetensors: not a readable shard"
+    # Under a launcher the same check runs before torchrun starts a rank: one line, no run folder
+    assert cli(["train", "--nproc-per-node", "2", "--config", str(tmp_path / "run.yaml")]) == 2
+    err = capsys.readouterr()
+    assert err.err.splitlines()[0].startswith(line) and not err.out, err
+    assert not (tmp_path / "run").exists()
     assert main(["--config", str(tmp_path / "run.yaml")]) == 2
     err = capsys.readouterr()
     first = err.err.splitlines()[0]
-    assert first.startswith(f"higgs-ddp: error: {pairs}:1: chosen codes codes/part-00000.safetensors: not a "
-                            f"readable shard"), first
+    assert first.startswith(line), first
     assert "run card" not in err.out and not (tmp_path / "run" / "checkpoints").exists()
+    # pairs of another codec: the launcher knows the codec's identity without loading anything
+    header = pairs.parent / "prefs.json"
+    header.write_text(header.read_text().replace('"codec": "tiny:', '"codec": "other:'))
+    assert cli(["train", "--nproc-per-node", "2", "--config", str(tmp_path / "run.yaml")]) == 2
+    assert capsys.readouterr().err.startswith(f"higgs-ddp: error: {header}: codec is 'other:")
 
 
 def test_init_from_an_sft_run_is_the_reference(tmp_path):

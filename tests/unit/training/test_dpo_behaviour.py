@@ -1,8 +1,8 @@
 """A short DPO run on pairs that prefer stopping raises the share of generated samples that stop by themselves.
 
 Each pair's chosen candidate stops after a few frames and its rejected one runs on past the length limit with
-the same first frames (what a candidate that stopped and one that hit the limit look like to the loss: the shared
-frames cancel in the margin, the decision to stop does not). Six steps raise the stop rate of sampled
+the same first frames, marked as cut (what a candidate that stopped and one that hit the limit look like to the
+loss: the shared frames cancel in the margin, the decision to stop does not, and the cut one has no end target). Six steps raise the stop rate of sampled
 generations on the pairs' prompts; the same run with the pairs swapped (the negative control) lowers it. Seeds
 are fixed, so the rates are the same on every run.
 """
@@ -34,7 +34,7 @@ def write(folder: Path, swapped: bool) -> Path:
         for j in range(2):
             long = rng.integers(0, 64, (4, int(rng.integers(20, 30))))
             codes[f"p{i}/long{j}"], codes[f"p{i}/short{j}"] = long, long[:, :int(rng.integers(3, 6))]
-            stops, runs_on = {"key": f"p{i}/short{j}"}, {"key": f"p{i}/long{j}"}
+            stops, runs_on = {"key": f"p{i}/short{j}"}, {"key": f"p{i}/long{j}", "stopped": False}
             lines.append({"id": f"p{i}", "text": text, "chosen": runs_on if swapped else stops,
                           "rejected": stops if swapped else runs_on})
     header = {**run_identity("tiny", None, build_tiny_tokenizer(vocab_size=272), 4, 64), "model": "random codes"}

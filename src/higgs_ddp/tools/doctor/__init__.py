@@ -10,7 +10,8 @@ seconds, without loading a model or decoding any audio (audio headers are read).
 
 The exit code is 1 when any line is FAIL, else 0. Without ``--config`` (or overrides) only the
 environment is checked (Python, package versions, CUDA/NCCL); with it, also the model and codec sources,
-the manifests, the run's own start-up checks (startup.py: precision and attention on this machine, the
+the manifests (a DPO run: its pairs files, their counts and whether they were made for this run's codec,
+tokenizer and codebooks), the run's own start-up checks (startup.py: precision and attention on this machine, the
 LoRA targets against the model's modules, enough samples for one step, whether the resume is allowed)
 and the disk space the checkpoints will need. A check that crashes is itself a FAIL line naming the
 exception, never a traceback.
@@ -28,6 +29,7 @@ from higgs_ddp.tools.doctor.inputs import (
     check_audio_headers,
     check_eval_models,
     check_manifests,
+    check_preferences,
     check_prompts,
 )
 from higgs_ddp.tools.doctor.result import FAIL, OK, WARN, Result, _first_line
@@ -44,7 +46,8 @@ from higgs_ddp.tools.doctor.startup import (
 __all__ = [
     "main", "environment_checks", "config_checks", "Result", "OK", "WARN", "FAIL",
     "check_python", "check_versions", "check_transformers", "check_cuda",
-    "check_model", "check_codec", "hf_cache_dir", "hf_offline", "check_manifests", "check_audio_headers",
+    "check_model", "check_codec", "hf_cache_dir", "hf_offline", "check_manifests", "check_preferences",
+    "check_audio_headers",
     "check_prompts",
     "check_eval_models",
     "Dims", "OFFICIAL_DIMS", "checkpoint_need", "check_disk", "check_resume", "check_device", "check_lora",
@@ -70,18 +73,28 @@ def environment_checks() -> list:
 def config_checks(cfg) -> list:
     entries: dict = {}
 
+    dpo = cfg.train.objective == "dpo"  # its data are pairs files, not manifests
+
     def codec():
-        refs = [r for es in entries.values() for e in es for r in e.audio]
-        parsed_all = len(entries) == len(_manifest_paths(cfg))
-        needed = bool(cfg.eval.prompts) or not parsed_all or any(not r.is_codes for r in refs)
+        if dpo:  # pairs hold codes; a reference given as audio is encoded at the start
+            files = [p for p in (cfg.data.preferences, cfg.data.val_preferences) if p]
+            refs = [p.ref for ps in entries.values() for p in ps if p.ref is not None]
+        else:
+            files = _manifest_paths(cfg)
+            refs = [r for es in entries.values() for e in es for r in e.audio]
+        needed = bool(cfg.eval.prompts) or len(entries) != len(files) or any(not r.is_codes for r in refs)
         return check_codec(cfg, needed)
 
+    data = (("preferences", lambda: check_preferences(cfg, entries)) if dpo
+            else ("manifests", lambda: check_manifests(cfg, entries)))
     checks = [("model", lambda: check_model(cfg)), ("device", lambda: check_device(cfg)),
-              ("lora", lambda: check_lora(cfg)), ("memory", lambda: check_memory_plan(cfg)), ("manifests", lambda: check_manifests(cfg, entries)),
+              ("lora", lambda: check_lora(cfg)), ("memory", lambda: check_memory_plan(cfg)), data,
               ("batch", lambda: check_batch(cfg, entries))]
     if is_benchmark(cfg):  # it encodes no audio, speaks no prompts, neither resumes nor saves checkpoints
         return checks
-    return checks + [("audio", lambda: check_audio_headers(cfg, entries)), ("codec", codec),
+    # (a DPO run's references given as audio are read when the run encodes them: no header check here yet)
+    audio = [] if dpo else [("audio", lambda: check_audio_headers(cfg, entries))]
+    return checks + audio + [("codec", codec),
                      ("eval prompts", lambda: check_prompts(cfg)),
                      ("eval models", lambda: check_eval_models(cfg)),
                      ("output_dir", lambda: check_resume(cfg)), ("disk", lambda: check_disk(cfg))]

@@ -1,12 +1,12 @@
 """Input checks: the manifests (every line parses, every file it names exists, every audio header passes
-training's checks) and the eval prompts."""
+training's checks), a DPO run's pairs files, and the eval prompts."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
-from higgs_ddp.tools.doctor.result import FAIL, OK, WARN, Result
+from higgs_ddp.tools.doctor.result import FAIL, OK, WARN, Result, _first_line
 
 
 def _manifest_paths(cfg) -> list:
@@ -91,6 +91,59 @@ def _check_source(what: str, path: str, layout: str) -> Result:
     kind = "WebDataset shard" if layout == "webdataset" else "datasets file"
     return Result(OK, f"{what} {path}: {len(files)} {kind}{'s' * (len(files) > 1)}, imported in place by prepare "
                       f"(its samples are checked then)")
+
+
+def _pairs_identity(cfg) -> tuple[Optional[dict], Optional[str]]:
+    """-> (what the pairs' prefs.json must match, why some of it is not compared): the run's whole identity
+    where its tokenizer and model config load (no weights), else the codec's alone."""
+    from higgs_ddp.data.preferences import launch_identity, run_identity
+    from higgs_ddp.model import load_tokenizer, model_config
+
+    try:
+        tokenizer = load_tokenizer(cfg)
+        mc = model_config(cfg, tokenizer)
+        return run_identity(cfg.data.codec, cfg.data.codec_revision, tokenizer, mc.audio_num_codebooks,
+                            mc.audio_codebook_size), None
+    except Exception as e:  # noqa: BLE001 - the model check says why; the codec can still be compared
+        why = f"{type(e).__name__}: {_first_line(e)}"
+    try:
+        return launch_identity(cfg.data.codec, cfg.data.codec_revision), f"tokenizer and codebooks not compared ({why})"
+    except Exception as e:  # noqa: BLE001
+        return None, f"nothing compared ({type(e).__name__}: {_first_line(e)})"
+
+
+def check_preferences(cfg, seen: Optional[dict] = None) -> list:
+    """train.objective=dpo: each pairs file read by the trainer's reader (every line, every candidate's codes)
+    and its prefs.json compared with this run's codec, tokenizer and codebooks, one line each. ``seen``
+    collects, per file, the pairs read."""
+    from higgs_ddp.data.preferences import read_pairs
+    from higgs_ddp.errors import HiggsError
+
+    expected, not_compared = _pairs_identity(cfg)
+    out = []
+    for what, path in (("preferences", cfg.data.preferences), ("val preferences", cfg.data.val_preferences)):
+        if not path:
+            continue
+        try:
+            _, pairs = read_pairs(path, expected)
+        except HiggsError as e:
+            out.append(Result(FAIL, f"{what}: {_first_line(e)}: fix it, or build the pairs again (higgs-ddp prefs "
+                                    f"build)"))
+            continue
+        if seen is not None:
+            seen[path] = pairs
+        ends = [getattr(p, role).stopped for p in pairs for role in ("chosen", "rejected")]
+        out.append(Result(OK, f"{what} {path}: {len(pairs)} pair{'s' * (len(pairs) > 1)} of "
+                              f"{len({p.id for p in pairs})} prompt(s), {ends.count(False)} cut candidate(s); every "
+                              f"line parses, every candidate's codes read" + ("" if not_compared else
+                              "; made for this run's codec, tokenizer and codebooks")))
+        if None in ends:
+            out.append(Result(WARN, f"{what} {path}: {ends.count(None)} candidate(s) do not say whether they stopped "
+                                    f"by themselves (\"stopped\"): trained as stopped; pairs from higgs-ddp prefs "
+                                    f"build get it by running the same build again"))
+    if not_compared and out:
+        out.append(Result(WARN, f"preferences: identity: {not_compared}; the run compares it at its start"))
+    return out
 
 
 def check_audio_headers(cfg, seen: dict) -> list:

@@ -100,13 +100,15 @@ def check_lora(cfg) -> list:
 
 
 def _training_samples(cfg, entries: dict) -> int | None:
-    """Samples the training manifests list with every file present, less the data.val_fraction share (the
-    run's own split); None when a manifest could not be read (its own check says why)."""
+    """Samples the training manifests list with every file present (a DPO run: the pairs of data.preferences,
+    ``entries`` as inputs.check_preferences fills it), less the data.val_fraction share (the run's own split,
+    by sample or prompt id); None when a file could not be read (its own check says why)."""
     from higgs_ddp.data.dataset import _in_val
 
-    if not all(path in entries for path in cfg.data.manifest):
+    files = [cfg.data.preferences] if cfg.train.objective == "dpo" else cfg.data.manifest
+    if not all(path in entries for path in files):
         return None
-    listed = [e for path in cfg.data.manifest for e in entries[path]]
+    listed = [e for path in files for e in entries[path]]
     return sum(not _in_val(e.id, cfg.data.val_fraction) for e in listed) if cfg.data.val_fraction else len(listed)
 
 
@@ -129,7 +131,8 @@ def check_batch(cfg, entries: dict) -> list:
     except BatchingError as e:
         return [Result(FAIL, f"batch: {e}: lower train.micro_batch_size or train.grad_accum_steps, or add samples")]
     per_rank = t.micro_batch_size * t.grad_accum_steps
-    what = "bench.samples" if is_benchmark(cfg) else "training samples"
+    what = ("bench.samples" if is_benchmark(cfg) else "training pairs" if cfg.train.objective == "dpo"
+            else "training samples")
     return [Result(OK, f"batch: {n} {what} fill an optimizer step of {per_rank} per rank on up to "
                        f"{n // per_rank} ranks")]
 
