@@ -167,6 +167,7 @@ def record_columns(records: list, num_codebooks: int, own_codes) -> tuple:
 
 def write_index(folder: Path, cols: dict, meta: dict, report: dict, write_codes=None, finish=None) -> None:
     """Write the index whole under a temporary name, then put it in place: a reader finds all of it or none.
+    ``cols``: name -> array, or -> a function writing that column's .npy file at the path it is given.
     ``meta``: the header's other fields (code_files as paths; their sizes are taken here); ``write_codes``:
     writes codes.bin into the folder it is given, when the index holds codes of its own; ``finish``: the
     folder written so far -> more header fields (what is computed from the index's own files)."""
@@ -176,9 +177,14 @@ def write_index(folder: Path, cols: dict, meta: dict, report: dict, write_codes=
             write_codes(tmp)
         specs = {}
         for name, dtype in COLUMNS.items():
-            arr = np.ascontiguousarray(cols[name], dtype)
-            np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
-            specs[name] = {"shape": list(arr.shape), "bytes": (tmp / f"{name}.npy").stat().st_size}
+            if callable(cols[name]):  # writes the .npy file itself (a column bigger than memory should hold)
+                cols[name](tmp / f"{name}.npy")
+                shape = np.load(tmp / f"{name}.npy", mmap_mode="r", allow_pickle=False).shape
+            else:
+                arr = np.ascontiguousarray(cols[name], dtype)
+                np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
+                shape = arr.shape
+            specs[name] = {"shape": list(shape), "bytes": (tmp / f"{name}.npy").stat().st_size}
         files = []
         for p in meta["code_files"]:
             on_disk = tmp / OWN_CODES if p == OWN_CODES else Path(p)

@@ -18,14 +18,16 @@ from higgs_ddp.data.corpus_index import COLUMNS, OWN_CODES
 from higgs_ddp.data.manifest import Problem
 
 
+def runs(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """The positions starts[0], ..., starts[0] + lens[0] - 1, starts[1], ... end to end."""
+    starts, lens = np.asarray(starts, np.int64), np.asarray(lens, np.int64)
+    before = np.cumsum(lens) - lens
+    return np.repeat(starts - before, lens) + np.arange(int(lens.sum()), dtype=np.int64)
+
+
 def gather(src: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
     """src[starts[0]:starts[0] + lens[0]], src[starts[1]:...], ... end to end, without a Python loop."""
-    starts, lens = np.asarray(starts, np.int64), np.asarray(lens, np.int64)
-    total = int(lens.sum())
-    if total == 0:
-        return src[:0].copy()
-    before = np.cumsum(lens) - lens
-    return src[np.repeat(starts - before, lens) + np.arange(total, dtype=np.int64)]
+    return src[runs(starts, lens)] if int(np.sum(lens)) else src[:0].copy()
 
 
 def _cat(pieces: list, name: str) -> np.ndarray:
@@ -80,8 +82,11 @@ def first_of(hashes: np.ndarray, candidates: np.ndarray, text) -> dict:
 
 
 class Join:
-    def __init__(self, pieces: list, cfg, num_codebooks: int):
-        self.pieces, self.cfg, self.C = pieces, cfg, num_codebooks
+    """``pieces``: every piece's arrays but its HEAVY ones (piece_prepare.HEAVY: its tokens and codes), which
+    ``heavy(piece number, name)`` reads, one piece's one array at a time, as the index's columns are written."""
+
+    def __init__(self, pieces: list, cfg, num_codebooks: int, heavy):
+        self.pieces, self.cfg, self.C, self.heavy = pieces, cfg, num_codebooks, heavy
         d = cfg.data
         cat = functools.partial(_cat, pieces)
         self.n = sum(len(p["e_id_hash"]) for p in pieces)
@@ -247,15 +252,14 @@ class Join:
         rank = np.empty(len(order), np.int64)
         rank[order] = np.arange(len(order))
         tok_len = cat("r_tok_len")[rows]
-        tok_base = np.cumsum([0] + [len(p["r_input_ids"]) for p in P])[:-1]
-        src_start = cat("r_tok_start")[rows] + tok_base[rec_piece]
         u_rows = first[order]
         u_len = tok_len[u_rows]
         u_at = np.cumsum(u_len) - u_len
         cols["tok_start"] = u_at[rank[inverse]]
         cols["tok_len"] = tok_len
-        cols["input_ids"] = gather(cat("r_input_ids"), src_start[u_rows], u_len)
-        cols["label_ids"] = gather(cat("r_label_ids"), src_start[u_rows], u_len)
+        u_piece, u_src = rec_piece[u_rows], cat("r_tok_start")[rows][u_rows]
+        for name in ("input_ids", "label_ids"):  # written into the index's file, piece after piece
+            cols[name] = functools.partial(self._scatter, f"r_{name}", u_piece, u_src, u_at, u_len, COLUMNS[name])
         # codes: the rows of each record, end to end
         ao = [p["r_audio_offsets"] for p in P]
         code_base = np.cumsum([0] + [int(a[-1]) for a in ao])[:-1]
@@ -278,17 +282,38 @@ class Join:
         cols["code_offset"] = cat("r_code_offset")[code_rows]
         cols["code_stride"] = cat("r_code_stride")[code_rows]
         cols["code_frames"] = cat("r_code_frames")[code_rows]
-        own = np.zeros(0, np.uint8)
+        own = None
         if OWN_CODES in files:
             mine = cols["code_file"] == files.index(OWN_CODES)
             size = 2 * self.C * cols["code_stride"][mine].astype(np.int64)
-            own_base = np.cumsum([0] + [len(p["own_codes"]) for p in P])[:-1]
-            src = cols["code_offset"][mine] + own_base[row_piece[mine]]
-            own = gather(cat("own_codes"), src, size)
+            at = np.cumsum(size) - size
+            own = functools.partial(self._scatter, "own_codes", row_piece[mine], cols["code_offset"][mine], at, size,
+                                    np.uint8, raw=True)
             cols["code_offset"] = cols["code_offset"].copy()
-            cols["code_offset"][mine] = np.cumsum(size) - size
-        cols = {k: np.ascontiguousarray(cols[k], COLUMNS[k]) for k in COLUMNS}
+            cols["code_offset"][mine] = at
+        cols = {k: v if callable(v) else np.ascontiguousarray(v, COLUMNS[k]) for k, v in cols.items()}
         return cols, files, speakers, own
+
+    def _scatter(self, name: str, piece: np.ndarray, src: np.ndarray, at: np.ndarray, lens: np.ndarray, dtype,
+                 path, raw: bool = False) -> None:
+        """Write the output file ``path`` whose run j is piece ``piece[j]``'s HEAVY array ``name`` from
+        ``src[j]``, ``lens[j]`` long, at ``at[j]``: one piece's array in memory at a time, the output on disk
+        (an .npy file as np.save writes it, or ``raw`` bytes)."""
+        total = int(lens.sum())
+        if raw:
+            out = np.memmap(path, dtype, "w+", shape=(total,)) if total else None
+            if out is None:
+                open(path, "wb").close()
+        else:
+            out = np.lib.format.open_memmap(path, "w+", dtype, (total,))
+        for k in np.unique(piece).tolist():
+            sel = np.flatnonzero(piece == k)
+            arr = self.heavy(k, name)
+            out[runs(at[sel], lens[sel])] = gather(arr, src[sel], lens[sel])
+            del arr  # (before the next piece's is read)
+        if out is not None:
+            out.flush()
+            del out
 
     def seconds_sum(self, rows: np.ndarray) -> float:
         return sum(np.concatenate([p["r_seconds"] for p in self.pieces])[rows].tolist())

@@ -250,17 +250,31 @@ def piece_path(folder: Path, i: int) -> Path:
     return folder / f"piece-{i:06d}.npz"
 
 
-def read_piece(path: Path, piece: list):
+# A piece's arrays of the tokens and codes themselves: the bulk of it (~90 % at 100k clips). The join holds
+# every piece's other arrays (per entry and record) for its checks, but these of one piece at a time, read
+# back as it writes the index's columns (piece_join.Join.columns), so that rank 0's memory does not grow with
+# the corpus by them.
+HEAVY = ("r_input_ids", "r_label_ids", "own_codes")
+
+
+def read_piece(path: Path, piece: list, light: bool = False):
     """The arrays of a finished piece, or None: missing, cut short, of another plan or format, or built
-    before a change to the folders its files are in or to the code shards it points into."""
+    before a change to the folders its files are in or to the code shards it points into. ``light``: without
+    the HEAVY arrays (read_heavy reads them)."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+            arrays = {k: z[k] for k in z.files if not (light and k in HEAVY)}
         meta = json.loads(arrays["meta"].tobytes())
     except (OSError, ValueError, KeyError, EOFError):
         return None
     arrays["meta"] = meta
     return arrays if current(arrays, piece) else None
+
+
+def read_heavy(path: Path, name: str) -> np.ndarray:
+    """One of a piece's HEAVY arrays (an .npz member is read alone)."""
+    with np.load(path, allow_pickle=False) as z:
+        return z[name]
 
 
 def current(arrays: dict, piece: list) -> bool:
@@ -303,10 +317,10 @@ def build_pieces(cfg: Config, env: DistEnv, tokenizer, mc, cache: str, folder: P
     pieces = the_plan["pieces"]
     builder = None
     built = kept = 0
-    mine: dict = {}  # rank 0: the pieces it built, as the join reads them (it holds every piece then anyway)
+    mine: dict = {}  # rank 0: the pieces it built, as the join reads them (light: without their HEAVY arrays)
     for i in range(env.rank, len(pieces), env.world_size):
         path = piece_path(folder, i)
-        if path.exists() and read_piece(path, pieces[i]) is not None:
+        if path.exists() and read_piece(path, pieces[i], light=True) is not None:
             kept += 1
             continue
         phases.mark("pieces kept")
@@ -314,7 +328,8 @@ def build_pieces(cfg: Config, env: DistEnv, tokenizer, mc, cache: str, folder: P
         arrays = builder.build(pieces[i])
         write_piece(path, arrays)
         if env.is_main:
-            mine[i] = {**arrays, "meta": json.loads(arrays["meta"].tobytes())}
+            mine[i] = {**{k: v for k, v in arrays.items() if k not in HEAVY},
+                       "meta": json.loads(arrays["meta"].tobytes())}
         phases.mark("piece write")
         built += 1
         if PAUSE_S:
@@ -383,7 +398,8 @@ def _join(cfg: Config, env: DistEnv, mc, quiet: bool, report_path: Path, start, 
     pieces = []
     for i, piece in enumerate(the_plan["pieces"]):
         arrays = mine.pop(i, None)  # its own are not read back, but checked as a read one is
-        arrays = (arrays if current(arrays, piece) else None) if arrays else read_piece(piece_path(folder, i), piece)
+        arrays = ((arrays if current(arrays, piece) else None) if arrays
+                  else read_piece(piece_path(folder, i), piece, light=True))
         if arrays is None:
             raise full.error(f"prepared piece {piece_path(folder, i)} is missing or damaged (a file changed while "
                             f"it was prepared?); run `higgs-ddp prepare --config ...` again")
@@ -394,7 +410,14 @@ def _join(cfg: Config, env: DistEnv, mc, quiet: bool, report_path: Path, start, 
         from higgs_ddp.data.prepare import summary_line
 
         print(summary_line(stats), flush=True)
-    join = Join(pieces, cfg, mc.audio_num_codebooks)
+    def heavy(k: int, name: str) -> np.ndarray:
+        try:
+            return read_heavy(piece_path(folder, k), name)
+        except (OSError, ValueError, KeyError, EOFError):
+            raise full.error(f"prepared piece {piece_path(folder, k)} is missing or damaged (a file changed while "
+                             f"it was joined?); run `higgs-ddp prepare --config ...` again") from None
+
+    join = Join(pieces, cfg, mc.audio_num_codebooks, heavy)
     join.overlaps()
     join.same_recordings()
     rows, n_train, problems = join.outcome()
@@ -420,13 +443,14 @@ def _join(cfg: Config, env: DistEnv, mc, quiet: bool, report_path: Path, start, 
             folders.setdefault(f, t)
 
     def write_codes(tmp: Path) -> None:
-        own.tofile(tmp / OWN_CODES)
+        own(tmp / OWN_CODES)
 
     def finish(tmp: Path, code_files: list) -> dict:
         paths = [tmp / OWN_CODES if c["path"] == OWN_CODES else c["path"] for c in code_files]
-        return {"fingerprint": fingerprint_columns(cols, n_train, paths, mc.audio_num_codebooks)}
+        mapped = {k: np.load(tmp / f"{k}.npy", mmap_mode="r") if callable(v) else v for k, v in cols.items()}
+        return {"fingerprint": fingerprint_columns(mapped, n_train, paths, mc.audio_num_codebooks)}
 
     meta = {"samples": len(rows), "train_samples": n_train, "code_files": files, "speakers": speakers,
             "num_codebooks": mc.audio_num_codebooks, "manifests": start.manifests, "folders": folders,
             "summary": _summary(report)}
-    write_index(start.folder, cols, meta, report, write_codes if OWN_CODES in files else None, finish)
+    write_index(start.folder, cols, meta, report, write_codes if own is not None else None, finish)

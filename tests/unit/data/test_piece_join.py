@@ -5,11 +5,13 @@ strings. A corpus with every kind of overlap (an id repeated in training, a vali
 training id, ids repeated in validation, a validation line learning a training clip's file or a copy of
 its bytes, a line without an id; data.val_manifest, or data.val_fraction's picks) is prepared in pieces of 4 lines and must give the
 full way's records and report; then again with every id, path and content hashed to the same value. The
+join reads each piece's tokens back and holds one piece's at a time. The
 summary line of pieces that share a file counts it once, as the full way does.
 """
 
 import json
 import shutil
+import weakref
 
 import numpy as np
 import pytest
@@ -80,8 +82,21 @@ def test_pieces_find_the_full_ways_overlaps(corpus, tmp_path, tokenizer, whole, 
     monkeypatch.setattr(piece_prepare, "PIECE_LINES", 4)
     if collide:
         monkeypatch.setattr(piece_prepare, "hash64", lambda text: 7)
+    held, reads = [], []  # the join's memory is bounded: it holds one piece's tokens (or codes) at a time
+
+    def read_heavy(path, name):
+        held[:] = [r for r in held if r() is not None]
+        assert not held, f"{path}'s {name} read while another piece's tokens are still held"
+        arr = real(path, name)
+        held.append(weakref.ref(arr))
+        reads.append(path.name)
+        return arr
+
+    real = piece_prepare.read_heavy
+    monkeypatch.setattr(piece_prepare, "read_heavy", read_heavy)
     pieces = summary(load(corpus, tmp_path, tokenizer, split, "data.reference=none"))
     assert pieces == whole[split]
+    assert len(set(reads)) >= 6  # (the pieces' HEAVY arrays were read back, not kept from building them)
     problems = whole[split][2]
     reasons = [p["reason"] for p in problems]
     assert reasons.count("duplicate_id") >= 3 and reasons.count("val_in_train") >= 3, problems
