@@ -110,6 +110,25 @@ def run_two_ranks(tmp_path, name, mode, *overrides):
     return tmp_path / name / "run"
 
 
+def run_two_ranks_each(tmp_path, runs: dict) -> dict:
+    """run_two_ranks for several independent runs ({name: (mode, overrides)}) in one 2-rank torchrun start
+    (tests/train_each_worker.py): {name: run folder}."""
+    paths = []
+    for name, (mode, overrides) in runs.items():
+        cfg = tiny_config(tmp_path / name, f"train.mode={mode}", *EQUIVALENCE_RUN, *overrides)
+        paths.append(tmp_path / f"{name}.yaml")
+        paths[-1].write_text(yaml.safe_dump(cfg.to_dict()))
+    train_two_ranks_each(*paths)
+    return {name: tmp_path / name / "run" for name in runs}
+
+
+def train_two_ranks_each(*configs):
+    """Train each config file on 2 ranks, one after the other, in one torchrun start (tests/train_each_worker.py)."""
+    cmd = [*torchrun_cmd(2)[:-1], str(ROOT / "tests" / "train_each_worker.py"), *map(str, configs)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300 * len(configs), env=TORCHRUN_ENV, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
 # One micro-batch's loss parts and gradients (unit/training/test_perf_switches.py, also bf16).
 PLAIN = ("train.text_logits=all", "train.activation_checkpointing=false")
 

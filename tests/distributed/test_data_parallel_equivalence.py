@@ -7,11 +7,23 @@ because the loss is normalised by the global count of supervised tokens (text an
 
 import pytest
 import torch
-from helpers import EQUIVALENCE_RUN, read_metrics, run_two_ranks, tiny_config, weights
+from helpers import EQUIVALENCE_RUN, read_metrics, run_two_ranks_each, tiny_config, weights
 
 from higgs_ddp.train import train
 
 pytestmark = pytest.mark.slow
+
+BUDGET = ("data.max_tokens_per_batch=400",)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The 2-rank side of every comparison below, in one torchrun start."""
+    return run_two_ranks_each(tmp_path_factory.mktemp("ranks2"), {
+        "lora": ("lora", ("train.micro_batch_size=1",)),
+        "full": ("full", ("train.micro_batch_size=1",)),
+        "budget": ("lora", BUDGET),
+    })
 
 
 def run_in_process(tmp_path, name, mode, *overrides):
@@ -21,12 +33,12 @@ def run_in_process(tmp_path, name, mode, *overrides):
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
-def test_batch2_equals_accumulation2_equals_two_ranks(tmp_path, mode):
+def test_batch2_equals_accumulation2_equals_two_ranks(tmp_path, two_ranks, mode):
     runs = {
         "batch2": run_in_process(tmp_path, "batch2", mode, "train.micro_batch_size=2"),
         "accum2": run_in_process(tmp_path, "accum2", mode, "train.micro_batch_size=1",
                                  "train.grad_accum_steps=2"),
-        "ranks2": run_two_ranks(tmp_path, "ranks2", mode, "train.micro_batch_size=1"),
+        "ranks2": two_ranks[mode],
     }
     ref = weights(runs["batch2"], mode)
     start = None
@@ -55,12 +67,11 @@ def test_batch2_equals_accumulation2_equals_two_ranks(tmp_path, mode):
     assert moved > 1e-4
 
 
-def test_token_budget_batches_accumulation2_equals_two_ranks(tmp_path):
+def test_token_budget_batches_accumulation2_equals_two_ranks(tmp_path, two_ranks):
     """Length-aware micro-batches of different sizes: 1 rank x accumulation 2 == 2 ranks, and the padding
     fraction is logged."""
-    budget = ("data.max_tokens_per_batch=400",)
-    one = run_in_process(tmp_path, "accum2", "lora", *budget, "train.grad_accum_steps=2")
-    two = run_two_ranks(tmp_path, "ranks2", "lora", *budget)
+    one = run_in_process(tmp_path, "accum2", "lora", *BUDGET, "train.grad_accum_steps=2")
+    two = two_ranks["budget"]
     m1, m2 = read_metrics(one), read_metrics(two)
     assert [x["loss"] for x in m1] == pytest.approx([x["loss"] for x in m2], rel=1e-5)
     assert [x["grad_norm"] for x in m1] == pytest.approx([x["grad_norm"] for x in m2], rel=1e-4)

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from helpers import (EQUIVALENCE_RUN, FSDP, ROOT, TORCHRUN_ENV, assert_same_weights, dpo_overrides, final_weights,
-                     read_metrics, run_two_ranks, tiny_config, wait_for, weights, write_tiny_pairs)
+                     read_metrics, run_two_ranks, run_two_ranks_each, tiny_config, wait_for, weights, write_tiny_pairs)
 
 from higgs_ddp.config import load_config
 from higgs_ddp.train import train
@@ -59,10 +59,19 @@ def assert_same_run(run, ref_run, name, mode="lora"):
         torch.testing.assert_close(w[k], ref[k], rtol=1e-3, atol=1e-4, msg=f"{name}: {k}")
 
 
-def test_batch2_equals_accumulation2_equals_two_ddp_ranks(tmp_path, pairs, batch2):
+@pytest.fixture(scope="module")
+def ddp2(tmp_path_factory, pairs):
+    """The 2 DDP ranks' runs, LoRA and full, in one torchrun start."""
+    return run_two_ranks_each(tmp_path_factory.mktemp("ddp2"), {
+        "lora": ("lora", (*pairs, "train.micro_batch_size=1")),
+        "full": ("full", (*pairs, *FULL, "train.micro_batch_size=1")),
+    })
+
+
+def test_batch2_equals_accumulation2_equals_two_ddp_ranks(tmp_path, pairs, batch2, ddp2):
     assert_same_run(in_process(tmp_path, "accum2", *pairs, "train.micro_batch_size=1", "train.grad_accum_steps=2"),
                     batch2, "accum2")
-    assert_same_run(run_two_ranks(tmp_path, "ddp2", "lora", *pairs, "train.micro_batch_size=1"), batch2, "ddp2")
+    assert_same_run(ddp2["lora"], batch2, "ddp2")
 
 
 @pytest.mark.extended
@@ -104,10 +113,9 @@ def full_accum2(tmp_path_factory, pairs, one_thread):
     return tmp / "accum2" / "run"
 
 
-def test_full_mode_two_ddp_ranks_equal_one_process_with_accumulation(tmp_path, pairs, full_accum2):
+def test_full_mode_two_ddp_ranks_equal_one_process_with_accumulation(pairs, full_accum2, ddp2):
     """Each rank's frozen copy scores its own pairs; the policy's update is the same."""
-    assert_same_run(run_two_ranks(tmp_path, "ddp2", "full", *pairs, *FULL, "train.micro_batch_size=1"), full_accum2,
-                    "full ddp2", mode="full")
+    assert_same_run(ddp2["full"], full_accum2, "full ddp2", mode="full")
 
 
 @pytest.mark.extended

@@ -18,7 +18,7 @@ import torch
 import yaml
 from helpers import (
     ROOT, TORCHRUN_ENV, assert_same_weights, final_weights, mix_manifest, mixed_val_manifest, read_metrics, rows,
-    tiny_config, torchrun, weights,
+    tiny_config, torchrun, train_two_ranks_each, weights,
 )
 from safetensors.torch import load_file
 
@@ -59,15 +59,34 @@ def assert_same_run(run, ref, mode):
     assert [x["grad_norm"] for x in m] == pytest.approx([x["grad_norm"] for x in mr], rel=1e-4)
 
 
-@pytest.mark.parametrize("mode,extra", [("lora", ()), ("full", ()), ("audio_ffn", ("data.max_tokens_per_batch=400",))],
-                         ids=["lora", "full", "audio_ffn-token-budget"])
-def test_fsdp_two_ranks_equal_one_process(tmp_path, mode, extra):
-    fsdp = write(tmp_path, "fsdp", f"train.mode={mode}", *COMMON, *extra, "train.parallel=fsdp")
+EQUIVALENCE = {"lora": (), "full": (), "audio_ffn": ("data.max_tokens_per_batch=400",)}
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    """Every independent 2-rank run of this module (the equivalence runs, uneven data, activation checkpointing
+    and its reference, the bf16 policy, 6 straight steps), in one torchrun start: {name: its folder}."""
+    tmp = tmp_path_factory.mktemp("fsdp_runs")
+    paths = {f"eq_{mode}": write(tmp, f"eq_{mode}", f"train.mode={mode}", *COMMON, *extra, "train.parallel=fsdp")
+             for mode, extra in EQUIVALENCE.items()}
+    paths["uneven"] = uneven_config(tmp, "uneven", "train.parallel=fsdp")
+    paths["ac"] = write(tmp, "ac", "train.mode=full", *COMMON, "train.parallel=fsdp",
+                        "train.activation_checkpointing=true")
+    paths["ac_ref"] = write(tmp, "ac_ref", "train.mode=full", *COMMON, "train.parallel=fsdp")
+    paths["bf16"] = write(tmp, "bf16", "train.mode=full", *COMMON, "train.parallel=fsdp",
+                          "train.fsdp.mixed_precision=bf16")
+    paths["straight"] = write(tmp, "straight", *STRAIGHT, "train.parallel=fsdp")
+    train_two_ranks_each(*paths.values())
+    return {name: tmp / name for name in paths}
+
+
+@pytest.mark.parametrize("mode", list(EQUIVALENCE), ids=["lora", "full", "audio_ffn-token-budget"])
+def test_fsdp_two_ranks_equal_one_process(tmp_path, fsdp_runs, mode):
+    extra = EQUIVALENCE[mode]
     ref = write(tmp_path, "ref", f"train.mode={mode}", *COMMON, *extra)
-    run2(fsdp)
     # The same micro-batches per step: 4 samples in 2 micro-steps of 2, or 4 token-budget micro-batches.
     in_process(ref, "train.grad_accum_steps=4" if extra else "train.micro_batch_size=2")
-    run, base = tmp_path / "fsdp" / "run", tmp_path / "ref" / "run"
+    run, base = fsdp_runs[f"eq_{mode}"] / "run", tmp_path / "ref" / "run"
     assert_same_run(run, base, mode)
     shards = sorted((run / "checkpoints" / "step_000003" / "shards").iterdir())
     assert [s.name for s in shards] == ["rank_00000.safetensors", "rank_00001.safetensors"]
@@ -105,27 +124,27 @@ def assert_same_exports(sharded, replicated, tmp_path, mode):
                 {**y, "target_modules": sorted(y["target_modules"])}
 
 
-def test_uneven_data_text_only_rank_and_audio_rank_under_fsdp(tmp_path):
-    """Rank 0 holds only samples without audio out, rank 1 only TTS ones; FSDP's reduce-scatter needs the
-    same gradient set on both. Validation runs too (a forward is a collective under FSDP)."""
+def uneven_config(tmp_path, name, *overrides):
+    """Rank 0's samples have no audio out, rank 1's all do (data.shuffle=false), with a validation set."""
     common = ("train.mode=full", "data.shuffle=false", "train.micro_batch_size=1", "train.max_steps=4",
               "train.lr=5e-3", "train.warmup_steps=1", "data.num_workers=1")
+    cfg = tiny_config(tmp_path / name, *common, *overrides, samples=7)
+    data = tmp_path / name / "data"
+    mix_manifest(data / "manifest.jsonl")
+    val = mixed_val_manifest(data / "val", samples=3)
+    val.write_text("".join(val.read_text().splitlines(True)[:5]))  # 5 samples: 3 + 2 over the ranks
+    cfg.data.val_manifest = [str(val)]
+    cfg.eval.every = 2  # set with the validation set it needs
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return path
 
-    def config(name, *overrides):
-        cfg = tiny_config(tmp_path / name, *common, *overrides, samples=7)
-        data = tmp_path / name / "data"
-        mix_manifest(data / "manifest.jsonl")
-        val = mixed_val_manifest(data / "val", samples=3)
-        val.write_text("".join(val.read_text().splitlines(True)[:5]))  # 5 samples: 3 + 2 over the ranks
-        cfg.data.val_manifest = [str(val)]
-        cfg.eval.every = 2  # set with the validation set it needs
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg.to_dict()))
-        return path
 
-    run2(config("fsdp", "train.parallel=fsdp"))
-    in_process(config("one", "train.grad_accum_steps=2"))
-    run, ref = tmp_path / "fsdp" / "run", tmp_path / "one" / "run"
+def test_uneven_data_text_only_rank_and_audio_rank_under_fsdp(tmp_path, fsdp_runs):
+    """Rank 0 holds only samples without audio out, rank 1 only TTS ones; FSDP's reduce-scatter needs the
+    same gradient set on both. Validation runs too (a forward is a collective under FSDP)."""
+    in_process(uneven_config(tmp_path, "one", "train.grad_accum_steps=2"))
+    run, ref = fsdp_runs["uneven"] / "run", tmp_path / "one" / "run"
     assert_same_run(run, ref, "full")
     val = [x for x in read_metrics(run) if x["split"] == "val"]
     val_ref = [x for x in read_metrics(ref) if x["split"] == "val"]
@@ -133,21 +152,20 @@ def test_uneven_data_text_only_rank_and_audio_rank_under_fsdp(tmp_path):
     assert [x["loss"] for x in val] == pytest.approx([x["loss"] for x in val_ref], rel=1e-5)
 
 
+STRAIGHT = ("train.mode=full", "train.max_steps=6", "train.save_every=3", "train.keep_last=0", "train.lr=5e-3",
+            "train.warmup_steps=1", "lora.dropout=0.1")
+
+
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
+def straight(fsdp_runs):
     """6 steps under fsdp without interruption, a checkpoint every 3."""
-    tmp = tmp_path_factory.mktemp("straight")
-    path = write(tmp, "run", "train.mode=full", "train.parallel=fsdp", "train.max_steps=6", "train.save_every=3",
-                 "train.keep_last=0", "train.lr=5e-3", "train.warmup_steps=1", "lora.dropout=0.1")
-    run2(path)
-    return tmp / "run" / "run"
+    return fsdp_runs["straight"] / "run"
 
 
 def test_fsdp_resume_is_exact_and_reshards(tmp_path, straight):
     """From the step-3 checkpoint of 6 straight fsdp steps: resumed under fsdp == straight (torch.equal);
     the same sharded checkpoint resumes on 1 process and under DDP; a DDP checkpoint loads under fsdp."""
-    base = ("train.mode=full", "train.max_steps=6", "train.save_every=3", "train.keep_last=0", "train.lr=5e-3",
-            "train.warmup_steps=1", "lora.dropout=0.1")
+    base = STRAIGHT
     half = straight / "checkpoints" / "step_000003"
     again = run2(write(tmp_path, "fsdp", *base, "train.parallel=fsdp", f"train.resume={half}"))
     assert f"resuming from {half}" in again.stdout
@@ -170,33 +188,27 @@ def test_fsdp_resume_is_exact_and_reshards(tmp_path, straight):
     assert_same_weights(final_weights(tmp_path / "back" / "run"), final_weights(tmp_path / "ddp" / "run"))
 
 
-def test_activation_checkpointing_under_fsdp_trains_the_audio_path(tmp_path):
-    path = write(tmp_path, "ac", "train.mode=full", *COMMON, "train.parallel=fsdp", "train.activation_checkpointing=true")
-    ref = write(tmp_path, "ref", "train.mode=full", *COMMON, "train.parallel=fsdp")
-    run2(path)
-    run2(ref)
-    assert_same_run(tmp_path / "ac" / "run", tmp_path / "ref" / "run", "full")
+def test_activation_checkpointing_under_fsdp_trains_the_audio_path(fsdp_runs):
+    assert_same_run(fsdp_runs["ac"] / "run", fsdp_runs["ac_ref"] / "run", "full")
     from higgs_ddp.config import load_config
     from higgs_ddp.model import build_model, load_tokenizer
-    cfg = load_config(str(path))
+    cfg = load_config(str(fsdp_runs["ac"].with_suffix(".yaml")))
     start = dict(build_model(cfg, load_tokenizer(cfg)).named_parameters())
-    trained = weights(tmp_path / "ac" / "run", "full")
+    trained = weights(fsdp_runs["ac"] / "run", "full")
     moved = [k for k in trained if "audio_mlp" in k and not torch.equal(trained[k], start[k].detach())]
     assert moved, "audio_mlp did not train with activation checkpointing under fsdp"
 
 
-def test_bf16_mixed_precision_policy_trains_close_to_fp32(tmp_path):
+def test_bf16_mixed_precision_policy_trains_close_to_fp32(tmp_path, fsdp_runs):
     """train.fsdp.mixed_precision=bf16: weights gathered in bf16 (8 significant bits), gradients reduced in
     fp32. The losses of 3 steps stay within 2 % of the fp32 run (measured: ~0.1 %); the trainable weights
     stay fp32."""
-    path = write(tmp_path, "bf16", "train.mode=full", *COMMON, "train.parallel=fsdp", "train.fsdp.mixed_precision=bf16")
     ref = write(tmp_path, "ref", "train.mode=full", *COMMON)
-    run2(path)
     in_process(ref, "train.micro_batch_size=2")
-    m, r = (read_metrics(tmp_path / n / "run") for n in ("bf16", "ref"))
+    m, r = read_metrics(fsdp_runs["bf16"] / "run"), read_metrics(tmp_path / "ref" / "run")
     assert [x["loss"] for x in m] == pytest.approx([x["loss"] for x in r], rel=2e-2)
     assert [x["loss"] for x in m] != [x["loss"] for x in r]  # the policy was in effect
-    assert all(t.dtype == torch.float32 for t in weights(tmp_path / "bf16" / "run", "full").values())
+    assert all(t.dtype == torch.float32 for t in weights(fsdp_runs["bf16"] / "run", "full").values())
 
 
 def test_negative_control_fsdp_gradient_averaging_left_in_place_changes_the_update(tmp_path):

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-from helpers import ROOT
 
 from higgs_ddp.tools.plot import PlotError, ema, plot_run, read_metrics
 
@@ -84,22 +83,39 @@ def test_plot_only_train_rows_without_split_key(tmp_path):
     assert not (tmp_path / "run" / "training.png").exists()
 
 
-def test_cli_writes_png_and_prints_its_path(tmp_path):
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """`higgs-ddp plot ARGS` through the CLI's main in this process (its exit code, stdout, stderr): the command's
+    output is the point here, and a new interpreter costs seconds (test_layout.py runs the entry point itself)."""
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # main names argparse's prog through sys.argv[0]
+
+    def run(*args):
+        from higgs_ddp.cli import main
+
+        capsys.readouterr()
+        try:
+            code = main(["plot", *map(str, args)])
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+    return run
+
+
+def test_cli_writes_png_and_prints_its_path(tmp_path, cli):
     write_metrics(tmp_path / "run", [train_row(s) for s in range(1, 11)])
-    r = subprocess.run([sys.executable, "-m", "higgs_ddp", "plot", str(tmp_path / "run")], capture_output=True,
-                       text=True, cwd=ROOT, timeout=120)
+    r = cli(tmp_path / "run")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(tmp_path / "run" / "training.png")
     assert_png(tmp_path / "run" / "training.png")
 
 
-def test_cli_corrupt_line_exits_2_with_one_line(tmp_path):
+def test_cli_corrupt_line_exits_2_with_one_line(tmp_path, cli):
     rows = [json.dumps(train_row(s)) for s in range(1, 6)]
     rows.insert(3, '{"step": 4, "loss": 1.0,')  # line 4 is cut off
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(rows) + "\n")
-    r = subprocess.run([sys.executable, "-m", "higgs_ddp", "plot", str(tmp_path / "run")], capture_output=True,
-                       text=True, cwd=ROOT, timeout=120)
+    r = cli(tmp_path / "run")
     assert r.returncode == 2
     assert r.stderr.splitlines() == [f"higgs-ddp: error: {tmp_path / 'run' / 'metrics.jsonl'} line 4: not JSON"]
     assert "Traceback" not in r.stderr and r.stdout == ""
@@ -136,12 +152,11 @@ def test_ema_starts_at_first_value_and_steps_over_nan():
     assert math.isnan(ema([math.nan, 1.0])[0])
 
 
-def test_out_may_be_a_folder_and_a_failed_write_leaves_no_temporary(tmp_path):
+def test_out_may_be_a_folder_and_a_failed_write_leaves_no_temporary(tmp_path, cli):
     write_metrics(tmp_path / "run", [train_row(s) for s in range(1, 11)])
     figures = tmp_path / "figures"
     figures.mkdir()
-    r = subprocess.run([sys.executable, "-m", "higgs_ddp", "plot", str(tmp_path / "run"), "--out", str(figures)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = cli(tmp_path / "run", "--out", figures)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(figures / "training.png")
     assert_png(figures / "training.png")
