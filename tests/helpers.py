@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -364,6 +365,26 @@ def wait_for(predicate, what, timeout=120):
             return
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def kill_after_logged_steps(config: Path, run: Path, steps: int = 4, timeout: int = 240) -> None:
+    """`higgs-ddp train --config CONFIG` SIGKILLed once its metrics.jsonl has ``steps`` rows (SIGSTOPped first,
+    so that it cannot finish meanwhile): what a node lost mid-run leaves behind."""
+    cmd = [sys.executable, "-m", "higgs_ddp", "train", "--config", str(config)]
+    env = {**TORCHRUN_ENV, "PYTHONPATH": str(ROOT / "src")}
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        logged = run / "metrics.jsonl"
+        wait_for(lambda: (logged.exists() and logged.read_text().count("\n") >= steps) or first.poll() is not None,
+                 f"step {steps} logged", timeout=timeout)
+        first.send_signal(signal.SIGSTOP)
+        assert first.poll() is None and not (run / "final").exists(), "the run ended before the kill"
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
 
 
 def uninterrupted_run(tmp_path_factory, name: str, write) -> Path:

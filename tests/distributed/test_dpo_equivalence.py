@@ -9,15 +9,13 @@ rank's own pairs). The same full-mode run SIGKILLed after a checkpoint and run a
 uninterrupted one did: the resumed run rebuilds the same reference (it is in no checkpoint).
 """
 
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
-from helpers import (EQUIVALENCE_RUN, FSDP, ROOT, TORCHRUN_ENV, assert_same_weights, dpo_overrides, final_weights,
-                     read_metrics, run_two_ranks, run_two_ranks_each, tiny_config, wait_for, weights, write_tiny_pairs)
+from helpers import (EQUIVALENCE_RUN, FSDP, assert_same_weights, dpo_overrides, final_weights,
+                     kill_after_logged_steps,
+                     read_metrics, run_two_ranks, run_two_ranks_each, tiny_config, weights, write_tiny_pairs)
 
 from higgs_ddp.config import load_config
 from higgs_ddp.train import train
@@ -130,21 +128,7 @@ def test_full_mode_killed_run_resumes_exactly(tmp_path, pairs, full_accum2):
     command: the reference is rebuilt from the starting weights, not from the checkpoint's."""
     path = full_config(tmp_path, "killed", pairs, *ACCUM2)
     run = tmp_path / "killed" / "run"
-    cmd = [sys.executable, "-m", "higgs_ddp", "train", "--config", str(path)]
-    env = {**TORCHRUN_ENV, "PYTHONPATH": str(ROOT / "src")}
-    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    try:
-        logged = run / "metrics.jsonl"
-        wait_for(lambda: (logged.exists() and logged.read_text().count("\n") >= 4) or first.poll() is not None,
-                 "step 4, past the step-3 checkpoint", timeout=240)
-        first.send_signal(signal.SIGSTOP)
-        assert first.poll() is None and not (run / "final").exists(), "the run ended before the kill"
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=60)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
+    kill_after_logged_steps(path, run)  # step 4 logged: past the step-3 checkpoint
     train(load_config(str(path)))  # the same command again: resumes from step 3
     assert_same_weights(final_weights(run), final_weights(full_accum2))
     keys = ("step", *LOGGED, "rewards/accuracies", "grad_norm", "lr")

@@ -7,15 +7,13 @@ bit; with activation checkpointing, bit for bit too; and the same run over the f
 stays within 3 % of (measured: up to 1.5 %). Validation and listening samples run on the NF4 model.
 """
 
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 from helpers import (
-    ROOT, TORCHRUN_ENV, assert_same_weights, final_weights, read_metrics, rows, tiny_config, torchrun, wait_for,
+    assert_same_weights, final_weights, kill_after_logged_steps, read_metrics, rows, tiny_config,
+    torchrun,
 )
 
 from higgs_ddp.config import load_config
@@ -71,21 +69,7 @@ def test_two_ranks_equal_one_process(tmp_path, one, parallel):
 def test_a_killed_run_resumes_exactly(tmp_path, one):
     path = write(tmp_path, "killed")
     run = tmp_path / "killed" / "run"
-    cmd = [sys.executable, "-m", "higgs_ddp", "train", "--config", str(path)]
-    env = {**TORCHRUN_ENV, "PYTHONPATH": str(ROOT / "src")}
-    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    try:
-        logged = run / "metrics.jsonl"
-        wait_for(lambda: (logged.exists() and logged.read_text().count("\n") >= 4) or first.poll() is not None,
-                 "step 4, past the step-3 checkpoint", timeout=240)
-        first.send_signal(signal.SIGSTOP)
-        assert first.poll() is None and not (run / "final").exists(), "the run ended before the kill"
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=60)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
+    kill_after_logged_steps(path, run)  # step 4 logged: past the step-3 checkpoint
     train(load_config(str(path)))  # the same command again: resumes from step 3, the base re-quantised
     assert_same_weights(final_weights(run), final_weights(one))
     assert rows(run) == rows(one)
