@@ -188,6 +188,7 @@ def test_two_nodes_train_what_one_node_trains_on_the_users_path(tmp_path, uninte
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # FSDP's equality to one process is test_fsdp's; two nodes on the user's path above
 def test_two_nodes_train_what_one_node_trains_under_fsdp(tmp_path):
     """train.parallel=fsdp across the two nodes: each rank writes its own shard of every checkpoint. (24 steps,
     two epochs and six checkpoints: the fault tests' 160 are for a signal to land mid-run.)"""
