@@ -2,6 +2,7 @@
 same file the demo uses) on a synthetic corpus, a torchrun launcher, and the runs, configs and comparisons that
 several test modules reuse. conftest.py holds only pytest's hooks and the shared fixtures."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -373,7 +374,7 @@ def kill_after_logged_steps(config: Path, run: Path, steps: int = 4, timeout: in
     cmd = [sys.executable, "-m", "higgs_ddp", "train", "--config", str(config)]
     env = {**TORCHRUN_ENV, "PYTHONPATH": str(ROOT / "src")}
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    try:
+    with reaped(first):
         logged = run / "metrics.jsonl"
         wait_for(lambda: (logged.exists() and logged.read_text().count("\n") >= steps) or first.poll() is not None,
                  f"step {steps} logged", timeout=timeout)
@@ -381,10 +382,17 @@ def kill_after_logged_steps(config: Path, run: Path, steps: int = 4, timeout: in
         assert first.poll() is None and not (run / "final").exists(), "the run ended before the kill"
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=60)
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen):
+    """``proc`` killed and waited for on the way out, whatever the test asserted (no run left training)."""
+    try:
+        yield proc
     finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def uninterrupted_run(tmp_path_factory, name: str, write) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import soundfile
 import yaml
-from helpers import ROOT, TINY, TORCHRUN_ENV, tiny_config, wait_for
+from helpers import ROOT, TINY, TORCHRUN_ENV, reaped, tiny_config, wait_for
 
 LOCK_FILE = "run.lock"  # training/run_lock.py
 ENV = {**TORCHRUN_ENV, "PYTHONPATH": str(ROOT / "src")}
@@ -52,7 +52,7 @@ def test_a_second_run_into_a_held_output_dir_is_refused_and_a_killed_run_frees_i
     out = tmp_path / "run"
     cmd = higgs_ddp("train", "--config", config)
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
-    try:
+    with reaped(first):
         wait_for(lambda: logged_steps(out) >= 6 or first.poll() is not None, "the first run's step 6", timeout=180)
         first.send_signal(signal.SIGSTOP)  # it holds the folder, frozen mid-run (past its checkpoint at step 5)
         assert first.poll() is None, first.stdout.read()[-3000:]
@@ -68,10 +68,6 @@ def test_a_second_run_into_a_held_output_dir_is_refused_and_a_killed_run_frees_i
         assert {p: (out / p).read_bytes() for p in before} == before  # not a byte of the first run's records
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=60)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
     again = run(cmd)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stdout and "done: final loss" in again.stdout
